@@ -1,0 +1,10 @@
+//! m40-llm: an LLM inference runtime for Tesla M40 (sm_52) and newer NVIDIA GPUs, built as a
+//! compute-graph compiler.
+//!
+//! Data flows one way through the modules:
+//! `gguf` (read, validate, dequantize) → `lower` (GGUF metadata → typed op graph) → `passes`
+//! (fusion) → `plan` (schedule + buffer allocation) → `backend` (CPU reference, CUDA) →
+//! `runtime` (sessions, decode loop) → `cli` / server.
+
+pub mod gguf;
+pub mod models;
