@@ -1,0 +1,48 @@
+//! Helpers shared by the integration tests: where test data lives, and skipping clearly when a
+//! large fetched file (the default model, extra vocabularies) is absent.
+//!
+//! Data that is committed (tests/data/) is always present. Fetched data (the default model,
+//! `.cache/`) may be absent on a developer's machine: tests that need it print why they skip.
+//! With `M40LLM_REQUIRE_TESTDATA=1` (set by `scripts/test.sh` and CI) a missing file fails the
+//! test instead, so CI cannot pass by skipping.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+/// Committed reference data (tests/data/...). Paths are relative to the repository root, which
+/// is the working directory of `cargo test` and of `.gpu/run` on the GPU machine.
+pub fn data(rel: &str) -> PathBuf {
+    Path::new("tests/data").join(rel)
+}
+
+/// The default model: `$M40LLM_TEST_MODEL`, else `models/SmolLM2-135M-Instruct.Q4_1.gguf`.
+/// `None` (with a message on stderr) when it is absent and not required.
+pub fn default_model() -> Option<PathBuf> {
+    let path = std::env::var_os("M40LLM_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+    present_or_skip(path, "the default model (run `m40-llm fetch` or scripts/test.sh)")
+}
+
+/// A fetched file under `.cache/` (see scripts/fetch-testdata.sh); `None` with a message when
+/// absent and not required.
+pub fn cached(rel: &str) -> Option<PathBuf> {
+    present_or_skip(
+        Path::new(".cache").join(rel),
+        "fetched test data (run scripts/fetch-testdata.sh)",
+    )
+}
+
+fn present_or_skip(path: PathBuf, what: &str) -> Option<PathBuf> {
+    if path.exists() {
+        return Some(path);
+    }
+    let required = std::env::var("M40LLM_REQUIRE_TESTDATA").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "{} is missing: {what}; M40LLM_REQUIRE_TESTDATA=1 makes this a failure",
+        path.display()
+    );
+    eprintln!("SKIPPED: {} is missing: {what}", path.display());
+    None
+}
