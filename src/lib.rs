@@ -8,4 +8,5 @@
 
 pub mod gguf;
 pub mod ir;
+pub mod lower;
 pub mod models;
