@@ -10,3 +10,4 @@ pub mod gguf;
 pub mod ir;
 pub mod lower;
 pub mod models;
+pub mod passes;
