@@ -6,8 +6,12 @@
 //! (fusion) → `plan` (schedule + buffer allocation) → `backend` (CPU reference, CUDA) →
 //! `runtime` (sessions, decode loop) → `cli` / server.
 
+pub mod compile;
 pub mod gguf;
 pub mod ir;
 pub mod lower;
 pub mod models;
 pub mod passes;
+pub mod plan;
+
+pub use compile::{CompileError, CompileOptions, Compiled, compile};
