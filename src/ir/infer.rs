@@ -285,13 +285,13 @@ impl Inputs<'_> {
         }
     }
 
-    /// A weight matrix `[n, k]` of any storage type.
+    /// A weight matrix `[n, k]` of any storage type, its rows whole blocks of the type.
     fn matrix(&self, slot: usize) -> Result<(u64, u64), String> {
         let t = self.tensor(slot)?;
         match t.shape.dims() {
-            &[Dim::Fixed(n), Dim::Fixed(k)] => Ok((n, k)),
+            &[Dim::Fixed(n), Dim::Fixed(k)] if t.dtype.row_bytes(k).is_some() => Ok((n, k)),
             _ => Err(format!(
-                "input `{}`: expected a weight matrix [n, k], found {t}",
+                "input `{}`: expected a weight matrix [n, k] with rows of whole blocks, found {t}",
                 self.names[slot]
             )),
         }

@@ -16,7 +16,7 @@ pub mod tiny;
 pub use build::lower;
 pub use hparams::Hyperparams;
 pub use template::{Template, TemplateError};
-pub use tiny::TinyModel;
+pub use tiny::{TinyModel, TinyTensor};
 
 use crate::gguf::{GgmlType, GgufError};
 use crate::ir::{Graph, IrError, VerifyError};

@@ -134,16 +134,16 @@ impl TinyModel {
         )
     }
 
-    /// The model as a GGUF writer (add keys or tensors to it to build broken variants).
+    /// The model as a GGUF writer (add keys to it to build broken variants).
     pub fn to_writer(&self) -> Result<GgufWriter, TinyModelError> {
+        Ok(self.tensors()?.into_iter().fold(self.metadata(), |w, t| {
+            w.tensor(t.name, t.ty, &t.ne, t.data)
+        }))
+    }
+
+    /// A writer holding the model's metadata and no tensors.
+    pub fn metadata(&self) -> GgufWriter {
         let a = self.architecture.as_str();
-        let (embd, ff, vocab) = (
-            u64::from(self.n_embd),
-            u64::from(self.n_ff),
-            u64::from(self.n_vocab),
-        );
-        let q_dim = u64::from(self.n_heads * self.head_dim);
-        let kv_dim = u64::from(self.n_kv_heads * self.head_dim);
         let mut w = GgufWriter::new()
             .kv_str("general.architecture", a)
             .kv_str("general.name", format!("tiny-{}", self.label()))
@@ -165,44 +165,50 @@ impl TinyModel {
                 .kv_u32(format!("{a}.attention.key_length"), self.head_dim)
                 .kv_u32(format!("{a}.attention.value_length"), self.head_dim);
         }
+        w
+    }
 
-        w = self.matrix(w, "token_embd.weight", embd, vocab, 1.0)?;
+    /// The model's tensors, in file order (edit them to build broken variants).
+    pub fn tensors(&self) -> Result<Vec<TinyTensor>, TinyModelError> {
+        let (embd, ff, vocab) = (
+            u64::from(self.n_embd),
+            u64::from(self.n_ff),
+            u64::from(self.n_vocab),
+        );
+        let head = u64::from(self.head_dim);
+        let q_dim = u64::from(self.n_heads) * head;
+        let kv_dim = u64::from(self.n_kv_heads) * head;
+        let mut t = vec![self.matrix("token_embd.weight", embd, vocab, 1.0)?];
         if self.rope_freqs {
-            let factors: Vec<f32> = (0..self.head_dim / 2)
-                .map(|i| 1.0 + (i % 4) as f32)
-                .collect();
-            w = w.tensor_f32(
-                "rope_freqs.weight",
-                &[u64::from(self.head_dim / 2)],
-                &factors,
-            );
+            let factors: Vec<f32> = (0..head / 2).map(|i| 1.0 + (i % 4) as f32).collect();
+            t.push(TinyTensor::f32("rope_freqs.weight", &[head / 2], &factors));
         }
         for l in 0..self.n_layers {
-            let t = |s: &str| format!("blk.{l}.{s}");
-            w = self.norm(w, &t("attn_norm.weight"), embd);
-            w = self.matrix(w, &t("attn_q.weight"), embd, q_dim, 0.0)?;
-            w = self.matrix(w, &t("attn_k.weight"), embd, kv_dim, 0.0)?;
-            w = self.matrix(w, &t("attn_v.weight"), embd, kv_dim, 0.0)?;
+            let name = |s: &str| format!("blk.{l}.{s}");
+            t.push(self.norm(&name("attn_norm.weight"), embd));
+            t.push(self.matrix(&name("attn_q.weight"), embd, q_dim, 0.0)?);
+            t.push(self.matrix(&name("attn_k.weight"), embd, kv_dim, 0.0)?);
+            t.push(self.matrix(&name("attn_v.weight"), embd, kv_dim, 0.0)?);
             if self.qkv_bias {
-                w = self.bias(w, &t("attn_q.bias"), q_dim);
-                w = self.bias(w, &t("attn_k.bias"), kv_dim);
-                w = self.bias(w, &t("attn_v.bias"), kv_dim);
+                t.push(self.bias(&name("attn_q.bias"), q_dim));
+                t.push(self.bias(&name("attn_k.bias"), kv_dim));
+                t.push(self.bias(&name("attn_v.bias"), kv_dim));
             }
             if self.qk_norm {
-                w = self.norm(w, &t("attn_q_norm.weight"), u64::from(self.head_dim));
-                w = self.norm(w, &t("attn_k_norm.weight"), u64::from(self.head_dim));
+                t.push(self.norm(&name("attn_q_norm.weight"), head));
+                t.push(self.norm(&name("attn_k_norm.weight"), head));
             }
-            w = self.matrix(w, &t("attn_output.weight"), q_dim, embd, 0.0)?;
-            w = self.norm(w, &t("ffn_norm.weight"), embd);
-            w = self.matrix(w, &t("ffn_gate.weight"), embd, ff, 0.0)?;
-            w = self.matrix(w, &t("ffn_up.weight"), embd, ff, 0.0)?;
-            w = self.matrix(w, &t("ffn_down.weight"), ff, embd, 0.0)?;
+            t.push(self.matrix(&name("attn_output.weight"), q_dim, embd, 0.0)?);
+            t.push(self.norm(&name("ffn_norm.weight"), embd));
+            t.push(self.matrix(&name("ffn_gate.weight"), embd, ff, 0.0)?);
+            t.push(self.matrix(&name("ffn_up.weight"), embd, ff, 0.0)?);
+            t.push(self.matrix(&name("ffn_down.weight"), ff, embd, 0.0)?);
         }
-        w = self.norm(w, "output_norm.weight", embd);
+        t.push(self.norm("output_norm.weight", embd));
         if !self.tied_embeddings {
-            w = self.matrix(w, "output.weight", embd, vocab, 0.0)?;
+            t.push(self.matrix("output.weight", embd, vocab, 0.0)?);
         }
-        Ok(w)
+        Ok(t)
     }
 
     /// The file's bytes.
@@ -223,40 +229,77 @@ impl TinyModel {
 
     /// A `[n, k]` matrix (ggml `ne = [k, n]`) in `weight_type`, uniform in `±scale`, where
     /// `scale = 1/sqrt(k)` unless given.
-    fn matrix(
-        &self,
-        w: GgufWriter,
-        name: &str,
-        k: u64,
-        n: u64,
-        scale: f32,
-    ) -> Result<GgufWriter, TinyModelError> {
+    fn matrix(&self, name: &str, k: u64, n: u64, scale: f32) -> Result<TinyTensor, TinyModelError> {
         let scale = if scale > 0.0 {
             scale
         } else {
             1.0 / (k as f32).sqrt()
         };
         let values: Vec<f32> = self.uniform(name, k * n).map(|u| u * scale).collect();
-        let data = encode(self.weight_type, &values, k)?;
-        Ok(w.tensor(name, self.weight_type, &[k, n], data))
+        Ok(TinyTensor {
+            name: name.to_string(),
+            ty: self.weight_type,
+            ne: vec![k, n],
+            data: encode(self.weight_type, &values, k)?,
+        })
     }
 
     /// A norm weight near 1.
-    fn norm(&self, w: GgufWriter, name: &str, n: u64) -> GgufWriter {
+    fn norm(&self, name: &str, n: u64) -> TinyTensor {
         let values: Vec<f32> = self.uniform(name, n).map(|u| 1.0 + 0.1 * u).collect();
-        w.tensor_f32(name, &[n], &values)
+        TinyTensor::f32(name, &[n], &values)
     }
 
     /// A small bias.
-    fn bias(&self, w: GgufWriter, name: &str, n: u64) -> GgufWriter {
+    fn bias(&self, name: &str, n: u64) -> TinyTensor {
         let values: Vec<f32> = self.uniform(name, n).map(|u| 0.1 * u).collect();
-        w.tensor_f32(name, &[n], &values)
+        TinyTensor::f32(name, &[n], &values)
     }
 
     /// `n` values uniform in `[-1, 1)`, from a stream seeded by the model seed and `name`.
     fn uniform(&self, name: &str, n: u64) -> impl Iterator<Item = f32> {
         let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ fnv1a(name));
         (0..n).map(move |_| (rng.next_u32() >> 8) as f32 / (1u32 << 23) as f32 - 1.0)
+    }
+}
+
+/// One tensor of a tiny model, encoded.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TinyTensor {
+    pub name: String,
+    pub ty: GgmlType,
+    /// ggml order: `ne[0]` is the row length.
+    pub ne: Vec<u64>,
+    pub data: Vec<u8>,
+}
+
+impl TinyTensor {
+    /// An F32 tensor.
+    pub fn f32(name: &str, ne: &[u64], values: &[f32]) -> TinyTensor {
+        TinyTensor {
+            name: name.to_string(),
+            ty: GgmlType::F32,
+            ne: ne.to_vec(),
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    /// The same values stored as `ty` (F32, F16 or a quantized type).
+    pub fn converted(&self, ty: GgmlType) -> Result<TinyTensor, TinyModelError> {
+        if self.ty != GgmlType::F32 {
+            return Err(TinyModelError::UnsupportedType(self.ty));
+        }
+        let values: Vec<f32> = self
+            .data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let row_len = self.ne.first().copied().unwrap_or(1);
+        Ok(TinyTensor {
+            ty,
+            data: encode(ty, &values, row_len)?,
+            ..self.clone()
+        })
     }
 }
 

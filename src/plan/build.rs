@@ -28,7 +28,7 @@ impl Plan {
                 })?;
                 let bytes = ty
                     .bytes(options.sizes())
-                    .ok_or_else(|| too_large(tensor, options))?;
+                    .ok_or_else(|| no_size(tensor, options))?;
                 weight_of.insert(id, weights.len() as u32);
                 weights.push(WeightInfo {
                     tensor: tensor.clone(),
@@ -144,16 +144,14 @@ fn place(
             let ValueType::Tensor(t) = &out.ty else {
                 continue;
             };
-            let bytes = t
-                .bytes(sizes)
-                .ok_or_else(|| too_large(&out.name, options))?;
+            let bytes = t.bytes(sizes).ok_or_else(|| no_size(&out.name, options))?;
             let offset = arena
                 .alloc(bytes)
-                .ok_or_else(|| too_large(&out.name, options))?;
+                .ok_or_else(|| no_size(&out.name, options))?;
             naive = arena
                 .aligned(bytes)
                 .and_then(|b| naive.checked_add(b))
-                .ok_or_else(|| too_large(&out.name, options))?;
+                .ok_or_else(|| no_size(&out.name, options))?;
             buffers += 1;
             out.buffer = Some(Buffer { offset, bytes });
             if options.reuse == Reuse::Liveness {
@@ -180,8 +178,8 @@ fn place(
     })
 }
 
-fn too_large(value: &str, options: &PlanOptions) -> PlanError {
-    PlanError::TooLarge {
+fn no_size(value: &str, options: &PlanOptions) -> PlanError {
+    PlanError::Size {
         value: value.to_string(),
         tokens: options.max_tokens,
     }

@@ -196,8 +196,10 @@ pub struct MemoryReport {
 pub enum PlanError {
     #[error("invalid plan options: {0}")]
     Options(String),
-    #[error("`{value}` takes more bytes than fit in 64 bits at {tokens} tokens per step")]
-    TooLarge { value: String, tokens: u64 },
+    #[error(
+        "`{value}` has no size at {tokens} tokens per step: its rows are not whole blocks of its type, or it needs more bytes than fit in 64 bits"
+    )]
+    Size { value: String, tokens: u64 },
     #[error(transparent)]
     Graph(#[from] IrError),
     #[error("invalid plan: {0}")]
@@ -287,7 +289,10 @@ impl Plan {
                     Operand::Value(v) if v.step < s => match self.value(v) {
                         Some(out) if out.last_use >= s => {}
                         Some(out) => {
-                            return bad(format!("step {s} reads `{}` after its last use", out.name));
+                            return bad(format!(
+                                "step {s} reads `{}` after its last use",
+                                out.name
+                            ));
                         }
                         None => return bad(format!("step {s} reads a port that does not exist")),
                     },
