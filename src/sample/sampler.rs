@@ -218,17 +218,20 @@ impl Sampler {
             // the worst kept one loses to it (lower id first) and `>` is the total order's test.
             let heap = &mut self.heap;
             heap.clear();
+            // The worst kept logit once k are kept: most tokens fail this one comparison.
+            let mut bar = f32::NEG_INFINITY;
             scan(logits, &self.penalized, |id, logit| {
-                if logit == f32::NEG_INFINITY {
+                if logit == f32::NEG_INFINITY || (heap.len() == k && logit <= bar) {
                     return;
                 }
                 let c = Candidate { id, logit };
                 if heap.len() < k {
                     heap.push(Worst(c));
                 } else if let Some(mut worst) = heap.peek_mut() {
-                    if logit > worst.0.logit {
-                        *worst = Worst(c);
-                    }
+                    *worst = Worst(c);
+                }
+                if heap.len() == k {
+                    bar = heap.peek().map_or(f32::NEG_INFINITY, |w| w.0.logit);
                 }
             });
             let any_infinite = heap.iter().any(|w| w.0.logit == f32::INFINITY);
