@@ -8,3 +8,5 @@
 
 pub mod gguf;
 pub mod models;
+pub mod runtime;
+pub mod sample;
