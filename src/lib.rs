@@ -7,4 +7,5 @@
 //! `runtime` (sessions, decode loop) → `cli` / server.
 
 pub mod gguf;
+pub mod inspect;
 pub mod models;
