@@ -34,7 +34,7 @@ pub const MAX_DIMS: u32 = 4;
 pub const MAX_KEY_LEN: u64 = 65535;
 /// Vectors sized from a count in the file start with at most this many slots and grow as the
 /// elements are actually read: a hostile count is disproved before it costs memory.
-const PREALLOC_MAX: u64 = 4096;
+const PREALLOC_MAX: u64 = 256;
 
 /// One tensor of the file: its name, shape, type and where its bytes are.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -473,9 +473,10 @@ impl Parsed {
         }
 
         // Each tensor info takes at least 8 (name length) + 4 (n_dims) + 4 (type) + 8 (offset);
-        // each key-value at least 8 (key length) + 1 (key) + 4 (type) + 1 (smallest value).
+        // each key-value at least 8 (key length) + 4 (type) + 1 (smallest value). (Keys cannot
+        // be empty, but counting them as such lets an empty key be reported as what it is.)
         let n_tensors = c.count(24, || "the tensor count".into())?;
-        let n_kv = c.count(14, || "the metadata key count".into())?;
+        let n_kv = c.count(13, || "the metadata key count".into())?;
 
         let mut metadata = Vec::with_capacity(prealloc(n_kv));
         let mut kv_offsets = Vec::with_capacity(prealloc(n_kv));
@@ -637,7 +638,7 @@ fn read_tensor_info(c: &mut Cursor<'_>, i: u64, alignment: u64) -> Result<Tensor
         id: type_id,
     })?;
     let ne0 = ne.first().copied().unwrap_or(1);
-    let Some(row_bytes) = ty.row_bytes(ne0) else {
+    if ne0 % ty.block_size() != 0 {
         return Err(K::PartialBlock {
             offset: info_offset,
             tensor: name,
@@ -645,11 +646,9 @@ fn read_tensor_info(c: &mut Cursor<'_>, i: u64, alignment: u64) -> Result<Tensor
             ne0,
             block: ty.block_size(),
         });
-    };
-    let data_offset_at = c.offset();
-    let offset = c.u64(|| format!("the data offset of tensor {name:?}"))?;
-    // n_elements / ne0 is the row count: exact, since ne0 divides the product of the dimensions.
-    let Some(n_bytes) = row_bytes.checked_mul(n_elements / ne0) else {
+    }
+    // Rows are whole blocks, so the element count is too.
+    let Some(n_bytes) = (n_elements / ty.block_size()).checked_mul(ty.type_size()) else {
         return Err(K::BadDimension {
             offset: info_offset,
             tensor: name,
@@ -658,6 +657,8 @@ fn read_tensor_info(c: &mut Cursor<'_>, i: u64, alignment: u64) -> Result<Tensor
             reason: "the tensor's size in bytes overflows",
         });
     };
+    let data_offset_at = c.offset();
+    let offset = c.u64(|| format!("the data offset of tensor {name:?}"))?;
     if offset % alignment != 0 {
         return Err(K::MisalignedTensor {
             offset: data_offset_at,
