@@ -25,7 +25,7 @@ pub enum GgufErrorKind {
     #[error("not a GGUF file: the first bytes are {found:02x?}, expected \"GGUF\" (47 47 55 46)")]
     BadMagic { found: Vec<u8> },
 
-    #[error("unsupported GGUF version {version}{hint} (m40-llm reads versions 2 and 3)")]
+    #[error("unsupported GGUF version {version}: m40-llm reads versions 2 and 3{hint}")]
     UnsupportedVersion { version: u32, hint: &'static str },
 
     #[error("truncated at offset {offset}: {what} needs {need} bytes but only {have} remain")]

@@ -32,6 +32,8 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 pub const MAX_DIMS: u32 = 4;
 /// The longest key (and tensor name) the GGUF spec allows.
 pub const MAX_KEY_LEN: u64 = 65535;
+/// Where the header's tensor count is.
+const N_TENSORS_OFFSET: u64 = 8;
 /// Vectors sized from a count in the file start with at most this many slots and grow as the
 /// elements are actually read: a hostile count is disproved before it costs memory.
 const PREALLOC_MAX: u64 = 256;
@@ -463,19 +465,20 @@ impl Parsed {
         let version = c.u32(|| "the version".into())?;
         if version != 2 && version != 3 {
             let hint = if version == 1 {
-                " (version 1 files predate 64-bit counts; convert them with a current llama.cpp)"
+                "; version 1 files predate 64-bit counts: convert them with a current llama.cpp"
             } else if matches!(version.swap_bytes(), 1..=3) {
-                " (this looks like a big-endian file; m40-llm reads little-endian files)"
+                "; this looks like a big-endian file, and m40-llm reads little-endian files"
             } else {
                 ""
             };
             return Err(K::UnsupportedVersion { version, hint });
         }
 
-        // Each tensor info takes at least 8 (name length) + 4 (n_dims) + 4 (type) + 8 (offset);
-        // each key-value at least 8 (key length) + 4 (type) + 1 (smallest value). (Keys cannot
-        // be empty, but counting them as such lets an empty key be reported as what it is.)
-        let n_tensors = c.count(24, || "the tensor count".into())?;
+        // The tensor count is checked against the bytes left once the metadata is read (the
+        // tensor infos follow it), so a file cut inside the metadata is reported there.
+        let n_tensors = c.u64(|| "the tensor count".into())?;
+        // Each key-value takes at least 8 (key length) + 4 (type) + 1 (smallest value). (Keys
+        // cannot be empty, but counting them as such lets an empty key be reported as such.)
         let n_kv = c.count(13, || "the metadata key count".into())?;
 
         let mut metadata = Vec::with_capacity(prealloc(n_kv));
@@ -527,6 +530,15 @@ impl Parsed {
             },
         };
 
+        // Each tensor info takes at least 8 (name length) + 4 (n_dims) + 4 (type) + 8 (offset).
+        if n_tensors.checked_mul(24).is_none_or(|b| b > c.remaining()) {
+            return Err(K::ImplausibleCount {
+                offset: N_TENSORS_OFFSET,
+                what: "the tensor count".into(),
+                count: n_tensors,
+                remaining: c.remaining(),
+            });
+        }
         let mut tensors = Vec::with_capacity(prealloc(n_tensors));
         let mut info_offsets = Vec::with_capacity(prealloc(n_tensors));
         let mut tensor_index = HashMap::with_capacity(prealloc(n_tensors));
