@@ -7,6 +7,7 @@
 //! `runtime` (sessions, decode loop) → `cli` / server.
 
 pub mod gguf;
+pub mod inspect;
 pub mod models;
 pub mod runtime;
 pub mod sample;
