@@ -8,10 +8,13 @@
 
 pub mod compile;
 pub mod gguf;
+pub mod inspect;
 pub mod ir;
 pub mod lower;
 pub mod models;
 pub mod passes;
 pub mod plan;
+pub mod runtime;
+pub mod sample;
 
 pub use compile::{CompileError, CompileOptions, Compiled, compile};

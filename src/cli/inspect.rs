@@ -1,6 +1,8 @@
-//! `m40-llm inspect MODEL`: what a GGUF file holds.
+//! `m40-llm inspect [MODEL] [--json]`: what a GGUF file holds.
 
+use anyhow::Context;
 use m40_llm::gguf::GgufFile;
+use m40_llm::inspect::ModelSummary;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
@@ -15,6 +17,12 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let path = super::model_or_default(args.model)?;
     let file = GgufFile::open(&path)?;
-    println!("{file:?}");
+    let summary = ModelSummary::from_gguf(&file)?;
+    if args.json {
+        let json = serde_json::to_string_pretty(&summary).context("cannot encode the summary")?;
+        println!("{json}");
+    } else {
+        print!("{summary}");
+    }
     Ok(())
 }

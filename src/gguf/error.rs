@@ -1,6 +1,7 @@
-//! Errors of the GGUF reader. Every error names the file and says where and what is wrong.
+//! Errors of the GGUF reader. Every error names the file and says where (a byte offset from the
+//! start of the file, a key or a tensor) and what is wrong.
 
-use super::{GgmlType, ValueType};
+use super::GgmlType;
 use std::path::PathBuf;
 
 /// A GGUF file could not be opened, or it is invalid.
@@ -18,10 +19,13 @@ pub enum GgufErrorKind {
     #[error("cannot read the file: {0}")]
     Io(#[from] std::io::Error),
 
+    #[error("not a regular file")]
+    NotAFile,
+
     #[error("not a GGUF file: the first bytes are {found:02x?}, expected \"GGUF\" (47 47 55 46)")]
     BadMagic { found: Vec<u8> },
 
-    #[error("unsupported GGUF version {version}{hint} (m40-llm reads versions 2 and 3)")]
+    #[error("unsupported GGUF version {version}: m40-llm reads versions 2 and 3{hint}")]
     UnsupportedVersion { version: u32, hint: &'static str },
 
     #[error("truncated at offset {offset}: {what} needs {need} bytes but only {have} remain")]
@@ -33,7 +37,8 @@ pub enum GgufErrorKind {
     },
 
     #[error(
-        "at offset {offset}: {what} is {count}, more than the {remaining} bytes left in the file could hold"
+        "at offset {offset}: {what} is {count}, more than the {remaining} bytes left in the file \
+         can hold (the file is corrupt or truncated)"
     )]
     ImplausibleCount {
         offset: u64,
@@ -42,10 +47,21 @@ pub enum GgufErrorKind {
         remaining: u64,
     },
 
+    #[error("at offset {offset}: {what} is {len} bytes long, more than the {max} GGUF allows")]
+    TooLong {
+        offset: u64,
+        what: String,
+        len: u64,
+        max: u64,
+    },
+
     #[error("at offset {offset}: {what} is not valid UTF-8")]
     InvalidUtf8 { offset: u64, what: String },
 
-    #[error("at offset {offset}: key {key:?} has unknown value type {id}")]
+    #[error("at offset {offset}: key #{index} is empty")]
+    EmptyKey { offset: u64, index: u64 },
+
+    #[error("at offset {offset}: key {key:?} has unknown value type {id} (known: 0 to 12)")]
     UnknownValueType { offset: u64, key: String, id: u32 },
 
     #[error(
@@ -53,11 +69,16 @@ pub enum GgufErrorKind {
     )]
     NestedArray { offset: u64, key: String },
 
-    #[error("at offset {offset}: key {key:?} appears twice")]
-    DuplicateKey { offset: u64, key: String },
+    #[error("at offset {offset}: key {key:?} appears a second time (first at offset {first})")]
+    DuplicateKey {
+        offset: u64,
+        key: String,
+        first: u64,
+    },
 
-    #[error("key {key:?} has type {found}, expected {expected}")]
+    #[error("key {key:?} (at offset {offset}) has type {found}, expected {expected}")]
     MistypedKey {
+        offset: u64,
         key: String,
         expected: &'static str,
         found: String,
@@ -66,15 +87,18 @@ pub enum GgufErrorKind {
     #[error("required key {key:?} is missing")]
     MissingKey { key: String },
 
-    #[error("key {key:?} has invalid value {value}: {reason}")]
+    #[error("key {key:?} (at offset {offset}) has invalid value {value}: {reason}")]
     InvalidValue {
+        offset: u64,
         key: String,
         value: String,
         reason: String,
     },
 
-    #[error("general.alignment is {0}: it must be a non-zero power of two")]
-    BadAlignment(u64),
+    #[error(
+        "general.alignment (at offset {offset}) is {alignment}: it must be a non-zero power of two"
+    )]
+    BadAlignment { offset: u64, alignment: u64 },
 
     #[error(
         "at offset {offset}: tensor {tensor:?} has {n_dims} dimensions (at most 4 are allowed)"
@@ -102,49 +126,68 @@ pub enum GgufErrorKind {
     },
 
     #[error(
-        "tensor {tensor:?} of type {ty} has rows of {ne0} elements, not a whole number of {block}-element blocks"
+        "at offset {offset}: tensor {tensor:?} of type {ty} has rows of {ne0} elements, not a \
+         whole number of {block}-element blocks"
     )]
     PartialBlock {
+        offset: u64,
         tensor: String,
         ty: GgmlType,
         ne0: u64,
         block: u64,
     },
 
-    #[error("tensor {tensor:?} appears twice")]
-    DuplicateTensor { tensor: String },
+    #[error(
+        "at offset {offset}: tensor {tensor:?} appears a second time (first at offset {first})"
+    )]
+    DuplicateTensor {
+        offset: u64,
+        tensor: String,
+        first: u64,
+    },
 
     #[error(
-        "tensor {tensor:?} data offset {offset} is not a multiple of the alignment {alignment}"
+        "at offset {offset}: tensor {tensor:?} has data offset {data_offset}, not a multiple of \
+         the alignment {alignment}"
     )]
     MisalignedTensor {
-        tensor: String,
         offset: u64,
+        tensor: String,
+        data_offset: u64,
         alignment: u64,
     },
 
-    #[error("tensor {tensor:?} data [{start}, {end}) lies outside the file ({file_len} bytes)")]
+    #[error(
+        "tensor {tensor:?} (described at offset {offset}) has its data at file bytes \
+         [{start}, {end}), past the end of the file ({file_len} bytes): the file is truncated or \
+         the tensor's offset or shape is corrupt"
+    )]
     TensorOutOfFile {
+        offset: u64,
         tensor: String,
         start: u64,
         end: u64,
         file_len: u64,
     },
 
-    #[error("tensors {first:?} and {second:?} overlap in the data section")]
-    OverlappingTensors { first: String, second: String },
+    #[error(
+        "tensors {first:?} (data bytes [{first_start}, {first_end})) and {second:?} (data bytes \
+         [{second_start}, {second_end})) overlap"
+    )]
+    OverlappingTensors {
+        first: String,
+        first_start: u64,
+        first_end: u64,
+        second: String,
+        second_start: u64,
+        second_end: u64,
+    },
 
     #[error("tensor {tensor:?} has type {found}, expected one of {expected}")]
     UnexpectedTensorType {
         tensor: String,
         found: GgmlType,
         expected: String,
-    },
-
-    #[error("metadata value type {found} where {expected} was expected")]
-    ValueTypeMismatch {
-        expected: ValueType,
-        found: ValueType,
     },
 }
 
