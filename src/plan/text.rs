@@ -82,8 +82,10 @@ pub fn header(plan: &Plan) -> String {
     };
     let _ = writeln!(
         out,
-        "sized for {} tokens and {} outputs per step; buffer reuse: {reuse}; alignment {} bytes",
-        o.max_tokens, o.max_outputs, o.alignment
+        "sized for {} and {} per step; buffer reuse: {reuse}; alignment {} bytes",
+        count(o.max_tokens, "token"),
+        count(o.max_outputs, "output"),
+        o.alignment
     );
     out
 }
@@ -123,9 +125,9 @@ pub fn summary(plan: &Plan) -> String {
     };
     let _ = writeln!(
         out,
-        "  arena:    {} peak at {} tokens per step; one buffer per value: {} (reuse saves {saving:.1}%)",
+        "  arena:    {} peak at {} per step; one buffer per value: {} (reuse saves {saving:.1}%)",
         human(m.arena_bytes),
-        plan.options.max_tokens,
+        count(plan.options.max_tokens, "token"),
         human(m.naive_arena_bytes)
     );
     let _ = write!(
@@ -150,6 +152,11 @@ pub fn summary(plan: &Plan) -> String {
         plan.weights.len()
     );
     out
+}
+
+/// `1 token`, `512 tokens`.
+fn count(n: u64, word: &str) -> String {
+    format!("{n} {word}{}", if n == 1 { "" } else { "s" })
 }
 
 /// `1.5 MiB`, `512 B`.
