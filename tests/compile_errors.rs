@@ -274,6 +274,7 @@ fn the_cli_reports_each_bad_input_in_one_line() {
 /// buffers a backend could not safely use.
 #[test]
 fn a_tampered_plan_is_rejected_on_load() {
+    use m40_llm::ir::Op;
     use m40_llm::plan::{Operand, Plan, ValueRef};
     let file = TinyModel::llama().open().unwrap();
     let plan = compile(&file, &CompileOptions::default()).unwrap().plan;
@@ -282,7 +283,10 @@ fn a_tampered_plan_is_rejected_on_load() {
     let rejects = |edit: &dyn Fn(&mut Plan), expected: &str| {
         let mut bad = plan.clone();
         edit(&mut bad);
-        let err = Plan::from_json(&bad.to_json()).err().unwrap().to_string();
+        let err = Plan::from_json(&bad.to_json())
+            .map(|_| ())
+            .expect_err(expected)
+            .to_string();
         assert!(err.contains(expected), "expected {expected:?} in {err}");
     };
     rejects(&|p| p.format = 99, "format 99");
@@ -311,5 +315,25 @@ fn a_tampered_plan_is_rejected_on_load() {
         &|p| p.steps[3].outputs[0].last_use = 3,
         "after its last use",
     );
+    rejects(
+        &|p| {
+            // An attention whose head count does not match its q: a backend would index past it.
+            let attn = p
+                .steps
+                .iter_mut()
+                .find(|s| s.op.name() == "attention")
+                .unwrap();
+            if let Op::Attention(a) = &mut attn.op {
+                a.n_heads = 8;
+                a.n_kv_heads = 2;
+            }
+        },
+        "input `q`",
+    );
+    rejects(
+        &|p| p.steps[5].outputs[1].ty = p.steps[4].outputs[0].ty.clone(),
+        "output types",
+    );
+    rejects(&|p| p.kv_cache.truncate(1), "kv_cache does not list");
     assert!(Plan::from_json("{\"format\": 1}").is_err());
 }

@@ -40,8 +40,14 @@ pub fn verify(graph: &Graph) -> Result<(), VerifyError> {
             problem,
         };
         check_slots(graph, id).map_err(fail)?;
-        for name in std::iter::once(&node.name).chain(node.outputs.iter().map(|o| &o.name)) {
-            if graph.find(name) != Some(id) || (!names.insert(name.clone()) && *name != node.name) {
+        // A node's own names (its name may equal its single value's name), unique graph-wide.
+        let mut own: Vec<&str> = std::iter::once(node.name.as_str())
+            .chain(node.outputs.iter().map(|o| o.name.as_str()))
+            .collect();
+        own.sort_unstable();
+        own.dedup();
+        for name in own {
+            if graph.find(name) != Some(id) || !names.insert(name) {
                 return Err(fail(format!("the name `{name}` is not unique")));
             }
         }

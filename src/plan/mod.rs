@@ -19,7 +19,8 @@ mod build;
 pub mod dot;
 pub mod text;
 
-use crate::ir::{IrError, Op, StepSizes, TensorType, ValueType};
+use crate::ir::infer::infer;
+use crate::ir::{IrError, KvCacheType, Op, StepSizes, TensorType, ValueType};
 use crate::lower::Hyperparams;
 use crate::passes::PassRecord;
 use serde::{Deserialize, Serialize};
@@ -153,8 +154,9 @@ pub struct Buffer {
 }
 
 impl Buffer {
+    /// The first byte past the buffer (saturating: a loaded plan is checked before use).
     pub fn end(&self) -> u64 {
-        self.offset + self.bytes
+        self.offset.saturating_add(self.bytes)
     }
 }
 
@@ -260,99 +262,38 @@ impl Plan {
     }
 
     /// Checks what a backend relies on: every operand refers to an earlier step's output or a
-    /// listed weight, every tensor value has a buffer of its size inside the arena and every
-    /// KV-cache value none, `last_use` covers every reader, and no two values whose lifetimes
-    /// overlap share bytes.
+    /// listed weight, each step's output types are what its op gives for its input types, every
+    /// tensor value has a buffer of its size inside the arena and every KV-cache value none (and
+    /// `kv_cache` lists exactly those), `last_use` covers every reader, and no two values whose
+    /// lifetimes overlap share bytes.
     pub fn validate(&self) -> Result<(), PlanError> {
-        let bad = |msg: String| Err(PlanError::Invalid(msg));
         if self.format != PLAN_FORMAT {
-            return bad(format!(
+            return invalid(format!(
                 "format {} (this build reads {PLAN_FORMAT})",
                 self.format
             ));
         }
         self.options.validate()?;
-        let sizes = self.options.sizes();
-        let n_steps = self.steps.len() as u32;
         let mut live: Vec<(u32, u32, Buffer, &str)> = Vec::new();
         for (s, step) in self.steps.iter().enumerate() {
             let s = s as u32;
-            if step.inputs.len() != step.op.arity() || step.outputs.len() != step.op.n_outputs() {
-                return bad(format!(
-                    "step {s} `{}` has the wrong number of inputs or outputs",
-                    step.name
-                ));
-            }
-            for input in &step.inputs {
-                match *input {
-                    Operand::Weight(w) if (w as usize) < self.weights.len() => {}
-                    Operand::Value(v) if v.step < s => match self.value(v) {
-                        Some(out) if out.last_use >= s => {}
-                        Some(out) => {
-                            return bad(format!(
-                                "step {s} reads `{}` after its last use",
-                                out.name
-                            ));
-                        }
-                        None => return bad(format!("step {s} reads a port that does not exist")),
-                    },
-                    _ => {
-                        return bad(format!(
-                            "step {s} `{}` reads {input:?}, which is not available",
-                            step.name
-                        ));
-                    }
-                }
-            }
+            self.check_step(s, step)?;
             for out in &step.outputs {
-                if out.last_use < s || out.last_use > n_steps {
-                    return bad(format!(
-                        "`{}` has last_use {} outside {s}..={n_steps}",
-                        out.name, out.last_use
-                    ));
-                }
-                match (&out.ty, out.buffer) {
-                    (ValueType::KvCache(_), None) => {}
-                    (ValueType::Tensor(t), Some(b)) => {
-                        let need = t.bytes(sizes);
-                        if need != Some(b.bytes)
-                            || b.end() > self.memory.arena_bytes
-                            || b.offset % self.options.alignment != 0
-                        {
-                            return bad(format!(
-                                "`{}` has buffer {b:?}, but needs {need:?} aligned bytes in the arena",
-                                out.name
-                            ));
-                        }
-                        live.push((s, out.last_use, b, &out.name));
-                    }
-                    _ => {
-                        return bad(format!(
-                            "`{}` must have a buffer exactly when it is a tensor",
-                            out.name
-                        ));
-                    }
+                if let Some(b) = self.check_output(s, out)? {
+                    live.push((s, out.last_use, b, &out.name));
                 }
             }
         }
-        if let Some(v) = self
-            .outputs
-            .iter()
-            .find(|&&v| self.value(v).is_none_or(|o| o.last_use != n_steps))
-        {
-            return bad(format!(
-                "graph output {v:?} is missing or not kept to the end"
-            ));
-        }
+        self.check_results_and_kv()?;
         // Sweep by offset: values sharing bytes must have disjoint lifetimes.
         live.sort_by_key(|&(_, _, b, _)| b.offset);
         for (i, &(s1, e1, b1, n1)) in live.iter().enumerate() {
-            for &(s2, e2, b2, n2) in live[i + 1..]
+            let sharing = live[i + 1..]
                 .iter()
-                .take_while(|(_, _, b2, _)| b2.offset < b1.end())
-            {
+                .take_while(|(_, _, b2, _)| b2.offset < b1.end());
+            for &(s2, e2, b2, n2) in sharing {
                 if s1 <= e2 && s2 <= e1 {
-                    return bad(format!(
+                    return invalid(format!(
                         "`{n1}` {b1:?} and `{n2}` {b2:?} are live at the same time and overlap"
                     ));
                 }
@@ -360,4 +301,123 @@ impl Plan {
         }
         Ok(())
     }
+
+    /// Operands available when step `s` runs, and output types its op gives for them.
+    fn check_step(&self, s: u32, step: &Step) -> Result<(), PlanError> {
+        let mut types = Vec::with_capacity(step.inputs.len());
+        for input in &step.inputs {
+            let ty = match *input {
+                Operand::Weight(w) => self
+                    .weights
+                    .get(w as usize)
+                    .map(|w| ValueType::Tensor(w.ty.clone())),
+                Operand::Value(v) if v.step < s => match self.value(v) {
+                    Some(out) if out.last_use < s => {
+                        return invalid(format!(
+                            "step {s} reads `{}` after its last use",
+                            out.name
+                        ));
+                    }
+                    other => other.map(|out| out.ty.clone()),
+                },
+                Operand::Value(_) => None,
+            };
+            match ty {
+                Some(ty) => types.push(ty),
+                None => {
+                    return invalid(format!(
+                        "step {s} `{}` reads {input:?}, which is not available",
+                        step.name
+                    ));
+                }
+            }
+        }
+        let refs: Vec<&ValueType> = types.iter().collect();
+        let inferred = infer(&step.op, &refs)
+            .map_err(|e| PlanError::Invalid(format!("step {s} `{}`: {e}", step.name)))?;
+        if inferred.iter().ne(step.outputs.iter().map(|o| &o.ty)) {
+            return invalid(format!(
+                "step {s} `{}` records output types its op does not give",
+                step.name
+            ));
+        }
+        Ok(())
+    }
+
+    /// A tensor output's buffer (checked: its size, aligned, inside the arena), or `None` for a
+    /// KV cache.
+    fn check_output(&self, s: u32, out: &StepOutput) -> Result<Option<Buffer>, PlanError> {
+        let n_steps = self.steps.len() as u32;
+        if out.last_use < s || out.last_use > n_steps {
+            return invalid(format!(
+                "`{}` has last_use {} outside {s}..={n_steps}",
+                out.name, out.last_use
+            ));
+        }
+        match (&out.ty, out.buffer) {
+            (ValueType::KvCache(_), None) => Ok(None),
+            (ValueType::Tensor(t), Some(b)) => {
+                let need = t.bytes(self.options.sizes());
+                let inside = b
+                    .offset
+                    .checked_add(b.bytes)
+                    .is_some_and(|end| end <= self.memory.arena_bytes);
+                if need != Some(b.bytes) || !inside || b.offset % self.options.alignment != 0 {
+                    return invalid(format!(
+                        "`{}` has buffer {b:?}, but needs {need:?} aligned bytes in the arena",
+                        out.name
+                    ));
+                }
+                Ok(Some(b))
+            }
+            _ => invalid(format!(
+                "`{}` must have a buffer exactly when it is a tensor",
+                out.name
+            )),
+        }
+    }
+
+    /// The graph outputs are tensors kept to the end; `kv_cache` lists the caches the steps
+    /// write, in order.
+    fn check_results_and_kv(&self) -> Result<(), PlanError> {
+        let n_steps = self.steps.len() as u32;
+        let kept = |v: &ValueRef| {
+            self.value(*v)
+                .is_some_and(|o| o.last_use == n_steps && o.buffer.is_some())
+        };
+        if let Some(v) = self.outputs.iter().find(|v| !kept(v)) {
+            return invalid(format!(
+                "graph output {v:?} is missing, not a tensor or not kept to the end"
+            ));
+        }
+        let written = self
+            .steps
+            .iter()
+            .flat_map(|s| &s.outputs)
+            .filter_map(|o| match o.ty {
+                ValueType::KvCache(kv) => Some(kv),
+                ValueType::Tensor(_) => None,
+            });
+        let listed = self.kv_cache.iter().map(|l| KvCacheType {
+            layer: l.layer,
+            n_kv_heads: l.n_kv_heads,
+            head_dim: l.head_dim,
+        });
+        let sizes_right = self.kv_cache.iter().all(|l| {
+            let kv = KvCacheType {
+                layer: l.layer,
+                n_kv_heads: l.n_kv_heads,
+                head_dim: l.head_dim,
+            };
+            l.bytes_per_token == kv.bytes_per_token()
+        });
+        if !written.eq(listed) || !sizes_right {
+            return invalid("kv_cache does not list the KV caches the steps write".into());
+        }
+        Ok(())
+    }
+}
+
+fn invalid<T>(message: String) -> Result<T, PlanError> {
+    Err(PlanError::Invalid(message))
 }

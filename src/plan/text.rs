@@ -62,10 +62,10 @@ pub fn header(plan: &Plan) -> String {
         let h = &m.hparams;
         let _ = writeln!(
             out,
-            "plan for {} ({} family, {}): {} layers, {} wide, {} heads ({} kv) of {}, ffn {}, vocab {}",
+            "plan for {} ({}, graphs/{}.toml): {} layers, {} wide, {} heads ({} kv) of {}, ffn {}, vocab {}",
             m.name.as_deref().unwrap_or("an unnamed model"),
-            m.family,
             h.architecture,
+            m.family,
             h.n_layers,
             h.n_embd,
             h.n_heads,
