@@ -1,12 +1,13 @@
 //! The plain float types: F32, F16 and BF16 (one element per block, little-endian).
 //!
-//! Widening (F16 or BF16 to f32) is exact. Narrowing rounds to nearest, ties to even; NaNs stay
-//! NaNs of the same sign, made quiet, with the payload ggml gives them (F16: `0x7e00`; BF16: the
-//! top half of the f32 with the quiet bit set), so results do not depend on whether the CPU has
-//! F16C.
+//! Widening (F16 or BF16 to f32) is exact; F16 NaNs keep sign and payload and are made quiet,
+//! as ggml, F16C and `half`'s software path all do. Narrowing rounds to nearest, ties to even;
+//! NaNs stay NaNs of the same sign, made quiet, with the payload ggml gives them (F16: `0x7e00`;
+//! BF16: the top half of the f32 with the quiet bit set), so results do not depend on whether
+//! the CPU has F16C.
 //!
-//! Slices are converted a chunk at a time through stack buffers so that `half`'s SIMD slice
-//! conversions do the work and input bytes need no alignment.
+//! F16 rows go a chunk at a time through stack buffers so that `half`'s SIMD slice conversions
+//! (F16C, eight values per instruction) do the work and input bytes need no alignment.
 
 use super::array;
 use half::f16;
@@ -25,7 +26,9 @@ pub(super) fn f16_to_f32(src: &[u8], dst: &mut [f32]) {
     let mut bits = [0u16; CHUNK];
     for (s, d) in src.chunks(2 * CHUNK).zip(dst.chunks_mut(CHUNK)) {
         let b = &mut bits[..d.len()];
-        read_u16s(s, b);
+        for (x, c) in b.iter_mut().zip(s.chunks_exact(2)) {
+            *x = u16::from_le_bytes(*array(c));
+        }
         b.reinterpret_cast::<f16>().convert_to_f32_slice(d);
     }
 }
@@ -108,13 +111,5 @@ fn narrow_to_f16(src: &[f32], dst: &mut [f16]) {
         if x.is_nan() {
             *d = f16::from_bits(((x.to_bits() >> 16) as u16 & 0x8000) | 0x7e00);
         }
-    }
-}
-
-/// Little-endian u16s from `src` (exactly `2 * dst.len()` bytes).
-#[inline(always)]
-fn read_u16s(src: &[u8], dst: &mut [u16]) {
-    for (s, d) in src.chunks_exact(2).zip(dst.iter_mut()) {
-        *d = u16::from_le_bytes(*array(s));
     }
 }

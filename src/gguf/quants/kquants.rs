@@ -93,20 +93,25 @@ pub(super) fn dequantize_q6_k(b: &[u8; 210], y: &mut [f32; QK_K]) {
         let ql = &ql[64 * g..64 * g + 64];
         let qh = &qh[32 * g..32 * g + 32];
         let sc = &sc[8 * g..8 * g + 8];
-        let (o1, rest) = out.split_at_mut(32);
-        let (o2, rest) = rest.split_at_mut(32);
-        let (o3, o4) = rest.split_at_mut(32);
-        for l in 0..32 {
-            let is = l / 16;
-            let (a, b, h) = (ql[l], ql[l + 32], qh[l]);
-            let q1 = ((a & 0x0f) | ((h & 3) << 4)) as i8 - 32;
-            let q2 = ((b & 0x0f) | (((h >> 2) & 3) << 4)) as i8 - 32;
-            let q3 = ((a >> 4) | (((h >> 4) & 3) << 4)) as i8 - 32;
-            let q4 = ((b >> 4) | (((h >> 6) & 3) << 4)) as i8 - 32;
-            o1[l] = d * f32::from(sc[is] as i8) * f32::from(q1);
-            o2[l] = d * f32::from(sc[is + 2] as i8) * f32::from(q2);
-            o3[l] = d * f32::from(sc[is + 4] as i8) * f32::from(q3);
-            o4[l] = d * f32::from(sc[is + 6] as i8) * f32::from(q4);
+        // Elements 16h..16h + 16 of each quarter share one scale: with the scales hoisted
+        // (`d * sc` first, as ggml's left-to-right `d * sc * q`) the inner loop vectorizes.
+        for h in 0..2 {
+            let ds = |k: usize| d * f32::from(sc[h + 2 * k] as i8);
+            let (s1, s2, s3, s4) = (ds(0), ds(1), ds(2), ds(3));
+            let r = 16 * h..16 * h + 16;
+            let (a, b, hb) = (&ql[r.clone()], &ql[32 + 16 * h..48 + 16 * h], &qh[r]);
+            for l in 0..16 {
+                let (a, b, hb) = (a[l], b[l], hb[l]);
+                let q1 = ((a & 0x0f) | ((hb & 3) << 4)) as i8 - 32;
+                let q2 = ((b & 0x0f) | (((hb >> 2) & 3) << 4)) as i8 - 32;
+                let q3 = ((a >> 4) | (((hb >> 4) & 3) << 4)) as i8 - 32;
+                let q4 = ((b >> 4) | (((hb >> 6) & 3) << 4)) as i8 - 32;
+                let i = 16 * h + l;
+                out[i] = s1 * f32::from(q1);
+                out[32 + i] = s2 * f32::from(q2);
+                out[64 + i] = s3 * f32::from(q3);
+                out[96 + i] = s4 * f32::from(q4);
+            }
         }
     }
 }

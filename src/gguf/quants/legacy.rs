@@ -49,30 +49,58 @@ pub(super) fn dequantize_q4_1(b: &[u8; 20], y: &mut [f32; QK]) {
     }
 }
 
+/// `FIFTH_BITS[b]` has byte `k` equal to `0x10` where bit `k` of `b` is set: it moves eight
+/// fifth bits of `qh` onto their eight quants at once, where shifting by each element's index
+/// would keep the loop from vectorizing.
+static FIFTH_BITS: [u64; 256] = {
+    let mut table = [0u64; 256];
+    let mut b = 0;
+    while b < 256 {
+        let mut k = 0;
+        while k < 8 {
+            if b & (1 << k) != 0 {
+                table[b] |= 0x10 << (8 * k);
+            }
+            k += 1;
+        }
+        b += 1;
+    }
+    table
+};
+
+/// Bit `k` of the little-endian `qh` as `0x10` in byte `k`, for the 32 quants of a block
+/// (ggml's `((qh >> j) << 4) & 0x10` and `(qh >> (j + 12)) & 0x10`).
+#[inline(always)]
+fn fifth_bits(qh: &[u8]) -> [u8; QK] {
+    let mut out = [0u8; QK];
+    for (o, &b) in out.chunks_exact_mut(8).zip(qh) {
+        o.copy_from_slice(&FIFTH_BITS[usize::from(b)].to_le_bytes());
+    }
+    out
+}
+
 pub(super) fn dequantize_q5_0(b: &[u8; 22], y: &mut [f32; QK]) {
     let d = f16_at(b, 0);
-    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    let h = fifth_bits(&b[2..6]);
     let qs = &b[6..22];
     let (lo, hi) = halves(y);
-    for (j, ((&q, l), h)) in qs.iter().zip(lo).zip(hi).enumerate() {
-        let h0 = ((qh >> j) << 4) & 0x10;
-        let h1 = (qh >> (j + 12)) & 0x10;
-        *l = ((u32::from(q & 0x0f) | h0) as i32 - 16) as f32 * d;
-        *h = ((u32::from(q >> 4) | h1) as i32 - 16) as f32 * d;
+    let (h0, h1) = h.split_at(HALF);
+    for ((((&q, l), hv), &b0), &b1) in qs.iter().zip(lo).zip(hi).zip(h0).zip(h1) {
+        *l = (i32::from((q & 0x0f) | b0) - 16) as f32 * d;
+        *hv = (i32::from((q >> 4) | b1) - 16) as f32 * d;
     }
 }
 
 pub(super) fn dequantize_q5_1(b: &[u8; 24], y: &mut [f32; QK]) {
     let d = f16_at(b, 0);
     let m = f16_at(b, 2);
-    let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+    let h = fifth_bits(&b[4..8]);
     let qs = &b[8..24];
     let (lo, hi) = halves(y);
-    for (j, ((&q, l), h)) in qs.iter().zip(lo).zip(hi).enumerate() {
-        let h0 = ((qh >> j) << 4) & 0x10;
-        let h1 = (qh >> (j + 12)) & 0x10;
-        *l = (u32::from(q & 0x0f) | h0) as f32 * d + m;
-        *h = (u32::from(q >> 4) | h1) as f32 * d + m;
+    let (h0, h1) = h.split_at(HALF);
+    for ((((&q, l), hv), &b0), &b1) in qs.iter().zip(lo).zip(hi).zip(h0).zip(h1) {
+        *l = f32::from((q & 0x0f) | b0) * d + m;
+        *hv = f32::from((q >> 4) | b1) * d + m;
     }
 }
 

@@ -448,3 +448,26 @@ proptest! {
         let _ = dequant(ty, &q);
     }
 }
+
+#[test]
+fn f16_rows_widen_every_bit_pattern_exactly() {
+    let bytes: Vec<u8> = (0..=u16::MAX).flat_map(|b| b.to_le_bytes()).collect();
+    let got = dequant(GgmlType::F16, &bytes);
+    for (bits, g) in (0..=u16::MAX).zip(got) {
+        let sign = if bits & 0x8000 != 0 { -1.0 } else { 1.0 };
+        let (e, m) = (i32::from((bits >> 10) & 0x1f), f64::from(bits & 0x3ff));
+        if e == 0x1f && m != 0.0 {
+            // NaN: same sign and payload, made quiet.
+            let want =
+                (u32::from(bits & 0x8000) << 16) | 0x7fc0_0000 | (u32::from(bits & 0x3ff) << 13);
+            assert_eq!(g.to_bits(), want, "{bits:#06x}");
+            continue;
+        }
+        let want = match e {
+            0 => sign * m * 2f64.powi(-24),
+            0x1f => sign * f64::INFINITY,
+            _ => sign * (1.0 + m / 1024.0) * 2f64.powi(e - 15),
+        };
+        assert_eq!(g.to_bits(), (want as f32).to_bits(), "{bits:#06x}");
+    }
+}
