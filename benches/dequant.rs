@@ -34,26 +34,9 @@ fn weights(n: usize) -> Vec<f32> {
         .collect()
 }
 
-/// A matrix of `ty`: quantized from [`weights`] where we can quantize, otherwise random quant
-/// bytes with realistic f16 super-block scales.
+/// A matrix of `ty`, quantized from [`weights`].
 fn matrix(ty: GgmlType) -> Vec<u8> {
-    let x = weights(ROW * ROWS);
-    if let Ok(q) = quantize_row(ty, &x) {
-        return q;
-    }
-    let mut bytes: Vec<u8> = x.iter().map(|v| v.to_bits() as u8).collect();
-    bytes.truncate(ty.row_bytes((ROW * ROWS) as u64).unwrap() as usize);
-    let scale_offsets: &[usize] = match ty {
-        GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
-        GgmlType::Q6_K => &[208],
-        _ => unreachable!("{ty} is quantizable"),
-    };
-    for block in bytes.chunks_exact_mut(ty.type_size() as usize) {
-        for &o in scale_offsets {
-            block[o..o + 2].copy_from_slice(&f16::from_f32(0.003).to_bits().to_le_bytes());
-        }
-    }
-    bytes
+    quantize_row(ty, &weights(ROW * ROWS)).unwrap()
 }
 
 fn dequantize(c: &mut Criterion) {
@@ -114,7 +97,13 @@ fn quantize(c: &mut Criterion) {
     let x = weights(ROW * ROWS);
     let mut g = c.benchmark_group("quantize");
     g.throughput(Throughput::Elements((ROW * ROWS) as u64));
-    for ty in [GgmlType::F16, GgmlType::Q8_0, GgmlType::Q4_1] {
+    for ty in [
+        GgmlType::F16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_1,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
         let mut out = vec![0u8; ty.row_bytes(ROW as u64).unwrap() as usize];
         g.bench_function(ty.name(), |b| {
             b.iter(|| {

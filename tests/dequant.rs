@@ -1,5 +1,6 @@
 //! Dequantization and quantization against an independent reference: the `gguf` Python package
-//! (`gguf.quants.dequantize` / `quantize`, numpy ports of ggml's C reference). The vectors in
+//! (`gguf.quants.dequantize` / `quantize`, numpy ports of ggml's C reference) and, for the
+//! k-quant quantizers that gguf-py lacks, ggml's C reference itself. The vectors in
 //! tests/data/dequant/ were made by tools/dequant_reference.py (docs/quants.md says how to
 //! regenerate them). Every comparison is bit for bit; only NaN outputs (from infinite scales,
 //! whose NaN bit pattern is the CPU's choice) are compared as "both NaN".
@@ -72,6 +73,8 @@ struct QuantCase {
     #[serde(rename = "type")]
     ty: String,
     case: String,
+    /// "gguf-py" or "ggml C".
+    reference: String,
     n_elements: usize,
     input_f32: String,
     expected: String,
@@ -209,7 +212,7 @@ fn dequantize_matches_gguf_py() {
 }
 
 #[test]
-fn quantize_matches_gguf_py() {
+fn quantize_matches_reference() {
     let m = manifest();
     let mut covered = Vec::new();
     for c in &m.quantize {
@@ -221,7 +224,11 @@ fn quantize_matches_gguf_py() {
         assert_eq!(got.len(), want.len(), "{} {}", c.ty, c.case);
         let block = ty.type_size() as usize;
         for (i, (g, w)) in got.chunks(block).zip(want.chunks(block)).enumerate() {
-            assert_eq!(g, w, "{} {}: block {i} differs", c.ty, c.case);
+            assert_eq!(
+                g, w,
+                "{} {}: block {i} differs from {}",
+                c.ty, c.case, c.reference
+            );
         }
         covered.push(ty);
     }

@@ -10,13 +10,18 @@ It writes tests/data/dequant/:
   model/*.f32     some rows of real tensors of the default model, dequantized (f32, LE);
   *.in / *.f32    random and edge-case blocks for every type we dequantize: the input bytes
                   and the expected f32 output (LE);
-  *.x / *.q       random and edge-case f32 inputs (.x) and the expected quantized bytes (.q).
+  *.x / *.q       random and edge-case f32 inputs (.x) and the expected quantized bytes (.q):
+                  from gguf-py's quantizers, and for the k-quants (which gguf-py cannot make)
+                  from ggml's own C reference, built from llama.cpp's sources with
+                  tools/ggml_kquant_oracle.c.
 For every tensor of the default model the manifest also holds the sha256 of its whole f32 and
 f16 dequantization, so the tests check all 135M weights without committing them.
 
-Usage (from the repository root; the model comes from `m40-llm fetch` or scripts/test.sh):
+Usage (from the repository root; the model comes from `m40-llm fetch` or scripts/test.sh; GGML
+is the ggml/ folder of llama.cpp's sources, e.g. vendor/llama.cpp/ggml in the llama_cpp_python
+sdist; gcc builds the oracle):
   python3 -m venv .cache/venv && .cache/venv/bin/pip install 'gguf==0.19.0' numpy
-  .cache/venv/bin/python tools/dequant_reference.py [--model PATH] [--out tests/data/dequant]
+  .cache/venv/bin/python tools/dequant_reference.py --ggml-src GGML [--model PATH] [--out DIR]
 The output is deterministic (fixed seed): regenerating with the same versions changes nothing.
 """
 
@@ -27,6 +32,8 @@ import hashlib
 import importlib.metadata
 import json
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +60,8 @@ DEQUANT_TYPES: dict[Q, list[int]] = {
 }
 # Types m40-llm quantizes to and gguf-py can quantize (F32 is a plain copy and is left out).
 QUANT_TYPES = [Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0]
+# Types whose quantization reference is ggml's C code (tools/ggml_kquant_oracle.c).
+KQUANT_TYPES = [Q.Q4_K, Q.Q5_K, Q.Q6_K]
 
 # Rows of real tensors whose values are committed (the digests cover every tensor in full).
 MODEL_ROWS = {
@@ -183,7 +192,7 @@ def quant_inputs(rng: np.random.Generator, ty: Q, random: bool) -> np.ndarray:
     block = GGML_QUANT_SIZES[ty][0]
     width = max(block, 32)
     if random:
-        n_blocks = 24
+        n_blocks = 24 if width <= 32 else 8
         scale = np.float32(10.0) ** rng.uniform(-3, 3, size=(n_blocks, 1)).astype(np.float32)
         x = rng.standard_normal((n_blocks, width)).astype(np.float32) * scale
         # Some blocks lopsided (all positive or with one outlier), as real weights can be.
@@ -218,11 +227,34 @@ def quantize(x: np.ndarray, ty: Q) -> np.ndarray:
         return np.asarray(gguf.quants.quantize(x, ty)).view(np.uint8)
 
 
+def build_oracle(ggml: Path, workdir: Path) -> Path:
+    """Builds tools/ggml_kquant_oracle.c against ggml's sources, without FMA contraction."""
+    exe = workdir / "ggml_kquant_oracle"
+    src = Path(__file__).with_name("ggml_kquant_oracle.c")
+    subprocess.run(
+        ["gcc", "-O2", "-std=gnu11", "-DNDEBUG", "-mno-fma", "-ffp-contract=off",
+         f"-I{ggml / 'include'}", f"-I{ggml / 'src'}", str(src), str(ggml / "src" / "ggml-quants.c"),
+         "-lm", "-o", str(exe)],
+        check=True,
+    )
+    return exe
+
+
+def oracle_quantize(exe: Path, x: np.ndarray, ty: Q) -> np.ndarray:
+    data = np.ascontiguousarray(x, dtype="<f4").tobytes()
+    out = subprocess.run([str(exe), ty.name.lower(), str(x.size)], input=data, capture_output=True, check=True)
+    return np.frombuffer(out.stdout, dtype=np.uint8)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--out", default="tests/data/dequant")
+    ap.add_argument("--ggml-src", required=True, type=Path,
+                    help="llama.cpp's ggml/ folder (with include/ and src/ggml-quants.c)")
     args = ap.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="dequant-reference-"))
+    oracle = build_oracle(args.ggml_src, workdir)
 
     out = Path(args.out)
     if out.exists():
@@ -290,8 +322,20 @@ def main() -> None:
             (out / f"{name}.q").write_bytes(q.tobytes())
             manifest["quantize"].append({
                 "type": ty.name, "case": case, "n_elements": int(x.size),
-                "input_f32": f"{name}.x", "expected": f"{name}.q",
+                "input_f32": f"{name}.x", "expected": f"{name}.q", "reference": "gguf-py",
             })
+    for ty in KQUANT_TYPES:
+        for case in ("random", "edge"):
+            x = quant_inputs(rng, ty, case == "random")
+            q = oracle_quantize(oracle, x, ty)
+            name = f"{ty.name.lower()}.{case}"
+            (out / f"{name}.x").write_bytes(f32_bytes(x))
+            (out / f"{name}.q").write_bytes(q.tobytes())
+            manifest["quantize"].append({
+                "type": ty.name, "case": case, "n_elements": int(x.size),
+                "input_f32": f"{name}.x", "expected": f"{name}.q", "reference": "ggml C",
+            })
+    shutil.rmtree(workdir)
 
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     total = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())

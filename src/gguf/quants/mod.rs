@@ -17,7 +17,7 @@
 //! | --- | --- | --- |
 //! | F32, F16, BF16 | yes | yes |
 //! | Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 | yes | yes (round to nearest, as ggml's `_ref`) |
-//! | Q4_K, Q5_K, Q6_K | yes | no |
+//! | Q4_K, Q5_K, Q6_K | yes | yes (ggml's `_ref` scale search, no importance matrix) |
 
 mod float;
 mod kquants;
@@ -44,7 +44,7 @@ pub const DEQUANTIZE_TYPES: [GgmlType; 11] = [
 ];
 
 /// Types [`quantize_row`] can produce.
-pub const QUANTIZE_TYPES: [GgmlType; 8] = [
+pub const QUANTIZE_TYPES: [GgmlType; 11] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
@@ -53,6 +53,9 @@ pub const QUANTIZE_TYPES: [GgmlType; 8] = [
     GgmlType::Q5_0,
     GgmlType::Q5_1,
     GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
 ];
 
 /// True when tensors of type `ty` can be dequantized.
@@ -208,9 +211,9 @@ pub fn dequantize_row_f16(ty: GgmlType, src: &[u8], dst: &mut [f16]) -> Result<(
 }
 
 /// Quantizes `src` (one or more whole rows) to `ty` into `dst`, which must be exactly
-/// `ty.row_bytes(src.len())` bytes. Round to nearest, bit for bit as ggml's `quantize_row_*_ref`
-/// (for F16: IEEE round to nearest even; for BF16: ggml's rounding, NaNs made quiet). Never
-/// allocates.
+/// `ty.row_bytes(src.len())` bytes, bit for bit as ggml's `quantize_row_*_ref` (for F16: IEEE
+/// round to nearest even; for BF16: ggml's rounding, NaNs made quiet). Never allocates. The
+/// k-quants search scales per sub-block and are about 50 times slower than the legacy formats.
 pub fn quantize_row_into(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), QuantError> {
     if !can_quantize(ty) {
         return Err(QuantErrorKind::UnsupportedQuantize(ty).into());
@@ -226,6 +229,9 @@ pub fn quantize_row_into(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<()
         T::Q5_0 => blocks_quantize(src, dst, legacy::quantize_q5_0),
         T::Q5_1 => blocks_quantize(src, dst, legacy::quantize_q5_1),
         T::Q8_0 => blocks_quantize(src, dst, legacy::quantize_q8_0),
+        T::Q4_K => blocks_quantize(src, dst, kquants::quantize_q4_k),
+        T::Q5_K => blocks_quantize(src, dst, kquants::quantize_q5_k),
+        T::Q6_K => blocks_quantize(src, dst, kquants::quantize_q6_k),
         _ => return Err(QuantErrorKind::UnsupportedQuantize(ty).into()),
     }
     Ok(())

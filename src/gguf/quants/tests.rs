@@ -261,9 +261,9 @@ fn length_errors_say_what_is_wrong() {
         e.to_string().starts_with("cannot dequantize type IQ2_XXS"),
         "{e}"
     );
-    let e = quantize_row(GgmlType::Q4_K, &[0.0; 256]).unwrap_err();
+    let e = quantize_row(GgmlType::Q3_K, &[0.0; 256]).unwrap_err();
     assert!(
-        e.to_string().starts_with("cannot quantize to type Q4_K"),
+        e.to_string().starts_with("cannot quantize to type Q3_K"),
         "{e}"
     );
 }
@@ -365,7 +365,26 @@ fn error_bound(ty: GgmlType, x: &[f32]) -> f32 {
             let d = (max - min) / levels;
             d * 0.5 + levels * f16_err(d) + f16_err(min) + slack
         }
+        // The k-quants fit each sub-block's scale and min by least squares, which may clip the
+        // extremes, then round the sub-block scales to 6 or 8 bits: their error has no simple
+        // closed form. Over 140,000 random super-blocks the largest error was 0.132 (Q4_K),
+        // 0.105 (Q5_K) and 0.073 (Q6_K) times the block's largest magnitude; allow twice that.
+        // Their exact bytes are checked against ggml's C reference in tests/dequant.rs.
+        T::Q4_K => 0.27 * amax + slack,
+        T::Q5_K => 0.21 * amax + slack,
+        T::Q6_K => 0.15 * amax + slack,
         _ => unreachable!("{ty}"),
+    }
+}
+
+/// The k-quants' root-mean-square error relative to the block's RMS: at most 0.067 (Q4_K),
+/// 0.039 (Q5_K) and 0.031 (Q6_K) over the same 140,000 blocks; twice that is allowed.
+fn rms_error_bound(ty: GgmlType) -> Option<f32> {
+    match ty {
+        GgmlType::Q4_K => Some(0.135),
+        GgmlType::Q5_K => Some(0.08),
+        GgmlType::Q6_K => Some(0.062),
+        _ => None,
     }
 }
 
@@ -410,6 +429,12 @@ proptest! {
                     "{} block {} element {}: {} -> {} (bound {})", ty, b, i, a, r, bound
                 );
             }
+            if let Some(rel) = rms_error_bound(ty) {
+                let n = xb.len() as f32;
+                let rms = (xb.iter().map(|v| v * v).sum::<f32>() / n).sqrt();
+                let err = (xb.iter().zip(yb).map(|(a, r)| (a - r) * (a - r)).sum::<f32>() / n).sqrt();
+                prop_assert!(err <= rel * rms + 1e-9, "{} block {}: rms error {} of {}", ty, b, err, rms);
+            }
         }
     }
 
@@ -440,7 +465,7 @@ proptest! {
     #[test]
     fn arbitrary_floats_never_panic(
         ty in proptest::sample::select(QUANTIZE_TYPES.to_vec()),
-        bits in proptest::collection::vec(any::<u32>(), 32),
+        bits in proptest::collection::vec(any::<u32>(), 256),
     ) {
         let x: Vec<f32> = bits.iter().map(|b| f32::from_bits(*b)).collect();
         let n = x.len() / ty.block_size() as usize * ty.block_size() as usize;
