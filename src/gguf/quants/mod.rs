@@ -10,8 +10,9 @@
 //! - row functions ([`dequantize_row_f32`], [`dequantize_row_f16`], [`quantize_row_into`]) work on
 //!   caller-owned buffers of one or more whole rows, never allocate, and check every length: this
 //!   is what backends call on the fly;
-//! - tensor functions ([`dequantize_f32`], [`dequantize_f16`], [`dequantize_rows_f32`],
-//!   [`quantize_row`]) allocate their result and name the tensor in their errors.
+//! - allocating functions ([`dequantize_f32`], [`dequantize_f16`], [`dequantize_rows_f32`],
+//!   [`dequantize_rows_f16`], [`quantize_row`]); those that read a tensor name it in their
+//!   errors.
 //!
 //! | type | dequantize | quantize |
 //! | --- | --- | --- |
@@ -213,7 +214,7 @@ pub fn dequantize_row_f16(ty: GgmlType, src: &[u8], dst: &mut [f16]) -> Result<(
 /// Quantizes `src` (one or more whole rows) to `ty` into `dst`, which must be exactly
 /// `ty.row_bytes(src.len())` bytes, bit for bit as ggml's `quantize_row_*_ref` (for F16: IEEE
 /// round to nearest even; for BF16: ggml's rounding, NaNs made quiet). Never allocates. The
-/// k-quants search scales per sub-block and are about 50 times slower than the legacy formats.
+/// k-quants search scales per sub-block and are 20 to 30 times slower than the legacy formats.
 pub fn quantize_row_into(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), QuantError> {
     if !can_quantize(ty) {
         return Err(QuantErrorKind::UnsupportedQuantize(ty).into());
