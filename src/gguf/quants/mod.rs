@@ -144,7 +144,7 @@ impl QuantError {
 fn check_lengths(ty: GgmlType, n_bytes: usize, elements: usize) -> Result<(), QuantError> {
     let elements = elements as u64;
     let block = ty.block_size();
-    if elements % block != 0 {
+    if !elements.is_multiple_of(block) {
         return Err(QuantErrorKind::PartialBlock {
             ty,
             elements,
@@ -366,7 +366,7 @@ fn blocks_f16<const B: usize, const N: usize>(
 ) {
     use half::slice::HalfFloatSliceExt;
     const CHUNK: usize = 256;
-    const { assert!(N <= CHUNK && CHUNK % N == 0) };
+    const { assert!(N <= CHUNK && CHUNK.is_multiple_of(N)) };
     let per_chunk = CHUNK / N;
     let mut tmp = [0f32; CHUNK];
     for (s, d) in src.chunks(per_chunk * B).zip(dst.chunks_mut(CHUNK)) {
