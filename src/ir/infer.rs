@@ -146,7 +146,7 @@ fn rope_type(
             ins.names[x]
         ));
     }
-    if rope.n_rot == 0 || rope.n_rot % 2 != 0 || rope.n_rot > rope.head_dim {
+    if rope.n_rot == 0 || !rope.n_rot.is_multiple_of(2) || rope.n_rot > rope.head_dim {
         return Err(format!(
             "n_rot must be even and in 2..={}, is {}",
             rope.head_dim, rope.n_rot
@@ -213,7 +213,7 @@ fn kv_write(
 }
 
 fn attention(ins: &Inputs<'_>, a: &AttentionParams) -> Result<TensorType, String> {
-    if a.n_kv_heads == 0 || a.n_heads % a.n_kv_heads != 0 {
+    if a.n_kv_heads == 0 || !a.n_heads.is_multiple_of(a.n_kv_heads) {
         return Err(format!(
             "n_heads {} is not a multiple of n_kv_heads {}",
             a.n_heads, a.n_kv_heads

@@ -83,16 +83,16 @@ impl Hyperparams {
                 ));
             }
         };
-        if let Some(v) = keys.optional_count("attention.value_length")? {
-            if v != head_dim {
-                return Err(keys.bad(
-                    "attention.value_length",
-                    v,
-                    format!(
-                        "differs from the key length {head_dim}; m40-llm needs equal K and V heads"
-                    ),
-                ));
-            }
+        if let Some(v) = keys.optional_count("attention.value_length")?
+            && v != head_dim
+        {
+            return Err(keys.bad(
+                "attention.value_length",
+                v,
+                format!(
+                    "differs from the key length {head_dim}; m40-llm needs equal K and V heads"
+                ),
+            ));
         }
         let n_ff = keys.count("feed_forward_length")?;
         let context_length = keys.count("context_length")?;
