@@ -47,6 +47,16 @@ fn tiny_models() -> Vec<TinyModel> {
             .with_weight_type(GgmlType::F16),
         TinyModel::qwen3(),
         TinyModel::qwen3().with_weight_type(GgmlType::F16),
+        TinyModel::llama().with_weight_type(GgmlType::Q8_0),
+        TinyModel::qwen2().with_weight_type(GgmlType::Q4_0),
+        TinyModel::qwen3().with_weight_type(GgmlType::Q4_1),
+        // k-quants need rows of 256.
+        TinyModel {
+            n_embd: 256,
+            n_ff: 256,
+            head_dim: 64,
+            ..TinyModel::llama().with_weight_type(GgmlType::Q6_K)
+        },
     ]
 }
 

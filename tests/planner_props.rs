@@ -214,12 +214,22 @@ proptest! {
         tied in prop::bool::ANY,
         rope_freqs in prop::bool::ANY,
         disabled in prop::collection::vec(prop::bool::ANY, 5),
+        weight_type in prop::sample::select(vec![
+            GgmlType::F32,
+            GgmlType::F16,
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+        ]),
     ) {
         let base = [TinyModel::llama(), TinyModel::qwen2(), TinyModel::qwen3()][family].clone();
-        let model = TinyModel { rope_freqs: rope_freqs && family == 0, ..base.with_layers(layers).with_tied_embeddings(tied) };
+        let model = TinyModel {
+            rope_freqs: rope_freqs && family == 0,
+            ..base.with_layers(layers).with_tied_embeddings(tied).with_weight_type(weight_type)
+        };
         let lowered = lower(&model.open().unwrap()).unwrap().graph;
         let names = Pipeline::fusion().names();
-        let off: Vec<&str> = names.iter().zip(&disabled).filter(|(_, d)| **d).map(|(n, _)| *n).collect();
+        let off: Vec<&str> =
+            names.iter().zip(&disabled).filter(|(_, d)| **d).map(|(n, _)| *n).collect();
         let mut fused = lowered.clone();
         Pipeline::fusion().without(&off).unwrap().run(&mut fused).unwrap();
 
@@ -237,7 +247,8 @@ proptest! {
         }
         let logits = fused.outputs().iter().map(|&v| fused.value_name(v)).collect::<Vec<_>>();
         prop_assert_eq!(logits, vec!["logits"]);
-        check_plan(&Plan::build(&fused, &PlanOptions { max_tokens: 8, max_outputs: 3, ..PlanOptions::default() }).unwrap());
+        let options = PlanOptions { max_tokens: 8, max_outputs: 3, ..PlanOptions::default() };
+        check_plan(&Plan::build(&fused, &options).unwrap());
     }
 }
 

@@ -6,10 +6,11 @@
 //! changing one tensor's shape does not change the others. Matrices are uniform in
 //! `±1/sqrt(fan_in)` (activations keep a sane scale through the layers), norm weights near 1,
 //! biases small. Matmul and embedding weights use `weight_type`; vectors stay F32 as llama.cpp
-//! keeps them.
+//! keeps them. Weights of any type the reference quantizers write (F32, F16, BF16, Q4_0, Q4_1,
+//! Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K) are encoded with them; k-quants need rows of 256.
 
+use crate::gguf::quants::{self, QuantError};
 use crate::gguf::{GgmlType, GgufFile, GgufWriter};
-use half::f16;
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{Rng, SeedableRng};
 use std::path::Path;
@@ -54,6 +55,8 @@ pub enum TinyModelError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Gguf(#[from] crate::gguf::GgufError),
+    #[error(transparent)]
+    Quant(#[from] QuantError),
 }
 
 impl TinyModel {
@@ -303,19 +306,19 @@ impl TinyTensor {
     }
 }
 
-/// Encodes rows of `row_len` values in `ty`'s layout.
+/// Encodes rows of `row_len` values in `ty`'s layout, with the reference quantizers.
 fn encode(ty: GgmlType, values: &[f32], row_len: u64) -> Result<Vec<u8>, TinyModelError> {
-    if ty.row_bytes(row_len).is_none() {
-        return Err(TinyModelError::PartialBlock { ty, row_len });
+    if !quants::can_quantize(ty) {
+        return Err(TinyModelError::UnsupportedType(ty));
     }
-    match ty {
-        GgmlType::F32 => Ok(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        GgmlType::F16 => Ok(values
-            .iter()
-            .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-            .collect()),
-        other => Err(TinyModelError::UnsupportedType(other)),
+    let row_bytes = ty
+        .row_bytes(row_len)
+        .ok_or(TinyModelError::PartialBlock { ty, row_len })?;
+    let mut out = Vec::with_capacity(row_bytes as usize * values.len() / row_len as usize);
+    for row in values.chunks(row_len as usize) {
+        out.extend(quants::quantize_row(ty, row)?);
     }
+    Ok(out)
 }
 
 /// FNV-1a: a stable 64-bit hash of a tensor name (std's hasher may change between releases).
@@ -328,6 +331,7 @@ fn fnv1a(s: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     #[test]
     fn the_same_model_writes_the_same_bytes() {
@@ -367,5 +371,61 @@ mod tests {
         let y = f16::from_le_bytes(f16_model.tensor_data(b)[..2].try_into().unwrap());
         assert!(x.abs() <= 1.0 / 8.0, "{x}");
         assert_eq!(f16::from_f32(x), y);
+    }
+
+    #[test]
+    fn quantized_weights_dequantize_close_to_the_f32_ones() {
+        let exact = TinyModel::llama().open().unwrap();
+        let x =
+            quants::dequantize_f32(&exact, exact.tensor("blk.1.attn_q.weight").unwrap()).unwrap();
+        for (ty, tolerance) in [
+            (GgmlType::Q8_0, 0.002),
+            (GgmlType::Q4_1, 0.02),
+            (GgmlType::Q4_0, 0.02),
+        ] {
+            let model = TinyModel::llama().with_weight_type(ty).open().unwrap();
+            let t = model.tensor("blk.1.attn_q.weight").unwrap();
+            assert_eq!(t.ty, ty);
+            let y = quants::dequantize_f32(&model, t).unwrap();
+            let worst = x
+                .iter()
+                .zip(&y)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(worst < tolerance, "{ty}: max error {worst}");
+        }
+    }
+
+    #[test]
+    fn k_quants_need_rows_of_256() {
+        let err = TinyModel::llama()
+            .with_weight_type(GgmlType::Q4_K)
+            .to_bytes()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "rows of 64 elements are not a whole number of Q4_K blocks"
+        );
+        let wide = TinyModel {
+            n_embd: 256,
+            n_ff: 256,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 64,
+            ..TinyModel::llama().with_weight_type(GgmlType::Q6_K)
+        };
+        let f = wide.open().unwrap();
+        assert_eq!(
+            f.tensor("blk.0.ffn_down.weight").unwrap().ty,
+            GgmlType::Q6_K
+        );
+        let err = TinyModel::llama()
+            .with_weight_type(GgmlType::IQ2_XS)
+            .to_bytes()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the tiny-model writer cannot encode IQ2_XS weights"
+        );
     }
 }
