@@ -68,7 +68,7 @@ struct Lowering<'a> {
 impl Lowering<'_> {
     fn model(&mut self) -> Result<(), LowerError> {
         let hp = self.hp;
-        let tensors = self.template.tensors.clone();
+        let tensors = &self.template.tensors;
         let (n_embd, n_vocab) = (u64::from(hp.n_embd), u64::from(hp.n_vocab));
 
         let token_ids = self.add("token_ids", Op::TokenIds, &[])?;
@@ -120,7 +120,7 @@ impl Lowering<'_> {
         select: Option<Value>,
     ) -> Result<Value, LowerError> {
         let hp = self.hp;
-        let b = self.template.block.clone();
+        let b = &self.template.block;
         let (n_embd, n_ff, q_dim, kv_dim) = (
             u64::from(hp.n_embd),
             u64::from(hp.n_ff),
