@@ -91,12 +91,19 @@ impl Tokenizer {
             .iter()
             .map(|&id| memmem::Finder::new(vocab.texts[id as usize].as_bytes()).into_owned())
             .collect();
-        Ok(Tokenizer {
+        let mut tok = Tokenizer {
             vocab,
             pre,
             byte_syms,
             finders,
-        })
+        };
+        // The newline token: SentencePiece's <0x0A>, else what "\n" tokenizes to.
+        tok.vocab.special.nl = match tok.vocab.model {
+            ModelKind::Spm => tok.vocab.byte_token(b'\n'),
+            _ => tok.encode("\n", false, false).first().copied(),
+        }
+        .or(tok.vocab.special.pad);
+        Ok(tok)
     }
 
     /// The number of tokens in the vocabulary.

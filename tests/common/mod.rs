@@ -21,7 +21,10 @@ pub fn default_model() -> Option<PathBuf> {
     let path = std::env::var_os("M40LLM_TEST_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    present_or_skip(path, "the default model (run `m40-llm fetch` or scripts/test.sh)")
+    present_or_skip(
+        path,
+        "the default model (run `m40-llm fetch` or scripts/test.sh)",
+    )
 }
 
 /// A fetched file under `.cache/` (see scripts/fetch-testdata.sh); `None` with a message when
