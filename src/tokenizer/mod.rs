@@ -24,7 +24,7 @@
 //!
 //! How exactness was established, and why this is not the `tokenizers` crate: docs/tokenizer.md.
 
-// pub mod chat;
+pub mod chat;
 mod merge;
 mod pretok;
 mod stream;
