@@ -3,6 +3,7 @@
 
 mod fetch;
 mod inspect;
+mod tokenize;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -27,6 +28,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Download the default model (SmolLM2-135M-Instruct Q4_1) if it is missing.
     Fetch(fetch::Args),
+    /// Tokenize a text with a model's tokenizer (ids as llama.cpp gives them).
+    Tokenize(tokenize::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -35,6 +38,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Fetch(args) => fetch::run(args),
+        Command::Tokenize(args) => tokenize::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
