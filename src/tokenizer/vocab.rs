@@ -5,7 +5,7 @@
 use super::TokenizerError;
 use super::unicode::{byte_to_char, char_to_byte};
 use crate::gguf::{Array, GgufFile};
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 /// Token attributes (llama.cpp's `llama_token_attr` bits).
 pub mod attr {
@@ -274,7 +274,7 @@ impl Vocab {
             }
         };
 
-        let mut ids = HashMap::with_capacity(n);
+        let mut ids = HashMap::with_capacity_and_hasher(n, Default::default());
         for (i, t) in texts.iter().enumerate() {
             ids.insert(t.clone(), i as u32);
         }
@@ -337,8 +337,8 @@ impl Vocab {
         }
 
         // Merges, as symbol-id pairs (BPE only).
-        let mut merges = HashMap::new();
-        let mut extra_ids: HashMap<String, u32> = HashMap::new();
+        let mut merges = HashMap::default();
+        let mut extra_ids: HashMap<String, u32> = HashMap::default();
         if model != ModelKind::Spm {
             let list = match file.optional_array(MERGES)? {
                 Some(Array::String(v)) => v,
