@@ -211,7 +211,22 @@ impl Tokenizer {
                             for c in t.chars() {
                                 buf.push(if c == ' ' { '▁' } else { c });
                             }
-                            v.spm_text(&buf, &mut sc, &mut out);
+                            if v.spm_words_independent {
+                                // Cut before each `▁` that follows another character.
+                                let mut start = 0;
+                                let mut prev_space = true;
+                                for (i, c) in buf.char_indices() {
+                                    let space = c == '▁';
+                                    if space && !prev_space {
+                                        v.spm_text(&buf[start..i], &mut sc, &mut out);
+                                        start = i;
+                                    }
+                                    prev_space = space;
+                                }
+                                v.spm_text(&buf[start..], &mut sc, &mut out);
+                            } else {
+                                v.spm_text(&buf, &mut sc, &mut out);
+                            }
                         }
                         ModelKind::Bpe | ModelKind::BpeRaw => {
                             let escaped;
@@ -434,7 +449,38 @@ pub(crate) fn clean_up_spaces(t: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
-    use super::clean_up_spaces;
+    use super::{Tokenizer, clean_up_spaces};
+    use crate::gguf::GgufFile;
+
+    /// Merging SentencePiece words one by one gives what merging the whole text gives.
+    #[test]
+    fn independent_spm_words_merge_the_same() {
+        let path = "tests/data/tokenizer/ggml-vocab-llama-spm.gguf";
+        let mut tok = Tokenizer::from_gguf(&GgufFile::open(path).unwrap()).unwrap();
+        assert!(tok.vocab.spm_words_independent);
+        let pool: Vec<char> = "ab cde  fgh\n\tth the there 12 3.5 ,;'\"é日本🙂▁x"
+            .chars()
+            .collect();
+        let mut seed = 0x2545_f491_u64;
+        let texts: Vec<String> = (0..300)
+            .map(|_| {
+                let len = (seed % 40) as usize;
+                (0..len)
+                    .map(|_| {
+                        seed = seed
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        pool[(seed >> 33) as usize % pool.len()]
+                    })
+                    .collect()
+            })
+            .collect();
+        let split: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t, false, false)).collect();
+        tok.vocab.spm_words_independent = false;
+        for (t, ids) in texts.iter().zip(&split) {
+            assert_eq!(&tok.encode(t, false, false), ids, "{t:?}");
+        }
+    }
 
     fn clean(s: &str) -> String {
         let mut v = s.as_bytes().to_vec();

@@ -149,6 +149,10 @@ pub(crate) struct Vocab {
     pub ignore_merges: bool,
     /// Spaces become `▁` before tokenizing (SentencePiece style).
     pub escape_whitespace: bool,
+    /// SentencePiece: no token has a `▁` right after another character, so no merge can cross
+    /// the start of a `▁` run and each such word can be merged on its own (same result, far
+    /// less work on long texts).
+    pub spm_words_independent: bool,
     /// Ids the special-token pass looks for, longest text first.
     pub special_order: Vec<u32>,
     /// Each token's piece as llama.cpp's `token_to_piece(special = true)` gives it.
@@ -631,6 +635,15 @@ impl Vocab {
             .collect();
         special_order.sort_by(|&a, &b| text_of(b).len().cmp(&text_of(a).len()).then(a.cmp(&b)));
 
+        let spm_words_independent = model == ModelKind::Spm
+            && !texts.iter().any(|t| {
+                let mut prev = '▁';
+                t.chars().any(|c| {
+                    let inner = c == '▁' && prev != '▁';
+                    prev = c;
+                    inner
+                })
+            });
         let mut vocab = Vocab {
             model,
             pre,
@@ -649,6 +662,7 @@ impl Vocab {
             clean_spaces,
             ignore_merges,
             escape_whitespace,
+            spm_words_independent,
             special_order,
             pieces: Vec::new(),
             chat_template: file
