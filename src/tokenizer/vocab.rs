@@ -334,6 +334,10 @@ impl Vocab {
                     special.bos = dflt(11);
                     special.eos = dflt(11);
                 }
+                // ChatGLM has no BOS unless the GGUF names one.
+                if matches!(name, "chatglm-bpe" | "glm4" | "glm5") {
+                    special.bos = None;
+                }
             }
         }
         if let Some(v) = file.optional_bool("tokenizer.ggml.add_space_prefix")? {
