@@ -56,13 +56,26 @@ pub enum TokenizerError {
 }
 
 /// A tokenizer: vocabulary, merge rules, pre-tokenizer and special tokens of one model.
-#[derive(Debug)]
 pub struct Tokenizer {
     vocab: Vocab,
     pre: Option<PreTokenizer>,
     byte_syms: [Option<u32>; 256],
     /// One searcher per entry of `vocab.special_order`.
     finders: Vec<memmem::Finder<'static>>,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("model", &self.vocab.model)
+            .field("pre", &self.vocab.pre_name)
+            .field("n_vocab", &self.n_vocab())
+            .field("n_merges", &self.vocab.merges.len())
+            .field("special", &self.vocab.special)
+            .field("add_bos", &self.vocab.add_bos)
+            .field("add_eos", &self.vocab.add_eos)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A piece of the input after the special-token pass.
@@ -451,6 +464,13 @@ pub(crate) fn clean_up_spaces(t: &mut Vec<u8>) {
 mod tests {
     use super::{Tokenizer, clean_up_spaces};
     use crate::gguf::GgufFile;
+
+    #[test]
+    fn shareable_across_threads() {
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Tokenizer>();
+        send_sync::<super::chat::ChatTemplate>();
+    }
 
     /// Merging SentencePiece words one by one gives what merging the whole text gives.
     #[test]
