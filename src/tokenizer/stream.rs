@@ -5,6 +5,9 @@
 //! vocabulary cleans up spaces on decoding (`" ,"` → `","`), the last few bytes are held back
 //! too, since a later token can still change them. The concatenation of everything `push` and
 //! `finish` return equals [`Tokenizer::decode`] of all the ids.
+//!
+//! Cost: constant per token, except with the space clean-up, where each push re-cleans the text
+//! so far (linear in it: microseconds for a generation of thousands of tokens).
 
 use super::{Tokenizer, TokenizerError, clean_up_spaces};
 
