@@ -62,6 +62,9 @@ pub struct Tokenizer {
     byte_syms: [Option<u32>; 256],
     /// One searcher per entry of `vocab.special_order`.
     finders: Vec<memmem::Finder<'static>>,
+    /// All special texts at once: which of them occur in a text at all (vocabularies with
+    /// thousands of special tokens would otherwise scan the text thousands of times).
+    any_special: Option<aho_corasick::AhoCorasick>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -104,11 +107,19 @@ impl Tokenizer {
             .iter()
             .map(|&id| memmem::Finder::new(vocab.texts[id as usize].as_bytes()).into_owned())
             .collect();
+        let any_special = aho_corasick::AhoCorasick::new(
+            vocab
+                .special_order
+                .iter()
+                .map(|&id| vocab.texts[id as usize].as_bytes()),
+        )
+        .ok();
         let mut tok = Tokenizer {
             vocab,
             pre,
             byte_syms,
             finders,
+            any_special,
         };
         // The newline token: SentencePiece's <0x0A>, else what "\n" tokenizes to.
         tok.vocab.special.nl = match tok.vocab.model {
@@ -289,10 +300,22 @@ impl Tokenizer {
         }
         frags.push(Fragment::Text(0, text.len()));
         let bytes = text.as_bytes();
+        // Which special texts occur anywhere (fragments are parts of the text, so a text that
+        // does not occur in it occurs in none).
+        let present: Option<Vec<bool>> = self.any_special.as_ref().map(|ac| {
+            let mut seen = vec![false; v.special_order.len()];
+            for m in ac.find_overlapping_iter(bytes) {
+                seen[m.pattern().as_usize()] = true;
+            }
+            seen
+        });
         let mut next = Vec::new();
         for (k, &id) in v.special_order.iter().enumerate() {
             let a = v.attrs[id as usize];
             if !parse_special && a & (attr::CONTROL | attr::UNKNOWN) != 0 {
+                continue;
+            }
+            if present.as_ref().is_some_and(|p| !p[k]) {
                 continue;
             }
             let finder = &self.finders[k];
