@@ -11,5 +11,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 model=$(cargo run --release --quiet -- fetch)
 export M40LLM_TEST_MODEL="${M40LLM_TEST_MODEL:-$model}"
 
+# llama.cpp's vocabulary test files and chat templates (from the llama-cpp-python sdist on PyPI,
+# sha256-checked) into .cache/vocab and .cache/templates.
+bash scripts/fetch-testdata.sh
+
 # --- the tests ------------------------------------------------------------------------------------
 M40LLM_REQUIRE_TESTDATA=1 cargo test --release --all-features "$@"

@@ -16,5 +16,6 @@ pub mod passes;
 pub mod plan;
 pub mod runtime;
 pub mod sample;
+pub mod tokenizer;
 
 pub use compile::{CompileError, CompileOptions, Compiled, compile};

@@ -4,6 +4,7 @@
 mod compile;
 mod fetch;
 mod inspect;
+mod tokenize;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -30,6 +31,8 @@ enum Command {
     Fetch(fetch::Args),
     /// Compile a model into a plan (lower, fuse, schedule, place buffers); print or save it.
     Compile(compile::Args),
+    /// Tokenize a text with a model's tokenizer (ids as llama.cpp gives them).
+    Tokenize(tokenize::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -39,6 +42,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(args),
         Command::Fetch(args) => fetch::run(args),
         Command::Compile(args) => compile::run(args),
+        Command::Tokenize(args) => tokenize::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
