@@ -627,10 +627,10 @@ impl Vocab {
                     attrs[id as usize] &= !attr::RSTRIP;
                 }
             }
-        } else if general_name.contains("modern-bert") {
-            if let Some(&id) = ids.get("[MASK]") {
-                attrs[id as usize] |= attr::LSTRIP;
-            }
+        } else if general_name.contains("modern-bert")
+            && let Some(&id) = ids.get("[MASK]")
+        {
+            attrs[id as usize] |= attr::LSTRIP;
         }
 
         // The special-token pass: control, user-defined and unknown tokens, longest first.
