@@ -279,11 +279,11 @@ impl Hyperparameters {
         h.head_dim = count("attention.key_length", false)?;
         if let (None, Some(embd), Some(PerLayer::Same(heads))) =
             (h.head_dim, h.embedding_length, &h.head_count)
+            && *heads > 0
+            && embd % heads == 0
         {
-            if *heads > 0 && embd % heads == 0 {
-                h.head_dim = Some(embd / heads);
-                h.derived.push("head_dim");
-            }
+            h.head_dim = Some(embd / heads);
+            h.derived.push("head_dim");
         }
         h.rope_freq_base = file.optional_f64(&key("rope.freq_base"))?.map(|x| x as f32);
         h.rope_dimension_count = count("rope.dimension_count", false)?;

@@ -7,8 +7,15 @@
 //! `runtime` (sessions, decode loop) → `cli` / server.
 
 pub mod backend;
+pub mod compile;
 pub mod gguf;
 pub mod inspect;
+pub mod ir;
+pub mod lower;
 pub mod models;
+pub mod passes;
+pub mod plan;
 pub mod runtime;
 pub mod sample;
+
+pub use compile::{CompileError, CompileOptions, Compiled, compile};

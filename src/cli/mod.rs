@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing, logging set-up and error reporting. Each subcommand
 //! lives in its own file and only translates between arguments and library calls.
 
+mod compile;
 mod fetch;
 mod inspect;
 
@@ -27,6 +28,8 @@ enum Command {
     Inspect(inspect::Args),
     /// Download the default model (SmolLM2-135M-Instruct Q4_1) if it is missing.
     Fetch(fetch::Args),
+    /// Compile a model into a plan (lower, fuse, schedule, place buffers); print or save it.
+    Compile(compile::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -35,6 +38,7 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Fetch(args) => fetch::run(args),
+        Command::Compile(args) => compile::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,6 +4,7 @@
 //! (which keys and tensors a llama needs) live in `lower`.
 
 mod error;
+pub mod quants;
 mod reader;
 mod types;
 mod value;

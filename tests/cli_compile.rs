@@ -1,0 +1,203 @@
+//! `m40-llm compile` end to end: every format prints, the JSON plan loads back equal to the one
+//! the library builds, the DOT renders with Graphviz, and the default model's arena at 512 tokens
+//! per step is at most half of one buffer per value.
+
+mod common;
+
+use m40_llm::gguf::GgufFile;
+use m40_llm::lower::TinyModel;
+use m40_llm::plan::{Plan, PlanOptions, Reuse};
+use m40_llm::{CompileOptions, compile};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn cli(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_m40-llm"))
+        .arg("compile")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// `dot`, or `None` (with a message) when Graphviz is not installed and not required.
+fn graphviz() -> Option<&'static str> {
+    if Command::new("dot").arg("-V").output().is_ok() {
+        return Some("dot");
+    }
+    let required = std::env::var("M40LLM_REQUIRE_TESTDATA").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "Graphviz `dot` is missing (apt-get install graphviz)"
+    );
+    eprintln!("SKIPPED: rendering the DOT needs Graphviz `dot` (apt-get install graphviz)");
+    None
+}
+
+/// Renders DOT source to SVG with Graphviz and checks it produced an SVG.
+fn renders_as_svg(dot_source: &str) {
+    let Some(dot) = graphviz() else { return };
+    let mut child = Command::new(dot)
+        .arg("-Tsvg")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let source = dot_source.to_string();
+    let writer =
+        std::thread::spawn(move || std::io::Write::write_all(&mut stdin, source.as_bytes()));
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        out.status.success(),
+        "dot -Tsvg failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("<svg"));
+}
+
+/// Checks all three formats of `model` against the plan the library builds with `options`.
+fn check_formats(model: &Path, extra: &[&str], options: &CompileOptions) -> Plan {
+    let path = model.to_str().unwrap();
+    let plan = compile(&GgufFile::open(model).unwrap(), options)
+        .unwrap()
+        .plan;
+
+    let summary = cli(&[&[path][..], extra].concat());
+    assert!(
+        summary.starts_with("plan for ") && summary.contains("\nsummary:\n"),
+        "{summary}"
+    );
+    assert!(
+        !summary.contains("steps ("),
+        "without --dump-graph only the summary prints"
+    );
+
+    let text = cli(&[&[path, "--dump-graph"][..], extra].concat());
+    assert_eq!(text, m40_llm::plan::text::render(&plan));
+    let step_lines = text
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()));
+    assert_eq!(step_lines.count(), plan.steps.len());
+
+    let json = cli(&[&[path, "--dump-graph", "--format", "json"][..], extra].concat());
+    assert_eq!(Plan::from_json(&json).unwrap(), plan);
+
+    let dot = cli(&[&[path, "--dump-graph", "--format", "dot"][..], extra].concat());
+    assert!(dot.starts_with("digraph plan {"));
+    renders_as_svg(&dot);
+
+    // -o picks the format from the extension and writes what --dump-graph prints.
+    let out = std::env::temp_dir().join(format!("m40llm-{}-plan.json", std::process::id()));
+    cli(&[&[path, "-o", out.to_str().unwrap()][..], extra].concat());
+    let written = std::fs::read_to_string(&out).unwrap();
+    std::fs::remove_file(&out).unwrap();
+    assert_eq!(written, json);
+    plan
+}
+
+#[test]
+fn tiny_models_compile_in_every_format() {
+    for (i, model) in [TinyModel::llama(), TinyModel::qwen2(), TinyModel::qwen3()]
+        .iter()
+        .enumerate()
+    {
+        let path = std::env::temp_dir().join(format!("m40llm-{}-cli-{i}.gguf", std::process::id()));
+        model.write(&path).unwrap();
+        check_formats(&path, &[], &CompileOptions::default());
+        let unfused = CompileOptions {
+            fuse: false,
+            plan: PlanOptions {
+                max_tokens: 32,
+                max_outputs: 2,
+                reuse: Reuse::None,
+                ..PlanOptions::default()
+            },
+            ..CompileOptions::default()
+        };
+        let plan = check_formats(
+            &path,
+            &[
+                "--no-fuse",
+                "--max-tokens",
+                "32",
+                "--max-outputs",
+                "2",
+                "--no-reuse",
+            ],
+            &unfused,
+        );
+        assert!(plan.fusion.passes.is_empty());
+        assert_eq!(plan.memory.arena_bytes, plan.memory.naive_arena_bytes);
+        std::fs::remove_file(&path).unwrap();
+    }
+}
+
+#[test]
+fn disabling_a_pass_leaves_its_pattern_in_place() {
+    let path = std::env::temp_dir().join(format!("m40llm-{}-disable.gguf", std::process::id()));
+    TinyModel::llama().write(&path).unwrap();
+    let options = CompileOptions {
+        disabled_passes: vec!["qkv-merge".into()],
+        ..CompileOptions::default()
+    };
+    let plan = check_formats(&path, &["--disable-pass", "qkv-merge"], &options);
+    std::fs::remove_file(&path).unwrap();
+    let ops: Vec<&str> = plan.steps.iter().map(|s| s.op.name()).collect();
+    assert!(!ops.contains(&"multi_matmul"));
+    assert!(ops.contains(&"gate_up_swiglu") && ops.contains(&"add_rms_norm"));
+}
+
+#[test]
+fn default_model_compiles_and_reuse_halves_the_arena() {
+    let Some(path) = common::default_model() else {
+        return;
+    };
+    let plan = check_formats(&path, &[], &CompileOptions::default());
+    let m = plan.memory;
+    assert_eq!(plan.options.max_tokens, 512);
+    assert!(
+        m.arena_bytes * 2 <= m.naive_arena_bytes,
+        "peak arena {} is more than half of one buffer per value {}",
+        m.arena_bytes,
+        m.naive_arena_bytes
+    );
+    // SmolLM2-135M: 30 layers x (K + V) x 3 heads x 64 x 2 bytes.
+    assert_eq!(m.kv_bytes_per_token, 30 * 2 * 3 * 64 * 2);
+    assert_eq!(plan.kv_cache.len(), 30);
+    // Tied embeddings: one token_embd read by the embedding and the logits.
+    let embd: Vec<_> = plan
+        .weights
+        .iter()
+        .filter(|w| w.tensor == "token_embd.weight")
+        .collect();
+    assert_eq!(embd.len(), 1);
+    assert!(plan.weights.iter().all(|w| w.tensor != "output.weight"));
+    let file_bytes: u64 = GgufFile::open(&path)
+        .unwrap()
+        .tensors()
+        .iter()
+        .map(|t| t.n_bytes)
+        .sum();
+    assert_eq!(m.weight_bytes, file_bytes);
+    // Without fusion the same model still plans, with more steps and a bigger naive arena.
+    let unfused = compile(
+        &GgufFile::open(&path).unwrap(),
+        &CompileOptions {
+            fuse: false,
+            ..CompileOptions::default()
+        },
+    )
+    .unwrap()
+    .plan;
+    assert!(unfused.steps.len() > plan.steps.len());
+    assert!(unfused.memory.naive_arena_bytes > m.naive_arena_bytes);
+    let _: PathBuf = path;
+}
