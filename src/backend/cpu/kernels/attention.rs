@@ -183,7 +183,7 @@ fn cache_cells(k_cache: &[f16], v_cache: &[f16], kv_dim: usize) -> Result<usize,
         v_cache.len(),
         k_cache.len(),
     )?;
-    if kv_dim == 0 || k_cache.len() % kv_dim != 0 {
+    if kv_dim == 0 || !k_cache.len().is_multiple_of(kv_dim) {
         return Err(KernelError::Invalid(format!(
             "a KV cache of {} values is not whole rows of {kv_dim}",
             k_cache.len()

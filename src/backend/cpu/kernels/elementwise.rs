@@ -9,7 +9,7 @@ const PAR_MIN: usize = 1 << 14;
 /// `b` must be as long as `a` or a whole number of times shorter (a row broadcast).
 fn check_broadcast(op: &'static str, a: usize, b: usize, y: usize) -> Result<(), KernelError> {
     check_len(op, y, a)?;
-    if b == 0 || a % b != 0 {
+    if b == 0 || !a.is_multiple_of(b) {
         return Err(KernelError::Invalid(format!(
             "{op}: b has {b} elements, which is neither a's {a} nor a row length dividing it"
         )));

@@ -35,7 +35,7 @@ pub fn select_rows(x: &[f32], n: usize, rows: &[i32], y: &mut [f32]) -> Result<(
         y.len(),
         rows.len() * n,
     )?;
-    if n == 0 || x.len() % n != 0 {
+    if n == 0 || !x.len().is_multiple_of(n) {
         return Err(KernelError::Invalid(format!(
             "select_rows: {} elements are not whole rows of {n}",
             x.len()

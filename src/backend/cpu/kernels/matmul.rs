@@ -199,7 +199,7 @@ pub fn matmul_gate_up_swiglu_with(
 }
 
 fn input_rows(x: &[f32], k: usize) -> Result<usize, KernelError> {
-    if k == 0 || x.len() % k != 0 {
+    if k == 0 || !x.len().is_multiple_of(k) {
         return Err(KernelError::Invalid(format!(
             "matmul input has {} elements, not a whole number of rows of {k}",
             x.len()

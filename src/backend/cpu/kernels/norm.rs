@@ -7,7 +7,7 @@ use rayon::prelude::*;
 const PAR_MIN_ELEMS: usize = 1 << 15;
 
 fn check_groups(x: usize, g: usize) -> Result<(), KernelError> {
-    if g == 0 || x % g != 0 {
+    if g == 0 || !x.is_multiple_of(g) {
         return Err(KernelError::Invalid(format!(
             "rms_norm: the weight has {g} elements, which does not divide the input's {x}"
         )));

@@ -37,7 +37,7 @@ pub struct RopeSpec {
 
 impl RopeSpec {
     fn check(&self) -> Result<(), KernelError> {
-        if self.head_dim == 0 || self.n_rot % 2 != 0 || self.n_rot > self.head_dim {
+        if self.head_dim == 0 || !self.n_rot.is_multiple_of(2) || self.n_rot > self.head_dim {
             return Err(KernelError::Invalid(format!(
                 "rope: n_rot {} must be even and at most head_dim {} (> 0)",
                 self.n_rot, self.head_dim
@@ -92,7 +92,7 @@ impl RopeSpec {
             )?;
         }
         let t = pos.len();
-        if t == 0 || x_len % t != 0 || (x_len / t) % self.head_dim != 0 {
+        if t == 0 || !x_len.is_multiple_of(t) || !(x_len / t).is_multiple_of(self.head_dim) {
             return Err(KernelError::Invalid(format!(
                 "rope: {x_len} elements are not {t} rows of whole {}-element heads",
                 self.head_dim

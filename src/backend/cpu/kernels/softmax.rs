@@ -22,7 +22,7 @@ pub(crate) fn softmax_in_place(s: &mut [f32]) {
 /// exp(x[j] - max)`. ggml: `ggml_soft_max` (no mask, scale 1).
 pub fn softmax(x: &[f32], n: usize, y: &mut [f32]) -> Result<(), KernelError> {
     check_len("softmax output length", y.len(), x.len())?;
-    if n == 0 || x.len() % n != 0 {
+    if n == 0 || !x.len().is_multiple_of(n) {
         return Err(KernelError::Invalid(format!(
             "softmax: {} elements are not whole rows of {n}",
             x.len()
