@@ -821,3 +821,58 @@ fn rope_kv_write_is_rope_then_kv_write() {
     assert_eq!(k1, k2);
     assert_eq!(v1, v2);
 }
+
+// ---------------------------------------------------------------------------------------------
+// Cross-checks with the crate's reference quantizer and dequantizer (`gguf::quants`): weights
+// quantized from realistic floats (not random bytes), the kernels against its dequantization.
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    #[test]
+    fn kernels_agree_with_gguf_quants(
+        ty in prop::sample::select(TYPES.to_vec()),
+        t in 1usize..=5,
+        n in 1usize..=19,
+        blocks in 1usize..=3,
+        seed in any::<u64>(),
+    ) {
+        use m40_llm::gguf::quants;
+        prop_assume!(quants::can_quantize(ty));
+        let k = ty.block_size().max(32) as usize * blocks;
+        let floats = random_x(n * k, seed);
+        let w: Vec<u8> = floats
+            .chunks_exact(k)
+            .flat_map(|row| quants::quantize_row(ty, row).unwrap())
+            .collect();
+        let wm = WeightMatrix::new(&w, ty, n, k).unwrap();
+        let mut deq = vec![0.0f32; n * k];
+        quants::dequantize_row_f32(ty, &w, &mut deq).unwrap();
+
+        // Embedding: bit-identical to the crate's dequantizer.
+        let ids: Vec<i32> = (0..n as i32).rev().collect();
+        let mut e = vec![0.0f32; n * k];
+        kernels::embedding(&wm, &ids, &mut e).unwrap();
+        for (r, &id) in ids.iter().enumerate() {
+            let want = &deq[id as usize * k..][..k];
+            let got = &e[r * k..][..k];
+            prop_assert!(got.iter().zip(want).all(|(g, w)| g.to_bits() == w.to_bits()), "{} row {}", ty, id);
+        }
+
+        // Matmul: within the summation tolerance of an f64 dot over the dequantized values
+        // (offsets bounded by the row's largest |w|, covering the minimum split).
+        let x = random_x(t * k, seed ^ 3);
+        let mut y = vec![0.0f32; t * n];
+        kernels::matmul(&x, &wm, &mut y).unwrap();
+        for r in 0..t {
+            for j in 0..n {
+                let (xr, wr) = (&x[r * k..][..k], &deq[j * k..][..k]);
+                let want: f64 = xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                let wmax = wr.iter().fold(0.0f32, |m, v| m.max(v.abs())) as f64;
+                let tol = 1e-5 * xr.iter().map(|&a| a.abs() as f64).sum::<f64>() * 2.0 * wmax + 1e-30;
+                let got = y[r * n + j] as f64;
+                prop_assert!((got - want).abs() <= tol, "{} y[{},{}] {} vs {} ± {}", ty, r, j, got, want, tol);
+            }
+        }
+    }
+}
