@@ -2,11 +2,15 @@
 //! embedding used as the logits projection), for one token (decode) and 64 (prefill), on one
 //! thread and on rayon's pool.
 //!
+//! Also decode-step attention over 256 to 4096 cached tokens.
+//!
 //! `cargo bench --bench cpu_kernels`. Criterion's throughput is in FLOP (2 per multiply-add):
 //! its "elem/s" reads as FLOP/s. Effective weight bandwidth = weight bytes / time (docs/perf.md).
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use m40_llm::backend::cpu::kernels::{Simd, WeightMatrix, matmul::matmul_with};
+use m40_llm::backend::cpu::kernels::{
+    AttentionShape, Simd, WeightMatrix, attention, matmul::matmul_with,
+};
 use m40_llm::gguf::GgmlType;
 use std::hint::black_box;
 
@@ -78,5 +82,31 @@ fn bench(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, bench);
+/// Decode-step attention at the default model's head layout (9 query heads, 3 KV heads of 64)
+/// over a context of `ctx` cells: one token, all heads.
+fn bench_attention(c: &mut Criterion) {
+    let shape = AttentionShape {
+        n_heads: 9,
+        n_kv_heads: 3,
+        head_dim: 64,
+        scale: 0.125,
+    };
+    let mut group = c.benchmark_group("attention 9/3x64 decode");
+    for ctx in [256usize, 1024, 4096] {
+        let kv: Vec<half::f16> = (0..ctx * 192)
+            .map(|i| half::f16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5))
+            .collect();
+        let q: Vec<f32> = (0..9 * 64).map(|i| (i % 17) as f32 / 17.0).collect();
+        let cells: Vec<u32> = (0..ctx as u32).collect();
+        let mut y = vec![0.0f32; 9 * 64];
+        // K and V reads, the bytes that bound it.
+        group.throughput(Throughput::Bytes((2 * ctx * 192 * 2) as u64));
+        group.bench_function(BenchmarkId::from_parameter(ctx), |b| {
+            b.iter(|| attention(black_box(&q), &kv, &kv, &[&cells], &shape, &mut y).unwrap())
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_attention);
 criterion_main!(benches);
