@@ -5,19 +5,19 @@
 //! Kernels know nothing of the graph: they take slices and sizes, check that the sizes agree
 //! (a mismatch is a [`KernelError`], never a panic), and allocate nothing inside their loops.
 //!
-//! - [`matmul`]: `y = x Wᵀ` over a GGUF weight in its own storage type, fused per format;
+//! - [`matmul`](mod@matmul): `y = x Wᵀ` over a GGUF weight in its own storage type, fused per format;
 //!   [`matmul_gate_up_swiglu`] for the SwiGLU feed-forward's first half.
 //! - [`gather`]: [`embedding`] (rows of a quantized table to F32) and [`select_rows`].
 //! - [`norm`]: [`rms_norm`] (per row or per group) and [`add_rms_norm`].
 //! - [`elementwise`]: [`add`], [`mul`] (with row broadcast), [`silu`], [`swiglu`].
-//! - [`rope`]: rotary position embedding, normal and neox pairing, as ggml computes the angles.
-//! - [`softmax`]: max-subtracted softmax over rows.
-//! - [`attention`]: causal grouped-query attention over an FP16 KV cache, and [`kv_write`].
+//! - [`rope`](mod@rope): rotary position embedding, normal and neox pairing, as ggml computes the angles.
+//! - [`softmax`](mod@softmax): max-subtracted softmax over rows.
+//! - [`attention`](mod@attention): causal grouped-query attention over an FP16 KV cache, and [`kv_write`].
 //!
-//! Hot loops are written once, generically, and compiled twice: for the baseline x86-64 (or any
-//! other target) and with AVX2+FMA enabled, picked at run time (see [`Simd`]). They are written
-//! so that LLVM vectorizes them (8-lane accumulator arrays, fixed-size chunks) rather than with
-//! intrinsics, so the same source serves every architecture.
+//! Hot loops are written once, generically over an 8-lane vector type, and compiled twice: with
+//! plain arrays for any CPU, and with AVX2/FMA/F16C registers, picked at run time (see [`Simd`]
+//! and `simd.rs`; LLVM's auto-vectorizer split the quantized decodes into 2-lane pieces, hence
+//! the explicit vector type).
 //!
 //! Every kernel computes each output row from its own inputs only, in an order that does not
 //! depend on how many rows a call has or how the work is split across threads: a row's result is
