@@ -6,6 +6,7 @@
 //! (fusion) → `plan` (schedule + buffer allocation) → `backend` (CPU reference, CUDA) →
 //! `runtime` (sessions, decode loop) → `cli` / server.
 
+pub mod backend;
 pub mod compile;
 pub mod gguf;
 pub mod inspect;

@@ -1,0 +1,262 @@
+//! Causal grouped-query attention over the FP16 KV cache, and the cache write.
+//!
+//! The caches of one layer are `[cell, n_kv_heads * head_dim]` arrays of `half::f16`. The
+//! runtime decides which cells each token may attend (its own sequence, positions up to its
+//! own: the causal mask, with no mask tensor), so several sequences can share one step.
+
+#[cfg(target_arch = "x86_64")]
+use super::simd::Avx2;
+use super::simd::{LANES, Lanes, Simd, V8, f16_to_f32};
+use super::softmax::softmax_in_place;
+use super::{KernelError, check_len};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+/// The attention's head layout and score scale (see `ir::op::AttentionParams`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionShape {
+    /// Query heads `H`.
+    pub n_heads: usize,
+    /// Key/value heads `Hkv` (dividing `H`); query head `h` reads KV head `h / (H / Hkv)`.
+    pub n_kv_heads: usize,
+    /// Elements per head `D`.
+    pub head_dim: usize,
+    /// Multiplies the scores: `1 / sqrt(D)` unless the model says otherwise.
+    pub scale: f32,
+}
+
+/// For token `t` and query head `h` (KV head `g = h / (H / Hkv)`):
+/// `s_c = scale * dot(q[t, h], K[c, g])` over the cells `c` in `cells[t]` (in that order),
+/// `w = softmax(s)` (max-subtracted, f32 with an f64 sum), `y[t, h] = sum_c w_c * V[c, g]`, K and
+/// V widened from FP16. `q` and `y` are `[T, H * D]` with `T = cells.len()`; every token must
+/// attend at least one cell. ggml (flash attention off): `ggml_mul_mat(k, q)`,
+/// `ggml_soft_max_ext(kq, mask, scale)`, `ggml_mul_mat(v, kq)` — where ggml rounds `q` and the
+/// weights to FP16 for its FP16 dot products, this kernel keeps them in FP32.
+pub fn attention(
+    q: &[f32],
+    k_cache: &[f16],
+    v_cache: &[f16],
+    cells: &[&[u32]],
+    shape: &AttentionShape,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    attention_with(Simd::detect(), q, k_cache, v_cache, cells, shape, y)
+}
+
+/// [`attention`] with a chosen instruction set (tests compare them).
+pub fn attention_with(
+    simd: Simd,
+    q: &[f32],
+    k_cache: &[f16],
+    v_cache: &[f16],
+    cells: &[&[u32]],
+    shape: &AttentionShape,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    let simd = simd.checked()?;
+    let &AttentionShape {
+        n_heads: h,
+        n_kv_heads: hkv,
+        head_dim: d,
+        scale,
+    } = shape;
+    if h == 0 || hkv == 0 || d == 0 || h % hkv != 0 {
+        return Err(KernelError::Invalid(format!(
+            "attention: {h} query heads, {hkv} KV heads of {d} elements: KV heads must divide \
+             query heads, none zero"
+        )));
+    }
+    let t = cells.len();
+    check_len(
+        "attention q length (tokens x heads x head_dim)",
+        q.len(),
+        t * h * d,
+    )?;
+    check_len("attention output length", y.len(), q.len())?;
+    let kv_dim = hkv * d;
+    let n_cells = cache_cells(k_cache, v_cache, kv_dim)?;
+    for (tok, cs) in cells.iter().enumerate() {
+        if cs.is_empty() {
+            return Err(KernelError::NoCells { token: tok });
+        }
+        check_cells(cs, tok, n_cells)?;
+    }
+    let group = h / hkv;
+    let attend: AttendFn = match simd {
+        Simd::Portable => attend_portable,
+        #[cfg(target_arch = "x86_64")]
+        Simd::Avx2Fma => attend_avx2,
+    };
+    let longest = cells.iter().map(|c| c.len()).max().unwrap_or(0);
+    y.par_chunks_mut(d).enumerate().for_each_init(
+        || Vec::with_capacity(longest),
+        |scores, (i, yh)| {
+            let (tok, head) = (i / h, i % h);
+            let job = Head {
+                q: &q[i * d..(i + 1) * d],
+                k_cache,
+                v_cache,
+                cells: cells[tok],
+                kv_dim,
+                offset: (head / group) * d,
+                scale,
+            };
+            // SAFETY: `simd.checked()` above: this CPU runs the chosen instruction set.
+            unsafe { attend(&job, scores, yh) }
+        },
+    );
+    Ok(())
+}
+
+/// One (token, head) of the attention.
+struct Head<'a> {
+    q: &'a [f32],
+    k_cache: &'a [f16],
+    v_cache: &'a [f16],
+    cells: &'a [u32],
+    kv_dim: usize,
+    /// Where the KV head starts within a cache row.
+    offset: usize,
+    scale: f32,
+}
+
+type AttendFn = unsafe fn(&Head, &mut Vec<f32>, &mut [f32]);
+
+fn attend_portable(job: &Head, scores: &mut Vec<f32>, y: &mut [f32]) {
+    attend::<Lanes>(job, scores, y)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn attend_avx2(job: &Head, scores: &mut Vec<f32>, y: &mut [f32]) {
+    attend::<Avx2>(job, scores, y)
+}
+
+#[inline(always)]
+fn attend<V: V8>(job: &Head, scores: &mut Vec<f32>, y: &mut [f32]) {
+    let d = job.q.len();
+    let start = |c: u32| c as usize * job.kv_dim + job.offset;
+    scores.clear();
+    for &c in job.cells {
+        let k = &job.k_cache[start(c)..][..d];
+        scores.push(job.scale * dot_f16::<V>(job.q, k));
+    }
+    softmax_in_place(scores);
+    y.fill(0.0);
+    let whole = d / LANES * LANES;
+    for (&c, &w) in job.cells.iter().zip(scores.iter()) {
+        let v = &job.v_cache[start(c)..][..d];
+        let wv = V::splat(w);
+        for (y8, v8) in y[..whole]
+            .chunks_exact_mut(LANES)
+            .zip(v.chunks_exact(LANES))
+        {
+            V::load(y8).madd(wv, V::from_f16(v8)).store(y8);
+        }
+        for (y, v) in y[whole..].iter_mut().zip(&v[whole..]) {
+            *y = V::madd1(w, f16_to_f32(v.to_bits()), *y);
+        }
+    }
+}
+
+/// `dot(q, k)` with `k` widened from FP16, 8 lanes at a time, then the tail.
+#[inline(always)]
+fn dot_f16<V: V8>(q: &[f32], k: &[f16]) -> f32 {
+    let mut acc = V::zero();
+    let (qc, kc) = (q.chunks_exact(LANES), k.chunks_exact(LANES));
+    let (qr, kr) = (qc.remainder(), kc.remainder());
+    for (q8, k8) in qc.zip(kc) {
+        acc = acc.madd(V::load(q8), V::from_f16(k8));
+    }
+    let mut sum = acc.hsum();
+    for (&q, k) in qr.iter().zip(kr) {
+        sum = V::madd1(q, f16_to_f32(k.to_bits()), sum);
+    }
+    sum
+}
+
+/// Cells in the caches (equal lengths, whole rows of `kv_dim`).
+fn cache_cells(k_cache: &[f16], v_cache: &[f16], kv_dim: usize) -> Result<usize, KernelError> {
+    check_len(
+        "V cache length (must equal the K cache's)",
+        v_cache.len(),
+        k_cache.len(),
+    )?;
+    if kv_dim == 0 || !k_cache.len().is_multiple_of(kv_dim) {
+        return Err(KernelError::Invalid(format!(
+            "a KV cache of {} values is not whole rows of {kv_dim}",
+            k_cache.len()
+        )));
+    }
+    Ok(k_cache.len() / kv_dim)
+}
+
+fn check_cells(cells: &[u32], token: usize, n_cells: usize) -> Result<(), KernelError> {
+    match cells.iter().find(|&&c| c as usize >= n_cells) {
+        Some(&c) => Err(KernelError::OutOfRange {
+            what: "cache cell of token",
+            index: token,
+            value: i64::from(c),
+            limit: n_cells,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Checks a write of `T = cells.len()` rows of `kv_dim` into the caches.
+pub(crate) fn check_kv_write(
+    k: &[f32],
+    v: &[f32],
+    cells: &[u32],
+    kv_dim: usize,
+    k_cache: &[f16],
+    v_cache: &[f16],
+) -> Result<(), KernelError> {
+    check_len(
+        "kv_write k length (cells x kv_dim)",
+        k.len(),
+        cells.len() * kv_dim,
+    )?;
+    check_len(
+        "kv_write v length (cells x kv_dim)",
+        v.len(),
+        cells.len() * kv_dim,
+    )?;
+    let n_cells = cache_cells(k_cache, v_cache, kv_dim)?;
+    for (t, &c) in cells.iter().enumerate() {
+        check_cells(&[c], t, n_cells)?;
+    }
+    Ok(())
+}
+
+/// `dst = src` rounded to FP16 (round to nearest, ties to even).
+pub(crate) fn store_f16(src: &[f32], dst: &mut [f16]) {
+    dst.convert_from_f32_slice(src);
+}
+
+/// Stores token `t`'s `k[t]` and `v[t]` (`kv_dim` each), rounded to FP16 (nearest even), into
+/// cell `cells[t]` of the K and V caches (`[cell, kv_dim]`). ggml: `ggml_set_rows` /
+/// `ggml_cpy` into the f16 cache (`GGML_FP32_TO_FP16`).
+pub fn kv_write(
+    k: &[f32],
+    v: &[f32],
+    cells: &[u32],
+    kv_dim: usize,
+    k_cache: &mut [f16],
+    v_cache: &mut [f16],
+) -> Result<(), KernelError> {
+    check_kv_write(k, v, cells, kv_dim, k_cache, v_cache)?;
+    for (t, &c) in cells.iter().enumerate() {
+        let c = c as usize;
+        store_f16(
+            &k[t * kv_dim..][..kv_dim],
+            &mut k_cache[c * kv_dim..][..kv_dim],
+        );
+        store_f16(
+            &v[t * kv_dim..][..kv_dim],
+            &mut v_cache[c * kv_dim..][..kv_dim],
+        );
+    }
+    Ok(())
+}
