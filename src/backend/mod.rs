@@ -1,1 +1,107 @@
+//! Backends: what executes a [`Plan`].
+//!
+//! Every backend implements [`Backend`]: it owns the weights (read from the GGUF file), the KV
+//! cache and the activation arena the plan describes, runs one step at a time, returns the logits
+//! of the rows the step asked for, and can read back any value of the last step for parity work.
+//! The runtime holds a `Box<dyn Backend>` and never knows which one it has.
+//!
+//! Backends: [`cpu`] (the ndarray/rayon FP32 reference) and, later, CUDA.
+
 pub mod cpu;
+pub mod device;
+
+use crate::ir::{Batch, BatchError};
+use crate::plan::Plan;
+use std::fmt;
+
+/// Which device a backend runs on, for logs, summaries and `--json` output.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct DeviceInfo {
+    /// `cpu` or `cuda`.
+    pub kind: String,
+    /// The device's name (`Tesla M40`, the CPU model) as far as it is known.
+    pub name: String,
+    /// How it runs: threads, compute capability, kernel path.
+    pub detail: String,
+}
+
+impl fmt::Display for DeviceInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({}; {})", self.kind, self.name, self.detail)
+    }
+}
+
+/// The logits a step returns: one row of `n_vocab` values per output token, in the order of
+/// `Batch::outputs`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Logits {
+    pub n_vocab: usize,
+    /// `outputs.len() * n_vocab` values, row-major.
+    pub data: Vec<f32>,
+}
+
+impl Logits {
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.data.len().checked_div(self.n_vocab).unwrap_or(0)
+    }
+
+    /// Row `i` (the logits of the `i`-th output token of the step).
+    ///
+    /// # Panics
+    /// If `i >= self.rows()`.
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.n_vocab..(i + 1) * self.n_vocab]
+    }
+}
+
+/// A value read back from a backend: `rows x cols` f32 values (integer inputs such as token ids
+/// are converted exactly; ids are below 2^24).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub rows: usize,
+    pub cols: usize,
+    pub data: Vec<f32>,
+}
+
+/// Why a backend could not load a plan or run a step.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("invalid batch: {0}")]
+    Batch(#[from] BatchError),
+    #[error("the plan cannot run on {backend}: {reason}")]
+    Unsupported { backend: String, reason: String },
+    #[error("plan and model disagree: {0}")]
+    Mismatch(String),
+    #[error("no value named `{0}` in the plan")]
+    NoSuchValue(String),
+    #[error(
+        "value `{name}` was overwritten later in the step (its buffer is reused); compile with buffer reuse off to read every value"
+    )]
+    Overwritten { name: String },
+    #[error("value `{0}` has not been computed yet: run a step first")]
+    NotComputed(String),
+    #[error("{0}")]
+    Kernel(String),
+}
+
+/// An executor of plans. See the [module docs](self).
+pub trait Backend: Send {
+    /// The device this backend runs on.
+    fn device(&self) -> &DeviceInfo;
+
+    /// The plan it runs.
+    fn plan(&self) -> &Plan;
+
+    /// Cells in its KV cache (the most tokens all sequences together can hold).
+    fn n_cells(&self) -> u32;
+
+    /// Runs one step: validates `batch` against the plan and the cache, writes every token's K
+    /// and V into its cell, and returns the logits of `batch.outputs`.
+    fn step(&mut self, batch: &Batch) -> Result<Logits, BackendError>;
+
+    /// The value `name` (a step output's name, e.g. `blk.3.ffn_inp`) as the last step computed
+    /// it. Values whose buffer a later step of the plan reuses are not readable; plans compiled
+    /// without reuse keep every value.
+    fn read_value(&self, name: &str) -> Result<HostTensor, BackendError>;
+}

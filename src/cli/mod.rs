@@ -4,6 +4,9 @@
 mod compile;
 mod fetch;
 mod inspect;
+mod logits;
+mod perplexity;
+mod run;
 mod tokenize;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +36,12 @@ enum Command {
     Compile(compile::Args),
     /// Tokenize a text with a model's tokenizer (ids as llama.cpp gives them).
     Tokenize(tokenize::Args),
+    /// Generate text from a prompt, streaming it to stdout.
+    Run(run::Args),
+    /// Print the largest logits after a prompt as JSON lines (to compare with other runtimes).
+    Logits(logits::Args),
+    /// Perplexity over a text file, computed as llama.cpp's llama-perplexity does.
+    Perplexity(perplexity::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -43,6 +52,9 @@ pub fn main() -> ExitCode {
         Command::Fetch(args) => fetch::run(args),
         Command::Compile(args) => compile::run(args),
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Run(args) => run::run(args),
+        Command::Logits(args) => logits::run(args),
+        Command::Perplexity(args) => perplexity::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -77,5 +89,46 @@ fn model_or_default(model: Option<std::path::PathBuf>) -> anyhow::Result<std::pa
     match model {
         Some(p) => Ok(p),
         None => m40_llm::models::ensure_default_model(),
+    }
+}
+
+/// The flags every command that runs a model shares.
+#[derive(clap::Args, Clone)]
+struct ModelArgs {
+    /// The GGUF model (default: the default model, fetched if missing).
+    #[arg(short, long)]
+    model: Option<std::path::PathBuf>,
+    /// Where to run: auto (a GPU when one can run the model, else the CPU; the choice is
+    /// logged), cpu or cuda.
+    #[arg(long, value_enum, default_value_t = m40_llm::backend::device::DeviceChoice::Auto)]
+    device: m40_llm::backend::device::DeviceChoice,
+    /// Tokens of context (default: the model's, at most 4096).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    ctx_size: Option<u64>,
+    /// CPU threads for the CPU backend (default: one per core).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    threads: Option<u64>,
+    /// Run the plan without fusion passes (fused and unfused plans must agree).
+    #[arg(long)]
+    no_fuse: bool,
+}
+
+impl ModelArgs {
+    /// Load options for these flags, returning at most `max_outputs` logits rows per step. Sets
+    /// the CPU thread count as a side effect (once per process).
+    fn load_options(&self, max_outputs: u64) -> m40_llm::runtime::model::LoadOptions {
+        if let Some(n) = self.threads {
+            // Fails only if the pool was already built, which the CLI does not do elsewhere.
+            let _ = rayon::ThreadPoolBuilder::new()
+                .num_threads(n as usize)
+                .build_global();
+        }
+        m40_llm::runtime::model::LoadOptions {
+            device: self.device,
+            ctx_size: self.ctx_size.map(|n| n as usize),
+            max_outputs,
+            fuse: !self.no_fuse,
+            ..Default::default()
+        }
     }
 }

@@ -1,1 +1,4 @@
+pub mod engine;
+pub mod generate;
+pub mod model;
 pub mod stop;

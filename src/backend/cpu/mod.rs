@@ -1,1 +1,667 @@
+//! The CPU reference backend: runs every op of a plan, fused or not, in FP32 with rayon.
+//!
+//! Weights stay in the mmapped GGUF file in their own storage types; the [`kernels`] read the
+//! quantized blocks directly. Small F32 vectors (norm weights, biases, rope factors) are copied
+//! once at load. The KV cache is FP16: one K and one V array per layer of
+//! `n_cells x (n_kv_heads * head_dim)`. The activation arena is one `f32` allocation laid out
+//! exactly as the plan says ([`arena`]). The integer inputs of a step (token ids, positions,
+//! output rows) are read straight from the [`Batch`].
+//!
+//! [`CpuBackend::run_step`] is the whole interpreter: one `match` over the ops, each arm a
+//! kernel call.
+
+pub mod arena;
 pub mod kernels;
+
+use self::arena::{Arena, Region, check_disjoint};
+use self::kernels::{AttentionShape, KernelError, RopeSpec, RopeStyle, WeightMatrix};
+use super::{Backend, BackendError, DeviceInfo, HostTensor, Logits};
+use crate::gguf::{GgufFile, TensorInfo, quants};
+use crate::ir::{Batch, BatchLimits, Dim, Op, RopeParams, StepSizes, TensorType, ValueType};
+use crate::plan::{Operand, Plan, Reuse, ValueRef};
+use half::f16;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+impl From<KernelError> for BackendError {
+    fn from(e: KernelError) -> BackendError {
+        BackendError::Kernel(e.to_string())
+    }
+}
+
+/// One weight of the plan: its tensor in the file, and an F32 copy for small vectors.
+struct Weight {
+    info: TensorInfo,
+    /// IR shape: `[n, k]` for matrices, `[k]` for vectors.
+    shape: Vec<usize>,
+    /// The values as F32, for rank-1 weights (norms, biases, rope factors).
+    vector: Option<Vec<f32>>,
+}
+
+/// A layer's KV cache: `n_cells` rows of `width` FP16 values for K and for V.
+struct LayerKv {
+    k: Vec<f16>,
+    v: Vec<f16>,
+    width: usize,
+}
+
+/// The per-step data every op may read, derived once from the batch.
+struct StepData<'b> {
+    batch: &'b Batch,
+    sizes: StepSizes,
+    tokens: Vec<i32>,
+    positions: Vec<i32>,
+    outputs: Vec<i32>,
+    /// The cell each token writes its K and V to.
+    write_cells: Vec<u32>,
+    /// The cells each token attends to (no sliding window).
+    attended: Vec<&'b [u32]>,
+}
+
+/// The CPU backend; see the [module docs](self).
+pub struct CpuBackend {
+    plan: Plan,
+    file: Arc<GgufFile>,
+    device: DeviceInfo,
+    weights: Vec<Weight>,
+    arena: Arena,
+    kv: Vec<LayerKv>,
+    /// `kv` index of each layer number.
+    kv_index: HashMap<u32, usize>,
+    n_cells: u32,
+    names: HashMap<String, ValueRef>,
+    /// Per step and port: whether the value's buffer survives the rest of the step.
+    intact: Vec<Vec<bool>>,
+    /// The last batch that ran, for [`Backend::read_value`].
+    last: Option<Batch>,
+}
+
+impl CpuBackend {
+    /// Loads `plan` over the weights of `file`, with a KV cache of `n_cells` cells.
+    pub fn new(plan: Plan, file: Arc<GgufFile>, n_cells: u32) -> Result<CpuBackend, BackendError> {
+        plan.validate()
+            .map_err(|e| BackendError::Mismatch(e.to_string()))?;
+        check_disjoint(&plan).map_err(BackendError::Mismatch)?;
+        let weights = plan
+            .weights
+            .iter()
+            .map(|w| load_weight(&file, &w.tensor, &w.ty))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut kv = Vec::with_capacity(plan.kv_cache.len());
+        let mut kv_index = HashMap::new();
+        for layer in &plan.kv_cache {
+            let width = (layer.n_kv_heads * layer.head_dim) as usize;
+            kv_index.insert(layer.layer, kv.len());
+            kv.push(LayerKv {
+                k: vec![f16::ZERO; n_cells as usize * width],
+                v: vec![f16::ZERO; n_cells as usize * width],
+                width,
+            });
+        }
+        let mut names = HashMap::new();
+        for (i, step) in plan.steps.iter().enumerate() {
+            for (p, out) in step.outputs.iter().enumerate() {
+                let v = ValueRef {
+                    step: i as u32,
+                    port: p as u8,
+                };
+                names.insert(out.name.clone(), v);
+            }
+        }
+        let backend = CpuBackend {
+            arena: Arena::new(plan.memory.arena_bytes),
+            device: DeviceInfo {
+                kind: "cpu".into(),
+                name: cpu_name(),
+                detail: format!(
+                    "{} threads, FP32 compute, {:?} kernels",
+                    rayon::current_num_threads(),
+                    kernels::Simd::detect()
+                ),
+            },
+            intact: intact_values(&plan),
+            plan,
+            file,
+            weights,
+            kv,
+            kv_index,
+            n_cells,
+            names,
+            last: None,
+        };
+        backend.check_matrices()?;
+        Ok(backend)
+    }
+
+    /// Fails at load, not mid-step, when a matrix weight has a type the kernels cannot multiply.
+    fn check_matrices(&self) -> Result<(), BackendError> {
+        for step in &self.plan.steps {
+            let slots = match step.op {
+                Op::Embedding => 0..1,
+                Op::MatMul | Op::MultiMatMul { .. } | Op::GateUpSwiGlu => 1..step.inputs.len(),
+                _ => continue,
+            };
+            for operand in &step.inputs[slots] {
+                if let Operand::Weight(i) = operand {
+                    let w = &self.weights[*i as usize];
+                    matrix(&self.file, w).map_err(|e| BackendError::Unsupported {
+                        backend: "cpu".into(),
+                        reason: format!("tensor `{}`: {e}", w.info.name),
+                    })?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs step `index` of the plan.
+    fn run_step(&mut self, index: usize, data: &StepData<'_>) -> Result<(), BackendError> {
+        let CpuBackend {
+            plan,
+            file,
+            weights,
+            arena,
+            kv,
+            kv_index,
+            ..
+        } = self;
+        let step = &plan.steps[index];
+        let fail = |what: String| BackendError::Mismatch(format!("step {}: {what}", step.name));
+
+        // Every input, resolved; tensor values come from the arena, taken together with the
+        // outputs in one split so that inputs and outputs can be borrowed at once.
+        let mut in_regions = Vec::new();
+        for operand in &step.inputs {
+            if let Operand::Value(v) = *operand
+                && let Source::Arena = source(plan, v)
+            {
+                in_regions.push(region(plan, v, data.sizes)?);
+            }
+        }
+        let mut out_regions = Vec::new();
+        for (p, out) in step.outputs.iter().enumerate() {
+            if out.buffer.is_some() {
+                let v = ValueRef {
+                    step: index as u32,
+                    port: p as u8,
+                };
+                out_regions.push(region(plan, v, data.sizes)?);
+            }
+        }
+        let (acts, mut outs) = arena.split(&in_regions, &out_regions);
+        let mut acts = acts.into_iter();
+        let mut ins = Vec::with_capacity(step.inputs.len());
+        for operand in &step.inputs {
+            ins.push(match *operand {
+                Operand::Weight(i) => {
+                    let w = &weights[i as usize];
+                    match &w.vector {
+                        Some(v) => Input::Vector(v),
+                        None => Input::Matrix(matrix(file, w)?),
+                    }
+                }
+                Operand::Value(v) => match source(plan, v) {
+                    Source::Arena => Input::Act(acts.next().ok_or_else(|| fail("inputs".into()))?),
+                    Source::Tokens => Input::Int(&data.tokens),
+                    Source::Positions => Input::Int(&data.positions),
+                    Source::Outputs => Input::Int(&data.outputs),
+                    Source::Kv(layer) => Input::Kv(
+                        *kv_index
+                            .get(&layer)
+                            .ok_or_else(|| fail(format!("no KV cache for layer {layer}")))?,
+                    ),
+                },
+            });
+        }
+        let input = |slot: usize| {
+            ins.get(slot)
+                .ok_or_else(|| fail(format!("no input {slot}")))
+        };
+        let act = |slot| {
+            input(slot)?
+                .act()
+                .ok_or_else(|| fail(format!("input {slot} is not an activation")))
+        };
+        let int = |slot| {
+            input(slot)?
+                .int()
+                .ok_or_else(|| fail(format!("input {slot} is not an integer input")))
+        };
+        let mat = |slot| {
+            input(slot)?
+                .matrix()
+                .ok_or_else(|| fail(format!("input {slot} is not a matrix")))
+        };
+        let vector = |slot| {
+            input(slot)?
+                .vector()
+                .ok_or_else(|| fail(format!("input {slot} is not a vector weight")))
+        };
+        // The second operand of add/mul: an activation, or a weight vector broadcast over rows.
+        let act_or_vector = |slot| {
+            let i = input(slot)?;
+            i.act()
+                .or(i.vector())
+                .ok_or_else(|| fail(format!("input {slot} is not an activation or vector")))
+        };
+        let freq_factors = |slot: usize| -> Result<Option<&[f32]>, BackendError> {
+            if slot < ins.len() {
+                vector(slot).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let kv_slot = |slot| match input(slot)? {
+            Input::Kv(i) => Ok(*i),
+            _ => Err(fail(format!("input {slot} is not a KV cache"))),
+        };
+        let n_outs = outs.len();
+        // Each output is handed out once (taken from the list), so every kernel gets its own
+        // exclusive slice.
+        let mut out = |port: usize| -> Result<&mut [f32], BackendError> {
+            outs.get_mut(port)
+                .map(std::mem::take)
+                .ok_or_else(|| fail(format!("no output {port} of {n_outs}")))
+        };
+
+        match &step.op {
+            // Step inputs: read straight from the batch by their consumers.
+            Op::TokenIds | Op::Positions | Op::OutputRows => {}
+            Op::Weight { .. } => return Err(fail("weights are not steps".into())),
+            Op::Embedding => kernels::embedding(&mat(0)?, int(1)?, out(0)?)?,
+            Op::MatMul => kernels::matmul(act(0)?, &mat(1)?, out(0)?)?,
+            Op::Add => kernels::add(act(0)?, act_or_vector(1)?, out(0)?)?,
+            Op::Mul => kernels::mul(act(0)?, act_or_vector(1)?, out(0)?)?,
+            Op::Silu => kernels::silu(act(0)?, out(0)?)?,
+            Op::SwiGlu => kernels::swiglu(act(0)?, act(1)?, out(0)?)?,
+            Op::RmsNorm { eps } => kernels::rms_norm(act(0)?, vector(1)?, *eps, out(0)?)?,
+            Op::Rope(p) => {
+                kernels::rope(act(0)?, int(1)?, freq_factors(2)?, &rope_spec(p), out(0)?)?
+            }
+            Op::KvWrite(p) => {
+                let layer = &mut kv
+                    [kv_index_of(kv_index, p.layer).ok_or_else(|| fail("kv layer".into()))?];
+                let width = layer.width;
+                kernels::kv_write(
+                    act(0)?,
+                    act(1)?,
+                    &data.write_cells,
+                    width,
+                    &mut layer.k,
+                    &mut layer.v,
+                )?;
+            }
+            Op::Attention(p) => {
+                let layer = &kv[kv_slot(1)?];
+                let window_cells;
+                let cells: &[&[u32]] = match p.sliding_window {
+                    None => &data.attended,
+                    Some(w) => {
+                        window_cells = (0..data.batch.n_tokens())
+                            .map(|t| data.batch.attended_cells(t, Some(w)))
+                            .collect::<Vec<_>>();
+                        &window_cells
+                    }
+                };
+                let shape = AttentionShape {
+                    n_heads: p.n_heads as usize,
+                    n_kv_heads: p.n_kv_heads as usize,
+                    head_dim: p.head_dim as usize,
+                    scale: p.scale,
+                };
+                kernels::attention(act(0)?, &layer.k, &layer.v, cells, &shape, out(0)?)?;
+            }
+            Op::SelectRows => {
+                let width = width_of(plan, step.inputs[0])
+                    .ok_or_else(|| fail("select_rows input".into()))?;
+                kernels::select_rows(act(0)?, width, int(1)?, out(0)?)?;
+            }
+            Op::MultiMatMul { n } => {
+                for i in 0..*n as usize {
+                    kernels::matmul(act(0)?, &mat(1 + i)?, out(i)?)?;
+                }
+            }
+            Op::GateUpSwiGlu => {
+                kernels::matmul_gate_up_swiglu(act(0)?, &mat(1)?, &mat(2)?, out(0)?)?
+            }
+            Op::AddRmsNorm { eps } => {
+                let (sum, normed) = (out(0)?, out(1)?);
+                kernels::add_rms_norm(act(0)?, act(1)?, vector(2)?, *eps, sum, normed)?;
+            }
+            Op::RopeKvWrite { rope, kv: p } => {
+                let layer = &mut kv
+                    [kv_index_of(kv_index, p.layer).ok_or_else(|| fail("kv layer".into()))?];
+                kernels::rope_kv_write(
+                    act(0)?,
+                    act(1)?,
+                    int(2)?,
+                    freq_factors(3)?,
+                    &rope_spec(rope),
+                    &data.write_cells,
+                    &mut layer.k,
+                    &mut layer.v,
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Backend for CpuBackend {
+    fn device(&self) -> &DeviceInfo {
+        &self.device
+    }
+
+    fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    fn n_cells(&self) -> u32 {
+        self.n_cells
+    }
+
+    fn step(&mut self, batch: &Batch) -> Result<Logits, BackendError> {
+        let options = &self.plan.options;
+        batch.validate(BatchLimits {
+            max_tokens: options.max_tokens,
+            max_outputs: options.max_outputs,
+            n_cells: u64::from(self.n_cells),
+        })?;
+        let to_i32 = |v: &[u32]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
+        let data = StepData {
+            batch,
+            sizes: StepSizes {
+                tokens: batch.n_tokens() as u64,
+                outputs: batch.outputs.len() as u64,
+            },
+            tokens: to_i32(&batch.tokens),
+            positions: to_i32(&batch.positions),
+            outputs: to_i32(&batch.outputs),
+            write_cells: (0..batch.n_tokens()).map(|t| batch.write_cell(t)).collect(),
+            attended: (0..batch.n_tokens())
+                .map(|t| batch.attended_cells(t, None))
+                .collect(),
+        };
+        // Until this step completes, its values are neither the old ones nor the new ones.
+        self.last = None;
+        for i in 0..self.plan.steps.len() {
+            self.run_step(i, &data)?;
+        }
+        let result = self
+            .plan
+            .outputs
+            .first()
+            .copied()
+            .ok_or_else(|| BackendError::Mismatch("the plan has no output".into()))?;
+        let r = region(&self.plan, result, data.sizes)?;
+        let n_vocab = width_of(&self.plan, Operand::Value(result))
+            .ok_or_else(|| BackendError::Mismatch("the plan's output is not a matrix".into()))?;
+        let logits = Logits {
+            n_vocab,
+            data: self.arena.slice(r).to_vec(),
+        };
+        self.last = Some(batch.clone());
+        Ok(logits)
+    }
+
+    fn read_value(&self, name: &str) -> Result<HostTensor, BackendError> {
+        let &v = self
+            .names
+            .get(name)
+            .ok_or_else(|| BackendError::NoSuchValue(name.to_string()))?;
+        let batch = self
+            .last
+            .as_ref()
+            .ok_or_else(|| BackendError::NotComputed(name.to_string()))?;
+        let ints = |v: &[u32]| HostTensor {
+            rows: v.len(),
+            cols: 1,
+            data: v.iter().map(|&x| x as f32).collect(),
+        };
+        match source(&self.plan, v) {
+            Source::Tokens => return Ok(ints(&batch.tokens)),
+            Source::Positions => return Ok(ints(&batch.positions)),
+            Source::Outputs => return Ok(ints(&batch.outputs)),
+            Source::Kv(layer) => {
+                return Err(BackendError::Unsupported {
+                    backend: "cpu".into(),
+                    reason: format!("`{name}` is the KV cache of layer {layer}, not a tensor"),
+                });
+            }
+            Source::Arena => {}
+        }
+        if !self.intact[v.step as usize][v.port as usize] {
+            return Err(BackendError::Overwritten {
+                name: name.to_string(),
+            });
+        }
+        let sizes = StepSizes {
+            tokens: batch.n_tokens() as u64,
+            outputs: batch.outputs.len() as u64,
+        };
+        let r = region(&self.plan, v, sizes)?;
+        let cols = width_of(&self.plan, Operand::Value(v))
+            .unwrap_or(r.len)
+            .max(1);
+        Ok(HostTensor {
+            rows: r.len / cols,
+            cols,
+            data: self.arena.slice(r).to_vec(),
+        })
+    }
+}
+
+/// A resolved input of a step.
+enum Input<'a> {
+    Act(&'a [f32]),
+    Int(&'a [i32]),
+    Matrix(WeightMatrix<'a>),
+    Vector(&'a [f32]),
+    /// Index into the backend's KV layers.
+    Kv(usize),
+}
+
+impl<'a> Input<'a> {
+    fn act(&self) -> Option<&'a [f32]> {
+        match *self {
+            Input::Act(a) => Some(a),
+            _ => None,
+        }
+    }
+    fn int(&self) -> Option<&'a [i32]> {
+        match *self {
+            Input::Int(a) => Some(a),
+            _ => None,
+        }
+    }
+    fn matrix(&self) -> Option<WeightMatrix<'a>> {
+        match self {
+            Input::Matrix(m) => Some(*m),
+            _ => None,
+        }
+    }
+    fn vector(&self) -> Option<&'a [f32]> {
+        match *self {
+            Input::Vector(v) => Some(v),
+            _ => None,
+        }
+    }
+}
+
+/// Where a value lives.
+enum Source {
+    /// A tensor in the activation arena.
+    Arena,
+    /// A step input: the batch's token ids, positions or output rows.
+    Tokens,
+    Positions,
+    Outputs,
+    /// The KV cache of a layer.
+    Kv(u32),
+}
+
+fn source(plan: &Plan, v: ValueRef) -> Source {
+    let step = &plan.steps[v.step as usize];
+    match (&step.op, plan.value(v).map(|o| &o.ty)) {
+        (Op::TokenIds, _) => Source::Tokens,
+        (Op::Positions, _) => Source::Positions,
+        (Op::OutputRows, _) => Source::Outputs,
+        (_, Some(ValueType::KvCache(kv))) => Source::Kv(kv.layer),
+        _ => Source::Arena,
+    }
+}
+
+/// The arena region of a tensor value in a step of `sizes` (a prefix of its buffer).
+fn region(plan: &Plan, v: ValueRef, sizes: StepSizes) -> Result<Region, BackendError> {
+    let out = plan
+        .value(v)
+        .ok_or_else(|| BackendError::Mismatch(format!("no value {v:?}")))?;
+    let buffer = out
+        .buffer
+        .ok_or_else(|| BackendError::Mismatch(format!("value `{}` has no buffer", out.name)))?;
+    let len = out
+        .ty
+        .tensor()
+        .and_then(|t| t.shape.elements(sizes))
+        .ok_or_else(|| BackendError::Mismatch(format!("value `{}` has no size", out.name)))?;
+    if buffer.offset % 4 != 0 || len * 4 > buffer.bytes {
+        return Err(BackendError::Mismatch(format!(
+            "value `{}`: {len} elements do not fit its buffer of {} bytes",
+            out.name, buffer.bytes
+        )));
+    }
+    Ok(Region {
+        start: (buffer.offset / 4) as usize,
+        len: len as usize,
+    })
+}
+
+/// The row width (last dimension) of a tensor operand.
+fn width_of(plan: &Plan, operand: Operand) -> Option<usize> {
+    let ty = match operand {
+        Operand::Value(v) => plan.value(v)?.ty.tensor()?.clone(),
+        Operand::Weight(i) => plan.weights.get(i as usize)?.ty.clone(),
+    };
+    match ty.shape.dims().last()? {
+        Dim::Fixed(n) => Some(*n as usize),
+        _ => None,
+    }
+}
+
+fn kv_index_of(index: &HashMap<u32, usize>, layer: u32) -> Option<usize> {
+    index.get(&layer).copied()
+}
+
+fn rope_spec(p: &RopeParams) -> RopeSpec {
+    RopeSpec {
+        style: match p.style {
+            crate::ir::RopeStyle::Normal => RopeStyle::Normal,
+            crate::ir::RopeStyle::Neox => RopeStyle::Neox,
+        },
+        head_dim: p.head_dim as usize,
+        n_rot: p.n_rot as usize,
+        freq_base: p.freq_base,
+        freq_scale: p.freq_scale,
+    }
+}
+
+fn matrix<'a>(file: &'a GgufFile, w: &Weight) -> Result<WeightMatrix<'a>, KernelError> {
+    let (n, k) = match w.shape[..] {
+        [n, k] => (n, k),
+        [k] => (1, k),
+        _ => {
+            return Err(KernelError::Invalid(format!(
+                "weight {} has rank {}, not a matrix",
+                w.info.name,
+                w.shape.len()
+            )));
+        }
+    };
+    WeightMatrix::new(file.tensor_data(&w.info), w.info.ty, n, k)
+}
+
+/// Finds a plan weight in the file and checks that its type and shape are what the plan says.
+fn load_weight(file: &GgufFile, name: &str, ty: &TensorType) -> Result<Weight, BackendError> {
+    let info = file.tensor(name).ok_or_else(|| {
+        BackendError::Mismatch(format!(
+            "the model has no tensor `{name}`, which the plan reads"
+        ))
+    })?;
+    let shape: Vec<usize> = ty
+        .shape
+        .dims()
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => Ok(*n as usize),
+            _ => Err(BackendError::Mismatch(format!(
+                "weight `{name}` has a symbolic shape"
+            ))),
+        })
+        .collect::<Result<_, _>>()?;
+    let file_shape: Vec<usize> = info.ne.iter().rev().map(|&n| n as usize).collect();
+    if info.ty != ty.dtype || file_shape != shape {
+        return Err(BackendError::Mismatch(format!(
+            "tensor `{name}` is {} {:?} in the model but {} {:?} in the plan",
+            info.ty, file_shape, ty.dtype, shape
+        )));
+    }
+    let vector = if shape.len() == 1 {
+        Some(
+            quants::dequantize_f32(file, info).map_err(|e| BackendError::Unsupported {
+                backend: "cpu".into(),
+                reason: e.to_string(),
+            })?,
+        )
+    } else {
+        None
+    };
+    Ok(Weight {
+        info: info.clone(),
+        shape,
+        vector,
+    })
+}
+
+/// Per step and port: whether a value's buffer is still intact once the whole step ran, i.e.
+/// no later step writes over it. Every value is, in a plan without reuse.
+fn intact_values(plan: &Plan) -> Vec<Vec<bool>> {
+    let written: Vec<Vec<(u64, u64)>> = plan
+        .steps
+        .iter()
+        .map(|s| {
+            s.outputs
+                .iter()
+                .filter_map(|o| o.buffer.map(|b| (b.offset, b.end())))
+                .collect()
+        })
+        .collect();
+    plan.steps
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            s.outputs
+                .iter()
+                .map(|o| match (plan.options.reuse, o.buffer) {
+                    (Reuse::None, _) | (_, None) => true,
+                    (Reuse::Liveness, Some(b)) => written[i + 1..]
+                        .iter()
+                        .flatten()
+                        .all(|&(lo, hi)| hi <= b.offset || b.end() <= lo),
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// The CPU's model name (Linux), or a generic name.
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|n| n.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}

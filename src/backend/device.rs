@@ -1,0 +1,192 @@
+//! Finding NVIDIA GPUs, and choosing the backend a command runs on.
+//!
+//! m40-llm says which device it uses, always: `--device auto` picks a GPU when one can run the
+//! plan and the CPU backend otherwise, and logs why; there is no silent fallback. A Tesla M40 is
+//! preferred over other GPUs when several are present.
+
+use super::cpu::CpuBackend;
+use super::{Backend, BackendError};
+use crate::gguf::GgufFile;
+use crate::plan::Plan;
+use std::fmt;
+use std::sync::Arc;
+
+/// The device a command asks for (`--device`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    /// The best GPU that can run the plan, else the CPU (saying why).
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+/// An NVIDIA GPU found through the CUDA driver.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct GpuInfo {
+    pub ordinal: usize,
+    pub name: String,
+    /// Compute capability (major, minor): (5, 2) for the Tesla M40.
+    pub compute_capability: (i32, i32),
+    pub total_memory: usize,
+}
+
+impl GpuInfo {
+    /// True for a Tesla M40 (the first-class target).
+    pub fn is_m40(&self) -> bool {
+        self.name.contains("M40")
+    }
+
+    /// Whether m40-llm's kernels can run on it (sm_52 and newer).
+    pub fn is_supported(&self) -> bool {
+        self.compute_capability >= (5, 2)
+    }
+}
+
+impl fmt::Display for GpuInfo {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "cuda:{} {} (sm_{}{}, {:.1} GiB)",
+            self.ordinal,
+            self.name,
+            self.compute_capability.0,
+            self.compute_capability.1,
+            self.total_memory as f64 / (1u64 << 30) as f64
+        )
+    }
+}
+
+/// The GPUs of this machine, or why none can be listed (no driver, no CUDA support built in).
+pub fn probe_gpus() -> Result<Vec<GpuInfo>, String> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda_probe::probe()
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        Err("this build of m40-llm has no CUDA support (built without the `cuda` feature)".into())
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_probe {
+    use super::GpuInfo;
+    use cudarc::driver::{result, sys};
+
+    pub fn probe() -> Result<Vec<GpuInfo>, String> {
+        // SAFETY: only tries to load the driver library; no driver call is made if it is absent.
+        if !unsafe { sys::is_culib_present() } {
+            return Err("no NVIDIA driver found (libcuda could not be loaded)".into());
+        }
+        result::init().map_err(|e| format!("the CUDA driver did not initialize: {e}"))?;
+        let count = result::device::get_count().map_err(|e| e.to_string())?;
+        (0..count)
+            .map(|i| {
+                let dev = result::device::get(i).map_err(|e| e.to_string())?;
+                let name = result::device::get_name(dev).map_err(|e| e.to_string())?;
+                let attr = |a| {
+                    // SAFETY: `dev` is a valid device handle from the driver.
+                    unsafe { result::device::get_attribute(dev, a) }.map_err(|e| e.to_string())
+                };
+                let major =
+                    attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+                let minor =
+                    attr(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+                // SAFETY: as above.
+                let total_memory =
+                    unsafe { result::device::total_mem(dev) }.map_err(|e| e.to_string())?;
+                Ok(GpuInfo {
+                    ordinal: i as usize,
+                    name,
+                    compute_capability: (major, minor),
+                    total_memory,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The GPU `auto` would prefer: a Tesla M40 first, then the supported GPU with the most memory.
+pub fn preferred_gpu(gpus: &[GpuInfo]) -> Option<&GpuInfo> {
+    gpus.iter()
+        .filter(|g| g.is_supported())
+        .max_by_key(|g| (g.is_m40(), g.total_memory, std::cmp::Reverse(g.ordinal)))
+}
+
+/// Builds the backend `choice` asks for, logging which device runs and why.
+pub fn open_backend(
+    choice: DeviceChoice,
+    plan: Plan,
+    file: Arc<GgufFile>,
+    n_cells: u32,
+) -> Result<Box<dyn Backend>, BackendError> {
+    let cuda_missing = "m40-llm has no CUDA executor yet (the CPU reference backend is the only \
+                        one); use --device cpu or --device auto";
+    match choice {
+        DeviceChoice::Cuda => Err(BackendError::Unsupported {
+            backend: "cuda".into(),
+            reason: cuda_missing.into(),
+        }),
+        DeviceChoice::Cpu => {
+            tracing::info!("device: cpu (asked for with --device cpu)");
+            Ok(Box::new(CpuBackend::new(plan, file, n_cells)?))
+        }
+        DeviceChoice::Auto => {
+            match probe_gpus() {
+                Ok(gpus) => match preferred_gpu(&gpus) {
+                    Some(gpu) => tracing::warn!(
+                        "found {gpu}, but m40-llm has no CUDA executor yet: running on the CPU"
+                    ),
+                    None if gpus.is_empty() => {
+                        tracing::warn!("no NVIDIA GPU found: running on the CPU")
+                    }
+                    None => tracing::warn!(
+                        "no supported NVIDIA GPU (sm_52 or newer) among {}: running on the CPU",
+                        gpus.iter()
+                            .map(|g| g.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                },
+                Err(why) => tracing::warn!("no GPU: {why}; running on the CPU"),
+            }
+            Ok(Box::new(CpuBackend::new(plan, file, n_cells)?))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu(ordinal: usize, name: &str, cc: (i32, i32), gib: usize) -> GpuInfo {
+        GpuInfo {
+            ordinal,
+            name: name.into(),
+            compute_capability: cc,
+            total_memory: gib << 30,
+        }
+    }
+
+    #[test]
+    fn an_m40_is_preferred_over_bigger_newer_gpus() {
+        let gpus = [
+            gpu(0, "NVIDIA H200", (9, 0), 141),
+            gpu(1, "Tesla M40 24GB", (5, 2), 24),
+        ];
+        assert_eq!(preferred_gpu(&gpus).unwrap().ordinal, 1);
+    }
+
+    #[test]
+    fn gpus_older_than_sm52_are_never_picked() {
+        let gpus = [gpu(0, "Tesla K80", (3, 7), 12)];
+        assert_eq!(preferred_gpu(&gpus), None);
+        let gpus = [
+            gpu(0, "Tesla K80", (3, 7), 12),
+            gpu(1, "GTX 1080", (6, 1), 8),
+        ];
+        assert_eq!(preferred_gpu(&gpus).unwrap().ordinal, 1);
+    }
+}

@@ -1,0 +1,228 @@
+//! Text generation: prefill a prompt, then sample one token per decode step until a stop rule
+//! fires, streaming the text as it is produced.
+//!
+//! Stop rules, checked after every sampled token, in this order: an end-of-generation token
+//! (EOS/EOT/... as the tokenizer marks them; the token itself is not part of the output), a stop
+//! string (the text before it is the output; the stop string is not), the new-token limit, and
+//! the context limit (the sequence cannot take another token).
+
+use super::engine::{Engine, EngineError, Sequence};
+use super::stop::StopMatcher;
+use crate::sample::{SampleError, Sampler, SamplerConfig};
+use crate::tokenizer::Tokenizer;
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+/// What to generate.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GenerateOptions {
+    /// The most tokens to generate.
+    pub max_new_tokens: usize,
+    pub sampler: SamplerConfig,
+    /// Stop at any of these strings (the output ends before it).
+    pub stop_strings: Vec<String>,
+    /// Stop at an end-of-generation token (on unless a test wants fixed-length output).
+    pub stop_at_eog: bool,
+    /// Render special (control) tokens in the text, e.g. `<|im_end|>`.
+    pub render_special: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens: 256,
+            sampler: SamplerConfig::default(),
+            stop_strings: Vec::new(),
+            stop_at_eog: true,
+            render_special: false,
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model produced an end-of-generation token.
+    EndOfGeneration { token: u32 },
+    /// A stop string appeared in the text.
+    StopString { stop: String },
+    /// `max_new_tokens` tokens were generated.
+    MaxTokens,
+    /// The sequence reached the context size.
+    ContextFull,
+}
+
+/// Wall-clock time spent in each phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Timings {
+    pub prompt_tokens: usize,
+    /// Prefill steps (the prompt's forward passes), in seconds.
+    pub prefill_s: f64,
+    /// Decode steps after the first sampled token.
+    pub decode_steps: usize,
+    pub decode_s: f64,
+    /// Time spent sampling (all tokens), in seconds.
+    pub sample_s: f64,
+}
+
+impl Timings {
+    pub fn prefill_tokens_per_s(&self) -> f64 {
+        rate(self.prompt_tokens, self.prefill_s)
+    }
+
+    pub fn decode_tokens_per_s(&self) -> f64 {
+        rate(self.decode_steps, self.decode_s)
+    }
+}
+
+fn rate(n: usize, s: f64) -> f64 {
+    if s > 0.0 { n as f64 / s } else { 0.0 }
+}
+
+/// The result of [`generate`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Generation {
+    /// The prompt's token ids.
+    pub prompt_tokens: Vec<u32>,
+    /// The generated ids (without a final end-of-generation token).
+    pub tokens: Vec<u32>,
+    /// The generated text as streamed (without a stop string).
+    pub text: String,
+    pub finish: FinishReason,
+    /// The sampler's seed (chosen at random when none was given), to repeat a run.
+    pub seed: u64,
+    pub timings: Timings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("the prompt is empty: at least one token is needed to predict the next")]
+    EmptyPrompt,
+    #[error(
+        "the prompt has {prompt} tokens but the context holds {n_ctx}: shorten it or raise --ctx-size"
+    )]
+    PromptTooLong { prompt: usize, n_ctx: usize },
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Sample(#[from] SampleError),
+    #[error("decoding the generated tokens: {0}")]
+    Decode(String),
+}
+
+/// Generates from `prompt` (token ids) in a fresh sequence, calling `on_text` with each piece of
+/// text as soon as it is final (never a partial UTF-8 character, never the start of a stop
+/// string that may still complete).
+pub fn generate(
+    engine: &mut Engine,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation, GenerateError> {
+    if prompt.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    if prompt.len() > engine.n_ctx() {
+        return Err(GenerateError::PromptTooLong {
+            prompt: prompt.len(),
+            n_ctx: engine.n_ctx(),
+        });
+    }
+    let mut sampler = Sampler::new(options.sampler.clone())?;
+    let mut stops = StopMatcher::new(options.stop_strings.iter().cloned())
+        .map_err(|e| GenerateError::Decode(e.to_string()))?;
+    let mut seq = engine.new_sequence();
+    let result = run(
+        engine,
+        tokenizer,
+        &mut seq,
+        prompt,
+        options,
+        &mut sampler,
+        &mut stops,
+        on_text,
+    );
+    engine.release(seq);
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    engine: &mut Engine,
+    tokenizer: &Tokenizer,
+    seq: &mut Sequence,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    sampler: &mut Sampler,
+    stops: &mut StopMatcher,
+    on_text: &mut dyn FnMut(&str),
+) -> Result<Generation, GenerateError> {
+    let mut timings = Timings {
+        prompt_tokens: prompt.len(),
+        ..Timings::default()
+    };
+    let t = Instant::now();
+    let mut logits = engine.prefill(seq, prompt)?;
+    timings.prefill_s = t.elapsed().as_secs_f64();
+
+    let mut decoder = tokenizer.stream_decoder(options.render_special);
+    let mut text = String::new();
+    let mut tokens = Vec::new();
+    let mut sample_time = Duration::ZERO;
+    let mut emit = |piece: &str, text: &mut String| {
+        if !piece.is_empty() {
+            text.push_str(piece);
+            on_text(piece);
+        }
+    };
+
+    let finish = loop {
+        if tokens.len() >= options.max_new_tokens {
+            break FinishReason::MaxTokens;
+        }
+        let t = Instant::now();
+        let token = sampler.sample(&logits, seq.tokens())?;
+        sample_time += t.elapsed();
+        if options.stop_at_eog && tokenizer.is_eog(token) {
+            break FinishReason::EndOfGeneration { token };
+        }
+        tokens.push(token);
+        let piece = decoder
+            .push(token)
+            .map_err(|e| GenerateError::Decode(e.to_string()))?;
+        let released = stops.push(&piece);
+        emit(&released.text, &mut text);
+        if let Some(i) = released.stop {
+            break FinishReason::StopString {
+                stop: options.stop_strings[i].clone(),
+            };
+        }
+        if tokens.len() >= options.max_new_tokens {
+            break FinishReason::MaxTokens;
+        }
+        if seq.len() >= engine.n_ctx() {
+            break FinishReason::ContextFull;
+        }
+        let t = Instant::now();
+        logits = engine.decode(seq, token)?;
+        timings.decode_s += t.elapsed().as_secs_f64();
+        timings.decode_steps += 1;
+    };
+
+    if !matches!(finish, FinishReason::StopString { .. }) {
+        let released = stops.push(&decoder.finish());
+        emit(&released.text, &mut text);
+        emit(&stops.finish().text, &mut text);
+    }
+    timings.sample_s = sample_time.as_secs_f64();
+    Ok(Generation {
+        prompt_tokens: prompt.to_vec(),
+        tokens,
+        text,
+        finish,
+        seed: sampler.seed(),
+        timings,
+    })
+}

@@ -1,0 +1,130 @@
+//! Loading a model for inference: open and validate the GGUF file, build its tokenizer, compile
+//! it into a plan and put the plan on a backend, ready to run.
+
+use super::engine::Engine;
+use crate::backend::BackendError;
+use crate::backend::device::{DeviceChoice, open_backend};
+use crate::compile::{CompileError, CompileOptions, compile};
+use crate::gguf::{GgufError, GgufFile};
+use crate::plan::{PlanOptions, Reuse};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+use std::path::Path;
+use std::sync::Arc;
+
+/// The context size used when none is asked for: the model's own if smaller.
+pub const DEFAULT_CTX_SIZE: usize = 4096;
+
+/// How to load a model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    pub device: DeviceChoice,
+    /// Tokens one sequence can hold (default: the model's context, at most
+    /// [`DEFAULT_CTX_SIZE`]).
+    pub ctx_size: Option<usize>,
+    /// Sequences that can be held at once (the KV cache holds `ctx_size` cells for each).
+    pub n_seqs: usize,
+    /// The most tokens one step runs (prefill chunk size).
+    pub max_tokens: u64,
+    /// The most logits rows one step returns.
+    pub max_outputs: u64,
+    /// Run the fusion passes.
+    pub fuse: bool,
+    /// Buffer reuse in the activation arena (off keeps every value readable).
+    pub reuse: Reuse,
+}
+
+impl Default for LoadOptions {
+    fn default() -> LoadOptions {
+        LoadOptions {
+            device: DeviceChoice::Auto,
+            ctx_size: None,
+            n_seqs: 1,
+            max_tokens: 512,
+            max_outputs: 8,
+            fuse: true,
+            reuse: Reuse::Liveness,
+        }
+    }
+}
+
+/// Why a model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("{}: {source}", path.display())]
+    Tokenizer {
+        path: std::path::PathBuf,
+        source: Box<TokenizerError>,
+    },
+    #[error(transparent)]
+    Compile(#[from] Box<CompileError>),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+    #[error("invalid option: {0}")]
+    Options(String),
+}
+
+/// A model ready to run: its file, tokenizer and engine.
+pub struct LoadedModel {
+    pub file: Arc<GgufFile>,
+    pub tokenizer: Tokenizer,
+    pub engine: Engine,
+}
+
+/// Loads the model at `path`; see the [module docs](self).
+pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel, LoadError> {
+    if options.n_seqs == 0 {
+        return Err(LoadError::Options("at least one sequence is needed".into()));
+    }
+    let file = Arc::new(GgufFile::open(path)?);
+    let tokenizer = Tokenizer::from_gguf(&file).map_err(|source| LoadError::Tokenizer {
+        path: path.to_path_buf(),
+        source: Box::new(source),
+    })?;
+    let compile_options = CompileOptions {
+        plan: PlanOptions {
+            max_tokens: options.max_tokens,
+            max_outputs: options.max_outputs.min(options.max_tokens),
+            reuse: options.reuse,
+            ..PlanOptions::default()
+        },
+        fuse: options.fuse,
+        disabled_passes: Vec::new(),
+    };
+    let compiled = compile(&file, &compile_options).map_err(Box::new)?;
+    let model_ctx = compiled
+        .plan
+        .model
+        .as_ref()
+        .map_or(DEFAULT_CTX_SIZE, |m| m.hparams.context_length as usize);
+    let n_ctx = match options.ctx_size {
+        Some(0) => return Err(LoadError::Options("--ctx-size must be at least 1".into())),
+        Some(n) => {
+            if n > model_ctx {
+                tracing::warn!(
+                    "context size {n} is larger than the {model_ctx} tokens the model was trained for"
+                );
+            }
+            n
+        }
+        None => model_ctx.min(DEFAULT_CTX_SIZE),
+    };
+    let n_cells = n_ctx
+        .checked_mul(options.n_seqs)
+        .and_then(|n| u32::try_from(n).ok())
+        .ok_or_else(|| {
+            LoadError::Options(format!("{n_ctx} x {} cells is too many", options.n_seqs))
+        })?;
+    let backend = open_backend(options.device, compiled.plan, file.clone(), n_cells)?;
+    tracing::info!(
+        "loaded {} on {}; context {n_ctx} tokens",
+        path.display(),
+        backend.device()
+    );
+    Ok(LoadedModel {
+        file,
+        tokenizer,
+        engine: Engine::new(backend, n_ctx),
+    })
+}
