@@ -9,6 +9,8 @@
 
 pub mod layout;
 
+pub mod reference;
+
 use std::path::{Path, PathBuf};
 
 /// Committed reference data (tests/data/...). Paths are relative to the repository root, which
