@@ -29,9 +29,11 @@ fn bench(c: &mut Criterion) {
         ..LoadOptions::default()
     };
     let mut model = load(&path, &options).expect("load the default model");
-    let prompt = model
-        .tokenizer
-        .encode("The history of computing is a story of people, machines and ideas.", false, false);
+    let prompt = model.tokenizer.encode(
+        "The history of computing is a story of people, machines and ideas.",
+        false,
+        false,
+    );
     let engine = &mut model.engine;
     let mut group = c.benchmark_group("smollm2-135m-q4_1 cpu");
 
@@ -49,7 +51,9 @@ fn bench(c: &mut Criterion) {
                 let n = left.min(512);
                 let t = Instant::now();
                 for i in 0..n {
-                    engine.decode(&mut seq, prompt[i as usize % prompt.len()]).expect("decode");
+                    engine
+                        .decode(&mut seq, prompt[i as usize % prompt.len()])
+                        .expect("decode");
                 }
                 total += t.elapsed();
                 left -= n;

@@ -1,7 +1,7 @@
 //! `m40-llm run`: generate text from a prompt, streaming it to stdout.
 
 use super::model_or_default;
-use anyhow::{Context, bail};
+use anyhow::Context;
 use m40_llm::runtime::generate::{FinishReason, GenerateOptions, generate};
 use m40_llm::runtime::model::load;
 use m40_llm::sample::SamplerConfig;
@@ -110,9 +110,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let ids = model
         .tokenizer
         .encode(&text, model.tokenizer.add_bos(), true);
-    if ids.is_empty() {
-        bail!("the prompt is empty: give at least one token to continue from");
-    }
     let device = model.engine.device().clone();
     eprintln!("m40-llm: {} on {device}", path.display());
 

@@ -7,7 +7,7 @@
 //! the context limit (the sequence cannot take another token).
 
 use super::engine::{Engine, EngineError, Sequence};
-use super::stop::StopMatcher;
+use super::stop::{StopError, StopMatcher};
 use crate::sample::{SampleError, Sampler, SamplerConfig};
 use crate::tokenizer::Tokenizer;
 use serde::Serialize;
@@ -107,6 +107,8 @@ pub enum GenerateError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Sample(#[from] SampleError),
+    #[error(transparent)]
+    Stop(#[from] StopError),
     #[error("decoding the generated tokens: {0}")]
     Decode(String),
 }
@@ -131,8 +133,7 @@ pub fn generate(
         });
     }
     let mut sampler = Sampler::new(options.sampler.clone())?;
-    let mut stops = StopMatcher::new(options.stop_strings.iter().cloned())
-        .map_err(|e| GenerateError::Decode(e.to_string()))?;
+    let mut stops = StopMatcher::new(options.stop_strings.iter().cloned())?;
     let mut seq = engine.new_sequence();
     let result = run(
         engine,
