@@ -1,8 +1,8 @@
 //! End-to-end speed of the CPU backend on the default model: one decode step (one token, the
 //! whole model, logits over the vocabulary) and a 128-token prefill.
 //!
-//! `cargo bench --bench decode` (the model is found as the tests find it: `M40LLM_TEST_MODEL`
-//! or models/; without it the benchmark says so and measures nothing). Tokens per second are
+//! `cargo bench --bench decode` (the model is found as the tests find it: `M40LLM_TEST_MODEL`,
+//! else where `m40-llm fetch` puts it; without it the benchmark says so and measures nothing). Tokens per second are
 //! `1 / time per step` for decode and `128 / time` for prefill; docs/perf.md records them.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 fn model_path() -> Option<PathBuf> {
     let p = std::env::var_os("M40LLM_TEST_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        .unwrap_or_else(m40_llm::models::default_model_path);
     p.exists().then_some(p)
 }
 

@@ -73,13 +73,13 @@ fn bench(c: &mut Criterion) {
             PathBuf::from("tests/data/tokenizer/ggml-vocab-llama-spm.gguf"),
         ),
     ];
-    let smollm2 = PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let smollm2 = std::env::var_os("M40LLM_TEST_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(m40_llm::models::default_model_path);
     if smollm2.exists() {
         vocabs.insert(0, ("smollm2", smollm2));
     } else {
-        eprintln!(
-            "models/SmolLM2-135M-Instruct.Q4_1.gguf is missing: benchmarking the committed vocabularies only"
-        );
+        eprintln!("the default model is missing: benchmarking the committed vocabularies only");
     }
     let mut g = c.benchmark_group("tokenize_1MiB");
     g.sample_size(10);

@@ -152,6 +152,52 @@ fn chat_applies_the_models_template_and_a_stop_string_cuts_the_text() {
 }
 
 #[test]
+fn negative_temperature_is_greedy_and_a_closed_pipe_stops_generation() {
+    let Some(model) = common::default_model() else {
+        return;
+    };
+    let model = model.to_str().unwrap();
+    let o = m40(&[
+        "run",
+        "--model",
+        model,
+        "--prompt",
+        "The capital of France is",
+        "--temperature",
+        "-1",
+        "-n",
+        "3",
+        "--device",
+        "cpu",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["tokens"], serde_json::json!([7042, 30, 198]));
+
+    // stdout closed before anything is written: generation stops with a clear error.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_m40-llm"))
+        .args([
+            "run",
+            "--model",
+            model,
+            "--prompt",
+            "Once upon a time",
+            "-n",
+            "400",
+            "--device",
+            "cpu",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    fails_with(&o, "cannot write to stdout");
+}
+
+#[test]
 fn seeded_sampling_repeats_exactly() {
     let Some(model) = common::default_model() else {
         return;
@@ -250,7 +296,7 @@ fn perplexity_matches_llama_cpp() {
             model,
             "--file",
             text.to_str().unwrap(),
-            "--ctx",
+            "--ctx-size",
             &ctx,
             "--device",
             "cpu",
@@ -273,8 +319,28 @@ fn perplexity_matches_llama_cpp() {
             (ppl / want - 1.0).abs() < 0.015,
             "ctx {ctx}: PPL {ppl}, llama.cpp {want}"
         );
-        let chunks = out.lines().next().unwrap().matches('[').count();
-        assert_eq!(chunks, r["chunks"].as_array().unwrap().len());
+        // The running estimate after each window, as llama-perplexity prints it: [1]30.25,[2]...
+        let running: Vec<f64> = out
+            .lines()
+            .next()
+            .unwrap()
+            .split(',')
+            .filter(|c| !c.is_empty())
+            .map(|c| c.split(']').nth(1).unwrap().parse().unwrap())
+            .collect();
+        let want_running: Vec<f64> = r["chunks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_f64().unwrap())
+            .collect();
+        assert_eq!(running.len(), want_running.len(), "ctx {ctx}: windows");
+        for (i, (got, want)) in running.iter().zip(&want_running).enumerate() {
+            assert!(
+                (got / want - 1.0).abs() < 0.015,
+                "ctx {ctx}, window {i}: {got} vs {want}"
+            );
+        }
     }
 }
 
@@ -333,12 +399,30 @@ fn bad_arguments_and_inputs_fail_with_one_clear_line() {
             model,
             "--file",
             short.to_str().unwrap(),
-            "--ctx",
+            "--ctx-size",
             "128",
         ]),
         "needs at least 256",
     );
+    let o = m40(&[
+        "perplexity",
+        "--model",
+        model,
+        "--file",
+        short.to_str().unwrap(),
+        "--chunks",
+        "0",
+    ]);
+    assert!(
+        !o.status.success() && stderr(&o).contains("--chunks"),
+        "{}",
+        stderr(&o)
+    );
     std::fs::remove_file(short).ok();
+    fails_with(
+        &m40(&["run", "--model", model, "--prompt", "hi", "--stop", ""]),
+        "empty",
+    );
     let o = m40(&["run", "--model", model]);
     assert!(
         !o.status.success() && stderr(&o).contains("--prompt"),

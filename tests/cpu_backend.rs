@@ -281,4 +281,15 @@ fn bad_batches_and_full_caches_are_clear_errors_that_lose_nothing() {
     e.prefill(&mut other, &[1, 2, 3]).unwrap();
     e.release(s);
     e.prefill(&mut other, &[4, 5]).unwrap();
+
+    // A prompt prefilled in several steps is all or nothing: the second step fails, and the
+    // sequence and the free cells are as before the call.
+    let mut e = Engine::new(Box::new(backend(&file, true, Reuse::Liveness, 2, 8)), 8);
+    let mut s = e.new_sequence();
+    e.prefill(&mut s, &[1, 2]).unwrap();
+    let err = e.prefill(&mut s, &[3, 4, 5, 100]).unwrap_err();
+    assert!(matches!(err, EngineError::Backend(_)), "{err}");
+    assert_eq!(s.tokens(), [1, 2]);
+    let mut t = e.new_sequence();
+    e.prefill(&mut t, &[1, 2, 3, 4, 5, 6]).unwrap();
 }

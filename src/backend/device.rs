@@ -33,9 +33,9 @@ pub struct GpuInfo {
 }
 
 impl GpuInfo {
-    /// True for a Tesla M40 (the first-class target).
+    /// True for a Tesla M40 (the first-class target; not a Quadro M4000).
     pub fn is_m40(&self) -> bool {
-        self.name.contains("M40")
+        self.name.contains("Tesla M40")
     }
 
     /// Whether m40-llm's kernels can run on it (sm_52 and newer).
@@ -176,6 +176,16 @@ mod tests {
             gpu(0, "NVIDIA H200", (9, 0), 141),
             gpu(1, "Tesla M40 24GB", (5, 2), 24),
         ];
+        assert_eq!(preferred_gpu(&gpus).unwrap().ordinal, 1);
+    }
+
+    #[test]
+    fn a_quadro_m4000_is_not_an_m40() {
+        let gpus = [
+            gpu(0, "Quadro M4000", (5, 2), 8),
+            gpu(1, "GeForce GTX 1080 Ti", (6, 1), 11),
+        ];
+        assert!(!gpus[0].is_m40());
         assert_eq!(preferred_gpu(&gpus).unwrap().ordinal, 1);
     }
 

@@ -3,6 +3,7 @@
 use super::model_or_default;
 use anyhow::{Context, bail};
 use m40_llm::runtime::model::load;
+use m40_llm::runtime::prompt::encode_prompt;
 
 #[derive(clap::Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "ids"])))]
@@ -31,13 +32,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut model = load(&path, &options)?;
     let ids: Vec<u32> = match (&args.prompt, &args.ids) {
-        (Some(p), _) => model.tokenizer.encode(p, model.tokenizer.add_bos(), true),
+        (Some(p), _) => encode_prompt(&model.tokenizer, p),
         (None, Some(ids)) => parse_ids(ids, model.tokenizer.n_vocab())?,
         (None, None) => bail!("give --prompt or --ids"),
     };
     if ids.is_empty() {
         bail!("no tokens: the prompt is empty");
     }
+    eprintln!("m40-llm: {} on {}", path.display(), model.engine.device());
     let engine = &mut model.engine;
     let mut seq = engine.new_sequence();
     let (first, rows) = if args.all_positions {

@@ -1,8 +1,8 @@
 //! `m40-llm perplexity`: perplexity of a model over a text, computed as llama.cpp's
 //! `llama-perplexity` computes it, so the numbers compare directly.
 //!
-//! The text is tokenized whole (BOS first if the model adds one) and cut into windows of `--ctx`
-//! tokens; each window is evaluated from an empty cache (its first token replaced by BOS when
+//! The text is tokenized whole (BOS first if the model adds one) and cut into windows of
+//! `--ctx-size` tokens (512 by default, as llama-perplexity); each window is evaluated from an empty cache (its first token replaced by BOS when
 //! the model uses one), and only the second half of each window is scored: position `j` in
 //! `ctx/2 .. ctx-1` contributes `-log p(token[j+1] | token[..=j])`. PPL = exp(mean), with the
 //! standard error of the mean propagated as llama.cpp does.
@@ -14,6 +14,9 @@ use m40_llm::runtime::model::load;
 use std::io::Write;
 use std::path::PathBuf;
 
+/// Tokens per window without --ctx-size (llama-perplexity's default).
+const DEFAULT_WINDOW: u64 = 512;
+
 #[derive(clap::Args)]
 pub struct Args {
     #[command(flatten)]
@@ -21,12 +24,9 @@ pub struct Args {
     /// The text file to score (UTF-8).
     #[arg(short, long)]
     pub file: PathBuf,
-    /// Tokens per window (llama-perplexity's -c).
-    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(4..))]
-    pub ctx: u32,
     /// Score at most this many windows (default: all the text holds).
-    #[arg(long)]
-    pub chunks: Option<usize>,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub chunks: Option<u64>,
 }
 
 /// The running sums of llama.cpp's perplexity.
@@ -68,7 +68,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read {} as UTF-8 text", args.file.display()))?;
     let path = model_or_default(args.model.model.clone())?;
-    let ctx = args.ctx as usize;
+    // Windows of --ctx-size tokens (the shared flag), 512 unless given.
+    let ctx = args.model.ctx_size.unwrap_or(DEFAULT_WINDOW) as usize;
+    if ctx < 4 {
+        bail!("--ctx-size {ctx} is too small for perplexity: windows need at least 4 tokens");
+    }
     let mut options = args.model.load_options(1);
     options.ctx_size = Some(ctx);
     options.max_tokens = options.max_tokens.min(ctx as u64);
@@ -78,7 +82,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let tokens = tokenizer.encode(&text, tokenizer.add_bos(), false);
     if tokens.len() < 2 * ctx {
         bail!(
-            "{} has {} tokens; perplexity with --ctx {ctx} needs at least {} (two windows)",
+            "{} has {} tokens; perplexity with --ctx-size {ctx} needs at least {} (two windows)",
             args.file.display(),
             tokens.len(),
             2 * ctx
@@ -88,7 +92,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .add_bos()
         .then(|| tokenizer.special().bos)
         .flatten();
-    let n_chunks = (tokens.len() / ctx).min(args.chunks.unwrap_or(usize::MAX));
+    let n_chunks = (tokens.len() / ctx).min(args.chunks.map_or(usize::MAX, |c| c as usize));
     eprintln!(
         "m40-llm: perplexity of {} over {n_chunks} windows of {ctx} tokens ({} tokens) on {}",
         args.file.display(),
@@ -108,12 +112,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         if let Some(b) = bos {
             window[0] = b;
         }
+        // Only the scored second half of the window needs logits.
         let mut seq = engine.new_sequence();
-        let logits = engine.logits_all(&mut seq, &window);
+        let logits = engine.evaluate(&mut seq, &window, first);
         engine.release(seq);
         let logits = logits?;
         for j in first..ctx - 1 {
-            nll.add(logits.row(j), tokens[i * ctx + j + 1]);
+            nll.add(logits.row(j - first), tokens[i * ctx + j + 1]);
         }
         write!(out, "[{}]{:.4},", i + 1, nll.ppl())?;
         out.flush()?;

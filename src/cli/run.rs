@@ -4,11 +4,14 @@ use super::model_or_default;
 use anyhow::Context;
 use m40_llm::runtime::generate::{FinishReason, GenerateOptions, generate};
 use m40_llm::runtime::model::load;
+use m40_llm::runtime::prompt::{chat_prompt, encode_prompt};
+use m40_llm::runtime::stop::StopMatcher;
 use m40_llm::sample::SamplerConfig;
-use m40_llm::tokenizer::chat::{ChatMessage, ChatTemplate};
 use std::io::Write;
+use std::ops::ControlFlow;
 
 #[derive(clap::Args)]
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     #[command(flatten)]
     pub model: super::ModelArgs,
@@ -32,7 +35,7 @@ pub struct Args {
     pub sampling: SamplingArgs,
     /// Print special tokens (such as <|im_end|>) in the text.
     #[arg(long)]
-    pub special: bool,
+    pub show_special: bool,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -89,6 +92,8 @@ impl SamplingArgs {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let sampler = args.sampling.config();
     sampler.validate()?;
+    // Refuse bad stop strings before loading anything.
+    StopMatcher::new(args.stop.iter().cloned())?;
     let prompt = if args.prompt == "-" {
         std::io::read_to_string(std::io::stdin()).context("cannot read the prompt from stdin")?
     } else {
@@ -97,19 +102,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let path = model_or_default(args.model.model.clone())?;
     let mut model = load(&path, &args.model.load_options(1))?;
     let text = if args.chat {
-        let template = ChatTemplate::from_tokenizer(&model.tokenizer)?;
-        let mut messages = Vec::new();
-        if let Some(system) = &args.system {
-            messages.push(ChatMessage::new("system", system.clone()));
-        }
-        messages.push(ChatMessage::new("user", prompt));
-        template.render(&messages, true)?
+        chat_prompt(&model.tokenizer, args.system.as_deref(), &prompt)?
     } else {
         prompt
     };
-    let ids = model
-        .tokenizer
-        .encode(&text, model.tokenizer.add_bos(), true);
+    let ids = encode_prompt(&model.tokenizer, &text);
     let device = model.engine.device().clone();
     eprintln!("m40-llm: {} on {device}", path.display());
 
@@ -118,7 +115,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         sampler,
         stop_strings: args.stop.clone(),
         stop_at_eog: true,
-        render_special: args.special,
+        render_special: args.show_special,
     };
     let mut stdout = std::io::stdout().lock();
     let json = args.json;
@@ -129,11 +126,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &ids,
         &options,
         &mut |piece| {
-            if !json && write_error.is_none() {
-                write_error = stdout
-                    .write_all(piece.as_bytes())
-                    .and_then(|_| stdout.flush())
-                    .err();
+            if json {
+                return ControlFlow::Continue(());
+            }
+            match stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush())
+            {
+                Ok(()) => ControlFlow::Continue(()),
+                // A closed pipe (`| head`): stop generating, report it below.
+                Err(e) => {
+                    write_error = Some(e);
+                    ControlFlow::Break(())
+                }
             }
         },
     )?;
@@ -168,6 +173,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         FinishReason::StopString { stop } => format!("stop string {stop:?}"),
         FinishReason::MaxTokens => "token limit".into(),
         FinishReason::ContextFull => "context full".into(),
+        FinishReason::Cancelled => "output closed".into(),
     };
     eprintln!(
         "m40-llm: device {} | prompt {} tokens, {:.1} tokens/s | generated {} tokens, {:.1} tokens/s | stop: {finish} | seed {}",

@@ -5,7 +5,8 @@
 //! appended to one or several sequences) into a [`Batch`], runs it, and gives each sequence the
 //! logits it asked for. Prefill in chunks and all-position logits are built on the same step.
 //!
-//! A failed step loses nothing: the cells it took go back, and the sequences keep their tokens.
+//! A failed call loses nothing: the cells it took go back, and the sequences are as they were
+//! before it (a prompt prefilled in several steps is rolled back whole).
 
 use crate::backend::{Backend, BackendError, DeviceInfo, Logits};
 use crate::ir::Batch;
@@ -67,6 +68,8 @@ pub enum WantLogits {
     Last,
     /// The logits after each of the part's tokens.
     All,
+    /// The logits after each of the part's tokens from this index on.
+    From(usize),
 }
 
 /// Tokens appended to one sequence in a step.
@@ -210,6 +213,9 @@ impl Engine {
                 WantLogits::Last if n > 0 => batch.outputs.push(first_row + n - 1),
                 WantLogits::Last => {}
                 WantLogits::All => batch.outputs.extend(first_row..first_row + n),
+                WantLogits::From(k) => batch
+                    .outputs
+                    .extend(first_row + k.min(n as usize) as u32..first_row + n),
             }
             new_cells.push(cells);
         }
@@ -243,27 +249,8 @@ impl Engine {
     /// Appends `tokens` to `seq` in steps of at most the plan's size and returns the logits
     /// after the last token (the prompt's prefill).
     pub fn prefill(&mut self, seq: &mut Sequence, tokens: &[u32]) -> Result<Vec<f32>, EngineError> {
-        self.check_fits(seq, tokens.len())?;
-        let chunk = self.max_tokens().max(1);
-        let mut last = Vec::new();
-        for (i, c) in tokens.chunks(chunk).enumerate() {
-            let is_last = (i + 1) * chunk >= tokens.len();
-            let want = if is_last {
-                WantLogits::Last
-            } else {
-                WantLogits::None
-            };
-            let mut parts = [Part {
-                seq,
-                tokens: c,
-                logits: want,
-            }];
-            let mut l = self.step(&mut parts)?;
-            if is_last {
-                last = l.pop().map(|l| l.data).unwrap_or_default();
-            }
-        }
-        Ok(last)
+        let from = tokens.len().saturating_sub(1);
+        Ok(self.evaluate(seq, tokens, from)?.data)
     }
 
     /// Appends `tokens` to `seq` and returns the logits after every one of them
@@ -273,25 +260,76 @@ impl Engine {
         seq: &mut Sequence,
         tokens: &[u32],
     ) -> Result<Logits, EngineError> {
+        self.evaluate(seq, tokens, 0)
+    }
+
+    /// Appends `tokens` to `seq` in steps no larger than the plan allows, and returns the logits
+    /// after each of `tokens[from..]` (rows for earlier tokens are never computed). All or
+    /// nothing: if a step fails, `seq` is rolled back to what it held before.
+    pub fn evaluate(
+        &mut self,
+        seq: &mut Sequence,
+        tokens: &[u32],
+        from: usize,
+    ) -> Result<Logits, EngineError> {
         self.check_fits(seq, tokens.len())?;
-        let chunk = self.max_tokens().min(self.max_outputs()).max(1);
-        let mut all = Logits {
+        if tokens.len() > self.free.len() {
+            return Err(EngineError::CacheFull {
+                needed: tokens.len(),
+                free: self.free.len(),
+                total: self.backend.n_cells() as usize,
+            });
+        }
+        let start = seq.len();
+        let result = self.evaluate_steps(seq, tokens, from);
+        if result.is_err() {
+            self.truncate(seq, start);
+        }
+        result
+    }
+
+    fn evaluate_steps(
+        &mut self,
+        seq: &mut Sequence,
+        tokens: &[u32],
+        from: usize,
+    ) -> Result<Logits, EngineError> {
+        let (max_tokens, max_outputs) = (self.max_tokens().max(1), self.max_outputs().max(1));
+        let mut out = Logits {
             n_vocab: self.n_vocab(),
-            data: Vec::with_capacity(tokens.len() * self.n_vocab()),
+            data: Vec::with_capacity(tokens.len().saturating_sub(from) * self.n_vocab()),
         };
-        for c in tokens.chunks(chunk) {
+        let mut pos = 0;
+        while pos < tokens.len() {
+            // At most max_tokens tokens a step, of which at most max_outputs want logits.
+            let first_out = from.max(pos);
+            let mut end = (pos + max_tokens).min(tokens.len());
+            let logits = if end > first_out {
+                end = end.min(first_out + max_outputs);
+                WantLogits::From(first_out - pos)
+            } else {
+                WantLogits::None
+            };
             let mut parts = [Part {
                 seq,
-                tokens: c,
-                logits: WantLogits::All,
+                tokens: &tokens[pos..end],
+                logits,
             }];
-            let l = self.step(&mut parts)?;
-            for l in l {
-                all.n_vocab = l.n_vocab;
-                all.data.extend_from_slice(&l.data);
+            for l in self.step(&mut parts)? {
+                out.n_vocab = l.n_vocab;
+                out.data.extend_from_slice(&l.data);
             }
+            pos = end;
         }
-        Ok(all)
+        Ok(out)
+    }
+
+    /// Shortens `seq` to its first `len` tokens, freeing the cells of the rest.
+    pub fn truncate(&mut self, seq: &mut Sequence, len: usize) {
+        if len < seq.len() {
+            seq.tokens.truncate(len);
+            self.free.extend(seq.cells.drain(len..).rev());
+        }
     }
 
     /// Runs one token of `seq` and returns the logits after it (a decode step).
@@ -322,5 +360,6 @@ fn wanted_rows(p: &Part<'_>) -> usize {
         WantLogits::None => 0,
         WantLogits::Last => usize::from(!p.tokens.is_empty()),
         WantLogits::All => p.tokens.len(),
+        WantLogits::From(k) => p.tokens.len().saturating_sub(k),
     }
 }

@@ -3,14 +3,16 @@
 //!
 //! Stop rules, checked after every sampled token, in this order: an end-of-generation token
 //! (EOS/EOT/... as the tokenizer marks them; the token itself is not part of the output), a stop
-//! string (the text before it is the output; the stop string is not), the new-token limit, and
-//! the context limit (the sequence cannot take another token).
+//! string (the text before it is the output; the stop string is not), the consumer of the text
+//! asking to stop (its callback returns `ControlFlow::Break`), the new-token limit, and the
+//! context limit (the sequence cannot take another token).
 
 use super::engine::{Engine, EngineError, Sequence};
 use super::stop::{StopError, StopMatcher};
 use crate::sample::{SampleError, Sampler, SamplerConfig};
 use crate::tokenizer::Tokenizer;
 use serde::Serialize;
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 /// What to generate.
@@ -51,6 +53,8 @@ pub enum FinishReason {
     MaxTokens,
     /// The sequence reached the context size.
     ContextFull,
+    /// The consumer of the text stopped reading (its callback returned `Break`).
+    Cancelled,
 }
 
 /// Wall-clock time spent in each phase.
@@ -115,13 +119,13 @@ pub enum GenerateError {
 
 /// Generates from `prompt` (token ids) in a fresh sequence, calling `on_text` with each piece of
 /// text as soon as it is final (never a partial UTF-8 character, never the start of a stop
-/// string that may still complete).
+/// string that may still complete). `on_text` returns `ControlFlow::Break` to stop early.
 pub fn generate(
     engine: &mut Engine,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     options: &GenerateOptions,
-    on_text: &mut dyn FnMut(&str),
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation, GenerateError> {
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
@@ -158,7 +162,7 @@ fn run(
     options: &GenerateOptions,
     sampler: &mut Sampler,
     stops: &mut StopMatcher,
-    on_text: &mut dyn FnMut(&str),
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation, GenerateError> {
     let mut timings = Timings {
         prompt_tokens: prompt.len(),
@@ -173,10 +177,11 @@ fn run(
     let mut tokens = Vec::new();
     let mut sample_time = Duration::ZERO;
     let mut emit = |piece: &str, text: &mut String| {
-        if !piece.is_empty() {
-            text.push_str(piece);
-            on_text(piece);
+        if piece.is_empty() {
+            return ControlFlow::Continue(());
         }
+        text.push_str(piece);
+        on_text(piece)
     };
 
     let finish = loop {
@@ -194,11 +199,14 @@ fn run(
             .push(token)
             .map_err(|e| GenerateError::Decode(e.to_string()))?;
         let released = stops.push(&piece);
-        emit(&released.text, &mut text);
+        let flow = emit(&released.text, &mut text);
         if let Some(i) = released.stop {
             break FinishReason::StopString {
                 stop: options.stop_strings[i].clone(),
             };
+        }
+        if flow.is_break() {
+            break FinishReason::Cancelled;
         }
         if tokens.len() >= options.max_new_tokens {
             break FinishReason::MaxTokens;
@@ -212,10 +220,14 @@ fn run(
         timings.decode_steps += 1;
     };
 
-    if !matches!(finish, FinishReason::StopString { .. }) {
+    if !matches!(
+        finish,
+        FinishReason::StopString { .. } | FinishReason::Cancelled
+    ) {
+        // Whatever the decoder and the stop matcher still hold is final now.
         let released = stops.push(&decoder.finish());
-        emit(&released.text, &mut text);
-        emit(&stops.finish().text, &mut text);
+        let _ = emit(&released.text, &mut text);
+        let _ = emit(&stops.finish().text, &mut text);
     }
     timings.sample_s = sample_time.as_secs_f64();
     Ok(Generation {

@@ -1,4 +1,5 @@
 pub mod engine;
 pub mod generate;
 pub mod model;
+pub mod prompt;
 pub mod stop;

@@ -19,12 +19,13 @@ pub fn data(rel: &str) -> PathBuf {
     Path::new("tests/data").join(rel)
 }
 
-/// The default model: `$M40LLM_TEST_MODEL`, else `models/SmolLM2-135M-Instruct.Q4_1.gguf`.
+/// The default model: `$M40LLM_TEST_MODEL`, else where `m40-llm fetch` puts it
+/// (`$M40LLM_MODELS_DIR` or `models/`).
 /// `None` (with a message on stderr) when it is absent and not required.
 pub fn default_model() -> Option<PathBuf> {
     let path = std::env::var_os("M40LLM_TEST_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"));
+        .unwrap_or_else(m40_llm::models::default_model_path);
     present_or_skip(
         path,
         "the default model (run `m40-llm fetch` or scripts/test.sh)",

@@ -20,6 +20,7 @@ use crate::gguf::{GgufFile, TensorInfo, quants};
 use crate::ir::{Batch, BatchLimits, Dim, Op, RopeParams, StepSizes, TensorType, ValueType};
 use crate::plan::{Operand, Plan, Reuse, ValueRef};
 use half::f16;
+use half::vec::HalfBitsVecExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -87,14 +88,18 @@ impl CpuBackend {
             .iter()
             .map(|w| load_weight(&file, &w.tensor, &w.ty))
             .collect::<Result<Vec<_>, _>>()?;
+        check_memory(&plan, n_cells)?;
         let mut kv = Vec::with_capacity(plan.kv_cache.len());
         let mut kv_index = HashMap::new();
         for layer in &plan.kv_cache {
             let width = (layer.n_kv_heads * layer.head_dim) as usize;
             kv_index.insert(layer.layer, kv.len());
+            // Zeroed allocations: the operating system maps pages only when cells are written, so
+            // a large context costs memory as it fills, not up front.
+            let zeroed = || vec![0u16; n_cells as usize * width].reinterpret_into();
             kv.push(LayerKv {
-                k: vec![f16::ZERO; n_cells as usize * width],
-                v: vec![f16::ZERO; n_cells as usize * width],
+                k: zeroed(),
+                v: zeroed(),
                 width,
             });
         }
@@ -651,6 +656,51 @@ fn intact_values(plan: &Plan) -> Vec<Vec<bool>> {
                 .collect()
         })
         .collect()
+}
+
+/// Refuses a KV cache and arena larger than the machine's memory, before allocating them (an
+/// allocation that large would abort the process or wake the OOM killer, not fail cleanly).
+fn check_memory(plan: &Plan, n_cells: u32) -> Result<(), BackendError> {
+    let kv: u64 = plan.kv_cache.iter().map(|l| l.bytes_per_token).sum();
+    let needed = kv
+        .checked_mul(u64::from(n_cells))
+        .and_then(|b| b.checked_add(plan.memory.arena_bytes));
+    let total = memory_total();
+    match (needed, total) {
+        (Some(n), Some(t)) if n <= t => Ok(()),
+        (Some(n), None) if usize::try_from(n).is_ok() => Ok(()),
+        (needed, total) => Err(BackendError::Unsupported {
+            backend: "cpu".into(),
+            reason: format!(
+                "a KV cache of {n_cells} cells ({kv} bytes each) and a {} MiB arena need {}, more than this machine's {}: lower the context size",
+                plan.memory.arena_bytes >> 20,
+                needed.map_or("more than 2^64 bytes".into(), |n| format!(
+                    "{:.1} GiB",
+                    n as f64 / GIB
+                )),
+                total.map_or("address space".into(), |t| format!(
+                    "{:.1} GiB of memory",
+                    t as f64 / GIB
+                )),
+            ),
+        }),
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Physical memory in bytes (Linux `/proc/meminfo`), if known.
+fn memory_total() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = info
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    kib.checked_mul(1024)
 }
 
 /// The CPU's model name (Linux), or a generic name.
