@@ -25,7 +25,7 @@
 //! | Q5_K | 176 | as Q4_K plus 32 bytes of fifth bits |
 //! | Q6_K | 210 | 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 × i8 scales, `d` |
 
-use super::simd::{Lanes, V8, bf16_to_f32, f16_le, f16_to_f32};
+use super::simd::{V8, bf16_to_f32, f16_le, f16_to_f32};
 
 /// Elements per sub-block.
 pub(crate) const SUB: usize = 32;
@@ -365,36 +365,5 @@ impl Plain for BF16 {
     #[inline(always)]
     fn load<V: V8>(b: &[u8]) -> V {
         V::from_bf16_le(b)
-    }
-}
-
-/// Dequantizes one row of a block-quantized type into `y` (`y.len()` elements, a whole number of
-/// blocks; `row` holds exactly those blocks): `d * v + m` per element, which is what ggml's
-/// `dequantize_row_*` computes.
-pub(crate) fn dequant_row<Q: Quant>(row: &[u8], y: &mut [f32]) {
-    let mut v = [0.0f32; SUB];
-    for (blk, out) in row.chunks_exact(Q::BYTES).zip(y.chunks_exact_mut(Q::QK)) {
-        let sc = Q::scales(blk);
-        for (j, out) in out.chunks_exact_mut(SUB).enumerate() {
-            let (vv, s) = Q::sub::<Lanes>(blk, &sc, j);
-            for (g, vg) in vv.iter().enumerate() {
-                vg.store(&mut v[8 * g..]);
-            }
-            for (i, (o, &q)) in out.iter_mut().zip(&v).enumerate() {
-                let d = if Q::SPLIT && i >= SUB / 2 {
-                    s.d_hi
-                } else {
-                    s.d
-                };
-                *o = if Q::HAS_MIN { d * q + s.m } else { d * q };
-            }
-        }
-    }
-}
-
-/// Widens one row of a plain type into `y`.
-pub(crate) fn convert_row<P: Plain>(row: &[u8], y: &mut [f32]) {
-    for (o, b) in y.iter_mut().zip(row.chunks_exact(P::SIZE)) {
-        *o = P::get(b);
     }
 }

@@ -1,7 +1,8 @@
 //! Row gathers: the token embedding lookup and `select_rows`.
 
-use super::matmul::{WeightMatrix, dequantize_rows};
+use super::matmul::WeightMatrix;
 use super::{KernelError, check_len};
+use crate::gguf::quants;
 
 /// `y[r] = table[ids[r]]`, each row dequantized to F32 exactly as ggml's `dequantize_row_*`
 /// (ggml: `ggml_get_rows` / `ggml_compute_forward_get_rows`). An id outside the table is an error.
@@ -23,7 +24,9 @@ pub fn embedding(table: &WeightMatrix, ids: &[i32], y: &mut [f32]) -> Result<(),
                     value: i64::from(id),
                     limit: table.n(),
                 })?;
-        dequantize_rows(table, &[i], out);
+        // `WeightMatrix::new` checked the type and sizes, so the row converts.
+        quants::dequantize_row_f32(table.ty(), table.row(i).unwrap_or_default(), out)
+            .map_err(|e| KernelError::Invalid(e.to_string()))?;
     }
     Ok(())
 }

@@ -23,7 +23,7 @@
 //! falls in, so row `r` of a `T`-row product is bit-identical to the product of row `r` alone.
 
 use super::formats::{
-    self, BF16, F16, F32, Plain, Q4_0, Q4_1, Q4K, Q5_0, Q5_1, Q5K, Q6K, Q8_0, Quant, SUB,
+    BF16, F16, F32, Plain, Q4_0, Q4_1, Q4K, Q5_0, Q5_1, Q5K, Q6K, Q8_0, Quant, SUB,
 };
 #[cfg(target_arch = "x86_64")]
 use super::simd::Avx2;
@@ -482,30 +482,6 @@ impl<P: Plain> Tile for PlainTile<P> {
                 let a = &acc[r];
                 out[r * CHUNK + i] = a[0].add(a[1]).add(a[2].add(a[3])).hsum() + tail[r];
             }
-        }
-    }
-}
-
-/// Dequantizes or widens rows of `w` into F32 (`y` is `rows.len() * k`): what ggml's
-/// `dequantize_row_*` / `to_float` produce. Used by the embedding gather.
-pub(crate) fn dequantize_rows(w: &WeightMatrix, rows: &[usize], y: &mut [f32]) {
-    let k = w.k;
-    for (&i, out) in rows.iter().zip(y.chunks_exact_mut(k)) {
-        let row = &w.data[i * w.row_bytes..(i + 1) * w.row_bytes];
-        match w.ty {
-            GgmlType::F32 => formats::convert_row::<F32>(row, out),
-            GgmlType::F16 => formats::convert_row::<F16>(row, out),
-            GgmlType::BF16 => formats::convert_row::<BF16>(row, out),
-            GgmlType::Q4_0 => formats::dequant_row::<Q4_0>(row, out),
-            GgmlType::Q4_1 => formats::dequant_row::<Q4_1>(row, out),
-            GgmlType::Q5_0 => formats::dequant_row::<Q5_0>(row, out),
-            GgmlType::Q5_1 => formats::dequant_row::<Q5_1>(row, out),
-            GgmlType::Q8_0 => formats::dequant_row::<Q8_0>(row, out),
-            GgmlType::Q4_K => formats::dequant_row::<Q4K>(row, out),
-            GgmlType::Q5_K => formats::dequant_row::<Q5K>(row, out),
-            GgmlType::Q6_K => formats::dequant_row::<Q6K>(row, out),
-            // `WeightMatrix::new` admits only the types above.
-            _ => unreachable!("unsupported type {} in a WeightMatrix", w.ty),
         }
     }
 }
