@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn cli(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_m40-llm"))
+    let out = Command::new(common::bin())
         .arg("compile")
         .args(args)
         .output()

@@ -8,10 +8,8 @@ use common::layout::{Layout, put_bytes, put_u32, put_u64};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const BIN: &str = env!("CARGO_BIN_EXE_m40-llm");
-
 fn inspect(args: &[&std::ffi::OsStr]) -> Output {
-    Command::new(BIN)
+    Command::new(common::bin())
         .arg("inspect")
         .args(args)
         .env_remove("RUST_LOG")
@@ -160,7 +158,7 @@ fn inspect_without_a_path_uses_the_default_model() {
         return;
     }
     let dir = model.parent().unwrap();
-    let o = Command::new(BIN)
+    let o = Command::new(common::bin())
         .arg("inspect")
         .env(m40_llm::models::MODELS_DIR_ENV, dir)
         .output()

@@ -6,10 +6,7 @@ use serde_json::Value;
 use std::process::{Command, Output};
 
 fn m40(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_m40-llm"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(common::bin()).args(args).output().unwrap()
 }
 
 fn stderr(o: &Output) -> String {
@@ -176,7 +173,7 @@ fn negative_temperature_is_greedy_and_a_closed_pipe_stops_generation() {
     assert_eq!(v["tokens"], serde_json::json!([7042, 30, 198]));
 
     // stdout closed before anything is written: generation stops with a clear error.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_m40-llm"))
+    let mut child = Command::new(common::bin())
         .args([
             "run",
             "--model",

@@ -5,7 +5,7 @@ mod common;
 use std::process::{Command, Output};
 
 fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_m40-llm"))
+    Command::new(common::bin())
         .arg("tokenize")
         .args(args)
         .output()

@@ -1,6 +1,8 @@
 //! The compiler's error paths: every broken model or argument fails with a message that names
 //! the key, tensor, pass or option at fault, and the CLI prints it as one line.
 
+mod common;
+
 use m40_llm::gguf::{GgmlType, GgufFile, GgufWriter};
 use m40_llm::lower::{LowerError, TinyModel, TinyTensor, lower};
 use m40_llm::plan::PlanOptions;
@@ -203,7 +205,7 @@ impl Drop for TempFile {
 
 /// Runs `m40-llm compile ARGS`, returning (success, stdout, stderr).
 fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_m40-llm"))
+    let out = Command::new(common::bin())
         .arg("compile")
         .args(args)
         .output()

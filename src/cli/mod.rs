@@ -2,6 +2,7 @@
 //! lives in its own file and only translates between arguments and library calls.
 
 mod compile;
+mod devices;
 mod fetch;
 mod inspect;
 mod logits;
@@ -36,6 +37,8 @@ enum Command {
     Compile(compile::Args),
     /// Tokenize a text with a model's tokenizer (ids as llama.cpp gives them).
     Tokenize(tokenize::Args),
+    /// List the NVIDIA GPUs found and say which device `--device auto` uses.
+    Devices(devices::Args),
     /// Generate text from a prompt, streaming it to stdout.
     Run(run::Args),
     /// Print the largest logits after a prompt as JSON lines (to compare with other runtimes).
@@ -52,6 +55,7 @@ pub fn main() -> ExitCode {
         Command::Fetch(args) => fetch::run(args),
         Command::Compile(args) => compile::run(args),
         Command::Tokenize(args) => tokenize::run(args),
+        Command::Devices(args) => devices::run(args),
         Command::Run(args) => run::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Perplexity(args) => perplexity::run(args),

@@ -19,6 +19,14 @@ pub fn data(rel: &str) -> PathBuf {
     Path::new("tests/data").join(rel)
 }
 
+/// The `m40-llm` binary under test: `$M40LLM_BIN` (staged binaries on the GPU machine, see
+/// ../shared/gpu), else the one cargo built for this test run.
+pub fn bin() -> PathBuf {
+    std::env::var_os("M40LLM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_m40-llm")))
+}
+
 /// The default model: `$M40LLM_TEST_MODEL`, else where `m40-llm fetch` puts it
 /// (`$M40LLM_MODELS_DIR` or `models/`).
 /// `None` (with a message on stderr) when it is absent and not required.
