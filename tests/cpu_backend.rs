@@ -232,16 +232,16 @@ fn read_value_says_why_a_value_cannot_be_read() {
     // Step inputs and the graph output stay readable.
     let ids = b.read_value("token_ids").unwrap();
     assert_eq!(
-        ids.data,
+        ids.iter().copied().collect::<Vec<_>>(),
         TOKENS.iter().map(|&t| t as f32).collect::<Vec<_>>()
     );
     let logits = b.read_value("logits").unwrap();
-    assert_eq!((logits.rows, logits.cols), (TOKENS.len(), 100));
+    assert_eq!(logits.dim(), (TOKENS.len(), 100));
 
     let mut keep = backend(&file, true, Reuse::None, 16, 64);
     keep.step(&all_outputs(&TOKENS)).unwrap();
     let norm = keep.read_value("blk.0.attn_norm").unwrap();
-    assert_eq!((norm.rows, norm.cols), (TOKENS.len(), 64));
+    assert_eq!(norm.dim(), (TOKENS.len(), 64));
 }
 
 #[test]

@@ -55,14 +55,10 @@ impl Logits {
     }
 }
 
-/// A value read back from a backend: `rows x cols` f32 values (integer inputs such as token ids
-/// are converted exactly; ids are below 2^24).
-#[derive(Clone, Debug, PartialEq)]
-pub struct HostTensor {
-    pub rows: usize,
-    pub cols: usize,
-    pub data: Vec<f32>,
-}
+/// A value read back from a backend: `rows x cols` f32 values, row-major (integer inputs such
+/// as token ids are converted exactly; ids are below 2^24). An `ndarray` array, so parity work can
+/// slice, compare and reduce it directly.
+pub type HostTensor = ndarray::Array2<f32>;
 
 /// Why a backend could not load a plan or run a step.
 #[derive(Debug, thiserror::Error)]

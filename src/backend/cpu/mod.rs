@@ -418,11 +418,7 @@ impl Backend for CpuBackend {
             .last
             .as_ref()
             .ok_or_else(|| BackendError::NotComputed(name.to_string()))?;
-        let ints = |v: &[u32]| HostTensor {
-            rows: v.len(),
-            cols: 1,
-            data: v.iter().map(|&x| x as f32).collect(),
-        };
+        let ints = |v: &[u32]| HostTensor::from_shape_fn((v.len(), 1), |(i, _)| v[i] as f32);
         match source(&self.plan, v) {
             Source::Tokens => return Ok(ints(&batch.tokens)),
             Source::Positions => return Ok(ints(&batch.positions)),
@@ -448,11 +444,8 @@ impl Backend for CpuBackend {
         let cols = width_of(&self.plan, Operand::Value(v))
             .unwrap_or(r.len)
             .max(1);
-        Ok(HostTensor {
-            rows: r.len / cols,
-            cols,
-            data: self.arena.slice(r).to_vec(),
-        })
+        HostTensor::from_shape_vec((r.len / cols, cols), self.arena.slice(r).to_vec())
+            .map_err(|e| BackendError::Mismatch(format!("value `{name}`: {e}")))
     }
 }
 
