@@ -42,22 +42,15 @@ pub const CHUNK: usize = 16;
 /// cost of handing out work shows.
 const MIN_MACS_PER_TASK: usize = 1 << 17;
 
-/// The weight types the matmul and embedding kernels read.
-pub const SUPPORTED: [GgmlType; 11] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::Q4_K,
-    GgmlType::Q5_K,
-    GgmlType::Q6_K,
-];
-pub(crate) const SUPPORTED_NAMES: &str =
-    "F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K";
+/// The weight types the matmul and embedding kernels read: every type `gguf::quants`
+/// dequantizes (the embedding gather dequantizes through it; the matmul has a fused dot product
+/// for each).
+pub const SUPPORTED: [GgmlType; 11] = crate::gguf::quants::DEQUANTIZE_TYPES;
+
+/// `SUPPORTED` as a list for error messages.
+pub(crate) fn supported_names() -> String {
+    SUPPORTED.map(|t| t.name()).join(", ")
+}
 
 /// A weight matrix as GGUF stores it: `n` rows of `k` elements in type `ty`, each row
 /// `ty.row_bytes(k)` bytes (IR shape `[n, k]`, GGUF `ne = [k, n]`).

@@ -50,7 +50,7 @@ use crate::gguf::GgmlType;
 pub enum KernelError {
     #[error(
         "{op} does not support weights of type {ty} (supported: {})",
-        matmul::SUPPORTED_NAMES
+        matmul::supported_names()
     )]
     UnsupportedType { op: &'static str, ty: GgmlType },
     #[error("a {ty} row of {k} elements is not a whole number of {block}-element blocks")]
