@@ -58,42 +58,33 @@ fn cases() -> Vec<Case> {
             .map(|p| top(&p["top20"]))
             .unwrap()
     };
+    // A greedy.json-style entry; the top-20 comes from the entry itself or from logits.json.
+    let case = |p: &Value, top20: Vec<(u32, f64)>| Case {
+        id: p["id"].as_str().unwrap().to_string(),
+        prompt: p["prompt"].as_str().unwrap().to_string(),
+        prompt_ids: ids(&p["prompt_ids"]),
+        new_ids: ids(&p["new_ids"]),
+        margins: p["top1_top2_margin"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_f64().unwrap())
+            .collect(),
+        top20,
+    };
     let mut cases: Vec<Case> = greedy["prompts"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| {
-            let id = p["id"].as_str().unwrap().to_string();
-            Case {
-                top20: top20(&id),
-                id,
-                prompt: p["prompt"].as_str().unwrap().to_string(),
-                prompt_ids: ids(&p["prompt_ids"]),
-                new_ids: ids(&p["new_ids"]),
-                margins: p["top1_top2_margin"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|m| m.as_f64().unwrap())
-                    .collect(),
-            }
-        })
+        .map(|p| case(p, top20(p["id"].as_str().unwrap())))
         .collect();
-    cases.extend(extra["prompts"].as_array().unwrap().iter().map(|p| {
-        Case {
-            id: p["id"].as_str().unwrap().to_string(),
-            prompt: p["prompt"].as_str().unwrap().to_string(),
-            prompt_ids: ids(&p["prompt_ids"]),
-            new_ids: ids(&p["new_ids"]),
-            margins: p["top1_top2_margin"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|m| m.as_f64().unwrap())
-                .collect(),
-            top20: top(&p["top20"]),
-        }
-    }));
+    cases.extend(
+        extra["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| case(p, top(&p["top20"]))),
+    );
     assert!(cases.len() >= 11);
     cases
 }
