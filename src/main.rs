@@ -3,5 +3,12 @@
 mod cli;
 
 fn main() -> std::process::ExitCode {
+    // Rust ignores SIGPIPE, which turns `m40-llm inspect | head` into a "failed printing to
+    // stdout" panic. Like other command-line tools, end quietly when the reader goes away.
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to the default before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     cli::main()
 }

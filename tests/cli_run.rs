@@ -172,7 +172,8 @@ fn negative_temperature_is_greedy_and_a_closed_pipe_stops_generation() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["tokens"], serde_json::json!([7042, 30, 198]));
 
-    // stdout closed before anything is written: generation stops with a clear error.
+    // stdout closed before anything is written: generation stops at once, quietly, as other
+    // command-line tools do when their reader goes away (SIGPIPE), never with a panic.
     let mut child = Command::new(common::bin())
         .args([
             "run",
@@ -191,7 +192,10 @@ fn negative_temperature_is_greedy_and_a_closed_pipe_stops_generation() {
         .unwrap();
     drop(child.stdout.take());
     let o = child.wait_with_output().unwrap();
-    fails_with(&o, "cannot write to stdout");
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!err.contains("generated"), "it ran to the end: {err}");
 }
 
 #[test]
