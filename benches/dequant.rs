@@ -40,19 +40,7 @@ fn matrix(ty: GgmlType) -> Vec<u8> {
 }
 
 fn dequantize(c: &mut Criterion) {
-    let types = [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q4_0,
-        GgmlType::Q4_1,
-        GgmlType::Q5_0,
-        GgmlType::Q5_1,
-        GgmlType::Q8_0,
-        GgmlType::Q4_K,
-        GgmlType::Q5_K,
-        GgmlType::Q6_K,
-    ];
+    let types = m40_llm::gguf::quants::DEQUANTIZE_TYPES;
     let mut g = c.benchmark_group("dequantize_f32");
     g.throughput(Throughput::Elements((ROW * ROWS) as u64));
     for ty in types {
