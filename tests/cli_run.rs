@@ -31,28 +31,33 @@ fn fails_with(o: &Output, needle: &str) {
     );
 }
 
+/// `m40-llm run --model MODEL --device cpu --json ARGS...`, which must succeed: its JSON, and
+/// its stderr (the summary).
+fn run_json(model: &str, args: &[&str]) -> (Value, String) {
+    let mut all = vec!["run", "--model", model, "--device", "cpu", "--json"];
+    all.extend_from_slice(args);
+    let o = m40(&all);
+    assert!(o.status.success(), "{}", stderr(&o));
+    (serde_json::from_slice(&o.stdout).unwrap(), stderr(&o))
+}
+
 #[test]
 fn greedy_run_prints_json_with_llama_cpps_tokens() {
     let Some(model) = common::default_model() else {
         return;
     };
     let model = model.to_str().unwrap();
-    let o = m40(&[
-        "run",
-        "--model",
+    let (v, err) = run_json(
         model,
-        "--prompt",
-        "The capital of France is",
-        "--temperature",
-        "0",
-        "-n",
-        "5",
-        "--device",
-        "cpu",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        &[
+            "--prompt",
+            "The capital of France is",
+            "--temperature",
+            "0",
+            "-n",
+            "5",
+        ],
+    );
     let ids = |k: &str| {
         v[k].as_array()
             .unwrap()
@@ -70,7 +75,6 @@ fn greedy_run_prints_json_with_llama_cpps_tokens() {
         assert!(v["timings"][k].as_f64().unwrap() > 0.0, "{k}");
     }
     // The summary on stderr names the device and the speeds.
-    let err = stderr(&o);
     assert!(
         err.contains("device cpu") && err.contains("tokens/s"),
         "{err}"
@@ -154,22 +158,17 @@ fn negative_temperature_is_greedy_and_a_closed_pipe_stops_generation() {
         return;
     };
     let model = model.to_str().unwrap();
-    let o = m40(&[
-        "run",
-        "--model",
+    let (v, _) = run_json(
         model,
-        "--prompt",
-        "The capital of France is",
-        "--temperature",
-        "-1",
-        "-n",
-        "3",
-        "--device",
-        "cpu",
-        "--json",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        &[
+            "--prompt",
+            "The capital of France is",
+            "--temperature",
+            "-1",
+            "-n",
+            "3",
+        ],
+    );
     assert_eq!(v["tokens"], serde_json::json!([7042, 30, 198]));
 
     // stdout closed before anything is written: generation stops at once, quietly, as other
@@ -205,28 +204,23 @@ fn seeded_sampling_repeats_exactly() {
     };
     let model = model.to_str().unwrap();
     let run = || {
-        let o = m40(&[
-            "run",
-            "--model",
+        let (v, _) = run_json(
             model,
-            "--prompt",
-            "Once upon a time",
-            "-n",
-            "12",
-            "--temperature",
-            "0.9",
-            "--top-k",
-            "50",
-            "--top-p",
-            "0.9",
-            "--seed",
-            "1234",
-            "--device",
-            "cpu",
-            "--json",
-        ]);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+            &[
+                "--prompt",
+                "Once upon a time",
+                "-n",
+                "12",
+                "--temperature",
+                "0.9",
+                "--top-k",
+                "50",
+                "--top-p",
+                "0.9",
+                "--seed",
+                "1234",
+            ],
+        );
         assert_eq!(v["seed"], 1234);
         v["tokens"].clone()
     };
