@@ -5,7 +5,7 @@
 //! preferred over other GPUs when several are present.
 
 use super::cpu::CpuBackend;
-use super::{Backend, BackendError};
+use super::{Backend, BackendError, KvGeometry};
 use crate::gguf::GgufFile;
 use crate::plan::Plan;
 use std::fmt;
@@ -120,7 +120,7 @@ pub fn open_backend(
     choice: DeviceChoice,
     plan: Plan,
     file: Arc<GgufFile>,
-    n_cells: u32,
+    kv: KvGeometry,
 ) -> Result<Box<dyn Backend>, BackendError> {
     let cuda_missing = "m40-llm has no CUDA executor yet (the CPU reference backend is the only \
                         one); use --device cpu or --device auto";
@@ -131,7 +131,7 @@ pub fn open_backend(
         }),
         DeviceChoice::Cpu => {
             tracing::info!("device: cpu (asked for with --device cpu)");
-            Ok(Box::new(CpuBackend::new(plan, file, n_cells)?))
+            Ok(Box::new(CpuBackend::new(plan, file, kv)?))
         }
         DeviceChoice::Auto => {
             match probe_gpus() {
@@ -152,7 +152,7 @@ pub fn open_backend(
                 },
                 Err(why) => tracing::warn!("no GPU: {why}; running on the CPU"),
             }
-            Ok(Box::new(CpuBackend::new(plan, file, n_cells)?))
+            Ok(Box::new(CpuBackend::new(plan, file, kv)?))
         }
     }
 }

@@ -4,6 +4,7 @@
 use super::engine::Engine;
 use crate::backend::BackendError;
 use crate::backend::device::{DeviceChoice, open_backend};
+use crate::backend::step::{DEFAULT_PAGE_SIZE, KvGeometry};
 use crate::compile::{CompileError, CompileOptions, compile};
 use crate::gguf::{GgufError, GgufFile};
 use crate::plan::{PlanOptions, Reuse};
@@ -21,8 +22,12 @@ pub struct LoadOptions {
     /// Tokens one sequence can hold (default: the model's context, at most
     /// [`DEFAULT_CTX_SIZE`]).
     pub ctx_size: Option<usize>,
-    /// Sequences that can be held at once (the KV cache holds `ctx_size` cells for each).
+    /// Sequences that can be held at once at full context (the KV cache holds `ctx_size`
+    /// tokens' pages for each). The backend gets `max(4 * n_seqs, 8)` slots, so forks and
+    /// sequences sharing a prefix can outnumber them.
     pub n_seqs: usize,
+    /// Cells per KV-cache page (a power of two).
+    pub page_size: u32,
     /// The most tokens one step runs (prefill chunk size).
     pub max_tokens: u64,
     /// The most logits rows one step returns.
@@ -39,6 +44,7 @@ impl Default for LoadOptions {
             device: DeviceChoice::Auto,
             ctx_size: None,
             n_seqs: 1,
+            page_size: DEFAULT_PAGE_SIZE,
             max_tokens: 512,
             max_outputs: 8,
             fuse: true,
@@ -110,13 +116,13 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel, LoadError
         }
         None => model_ctx.min(DEFAULT_CTX_SIZE),
     };
-    let n_cells = n_ctx
-        .checked_mul(options.n_seqs)
-        .and_then(|n| u32::try_from(n).ok())
-        .ok_or_else(|| {
-            LoadError::Options(format!("{n_ctx} x {} cells is too many", options.n_seqs))
-        })?;
-    let backend = open_backend(options.device, compiled.plan, file.clone(), n_cells)?;
+    let too_many = || LoadError::Options(format!("{n_ctx} x {} cells is too many", options.n_seqs));
+    let n_seqs = u32::try_from(options.n_seqs).map_err(|_| too_many())?;
+    let ctx = u32::try_from(n_ctx).map_err(|_| too_many())?;
+    let slots = n_seqs.saturating_mul(4).max(8);
+    let kv = KvGeometry::for_context(ctx, n_seqs, slots, options.page_size)
+        .map_err(|e| LoadError::Options(e.to_string()))?;
+    let backend = open_backend(options.device, compiled.plan, file.clone(), kv)?;
     tracing::info!(
         "loaded {} on {}; context {n_ctx} tokens",
         path.display(),
