@@ -141,12 +141,8 @@ impl CpuBackend {
     /// Fails at load, not mid-step, when a matrix weight has a type the kernels cannot multiply.
     fn check_matrices(&self) -> Result<(), BackendError> {
         for step in &self.plan.steps {
-            let slots = match step.op {
-                Op::Embedding => 0..1,
-                Op::MatMul | Op::MultiMatMul { .. } | Op::GateUpSwiGlu => 1..step.inputs.len(),
-                _ => continue,
-            };
-            for operand in &step.inputs[slots] {
+            let matrices = step.inputs.get(step.op.matrix_slots()).unwrap_or_default();
+            for operand in matrices {
                 if let Operand::Weight(i) = operand {
                     let w = &self.weights[*i as usize];
                     matrix(&self.file, w).map_err(|e| BackendError::Unsupported {
