@@ -7,6 +7,7 @@
 //! specific checks (which tensors a llama needs, their shapes) belong to lowering, not here.
 
 use crate::gguf::{Array, GgmlType, GgufError, GgufFile, Value, file_type_name};
+use crate::units::human_bytes;
 use serde::Serialize;
 use std::fmt;
 
@@ -440,22 +441,6 @@ fn human_count(n: u64) -> String {
     }
 }
 
-/// `98362432` as `93.81 MiB`.
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut x = n as f64;
-    let mut unit = 0;
-    while x >= 1024.0 && unit + 1 < UNITS.len() {
-        x /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{x:.2} {}", UNITS[unit])
-    }
-}
-
 fn opt<T: fmt::Display>(v: &Option<T>) -> String {
     v.as_ref().map_or_else(|| "-".to_string(), T::to_string)
 }
@@ -493,7 +478,7 @@ impl fmt::Display for ModelSummary {
             f,
             "format          GGUF v{}, {} ({} bytes), {} metadata keys, {} tensors",
             self.gguf_version,
-            human_bytes(self.file_bytes),
+            human_bytes(self.file_bytes, 2),
             self.file_bytes,
             self.metadata.len(),
             self.tensors.len(),
@@ -513,7 +498,7 @@ impl fmt::Display for ModelSummary {
             "parameters      {} ({}), {} of tensor data",
             human_count(self.parameter_count),
             self.parameter_count,
-            human_bytes(self.tensor_bytes)
+            human_bytes(self.tensor_bytes, 2)
         )?;
         let file_type = match &self.file_type {
             None => "-".to_string(),
@@ -524,7 +509,7 @@ impl fmt::Display for ModelSummary {
         let histogram: Vec<String> = self
             .tensor_types
             .iter()
-            .map(|c| format!("{} {} ({})", c.tensors, c.ty, human_bytes(c.bytes)))
+            .map(|c| format!("{} {} ({})", c.tensors, c.ty, human_bytes(c.bytes, 2)))
             .collect();
         let histogram = if histogram.is_empty() {
             "-".to_string()
@@ -772,7 +757,5 @@ mod tests {
         let a = Value::Array(Array::U32((0..10).collect()));
         assert_eq!(preview(&a), "[0, 1, 2, 3, ...]");
         assert_eq!(human_count(134_515_008), "134.52M");
-        assert_eq!(human_bytes(98_362_432), "93.81 MiB");
-        assert_eq!(human_bytes(12), "12 B");
     }
 }
