@@ -6,6 +6,15 @@
 //! stored in any GGUF type (dequantized on the fly; arithmetic is FP32). "The step" is one call of
 //! the plan: `T` tokens, each with a sequence and a position, described by a [`Batch`].
 //!
+//!
+//! Every fact about an op lives here, each as one exhaustive `match` (no `_ =>` arm), so a new
+//! variant does not compile until each table has it: its kind ([`Op::kind`], [`OpKind::ALL`]),
+//! name and class ([`OpKind::info`]), a well-typed example ([`OpKind::example`]), its slots,
+//! ports and weight-matrix slots ([`Op::input_names`], [`Op::n_outputs`], [`Op::matrix_slots`])
+//! and, for a fused op, its expansion into primitive ops ([`Op::expansion`]). The shape rule is
+//! [`infer`](super::infer::infer). Harnesses that must cover every op (the per-op parity cases,
+//! a backend's list of supported ops) walk [`OpKind::ALL`] or [`Op::examples`].
+//!
 //! [`Batch`]: super::Batch
 
 use super::types::{Dim, KvCacheType, Shape, TensorType, ValueType};
@@ -535,7 +544,7 @@ impl Op {
 
     /// What a fused op means, as primitive ops in program order (`None` for any other op). The
     /// fused op's output port `p` is the value of the expanded op whose result is
-    /// [`ExpandedResult::Port`]`(p)`. [`unfuse`](crate::passes::unfuse) rewrites a graph with it.
+    /// [`ExpandedResult::Port`]`(p)`. [`unfuse`](fn@crate::passes::unfuse) rewrites a graph with it.
     pub fn expansion(&self) -> Option<Vec<Expanded>> {
         use ExpandedInput::{Node, Slot};
         use ExpandedResult::{Part, Port};

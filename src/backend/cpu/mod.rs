@@ -501,7 +501,25 @@ fn source(plan: &Plan, v: ValueRef) -> Source {
         (Op::Positions, _) => Source::Positions,
         (Op::OutputRows, _) => Source::Outputs,
         (_, Some(ValueType::KvCache(kv))) => Source::Kv(kv.layer),
-        _ => Source::Arena,
+        (
+            Op::Weight { .. }
+            | Op::Embedding
+            | Op::MatMul
+            | Op::Add
+            | Op::Mul
+            | Op::Silu
+            | Op::RmsNorm { .. }
+            | Op::Rope(_)
+            | Op::KvWrite(_)
+            | Op::Attention(_)
+            | Op::SelectRows
+            | Op::SwiGlu
+            | Op::MultiMatMul { .. }
+            | Op::GateUpSwiGlu
+            | Op::AddRmsNorm { .. }
+            | Op::RopeKvWrite { .. },
+            _,
+        ) => Source::Arena,
     }
 }
 
