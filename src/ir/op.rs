@@ -4,11 +4,22 @@
 //! Conventions used below: activations are `F32` rows, `x[r, i]` is element `i` of row `r`; a
 //! weight `W` of IR shape `[n, k]` has `n` rows of `k` elements (GGUF `ne = [k, n]`) and may be
 //! stored in any GGUF type (dequantized on the fly; arithmetic is FP32). "The step" is one call of
-//! the plan: `T` tokens, each with a sequence slot and a position, described by a
+//! the plan: `T` tokens, each with a sequence and a position, described by a
 //! [`Step`](crate::backend::step::Step).
+//!
+//! Every fact about an op lives here, each as one exhaustive `match` (no `_ =>` arm), so a new
+//! variant does not compile until each table has it: its kind ([`Op::kind`], [`OpKind::ALL`]),
+//! name and class ([`OpKind::info`]), a well-typed example ([`OpKind::example`]), its slots,
+//! ports and weight-matrix slots ([`Op::input_names`], [`Op::n_outputs`], [`Op::matrix_slots`])
+//! and, for a fused op, its expansion into primitive ops ([`Op::expansion`]). The shape rule is
+//! [`infer`](super::infer::infer). Harnesses that must cover every op (the per-op parity cases,
+//! a backend's list of supported ops) walk [`OpKind::ALL`] or [`Op::examples`].
 
+use super::types::{Dim, KvCacheType, Shape, TensorType, ValueType};
+use crate::gguf::GgmlType;
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::ops::Range;
 
 /// One operation. Inputs are numbered *slots* (see [`Op::input_names`]); outputs are numbered
 /// *ports* (see [`Op::n_outputs`]).
@@ -32,6 +43,7 @@ pub enum Op {
     /// `(table [V, E], ids i32[R]) -> [R, E]`: `y[r] = table[ids[r]]`, the row dequantized to F32.
     Embedding,
     /// `(x [R, K], w [N, K]) -> [R, N]`: `y[r, n] = sum_k x[r, k] * w[n, k]` (`y = x Wᵀ`).
+    #[serde(rename = "matmul", alias = "mat_mul")]
     MatMul,
     /// `(a [R, N], b [R, N] or [N]) -> [R, N]`: `y = a + b`; a vector `b` (a bias) is added to
     /// every row.
@@ -41,9 +53,6 @@ pub enum Op {
     Mul,
     /// `(x [R, N]) -> [R, N]`: `y = x * sigmoid(x) = x / (1 + exp(-x))`.
     Silu,
-    /// `(gate [R, N], up [R, N]) -> [R, N]`: `y = silu(gate) * up`. The fused form of
-    /// `mul(silu(gate), up)`.
-    SwiGlu,
     /// `(x [R, N], w [G]) -> [R, N]` with `G` dividing `N`: each run of `G` consecutive elements
     /// of a row is normalized on its own and scaled by `w`:
     /// `y[r, g*G + i] = x[r, g*G + i] / sqrt(mean_j(x[r, g*G + j]²) + eps) * w[i]`.
@@ -64,12 +73,18 @@ pub enum Op {
     SelectRows,
 
     // ---- Fused ops: produced by passes; each means exactly its unfused expansion. ----
+    /// `(gate [R, N], up [R, N]) -> [R, N]`: `y = silu(gate) * up`. The fused form of
+    /// `mul(silu(gate), up)`.
+    #[serde(rename = "swiglu", alias = "swi_glu")]
+    SwiGlu,
     /// `(x [R, K], w_0 [N_0, K], ..., w_{n-1}) -> (y_0 [R, N_0], ..., y_{n-1})`:
     /// `y_i = x W_iᵀ`: several matmuls that read the same `x` (q, k and v). The weights keep
     /// their own tensors and types: nothing is concatenated or copied.
+    #[serde(rename = "multi_matmul", alias = "multi_mat_mul")]
     MultiMatMul { n: u8 },
     /// `(x [R, K], w_gate [N, K], w_up [N, K]) -> [R, N]`: `y = silu(x W_gateᵀ) * (x W_upᵀ)`: the
     /// SwiGLU feed-forward's first half without materializing the gate and up activations.
+    #[serde(rename = "gate_up_swiglu", alias = "gate_up_swi_glu")]
     GateUpSwiGlu,
     /// `(a [R, N], b [R, N], w [G]) -> (sum [R, N], normed [R, N])`: `sum = a + b`,
     /// `normed = rms_norm(sum, w)`: the residual add and the next norm in one pass.
@@ -140,30 +155,294 @@ pub struct AttentionParams {
     pub sliding_window: Option<u32>,
 }
 
+/// Declares [`OpKind`] and [`OpKind::ALL`] from one list, so that no kind can be missing from
+/// the list of every kind.
+macro_rules! op_kinds {
+    ($($kind:ident),* $(,)?) => {
+        /// Which op an [`Op`] is, without its parameters: one kind per variant of `Op`
+        /// ([`Op::kind`]).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum OpKind {
+            $($kind),*
+        }
+
+        impl OpKind {
+            /// Every kind, in the order `Op` declares its variants. A table of ops (the per-op
+            /// parity cases, a backend's list of what it runs) walks this list, and
+            /// [`OpKind::example`] gives a well-typed instance of each.
+            pub const ALL: &'static [OpKind] = &[$(OpKind::$kind),*];
+        }
+    };
+}
+
+op_kinds!(
+    TokenIds,
+    Positions,
+    OutputRows,
+    Weight,
+    Embedding,
+    MatMul,
+    Add,
+    Mul,
+    Silu,
+    RmsNorm,
+    Rope,
+    KvWrite,
+    Attention,
+    SelectRows,
+    SwiGlu,
+    MultiMatMul,
+    GateUpSwiGlu,
+    AddRmsNorm,
+    RopeKvWrite,
+);
+
+/// The role an op plays in a graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OpClass {
+    /// Filled from the `Step` before anything runs; no inputs.
+    StepInput,
+    /// A GGUF tensor; its type comes from the file, not from shape inference.
+    Weight,
+    /// Arithmetic a backend implements directly; lowering emits these.
+    Primitive,
+    /// Made only by passes; means exactly its [`Op::expansion`] into primitive ops.
+    Fused,
+}
+
+/// The fixed facts about a kind of op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpInfo {
+    /// The name in dumps, errors and the serialized plan's `op` tag (`rms_norm`).
+    pub name: &'static str,
+    pub class: OpClass,
+}
+
+impl OpKind {
+    /// The kind's name and class: the one table every other view ([`Op::name`],
+    /// [`Op::is_fused`], [`Op::is_step_input`]) reads.
+    pub const fn info(self) -> OpInfo {
+        use OpClass::*;
+        let (name, class) = match self {
+            OpKind::TokenIds => ("token_ids", StepInput),
+            OpKind::Positions => ("positions", StepInput),
+            OpKind::OutputRows => ("output_rows", StepInput),
+            OpKind::Weight => ("weight", Weight),
+            OpKind::Embedding => ("embedding", Primitive),
+            OpKind::MatMul => ("matmul", Primitive),
+            OpKind::Add => ("add", Primitive),
+            OpKind::Mul => ("mul", Primitive),
+            OpKind::Silu => ("silu", Primitive),
+            OpKind::RmsNorm => ("rms_norm", Primitive),
+            OpKind::Rope => ("rope", Primitive),
+            OpKind::KvWrite => ("kv_write", Primitive),
+            OpKind::Attention => ("attention", Primitive),
+            OpKind::SelectRows => ("select_rows", Primitive),
+            OpKind::SwiGlu => ("swiglu", Fused),
+            OpKind::MultiMatMul => ("multi_matmul", Fused),
+            OpKind::GateUpSwiGlu => ("gate_up_swiglu", Fused),
+            OpKind::AddRmsNorm => ("add_rms_norm", Fused),
+            OpKind::RopeKvWrite => ("rope_kv_write", Fused),
+        };
+        OpInfo { name, class }
+    }
+
+    pub const fn name(self) -> &'static str {
+        self.info().name
+    }
+
+    /// The kind whose name is `name` (`rms_norm`), if any.
+    pub fn from_name(name: &str) -> Option<OpKind> {
+        OpKind::ALL.iter().copied().find(|k| k.name() == name)
+    }
+
+    /// A well-typed instance of this kind: the op with representative parameters and one input
+    /// type per slot (activations of `T` tokens, F32 weights; model-sized shapes are the parity
+    /// harness's business). Shape inference accepts every example but the weight's, whose type
+    /// comes from its tensor.
+    pub fn example(self) -> OpExample {
+        const EMBD: u64 = 64;
+        const FF: u64 = 96;
+        const VOCAB: u64 = 100;
+        const HEADS: u32 = 4;
+        const KV_HEADS: u32 = 2;
+        const HEAD_DIM: u32 = 16;
+        const KV_WIDTH: u64 = (KV_HEADS * HEAD_DIM) as u64;
+        let act = |width: u64| ValueType::Tensor(TensorType::activation(Dim::Tokens, width));
+        let mat = |n: u64, k: u64| {
+            ValueType::Tensor(TensorType::new(GgmlType::F32, Shape::fixed(&[n, k])))
+        };
+        let vector = |n: u64| ValueType::Tensor(TensorType::new(GgmlType::F32, Shape::fixed(&[n])));
+        let indices =
+            |rows: Dim| ValueType::Tensor(TensorType::new(GgmlType::I32, Shape(vec![rows])));
+        let kv = KvParams {
+            layer: 0,
+            n_kv_heads: KV_HEADS,
+            head_dim: HEAD_DIM,
+        };
+        let rope = |style, freq_factors| RopeParams {
+            style,
+            head_dim: HEAD_DIM,
+            n_rot: HEAD_DIM,
+            freq_base: 10_000.0,
+            freq_scale: 1.0,
+            freq_factors,
+        };
+        let eps = 1e-5;
+        let (op, inputs) = match self {
+            OpKind::TokenIds => (Op::TokenIds, vec![]),
+            OpKind::Positions => (Op::Positions, vec![]),
+            OpKind::OutputRows => (Op::OutputRows, vec![]),
+            OpKind::Weight => (
+                Op::Weight {
+                    tensor: "blk.0.attn_q.weight".into(),
+                },
+                vec![],
+            ),
+            OpKind::Embedding => (Op::Embedding, vec![mat(VOCAB, EMBD), indices(Dim::Tokens)]),
+            OpKind::MatMul => (Op::MatMul, vec![act(EMBD), mat(FF, EMBD)]),
+            OpKind::Add => (Op::Add, vec![act(EMBD), act(EMBD)]),
+            OpKind::Mul => (Op::Mul, vec![act(EMBD), vector(EMBD)]),
+            OpKind::Silu => (Op::Silu, vec![act(FF)]),
+            OpKind::RmsNorm => (Op::RmsNorm { eps }, vec![act(EMBD), vector(EMBD)]),
+            OpKind::Rope => (
+                Op::Rope(rope(RopeStyle::Normal, false)),
+                vec![act(EMBD), indices(Dim::Tokens)],
+            ),
+            OpKind::KvWrite => (Op::KvWrite(kv), vec![act(KV_WIDTH), act(KV_WIDTH)]),
+            OpKind::Attention => (
+                Op::Attention(AttentionParams {
+                    n_heads: HEADS,
+                    n_kv_heads: KV_HEADS,
+                    head_dim: HEAD_DIM,
+                    scale: 0.25,
+                    sliding_window: None,
+                }),
+                vec![
+                    act(EMBD),
+                    ValueType::KvCache(KvCacheType {
+                        layer: kv.layer,
+                        n_kv_heads: KV_HEADS,
+                        head_dim: HEAD_DIM,
+                    }),
+                ],
+            ),
+            OpKind::SelectRows => (Op::SelectRows, vec![act(EMBD), indices(Dim::Outputs)]),
+            OpKind::SwiGlu => (Op::SwiGlu, vec![act(FF), act(FF)]),
+            OpKind::MultiMatMul => (
+                Op::MultiMatMul { n: 3 },
+                vec![
+                    act(EMBD),
+                    mat(EMBD, EMBD),
+                    mat(KV_WIDTH, EMBD),
+                    mat(KV_WIDTH, EMBD),
+                ],
+            ),
+            OpKind::GateUpSwiGlu => (
+                Op::GateUpSwiGlu,
+                vec![act(EMBD), mat(FF, EMBD), mat(FF, EMBD)],
+            ),
+            OpKind::AddRmsNorm => (
+                Op::AddRmsNorm { eps },
+                vec![act(EMBD), act(EMBD), vector(EMBD)],
+            ),
+            OpKind::RopeKvWrite => (
+                Op::RopeKvWrite {
+                    rope: rope(RopeStyle::Neox, true),
+                    kv,
+                },
+                vec![
+                    act(KV_WIDTH),
+                    act(KV_WIDTH),
+                    indices(Dim::Tokens),
+                    vector(u64::from(HEAD_DIM / 2)),
+                ],
+            ),
+        };
+        OpExample { op, inputs }
+    }
+}
+
+impl fmt::Display for OpKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An op with the types of its inputs, one per slot: see [`OpKind::example`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct OpExample {
+    pub op: Op,
+    pub inputs: Vec<ValueType>,
+}
+
+/// One primitive op of a fused op's expansion ([`Op::expansion`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Expanded {
+    pub op: Op,
+    /// Where each of its inputs comes from, in slot order.
+    pub inputs: Vec<ExpandedInput>,
+    /// What it computes.
+    pub result: ExpandedResult,
+}
+
+/// An input of an [`Expanded`] op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpandedInput {
+    /// Input slot `i` of the fused op.
+    Slot(usize),
+    /// The (single) output of the expansion's op `i`, an earlier one.
+    Node(usize),
+}
+
+/// What an [`Expanded`] op computes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpandedResult {
+    /// Output port `p` of the fused op: the value keeps its name.
+    Port(usize),
+    /// An intermediate the fusion dropped; unfusing names it `<port 0's name>.<part>`.
+    Part(&'static str),
+}
+
 impl Op {
+    /// The kind of op, without parameters.
+    pub fn kind(&self) -> OpKind {
+        match self {
+            Op::TokenIds => OpKind::TokenIds,
+            Op::Positions => OpKind::Positions,
+            Op::OutputRows => OpKind::OutputRows,
+            Op::Weight { .. } => OpKind::Weight,
+            Op::Embedding => OpKind::Embedding,
+            Op::MatMul => OpKind::MatMul,
+            Op::Add => OpKind::Add,
+            Op::Mul => OpKind::Mul,
+            Op::Silu => OpKind::Silu,
+            Op::RmsNorm { .. } => OpKind::RmsNorm,
+            Op::Rope(_) => OpKind::Rope,
+            Op::KvWrite(_) => OpKind::KvWrite,
+            Op::Attention(_) => OpKind::Attention,
+            Op::SelectRows => OpKind::SelectRows,
+            Op::SwiGlu => OpKind::SwiGlu,
+            Op::MultiMatMul { .. } => OpKind::MultiMatMul,
+            Op::GateUpSwiGlu => OpKind::GateUpSwiGlu,
+            Op::AddRmsNorm { .. } => OpKind::AddRmsNorm,
+            Op::RopeKvWrite { .. } => OpKind::RopeKvWrite,
+        }
+    }
+
+    /// One well-typed example of every kind of op, in [`OpKind::ALL`] order.
+    pub fn examples() -> Vec<OpExample> {
+        OpKind::ALL.iter().map(|k| k.example()).collect()
+    }
+
     /// The op's name in dumps and errors (`rms_norm`, `multi_matmul`, ...).
     pub fn name(&self) -> &'static str {
-        match self {
-            Op::TokenIds => "token_ids",
-            Op::Positions => "positions",
-            Op::OutputRows => "output_rows",
-            Op::Weight { .. } => "weight",
-            Op::Embedding => "embedding",
-            Op::MatMul => "matmul",
-            Op::Add => "add",
-            Op::Mul => "mul",
-            Op::Silu => "silu",
-            Op::SwiGlu => "swiglu",
-            Op::RmsNorm { .. } => "rms_norm",
-            Op::Rope(_) => "rope",
-            Op::KvWrite(_) => "kv_write",
-            Op::Attention(_) => "attention",
-            Op::SelectRows => "select_rows",
-            Op::MultiMatMul { .. } => "multi_matmul",
-            Op::GateUpSwiGlu => "gate_up_swiglu",
-            Op::AddRmsNorm { .. } => "add_rms_norm",
-            Op::RopeKvWrite { .. } => "rope_kv_write",
-        }
+        self.kind().name()
+    }
+
+    /// The op's role: step input, weight, primitive or fused.
+    pub fn class(&self) -> OpClass {
+        self.kind().info().class
     }
 
     /// The names of the input slots, in slot order.
@@ -204,24 +483,123 @@ impl Op {
         match self {
             Op::MultiMatMul { n } => usize::from(*n),
             Op::AddRmsNorm { .. } => 2,
-            _ => 1,
+            Op::TokenIds
+            | Op::Positions
+            | Op::OutputRows
+            | Op::Weight { .. }
+            | Op::Embedding
+            | Op::MatMul
+            | Op::Add
+            | Op::Mul
+            | Op::Silu
+            | Op::RmsNorm { .. }
+            | Op::Rope(_)
+            | Op::KvWrite(_)
+            | Op::Attention(_)
+            | Op::SelectRows
+            | Op::SwiGlu
+            | Op::GateUpSwiGlu
+            | Op::RopeKvWrite { .. } => 1,
+        }
+    }
+
+    /// The input slots that take a weight matrix `[n, k]` of any storage type (dequantized on
+    /// the fly): what a backend's matrix kernels must be able to read. Vector weights (norms,
+    /// biases, rope frequency factors) are F32 and not listed.
+    pub fn matrix_slots(&self) -> Range<usize> {
+        match self {
+            Op::Embedding => 0..1,
+            Op::MatMul => 1..2,
+            Op::MultiMatMul { n } => 1..1 + usize::from(*n),
+            Op::GateUpSwiGlu => 1..3,
+            Op::TokenIds
+            | Op::Positions
+            | Op::OutputRows
+            | Op::Weight { .. }
+            | Op::Add
+            | Op::Mul
+            | Op::Silu
+            | Op::RmsNorm { .. }
+            | Op::Rope(_)
+            | Op::KvWrite(_)
+            | Op::Attention(_)
+            | Op::SelectRows
+            | Op::SwiGlu
+            | Op::AddRmsNorm { .. }
+            | Op::RopeKvWrite { .. } => 0..0,
         }
     }
 
     /// True for the ops whose values come from the `Step`.
     pub fn is_step_input(&self) -> bool {
-        matches!(self, Op::TokenIds | Op::Positions | Op::OutputRows)
+        self.class() == OpClass::StepInput
     }
 
-    /// True for ops that only passes create.
+    /// True for ops that only passes create (those with an [`expansion`](Op::expansion)).
     pub fn is_fused(&self) -> bool {
-        matches!(
-            self,
-            Op::MultiMatMul { .. }
-                | Op::GateUpSwiGlu
-                | Op::AddRmsNorm { .. }
-                | Op::RopeKvWrite { .. }
-        )
+        self.class() == OpClass::Fused
+    }
+
+    /// What a fused op means, as primitive ops in program order (`None` for any other op). The
+    /// fused op's output port `p` is the value of the expanded op whose result is
+    /// [`ExpandedResult::Port`]`(p)`. [`unfuse`](fn@crate::passes::unfuse) rewrites a graph with it.
+    pub fn expansion(&self) -> Option<Vec<Expanded>> {
+        use ExpandedInput::{Node, Slot};
+        use ExpandedResult::{Part, Port};
+        let e = |op: Op, inputs: &[ExpandedInput], result| Expanded {
+            op,
+            inputs: inputs.to_vec(),
+            result,
+        };
+        Some(match self {
+            Op::TokenIds
+            | Op::Positions
+            | Op::OutputRows
+            | Op::Weight { .. }
+            | Op::Embedding
+            | Op::MatMul
+            | Op::Add
+            | Op::Mul
+            | Op::Silu
+            | Op::RmsNorm { .. }
+            | Op::Rope(_)
+            | Op::KvWrite(_)
+            | Op::Attention(_)
+            | Op::SelectRows => return None,
+            // swiglu(gate, up) = mul(silu(gate), up)
+            Op::SwiGlu => vec![
+                e(Op::Silu, &[Slot(0)], Part("silu")),
+                e(Op::Mul, &[Node(0), Slot(1)], Port(0)),
+            ],
+            // multi_matmul(x, w_0..w_n) = (matmul(x, w_0), ..., matmul(x, w_n))
+            Op::MultiMatMul { n } => (0..usize::from(*n))
+                .map(|i| e(Op::MatMul, &[Slot(0), Slot(1 + i)], Port(i)))
+                .collect(),
+            // gate_up_swiglu(x, wg, wu) = mul(silu(matmul(x, wg)), matmul(x, wu))
+            Op::GateUpSwiGlu => vec![
+                e(Op::MatMul, &[Slot(0), Slot(1)], Part("gate")),
+                e(Op::MatMul, &[Slot(0), Slot(2)], Part("up")),
+                e(Op::Silu, &[Node(0)], Part("silu")),
+                e(Op::Mul, &[Node(2), Node(1)], Port(0)),
+            ],
+            // add_rms_norm(a, b, w) = (add(a, b), rms_norm(add(a, b), w))
+            Op::AddRmsNorm { eps } => vec![
+                e(Op::Add, &[Slot(0), Slot(1)], Port(0)),
+                e(Op::RmsNorm { eps: *eps }, &[Node(0), Slot(2)], Port(1)),
+            ],
+            // rope_kv_write(k, v, pos[, ff]) = kv_write(rope(k, pos[, ff]), v)
+            Op::RopeKvWrite { rope, kv } => {
+                let rope_inputs: &[ExpandedInput] = if rope.freq_factors {
+                    &[Slot(0), Slot(2), Slot(3)]
+                } else {
+                    &[Slot(0), Slot(2)]
+                };
+                vec![
+                    e(Op::Rope(*rope), rope_inputs, Part("k_rope")),
+                    e(Op::KvWrite(*kv), &[Node(0), Slot(1)], Port(0)),
+                ]
+            }
+        })
     }
 }
 
@@ -267,7 +645,18 @@ impl fmt::Display for Op {
                 f.write_str("]")
             }
             Op::MultiMatMul { n } => write!(f, "[n={n}]"),
-            _ => Ok(()),
+            Op::TokenIds
+            | Op::Positions
+            | Op::OutputRows
+            | Op::Weight { .. }
+            | Op::Embedding
+            | Op::MatMul
+            | Op::Add
+            | Op::Mul
+            | Op::Silu
+            | Op::SelectRows
+            | Op::SwiGlu
+            | Op::GateUpSwiGlu => Ok(()),
         }
     }
 }
@@ -275,6 +664,150 @@ impl fmt::Display for Op {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ir::infer::infer;
+
+    /// The output types of `ex`'s op computed through its expansion, one op at a time.
+    fn expanded_types(ex: &OpExample, expansion: &[Expanded]) -> Vec<ValueType> {
+        let mut made: Vec<ValueType> = Vec::new();
+        let mut ports = vec![None; ex.op.n_outputs()];
+        for part in expansion {
+            assert!(
+                !part.op.is_fused() && part.op.class() == OpClass::Primitive,
+                "{}'s expansion holds {}",
+                ex.op,
+                part.op
+            );
+            let types: Vec<&ValueType> = part
+                .inputs
+                .iter()
+                .map(|i| match *i {
+                    ExpandedInput::Slot(s) => &ex.inputs[s],
+                    ExpandedInput::Node(n) => &made[n],
+                })
+                .collect();
+            let out = infer(&part.op, &types)
+                .unwrap_or_else(|e| panic!("{}'s expansion: {}: {e}", ex.op, part.op));
+            assert_eq!(out.len(), 1, "expanded ops have one output");
+            if let ExpandedResult::Port(p) = part.result {
+                assert!(ports[p].is_none(), "{}: port {p} computed twice", ex.op);
+                ports[p] = Some(out[0].clone());
+            }
+            made.push(out[0].clone());
+        }
+        ports
+            .into_iter()
+            .enumerate()
+            .map(|(p, t)| {
+                t.unwrap_or_else(|| panic!("{}: no expanded op computes port {p}", ex.op))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_kind_has_consistent_metadata() {
+        let examples = Op::examples();
+        assert_eq!(examples.len(), OpKind::ALL.len());
+        let mut names = std::collections::HashSet::new();
+        for (ex, &kind) in examples.iter().zip(OpKind::ALL) {
+            let op = &ex.op;
+            assert_eq!(op.kind(), kind, "example of {kind}");
+            assert!(
+                names.insert(op.name()),
+                "two kinds are called {}",
+                op.name()
+            );
+            assert_eq!(OpKind::from_name(op.name()), Some(kind));
+            // The name is the serialized plan's tag, and what dumps print first.
+            let json = serde_json::to_value(op).unwrap();
+            assert_eq!(json["op"], op.name(), "{kind}'s serde tag");
+            assert_eq!(serde_json::from_value::<Op>(json).unwrap(), *op);
+            assert!(op.to_string().starts_with(op.name()));
+            // Slots, ports and the shape rule agree.
+            assert_eq!(
+                op.arity(),
+                ex.inputs.len(),
+                "{kind}: one input type per slot"
+            );
+            assert_eq!(op.input_names().len(), op.arity());
+            let types: Vec<&ValueType> = ex.inputs.iter().collect();
+            let inferred = infer(op, &types);
+            match op.class() {
+                OpClass::Weight => assert!(inferred.is_err(), "a weight's type is its tensor's"),
+                OpClass::StepInput => {
+                    assert!(op.is_step_input() && op.arity() == 0);
+                    assert_eq!(inferred.unwrap().len(), 1);
+                }
+                OpClass::Primitive | OpClass::Fused => {
+                    let out = inferred.unwrap_or_else(|e| panic!("{kind}: {e}"));
+                    assert_eq!(out.len(), op.n_outputs(), "{kind}: outputs");
+                }
+            }
+            assert_eq!(op.is_step_input(), op.class() == OpClass::StepInput);
+            // Matrix slots hold matrices, and any storage type of theirs is accepted.
+            let slots = op.matrix_slots();
+            assert!(slots.end <= op.arity(), "{kind}: matrix slots {slots:?}");
+            for s in slots {
+                let ValueType::Tensor(t) = &ex.inputs[s] else {
+                    panic!("{kind}: matrix slot {s} is not a tensor");
+                };
+                assert_eq!(t.shape.rank(), 2, "{kind}: matrix slot {s}");
+                let mut quantized = ex.inputs.clone();
+                quantized[s] = ValueType::Tensor(TensorType::new(GgmlType::Q8_0, t.shape.clone()));
+                let types: Vec<&ValueType> = quantized.iter().collect();
+                infer(op, &types).unwrap_or_else(|e| panic!("{kind} with a q8_0 slot {s}: {e}"));
+            }
+        }
+    }
+
+    #[test]
+    fn fused_ops_expand_to_primitives_with_the_same_shapes() {
+        for ex in Op::examples() {
+            let op = &ex.op;
+            let Some(expansion) = op.expansion() else {
+                assert!(!op.is_fused(), "{op} is fused but has no expansion");
+                continue;
+            };
+            assert!(op.is_fused(), "{op} has an expansion but is not fused");
+            let types: Vec<&ValueType> = ex.inputs.iter().collect();
+            let fused = infer(op, &types).unwrap();
+            assert_eq!(expanded_types(&ex, &expansion), fused, "{op}");
+            // Every input slot is read by some expanded op.
+            for s in 0..op.arity() {
+                assert!(
+                    expansion
+                        .iter()
+                        .any(|p| p.inputs.contains(&ExpandedInput::Slot(s))),
+                    "{op}: slot {s} is unused by its expansion"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn plans_written_with_the_old_tags_still_load() {
+        // Before the tags were the ops' names, four serialized as `mat_mul`, `swi_glu`, ...
+        for (old, op) in [
+            ("mat_mul", Op::MatMul),
+            ("swi_glu", Op::SwiGlu),
+            ("gate_up_swi_glu", Op::GateUpSwiGlu),
+        ] {
+            let json = format!(r#"{{"op":"{old}"}}"#);
+            assert_eq!(serde_json::from_str::<Op>(&json).unwrap(), op);
+        }
+        let multi: Op = serde_json::from_str(r#"{"op":"multi_mat_mul","n":3}"#).unwrap();
+        assert_eq!(multi, Op::MultiMatMul { n: 3 });
+    }
+
+    #[test]
+    fn swiglu_is_fused() {
+        // Only the `swiglu` pass makes it and `unfuse` expands it; it was once counted as a
+        // primitive, which hid it from anything asking for fused ops.
+        assert!(Op::SwiGlu.is_fused());
+        assert_eq!(
+            Op::SwiGlu.expansion().unwrap().last().map(|e| &e.op),
+            Some(&Op::Mul)
+        );
+    }
 
     #[test]
     fn ops_serialize_with_an_op_tag() {

@@ -6,16 +6,19 @@
 //! tensor at fault, on an unsupported architecture, a missing or misshapen tensor, or a tensor
 //! that no role uses (a feature m40-llm does not know would otherwise be silently ignored).
 //!
-//! [`tiny`] writes small models of every family for tests and benches.
+//! `tiny` writes small models of every family for tests and benches (with the `test-support`
+//! feature, which this package's tests and benches turn on).
 
 mod build;
 pub mod hparams;
 pub mod template;
+#[cfg(any(test, feature = "test-support"))]
 pub mod tiny;
 
 pub use build::lower;
 pub use hparams::Hyperparams;
 pub use template::{Template, TemplateError};
+#[cfg(any(test, feature = "test-support"))]
 pub use tiny::{TinyModel, TinyTensor};
 
 use crate::gguf::{GgmlType, GgufError};

@@ -2,7 +2,7 @@
 //! sum (the residual stream, still read by the next residual add) and the normed value. Both keep
 //! their names. Only same-shaped adds fuse (not a bias add).
 
-use super::{Pass, joined_name};
+use super::{Pass, Rewrite, joined_name, rewrite_each};
 use crate::ir::{Graph, IrError, Op, Value};
 
 pub struct AddRmsNormFusion;
@@ -13,34 +13,30 @@ impl Pass for AddRmsNormFusion {
     }
 
     fn run(&self, graph: &mut Graph) -> Result<usize, IrError> {
-        let mut rewrites = 0;
-        for id in graph.topo_order()? {
-            let Some(Op::RmsNorm { eps }) = graph.get(id).map(|n| n.op.clone()) else {
-                continue;
+        rewrite_each(graph, |graph, id, node| {
+            let Op::RmsNorm { eps } = node.op else {
+                return None;
             };
             let [sum, w] = graph.inputs(id)[..] else {
-                continue;
+                return None;
             };
             if graph.node(sum.node).op != Op::Add {
-                continue;
+                return None;
             }
             let [a, b] = graph.inputs(sum.node)[..] else {
-                continue;
+                return None;
             };
             if graph.value_type(a) != graph.value_type(b) {
-                continue;
+                return None;
             }
             let normed = Value::new(id, 0);
-            let name = joined_name(&[graph.value_name(sum), graph.value_name(normed)]);
-            graph.fuse(
-                &[sum.node, id],
-                name,
-                Op::AddRmsNorm { eps },
-                &[a, b, w],
-                &[sum, normed],
-            )?;
-            rewrites += 1;
-        }
-        Ok(rewrites)
+            Some(Rewrite {
+                replaced: vec![sum.node, id],
+                name: joined_name(&[graph.value_name(sum), graph.value_name(normed)]),
+                op: Op::AddRmsNorm { eps },
+                inputs: vec![a, b, w],
+                ports: vec![sum, normed],
+            })
+        })
     }
 }

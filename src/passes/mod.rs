@@ -28,7 +28,7 @@ pub use rope_kv_write::RopeKvWriteFusion;
 pub use swiglu::SwiGluFusion;
 pub use unfuse::unfuse;
 
-use crate::ir::{Graph, IrError, Value, VerifyError, verify};
+use crate::ir::{Graph, IrError, Node, NodeId, Op, Value, VerifyError, verify};
 use serde::{Deserialize, Serialize};
 
 /// A graph rewrite.
@@ -130,9 +130,41 @@ impl Pipeline {
     }
 }
 
+/// One fusion a pass found: the arguments of [`Graph::fuse`].
+struct Rewrite {
+    /// The nodes the fused node replaces.
+    replaced: Vec<NodeId>,
+    name: String,
+    op: Op,
+    inputs: Vec<Value>,
+    /// The values of `replaced` the fused node's ports take over, in port order.
+    ports: Vec<Value>,
+}
+
+/// The skeleton of every fusion: visits the nodes in program order, asks `find` what to fuse at
+/// each node still in the graph, and applies those rewrites in turn. Returns how many it applied.
+fn rewrite_each<R>(
+    graph: &mut Graph,
+    mut find: impl FnMut(&Graph, NodeId, &Node) -> R,
+) -> Result<usize, IrError>
+where
+    R: IntoIterator<Item = Rewrite>,
+{
+    let mut rewrites = 0;
+    for id in graph.topo_order()? {
+        let Some(node) = graph.get(id) else { continue };
+        let found: Vec<Rewrite> = find(graph, id, node).into_iter().collect();
+        for r in found {
+            graph.fuse(&r.replaced, r.name, r.op, &r.inputs, &r.ports)?;
+            rewrites += 1;
+        }
+    }
+    Ok(rewrites)
+}
+
 /// The only reader of `value`, if it has exactly one and is not a graph output: the condition
 /// for folding the value into its reader.
-fn sole_user(graph: &Graph, value: Value) -> Option<(crate::ir::NodeId, u8)> {
+fn sole_user(graph: &Graph, value: Value) -> Option<(NodeId, u8)> {
     match graph.users(value).as_slice() {
         [only] if !graph.outputs().contains(&value) => Some(*only),
         _ => None,

@@ -1,7 +1,7 @@
 //! `rope-kv-write`: `kv_write(rope(k), v)` → `rope_kv_write(k, v, pos)`, when the rotated keys
 //! feed nothing else: they go straight into the FP16 cache without an F32 buffer.
 
-use super::{Pass, sole_user};
+use super::{Pass, Rewrite, rewrite_each, sole_user};
 use crate::ir::{Graph, IrError, Op, Value};
 
 pub struct RopeKvWriteFusion;
@@ -12,40 +12,30 @@ impl Pass for RopeKvWriteFusion {
     }
 
     fn run(&self, graph: &mut Graph) -> Result<usize, IrError> {
-        let mut rewrites = 0;
-        for id in graph.topo_order()? {
-            let Some(Op::KvWrite(kv)) = graph.get(id).map(|n| n.op.clone()) else {
-                continue;
+        rewrite_each(graph, |graph, id, node| {
+            let Op::KvWrite(kv) = node.op else {
+                return None;
             };
             let [k, v] = graph.inputs(id)[..] else {
-                continue;
+                return None;
             };
             let Op::Rope(rope) = graph.node(k.node).op else {
-                continue;
+                return None;
             };
             if sole_user(graph, k) != Some((id, 0)) {
-                continue;
+                return None;
             }
             // rope's inputs are (x, pos[, freq_factors]); the fused op takes (k, v, pos[, ...]).
-            let Some((&k_in, rest)) = graph
-                .inputs(k.node)
-                .split_first()
-                .map(|(k, rest)| (k, rest.to_vec()))
-            else {
-                continue;
-            };
-            let inputs: Vec<Value> = [k_in, v].into_iter().chain(rest).collect();
+            let rope_inputs = graph.inputs(k.node);
+            let (&k_in, rest) = rope_inputs.split_first()?;
             let cache = Value::new(id, 0);
-            let name = graph.value_name(cache).to_string();
-            graph.fuse(
-                &[k.node, id],
-                name,
-                Op::RopeKvWrite { rope, kv },
-                &inputs,
-                &[cache],
-            )?;
-            rewrites += 1;
-        }
-        Ok(rewrites)
+            Some(Rewrite {
+                replaced: vec![k.node, id],
+                name: graph.value_name(cache).to_string(),
+                op: Op::RopeKvWrite { rope, kv },
+                inputs: [k_in, v].into_iter().chain(rest.iter().copied()).collect(),
+                ports: vec![cache],
+            })
+        })
     }
 }

@@ -1,6 +1,6 @@
 //! `swiglu`: `mul(silu(gate), up)` → `swiglu(gate, up)`, when the silu feeds nothing else.
 
-use super::{Pass, sole_user};
+use super::{Pass, Rewrite, rewrite_each, sole_user};
 use crate::ir::{Graph, IrError, Op, Value};
 
 pub struct SwiGluFusion;
@@ -11,25 +11,27 @@ impl Pass for SwiGluFusion {
     }
 
     fn run(&self, graph: &mut Graph) -> Result<usize, IrError> {
-        let mut rewrites = 0;
-        for id in graph.topo_order()? {
-            if !matches!(graph.get(id).map(|n| &n.op), Some(Op::Mul)) {
-                continue;
+        rewrite_each(graph, |graph, id, node| {
+            if node.op != Op::Mul {
+                return None;
             }
             let [silu, up] = graph.inputs(id)[..] else {
-                continue;
+                return None;
             };
             if graph.node(silu.node).op != Op::Silu || sole_user(graph, silu) != Some((id, 0)) {
-                continue;
+                return None;
             }
             let [gate] = graph.inputs(silu.node)[..] else {
-                continue;
+                return None;
             };
             let product = Value::new(id, 0);
-            let name = graph.value_name(product).to_string();
-            graph.fuse(&[silu.node, id], name, Op::SwiGlu, &[gate, up], &[product])?;
-            rewrites += 1;
-        }
-        Ok(rewrites)
+            Some(Rewrite {
+                replaced: vec![silu.node, id],
+                name: graph.value_name(product).to_string(),
+                op: Op::SwiGlu,
+                inputs: vec![gate, up],
+                ports: vec![product],
+            })
+        })
     }
 }

@@ -2,9 +2,10 @@
 //! output types and arena placement, the weights it reads listed inside it; one cluster per
 //! block; KV-cache edges dashed; step inputs as ellipses, graph outputs double-bordered.
 
-use super::text::{human, operand_name};
+use super::text::operand_name;
 use super::{Operand, Plan};
 use crate::ir::ValueType;
+use crate::units::human_bytes;
 use std::fmt::Write;
 
 /// The DOT source of `plan`.
@@ -35,7 +36,7 @@ pub fn render(plan: &Plan) -> String {
         }
         for o in &step.outputs {
             let place = o.buffer.map_or(String::new(), |b| {
-                format!(" @{} {}", b.offset, human(b.bytes))
+                format!(" @{} {}", b.offset, human_bytes(b.bytes, 1))
             });
             if step.outputs.len() > 1 {
                 label.push(format!("{}: {}{place}", o.name, o.ty));

@@ -3,6 +3,7 @@
 //! what the snapshot tests review.
 
 use super::{Operand, Plan, Reuse, Step};
+use crate::units::human_bytes;
 use std::fmt::Write;
 
 /// The whole plan: header, steps, summary.
@@ -27,7 +28,7 @@ pub fn step_line(plan: &Plan, step: &Step) -> String {
         .outputs
         .iter()
         .map(|o| match o.buffer {
-            Some(b) => format!("{} @{} {}", o.ty, b.offset, human(b.bytes)),
+            Some(b) => format!("{} @{} {}", o.ty, b.offset, human_bytes(b.bytes, 1)),
             None => o.ty.to_string(),
         })
         .collect();
@@ -126,9 +127,9 @@ pub fn summary(plan: &Plan) -> String {
     let _ = writeln!(
         out,
         "  arena:    {} peak at {} per step; one buffer per value: {} (reuse saves {saving:.1}%)",
-        human(m.arena_bytes),
+        human_bytes(m.arena_bytes, 1),
         count(plan.options.max_tokens, "token"),
-        human(m.naive_arena_bytes)
+        human_bytes(m.naive_arena_bytes, 1)
     );
     let _ = write!(
         out,
@@ -141,14 +142,14 @@ pub fn summary(plan: &Plan) -> String {
         let _ = write!(
             out,
             "; {} for the {ctx}-token context",
-            human(m.kv_bytes_per_token.saturating_mul(ctx))
+            human_bytes(m.kv_bytes_per_token.saturating_mul(ctx), 1)
         );
     }
     out.push('\n');
     let _ = writeln!(
         out,
         "  weights:  {} in {} tensors",
-        human(m.weight_bytes),
+        human_bytes(m.weight_bytes, 1),
         plan.weights.len()
     );
     out
@@ -157,32 +158,4 @@ pub fn summary(plan: &Plan) -> String {
 /// `1 token`, `512 tokens`.
 fn count(n: u64, word: &str) -> String {
     format!("{n} {word}{}", if n == 1 { "" } else { "s" })
-}
-
-/// `1.5 MiB`, `512 B`.
-pub fn human(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::human;
-
-    #[test]
-    fn sizes_print_in_binary_units() {
-        assert_eq!(human(512), "512 B");
-        assert_eq!(human(2048), "2.0 KiB");
-        assert_eq!(human(1536 * 1024 * 1024), "1.5 GiB");
-    }
 }

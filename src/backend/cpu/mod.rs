@@ -171,12 +171,8 @@ impl CpuBackend {
     /// Fails at load, not mid-step, when a matrix weight has a type the kernels cannot multiply.
     fn check_matrices(&self) -> Result<(), BackendError> {
         for step in &self.plan.steps {
-            let slots = match step.op {
-                Op::Embedding => 0..1,
-                Op::MatMul | Op::MultiMatMul { .. } | Op::GateUpSwiGlu => 1..step.inputs.len(),
-                _ => continue,
-            };
-            for operand in &step.inputs[slots] {
+            let matrices = step.inputs.get(step.op.matrix_slots()).unwrap_or_default();
+            for operand in matrices {
                 if let Operand::Weight(i) = operand {
                     let w = &self.weights[*i as usize];
                     matrix(&self.file, w).map_err(|e| BackendError::Unsupported {
@@ -620,7 +616,25 @@ fn source(plan: &Plan, v: ValueRef) -> Source {
         (Op::Positions, _) => Source::Positions,
         (Op::OutputRows, _) => Source::Outputs,
         (_, Some(ValueType::KvCache(kv))) => Source::Kv(kv.layer),
-        _ => Source::Arena,
+        (
+            Op::Weight { .. }
+            | Op::Embedding
+            | Op::MatMul
+            | Op::Add
+            | Op::Mul
+            | Op::Silu
+            | Op::RmsNorm { .. }
+            | Op::Rope(_)
+            | Op::KvWrite(_)
+            | Op::Attention(_)
+            | Op::SelectRows
+            | Op::SwiGlu
+            | Op::MultiMatMul { .. }
+            | Op::GateUpSwiGlu
+            | Op::AddRmsNorm { .. }
+            | Op::RopeKvWrite { .. },
+            _,
+        ) => Source::Arena,
     }
 }
 

@@ -51,8 +51,9 @@ pub(super) fn dequantize_q4_1(b: &[u8; 20], y: &mut [f32; QK]) {
 
 /// `FIFTH_BITS[b]` has byte `k` equal to `0x10` where bit `k` of `b` is set: it moves eight
 /// fifth bits of `qh` onto their eight quants at once, where shifting by each element's index
-/// would keep the loop from vectorizing.
-static FIFTH_BITS: [u64; 256] = {
+/// would keep the loop from vectorizing. The dequantizers here and the CPU matmul kernels'
+/// Q5_0/Q5_1 decoders share it.
+pub(crate) static FIFTH_BITS: [u64; 256] = {
     let mut table = [0u64; 256];
     let mut b = 0;
     while b < 256 {

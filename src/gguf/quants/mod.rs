@@ -24,6 +24,8 @@ mod float;
 mod kquants;
 mod legacy;
 
+pub(crate) use legacy::FIFTH_BITS;
+
 use super::{GgmlType, GgufFile, TensorInfo};
 use half::f16;
 use std::fmt;

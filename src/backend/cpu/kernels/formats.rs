@@ -26,6 +26,7 @@
 //! | Q6_K | 210 | 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 × i8 scales, `d` |
 
 use super::simd::{V8, bf16_to_f32, f16_le, f16_to_f32};
+use crate::gguf::quants::FIFTH_BITS;
 
 /// Elements per sub-block.
 pub(crate) const SUB: usize = 32;
@@ -72,21 +73,6 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
-/// Bit `l` of a byte moved to bit 4 of byte `l` (the fifth bits of Q5_0/Q5_1).
-static SPREAD_BIT4: [u64; 256] = {
-    let mut t = [0u64; 256];
-    let mut x = 0;
-    while x < 256 {
-        let mut l = 0;
-        while l < 8 {
-            t[x] |= (((x >> l) & 1) as u64) << (8 * l + 4);
-            l += 1;
-        }
-        x += 1;
-    }
-    t
-};
-
 /// The 32 4-bit values of a Q4_0/Q4_1/Q5_x block (`qs` 16 bytes: element `i` is the low nibble
 /// of byte `i`, element `i + 16` its high nibble), with `hi[g]` ORed into group `g`'s bytes.
 #[inline(always)]
@@ -103,7 +89,7 @@ fn nibbles<V: V8>(qs: &[u8], hi: [u64; 4], offset: f32) -> Sub<V> {
 /// The fifth bits of a Q5_0/Q5_1 block's groups of 8 (`qh` bit `i` belongs to element `i`).
 #[inline(always)]
 fn fifth_bits(qh: u32) -> [u64; 4] {
-    std::array::from_fn(|g| SPREAD_BIT4[((qh >> (8 * g)) & 0xff) as usize])
+    std::array::from_fn(|g| FIFTH_BITS[((qh >> (8 * g)) & 0xff) as usize])
 }
 
 pub(crate) struct Q4_0;
