@@ -17,6 +17,8 @@ pub mod passes;
 pub mod plan;
 pub mod runtime;
 pub mod sample;
+#[cfg(feature = "server")]
+pub mod server;
 pub mod tokenizer;
 pub mod units;
 

@@ -8,6 +8,8 @@ mod inspect;
 mod logits;
 mod perplexity;
 mod run;
+#[cfg(feature = "server")]
+mod serve;
 mod tokenize;
 
 use clap::{Parser, Subcommand};
@@ -45,6 +47,9 @@ enum Command {
     Logits(logits::Args),
     /// Perplexity over a text file, computed as llama.cpp's llama-perplexity does.
     Perplexity(perplexity::Args),
+    /// Serve the model over an OpenAI-compatible HTTP API (continuous batching).
+    #[cfg(feature = "server")]
+    Serve(serve::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -59,6 +64,8 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Perplexity(args) => perplexity::run(args),
+        #[cfg(feature = "server")]
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

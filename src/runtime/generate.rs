@@ -16,7 +16,7 @@ use super::engine::{Engine, EngineError, Sequence};
 use super::stop::{StopError, StopMatcher};
 use crate::backend::{OutputKind, RowOutput, StepOutputs};
 use crate::sample::{SampleError, Sampler, SamplerConfig};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{StreamDecoder, Tokenizer};
 use serde::Serialize;
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
@@ -234,38 +234,170 @@ pub fn generate_with(
             n_ctx: engine.n_ctx(),
         });
     }
-    let mut sampler = Sampler::new(options.sampler.clone())?;
-    let mut stops = StopMatcher::new(options.stop_strings.iter().cloned())?;
-    let mut seq = engine.new_sequence();
     let kind = match rows {
         RowPolicy::Auto => output_kind(&options.sampler, engine.n_vocab()),
         RowPolicy::FullLogits => OutputKind::Logits,
     };
-    let result = run(
-        engine,
-        tokenizer,
-        &mut seq,
-        prompt,
-        options,
-        kind,
-        &mut sampler,
-        &mut stops,
-        on_text,
-    );
+    let mut cont = Continuation::new(tokenizer, options, kind)?;
+    let mut seq = engine.new_sequence();
+    let result = run(engine, &mut seq, prompt, &mut cont, on_text);
     engine.release(seq);
     result
 }
 
-#[allow(clippy::too_many_arguments)]
+/// The per-sequence half of generation, shared by [`generate`] and the server's scheduler:
+/// the sampler, the stop strings, the streaming decoder and the generated tokens. The caller
+/// runs the steps; [`accept`](Self::accept) takes each step's output row for this sequence,
+/// samples the next token and applies the stop rules of the [module docs](self).
+pub struct Continuation<'t> {
+    tokenizer: &'t Tokenizer,
+    decoder: StreamDecoder<'t>,
+    stops: StopMatcher,
+    sampler: Sampler,
+    stop_strings: Vec<String>,
+    max_new_tokens: usize,
+    stop_at_eog: bool,
+    render_special: bool,
+    kind: OutputKind,
+    tokens: Vec<u32>,
+    text: String,
+    scratch: Vec<f32>,
+}
+
+impl<'t> Continuation<'t> {
+    /// Checks `options` (sampler ranges, stop strings) and starts an empty continuation whose
+    /// steps return `kind` rows.
+    pub fn new(
+        tokenizer: &'t Tokenizer,
+        options: &GenerateOptions,
+        kind: OutputKind,
+    ) -> Result<Continuation<'t>, GenerateError> {
+        Ok(Continuation {
+            tokenizer,
+            decoder: tokenizer.stream_decoder(options.render_special),
+            stops: StopMatcher::new(options.stop_strings.iter().cloned())?,
+            sampler: Sampler::new(options.sampler.clone())?,
+            stop_strings: options.stop_strings.clone(),
+            max_new_tokens: options.max_new_tokens,
+            stop_at_eog: options.stop_at_eog,
+            render_special: options.render_special,
+            kind,
+            tokens: Vec::new(),
+            text: String::new(),
+            scratch: Vec::new(),
+        })
+    }
+
+    /// What each step must return for this sequence.
+    pub fn kind(&self) -> OutputKind {
+        self.kind
+    }
+
+    /// The tokens generated so far (without a final end-of-generation token).
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+
+    /// The last generated token: the one the next decode step feeds.
+    pub fn last_token(&self) -> Option<u32> {
+        self.tokens.last().copied()
+    }
+
+    /// What the next decode step feeds: the last generated token (empty before the first).
+    pub fn next_input(&self) -> &[u32] {
+        let n = self.tokens.len();
+        self.tokens.get(n.saturating_sub(1)..).unwrap_or_default()
+    }
+
+    /// The text released so far.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// The sampler's seed.
+    pub fn seed(&self) -> u64 {
+        self.sampler.seed()
+    }
+
+    /// Samples the next token from `row` (`history`: the sequence's tokens), passes the text it
+    /// releases to `on_text`, and says whether generation ends here. `room` says whether the
+    /// sequence can take another token. `Continue` means: feed [`last_token`](Self::last_token)
+    /// in the next step.
+    pub fn accept(
+        &mut self,
+        row: RowOutput<'_>,
+        history: &[u32],
+        n_vocab: usize,
+        room: bool,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> Result<Option<FinishReason>, GenerateError> {
+        if self.tokens.len() >= self.max_new_tokens {
+            return Ok(Some(self.finish(FinishReason::MaxTokens, on_text)));
+        }
+        let token = sample_output(&mut self.sampler, row, history, n_vocab, &mut self.scratch)?;
+        if self.stop_at_eog && self.tokenizer.is_eog(token) {
+            return Ok(Some(
+                self.finish(FinishReason::EndOfGeneration { token }, on_text),
+            ));
+        }
+        self.tokens.push(token);
+        let piece = self
+            .decoder
+            .push(token)
+            .map_err(|e| GenerateError::Decode(e.to_string()))?;
+        let released = self.stops.push(&piece);
+        let flow = emit(&released.text, &mut self.text, on_text);
+        if let Some(i) = released.stop {
+            let stop = self.stop_strings.get(i).cloned().unwrap_or_default();
+            return Ok(Some(FinishReason::StopString { stop }));
+        }
+        if flow.is_break() {
+            return Ok(Some(FinishReason::Cancelled));
+        }
+        if self.tokens.len() >= self.max_new_tokens {
+            return Ok(Some(self.finish(FinishReason::MaxTokens, on_text)));
+        }
+        if !room {
+            return Ok(Some(self.finish(FinishReason::ContextFull, on_text)));
+        }
+        Ok(None)
+    }
+
+    /// Releases whatever the decoder and the stop matcher still hold (it is final now).
+    fn finish(
+        &mut self,
+        reason: FinishReason,
+        on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+    ) -> FinishReason {
+        let decoder = std::mem::replace(
+            &mut self.decoder,
+            self.tokenizer.stream_decoder(self.render_special),
+        );
+        let released = self.stops.push(&decoder.finish());
+        let _ = emit(&released.text, &mut self.text, on_text);
+        let rest = self.stops.finish().text;
+        let _ = emit(&rest, &mut self.text, on_text);
+        reason
+    }
+}
+
+fn emit(
+    piece: &str,
+    text: &mut String,
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+) -> ControlFlow<()> {
+    if piece.is_empty() {
+        return ControlFlow::Continue(());
+    }
+    text.push_str(piece);
+    on_text(piece)
+}
+
 fn run(
     engine: &mut Engine,
-    tokenizer: &Tokenizer,
     seq: &mut Sequence,
     prompt: &[u32],
-    options: &GenerateOptions,
-    kind: OutputKind,
-    sampler: &mut Sampler,
-    stops: &mut StopMatcher,
+    cont: &mut Continuation<'_>,
     on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation, GenerateError> {
     let mut timings = Timings {
@@ -273,77 +405,35 @@ fn run(
         ..Timings::default()
     };
     let n_vocab = engine.n_vocab();
+    let kind = cont.kind();
     let mut out = StepOutputs::new();
-    let mut scratch = Vec::new();
     let t = Instant::now();
     engine.prefill_into(seq, prompt, kind, &mut out)?;
     timings.prefill_s = t.elapsed().as_secs_f64();
 
-    let mut decoder = tokenizer.stream_decoder(options.render_special);
-    let mut text = String::new();
-    let mut tokens = Vec::new();
     let mut sample_time = Duration::ZERO;
-    let mut emit = |piece: &str, text: &mut String| {
-        if piece.is_empty() {
-            return ControlFlow::Continue(());
-        }
-        text.push_str(piece);
-        on_text(piece)
-    };
-
     let finish = loop {
-        if tokens.len() >= options.max_new_tokens {
-            break FinishReason::MaxTokens;
-        }
         let t = Instant::now();
         let row = out.row(0).ok_or(GenerateError::NoOutput)?;
-        let token = sample_output(sampler, row, seq.tokens(), n_vocab, &mut scratch)?;
+        let room = seq.len() < engine.n_ctx();
+        let done = cont.accept(row, seq.tokens(), n_vocab, room, on_text)?;
         sample_time += t.elapsed();
-        if options.stop_at_eog && tokenizer.is_eog(token) {
-            break FinishReason::EndOfGeneration { token };
+        if let Some(finish) = done {
+            break finish;
         }
-        tokens.push(token);
-        let piece = decoder
-            .push(token)
-            .map_err(|e| GenerateError::Decode(e.to_string()))?;
-        let released = stops.push(&piece);
-        let flow = emit(&released.text, &mut text);
-        if let Some(i) = released.stop {
-            break FinishReason::StopString {
-                stop: options.stop_strings[i].clone(),
-            };
-        }
-        if flow.is_break() {
-            break FinishReason::Cancelled;
-        }
-        if tokens.len() >= options.max_new_tokens {
-            break FinishReason::MaxTokens;
-        }
-        if seq.len() >= engine.n_ctx() {
-            break FinishReason::ContextFull;
-        }
+        let token = cont.last_token().ok_or(GenerateError::NoOutput)?;
         let t = Instant::now();
         engine.decode_into(seq, token, kind, &mut out)?;
         timings.decode_s += t.elapsed().as_secs_f64();
         timings.decode_steps += 1;
     };
-
-    if !matches!(
-        finish,
-        FinishReason::StopString { .. } | FinishReason::Cancelled
-    ) {
-        // Whatever the decoder and the stop matcher still hold is final now.
-        let released = stops.push(&decoder.finish());
-        let _ = emit(&released.text, &mut text);
-        let _ = emit(&stops.finish().text, &mut text);
-    }
     timings.sample_s = sample_time.as_secs_f64();
     Ok(Generation {
         prompt_tokens: prompt.to_vec(),
-        tokens,
-        text,
+        tokens: cont.tokens().to_vec(),
+        text: cont.text().to_string(),
         finish,
-        seed: sampler.seed(),
+        seed: cont.seed(),
         timings,
     })
 }

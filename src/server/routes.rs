@@ -1,0 +1,495 @@
+//! The HTTP endpoints (see docs/server.md).
+
+use super::api::{self, ApiError, Fields, GenParams, Prompt};
+use super::scheduler::{Event, Job, JobError, Summary};
+use super::{ServerConfig, ServerError, Shared};
+use crate::runtime::generate::GenerateOptions;
+use crate::runtime::prompt::encode_prompt;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::timeout::TimeoutLayer;
+
+type AppState = Arc<Shared>;
+
+pub(super) fn router(shared: AppState, config: &ServerConfig) -> Result<Router, ServerError> {
+    let mut app = Router::new()
+        .route("/v1/chat/completions", post(chat))
+        .route("/v1/completions", post(completions))
+        .route("/generate", post(generate))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .with_state(shared)
+        .layer(DefaultBodyLimit::max(config.body_limit))
+        .layer(RequestBodyLimitLayer::new(config.body_limit))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::GATEWAY_TIMEOUT,
+            config.request_timeout,
+        ));
+    if !config.cors_origins.is_empty() {
+        let origin = if config.cors_origins.iter().any(|o| o == "*") {
+            AllowOrigin::any()
+        } else {
+            let list = config
+                .cors_origins
+                .iter()
+                .map(|o| HeaderValue::from_str(o).map_err(|_| ServerError::CorsOrigin(o.clone())))
+                .collect::<Result<Vec<_>, _>>()?;
+            AllowOrigin::list(list)
+        };
+        app = app.layer(
+            CorsLayer::new()
+                .allow_origin(origin)
+                .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+                .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE]),
+        );
+    }
+    Ok(app)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint")
+}
+
+fn authorize(s: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &s.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), key.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized())
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn body_object(
+    body: Result<Bytes, BytesRejection>,
+) -> Result<serde_json::Map<String, Value>, ApiError> {
+    let body = body.map_err(|e| ApiError {
+        status: e.status(),
+        message: format!("cannot read the body: {}", e.body_text()),
+        kind: "invalid_request_error",
+        code: Some("invalid_body"),
+        param: None,
+    })?;
+    api::parse_object(&body)
+}
+
+async fn health(State(s): State<AppState>) -> Response {
+    let st = &s.stats;
+    axum::Json(json!({
+        "status": "ok",
+        "model": s.info.name,
+        "device": s.info.device,
+        "n_ctx": s.info.n_ctx,
+        "parallel": s.parallel,
+        "running": st.running.load(Ordering::Relaxed),
+        "queued": st.queued.load(Ordering::Relaxed),
+        "kv_pages_used": st.kv_pages_used.load(Ordering::Relaxed),
+        "kv_pages_total": st.kv_pages_total.load(Ordering::Relaxed),
+        "prompt_tokens_total": st.prompt_tokens.load(Ordering::Relaxed),
+        "generated_tokens_total": st.generated_tokens.load(Ordering::Relaxed),
+    }))
+    .into_response()
+}
+
+async fn models(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    Ok(axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": s.info.name,
+            "object": "model",
+            "created": now(),
+            "owned_by": "m40-llm",
+        }],
+    }))
+    .into_response())
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Api {
+    Chat,
+    Completion,
+    Generate,
+}
+
+async fn chat(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let map = body_object(body)?;
+    let f = Fields(&map);
+    let params = api::gen_params(&f)?;
+    let messages = api::chat_messages(&f)?;
+    let template = s.template.as_ref().ok_or_else(|| {
+        ApiError::bad_request(
+            "no_chat_template",
+            "the model has no chat template: use /v1/completions",
+        )
+    })?;
+    let text = template
+        .render(&messages, true)
+        .map_err(|e| ApiError::bad_request("invalid_messages", e.to_string()))?;
+    let ids = encode_prompt(&s.tokenizer, &text);
+    respond(s, Api::Chat, ids, params).await
+}
+
+async fn completions(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let map = body_object(body)?;
+    let f = Fields(&map);
+    let params = api::gen_params(&f)?;
+    let ids = match api::prompt(&f, s.info.n_vocab)? {
+        Prompt::Text(t) => encode_prompt(&s.tokenizer, &t),
+        Prompt::Ids(ids) => ids,
+    };
+    respond(s, Api::Completion, ids, params).await
+}
+
+async fn generate(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let map = body_object(body)?;
+    let f = Fields(&map);
+    let params = api::gen_params(&f)?;
+    let text = f
+        .str("prompt")?
+        .ok_or_else(|| ApiError::invalid("prompt", "`prompt` must be a string"))?;
+    let ids = encode_prompt(&s.tokenizer, text);
+    respond(s, Api::Generate, ids, params).await
+}
+
+/// Identifies one response.
+struct Meta {
+    api: Api,
+    id: String,
+    created: u64,
+    model: String,
+    fingerprint: String,
+    include_usage: bool,
+}
+
+impl Meta {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.api, chunk) {
+            (Api::Chat, false) => "chat.completion",
+            (Api::Chat, true) => "chat.completion.chunk",
+            _ => "text_completion",
+        }
+    }
+
+    /// A response or chunk object around `choices`.
+    fn wrap(&self, chunk: bool, choices: Value) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "object": self.object(chunk),
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": choices,
+        });
+        if chunk && self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+
+    /// A streamed chunk of text (or the role chunk that opens a chat stream).
+    fn text_chunk(&self, text: &str, first: bool) -> Value {
+        match self.api {
+            Api::Generate => json!({"text": text}),
+            Api::Completion => self.wrap(
+                true,
+                json!([{"index": 0, "text": text, "logprobs": null, "finish_reason": null}]),
+            ),
+            Api::Chat => {
+                let delta = if first {
+                    json!({"role": "assistant", "content": text})
+                } else {
+                    json!({"content": text})
+                };
+                self.wrap(
+                    true,
+                    json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]),
+                )
+            }
+        }
+    }
+
+    /// The chunks that end a stream.
+    fn final_chunks(&self, summary: &Summary) -> Vec<Value> {
+        let reason = api::finish_reason(&summary.finish);
+        let usage = api::usage(summary.prompt_tokens, summary.completion_tokens);
+        match self.api {
+            Api::Generate => vec![json!({
+                "text": "",
+                "finish_reason": reason,
+                "tokens": summary.completion_tokens,
+                "seed": summary.seed,
+            })],
+            Api::Completion | Api::Chat => {
+                let choice = if self.api == Api::Chat {
+                    json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": reason})
+                } else {
+                    json!({"index": 0, "text": "", "logprobs": null, "finish_reason": reason})
+                };
+                let mut out = vec![self.wrap(true, json!([choice]))];
+                if self.include_usage {
+                    let mut u = self.wrap(true, json!([]));
+                    u["usage"] = usage;
+                    out.push(u);
+                }
+                out
+            }
+        }
+    }
+
+    /// The whole (non-streamed) response.
+    fn response(&self, text: String, summary: &Summary) -> Value {
+        let reason = api::finish_reason(&summary.finish);
+        let usage = api::usage(summary.prompt_tokens, summary.completion_tokens);
+        match self.api {
+            Api::Generate => json!({
+                "text": text,
+                "finish_reason": reason,
+                "tokens": summary.completion_tokens,
+                "seed": summary.seed,
+            }),
+            Api::Completion => {
+                let mut v = self.wrap(
+                    false,
+                    json!([{"index": 0, "text": text, "logprobs": null, "finish_reason": reason}]),
+                );
+                v["usage"] = usage;
+                v
+            }
+            Api::Chat => {
+                let mut v = self.wrap(
+                    false,
+                    json!([{
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": null,
+                        "finish_reason": reason,
+                    }]),
+                );
+                v["usage"] = usage;
+                v
+            }
+        }
+    }
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn unique_id(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!("{prefix}-{nanos:x}{n:04x}")
+}
+
+fn job_error(e: &JobError) -> ApiError {
+    match e {
+        JobError::Failed(message) => ApiError::internal(message.clone()),
+        JobError::ShuttingDown => {
+            ApiError::unavailable("shutting_down", "the server is shutting down")
+        }
+    }
+}
+
+/// Checks the request against the context, queues it, and answers (streamed or whole).
+async fn respond(
+    s: AppState,
+    api: Api,
+    prompt: Vec<u32>,
+    params: GenParams,
+) -> Result<Response, ApiError> {
+    if prompt.is_empty() {
+        return Err(ApiError::invalid(
+            "prompt",
+            "the prompt is empty: at least one token is needed",
+        ));
+    }
+    let n_ctx = s.info.n_ctx;
+    let max_new = match params.max_tokens {
+        Some(n) => n,
+        None => n_ctx.saturating_sub(prompt.len()),
+    };
+    if prompt.len() + max_new.max(1) > n_ctx {
+        return Err(ApiError {
+            status: StatusCode::BAD_REQUEST,
+            message: format!(
+                "the prompt ({} tokens) plus max_tokens ({}) does not fit the context of {n_ctx} tokens",
+                prompt.len(),
+                max_new.max(1)
+            ),
+            kind: "invalid_request_error",
+            code: Some("context_length_exceeded"),
+            param: Some("max_tokens".into()),
+        });
+    }
+    let options = GenerateOptions {
+        max_new_tokens: max_new,
+        sampler: params.sampler,
+        stop_strings: params.stop,
+        stop_at_eog: true,
+        render_special: false,
+    };
+    let (events, rx) = unbounded_channel();
+    let job = Job {
+        prompt,
+        options,
+        events,
+    };
+    s.stats.queued.fetch_add(1, Ordering::Relaxed);
+    if let Err(e) = s.jobs.try_send(job) {
+        s.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        return Err(match e {
+            std::sync::mpsc::TrySendError::Full(_) => ApiError::unavailable(
+                "queue_full",
+                "the server is busy: every slot is running and the queue is full; retry later",
+            ),
+            std::sync::mpsc::TrySendError::Disconnected(_) => {
+                ApiError::unavailable("shutting_down", "the server is shutting down")
+            }
+        });
+    }
+    let prefix = match api {
+        Api::Chat => "chatcmpl",
+        Api::Completion => "cmpl",
+        Api::Generate => "gen",
+    };
+    let meta = Meta {
+        api,
+        id: unique_id(prefix),
+        created: now(),
+        model: s.info.name.clone(),
+        fingerprint: s.info.fingerprint.clone(),
+        include_usage: params.include_usage && api != Api::Generate,
+    };
+    if params.stream {
+        Ok(stream(meta, rx).into_response())
+    } else {
+        whole(meta, rx).await
+    }
+}
+
+async fn whole(meta: Meta, mut rx: UnboundedReceiver<Event>) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    while let Some(event) = rx.recv().await {
+        match event {
+            Event::Text(t) => text.push_str(&t),
+            Event::Done(summary) => {
+                return Ok(axum::Json(meta.response(text, &summary)).into_response());
+            }
+            Event::Error(e) => return Err(job_error(&e)),
+        }
+    }
+    Err(ApiError::internal("the engine dropped the request"))
+}
+
+struct StreamState {
+    meta: Meta,
+    rx: UnboundedReceiver<Event>,
+    pending: VecDeque<SseEvent>,
+    first: bool,
+    done: bool,
+}
+
+fn sse_json(v: &Value) -> SseEvent {
+    SseEvent::default().data(v.to_string())
+}
+
+fn stream(
+    meta: Meta,
+    rx: UnboundedReceiver<Event>,
+) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
+    let mut pending = VecDeque::new();
+    if meta.api == Api::Chat {
+        pending.push_back(sse_json(&meta.text_chunk("", true)));
+    }
+    let state = StreamState {
+        meta,
+        rx,
+        pending,
+        first: false,
+        done: false,
+    };
+    let events = futures_util::stream::unfold(state, |mut st| async move {
+        loop {
+            if let Some(e) = st.pending.pop_front() {
+                return Some((Ok(e), st));
+            }
+            if st.done {
+                return None;
+            }
+            match st.rx.recv().await {
+                Some(Event::Text(t)) => {
+                    let chunk = st.meta.text_chunk(&t, st.first);
+                    st.first = false;
+                    st.pending.push_back(sse_json(&chunk));
+                }
+                Some(Event::Done(summary)) => {
+                    for chunk in st.meta.final_chunks(&summary) {
+                        st.pending.push_back(sse_json(&chunk));
+                    }
+                    st.pending.push_back(SseEvent::default().data("[DONE]"));
+                    st.done = true;
+                }
+                Some(Event::Error(e)) => {
+                    st.pending.push_back(sse_json(&job_error(&e).body()));
+                    st.pending.push_back(SseEvent::default().data("[DONE]"));
+                    st.done = true;
+                }
+                None => {
+                    let e = ApiError::internal("the engine dropped the request");
+                    st.pending.push_back(sse_json(&e.body()));
+                    st.done = true;
+                }
+            }
+        }
+    });
+    Sse::new(events).keep_alive(KeepAlive::default())
+}
