@@ -16,5 +16,14 @@ export M40LLM_TEST_MODEL="${M40LLM_TEST_MODEL:-$model}"
 # sha256-checked) into .cache/vocab and .cache/templates.
 bash scripts/fetch-testdata.sh
 
+# The official `openai` Python client (pinned) for tests/server.rs's client test, installed into
+# .cache/python (git-ignored; --target needs no virtualenv and no system site-packages).
+OPENAI_VERSION=3.51.0
+if ! PYTHONPATH=.cache/python "${PYTHON:-python3}" -c \
+    "import openai, sys; sys.exit(openai.__version__ != '$OPENAI_VERSION')" 2>/dev/null; then
+    "${PYTHON:-python3}" -m pip install --quiet --disable-pip-version-check --upgrade \
+        --target .cache/python "openai==$OPENAI_VERSION"
+fi
+
 # --- the tests ------------------------------------------------------------------------------------
 M40LLM_REQUIRE_TESTDATA=1 cargo test --release --all-features "$@"

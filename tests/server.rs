@@ -1,0 +1,410 @@
+//! `m40-llm serve` end to end on the default model: servers on 127.0.0.1 port 0, driven over
+//! plain HTTP/1.1 (a small client below), checking OpenAI's shapes, SSE, batching determinism,
+//! the error paths, the queue limit and disconnects. `openai_python_client_works` runs the
+//! official `openai` Python client against the binary (scripts/openai_client_test.py).
+#![cfg(feature = "server")]
+
+mod common;
+
+use m40_llm::backend::device::DeviceChoice;
+use m40_llm::runtime::model::LoadOptions;
+use m40_llm::server::{Server, ServerConfig, start};
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+const KEY: &str = "sekret";
+
+fn server(parallel: usize, queue: usize, api_key: Option<&str>) -> Option<Server> {
+    let model = common::default_model()?;
+    let load = LoadOptions {
+        device: DeviceChoice::Cpu,
+        ctx_size: Some(512),
+        ..LoadOptions::default()
+    };
+    let config = ServerConfig {
+        port: 0,
+        parallel,
+        queue,
+        api_key: api_key.map(str::to_string),
+        model_name: "smollm2".into(),
+        grace: Duration::from_secs(2),
+        ..ServerConfig::default()
+    };
+    Some(start(model, load, config).unwrap())
+}
+
+struct Reply {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+fn send(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).unwrap();
+    s
+}
+
+fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+    let mut s = send(addr, method, path, headers, body);
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut body = raw[split + 4..].to_vec();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    Reply { status, head, body }
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&data[..eol]).unwrap().trim(), 16).unwrap();
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[eol + 2..eol + 2 + size]);
+        data = &data[eol + 2 + size + 2..];
+    }
+}
+
+fn post(addr: SocketAddr, path: &str, body: Value) -> Reply {
+    request(addr, "POST", path, &[], &body.to_string())
+}
+
+/// The JSON payloads of an SSE body, checking its framing: `data: ` lines separated by blank
+/// lines, ending with `data: [DONE]`.
+fn sse_events(r: &Reply) -> Vec<Value> {
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.head.to_ascii_lowercase().contains("content-type: text/event-stream"), "{}", r.head);
+    let text = r.text();
+    let mut data: Vec<&str> = Vec::new();
+    for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
+        for line in block.lines() {
+            if line.starts_with(':') {
+                continue; // keep-alive comment
+            }
+            let d = line.strip_prefix("data: ").unwrap_or_else(|| panic!("bad SSE line {line:?}"));
+            data.push(d);
+        }
+    }
+    assert_eq!(data.last(), Some(&"[DONE]"), "{text}");
+    data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect()
+}
+
+fn health(addr: SocketAddr) -> Value {
+    request(addr, "GET", "/health", &[], "").json()
+}
+
+/// Polls /health until `ok` holds (at most a minute).
+fn wait_for(addr: SocketAddr, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let start = Instant::now();
+    loop {
+        let h = health(addr);
+        if ok(&h) {
+            return h;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting for {what}: {h}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn greedy_completion(prompt: &str, n: u32) -> Value {
+    json!({"model": "smollm2", "prompt": prompt, "max_tokens": n, "temperature": 0})
+}
+
+#[test]
+fn chat_and_completions_answer_in_openai_shapes() {
+    let Some(srv) = server(4, 8, None) else {
+        return;
+    };
+    let addr = srv.addr();
+    let h = health(addr);
+    assert_eq!(h["status"], "ok");
+    assert_eq!(h["device"]["kind"], "cpu");
+
+    let r = post(addr, "/v1/completions", greedy_completion("The capital of France is", 5));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "text_completion");
+    assert!(v["id"].as_str().unwrap().starts_with("cmpl-"));
+    assert!(v["created"].as_u64().unwrap() > 1_600_000_000);
+    assert_eq!(v["model"], "smollm2");
+    assert!(v["system_fingerprint"].as_str().unwrap().starts_with("fp_"));
+    // The CLI's (and llama.cpp's) greedy tokens for this prompt.
+    assert_eq!(v["choices"][0]["text"], " Paris.\n\nThe");
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert_eq!(v["usage"]["prompt_tokens"], 5);
+    assert_eq!(v["usage"]["completion_tokens"], 5);
+    assert_eq!(v["usage"]["total_tokens"], 10);
+
+    // A stop string ends the text before it, as finish_reason "stop".
+    let mut body = greedy_completion("The capital of France is", 5);
+    body["stop"] = json!(["."]);
+    let v = post(addr, "/v1/completions", body).json();
+    assert_eq!(v["choices"][0]["text"], " Paris");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop");
+
+    // Token ids work as a prompt.
+    let v = post(addr, "/v1/completions", json!({"prompt": [504, 3575, 282, 4649, 314], "max_tokens": 2, "temperature": 0})).json();
+    assert_eq!(v["choices"][0]["text"], " Paris.");
+
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8, "temperature": 0, "unknown_field": {"x": 1}}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    let choice = &v["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert!(!choice["message"]["content"].as_str().unwrap().is_empty());
+    assert!(["stop", "length"].contains(&choice["finish_reason"].as_str().unwrap()));
+    assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 5);
+
+    // /generate: the generated text only.
+    let v = post(addr, "/generate", json!({"prompt": "The capital of France is", "max_tokens": 5, "temperature": 0})).json();
+    assert_eq!(v["text"], " Paris.\n\nThe");
+
+    let v = request(addr, "GET", "/v1/models", &[], "").json();
+    assert_eq!(v["object"], "list");
+    assert_eq!(v["data"][0]["id"], "smollm2");
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn streams_are_well_formed_sse_and_match_whole_responses() {
+    let Some(srv) = server(2, 8, None) else {
+        return;
+    };
+    let addr = srv.addr();
+    let mut body = greedy_completion("The capital of France is", 5);
+    body["stream"] = json!(true);
+    let events = sse_events(&post(addr, "/v1/completions", body));
+    let text: String = events.iter().map(|e| e["choices"][0]["text"].as_str().unwrap()).collect();
+    assert_eq!(text, " Paris.\n\nThe");
+    assert_eq!(events.last().unwrap()["choices"][0]["finish_reason"], "length");
+    assert!(events.iter().all(|e| e["object"] == "text_completion"));
+
+    let chat = json!({"messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 10, "temperature": 0});
+    let whole = post(addr, "/v1/chat/completions", chat.clone()).json();
+    let mut streamed = chat;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let events = sse_events(&post(addr, "/v1/chat/completions", streamed));
+    assert_eq!(events[0]["choices"][0]["delta"]["role"], "assistant");
+    assert!(events.iter().all(|e| e["object"] == "chat.completion.chunk"));
+    let content: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, whole["choices"][0]["message"]["content"].as_str().unwrap());
+    let n = events.len();
+    assert_eq!(events[n - 2]["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
+    // The usage chunk comes last, with no choices; the others carry `usage: null`.
+    assert_eq!(events[n - 1]["choices"], json!([]));
+    assert_eq!(events[n - 1]["usage"], whole["usage"]);
+    assert!(events[..n - 1].iter().all(|e| e["usage"].is_null()));
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn greedy_tokens_are_the_same_alone_and_in_a_batch() {
+    let Some(srv) = server(4, 8, None) else {
+        return;
+    };
+    let addr = srv.addr();
+    let prompts = [
+        "The capital of France is",
+        "Once upon a time, in a small village by the sea, there lived",
+        "1, 2, 3, 4,",
+        "The best way to learn a new programming language is to write a lot of small programs, and",
+    ];
+    let alone: Vec<Value> = prompts
+        .iter()
+        .map(|p| post(addr, "/v1/completions", greedy_completion(p, 12)).json()["choices"][0]["text"].clone())
+        .collect();
+    let together: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| s.spawn(move || post(addr, "/v1/completions", greedy_completion(p, 12))))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().json()["choices"][0]["text"].clone())
+            .collect()
+    });
+    assert_eq!(alone, together);
+    assert!(health(addr)["generated_tokens_total"].as_u64().unwrap() >= 8 * 12 - 8);
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn errors_are_openai_shaped_and_name_the_problem() {
+    let Some(srv) = server(1, 4, Some(KEY)) else {
+        return;
+    };
+    let addr = srv.addr();
+    let auth = format!("Bearer {KEY}");
+    let ok = [("Authorization", auth.as_str())];
+    let call = |path: &str, body: &str| request(addr, "POST", path, &ok, body);
+    let error = |r: &Reply, status: u16| -> Value {
+        assert_eq!(r.status, status, "{}", r.text());
+        let v = r.json();
+        assert!(v["error"]["message"].is_string(), "{v}");
+        assert!(v["error"]["type"].is_string(), "{v}");
+        v["error"].clone()
+    };
+
+    // The API key: missing or wrong is a 401; /health needs none.
+    let body = greedy_completion("Hi", 1).to_string();
+    let e = error(&request(addr, "POST", "/v1/completions", &[], &body), 401);
+    assert_eq!(e["code"], "invalid_api_key");
+    error(&request(addr, "POST", "/v1/completions", &[("Authorization", "Bearer nope")], &body), 401);
+    error(&request(addr, "GET", "/v1/models", &[], ""), 401);
+    assert_eq!(request(addr, "GET", "/health", &[], "").status, 200);
+    assert_eq!(call("/v1/completions", &body).status, 200);
+
+    let e = error(&call("/v1/completions", "{\"prompt\": "), 400);
+    assert_eq!(e["code"], "invalid_json");
+    let e = error(&call("/v1/chat/completions", r#"{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}"#), 400);
+    assert_eq!(e["param"], "temperature");
+    let e = error(&call("/v1/chat/completions", r#"{"messages": "hello"}"#), 400);
+    assert_eq!(e["param"], "messages");
+    let e = error(&call("/v1/completions", r#"{"prompt": "x", "top_p": 2}"#), 400);
+    assert_eq!(e["param"], "top_p");
+    // The context is 512 tokens.
+    let e = error(&call("/v1/completions", r#"{"prompt": "Hello", "max_tokens": 600}"#), 400);
+    assert_eq!(e["code"], "context_length_exceeded");
+    let long = "word ".repeat(600);
+    let e = error(&call("/v1/completions", &json!({"prompt": long}).to_string()), 400);
+    assert_eq!(e["code"], "context_length_exceeded");
+    let e = error(&call("/v1/nothing", "{}"), 404);
+    assert_eq!(e["code"], "not_found");
+    // The server is still fine.
+    assert_eq!(call("/v1/completions", &body).status, 200);
+    assert_eq!(health(addr)["kv_pages_used"], 0);
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn a_full_queue_is_a_503_and_a_disconnect_frees_the_sequence() {
+    let Some(srv) = server(1, 1, None) else {
+        return;
+    };
+    let addr = srv.addr();
+    // A long stream takes the only slot; read until its first token arrives.
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 400, "temperature": 0, "stream": true}).to_string();
+    let mut a = send(addr, "POST", "/v1/completions", &[], &body);
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains("\"text\"") {
+        let n = a.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early: {}", String::from_utf8_lossy(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    wait_for(addr, "the stream to run", |h| h["running"] == 1);
+    // A second request waits in the queue; a third finds it full.
+    let waiting = std::thread::spawn(move || post(addr, "/v1/completions", greedy_completion("Hi", 2)));
+    wait_for(addr, "the second request to queue", |h| h["queued"] == 1);
+    let r = post(addr, "/v1/completions", greedy_completion("Hi", 2));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "queue_full");
+
+    // The first client goes away: its sequence is freed, the queued request runs.
+    drop(a);
+    let r = waiting.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = wait_for(addr, "everything to finish", |h| h["running"] == 0 && h["queued"] == 0);
+    assert_eq!(h["kv_pages_used"], 0, "{h}");
+    // The abandoned stream did not run to its 400 tokens.
+    assert!(h["generated_tokens_total"].as_u64().unwrap() < 300, "{h}");
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn shutdown_finishes_a_running_request() {
+    let Some(srv) = server(1, 2, None) else {
+        return;
+    };
+    let addr = srv.addr();
+    let running = std::thread::spawn(move || post(addr, "/v1/completions", greedy_completion("The capital of France is", 5)));
+    wait_for(addr, "the request to start", |h| h["running"] == 1 || h["generated_tokens_total"].as_u64() > Some(0));
+    srv.shutdown().unwrap();
+    let r = running.join().unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["choices"][0]["text"], " Paris.\n\nThe");
+    // And nothing listens any more.
+    assert!(TcpStream::connect(addr).is_err());
+}
+
+/// The official `openai` Python client against `m40-llm serve` (scripts/openai_client_test.py).
+/// Needs python3 with `openai` (scripts/test.sh installs the pinned version); skipped without
+/// it unless M40LLM_REQUIRE_TESTDATA=1.
+#[test]
+fn openai_python_client_works() {
+    let Some(model) = common::default_model() else {
+        return;
+    };
+    // scripts/test.sh installs the client into .cache/python.
+    let pythonpath = match std::env::var_os("PYTHONPATH") {
+        Some(p) => format!(".cache/python:{}", p.to_string_lossy()),
+        None => ".cache/python".to_string(),
+    };
+    let has_openai = std::process::Command::new("python3")
+        .env("PYTHONPATH", &pythonpath)
+        .args(["-c", "import openai"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_openai {
+        let required = std::env::var("M40LLM_REQUIRE_TESTDATA").is_ok_and(|v| v == "1");
+        assert!(!required, "python3 with the openai package is missing (scripts/test.sh installs it)");
+        eprintln!("SKIPPED: python3 with the openai package is missing");
+        return;
+    }
+    let out = std::process::Command::new("python3")
+        .env("PYTHONPATH", &pythonpath)
+        .arg("scripts/openai_client_test.py")
+        .arg(common::bin())
+        .arg(model)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
