@@ -246,6 +246,55 @@ fn chat_and_completions_answer_in_openai_shapes() {
 }
 
 #[test]
+fn tokenize_detokenize_and_metrics() {
+    let Some(srv) = server(1, 4, None) else {
+        return;
+    };
+    let addr = srv.addr();
+    let v = post(
+        addr,
+        "/tokenize",
+        json!({"content": "The capital of France is"}),
+    )
+    .json();
+    assert_eq!(v["tokens"], json!([504, 3575, 282, 4649, 314]));
+    let v = post(
+        addr,
+        "/detokenize",
+        json!({"tokens": [504, 3575, 282, 4649, 314]}),
+    )
+    .json();
+    assert_eq!(v["content"], "The capital of France is");
+    assert_eq!(
+        post(addr, "/detokenize", json!({"tokens": [1e9]})).status,
+        400
+    );
+    assert_eq!(
+        post(addr, "/v1/completions", greedy_completion("Hi", 3)).status,
+        200
+    );
+    let r = request(addr, "GET", "/metrics", &[], "");
+    assert_eq!(r.status, 200);
+    let text = r.text();
+    let value = |name: &str| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .unwrap_or_else(|| panic!("no {name} in {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    // /tokenize, /detokenize and the completion: 3 answers of 200 before this one; one 400.
+    assert_eq!(value("m40llm_requests_total{status=\"200\"}"), 3.0);
+    assert_eq!(value("m40llm_requests_total{status=\"400\"}"), 1.0);
+    assert_eq!(value("m40llm_generated_tokens_total"), 3.0);
+    assert!(value("m40llm_prompt_tokens_total") >= 1.0);
+    assert_eq!(value("m40llm_kv_pages_used"), 0.0);
+    assert!(value("m40llm_kv_pages_free") > 0.0);
+    assert_eq!(value("m40llm_requests_running"), 0.0);
+    srv.shutdown().unwrap();
+}
+
+#[test]
 fn streams_are_well_formed_sse_and_match_whole_responses() {
     let Some(srv) = server(2, 8, None) else {
         return;

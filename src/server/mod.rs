@@ -108,6 +108,8 @@ pub(crate) struct Shared {
     pub stats: Arc<Stats>,
     pub api_key: Option<String>,
     pub parallel: usize,
+    /// Responses by status code (for `/metrics`).
+    pub statuses: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
 }
 
 /// A running server; see the [module docs](self).
@@ -265,6 +267,7 @@ pub fn start(
         stats: stats.clone(),
         api_key: config.api_key.clone(),
         parallel: config.parallel,
+        statuses: Default::default(),
     });
     let app = routes::router(shared, &config)?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();

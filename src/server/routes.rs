@@ -33,14 +33,22 @@ pub(super) fn router(shared: AppState, config: &ServerConfig) -> Result<Router, 
         .route("/generate", post(generate))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
         .fallback(not_found)
-        .with_state(shared)
+        .with_state(shared.clone())
         .layer(DefaultBodyLimit::max(config.body_limit))
         .layer(RequestBodyLimitLayer::new(config.body_limit))
         .layer(TimeoutLayer::with_status_code(
             StatusCode::GATEWAY_TIMEOUT,
             config.request_timeout,
         ));
+    // Outermost: every answer is counted, the layers' own (413, 504) included.
+    app = app.layer(axum::middleware::map_response_with_state(
+        shared,
+        count_status,
+    ));
     if !config.cors_origins.is_empty() {
         let origin = if config.cors_origins.iter().any(|o| o == "*") {
             AllowOrigin::any()
@@ -60,6 +68,130 @@ pub(super) fn router(shared: AppState, config: &ServerConfig) -> Result<Router, 
         );
     }
     Ok(app)
+}
+
+async fn count_status(State(s): State<AppState>, response: Response) -> Response {
+    let mut counts = s.statuses.lock().unwrap_or_else(|e| e.into_inner());
+    *counts.entry(response.status().as_u16()).or_insert(0) += 1;
+    drop(counts);
+    response
+}
+
+/// Prometheus text format.
+async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let st = &s.stats;
+    let load = |a: &std::sync::atomic::AtomicUsize| a.load(Ordering::Relaxed);
+    let mut out = String::new();
+    out.push_str("# HELP m40llm_requests_total HTTP responses by status code.\n");
+    out.push_str("# TYPE m40llm_requests_total counter\n");
+    {
+        let counts = s.statuses.lock().unwrap_or_else(|e| e.into_inner());
+        for (status, n) in counts.iter() {
+            out.push_str(&format!(
+                "m40llm_requests_total{{status=\"{status}\"}} {n}\n"
+            ));
+        }
+    }
+    let used = load(&st.kv_pages_used);
+    let total = load(&st.kv_pages_total);
+    let lines = [
+        (
+            "prompt_tokens_total",
+            "counter",
+            "Prompt tokens prefilled.",
+            st.prompt_tokens.load(Ordering::Relaxed),
+        ),
+        (
+            "generated_tokens_total",
+            "counter",
+            "Tokens generated.",
+            st.generated_tokens.load(Ordering::Relaxed),
+        ),
+        (
+            "requests_queued",
+            "gauge",
+            "Requests waiting for a slot.",
+            load(&st.queued) as u64,
+        ),
+        (
+            "requests_running",
+            "gauge",
+            "Requests running (busy slots).",
+            load(&st.running) as u64,
+        ),
+        (
+            "kv_pages_used",
+            "gauge",
+            "KV-cache pages holding tokens.",
+            used as u64,
+        ),
+        (
+            "kv_pages_free",
+            "gauge",
+            "KV-cache pages free.",
+            total.saturating_sub(used) as u64,
+        ),
+    ];
+    for (name, kind, help, value) in lines {
+        out.push_str(&format!(
+            "# HELP m40llm_{name} {help}\n# TYPE m40llm_{name} {kind}\nm40llm_{name} {value}\n"
+        ));
+    }
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+/// llama-server's shape: `{"content", "add_special"}` -> `{"tokens"}`.
+async fn tokenize(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let map = body_object(body)?;
+    let f = Fields(&map);
+    let content = f
+        .str("content")?
+        .ok_or_else(|| ApiError::invalid("content", "`content` must be a string"))?;
+    let tokens = if f.bool("add_special")?.unwrap_or(false) {
+        encode_prompt(&s.tokenizer, content)
+    } else {
+        s.tokenizer.encode(content, false, true)
+    };
+    Ok(axum::Json(json!({ "tokens": tokens })).into_response())
+}
+
+/// llama-server's shape: `{"tokens"}` -> `{"content"}`.
+async fn detokenize(
+    State(s): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    authorize(&s, &headers)?;
+    let map = body_object(body)?;
+    let f = Fields(&map);
+    let ids = match f.get("tokens") {
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_u64()
+                    .filter(|&id| id < s.info.n_vocab as u64)
+                    .map(|id| id as u32)
+            })
+            .collect::<Option<Vec<u32>>>(),
+        _ => None,
+    }
+    .ok_or_else(|| {
+        ApiError::invalid(
+            "tokens",
+            format!("`tokens` must be a list of ids below {}", s.info.n_vocab),
+        )
+    })?;
+    let content = s
+        .tokenizer
+        .decode(&ids, true)
+        .map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+    Ok(axum::Json(json!({ "content": content })).into_response())
 }
 
 async fn not_found() -> ApiError {

@@ -277,15 +277,24 @@ pub fn run_loop(
         }
         // Highest index first, so the others keep their places.
         finished.sort_by_key(|(index, _)| std::cmp::Reverse(*index));
+        // Release first and publish, so a client that sees its answer sees the pages freed.
+        let mut outcomes = Vec::with_capacity(finished.len());
         for (index, event) in finished {
             if index >= active.len() {
                 continue;
             }
             let a = active.remove(index);
-            if let Some(event) = event {
-                let _ = a.events.send(event);
-            }
             engine.release(a.seq);
+            outcomes.push((a.events, event));
+        }
+        if !outcomes.is_empty() {
+            engine.reclaim();
+            publish(engine, &active, stats);
+        }
+        for (events, event) in outcomes {
+            if let Some(event) = event {
+                let _ = events.send(event);
+            }
         }
     }
     publish(engine, &active, stats);
