@@ -79,6 +79,42 @@ pub enum BackendError {
     NotComputed(String),
     #[error("{0}")]
     Kernel(String),
+    #[error(
+        "non-finite logits: `{value_name}` is {value} at output row {row} (position {position}), vocabulary id {col}; the model's weights or the step overflowed (`m40-llm inspect --check` scans the weights)"
+    )]
+    NonFinite {
+        /// The plan value holding the logits.
+        value_name: String,
+        /// The output row (index into `Batch::outputs`) and its token's position.
+        row: usize,
+        position: u32,
+        /// The vocabulary id (column) and the value found there.
+        col: usize,
+        value: f32,
+    },
+}
+
+/// Fails on the first NaN or ±inf in `logits` (rows of `n_vocab`): logits that are not numbers
+/// make perplexity NaN and sampling garbage, so a backend reports them as an error instead.
+/// `positions[row]` is the position of output row `row`; `value_name` the plan value they are.
+pub fn check_finite(
+    logits: &Logits,
+    positions: &[u32],
+    value_name: &str,
+) -> Result<(), BackendError> {
+    // One pass over the rows: small next to the output projection that computed them.
+    let Some(i) = logits.data.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let n_vocab = logits.n_vocab.max(1);
+    let row = i / n_vocab;
+    Err(BackendError::NonFinite {
+        value_name: value_name.to_string(),
+        row,
+        position: positions.get(row).copied().unwrap_or(0),
+        col: i % n_vocab,
+        value: logits.data.get(i).copied().unwrap_or(f32::NAN),
+    })
 }
 
 /// An executor of plans. See the [module docs](self).

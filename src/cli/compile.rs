@@ -1,5 +1,6 @@
 //! `m40-llm compile [MODEL]`: lower, fuse, schedule and place a model; print or save the plan.
 
+use super::io::note;
 use anyhow::Context;
 use m40_llm::gguf::GgufFile;
 use m40_llm::plan::{Plan, PlanOptions, Reuse, dot, text};
@@ -7,9 +8,11 @@ use m40_llm::{CompileOptions, compile};
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
+#[command(allow_negative_numbers = true)]
 #[command(group(clap::ArgGroup::new("destination").args(["dump_graph", "output"]).multiple(true)))]
 pub struct Args {
     /// The GGUF model (default: the default model, fetched if missing).
+    #[arg(value_parser = super::io::non_empty_path)]
     pub model: Option<PathBuf>,
     /// Print the whole plan: one line per step, then the summary (without it: the summary).
     #[arg(long)]
@@ -25,7 +28,8 @@ pub struct Args {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     pub max_outputs: Option<u64>,
     /// Write the plan to FILE.
-    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    /// Written atomically (a temporary file, then a rename); never over the model.
+    #[arg(short = 'o', long = "output", value_name = "FILE", value_parser = super::io::non_empty_path)]
     pub output: Option<PathBuf>,
     /// Run no fusion pass.
     #[arg(long)]
@@ -64,17 +68,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         disabled_passes: args.disable_pass.clone(),
     };
     let plan = compile(&file, &options)?.plan;
+    // A plan for another machine is fine to write, but say it cannot run on this one.
+    if let Err(e) = m40_llm::backend::cpu::check_memory(&plan, 0) {
+        tracing::warn!("this plan cannot run on this machine (--max-tokens sizes the arena): {e}");
+    }
 
     if let Some(out) = &args.output {
         let format = args.format.unwrap_or_else(|| format_for(out));
-        std::fs::write(out, render(&plan, format))
+        super::io::write_output(out, render(&plan, format).as_bytes(), &[&path])
             .with_context(|| format!("writing the plan to {}", out.display()))?;
-        eprintln!("wrote the plan ({}) to {}", format.name(), out.display());
+        note!("wrote the plan ({}) to {}", format.name(), out.display());
     }
     if args.dump_graph {
-        print!("{}", render(&plan, args.format.unwrap_or(Format::Text)));
+        super::io::out(format_args!(
+            "{}",
+            render(&plan, args.format.unwrap_or(Format::Text))
+        ))?;
     } else {
-        print!("{}\n{}", text::header(&plan), text::summary(&plan));
+        super::io::out(format_args!(
+            "{}\n{}",
+            text::header(&plan),
+            text::summary(&plan)
+        ))?;
     }
     Ok(())
 }

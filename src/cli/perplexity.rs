@@ -7,6 +7,7 @@
 //! `ctx/2 .. ctx-1` contributes `-log p(token[j+1] | token[..=j])`. PPL = exp(mean), with the
 //! standard error of the mean propagated as llama.cpp does.
 
+use super::io::note;
 use super::model_or_default;
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,11 +19,12 @@ use std::path::PathBuf;
 const DEFAULT_WINDOW: u64 = 512;
 
 #[derive(clap::Args)]
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     #[command(flatten)]
     pub model: super::ModelArgs,
-    /// The text file to score (UTF-8).
-    #[arg(short, long)]
+    /// The text file to score (UTF-8, at most --max-input-bytes; `-` reads standard input).
+    #[arg(short, long, value_parser = super::io::non_empty_path)]
     pub file: PathBuf,
     /// Score at most this many windows (default: all the text holds).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -65,8 +67,7 @@ impl Nll {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("cannot read {} as UTF-8 text", args.file.display()))?;
+    let text = super::io::read_text(&args.file, "the text file")?;
     let path = model_or_default(args.model.model.clone())?;
     // Windows of --ctx-size tokens (the shared flag), 512 unless given.
     let ctx = args.model.ctx_size.unwrap_or(DEFAULT_WINDOW) as usize;
@@ -93,7 +94,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .then(|| tokenizer.special().bos)
         .flatten();
     let n_chunks = (tokens.len() / ctx).min(args.chunks.map_or(usize::MAX, |c| c as usize));
-    eprintln!(
+    note!(
         "m40-llm: perplexity of {} over {n_chunks} windows of {ctx} tokens ({} tokens) on {}",
         args.file.display(),
         tokens.len(),

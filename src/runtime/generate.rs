@@ -6,13 +6,18 @@
 //! string (the text before it is the output; the stop string is not), the consumer of the text
 //! asking to stop (its callback returns `ControlFlow::Break`), the new-token limit, and the
 //! context limit (the sequence cannot take another token).
+//!
+//! Stop strings match the text of every token, special (control) tokens included, whether or not
+//! the output shows them (`render_special`): `--stop '<|im_start|>'` fires on that token. Hidden
+//! special text is matched, then cut out of what is released.
 
 use super::engine::{Engine, EngineError, Sequence};
-use super::stop::{StopError, StopMatcher};
+use super::stop::{Released, StopError, StopMatcher};
 use crate::sample::{SampleError, Sampler, SamplerConfig};
 use crate::tokenizer::Tokenizer;
 use serde::Serialize;
-use std::ops::ControlFlow;
+use std::collections::VecDeque;
+use std::ops::{ControlFlow, Range};
 use std::time::{Duration, Instant};
 
 /// What to generate.
@@ -173,6 +178,7 @@ fn run(
     timings.prefill_s = t.elapsed().as_secs_f64();
 
     let mut decoder = tokenizer.stream_decoder(options.render_special);
+    let mut matcher = HiddenText::default();
     let mut text = String::new();
     let mut tokens = Vec::new();
     let mut sample_time = Duration::ZERO;
@@ -198,7 +204,14 @@ fn run(
         let piece = decoder
             .push(token)
             .map_err(|e| GenerateError::Decode(e.to_string()))?;
-        let released = stops.push(&piece);
+        let mut released = matcher.push(stops, &piece, false);
+        if !options.render_special && tokenizer.is_control(token) {
+            // Not shown, but stop strings still see its text.
+            let special = String::from_utf8_lossy(tokenizer.token_piece(token).unwrap_or_default());
+            let more = matcher.push(stops, &special, true);
+            released.text.push_str(&more.text);
+            released.stop = released.stop.or(more.stop);
+        }
         let flow = emit(&released.text, &mut text);
         if let Some(i) = released.stop {
             break FinishReason::StopString {
@@ -225,9 +238,10 @@ fn run(
         FinishReason::StopString { .. } | FinishReason::Cancelled
     ) {
         // Whatever the decoder and the stop matcher still hold is final now.
-        let released = stops.push(&decoder.finish());
+        let released = matcher.push(stops, &decoder.finish(), false);
         let _ = emit(&released.text, &mut text);
-        let _ = emit(&stops.finish().text, &mut text);
+        let rest = stops.finish();
+        let _ = emit(&matcher.visible(rest).text, &mut text);
     }
     timings.sample_s = sample_time.as_secs_f64();
     Ok(Generation {
@@ -238,4 +252,89 @@ fn run(
         seed: sampler.seed(),
         timings,
     })
+}
+
+/// Tracks which bytes of the text given to the stop matcher came from hidden special tokens, so
+/// that they can be cut out of what the matcher releases (which is always the next part of the
+/// text pushed, in order).
+#[derive(Default)]
+struct HiddenText {
+    /// Bytes pushed so far, and bytes released so far.
+    pushed: usize,
+    released: usize,
+    /// Byte ranges of hidden text not yet released, ascending.
+    hidden: VecDeque<Range<usize>>,
+}
+
+impl HiddenText {
+    fn push(&mut self, stops: &mut StopMatcher, text: &str, hidden: bool) -> Released {
+        if hidden && !text.is_empty() {
+            self.hidden.push_back(self.pushed..self.pushed + text.len());
+        }
+        self.pushed += text.len();
+        let released = stops.push(text);
+        self.visible(released)
+    }
+
+    /// `released` without its hidden bytes.
+    fn visible(&mut self, released: Released) -> Released {
+        let start = self.released;
+        let end = start + released.text.len();
+        self.released = end;
+        if self.hidden.is_empty() {
+            return released;
+        }
+        let slice = |a: usize, b: usize| released.text.get(a - start..b - start).unwrap_or("");
+        let mut text = String::new();
+        let mut at = start;
+        for h in &self.hidden {
+            if h.start >= end {
+                break;
+            }
+            if h.end <= at {
+                continue;
+            }
+            text.push_str(slice(at, h.start.max(at)));
+            at = h.end.min(end);
+        }
+        text.push_str(slice(at, end));
+        while self.hidden.front().is_some_and(|h| h.end <= end) {
+            self.hidden.pop_front();
+        }
+        Released {
+            text,
+            stop: released.stop,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hidden_text_is_matched_but_not_released() {
+        let mut stops = StopMatcher::new(["<|x|>", "ab"]).unwrap();
+        let mut h = HiddenText::default();
+        let mut out = String::new();
+        out += &h.push(&mut stops, "hello ", false).text;
+        out += &h.push(&mut stops, "<|y|>", true).text;
+        out += &h.push(&mut stops, "world", false).text;
+        let r = h.push(&mut stops, "<|x|>", true);
+        out += &r.text;
+        assert_eq!(r.stop, Some(0));
+        assert_eq!(out, "hello world");
+    }
+
+    #[test]
+    fn hidden_text_is_cut_from_held_text() {
+        // "a" is held (it may start "ab"), then hidden text, then the end.
+        let mut stops = StopMatcher::new(["ab"]).unwrap();
+        let mut h = HiddenText::default();
+        let mut out = h.push(&mut stops, "xa", false).text;
+        out += &h.push(&mut stops, "<s>", true).text;
+        out += &h.push(&mut stops, "c", false).text;
+        out += &h.visible(stops.finish()).text;
+        assert_eq!(out, "xac");
+    }
 }

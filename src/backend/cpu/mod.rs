@@ -402,6 +402,18 @@ impl Backend for CpuBackend {
             data: self.arena.slice(r).to_vec(),
         };
         self.last = Some(batch.clone());
+        let positions: Vec<u32> = batch
+            .outputs
+            .iter()
+            .map(|&t| batch.positions.get(t as usize).copied().unwrap_or(0))
+            .collect();
+        super::check_finite(
+            &logits,
+            &positions,
+            self.plan
+                .value(result)
+                .map_or("logits", |o| o.name.as_str()),
+        )?;
         Ok(logits)
     }
 
@@ -667,7 +679,8 @@ fn intact_values(plan: &Plan) -> Vec<Vec<bool>> {
 
 /// Refuses a KV cache and arena larger than the machine's memory, before allocating them (an
 /// allocation that large would abort the process or wake the OOM killer, not fail cleanly).
-fn check_memory(plan: &Plan, n_cells: u32) -> Result<(), BackendError> {
+/// `m40-llm compile` uses it (with no cells) to warn of a plan that cannot run here.
+pub fn check_memory(plan: &Plan, n_cells: u32) -> Result<(), BackendError> {
     let kv: u64 = plan.kv_cache.iter().map(|l| l.bytes_per_token).sum();
     let needed = kv
         .checked_mul(u64::from(n_cells))
