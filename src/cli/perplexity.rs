@@ -121,18 +121,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for j in first..ctx - 1 {
             nll.add(logits.row(j - first), tokens[i * ctx + j + 1]);
         }
-        write!(out, "[{}]{:.4},", i + 1, nll.ppl())?;
-        out.flush()?;
+        write!(out, "[{}]{:.4},", i + 1, nll.ppl())
+            .and_then(|()| out.flush())
+            .context("cannot write to stdout")?;
         bar.set_message(format!("PPL {:.4}", nll.ppl()));
         bar.inc(1);
     }
     bar.finish_and_clear();
-    writeln!(out)?;
     writeln!(
         out,
-        "Final estimate: PPL = {:.4} +/- {:.5}",
+        "\nFinal estimate: PPL = {:.4} +/- {:.5}",
         nll.ppl(),
         nll.ppl_error()
-    )?;
+    )
+    .and_then(|()| out.flush())
+    .context("cannot write to stdout")?;
     Ok(())
 }

@@ -171,9 +171,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "sample_s": t.sample_s,
             },
         });
-        writeln!(stdout, "{out}")?;
+        writeln!(stdout, "{out}").context("cannot write to stdout")?;
     } else {
-        writeln!(stdout)?;
+        writeln!(stdout).context("cannot write to stdout")?;
     }
     let finish = match &generation.finish {
         FinishReason::EndOfGeneration { token } => format!("end of generation (token {token})"),

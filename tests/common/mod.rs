@@ -7,7 +7,11 @@
 //! test instead, so CI cannot pass by skipping.
 #![allow(dead_code)]
 
+pub mod dot;
+
 pub mod layout;
+
+pub mod proc;
 
 pub mod reference;
 
