@@ -70,7 +70,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let plan = compile(&file, &options)?.plan;
     // A plan for another machine is fine to write, but say it cannot run on this one.
     if let Err(e) = m40_llm::backend::cpu::check_memory(&plan, 0) {
-        tracing::warn!("this plan cannot run on this machine (--max-tokens sizes the arena): {e}");
+        tracing::warn!("this plan cannot run on this machine: {e}");
     }
 
     if let Some(out) = &args.output {

@@ -54,15 +54,15 @@ fn limit_hint(cap: u64) -> String {
 }
 
 /// Reads the UTF-8 text at `path` (`-`: standard input), at most [`max_input`] bytes. `what`
-/// names the input in errors ("the prompt file", "--file").
+/// names the input's flag in errors (`--file`, `--prompt`).
 pub fn read_text(path: &Path, what: &str) -> Result<String> {
     let cap = max_input();
     let (name, bytes) = if path.as_os_str() == "-" {
         let bytes = read_capped(std::io::stdin().lock(), cap)
-            .with_context(|| format!("cannot read {what} from standard input"))?;
+            .with_context(|| format!("cannot read standard input ({what})"))?;
         let Some(bytes) = bytes else {
             bail!(
-                "{what} on standard input is larger than {cap} bytes ({})",
+                "standard input ({what}) is larger than {cap} bytes ({})",
                 limit_hint(cap)
             );
         };
@@ -72,18 +72,18 @@ pub fn read_text(path: &Path, what: &str) -> Result<String> {
         let meta = regular_file(path, what)?;
         if meta.len() > cap {
             bail!(
-                "{what} {name} has {} bytes, more than the limit ({})",
+                "{name} ({what}) has {} bytes, more than the limit ({})",
                 meta.len(),
                 limit_hint(cap)
             );
         }
         let file =
-            std::fs::File::open(path).with_context(|| format!("cannot open {what} {name}"))?;
+            std::fs::File::open(path).with_context(|| format!("cannot open {name} ({what})"))?;
         let Some(bytes) =
-            read_capped(file, cap).with_context(|| format!("cannot read {what} {name}"))?
+            read_capped(file, cap).with_context(|| format!("cannot read {name} ({what})"))?
         else {
             bail!(
-                "{what} {name} grew past the limit while read ({})",
+                "{name} ({what}) grew past the limit while read ({})",
                 limit_hint(cap)
             );
         };
@@ -91,7 +91,7 @@ pub fn read_text(path: &Path, what: &str) -> Result<String> {
     };
     String::from_utf8(bytes).map_err(|e| {
         let at = e.utf8_error().valid_up_to();
-        anyhow::anyhow!("{what} {name} is not UTF-8 text (invalid byte at offset {at})")
+        anyhow::anyhow!("{name} ({what}) is not UTF-8 text (invalid byte at offset {at})")
     })
 }
 
@@ -106,7 +106,7 @@ fn read_capped(r: impl Read, cap: u64) -> std::io::Result<Option<Vec<u8>>> {
 /// fifo blocks until a writer comes).
 pub fn regular_file(path: &Path, what: &str) -> Result<std::fs::Metadata> {
     let meta = std::fs::metadata(path)
-        .with_context(|| format!("cannot read {what} {}", path.display()))?;
+        .with_context(|| format!("cannot read {} ({what})", path.display()))?;
     if !meta.is_file() {
         let kind = if meta.is_dir() {
             "a directory"
@@ -114,7 +114,7 @@ pub fn regular_file(path: &Path, what: &str) -> Result<std::fs::Metadata> {
             "not a regular file (a fifo, socket or device)"
         };
         bail!(
-            "{what} {} is {kind}; give a regular file, or `-` for standard input",
+            "{} ({what}) is {kind}; give a regular file, or `-` for standard input",
             path.display()
         );
     }

@@ -28,7 +28,7 @@ struct Cli {
     /// The largest text input (prompt or text file, stdin) in bytes; K, M, G suffixes
     /// (powers of 1024) allowed.
     #[arg(long, global = true, value_name = "SIZE", env = io::MAX_INPUT_ENV,
-          default_value = "64M", value_parser = io::parse_size)]
+          default_value_t = io::DEFAULT_MAX_INPUT, value_parser = io::parse_size)]
     max_input_bytes: u64,
     #[command(subcommand)]
     command: Command,

@@ -67,7 +67,12 @@ impl Nll {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let text = super::io::read_text(&args.file, "the text file")?;
+    let text = super::io::read_text(&args.file, "--file")?;
+    let name = if args.file.as_os_str() == "-" {
+        "standard input".to_string()
+    } else {
+        args.file.display().to_string()
+    };
     let path = model_or_default(args.model.model.clone())?;
     // Windows of --ctx-size tokens (the shared flag), 512 unless given.
     let ctx = args.model.ctx_size.unwrap_or(DEFAULT_WINDOW) as usize;
@@ -84,7 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if tokens.len() < 2 * ctx {
         bail!(
             "{} has {} tokens; perplexity with --ctx-size {ctx} needs at least {} (two windows)",
-            args.file.display(),
+            name,
             tokens.len(),
             2 * ctx
         );
@@ -96,7 +101,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let n_chunks = (tokens.len() / ctx).min(args.chunks.map_or(usize::MAX, |c| c as usize));
     note!(
         "m40-llm: perplexity of {} over {n_chunks} windows of {ctx} tokens ({} tokens) on {}",
-        args.file.display(),
+        name,
         tokens.len(),
         model.engine.device()
     );

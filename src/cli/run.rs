@@ -102,7 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("--system needs --chat (the system message goes into the chat template)");
     }
     let prompt = if args.prompt == "-" {
-        super::io::read_text(std::path::Path::new("-"), "the prompt")?
+        super::io::read_text(std::path::Path::new("-"), "--prompt")?
     } else {
         args.prompt.clone()
     };

@@ -38,7 +38,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let text = match (&args.text, &args.file) {
         (Some(t), _) => t.clone(),
-        (None, Some(path)) => super::io::read_text(path, "the text")?,
+        (None, Some(path)) => super::io::read_text(path, "--file")?,
         (None, None) => bail!("give the text with --text TEXT or --file FILE"),
     };
     let path = super::model_or_default(args.model)?;

@@ -692,8 +692,18 @@ pub fn check_memory(plan: &Plan, n_cells: u32) -> Result<(), BackendError> {
         (needed, total) => Err(BackendError::Unsupported {
             backend: "cpu".into(),
             reason: format!(
-                "a KV cache of {n_cells} cells ({kv} bytes each) and a {} MiB arena need {}, more than this machine's {}: lower the context size",
-                plan.memory.arena_bytes >> 20,
+                "{} need {}, more than this machine's {}: {}",
+                if n_cells == 0 {
+                    format!(
+                        "the plan's {} MiB arena would",
+                        plan.memory.arena_bytes >> 20
+                    )
+                } else {
+                    format!(
+                        "a KV cache of {n_cells} cells ({kv} bytes each) and a {} MiB arena",
+                        plan.memory.arena_bytes >> 20
+                    )
+                },
                 needed.map_or("more than 2^64 bytes".into(), |n| format!(
                     "{:.1} GiB",
                     n as f64 / GIB
@@ -702,6 +712,11 @@ pub fn check_memory(plan: &Plan, n_cells: u32) -> Result<(), BackendError> {
                     "{:.1} GiB of memory",
                     t as f64 / GIB
                 )),
+                if n_cells == 0 {
+                    "lower --max-tokens"
+                } else {
+                    "lower the context size"
+                },
             ),
         }),
     }
