@@ -26,12 +26,33 @@ fn m40_run(args: &[&str], input: Input<'_>) -> Outcome {
     run(m40().args(args), input, DEADLINE)
 }
 
-/// A fresh folder under the system's temporary folder.
-fn scratch(name: &str) -> PathBuf {
+/// A fresh folder under the system's temporary folder, removed when dropped.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for Scratch {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(name: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("m40llm-hostile-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    dir
+    Scratch(dir)
 }
 
 /// The tiny llama with GPT-2's vocabulary; `patch` overwrites the first value of a tensor.
@@ -808,7 +829,11 @@ fn bytes_up_to_the_cap() -> impl Strategy<Value = Vec<u8>> {
 /// One model for every case of the property test.
 fn props_model() -> &'static Path {
     static MODEL: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    MODEL.get_or_init(|| tiny_in(&scratch("props")))
+    // Kept for the whole run (a static is never dropped).
+    MODEL.get_or_init(|| {
+        let dir = std::mem::ManuallyDrop::new(scratch("props"));
+        tiny_in(&dir)
+    })
 }
 
 proptest! {
