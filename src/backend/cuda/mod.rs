@@ -39,10 +39,45 @@ impl CudaError {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_type_gguf_dequantizes_has_weight_kernels() {
+        for ty in crate::gguf::quants::DEQUANTIZE_TYPES {
+            let suffix = super::weight_kernel_suffix(ty).unwrap();
+            let (_, src) = super::kernels::KERNEL_HEADERS
+                .iter()
+                .find(|(n, _)| *n == "common.cuh")
+                .unwrap();
+            assert!(src.contains(&format!("MACRO({suffix},")), "{suffix}");
+        }
+    }
+}
+
 impl From<CudaError> for BackendError {
     fn from(e: CudaError) -> BackendError {
         BackendError::Kernel(e.to_string())
     }
+}
+
+/// The suffix of the kernels that read weights of type `ty` (`matvec_q4_k`, `embedding_f16`,
+/// `dequantize_bf16`); `None` for a type the kernels cannot read.
+pub fn weight_kernel_suffix(ty: crate::gguf::GgmlType) -> Option<&'static str> {
+    use crate::gguf::GgmlType as T;
+    Some(match ty {
+        T::F32 => "f32",
+        T::F16 => "f16",
+        T::BF16 => "bf16",
+        T::Q4_0 => "q4_0",
+        T::Q4_1 => "q4_1",
+        T::Q5_0 => "q5_0",
+        T::Q5_1 => "q5_1",
+        T::Q8_0 => "q8_0",
+        T::Q4_K => "q4_k",
+        T::Q5_K => "q5_k",
+        T::Q6_K => "q6_k",
+        _ => return None,
+    })
 }
 
 /// The CUDA driver's version as `(major, minor)` (`cuDriverGetVersion`), or why it is unknown.
