@@ -126,12 +126,34 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             nv.version_string(),
             nv.path()
         ));
+        // A GPU of this arch, to load the images on and ask the driver what ptxas did not say.
+        let device = gpus
+            .as_ref()
+            .ok()
+            .and_then(|g| {
+                g.iter()
+                    .find(|g| m40_llm::backend::device::arch_of(g) == arch)
+            })
+            .and_then(|g| cudarc::driver::CudaContext::new(g.ordinal).ok());
         let mut fams = Vec::new();
         for (name, r) in kernels::compile_all(&nv, arch, None) {
             match r {
-                Ok(f) => {
+                Ok(mut f) => {
+                    let mut source = "ptxas";
+                    if f.functions.iter().any(|f| f.registers.is_none()) {
+                        source = "no report";
+                        if let Some(ctx) = &device {
+                            match kernels::device_function_info(ctx, &f.cubin, &mut f.functions) {
+                                Ok(()) => source = "driver",
+                                Err(e) => {
+                                    ok = false;
+                                    say(format!("  {name:<12} FAILED to load on the GPU: {e}"));
+                                }
+                            }
+                        }
+                    }
                     say(format!(
-                        "  {name:<12} ok   {:>6.2} s  {} kernels, {} KiB cubin",
+                        "  {name:<12} ok   {:>6.2} s  {} kernels, {} KiB cubin (resources: {source})",
                         f.seconds,
                         f.functions.len(),
                         f.cubin.len().div_ceil(1024)
@@ -139,8 +161,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     for func in &f.functions {
                         say(format!("    {}", describe(func)));
                     }
-                    fams.push(json!({"name": name, "ok": true, "seconds": f.seconds,
-                        "cubin_bytes": f.cubin.len(), "functions": f.functions}));
+                    fams.push(
+                        json!({"name": name, "ok": true, "seconds": f.seconds, "resources": source,
+                        "cubin_bytes": f.cubin.len(), "functions": f.functions}),
+                    );
                 }
                 Err(e) => {
                     ok = false;

@@ -112,7 +112,7 @@ pub fn compile_family(
         return Ok(CompiledFamily {
             name: name.to_string(),
             arch,
-            functions: parse_ptxas_log(&log),
+            functions: function_report(&cubin, &log),
             cubin,
             log,
             seconds: start.elapsed().as_secs_f64(),
@@ -130,7 +130,7 @@ pub fn compile_family(
     Ok(CompiledFamily {
         name: name.to_string(),
         arch,
-        functions: parse_ptxas_log(&log),
+        functions: function_report(&cubin, &log),
         cubin,
         log,
         seconds,
@@ -159,6 +159,117 @@ pub fn compile_all(
     family_names()
         .map(|n| (n, compile_family(nvrtc, n, arch, cache)))
         .collect()
+}
+
+/// The report for a compiled image: ptxas's (from `log`) where NVRTC gave one, else the entry
+/// points listed in the CUBIN with nothing measured (NVRTC 13 was seen returning an empty log for
+/// a program it had compiled before: its own cache). [`device_function_info`] fills the numbers
+/// in from a loaded module.
+pub fn function_report(cubin: &[u8], log: &str) -> Vec<FunctionInfo> {
+    let from_log = parse_ptxas_log(log);
+    if !from_log.is_empty() {
+        return from_log;
+    }
+    cubin_entry_points(cubin)
+        .into_iter()
+        .map(|name| FunctionInfo {
+            name,
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// The global function symbols of a 64-bit little-endian ELF image (a CUBIN): its kernels.
+/// Malformed input gives an empty list, never a panic.
+pub fn cubin_entry_points(elf: &[u8]) -> Vec<String> {
+    let u16_at = |o: usize| {
+        elf.get(o..o.saturating_add(2))
+            .map(|b| u16::from_le_bytes([b[0], b[1]]))
+    };
+    let u32_at = |o: usize| {
+        elf.get(o..o.saturating_add(4))
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    let u64_at = |o: usize| {
+        elf.get(o..o.saturating_add(8))
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+    };
+    let mut names = Vec::new();
+    // ELFCLASS64, little-endian.
+    if elf.get(0..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
+        return names;
+    }
+    let (Some(shoff), Some(shentsize), Some(shnum)) = (u64_at(0x28), u16_at(0x3a), u16_at(0x3c))
+    else {
+        return names;
+    };
+    let (shoff, shentsize) = (shoff as usize, usize::from(shentsize));
+    let section = |i: usize| -> Option<(u32, u32, usize, usize, usize)> {
+        let base = shoff.checked_add(i.checked_mul(shentsize)?)?;
+        // (type, link, offset, size, entsize)
+        Some((
+            u32_at(base.saturating_add(4))?,
+            u32_at(base.saturating_add(40))?,
+            u64_at(base.saturating_add(24))? as usize,
+            u64_at(base.saturating_add(32))? as usize,
+            u64_at(base.saturating_add(56))? as usize,
+        ))
+    };
+    for i in 0..usize::from(shnum) {
+        let Some((2, link, off, size, entsize)) = section(i) else {
+            continue; // not SHT_SYMTAB
+        };
+        let Some((_, _, str_off, str_size, _)) = section(link as usize) else {
+            continue;
+        };
+        if entsize < 24 {
+            continue;
+        }
+        for j in 0..size / entsize {
+            let sym = off.saturating_add(j.saturating_mul(entsize));
+            let (Some(name), Some(&info)) = (u32_at(sym), elf.get(sym.saturating_add(4))) else {
+                break;
+            };
+            // STT_FUNC with STB_GLOBAL.
+            if info & 0xf != 2 || info >> 4 != 1 {
+                continue;
+            }
+            let start = str_off.saturating_add(name as usize);
+            let Some(strtab) = elf.get(start..str_off.saturating_add(str_size)) else {
+                continue;
+            };
+            let end = strtab.iter().position(|&b| b == 0).unwrap_or(strtab.len());
+            if let Ok(n) = std::str::from_utf8(&strtab[..end])
+                && !n.is_empty()
+            {
+                names.push(n.to_string());
+            }
+        }
+    }
+    names.sort();
+    names.dedup();
+    names
+}
+
+/// Fills registers and static shared memory of `functions` from the driver
+/// (`cuFuncGetAttribute`) after loading `cubin` into `ctx`.
+pub fn device_function_info(
+    ctx: &std::sync::Arc<cudarc::driver::CudaContext>,
+    cubin: &[u8],
+    functions: &mut [FunctionInfo],
+) -> Result<(), cudarc::driver::DriverError> {
+    let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()))?;
+    for f in functions {
+        let func = module.load_function(&f.name)?;
+        f.registers = u32::try_from(func.num_regs()?).ok();
+        f.shared_bytes = u32::try_from(func.shared_size_bytes()?).ok();
+        let local = func.get_attribute(
+            cudarc::driver::sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES,
+        )?;
+        f.stack_bytes = u32::try_from(local).ok();
+    }
+    Ok(())
 }
 
 /// Reads ptxas's `-v` report:
@@ -257,6 +368,18 @@ mod tests {
         assert_ne!(k, cache_key("norm", "a", 52, (13, 0)));
         assert_ne!(k, cache_key("norm", "b", 52, (12, 4)));
         assert_eq!(k, cache_key("norm", "a", 52, (12, 4)));
+    }
+
+    #[test]
+    fn malformed_cubins_list_no_entry_points() {
+        assert!(cubin_entry_points(b"").is_empty());
+        assert!(cubin_entry_points(b"\x7fELF\x02\x01garbage").is_empty());
+        let mut header = vec![0u8; 64];
+        header[..6].copy_from_slice(&[0x7f, b'E', b'L', b'F', 2, 1]);
+        header[0x28..0x30].copy_from_slice(&u64::MAX.to_le_bytes());
+        header[0x3a] = 64;
+        header[0x3c] = 100;
+        assert!(cubin_entry_points(&header).is_empty());
     }
 
     #[test]

@@ -39,21 +39,6 @@ impl CudaError {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn every_type_gguf_dequantizes_has_weight_kernels() {
-        for ty in crate::gguf::quants::DEQUANTIZE_TYPES {
-            let suffix = super::weight_kernel_suffix(ty).unwrap();
-            let (_, src) = super::kernels::KERNEL_HEADERS
-                .iter()
-                .find(|(n, _)| *n == "common.cuh")
-                .unwrap();
-            assert!(src.contains(&format!("MACRO({suffix},")), "{suffix}");
-        }
-    }
-}
-
 impl From<CudaError> for BackendError {
     fn from(e: CudaError) -> BackendError {
         BackendError::Kernel(e.to_string())
@@ -174,5 +159,20 @@ impl KernelSet {
         let f = module.load_function(name).map_err(|_| no_kernel())?;
         cache.insert(key, f.clone());
         Ok(f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_type_gguf_dequantizes_has_weight_kernels() {
+        for ty in crate::gguf::quants::DEQUANTIZE_TYPES {
+            let suffix = super::weight_kernel_suffix(ty).unwrap();
+            let (_, src) = super::kernels::KERNEL_HEADERS
+                .iter()
+                .find(|(n, _)| *n == "common.cuh")
+                .unwrap();
+            assert!(src.contains(&format!("MACRO({suffix},")), "{suffix}");
+        }
     }
 }
