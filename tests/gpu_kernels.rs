@@ -7,6 +7,8 @@
 //! (CI installs `nvidia-cuda-nvrtc-cu12==12.4.*`); without a GPU the launch tests skip.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use m40_llm::backend::cuda::{kernels, nvrtc};
 
 fn required() -> bool {
@@ -1062,4 +1064,155 @@ fn kernel_timings_for_the_record() {
             wb.len() as f64 / ms / 1e6
         );
     }
+}
+
+#[test]
+fn matmul_agrees_on_the_matvec_cublas_and_plain_kernel_paths() {
+    use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul, MatmulPath};
+    let Some(g) = gpu() else { return };
+    let (n, k) = (100usize, 512usize);
+    let with = Matmul::new(g.stream.clone(), true).unwrap();
+    let without = Matmul::new(g.stream.clone(), false).unwrap();
+    for (i, ty) in [
+        GgmlType::F16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (wb, wd, _) = weight(600 + i as u64, ty, n, k);
+        let w = DeviceWeight::upload(&g.stream, "w", ty, n, k, &wb).unwrap();
+        for rows in [1usize, 5, 33] {
+            let x = randn(&mut rng(700 + rows as u64), rows * k);
+            let x_d = g.up(&x);
+            let want = matmul_ref(&x, &wd, rows, n, k);
+            // Scratch for 30 weight rows: the cuBLAS path runs in 4 tiles.
+            let mut scratch = g.out(30 * k, NAN);
+            for (mm, name) in [(&with, "cublas"), (&without, "plain")] {
+                let mut y_d = g.out(rows * n, NAN);
+                let path = mm
+                    .run(&g.ks, &x_d, rows, &w, &mut y_d, &mut scratch)
+                    .unwrap();
+                let expected = match (rows, mm.uses_cublas()) {
+                    (1, _) => MatmulPath::Matvec,
+                    (_, true) => MatmulPath::CublasSgemm { tiles: 4 },
+                    (_, false) => MatmulPath::PlainKernel,
+                };
+                assert_eq!(path, expected, "{ty:?} rows={rows} {name}");
+                let what = format!("matmul {ty:?} rows={rows} {name}");
+                assert_close(&what, &g.down(&y_d), &want, 1e-3);
+            }
+        }
+    }
+    // Wrong sizes are errors naming the kernel and the shapes, not launches.
+    let (wb, _, _) = weight(1, GgmlType::Q8_0, n, k);
+    let w = DeviceWeight::upload(&g.stream, "w", GgmlType::Q8_0, n, k, &wb).unwrap();
+    let x_d = g.up(&vec![1f32; k]);
+    let mut y_d = g.out(n - 1, NAN);
+    let mut scratch = g.out(k, NAN);
+    let e = with
+        .run(&g.ks, &x_d, 1, &w, &mut y_d, &mut scratch)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("too small") && e.contains("W [100, 512]"), "{e}");
+    let bad = DeviceWeight::upload(&g.stream, "w.bad", GgmlType::Q8_0, n, k, &wb[1..]);
+    assert!(bad.err().unwrap().to_string().contains("w.bad"));
+}
+
+#[test]
+fn the_default_models_weights_upload_in_their_own_types() {
+    use m40_llm::backend::cuda::matmul::upload_tensors;
+    let Some(g) = gpu() else { return };
+    let Some(path) = common::default_model() else {
+        return;
+    };
+    let file = m40_llm::gguf::GgufFile::open(&path).unwrap();
+    let names: Vec<&str> = file
+        .tensors()
+        .iter()
+        .filter(|t| weight_kernel_suffix(t.ty).is_some())
+        .map(|t| t.name.as_str())
+        .collect();
+    let (weights, bytes) = upload_tensors(&g.stream, &file, &names).unwrap();
+    let on_disk: u64 = names.iter().map(|n| file.tensor(n).unwrap().n_bytes).sum();
+    assert_eq!(bytes, on_disk);
+    for (w, name) in weights.iter().zip(&names) {
+        let t = file.tensor(name).unwrap();
+        assert_eq!(w.ty, t.ty, "{name}");
+        assert_eq!(w.data.len() as u64, t.n_bytes, "{name}");
+    }
+    // The bytes on the device are the file's.
+    let first = file.tensor(names[0]).unwrap();
+    assert_eq!(
+        g.down(&weights[0].data),
+        file.tensor_data(first),
+        "{}",
+        names[0]
+    );
+    eprintln!(
+        "uploaded {} tensors, {bytes} bytes, to the GPU",
+        weights.len()
+    );
+}
+
+#[test]
+fn doctor_compiles_every_kernel_for_sm52_or_says_what_is_missing() {
+    use std::process::Command;
+    let out = Command::new(common::bin())
+        .args(["doctor", "--arch", "sm_52", "--json"])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let target = &json["targets"][0];
+    if nvrtc::find_for_arch(52).is_ok() {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(json["ok"], true);
+        let families = target["families"].as_array().unwrap();
+        assert_eq!(families.len(), kernels::family_names().count());
+        for f in families {
+            assert_eq!(f["ok"], true, "{f}");
+            assert!(!f["functions"].as_array().unwrap().is_empty(), "{f}");
+        }
+    } else {
+        assert!(!required(), "no NVRTC for sm_52");
+        assert!(!out.status.success());
+        assert!(
+            target["error"]
+                .as_str()
+                .unwrap()
+                .contains("nvidia-cuda-nvrtc-cu12")
+        );
+    }
+    // An NVRTC that cannot be loaded: a failure with the advice, on one `error:` line.
+    let out = Command::new(common::bin())
+        .args(["doctor", "--arch", "sm_52"])
+        .env("M40LLM_NVRTC", "/nonexistent/libnvrtc.so")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("pip install nvidia-cuda-nvrtc-cu12==12.4.*"),
+        "{text}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error: ")).count(),
+        1,
+        "{err}"
+    );
+    // A bad architecture is a usage error.
+    let out = Command::new(common::bin())
+        .args(["doctor", "--arch", "sm_x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sm_x"));
 }

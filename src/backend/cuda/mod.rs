@@ -6,6 +6,7 @@
 //! says what is missing when asked to use it.
 
 pub mod kernels;
+pub mod matmul;
 pub mod nvrtc;
 
 use super::BackendError;
