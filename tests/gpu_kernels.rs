@@ -255,6 +255,7 @@ use cudarc::driver::PushKernelArg;
 use gpu::*;
 use half::f16;
 use m40_llm::backend::cpu::kernels as cpu;
+use m40_llm::backend::cuda::ops::{AttnPath, AttnShape, Ops, PagedKv};
 use m40_llm::backend::cuda::weight_kernel_suffix;
 use m40_llm::gguf::GgmlType;
 use m40_llm::gguf::quants::{DEQUANTIZE_TYPES, dequantize_row_f32, quantize_row};
@@ -506,6 +507,18 @@ fn rms_norm_and_add_rms_norm_match_the_cpu_kernels_per_row_and_per_head() {
         cpu::rms_norm(&x, &w, eps, &mut want).unwrap();
         assert_close(
             &format!("rms_norm G={group}"),
+            &g.down(&y_d),
+            &f64s(&want),
+            1e-5,
+        );
+        let ops = Ops {
+            ks: &g.ks,
+            stream: &g.stream,
+        };
+        let mut y_d = g.out(rows * n, NAN);
+        ops.rms_norm(&x_d, &w_d, &mut y_d, rows * n, eps).unwrap();
+        assert_close(
+            &format!("Ops::rms_norm G={group}"),
             &g.down(&y_d),
             &f64s(&want),
             1e-5,
@@ -908,6 +921,67 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         &want,
         1e-3,
     );
+
+    // The checked launcher the executor calls: prefill for the whole step, decode for its first
+    // token alone.
+    let ops = Ops {
+        ks: &g.ks,
+        stream: &g.stream,
+    };
+    let kv = PagedKv {
+        k: &kc_d,
+        v: &vc_d,
+        tables: &tab_d,
+        table_stride: pages_per_slot,
+        page_size: page,
+    };
+    let shape = AttnShape {
+        n_heads: h,
+        n_kv_heads: hkv,
+        head_dim: d,
+        scale,
+        window: c.window,
+    };
+    let positions: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
+    let mut part = g.out(Ops::attention_scratch_len(&positions, shape), NAN);
+    let mut y_d = g.out(t * h * d, NAN);
+    let path = ops
+        .attention(
+            &q_d, &kv, &pos_d, &slots_d, &positions, shape, &mut y_d, &mut part,
+        )
+        .unwrap();
+    assert_eq!(path, AttnPath::Prefill);
+    assert_close(
+        &format!("Ops::attention {what}"),
+        &g.down(&y_d),
+        &want,
+        1e-3,
+    );
+    let mut y_d = g.out(h * d, NAN);
+    let path = ops
+        .attention(
+            &q_d,
+            &kv,
+            &pos_d,
+            &slots_d,
+            &positions[..1],
+            shape,
+            &mut y_d,
+            &mut part,
+        )
+        .unwrap();
+    assert_eq!(
+        path,
+        AttnPath::Decode {
+            splits: Ops::decode_splits(&positions[..1], c.window)
+        }
+    );
+    assert_close(
+        &format!("Ops::attention decode {what}"),
+        &g.down(&y_d),
+        &want[..h * d],
+        1e-3,
+    );
 }
 
 #[test]
@@ -999,6 +1073,24 @@ fn argmax_and_top_k_order_by_value_then_lowest_index() {
     }
     assert_eq!(ids[1], 7);
     assert_eq!(&tk[k..k + 3], &[7, 100, 40000]);
+    // Through the checked launcher.
+    let ops = Ops {
+        ks: &g.ks,
+        stream: &g.stream,
+    };
+    let mut ids_d = g.out(rows * 3, -2i32);
+    let mut vals_d = g.out(rows * 3, NAN);
+    ops.top_k(&x_d, rows, n, 3, &mut ids_d, &mut vals_d)
+        .unwrap();
+    assert_eq!(&g.down(&ids_d)[3..6], &[7, 100, 40000]);
+    ops.top_k(&x_d, rows, n, 0, &mut ids_d, &mut vals_d)
+        .unwrap();
+    assert_eq!(&g.down(&ids_d)[..rows], &ids[..]);
+    let e = ops
+        .top_k(&x_d, rows, n, n + 1, &mut ids_d, &mut vals_d)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("top_k_f32") && e.contains("k 49153"), "{e}");
 }
 
 /// Not a correctness test: times the decode-critical kernels on the GPU for docs/cuda.md (median

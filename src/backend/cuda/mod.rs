@@ -8,6 +8,7 @@
 pub mod kernels;
 pub mod matmul;
 pub mod nvrtc;
+pub mod ops;
 
 use super::BackendError;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, DriverError};
