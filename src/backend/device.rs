@@ -115,6 +115,47 @@ pub fn preferred_gpu(gpus: &[GpuInfo]) -> Option<&GpuInfo> {
         .max_by_key(|g| (g.is_m40(), g.total_memory, std::cmp::Reverse(g.ordinal)))
 }
 
+/// The GPU a CUDA run uses: `requested` (`--gpu N`) when given, else [`preferred_gpu`]; a GPU
+/// older than sm_52, an ordinal that does not exist, or no supported GPU at all is an error that
+/// says so.
+pub fn choose_gpu(gpus: &[GpuInfo], requested: Option<usize>) -> Result<&GpuInfo, String> {
+    let listed = || {
+        if gpus.is_empty() {
+            "no NVIDIA GPU was found".to_string()
+        } else {
+            format!(
+                "found: {}",
+                gpus.iter()
+                    .map(|g| g.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    };
+    match requested {
+        Some(n) => {
+            let g = gpus
+                .iter()
+                .find(|g| g.ordinal == n)
+                .ok_or_else(|| format!("there is no GPU cuda:{n} ({})", listed()))?;
+            if !g.is_supported() {
+                return Err(format!(
+                    "{g} is too old: m40-llm's kernels need sm_52 (Maxwell, the Tesla M40) or newer"
+                ));
+            }
+            Ok(g)
+        }
+        None => preferred_gpu(gpus)
+            .ok_or_else(|| format!("no GPU m40-llm can use (sm_52 or newer): {}", listed())),
+    }
+}
+
+/// The compute capability as the arch number NVRTC takes (`52` for sm_52).
+pub fn arch_of(gpu: &GpuInfo) -> u32 {
+    let (major, minor) = gpu.compute_capability;
+    (major.max(0) as u32) * 10 + minor.max(0) as u32
+}
+
 /// Builds the backend `choice` asks for, logging which device runs and why.
 pub fn open_backend(
     choice: DeviceChoice,
@@ -187,6 +228,29 @@ mod tests {
         ];
         assert!(!gpus[0].is_m40());
         assert_eq!(preferred_gpu(&gpus).unwrap().ordinal, 1);
+    }
+
+    #[test]
+    fn gpu_n_picks_that_gpu_and_refuses_old_or_missing_ones() {
+        let gpus = [
+            gpu(0, "Tesla K80", (3, 7), 12),
+            gpu(1, "NVIDIA H200", (9, 0), 141),
+            gpu(2, "Tesla M40 24GB", (5, 2), 24),
+        ];
+        assert_eq!(choose_gpu(&gpus, Some(1)).unwrap().ordinal, 1);
+        assert_eq!(choose_gpu(&gpus, None).unwrap().ordinal, 2);
+        let old = choose_gpu(&gpus, Some(0)).unwrap_err();
+        assert!(old.contains("too old") && old.contains("sm_52"), "{old}");
+        let missing = choose_gpu(&gpus, Some(7)).unwrap_err();
+        assert!(
+            missing.contains("cuda:7") && missing.contains("Tesla K80"),
+            "{missing}"
+        );
+        let none = choose_gpu(&gpus[..1], None).unwrap_err();
+        assert!(none.contains("sm_52"), "{none}");
+        assert!(choose_gpu(&[], None).unwrap_err().contains("no NVIDIA GPU"));
+        assert_eq!(arch_of(&gpus[2]), 52);
+        assert_eq!(arch_of(&gpus[1]), 90);
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! Backends: [`cpu`] (the ndarray/rayon FP32 reference) and, later, CUDA.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod device;
 
 use crate::ir::{Batch, BatchError};

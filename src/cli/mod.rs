@@ -3,6 +3,7 @@
 
 mod compile;
 mod devices;
+mod doctor;
 mod fetch;
 mod inspect;
 pub mod io;
@@ -46,6 +47,8 @@ enum Command {
     Tokenize(tokenize::Args),
     /// List the NVIDIA GPUs found and say which device `--device auto` uses.
     Devices(devices::Args),
+    /// Check the CUDA toolchain (driver, NVRTC, cuBLAS, GPUs) and compile every kernel.
+    Doctor(doctor::Args),
     /// Generate text from a prompt, streaming it to stdout.
     Run(run::Args),
     /// Print the largest logits after a prompt as JSON lines (to compare with other runtimes).
@@ -67,6 +70,7 @@ pub fn main() -> ExitCode {
         Command::Compile(args) => compile::run(args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Devices(args) => devices::run(args),
+        Command::Doctor(args) => doctor::run(args),
         Command::Run(args) => run::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Perplexity(args) => perplexity::run(args),
