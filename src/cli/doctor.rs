@@ -31,10 +31,10 @@ pub fn run(_args: Args) -> anyhow::Result<()> {
 
 #[cfg(feature = "cuda")]
 pub fn run(args: Args) -> anyhow::Result<()> {
+    use super::io::outln;
     use m40_llm::backend::cuda::{cublas_present, driver_version, kernels, nvrtc};
     use m40_llm::backend::device::probe_gpus;
     use serde_json::json;
-    use super::io::outln;
 
     let json_out = args.json;
     let say = |line: String| -> anyhow::Result<()> {
