@@ -4,6 +4,7 @@
 
 mod common;
 
+use m40_llm::backend::target::Target;
 use m40_llm::gguf::GgufFile;
 use m40_llm::lower::TinyModel;
 use m40_llm::plan::{Plan, PlanOptions, Reuse};
@@ -74,7 +75,7 @@ fn renders_as_svg(dot_source: &str) {
 /// Checks all three formats of `model` against the plan the library builds with `options`.
 fn check_formats(model: &Path, extra: &[&str], options: &CompileOptions) -> Plan {
     let path = model.to_str().unwrap();
-    let plan = compile(&GgufFile::open(model).unwrap(), options)
+    let plan = compile(&GgufFile::open(model).unwrap(), options, &Target::cpu())
         .unwrap()
         .plan;
 
@@ -202,6 +203,7 @@ fn default_model_compiles_and_reuse_halves_the_arena() {
             fuse: false,
             ..CompileOptions::default()
         },
+        &Target::cpu(),
     )
     .unwrap()
     .plan;

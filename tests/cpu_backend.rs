@@ -6,6 +6,7 @@ mod common;
 
 use common::reference::Reference;
 use m40_llm::backend::cpu::CpuBackend;
+use m40_llm::backend::target::Target;
 use m40_llm::backend::{Backend, BackendError};
 use m40_llm::gguf::{GgmlType, GgufFile};
 use m40_llm::ir::Batch;
@@ -34,7 +35,7 @@ fn backend(
         fuse,
         disabled_passes: Vec::new(),
     };
-    let plan = compile(file, &options).unwrap().plan;
+    let plan = compile(file, &options, &Target::cpu()).unwrap().plan;
     CpuBackend::new(plan, file.clone(), n_cells).unwrap()
 }
 

@@ -1,10 +1,14 @@
 //! Finding NVIDIA GPUs, and choosing the backend a command runs on.
 //!
-//! m40-llm says which device it uses, always: `--device auto` picks a GPU when one can run the
-//! plan and the CPU backend otherwise, and logs why; there is no silent fallback. A Tesla M40 is
-//! preferred over other GPUs when several are present.
+//! m40-llm says which device it uses, always. `--device auto` tries each device in order (the
+//! GPUs, a Tesla M40 first, then the CPU): it builds the device's [`Target`], compiles the model
+//! for it, checks the fit in its memory, and runs on the first that accepts the plan, holds it
+//! and has an executor; every device passed over is logged with the reason ([`PassedOver`]),
+//! so there is no silent fallback. Until the CUDA executor exists, a GPU that accepts and holds
+//! the plan is passed over with [`CUDA_EXECUTOR_MISSING`].
 
 use super::cpu::CpuBackend;
+use super::target::{Target, TargetKind};
 use super::{Backend, BackendError};
 use crate::gguf::GgufFile;
 use crate::plan::Plan;
@@ -15,10 +19,12 @@ use std::sync::Arc;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
-    /// The best GPU that can run the plan, else the CPU (saying why).
+    /// The first device (GPUs, a Tesla M40 first, then the CPU) that accepts the plan, holds it
+    /// and has an executor; every device passed over is logged with the reason.
     #[default]
     Auto,
     Cpu,
+    /// A GPU only: the first that accepts and holds the plan.
     Cuda,
 }
 
@@ -108,11 +114,12 @@ mod cuda_probe {
     }
 }
 
-/// The GPU `auto` would prefer: a Tesla M40 first, then the supported GPU with the most memory.
-pub fn preferred_gpu(gpus: &[GpuInfo]) -> Option<&GpuInfo> {
-    gpus.iter()
-        .filter(|g| g.is_supported())
-        .max_by_key(|g| (g.is_m40(), g.total_memory, std::cmp::Reverse(g.ordinal)))
+/// The supported GPUs in the order `auto` tries them: a Tesla M40 first, then by memory (most
+/// first), then by ordinal.
+pub fn gpu_order(gpus: &[GpuInfo]) -> Vec<&GpuInfo> {
+    let mut order: Vec<&GpuInfo> = gpus.iter().filter(|g| g.is_supported()).collect();
+    order.sort_by_key(|g| (std::cmp::Reverse((g.is_m40(), g.total_memory)), g.ordinal));
+    order
 }
 
 /// The GPU a CUDA run uses: `requested` (`--gpu N`) when given, else [`preferred_gpu`]; a GPU
@@ -156,45 +163,82 @@ pub fn arch_of(gpu: &GpuInfo) -> u32 {
     (major.max(0) as u32) * 10 + minor.max(0) as u32
 }
 
-/// Builds the backend `choice` asks for, logging which device runs and why.
-pub fn open_backend(
-    choice: DeviceChoice,
+/// The GPU `auto` would prefer: a Tesla M40 first, then the supported GPU with the most memory.
+pub fn preferred_gpu(gpus: &[GpuInfo]) -> Option<&GpuInfo> {
+    gpu_order(gpus).first().copied()
+}
+
+/// Why a GPU that accepts and fits a plan is not used today. The CUDA executor (issue 10)
+/// replaces this by opening its backend in [`open_on`].
+pub const CUDA_EXECUTOR_MISSING: &str = "the CUDA executor is not built yet";
+
+/// Devices tried and passed over while choosing where to run, each with its reason; every one
+/// is logged as it is recorded (there is no silent fallback).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PassedOver(pub Vec<(String, String)>);
+
+impl PassedOver {
+    /// Records (and logs) that `device` is not used, and why.
+    pub fn pass(&mut self, device: &str, reason: impl Into<String>) {
+        let reason = reason.into();
+        tracing::warn!("passed over {device}: {reason}");
+        self.0.push((device.to_string(), reason));
+    }
+
+    /// `device: reason; device: reason`.
+    pub fn summary(&self) -> String {
+        self.0
+            .iter()
+            .map(|(d, r)| format!("{d}: {r}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// The targets `choice` may run on, in the order they are tried: the supported GPUs in
+/// [`gpu_order`] (for `auto` and `cuda`), then the CPU (for `auto` and `cpu`). GPUs that cannot
+/// be targets at all (too old, or none found) are recorded in `passed`.
+pub fn candidate_targets(choice: DeviceChoice, passed: &mut PassedOver) -> Vec<Target> {
+    let mut targets = Vec::new();
+    if choice != DeviceChoice::Cpu {
+        match probe_gpus() {
+            Ok(gpus) if gpus.is_empty() => passed.pass("cuda", "no NVIDIA GPU found"),
+            Ok(gpus) => {
+                for g in gpus.iter().filter(|g| !g.is_supported()) {
+                    let why = Target::for_gpu(g)
+                        .err()
+                        .map_or_else(|| "not supported".to_string(), |e| e.to_string());
+                    passed.pass(&g.to_string(), why);
+                }
+                for g in gpu_order(&gpus) {
+                    match Target::for_gpu(g) {
+                        Ok(t) => targets.push(t),
+                        Err(e) => passed.pass(&g.to_string(), e.to_string()),
+                    }
+                }
+            }
+            Err(why) => passed.pass("cuda", why),
+        }
+    }
+    if choice != DeviceChoice::Cuda {
+        targets.push(Target::cpu());
+    }
+    targets
+}
+
+/// Opens the backend of `target` on `plan` (compiled for it), with a KV cache of `n_cells`.
+pub fn open_on(
+    target: &Target,
     plan: Plan,
     file: Arc<GgufFile>,
     n_cells: u32,
 ) -> Result<Box<dyn Backend>, BackendError> {
-    let cuda_missing = "m40-llm has no CUDA executor yet (the CPU reference backend is the only \
-                        one); use --device cpu or --device auto";
-    match choice {
-        DeviceChoice::Cuda => Err(BackendError::Unsupported {
-            backend: "cuda".into(),
-            reason: cuda_missing.into(),
+    match target.kind {
+        TargetKind::Cpu => Ok(Box::new(CpuBackend::new(plan, file, n_cells)?)),
+        TargetKind::Cuda { .. } => Err(BackendError::Unsupported {
+            backend: target.name.clone(),
+            reason: CUDA_EXECUTOR_MISSING.into(),
         }),
-        DeviceChoice::Cpu => {
-            tracing::info!("device: cpu (asked for with --device cpu)");
-            Ok(Box::new(CpuBackend::new(plan, file, n_cells)?))
-        }
-        DeviceChoice::Auto => {
-            match probe_gpus() {
-                Ok(gpus) => match preferred_gpu(&gpus) {
-                    Some(gpu) => tracing::warn!(
-                        "found {gpu}, but m40-llm has no CUDA executor yet: running on the CPU"
-                    ),
-                    None if gpus.is_empty() => {
-                        tracing::warn!("no NVIDIA GPU found: running on the CPU")
-                    }
-                    None => tracing::warn!(
-                        "no supported NVIDIA GPU (sm_52 or newer) among {}: running on the CPU",
-                        gpus.iter()
-                            .map(|g| g.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                },
-                Err(why) => tracing::warn!("no GPU: {why}; running on the CPU"),
-            }
-            Ok(Box::new(CpuBackend::new(plan, file, n_cells)?))
-        }
     }
 }
 
@@ -262,5 +306,29 @@ mod tests {
             gpu(1, "GTX 1080", (6, 1), 8),
         ];
         assert_eq!(preferred_gpu(&gpus).unwrap().ordinal, 1);
+    }
+
+    #[test]
+    fn gpus_are_tried_m40_first_then_by_memory() {
+        let gpus = [
+            gpu(0, "GTX 1080", (6, 1), 8),
+            gpu(1, "Tesla K80", (3, 7), 12),
+            gpu(2, "NVIDIA H200", (9, 0), 141),
+            gpu(3, "Tesla M40 24GB", (5, 2), 24),
+            gpu(4, "GTX 1080", (6, 1), 8),
+        ];
+        let order: Vec<usize> = gpu_order(&gpus).iter().map(|g| g.ordinal).collect();
+        assert_eq!(order, [3, 2, 0, 4]);
+    }
+
+    #[test]
+    fn a_cuda_target_has_no_executor_yet() {
+        let file = Arc::new(crate::lower::TinyModel::llama().open().unwrap());
+        let target = Target::parse("cuda:sm_52").unwrap();
+        let plan = crate::compile(&file, &crate::CompileOptions::default(), &target)
+            .unwrap()
+            .plan;
+        let err = open_on(&target, plan, file, 64).err().unwrap();
+        assert!(err.to_string().contains(CUDA_EXECUTOR_MISSING), "{err}");
     }
 }

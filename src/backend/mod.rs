@@ -11,6 +11,8 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod fit;
+pub mod target;
 
 use crate::ir::{Batch, BatchError};
 use crate::plan::Plan;

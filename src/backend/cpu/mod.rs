@@ -724,8 +724,8 @@ pub fn check_memory(plan: &Plan, n_cells: u32) -> Result<(), BackendError> {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// Physical memory in bytes (Linux `/proc/meminfo`), if known.
-fn memory_total() -> Option<u64> {
+/// Physical memory in bytes (Linux `/proc/meminfo`), if known: the CPU target's budget.
+pub fn memory_total() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib: u64 = info
         .lines()
