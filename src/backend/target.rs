@@ -27,16 +27,21 @@ use std::fmt;
 /// (the Tesla M40).
 pub const MIN_SM: u32 = 52;
 
-/// Memory a CUDA process needs besides the plan's weights, KV cache and arena: 512 MiB.
+/// Memory a CUDA process needs besides the plan's weights, KV cache and arena, on a GPU of
+/// compute capability `sm`: 512 MiB before Hopper, 768 MiB from sm_90 on.
 ///
 /// What it covers: the CUDA context (driver state, the per-SM local-memory reservation for
-/// kernel stacks, the loaded kernel images: typically 150-300 MiB on a Maxwell card with a recent
-/// driver, as `nvidia-smi` shows for a process that only created a context), the cuBLAS handle's
-/// workspace (4 MiB per stream by default before Hopper, 32 MiB on Hopper), the executor's small
-/// per-step buffers (token ids, positions, page tables, sampled logits) and slack for the
-/// allocator's rounding. It is deliberately generous: a plan reported to fit must not fail to
-/// load by a few megabytes.
-pub const CUDA_RUNTIME_MARGIN: u64 = 512 << 20;
+/// kernel stacks, loaded kernel images), the cuBLAS handle and its workspace, the executor's
+/// small per-step buffers (token ids, positions, page tables, sampled logits) and slack for the
+/// allocator's rounding. Measured on an NVIDIA H200 (132 SMs, driver 580.159, CUDA 13.0): a bare
+/// context takes 518 MiB (`nvidia-smi`'s per-process figure), `cublasCreate` adds 68 MiB and the
+/// first SGEMM nothing more: 586 MiB, hence 768 MiB for sm_90 and newer. The per-SM part scales
+/// with the SM count (the M40 has 24), so a Maxwell card's context is smaller; 512 MiB keeps the
+/// same headroom there without a measurement on an M40 yet. A plan reported to fit must not fail
+/// to load by a few megabytes, so the margin errs on the large side.
+pub fn cuda_runtime_margin(sm: u32) -> u64 {
+    if sm >= 90 { 768 << 20 } else { 512 << 20 }
+}
 
 /// Memory the CPU backend needs besides the plan: 64 MiB for the process itself (tokenizer,
 /// sampler, thread stacks). Weights are memory-mapped and counted at their stored size.
@@ -105,7 +110,7 @@ pub struct Target {
     pub kv_type: DType,
     /// The memory the plan may use, if known.
     pub budget: Option<Budget>,
-    /// Memory the runtime needs besides the plan (see [`CUDA_RUNTIME_MARGIN`]).
+    /// Memory the runtime needs besides the plan (see [`cuda_runtime_margin`]).
     pub runtime_margin: u64,
 }
 
@@ -240,7 +245,7 @@ impl Target {
             passes: all_passes(),
             kv_type: KV_DTYPE,
             budget: None,
-            runtime_margin: CUDA_RUNTIME_MARGIN,
+            runtime_margin: cuda_runtime_margin(sm),
         })
     }
 
@@ -434,6 +439,14 @@ mod tests {
             assert_eq!(t.alignment, 256);
             assert_eq!(t.matrix_types, CUDA_WEIGHT_TYPES);
         }
+        assert_eq!(
+            Target::parse("cuda:sm_52").unwrap().runtime_margin,
+            512 << 20
+        );
+        assert_eq!(
+            Target::parse("cuda:sm_90").unwrap().runtime_margin,
+            768 << 20
+        );
         let err = Target::parse("cuda:sm_37").unwrap_err().to_string();
         assert!(err.contains("sm_37 is older than sm_52"), "{err}");
         for bad in [
