@@ -114,8 +114,15 @@ mod cuda_probe {
     }
 }
 
+/// The GPU `auto` would prefer: a Tesla M40 first, then the supported GPU with the most memory.
+pub fn preferred_gpu(gpus: &[GpuInfo]) -> Option<&GpuInfo> {
+    gpus.iter()
+        .filter(|g| g.is_supported())
+        .max_by_key(|g| (g.is_m40(), g.total_memory, std::cmp::Reverse(g.ordinal)))
+}
+
 /// The supported GPUs in the order `auto` tries them: a Tesla M40 first, then by memory (most
-/// first), then by ordinal.
+/// first), then by ordinal; the first is [`preferred_gpu`].
 pub fn gpu_order(gpus: &[GpuInfo]) -> Vec<&GpuInfo> {
     let mut order: Vec<&GpuInfo> = gpus.iter().filter(|g| g.is_supported()).collect();
     order.sort_by_key(|g| (std::cmp::Reverse((g.is_m40(), g.total_memory)), g.ordinal));
@@ -161,11 +168,6 @@ pub fn choose_gpu(gpus: &[GpuInfo], requested: Option<usize>) -> Result<&GpuInfo
 pub fn arch_of(gpu: &GpuInfo) -> u32 {
     let (major, minor) = gpu.compute_capability;
     (major.max(0) as u32) * 10 + minor.max(0) as u32
-}
-
-/// The GPU `auto` would prefer: a Tesla M40 first, then the supported GPU with the most memory.
-pub fn preferred_gpu(gpus: &[GpuInfo]) -> Option<&GpuInfo> {
-    gpu_order(gpus).first().copied()
 }
 
 /// Why a GPU that accepts and fits a plan is not used today. The CUDA executor (issue 10)
@@ -319,6 +321,10 @@ mod tests {
         ];
         let order: Vec<usize> = gpu_order(&gpus).iter().map(|g| g.ordinal).collect();
         assert_eq!(order, [3, 2, 0, 4]);
+        for n in 1..=gpus.len() {
+            let some = &gpus[..n];
+            assert_eq!(gpu_order(some).first().copied(), preferred_gpu(some));
+        }
     }
 
     #[test]
