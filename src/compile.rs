@@ -8,7 +8,7 @@
 
 use crate::backend::target::{Target, Unsupported};
 use crate::gguf::GgufFile;
-use crate::ir::{Graph, verify};
+use crate::ir::{Graph, IrError, Op, ValueType, verify};
 use crate::lower::{LowerError, lower};
 use crate::passes::{PassError, PassRecord, Pipeline, unfuse_if};
 use crate::plan::{FusionReport, ModelInfo, Plan, PlanError, PlanOptions};
@@ -56,6 +56,8 @@ pub enum CompileError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Unsupported(#[from] Unsupported),
+    #[error(transparent)]
+    Graph(#[from] IrError),
     #[error("target {target}: {message}")]
     Target { target: String, message: String },
 }
@@ -125,7 +127,7 @@ pub fn compile(
         });
     }
     // Every node, fused or not, must now be one the target runs.
-    if let Some(err) = check_graph(&graph, target).into_iter().next() {
+    if let Some(err) = check_graph(&graph, target)?.into_iter().next() {
         return Err(err.into());
     }
     let mut plan = Plan::build(&graph, &plan_options)?;
@@ -147,29 +149,28 @@ pub fn compile(
     })
 }
 
-/// What `target` cannot run in `graph`, node by node, in topological order.
-pub fn check_graph(graph: &Graph, target: &Target) -> Vec<Unsupported> {
-    let Ok(order) = graph.topo_order() else {
-        return Vec::new();
-    };
-    order
+/// What `target` cannot run in `graph`, node by node, in topological order (an error only when
+/// the graph cannot be ordered, which a verified graph always can).
+pub fn check_graph(graph: &Graph, target: &Target) -> Result<Vec<Unsupported>, IrError> {
+    Ok(graph
+        .topo_order()?
         .into_iter()
         .filter_map(|id| {
             let node = graph.node(id);
             let inputs = graph.inputs(id);
-            let types: Vec<(&crate::ir::ValueType, bool)> = inputs
+            let types: Vec<(&ValueType, bool)> = inputs
                 .iter()
                 .map(|&v| {
-                    let is_weight = matches!(graph.node(v.node).op, crate::ir::Op::Weight { .. });
+                    let is_weight = matches!(graph.node(v.node).op, Op::Weight { .. });
                     (graph.value_type(v), is_weight)
                 })
                 .collect();
-            let outputs: Vec<&crate::ir::ValueType> = node.outputs.iter().map(|o| &o.ty).collect();
+            let outputs: Vec<&ValueType> = node.outputs.iter().map(|o| &o.ty).collect();
             target
                 .supports_op(&node.name, &node.op, &types, &outputs)
                 .err()
         })
-        .collect()
+        .collect())
 }
 
 /// The fused nodes `target` cannot run, by name: the ones to unfuse.
@@ -178,7 +179,7 @@ fn fused_nodes_lacking_kernels(
     target: &Target,
 ) -> Result<Vec<String>, CompileError> {
     let mut names = Vec::new();
-    for id in graph.topo_order().map_err(PlanError::from)? {
+    for id in graph.topo_order()? {
         let node = graph.node(id);
         if node.op.is_fused() && !(target.executes)(&node.op) {
             names.push(node.name.clone());

@@ -204,7 +204,7 @@ pub fn candidate_targets(choice: DeviceChoice, passed: &mut PassedOver) -> Vec<T
     let mut targets = Vec::new();
     if choice != DeviceChoice::Cpu {
         match probe_gpus() {
-            Ok(gpus) if gpus.is_empty() => passed.pass("cuda", "no NVIDIA GPU found"),
+            Ok(gpus) if gpus.is_empty() => passed.pass("cuda", "no CUDA GPU: none was found"),
             Ok(gpus) => {
                 for g in gpus.iter().filter(|g| !g.is_supported()) {
                     let why = Target::for_gpu(g)
@@ -219,7 +219,7 @@ pub fn candidate_targets(choice: DeviceChoice, passed: &mut PassedOver) -> Vec<T
                     }
                 }
             }
-            Err(why) => passed.pass("cuda", why),
+            Err(why) => passed.pass("cuda", format!("no CUDA GPU: {why}")),
         }
     }
     if choice != DeviceChoice::Cuda {
