@@ -277,7 +277,7 @@ fn the_default_model_fits_a_24g_m40_at_8k_and_not_50m() {
         text.contains("\nfit on cuda:sm_52: every op and weight type accepted\n"),
         "{text}"
     );
-    let over = m40_llm::plan::text::human(total - (50 << 20));
+    let over = m40_llm::units::human_bytes(total - (50 << 20), 1);
     assert!(
         text.contains("does not fit: ") && text.contains(&format!("{over} over")),
         "{text}"

@@ -15,7 +15,12 @@
 
 use super::target::Target;
 use crate::plan::Plan;
-use crate::plan::text::human;
+use crate::units::human_bytes;
+
+/// Sizes in the report: one decimal, as the plan summary prints them.
+fn human(bytes: u64) -> String {
+    human_bytes(bytes, 1)
+}
 use serde::Serialize;
 use std::fmt;
 

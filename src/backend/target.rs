@@ -166,29 +166,11 @@ pub fn every_op(op: &Op) -> bool {
     }
 }
 
-/// How input `slot` of `op` reads a weight bound to it (what the CPU backend's `check_matrices`
-/// checks at load).
+/// How input `slot` of `op` reads a weight bound to it: a matrix in the slots
+/// [`Op::matrix_slots`] names (what the CPU backend's `check_matrices` checks at load), else a
+/// vector.
 pub fn weight_use(op: &Op, slot: usize) -> WeightUse {
-    let matrix = match op {
-        Op::Embedding => slot == 0,
-        Op::MatMul | Op::MultiMatMul { .. } | Op::GateUpSwiGlu => slot >= 1,
-        Op::TokenIds
-        | Op::Positions
-        | Op::OutputRows
-        | Op::Weight { .. }
-        | Op::Add
-        | Op::Mul
-        | Op::Silu
-        | Op::SwiGlu
-        | Op::RmsNorm { .. }
-        | Op::Rope(_)
-        | Op::KvWrite(_)
-        | Op::Attention(_)
-        | Op::SelectRows
-        | Op::AddRmsNorm { .. }
-        | Op::RopeKvWrite { .. } => false,
-    };
-    if matrix {
+    if op.matrix_slots().contains(&slot) {
         WeightUse::Matrix
     } else {
         WeightUse::Vector
