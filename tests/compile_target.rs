@@ -11,8 +11,9 @@ use m40_llm::backend::device::{
 };
 use m40_llm::backend::fit::{FitError, FitReport, KV_PAGE_CELLS, Part};
 use m40_llm::backend::target::{Target, TargetKind};
+use m40_llm::backend::{KvGeometry, Step, StepOutputs};
 use m40_llm::gguf::{GgmlType, GgufFile};
-use m40_llm::ir::{Batch, Op};
+use m40_llm::ir::Op;
 use m40_llm::lower::{TinyModel, TinyTensor};
 use m40_llm::{CompileError, CompileOptions, compile};
 use std::sync::Arc;
@@ -111,9 +112,14 @@ fn a_fused_op_the_target_lacks_is_unfused_and_still_agrees() {
         assert!(Target::cpu().check_plan(&compiled.plan).is_ok());
         // The unfused plan computes what the fused one does.
         let logits = |plan| {
-            let mut b = CpuBackend::new(plan, file.clone(), 32).unwrap();
-            let batch = Batch::single_sequence(&[1, 5, 9, 3], 0);
-            b.step(&batch).unwrap().data
+            let kv = KvGeometry::new(16, 2, 1, 2).unwrap();
+            let mut b = CpuBackend::new(plan, file.clone(), kv).unwrap();
+            // The logits of the last token.
+            let mut step = Step::prefill(&[1, 5, 9, 3], 16);
+            step.outputs.retain(|o| o.row == 3);
+            let mut out = StepOutputs::new();
+            b.step(&step, &mut out).unwrap();
+            out.all_logits().to_vec()
         };
         let (a, b) = (logits(fused.plan.clone()), logits(compiled.plan));
         let max = a

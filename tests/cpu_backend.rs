@@ -7,9 +7,8 @@ mod common;
 use common::reference::Reference;
 use m40_llm::backend::cpu::CpuBackend;
 use m40_llm::backend::target::Target;
-use m40_llm::backend::{Backend, BackendError};
+use m40_llm::backend::{Backend, BackendError, KvGeometry, PageOp, Step, StepOutputs};
 use m40_llm::gguf::{GgmlType, GgufFile};
-use m40_llm::ir::Batch;
 use m40_llm::lower::TinyModel;
 use m40_llm::plan::{PlanOptions, Reuse};
 use m40_llm::runtime::engine::{Engine, EngineError, Part, WantLogits};
@@ -18,12 +17,26 @@ use std::sync::Arc;
 
 const TOKENS: [u32; 9] = [1, 5, 7, 3, 99, 0, 42, 42, 17];
 
+/// Cells per KV-cache page in these tests (small, so that steps cross pages).
+const PAGE: u32 = 4;
+
 fn backend(
     file: &Arc<GgufFile>,
     fuse: bool,
     reuse: Reuse,
     max_tokens: u64,
     n_cells: u32,
+) -> CpuBackend {
+    paged_backend(file, fuse, reuse, max_tokens, n_cells, PAGE)
+}
+
+fn paged_backend(
+    file: &Arc<GgufFile>,
+    fuse: bool,
+    reuse: Reuse,
+    max_tokens: u64,
+    n_cells: u32,
+    page_size: u32,
 ) -> CpuBackend {
     let options = CompileOptions {
         plan: PlanOptions {
@@ -36,13 +49,20 @@ fn backend(
         disabled_passes: Vec::new(),
     };
     let plan = compile(file, &options, &Target::cpu()).unwrap().plan;
-    CpuBackend::new(plan, file.clone(), n_cells).unwrap()
+    let n_pages = n_cells / page_size;
+    let kv = KvGeometry::new(page_size, n_pages, 8, n_pages).unwrap();
+    CpuBackend::new(plan, file.clone(), kv).unwrap()
 }
 
-fn all_outputs(tokens: &[u32]) -> Batch {
-    let mut b = Batch::single_sequence(tokens, 0);
-    b.outputs = (0..tokens.len() as u32).collect();
-    b
+/// A fresh backend's slot 0 prefilled with `tokens`, every row's logits returned.
+fn all_outputs(tokens: &[u32]) -> Step {
+    Step::prefill(tokens, PAGE)
+}
+
+fn run(b: &mut CpuBackend, step: &Step) -> Result<StepOutputs, BackendError> {
+    let mut out = StepOutputs::new();
+    b.step(step, &mut out)?;
+    Ok(out)
 }
 
 /// Largest |a - b| over the largest |b| of a row (how far off, relative to the row's scale).
@@ -70,10 +90,10 @@ fn every_family_agrees_with_an_independent_forward_pass() {
         let expected = Reference::new(model.open().unwrap()).logits(&TOKENS);
         for fuse in [true, false] {
             let mut b = backend(&file, fuse, Reuse::Liveness, 16, 64);
-            let logits = b.step(&all_outputs(&TOKENS)).unwrap();
-            assert_eq!(logits.rows(), TOKENS.len());
+            let logits = run(&mut b, &all_outputs(&TOKENS)).unwrap();
+            assert_eq!(logits.len(), TOKENS.len());
             for (t, want) in expected.iter().enumerate() {
-                let d = rel_diff(logits.row(t), want);
+                let d = rel_diff(logits.logits(t).unwrap(), want);
                 assert!(
                     d < 1e-4,
                     "{} fuse={fuse} token {t}: relative difference {d}",
@@ -92,7 +112,10 @@ fn fused_and_unfused_plans_agree_value_by_value() {
         let mut fused = backend(&file, true, Reuse::None, 16, 64);
         let mut plain = backend(&file, false, Reuse::None, 16, 64);
         let batch = all_outputs(&TOKENS);
-        assert_eq!(fused.step(&batch).unwrap(), plain.step(&batch).unwrap());
+        assert_eq!(
+            run(&mut fused, &batch).unwrap(),
+            run(&mut plain, &batch).unwrap()
+        );
         let mut compared = 0;
         for step in &fused.plan().steps {
             for out in &step.outputs {
@@ -120,20 +143,28 @@ fn prefill_and_token_by_token_decode_give_the_same_logits() {
     ] {
         let file = Arc::new(model.open().unwrap());
         let mut b = backend(&file, true, Reuse::Liveness, 16, 64);
-        let prefill = b.step(&all_outputs(&TOKENS)).unwrap();
+        let prefill = run(&mut b, &all_outputs(&TOKENS)).unwrap();
         let mut one = backend(&file, true, Reuse::Liveness, 16, 64);
         for (t, _) in TOKENS.iter().enumerate() {
-            let batch = Batch::single_sequence(&TOKENS[..=t], 0);
             // Only the newest token runs; earlier ones are in the cache.
-            let decode = Batch {
-                tokens: vec![TOKENS[t]],
-                seq: vec![0],
-                positions: vec![t as u32],
-                sequences: batch.sequences.clone(),
-                outputs: vec![0],
-            };
-            let l = one.step(&decode).unwrap();
-            assert_eq!(l.row(0), prefill.row(t), "{} token {t}", model.label());
+            let mut decode = Step::new();
+            let t32 = t as u32;
+            if t32.is_multiple_of(PAGE) {
+                decode.push_op(PageOp::Map {
+                    slot: 0,
+                    index: t32 / PAGE,
+                    page: t32 / PAGE,
+                });
+            }
+            let row = decode.push_token(0, t32, TOKENS[t]);
+            decode.push_output(row, m40_llm::backend::OutputKind::Logits);
+            let l = run(&mut one, &decode).unwrap();
+            assert_eq!(
+                l.logits(0),
+                prefill.logits(t),
+                "{} token {t}",
+                model.label()
+            );
         }
     }
 }
@@ -169,47 +200,25 @@ fn sequences_sharing_a_step_get_the_logits_they_get_alone() {
         unreachable!()
     };
     let mut parts = [
-        Part {
-            seq: s0,
-            tokens: prompts[0],
-            logits: WantLogits::Last,
-        },
-        Part {
-            seq: s1,
-            tokens: prompts[1],
-            logits: WantLogits::Last,
-        },
-        Part {
-            seq: s2,
-            tokens: prompts[2],
-            logits: WantLogits::Last,
-        },
+        Part::new(s0, prompts[0], WantLogits::Last),
+        Part::new(s1, prompts[1], WantLogits::Last),
+        Part::new(s2, prompts[2], WantLogits::Last),
     ];
-    let first = e.step(&mut parts).unwrap();
+    let mut first = StepOutputs::new();
+    e.step(&mut parts, &mut first).unwrap();
     let [s0, s1, s2] = &mut seqs[..] else {
         unreachable!()
     };
     let mut parts = [
-        Part {
-            seq: s0,
-            tokens: &next[0..1],
-            logits: WantLogits::Last,
-        },
-        Part {
-            seq: s1,
-            tokens: &next[1..2],
-            logits: WantLogits::Last,
-        },
-        Part {
-            seq: s2,
-            tokens: &next[2..3],
-            logits: WantLogits::Last,
-        },
+        Part::new(s0, &next[0..1], WantLogits::Last),
+        Part::new(s1, &next[1..2], WantLogits::Last),
+        Part::new(s2, &next[2..3], WantLogits::Last),
     ];
-    let second = e.step(&mut parts).unwrap();
-    for i in 0..3 {
-        assert_eq!(first[i].data, alone[i].0, "sequence {i}, prefill");
-        assert_eq!(second[i].data, alone[i].1, "sequence {i}, decode");
+    let mut second = StepOutputs::new();
+    e.step(&mut parts, &mut second).unwrap();
+    for (i, (prefill, decode)) in alone.iter().enumerate() {
+        assert_eq!(first.logits(i).unwrap(), prefill, "sequence {i}, prefill");
+        assert_eq!(second.logits(i).unwrap(), decode, "sequence {i}, decode");
     }
 }
 
@@ -221,7 +230,7 @@ fn read_value_says_why_a_value_cannot_be_read() {
         b.read_value("blk.0.attn_norm"),
         Err(BackendError::NotComputed(_))
     ));
-    b.step(&all_outputs(&TOKENS)).unwrap();
+    run(&mut b, &all_outputs(&TOKENS)).unwrap();
     assert!(matches!(
         b.read_value("no.such.value"),
         Err(BackendError::NoSuchValue(_))
@@ -240,7 +249,7 @@ fn read_value_says_why_a_value_cannot_be_read() {
     assert_eq!(logits.dim(), (TOKENS.len(), 100));
 
     let mut keep = backend(&file, true, Reuse::None, 16, 64);
-    keep.step(&all_outputs(&TOKENS)).unwrap();
+    run(&mut keep, &all_outputs(&TOKENS)).unwrap();
     let norm = keep.read_value("blk.0.attn_norm").unwrap();
     assert_eq!(norm.dim(), (TOKENS.len(), 64));
 }
@@ -249,15 +258,17 @@ fn read_value_says_why_a_value_cannot_be_read() {
 fn bad_batches_and_full_caches_are_clear_errors_that_lose_nothing() {
     let file = Arc::new(TinyModel::llama().open().unwrap());
     let mut b = backend(&file, true, Reuse::Liveness, 4, 8);
-    let too_long = Batch::single_sequence(&[1, 2, 3, 4, 5], 0);
-    let err = b.step(&too_long).unwrap_err();
+    let too_long = all_outputs(&[1, 2, 3, 4, 5]);
+    let err = run(&mut b, &too_long).unwrap_err();
     assert!(err.to_string().contains("at most 4"), "{err}");
-    let bad_token = Batch::single_sequence(&[1, 100], 0);
-    let err = b.step(&bad_token).unwrap_err();
+    let bad_token = all_outputs(&[1, 100]);
+    let err = run(&mut b, &bad_token).unwrap_err();
     assert!(err.to_string().contains("token id"), "{err}");
 
-    // The engine: a context limit, then a cache limit, each refused before anything runs.
-    let mut e = Engine::new(Box::new(backend(&file, true, Reuse::Liveness, 4, 8)), 6);
+    // The engine: a context limit, then a cache limit, each refused before anything runs
+    // (pages of one cell, so that pages count tokens).
+    let one_cell = |max_tokens| paged_backend(&file, true, Reuse::Liveness, max_tokens, 8, 1);
+    let mut e = Engine::new(Box::new(one_cell(4)), 6);
     let mut s = e.new_sequence();
     e.prefill(&mut s, &[1, 2, 3, 4, 5]).unwrap();
     let err = e.prefill(&mut s, &[6, 7]).unwrap_err();
@@ -285,7 +296,7 @@ fn bad_batches_and_full_caches_are_clear_errors_that_lose_nothing() {
 
     // A prompt prefilled in several steps is all or nothing: the second step fails, and the
     // sequence and the free cells are as before the call.
-    let mut e = Engine::new(Box::new(backend(&file, true, Reuse::Liveness, 2, 8)), 8);
+    let mut e = Engine::new(Box::new(one_cell(2)), 8);
     let mut s = e.new_sequence();
     e.prefill(&mut s, &[1, 2]).unwrap();
     let err = e.prefill(&mut s, &[3, 4, 5, 100]).unwrap_err();

@@ -9,7 +9,7 @@
 
 use super::cpu::CpuBackend;
 use super::target::{Target, TargetKind};
-use super::{Backend, BackendError};
+use super::{Backend, BackendError, KvGeometry};
 use crate::gguf::GgufFile;
 use crate::plan::Plan;
 use std::fmt;
@@ -228,15 +228,15 @@ pub fn candidate_targets(choice: DeviceChoice, passed: &mut PassedOver) -> Vec<T
     targets
 }
 
-/// Opens the backend of `target` on `plan` (compiled for it), with a KV cache of `n_cells`.
+/// Opens the backend of `target` on `plan` (compiled for it), with a KV cache of `kv`'s pages.
 pub fn open_on(
     target: &Target,
     plan: Plan,
     file: Arc<GgufFile>,
-    n_cells: u32,
+    kv: KvGeometry,
 ) -> Result<Box<dyn Backend>, BackendError> {
     match target.kind {
-        TargetKind::Cpu => Ok(Box::new(CpuBackend::new(plan, file, n_cells)?)),
+        TargetKind::Cpu => Ok(Box::new(CpuBackend::new(plan, file, kv)?)),
         TargetKind::Cuda { .. } => Err(BackendError::Unsupported {
             backend: target.name.clone(),
             reason: CUDA_EXECUTOR_MISSING.into(),
@@ -334,7 +334,8 @@ mod tests {
         let plan = crate::compile(&file, &crate::CompileOptions::default(), &target)
             .unwrap()
             .plan;
-        let err = open_on(&target, plan, file, 64).err().unwrap();
+        let kv = KvGeometry::new(16, 4, 1, 4).unwrap();
+        let err = open_on(&target, plan, file, kv).err().unwrap();
         assert!(err.to_string().contains(CUDA_EXECUTOR_MISSING), "{err}");
     }
 }

@@ -1,9 +1,10 @@
 //! Backends: what executes a [`Plan`].
 //!
-//! Every backend implements [`Backend`]: it owns the weights (read from the GGUF file), the KV
-//! cache and the activation arena the plan describes, runs one step at a time, returns the logits
-//! of the rows the step asked for, and can read back any value of the last step for parity work.
-//! The runtime holds a `Box<dyn Backend>` and never knows which one it has.
+//! Every backend implements [`Backend`]: it owns the weights (read from the GGUF file), the paged
+//! KV cache with its page tables ([`step`]) and the activation arena the plan describes, runs one
+//! [`Step`] at a time, writes what the step's output rows asked for (full logits, argmax or
+//! top-k) into the caller's [`StepOutputs`], and can read back any value of the last step for
+//! parity work. The runtime holds a `Box<dyn Backend>` and never knows which one it has.
 //!
 //! Backends: [`cpu`] (the ndarray/rayon FP32 reference) and, later, CUDA.
 
@@ -12,11 +13,15 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod fit;
+pub mod step;
 pub mod target;
 
-use crate::ir::{Batch, BatchError};
 use crate::plan::Plan;
 use std::fmt;
+pub use step::{
+    KvGeometry, OutputKind, OutputRequest, PageOp, PageTables, RowOutput, Step, StepError,
+    StepLimits, StepOutputs, TokenLogit,
+};
 
 /// Which device a backend runs on, for logs, summaries and `--json` output.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -35,8 +40,7 @@ impl fmt::Display for DeviceInfo {
     }
 }
 
-/// The logits a step returns: one row of `n_vocab` values per output token, in the order of
-/// `Batch::outputs`.
+/// Rows of logits, `n_vocab` values each (what `Engine::evaluate` collects over several steps).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Logits {
     pub n_vocab: usize,
@@ -67,8 +71,8 @@ pub type HostTensor = ndarray::Array2<f32>;
 /// Why a backend could not load a plan or run a step.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("invalid batch: {0}")]
-    Batch(#[from] BatchError),
+    #[error("invalid step: {0}")]
+    Step(#[from] StepError),
     #[error("the plan cannot run on {backend}: {reason}")]
     Unsupported { backend: String, reason: String },
     #[error("plan and model disagree: {0}")]
@@ -89,7 +93,7 @@ pub enum BackendError {
     NonFinite {
         /// The plan value holding the logits.
         value_name: String,
-        /// The output row (index into `Batch::outputs`) and its token's position.
+        /// The output row (index into `Step::outputs`) and its token's position.
         row: usize,
         position: u32,
         /// The vocabulary id (column) and the value found there.
@@ -100,24 +104,25 @@ pub enum BackendError {
 
 /// Fails on the first NaN or ±inf in `logits` (rows of `n_vocab`): logits that are not numbers
 /// make perplexity NaN and sampling garbage, so a backend reports them as an error instead.
-/// `positions[row]` is the position of output row `row`; `value_name` the plan value they are.
+/// `position(row)` is the position of output row `row`; `value_name` the plan value they are.
 pub fn check_finite(
-    logits: &Logits,
-    positions: &[u32],
+    logits: &[f32],
+    n_vocab: usize,
+    position: impl Fn(usize) -> u32,
     value_name: &str,
 ) -> Result<(), BackendError> {
     // One pass over the rows: small next to the output projection that computed them.
-    let Some(i) = logits.data.iter().position(|v| !v.is_finite()) else {
+    let Some(i) = logits.iter().position(|v| !v.is_finite()) else {
         return Ok(());
     };
-    let n_vocab = logits.n_vocab.max(1);
+    let n_vocab = n_vocab.max(1);
     let row = i / n_vocab;
     Err(BackendError::NonFinite {
         value_name: value_name.to_string(),
         row,
-        position: positions.get(row).copied().unwrap_or(0),
+        position: position(row),
         col: i % n_vocab,
-        value: logits.data.get(i).copied().unwrap_or(f32::NAN),
+        value: logits.get(i).copied().unwrap_or(f32::NAN),
     })
 }
 
@@ -129,12 +134,25 @@ pub trait Backend: Send {
     /// The plan it runs.
     fn plan(&self) -> &Plan;
 
-    /// Cells in its KV cache (the most tokens all sequences together can hold).
-    fn n_cells(&self) -> u32;
+    /// Its KV cache's pages and slots.
+    fn kv_geometry(&self) -> KvGeometry;
 
-    /// Runs one step: validates `batch` against the plan and the cache, writes every token's K
-    /// and V into its cell, and returns the logits of `batch.outputs`.
-    fn step(&mut self, batch: &Batch) -> Result<Logits, BackendError>;
+    /// Its page tables as the last successful step left them (the host's view of them, for a
+    /// device that keeps them in its own memory).
+    fn page_tables(&self) -> &PageTables;
+
+    /// The bounds [`PageTables::stage`] checks a step against (the plan's sizes, the vocabulary).
+    fn step_limits(&self) -> StepLimits;
+
+    /// Checks `step` as [`step`](Self::step) would, without computing or changing anything.
+    fn validate(&mut self, step: &Step) -> Result<(), BackendError>;
+
+    /// Runs one step: applies its page ops, checks it against the plan and the tables (see
+    /// [`step`](mod@step)), writes every token's K and V into its cell, and fills `out` with the
+    /// output rows as asked (full logits, argmax or top-k) and the plan's other outputs. On any
+    /// error the page tables are as before the call (cells the step wrote may have changed:
+    /// they belong to positions no table holds yet).
+    fn step(&mut self, step: &Step, out: &mut StepOutputs) -> Result<(), BackendError>;
 
     /// The value `name` (a step output's name, e.g. `blk.3.ffn_inp`) as the last step computed
     /// it. Values whose buffer a later step of the plan reuses are not readable; plans compiled

@@ -5,11 +5,11 @@
 //! - [`graph`]: nodes with typed, named output ports in a petgraph `StableGraph`;
 //! - [`infer`](mod@infer): shape inference, run whenever a node is added;
 //! - [`verify`](mod@verify): the invariants checked after lowering and after every pass;
-//! - [`digest`](mod@digest): a name-blind fingerprint of what a graph computes, for tests;
-//! - [`batch`]: the per-step descriptor (tokens, sequences, positions, KV cells) that the step
-//!   inputs and the attention ops read.
+//! - [`digest`](mod@digest): a name-blind fingerprint of what a graph computes, for tests.
+//!
+//! The per-step descriptor the step inputs and the attention ops read (tokens, slots, positions,
+//! page tables) belongs to the backend interface: `backend::step`.
 
-pub mod batch;
 pub mod digest;
 pub mod graph;
 pub mod infer;
@@ -17,7 +17,6 @@ pub mod op;
 pub mod types;
 pub mod verify;
 
-pub use batch::{Batch, BatchError, BatchLimits};
 pub use digest::{Digest, digest};
 pub use graph::{Edge, Graph, IrError, Node, NodeId, Output, Value};
 pub use op::{AttentionParams, KvParams, Op, RopeParams, RopeStyle};

@@ -4,8 +4,8 @@
 //! Conventions used below: activations are `F32` rows, `x[r, i]` is element `i` of row `r`; a
 //! weight `W` of IR shape `[n, k]` has `n` rows of `k` elements (GGUF `ne = [k, n]`) and may be
 //! stored in any GGUF type (dequantized on the fly; arithmetic is FP32). "The step" is one call of
-//! the plan: `T` tokens, each with a sequence and a position, described by a [`Batch`].
-//!
+//! the plan: `T` tokens, each with a sequence slot and a position, described by a
+//! [`Step`](crate::backend::step::Step).
 //!
 //! Every fact about an op lives here, each as one exhaustive `match` (no `_ =>` arm), so a new
 //! variant does not compile until each table has it: its kind ([`Op::kind`], [`OpKind::ALL`]),
@@ -14,8 +14,6 @@
 //! and, for a fused op, its expansion into primitive ops ([`Op::expansion`]). The shape rule is
 //! [`infer`](super::infer::infer). Harnesses that must cover every op (the per-op parity cases,
 //! a backend's list of supported ops) walk [`OpKind::ALL`] or [`Op::examples`].
-//!
-//! [`Batch`]: super::Batch
 
 use super::types::{Dim, KvCacheType, Shape, TensorType, ValueType};
 use crate::gguf::GgmlType;
@@ -28,13 +26,13 @@ use std::ops::Range;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    // ---- Step inputs: filled from the step's `Batch` before anything runs. ----
-    /// `i32[T]`: the token ids of the step (`Batch::tokens`).
+    // ---- Step inputs: filled from the `Step` before anything runs. ----
+    /// `i32[T]`: the token ids of the step (`Step::tokens`).
     TokenIds,
-    /// `i32[T]`: each token's position in its own sequence (`Batch::positions`).
+    /// `i32[T]`: each token's position in its own sequence (`Step::positions`).
     Positions,
     /// `i32[O]`: the indices (into `0..T`, ascending) of the tokens whose logits the step returns
-    /// (`Batch::outputs`).
+    /// (`Step::outputs`).
     OutputRows,
 
     // ---- Weights: read-only GGUF tensors; never copied into the activation arena. ----
@@ -65,7 +63,7 @@ pub enum Op {
     Rope(RopeParams),
     /// `(k [T, Hkv*D], v [T, Hkv*D]) -> kv_cache(layer)`: for each token `t`, writes `k[t]` and
     /// `v[t]`, rounded to FP16, into this layer's K and V caches at the token's cell
-    /// (`Batch::write_cell(t)`). Its output stands for the layer's cache after the write: the
+    /// (`PageTables::cell(slot[t], pos[t])`). Its output stands for the layer's cache after the write: the
     /// attention that reads it runs after the write.
     KvWrite(KvParams),
     /// Causal grouped-query attention over the KV cache, see [`AttentionParams`].
@@ -141,7 +139,7 @@ pub struct KvParams {
 ///
 /// For token `t` and query head `h`, with `g = h / (n_heads / n_kv_heads)` its KV head
 /// (grouped-query attention), and `C(t)` the cache cells `t` may attend
-/// (`Batch::attended_cells(t, sliding_window)`: the cells of its own sequence at positions
+/// (through its slot's page table: the cells of its own sequence at positions
 /// `lo..=pos[t]`, `lo = 0`, or `pos[t] + 1 - window` with a sliding window; this is the causal
 /// mask, and it includes the token itself):
 /// `s_c = scale * dot(q[t, h], K[c, g])` for `c` in `C(t)`, `w = softmax(s)` (max-subtracted),
@@ -532,7 +530,7 @@ impl Op {
         }
     }
 
-    /// True for the ops whose values come from the step's `Batch`.
+    /// True for the ops whose values come from the `Step`.
     pub fn is_step_input(&self) -> bool {
         self.class() == OpClass::StepInput
     }

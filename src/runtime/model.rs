@@ -7,6 +7,7 @@ use super::engine::Engine;
 use crate::backend::BackendError;
 use crate::backend::device::{DeviceChoice, PassedOver, candidate_targets, open_on};
 use crate::backend::fit::{FitError, FitReport};
+use crate::backend::step::{DEFAULT_PAGE_SIZE, KvGeometry};
 use crate::compile::{CompileError, CompileOptions, compile};
 use crate::gguf::{GgufError, GgufFile};
 use crate::plan::Plan;
@@ -25,8 +26,12 @@ pub struct LoadOptions {
     /// Tokens one sequence can hold (default: the model's context, at most
     /// [`DEFAULT_CTX_SIZE`]).
     pub ctx_size: Option<usize>,
-    /// Sequences that can be held at once (the KV cache holds `ctx_size` cells for each).
+    /// Sequences that can be held at once at full context (the KV cache holds `ctx_size`
+    /// tokens' pages for each). The backend gets `max(4 * n_seqs, 8)` slots, so forks and
+    /// sequences sharing a prefix can outnumber them.
     pub n_seqs: usize,
+    /// Cells per KV-cache page (a power of two).
+    pub page_size: u32,
     /// The most tokens one step runs (prefill chunk size).
     pub max_tokens: u64,
     /// The most logits rows one step returns.
@@ -43,6 +48,7 @@ impl Default for LoadOptions {
             device: DeviceChoice::Auto,
             ctx_size: None,
             n_seqs: 1,
+            page_size: DEFAULT_PAGE_SIZE,
             max_tokens: 512,
             max_outputs: 8,
             fuse: true,
@@ -101,7 +107,7 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel, LoadError
         disabled_passes: Vec::new(),
     };
     let mut passed = PassedOver::default();
-    let mut context: Option<(usize, u32)> = None;
+    let mut context: Option<(usize, KvGeometry)> = None;
     for target in candidate_targets(options.device, &mut passed) {
         let compiled = match compile(&file, &compile_options, &target) {
             Ok(c) => c,
@@ -111,7 +117,7 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel, LoadError
             }
             Err(e) => return Err(Box::new(e).into()),
         };
-        let (n_ctx, n_cells) = match context {
+        let (n_ctx, kv) = match context {
             Some(c) => c,
             None => *context.insert(context_size(&compiled.plan, options)?),
         };
@@ -126,7 +132,7 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel, LoadError
             passed.pass(&target.name, fit.verdict());
             continue;
         }
-        let backend = match open_on(&target, compiled.plan, file.clone(), n_cells) {
+        let backend = match open_on(&target, compiled.plan, file.clone(), kv) {
             Ok(b) => b,
             Err(e) => {
                 passed.pass(&target.name, e.to_string());
@@ -151,9 +157,9 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel, LoadError
     })
 }
 
-/// Tokens per sequence and KV cells in all: `--ctx-size`, else the model's context (at most
-/// [`DEFAULT_CTX_SIZE`]), for `n_seqs` sequences.
-fn context_size(plan: &Plan, options: &LoadOptions) -> Result<(usize, u32), LoadError> {
+/// Tokens per sequence and the KV cache's pages and slots: `--ctx-size`, else the model's
+/// context (at most [`DEFAULT_CTX_SIZE`]), for `n_seqs` sequences.
+fn context_size(plan: &Plan, options: &LoadOptions) -> Result<(usize, KvGeometry), LoadError> {
     let model_ctx = plan
         .model
         .as_ref()
@@ -170,11 +176,11 @@ fn context_size(plan: &Plan, options: &LoadOptions) -> Result<(usize, u32), Load
         }
         None => model_ctx.min(DEFAULT_CTX_SIZE),
     };
-    let n_cells = n_ctx
-        .checked_mul(options.n_seqs)
-        .and_then(|n| u32::try_from(n).ok())
-        .ok_or_else(|| {
-            LoadError::Options(format!("{n_ctx} x {} cells is too many", options.n_seqs))
-        })?;
-    Ok((n_ctx, n_cells))
+    let too_many = || LoadError::Options(format!("{n_ctx} x {} cells is too many", options.n_seqs));
+    let n_seqs = u32::try_from(options.n_seqs).map_err(|_| too_many())?;
+    let ctx = u32::try_from(n_ctx).map_err(|_| too_many())?;
+    let slots = n_seqs.saturating_mul(4).max(8);
+    let kv = KvGeometry::for_context(ctx, n_seqs, slots, options.page_size)
+        .map_err(|e| LoadError::Options(e.to_string()))?;
+    Ok((n_ctx, kv))
 }

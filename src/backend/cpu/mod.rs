@@ -2,10 +2,11 @@
 //!
 //! Weights stay in the mmapped GGUF file in their own storage types; the [`kernels`] read the
 //! quantized blocks directly. Small F32 vectors (norm weights, biases, rope factors) are copied
-//! once at load. The KV cache is FP16: one K and one V array per layer of
-//! `n_cells x (n_kv_heads * head_dim)`. The activation arena is one `f32` allocation laid out
-//! exactly as the plan says ([`arena`]). The integer inputs of a step (token ids, positions,
-//! output rows) are read straight from the [`Batch`].
+//! once at load. The KV cache is FP16 and paged: one K and one V array per layer of
+//! `n_pages * page_size` cells of `n_kv_heads * head_dim`, found through the [`PageTables`] the
+//! backend keeps in host memory ([`super::step`]). The activation arena is one `f32` allocation
+//! laid out exactly as the plan says ([`arena`]). The integer inputs of a step (token ids,
+//! positions, output rows) are converted once per step from the [`Step`].
 //!
 //! [`CpuBackend::run_step`] is the whole interpreter: one `match` over the ops, each arm a
 //! kernel call.
@@ -14,10 +15,11 @@ pub mod arena;
 pub mod kernels;
 
 use self::arena::{Arena, Region, check_disjoint};
-use self::kernels::{AttentionShape, KernelError, RopeSpec, RopeStyle, WeightMatrix};
-use super::{Backend, BackendError, DeviceInfo, HostTensor, Logits};
+use self::kernels::{AttentionShape, KernelError, KvSpan, RopeSpec, RopeStyle, WeightMatrix};
+use super::step::{KvGeometry, PageOp, PageTables, Step, StepLimits, StepOutputs};
+use super::{Backend, BackendError, DeviceInfo, HostTensor};
 use crate::gguf::{GgufFile, TensorInfo, quants};
-use crate::ir::{Batch, BatchLimits, Dim, Op, RopeParams, StepSizes, TensorType, ValueType};
+use crate::ir::{Dim, Op, RopeParams, StepSizes, TensorType, ValueType};
 use crate::plan::{Operand, Plan, Reuse, ValueRef};
 use half::f16;
 use half::vec::HalfBitsVecExt;
@@ -39,24 +41,42 @@ struct Weight {
     vector: Option<Vec<f32>>,
 }
 
-/// A layer's KV cache: `n_cells` rows of `width` FP16 values for K and for V.
+/// A layer's KV cache: `n_pages * page_size` cells of `width` FP16 values for K and for V.
 struct LayerKv {
     k: Vec<f16>,
     v: Vec<f16>,
     width: usize,
 }
 
-/// The per-step data every op may read, derived once from the batch.
-struct StepData<'b> {
-    batch: &'b Batch,
+/// The per-step data every op may read, derived once from the step (buffers kept between
+/// steps).
+struct StepData {
     sizes: StepSizes,
     tokens: Vec<i32>,
     positions: Vec<i32>,
     outputs: Vec<i32>,
     /// The cell each token writes its K and V to.
     write_cells: Vec<u32>,
-    /// The cells each token attends to (no sliding window).
-    attended: Vec<&'b [u32]>,
+    /// Each token's slot and position.
+    slots: Vec<u32>,
+    pos: Vec<u32>,
+}
+
+impl StepData {
+    fn empty() -> StepData {
+        StepData {
+            sizes: StepSizes {
+                tokens: 0,
+                outputs: 0,
+            },
+            tokens: Vec::new(),
+            positions: Vec::new(),
+            outputs: Vec::new(),
+            write_cells: Vec::new(),
+            slots: Vec::new(),
+            pos: Vec::new(),
+        }
+    }
 }
 
 /// The CPU backend; see the [module docs](self).
@@ -69,17 +89,25 @@ pub struct CpuBackend {
     kv: Vec<LayerKv>,
     /// `kv` index of each layer number.
     kv_index: HashMap<u32, usize>,
-    n_cells: u32,
+    tables: PageTables,
     names: HashMap<String, ValueRef>,
     /// Per step and port: whether the value's buffer survives the rest of the step.
     intact: Vec<Vec<bool>>,
-    /// The last batch that ran, for [`Backend::read_value`].
-    last: Option<Batch>,
+    /// Scratch for the running step.
+    data: StepData,
+    /// The last step that ran, for [`Backend::read_value`] (valid when `has_last`).
+    last: Step,
+    has_last: bool,
 }
 
 impl CpuBackend {
-    /// Loads `plan` over the weights of `file`, with a KV cache of `n_cells` cells.
-    pub fn new(plan: Plan, file: Arc<GgufFile>, n_cells: u32) -> Result<CpuBackend, BackendError> {
+    /// Loads `plan` over the weights of `file`, with a KV cache of the given pages and slots.
+    pub fn new(
+        plan: Plan,
+        file: Arc<GgufFile>,
+        geometry: KvGeometry,
+    ) -> Result<CpuBackend, BackendError> {
+        let n_cells = geometry.n_cells();
         plan.validate()
             .map_err(|e| BackendError::Mismatch(e.to_string()))?;
         check_disjoint(&plan).map_err(BackendError::Mismatch)?;
@@ -130,9 +158,11 @@ impl CpuBackend {
             weights,
             kv,
             kv_index,
-            n_cells,
+            tables: PageTables::new(geometry),
             names,
-            last: None,
+            data: StepData::empty(),
+            last: Step::new(),
+            has_last: false,
         };
         backend.check_matrices()?;
         Ok(backend)
@@ -155,8 +185,102 @@ impl CpuBackend {
         Ok(())
     }
 
+    /// Vocabulary size: the width of the plan's first output.
+    fn n_vocab(&self) -> Option<usize> {
+        let first = *self.plan.outputs.first()?;
+        width_of(&self.plan, Operand::Value(first))
+    }
+
+    /// Runs a staged step: copies pages, computes every plan step, writes the outputs.
+    fn run(&mut self, step: &Step, out: &mut StepOutputs) -> Result<(), BackendError> {
+        // Copy-on-write first: the ops were validated as a whole.
+        let cells = self.tables.geometry().page_size as usize;
+        for op in &step.ops {
+            if let PageOp::Copy { src, dst } = *op {
+                for layer in &mut self.kv {
+                    let n = cells * layer.width;
+                    let (src, dst) = (src as usize * n, dst as usize * n);
+                    layer.k.copy_within(src..src + n, dst);
+                    layer.v.copy_within(src..src + n, dst);
+                }
+            }
+        }
+        let mut data = std::mem::replace(&mut self.data, StepData::empty());
+        data.sizes = StepSizes {
+            tokens: step.n_tokens() as u64,
+            outputs: step.outputs.len() as u64,
+        };
+        let to_i32 = |dst: &mut Vec<i32>, src: &mut dyn Iterator<Item = u32>| {
+            dst.clear();
+            dst.extend(src.map(|x| x as i32));
+        };
+        to_i32(&mut data.tokens, &mut step.tokens.iter().copied());
+        to_i32(&mut data.positions, &mut step.positions.iter().copied());
+        to_i32(&mut data.outputs, &mut step.outputs.iter().map(|o| o.row));
+        data.slots.clone_from(&step.slots);
+        data.pos.clone_from(&step.positions);
+        data.write_cells.clear();
+        for (&slot, &pos) in step.slots.iter().zip(&step.positions) {
+            // Staged: every token's position is on a mapped page.
+            let cell = self.tables.cell(slot, pos).ok_or_else(|| {
+                BackendError::Mismatch(format!("position {pos} of slot {slot} has no cell"))
+            })?;
+            data.write_cells.push(cell);
+        }
+        // Until this step completes, its values are neither the old ones nor the new ones.
+        self.has_last = false;
+        let result = (0..self.plan.steps.len()).try_for_each(|i| self.run_step(i, &data));
+        let sizes = data.sizes;
+        self.data = data;
+        result?;
+        self.write_outputs(step, sizes, out)?;
+        self.last.clone_from(step);
+        self.has_last = true;
+        Ok(())
+    }
+
+    /// Fills `out` from the plan's outputs: the first (logits) per output request, the others
+    /// whole.
+    fn write_outputs(
+        &self,
+        step: &Step,
+        sizes: StepSizes,
+        out: &mut StepOutputs,
+    ) -> Result<(), BackendError> {
+        let (&first, rest) = self
+            .plan
+            .outputs
+            .split_first()
+            .ok_or_else(|| BackendError::Mismatch("the plan has no output".into()))?;
+        let n_vocab = self
+            .n_vocab()
+            .ok_or_else(|| BackendError::Mismatch("the plan's output is not a matrix".into()))?;
+        let logits = self.arena.slice(region(&self.plan, first, sizes)?);
+        let position = |row: usize| {
+            step.outputs
+                .get(row)
+                .and_then(|o| step.positions.get(o.row as usize))
+                .copied()
+                .unwrap_or(0)
+        };
+        let name = self.plan.value(first).map_or("logits", |o| o.name.as_str());
+        super::check_finite(logits, n_vocab, position, name)?;
+        out.clear(n_vocab);
+        for (request, row) in step.outputs.iter().zip(logits.chunks_exact(n_vocab)) {
+            out.push_from_row(request.kind, row);
+        }
+        for &v in rest {
+            let r = region(&self.plan, v, sizes)?;
+            let name = self.plan.value(v).map_or("", |o| o.name.as_str());
+            let cols = width_of(&self.plan, Operand::Value(v)).unwrap_or(r.len);
+            out.push_value(name, cols)
+                .extend_from_slice(self.arena.slice(r));
+        }
+        Ok(())
+    }
+
     /// Runs step `index` of the plan.
-    fn run_step(&mut self, index: usize, data: &StepData<'_>) -> Result<(), BackendError> {
+    fn run_step(&mut self, index: usize, data: &StepData) -> Result<(), BackendError> {
         let CpuBackend {
             plan,
             file,
@@ -164,6 +288,7 @@ impl CpuBackend {
             arena,
             kv,
             kv_index,
+            tables,
             ..
         } = self;
         let step = &plan.steps[index];
@@ -266,7 +391,7 @@ impl CpuBackend {
         };
 
         match &step.op {
-            // Step inputs: read straight from the batch by their consumers.
+            // Step inputs: read straight from the step data by their consumers.
             Op::TokenIds | Op::Positions | Op::OutputRows => {}
             Op::Weight { .. } => return Err(fail("weights are not steps".into())),
             Op::Embedding => kernels::embedding(&mat(0)?, int(1)?, out(0)?)?,
@@ -294,23 +419,34 @@ impl CpuBackend {
             }
             Op::Attention(p) => {
                 let layer = &kv[kv_slot(1)?];
-                let window_cells;
-                let cells: &[&[u32]] = match p.sliding_window {
-                    None => &data.attended,
-                    Some(w) => {
-                        window_cells = (0..data.batch.n_tokens())
-                            .map(|t| data.batch.attended_cells(t, Some(w)))
-                            .collect::<Vec<_>>();
-                        &window_cells
-                    }
-                };
+                // Token t at position p attends positions lo..=p of its slot (validated: every
+                // page up to p is mapped).
+                let page_size = tables.geometry().page_size as usize;
+                let spans = data
+                    .slots
+                    .iter()
+                    .zip(&data.pos)
+                    .map(|(&slot, &pos)| {
+                        let hi = pos as usize + 1;
+                        let lo = p
+                            .sliding_window
+                            .map_or(0, |w| hi.saturating_sub(w as usize));
+                        let pages = tables.pages(slot).unwrap_or(&[]);
+                        KvSpan {
+                            pages,
+                            page_size,
+                            lo,
+                            hi,
+                        }
+                    })
+                    .collect::<Vec<_>>();
                 let shape = AttentionShape {
                     n_heads: p.n_heads as usize,
                     n_kv_heads: p.n_kv_heads as usize,
                     head_dim: p.head_dim as usize,
                     scale: p.scale,
                 };
-                kernels::attention(act(0)?, &layer.k, &layer.v, cells, &shape, out(0)?)?;
+                kernels::attention_paged(act(0)?, &layer.k, &layer.v, &spans, &shape, out(0)?)?;
             }
             Op::SelectRows => {
                 let width = width_of(plan, step.inputs[0])
@@ -357,64 +493,37 @@ impl Backend for CpuBackend {
         &self.plan
     }
 
-    fn n_cells(&self) -> u32 {
-        self.n_cells
+    fn kv_geometry(&self) -> KvGeometry {
+        self.tables.geometry()
     }
 
-    fn step(&mut self, batch: &Batch) -> Result<Logits, BackendError> {
+    fn page_tables(&self) -> &PageTables {
+        &self.tables
+    }
+
+    fn step_limits(&self) -> StepLimits {
         let options = &self.plan.options;
-        batch.validate(BatchLimits {
+        StepLimits {
             max_tokens: options.max_tokens,
             max_outputs: options.max_outputs,
-            n_cells: u64::from(self.n_cells),
-        })?;
-        let to_i32 = |v: &[u32]| v.iter().map(|&x| x as i32).collect::<Vec<i32>>();
-        let data = StepData {
-            batch,
-            sizes: StepSizes {
-                tokens: batch.n_tokens() as u64,
-                outputs: batch.outputs.len() as u64,
-            },
-            tokens: to_i32(&batch.tokens),
-            positions: to_i32(&batch.positions),
-            outputs: to_i32(&batch.outputs),
-            write_cells: (0..batch.n_tokens()).map(|t| batch.write_cell(t)).collect(),
-            attended: (0..batch.n_tokens())
-                .map(|t| batch.attended_cells(t, None))
-                .collect(),
-        };
-        // Until this step completes, its values are neither the old ones nor the new ones.
-        self.last = None;
-        for i in 0..self.plan.steps.len() {
-            self.run_step(i, &data)?;
+            n_vocab: self.n_vocab().unwrap_or(0) as u32,
         }
-        let result = self
-            .plan
-            .outputs
-            .first()
-            .copied()
-            .ok_or_else(|| BackendError::Mismatch("the plan has no output".into()))?;
-        let r = region(&self.plan, result, data.sizes)?;
-        let n_vocab = width_of(&self.plan, Operand::Value(result))
-            .ok_or_else(|| BackendError::Mismatch("the plan's output is not a matrix".into()))?;
-        let logits = Logits {
-            n_vocab,
-            data: self.arena.slice(r).to_vec(),
-        };
-        self.last = Some(batch.clone());
-        let positions: Vec<u32> = batch
-            .outputs
-            .iter()
-            .map(|&t| batch.positions.get(t as usize).copied().unwrap_or(0))
-            .collect();
-        super::check_finite(
-            &logits,
-            &positions,
-            self.plan
-                .value(result)
-                .map_or("logits", |o| o.name.as_str()),
-        )?;
-        Ok(logits)
+    }
+
+    fn validate(&mut self, step: &Step) -> Result<(), BackendError> {
+        let limits = self.step_limits();
+        Ok(self.tables.validate(step, limits)?)
+    }
+
+    fn step(&mut self, step: &Step, out: &mut StepOutputs) -> Result<(), BackendError> {
+        let limits = self.step_limits();
+        self.tables.stage(step, limits)?;
+        let result = self.run(step, out);
+        match result {
+            Ok(()) => self.tables.commit(),
+            Err(_) => self.tables.rollback(),
+        }
+        result
     }
 
     fn read_value(&self, name: &str) -> Result<HostTensor, BackendError> {
@@ -422,15 +531,18 @@ impl Backend for CpuBackend {
             .names
             .get(name)
             .ok_or_else(|| BackendError::NoSuchValue(name.to_string()))?;
-        let batch = self
-            .last
-            .as_ref()
-            .ok_or_else(|| BackendError::NotComputed(name.to_string()))?;
-        let ints = |v: &[u32]| HostTensor::from_shape_fn((v.len(), 1), |(i, _)| v[i] as f32);
+        if !self.has_last {
+            return Err(BackendError::NotComputed(name.to_string()));
+        }
+        let last = &self.last;
+        let ints = |v: &mut dyn ExactSizeIterator<Item = u32>| {
+            let v: Vec<u32> = v.collect();
+            HostTensor::from_shape_fn((v.len(), 1), |(i, _)| v[i] as f32)
+        };
         match source(&self.plan, v) {
-            Source::Tokens => return Ok(ints(&batch.tokens)),
-            Source::Positions => return Ok(ints(&batch.positions)),
-            Source::Outputs => return Ok(ints(&batch.outputs)),
+            Source::Tokens => return Ok(ints(&mut last.tokens.iter().copied())),
+            Source::Positions => return Ok(ints(&mut last.positions.iter().copied())),
+            Source::Outputs => return Ok(ints(&mut last.outputs.iter().map(|o| o.row))),
             Source::Kv(layer) => {
                 return Err(BackendError::Unsupported {
                     backend: "cpu".into(),
@@ -445,8 +557,8 @@ impl Backend for CpuBackend {
             });
         }
         let sizes = StepSizes {
-            tokens: batch.n_tokens() as u64,
-            outputs: batch.outputs.len() as u64,
+            tokens: last.n_tokens() as u64,
+            outputs: last.outputs.len() as u64,
         };
         let r = region(&self.plan, v, sizes)?;
         let cols = width_of(&self.plan, Operand::Value(v))
@@ -498,7 +610,7 @@ impl<'a> Input<'a> {
 enum Source {
     /// A tensor in the activation arena.
     Arena,
-    /// A step input: the batch's token ids, positions or output rows.
+    /// A step input: the step's token ids, positions or output rows.
     Tokens,
     Positions,
     Outputs,
@@ -680,10 +792,10 @@ fn intact_values(plan: &Plan) -> Vec<Vec<bool>> {
 /// Refuses a KV cache and arena larger than the machine's memory, before allocating them (an
 /// allocation that large would abort the process or wake the OOM killer, not fail cleanly).
 /// `m40-llm compile` uses it (with no cells) to warn of a plan that cannot run here.
-pub fn check_memory(plan: &Plan, n_cells: u32) -> Result<(), BackendError> {
+pub fn check_memory(plan: &Plan, n_cells: u64) -> Result<(), BackendError> {
     let kv: u64 = plan.kv_cache.iter().map(|l| l.bytes_per_token).sum();
     let needed = kv
-        .checked_mul(u64::from(n_cells))
+        .checked_mul(n_cells)
         .and_then(|b| b.checked_add(plan.memory.arena_bytes));
     let total = memory_total();
     match (needed, total) {

@@ -2,7 +2,10 @@
 //!
 //! The caches of one layer are `[cell, n_kv_heads * head_dim]` arrays of `half::f16`. The
 //! runtime decides which cells each token may attend (its own sequence, positions up to its
-//! own: the causal mask, with no mask tensor), so several sequences can share one step.
+//! own: the causal mask, with no mask tensor), so several sequences can share one step. A
+//! token's cells are a [`KvSpan`]: positions `lo..hi` of a paged sequence, position `p` in cell
+//! `pages[p / page_size] * page_size + p % page_size`; a plain cell list is the span of page
+//! size 1.
 
 #[cfg(target_arch = "x86_64")]
 use super::simd::Avx2;
@@ -24,6 +27,40 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Multiplies the scores: `1 / sqrt(D)` unless the model says otherwise.
     pub scale: f32,
+}
+
+/// The cells one token attends, oldest first: positions `lo..hi` of a sequence whose position
+/// `p` is in cell `pages[p / page_size] * page_size + p % page_size` (`page_size` a power of
+/// two).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvSpan<'a> {
+    pub pages: &'a [u32],
+    pub page_size: usize,
+    pub lo: usize,
+    pub hi: usize,
+}
+
+impl KvSpan<'_> {
+    fn len(&self) -> usize {
+        self.hi.saturating_sub(self.lo)
+    }
+
+    /// The span's cells as runs of consecutive cells `(first, count)`, one per page touched.
+    fn runs(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let ps = self.page_size;
+        let (first, last) = (self.lo / ps, self.hi.saturating_sub(1) / ps);
+        let pages = if self.hi > self.lo {
+            self.pages.get(first..=last).unwrap_or(&[])
+        } else {
+            &[]
+        };
+        pages.iter().enumerate().map(move |(i, &page)| {
+            let index = first + i;
+            let start = (index * ps).max(self.lo);
+            let end = ((index + 1) * ps).min(self.hi);
+            (page as usize * ps + start % ps, end - start)
+        })
+    }
 }
 
 /// For token `t` and query head `h` (KV head `g = h / (H / Hkv)`):
@@ -54,6 +91,40 @@ pub fn attention_with(
     shape: &AttentionShape,
     y: &mut [f32],
 ) -> Result<(), KernelError> {
+    let spans: Vec<KvSpan> = cells
+        .iter()
+        .map(|c| KvSpan {
+            pages: c,
+            page_size: 1,
+            lo: 0,
+            hi: c.len(),
+        })
+        .collect();
+    attention_paged_with(simd, q, k_cache, v_cache, &spans, shape, y)
+}
+
+/// [`attention`] over paged spans: token `t` attends the cells of `spans[t]`, in position order.
+pub fn attention_paged(
+    q: &[f32],
+    k_cache: &[f16],
+    v_cache: &[f16],
+    spans: &[KvSpan],
+    shape: &AttentionShape,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    attention_paged_with(Simd::detect(), q, k_cache, v_cache, spans, shape, y)
+}
+
+/// [`attention_paged`] with a chosen instruction set.
+pub fn attention_paged_with(
+    simd: Simd,
+    q: &[f32],
+    k_cache: &[f16],
+    v_cache: &[f16],
+    spans: &[KvSpan],
+    shape: &AttentionShape,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
     let simd = simd.checked()?;
     let &AttentionShape {
         n_heads: h,
@@ -67,7 +138,7 @@ pub fn attention_with(
              query heads, none zero"
         )));
     }
-    let t = cells.len();
+    let t = spans.len();
     check_len(
         "attention q length (tokens x heads x head_dim)",
         q.len(),
@@ -76,11 +147,11 @@ pub fn attention_with(
     check_len("attention output length", y.len(), q.len())?;
     let kv_dim = hkv * d;
     let n_cells = cache_cells(k_cache, v_cache, kv_dim)?;
-    for (tok, cs) in cells.iter().enumerate() {
-        if cs.is_empty() {
+    for (tok, span) in spans.iter().enumerate() {
+        if span.len() == 0 {
             return Err(KernelError::NoCells { token: tok });
         }
-        check_cells(cs, tok, n_cells)?;
+        check_span(span, tok, n_cells)?;
     }
     let group = h / hkv;
     let attend: AttendFn = match simd {
@@ -88,7 +159,7 @@ pub fn attention_with(
         #[cfg(target_arch = "x86_64")]
         Simd::Avx2Fma => attend_avx2,
     };
-    let longest = cells.iter().map(|c| c.len()).max().unwrap_or(0);
+    let longest = spans.iter().map(|c| c.len()).max().unwrap_or(0);
     y.par_chunks_mut(d).enumerate().for_each_init(
         || Vec::with_capacity(longest),
         |scores, (i, yh)| {
@@ -97,7 +168,7 @@ pub fn attention_with(
                 q: &q[i * d..(i + 1) * d],
                 k_cache,
                 v_cache,
-                cells: cells[tok],
+                span: spans[tok],
                 kv_dim,
                 offset: (head / group) * d,
                 scale,
@@ -114,7 +185,7 @@ struct Head<'a> {
     q: &'a [f32],
     k_cache: &'a [f16],
     v_cache: &'a [f16],
-    cells: &'a [u32],
+    span: KvSpan<'a>,
     kv_dim: usize,
     /// Where the KV head starts within a cache row.
     offset: usize,
@@ -136,16 +207,19 @@ unsafe fn attend_avx2(job: &Head, scores: &mut Vec<f32>, y: &mut [f32]) {
 #[inline(always)]
 fn attend<V: V8>(job: &Head, scores: &mut Vec<f32>, y: &mut [f32]) {
     let d = job.q.len();
-    let start = |c: u32| c as usize * job.kv_dim + job.offset;
+    let start = |c: usize| c * job.kv_dim + job.offset;
     scores.clear();
-    for &c in job.cells {
-        let k = &job.k_cache[start(c)..][..d];
-        scores.push(job.scale * dot_f16::<V>(job.q, k));
+    for (first, n) in job.span.runs() {
+        for c in first..first + n {
+            let k = &job.k_cache[start(c)..][..d];
+            scores.push(job.scale * dot_f16::<V>(job.q, k));
+        }
     }
     softmax_in_place(scores);
     y.fill(0.0);
     let whole = d / LANES * LANES;
-    for (&c, &w) in job.cells.iter().zip(scores.iter()) {
+    let cells = job.span.runs().flat_map(|(first, n)| first..first + n);
+    for (c, &w) in cells.zip(scores.iter()) {
         let v = &job.v_cache[start(c)..][..d];
         let wv = V::splat(w);
         for (y8, v8) in y[..whole]
@@ -190,6 +264,33 @@ fn cache_cells(k_cache: &[f16], v_cache: &[f16], kv_dim: usize) -> Result<usize,
         )));
     }
     Ok(k_cache.len() / kv_dim)
+}
+
+/// Checks that a span's pages cover its positions and its cells are in the cache.
+fn check_span(span: &KvSpan, token: usize, n_cells: usize) -> Result<(), KernelError> {
+    let ps = span.page_size;
+    let pages_needed = span.hi.div_ceil(ps.max(1));
+    if !ps.is_power_of_two() || span.pages.len() < pages_needed {
+        return Err(KernelError::OutOfRange {
+            what: "attended position of token (past its mapped pages)",
+            index: token,
+            value: span.hi as i64 - 1,
+            limit: span.pages.len() * ps,
+        });
+    }
+    let n_pages = n_cells / ps;
+    match span.pages[span.lo / ps..pages_needed]
+        .iter()
+        .find(|&&p| p as usize >= n_pages)
+    {
+        Some(&p) => Err(KernelError::OutOfRange {
+            what: "cache cell of token",
+            index: token,
+            value: (p as usize * ps) as i64,
+            limit: n_cells,
+        }),
+        None => Ok(()),
+    }
 }
 
 fn check_cells(cells: &[u32], token: usize, n_cells: usize) -> Result<(), KernelError> {

@@ -33,7 +33,7 @@ pub mod rope;
 mod simd;
 pub mod softmax;
 
-pub use attention::{AttentionShape, attention, kv_write};
+pub use attention::{AttentionShape, KvSpan, attention, attention_paged, kv_write};
 pub use elementwise::{add, mul, silu, swiglu};
 pub use gather::{embedding, select_rows};
 pub use matmul::{WeightMatrix, matmul, matmul_gate_up_swiglu};
