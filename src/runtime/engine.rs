@@ -10,6 +10,13 @@
 //! [`Engine::release`] consumes it, so it cannot be freed twice; a handle dropped without
 //! `release` returns its pages through a shared list the engine drains at its next call.
 //!
+//! ```
+//! # fn f(engine: &mut m40_llm::runtime::engine::Engine) {
+//! let seq = engine.new_sequence();
+//! engine.release(seq); // the one way to free it now; dropping it frees it at the next call
+//! # }
+//! ```
+//!
 //! ```compile_fail
 //! # fn f(engine: &mut m40_llm::runtime::engine::Engine) {
 //! let seq = engine.new_sequence();

@@ -361,3 +361,54 @@ pub fn kv_write(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paged_spans_read_the_cells_a_cell_list_names() {
+        let shape = AttentionShape {
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 8,
+            scale: 0.3,
+        };
+        let (kv_dim, n_cells) = (16, 32);
+        let val = |i: usize| f16::from_f32(((i * 37 % 101) as f32 - 50.0) / 40.0);
+        let k: Vec<f16> = (0..n_cells * kv_dim).map(val).collect();
+        let v: Vec<f16> = (0..n_cells * kv_dim).map(|i| val(i + 7)).collect();
+        let q: Vec<f32> = (0..3 * 32)
+            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 9.0)
+            .collect();
+        // Pages of 4 cells: positions 0..=9 of a sequence on pages 5, 2, 7.
+        let pages = [5u32, 2, 7];
+        let cell = |p: usize| pages[p / 4] * 4 + (p % 4) as u32;
+        let spans: Vec<KvSpan> = [(0, 10), (3, 9), (6, 7)]
+            .iter()
+            .map(|&(lo, hi)| KvSpan {
+                pages: &pages,
+                page_size: 4,
+                lo,
+                hi,
+            })
+            .collect();
+        let lists: Vec<Vec<u32>> = spans
+            .iter()
+            .map(|s| (s.lo..s.hi).map(cell).collect())
+            .collect();
+        let cells: Vec<&[u32]> = lists.iter().map(|l| &l[..]).collect();
+        let (mut a, mut b) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+        attention(&q, &k, &v, &cells, &shape, &mut a).unwrap();
+        attention_paged(&q, &k, &v, &spans, &shape, &mut b).unwrap();
+        assert_eq!(a, b);
+        // A span past its pages is an error, not a read out of bounds.
+        let short = [KvSpan {
+            pages: &pages[..2],
+            page_size: 4,
+            lo: 0,
+            hi: 10,
+        }];
+        assert!(attention_paged(&q[..32], &k, &v, &short, &shape, &mut b[..32]).is_err());
+    }
+}
