@@ -10,9 +10,15 @@
 //! Stop strings match the text of every token, special (control) tokens included, whether or not
 //! the output shows them (`render_special`): `--stop '<|im_start|>'` fires on that token. Hidden
 //! special text is matched, then cut out of what is released.
+//!
+//! What each step returns depends on the sampler ([`output_kind`]): greedy decoding without
+//! penalties asks the backend for its argmax, sampling from the top `k` (without penalties) for
+//! its top-k, anything else for the full row of logits, so that a GPU need not copy
+//! vocabulary-sized rows. The tokens are the same either way (tests/generate_rows.rs).
 
 use super::engine::{Engine, EngineError, Sequence};
 use super::stop::{Released, StopError, StopMatcher};
+use crate::backend::{OutputKind, RowOutput, StepOutputs};
 use crate::sample::{SampleError, Sampler, SamplerConfig};
 use crate::tokenizer::Tokenizer;
 use serde::Serialize;
@@ -120,6 +126,86 @@ pub enum GenerateError {
     Stop(#[from] StopError),
     #[error("decoding the generated tokens: {0}")]
     Decode(String),
+    #[error("the step returned no output row to sample from")]
+    NoOutput,
+    #[error(
+        "the top {k} logits are all +inf: the model's output is not finite, and which tokens tie cannot be told from the top {k}"
+    )]
+    InfiniteTopK { k: usize },
+}
+
+/// Which rows [`generate_with`] asks the backend for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowPolicy {
+    /// The least the sampler needs ([`output_kind`]).
+    Auto,
+    /// Always the full row of logits (for tests and debugging).
+    FullLogits,
+}
+
+/// The most `k` for which sampling asks the backend for its top-k rather than the full row.
+pub const MAX_BACKEND_TOP_K: u32 = 1024;
+
+/// The least a step must return for `config` to choose the same token as from the full row:
+/// the argmax for greedy decoding, the top `k` when the sampler keeps only the top `k`
+/// (`1..=MAX_BACKEND_TOP_K`, below the vocabulary), else the full logits. Penalties change
+/// logits of tokens anywhere in the row, so they need the full row.
+pub fn output_kind(config: &SamplerConfig, n_vocab: usize) -> OutputKind {
+    if config.penalties_enabled() {
+        OutputKind::Logits
+    } else if config.is_greedy() {
+        OutputKind::Argmax
+    } else if (1..=MAX_BACKEND_TOP_K).contains(&config.top_k) && (config.top_k as usize) < n_vocab {
+        OutputKind::TopK(config.top_k)
+    } else {
+        OutputKind::Logits
+    }
+}
+
+/// Chooses the next token from one output row, whatever it holds: a full row goes to the
+/// sampler; an argmax is the greedy choice; a top-k is spread into `scratch` (a row of
+/// `n_vocab` logits, -inf outside the top k, restored afterwards) for the sampler, whose top-k
+/// stage then keeps exactly those tokens. Either way the token is the one the sampler picks
+/// from the full row, given a sampler config that [`output_kind`] chose the row for.
+pub fn sample_output(
+    sampler: &mut Sampler,
+    row: RowOutput<'_>,
+    history: &[u32],
+    n_vocab: usize,
+    scratch: &mut Vec<f32>,
+) -> Result<u32, GenerateError> {
+    match row {
+        RowOutput::Logits(logits) => Ok(sampler.sample(logits, history)?),
+        RowOutput::Argmax(best) => {
+            if best.logit.is_nan() || best.logit == f32::NEG_INFINITY {
+                Err(SampleError::NoCandidates { vocab: n_vocab }.into())
+            } else {
+                Ok(best.id)
+            }
+        }
+        RowOutput::TopK(top) => {
+            let k = top.len();
+            if k > 0 && top.iter().all(|t| t.logit == f32::INFINITY) && k < n_vocab {
+                return Err(GenerateError::InfiniteTopK { k });
+            }
+            if scratch.len() != n_vocab {
+                scratch.clear();
+                scratch.resize(n_vocab, f32::NEG_INFINITY);
+            }
+            for t in top {
+                if let Some(l) = scratch.get_mut(t.id as usize) {
+                    *l = t.logit;
+                }
+            }
+            let token = sampler.sample(scratch, history);
+            for t in top {
+                if let Some(l) = scratch.get_mut(t.id as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+            Ok(token?)
+        }
+    }
 }
 
 /// Generates from `prompt` (token ids) in a fresh sequence, calling `on_text` with each piece of
@@ -130,6 +216,18 @@ pub fn generate(
     tokenizer: &Tokenizer,
     prompt: &[u32],
     options: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+) -> Result<Generation, GenerateError> {
+    generate_with(engine, tokenizer, prompt, options, RowPolicy::Auto, on_text)
+}
+
+/// [`generate`], choosing what each step returns.
+pub fn generate_with(
+    engine: &mut Engine,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    options: &GenerateOptions,
+    rows: RowPolicy,
     on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation, GenerateError> {
     if prompt.is_empty() {
@@ -144,12 +242,17 @@ pub fn generate(
     let mut sampler = Sampler::new(options.sampler.clone())?;
     let mut stops = StopMatcher::new(options.stop_strings.iter().cloned())?;
     let mut seq = engine.new_sequence();
+    let kind = match rows {
+        RowPolicy::Auto => output_kind(&options.sampler, engine.n_vocab()),
+        RowPolicy::FullLogits => OutputKind::Logits,
+    };
     let result = run(
         engine,
         tokenizer,
         &mut seq,
         prompt,
         options,
+        kind,
         &mut sampler,
         &mut stops,
         on_text,
@@ -165,6 +268,7 @@ fn run(
     seq: &mut Sequence,
     prompt: &[u32],
     options: &GenerateOptions,
+    kind: OutputKind,
     sampler: &mut Sampler,
     stops: &mut StopMatcher,
     on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
@@ -173,8 +277,11 @@ fn run(
         prompt_tokens: prompt.len(),
         ..Timings::default()
     };
+    let n_vocab = engine.n_vocab();
+    let mut out = StepOutputs::new();
+    let mut scratch = Vec::new();
     let t = Instant::now();
-    let mut logits = engine.prefill(seq, prompt)?;
+    engine.prefill_into(seq, prompt, kind, &mut out)?;
     timings.prefill_s = t.elapsed().as_secs_f64();
 
     let mut decoder = tokenizer.stream_decoder(options.render_special);
@@ -195,7 +302,8 @@ fn run(
             break FinishReason::MaxTokens;
         }
         let t = Instant::now();
-        let token = sampler.sample(&logits, seq.tokens())?;
+        let row = out.row(0).ok_or(GenerateError::NoOutput)?;
+        let token = sample_output(sampler, row, seq.tokens(), n_vocab, &mut scratch)?;
         sample_time += t.elapsed();
         if options.stop_at_eog && tokenizer.is_eog(token) {
             break FinishReason::EndOfGeneration { token };
@@ -228,7 +336,7 @@ fn run(
             break FinishReason::ContextFull;
         }
         let t = Instant::now();
-        logits = engine.decode(seq, token)?;
+        engine.decode_into(seq, token, kind, &mut out)?;
         timings.decode_s += t.elapsed().as_secs_f64();
         timings.decode_steps += 1;
     };
