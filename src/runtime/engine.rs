@@ -853,7 +853,7 @@ impl Engine {
     }
 
     fn check_fits(&self, seq: &Sequence, n: usize) -> Result<(), EngineError> {
-        let needed = seq.len() + n;
+        let needed = seq.len().saturating_add(n);
         if needed > self.n_ctx {
             return Err(EngineError::ContextFull {
                 needed,
