@@ -122,6 +122,8 @@ fn a_fork_at_a_page_boundary_copies_nothing_and_a_failed_copy_on_write_loses_not
     assert!(matches!(err, EngineError::Backend(_)), "{err}");
     assert_eq!(e.page_stats(), before);
     assert_eq!(b.len(), 32);
+    // The backend's tables are as before too (the fork's maps are still to be sent).
+    assert_eq!(e.backend().page_tables().pages_in_use(), 3);
     // a writes into its own third page: no copy.
     e.decode(&mut a, 3).unwrap();
     assert_eq!(used(&e), 3);
