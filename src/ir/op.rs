@@ -200,7 +200,7 @@ op_kinds!(
 /// The role an op plays in a graph.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OpClass {
-    /// Filled from the step's `Batch` before anything runs; no inputs.
+    /// Filled from the `Step` before anything runs; no inputs.
     StepInput,
     /// A GGUF tensor; its type comes from the file, not from shape inference.
     Weight,
