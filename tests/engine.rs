@@ -3,6 +3,7 @@
 //! reservations, and a decode step's descriptor that does not grow with the context.
 
 use m40_llm::backend::cpu::CpuBackend;
+use m40_llm::backend::target::Target;
 use m40_llm::backend::{KvGeometry, OutputKind, PageOp, StepOutputs};
 use m40_llm::gguf::GgmlType;
 use m40_llm::lower::TinyModel;
@@ -26,7 +27,7 @@ fn engine(n_pages: u32, n_ctx: usize) -> Engine {
         fuse: true,
         disabled_passes: Vec::new(),
     };
-    let plan = compile(&file, &options).unwrap().plan;
+    let plan = compile(&file, &options, &Target::cpu()).unwrap().plan;
     let per_slot = (n_ctx as u32).div_ceil(PAGE);
     let kv = KvGeometry::new(PAGE, n_pages, 8, per_slot).unwrap();
     Engine::new(Box::new(CpuBackend::new(plan, file, kv).unwrap()), n_ctx)
