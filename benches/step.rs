@@ -11,6 +11,7 @@
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use m40_llm::backend::cpu::CpuBackend;
+use m40_llm::backend::target::Target;
 use m40_llm::backend::{KvGeometry, OutputKind, StepOutputs};
 use m40_llm::lower::TinyModel;
 use m40_llm::plan::PlanOptions;
@@ -30,7 +31,9 @@ fn engine(n_seqs: u32, ctx: u32) -> Engine {
         fuse: true,
         disabled_passes: Vec::new(),
     };
-    let plan = compile(&file, &options).expect("compile").plan;
+    let plan = compile(&file, &options, &Target::cpu())
+        .expect("compile")
+        .plan;
     let per_seq = ctx / 16 + 2;
     let kv = KvGeometry::new(16, n_seqs * per_seq, n_seqs, per_seq).expect("geometry");
     let backend = CpuBackend::new(plan, file, kv).expect("backend");

@@ -75,7 +75,13 @@ fn bench(c: &mut Criterion) {
     ];
     let smollm2 = std::env::var_os("M40LLM_TEST_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(m40_llm::models::default_model_path);
+        .unwrap_or_else(|| {
+            // Where `m40-llm fetch` puts it.
+            std::env::var_os("M40LLM_MODELS_DIR")
+                .filter(|d| !d.is_empty())
+                .map_or_else(|| PathBuf::from("models"), PathBuf::from)
+                .join("SmolLM2-135M-Instruct.Q4_1.gguf")
+        });
     if smollm2.exists() {
         vocabs.insert(0, ("smollm2", smollm2));
     } else {

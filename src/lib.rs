@@ -12,7 +12,6 @@ pub mod gguf;
 pub mod inspect;
 pub mod ir;
 pub mod lower;
-pub mod models;
 pub mod passes;
 pub mod plan;
 pub mod runtime;

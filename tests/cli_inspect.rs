@@ -153,14 +153,14 @@ fn inspect_without_a_path_uses_the_default_model() {
         return;
     };
     // Only when the test model is the default model file (so nothing is fetched).
-    if model.file_name() != Some(m40_llm::models::DEFAULT_MODEL_FILE.as_ref()) {
+    if model.file_name() != Some(common::DEFAULT_MODEL_FILE.as_ref()) {
         eprintln!("SKIPPED: the test model is not named like the default model");
         return;
     }
     let dir = model.parent().unwrap();
     let o = Command::new(common::bin())
         .arg("inspect")
-        .env(m40_llm::models::MODELS_DIR_ENV, dir)
+        .env(common::MODELS_DIR_ENV, dir)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));

@@ -3,6 +3,7 @@
 
 mod common;
 
+use m40_llm::backend::target::Target;
 use m40_llm::gguf::{GgmlType, GgufFile, GgufWriter};
 use m40_llm::lower::{LowerError, TinyModel, TinyTensor, lower};
 use m40_llm::plan::PlanOptions;
@@ -168,7 +169,7 @@ fn bad_options_are_rejected_before_lowering() {
         fuse: false,
         ..CompileOptions::default()
     };
-    let err = compile(&file, &options).err().unwrap();
+    let err = compile(&file, &options, &Target::cpu()).err().unwrap();
     assert!(matches!(err, CompileError::Pass(_)), "{err}");
     assert!(err.to_string().contains("unknown pass `fuse-all`"), "{err}");
     let options = CompileOptions {
@@ -179,7 +180,10 @@ fn bad_options_are_rejected_before_lowering() {
         },
         ..CompileOptions::default()
     };
-    let err = compile(&file, &options).err().unwrap().to_string();
+    let err = compile(&file, &options, &Target::cpu())
+        .err()
+        .unwrap()
+        .to_string();
     assert_eq!(
         err,
         "invalid plan options: max_outputs must be between 1 and max_tokens (4), is 5"
@@ -279,7 +283,9 @@ fn a_tampered_plan_is_rejected_on_load() {
     use m40_llm::ir::Op;
     use m40_llm::plan::{Operand, Plan, ValueRef};
     let file = TinyModel::llama().open().unwrap();
-    let plan = compile(&file, &CompileOptions::default()).unwrap().plan;
+    let plan = compile(&file, &CompileOptions::default(), &Target::cpu())
+        .unwrap()
+        .plan;
     assert_eq!(Plan::from_json(&plan.to_json()).unwrap(), plan);
 
     let rejects = |edit: &dyn Fn(&mut Plan), expected: &str| {

@@ -4,6 +4,7 @@
 
 mod common;
 
+use m40_llm::backend::target::Target;
 use m40_llm::gguf::{GgmlType, GgufFile};
 use m40_llm::lower::{TinyModel, lower};
 use m40_llm::passes::Pipeline;
@@ -73,7 +74,7 @@ fn tiny_models_lower_and_plan() {
     snapshots(|| {
         for model in tiny_models() {
             let file = model.open().unwrap();
-            let compiled = compile(&file, &tiny_options()).unwrap();
+            let compiled = compile(&file, &tiny_options(), &Target::cpu()).unwrap();
             let name = snapshot_name(&model);
             insta::assert_snapshot!(format!("lowered-{name}"), compiled.lowered.to_string());
             insta::assert_snapshot!(format!("plan-{name}"), text::render(&compiled.plan));
@@ -113,7 +114,7 @@ fn default_model_lowers_and_plans() {
         return;
     };
     let file = GgufFile::open(&path).unwrap();
-    let compiled = compile(&file, &CompileOptions::default()).unwrap();
+    let compiled = compile(&file, &CompileOptions::default(), &Target::cpu()).unwrap();
     snapshots(|| {
         insta::assert_snapshot!("lowered-smollm2", compiled.lowered.to_string());
         insta::assert_snapshot!("plan-smollm2", text::render(&compiled.plan));

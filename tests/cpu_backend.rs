@@ -6,6 +6,7 @@ mod common;
 
 use common::reference::Reference;
 use m40_llm::backend::cpu::CpuBackend;
+use m40_llm::backend::target::Target;
 use m40_llm::backend::{Backend, BackendError, KvGeometry, PageOp, Step, StepOutputs};
 use m40_llm::gguf::{GgmlType, GgufFile};
 use m40_llm::lower::TinyModel;
@@ -47,7 +48,7 @@ fn paged_backend(
         fuse,
         disabled_passes: Vec::new(),
     };
-    let plan = compile(file, &options).unwrap().plan;
+    let plan = compile(file, &options, &Target::cpu()).unwrap().plan;
     let n_pages = n_cells / page_size;
     let kv = KvGeometry::new(page_size, n_pages, 8, n_pages).unwrap();
     CpuBackend::new(plan, file.clone(), kv).unwrap()

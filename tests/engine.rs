@@ -3,6 +3,7 @@
 //! reservations, and a decode step's descriptor that does not grow with the context.
 
 use m40_llm::backend::cpu::CpuBackend;
+use m40_llm::backend::target::Target;
 use m40_llm::backend::{KvGeometry, OutputKind, PageOp, StepOutputs};
 use m40_llm::gguf::GgmlType;
 use m40_llm::lower::TinyModel;
@@ -26,7 +27,7 @@ fn engine(n_pages: u32, n_ctx: usize) -> Engine {
         fuse: true,
         disabled_passes: Vec::new(),
     };
-    let plan = compile(&file, &options).unwrap().plan;
+    let plan = compile(&file, &options, &Target::cpu()).unwrap().plan;
     let per_slot = (n_ctx as u32).div_ceil(PAGE);
     let kv = KvGeometry::new(PAGE, n_pages, 8, per_slot).unwrap();
     Engine::new(Box::new(CpuBackend::new(plan, file, kv).unwrap()), n_ctx)
@@ -122,6 +123,8 @@ fn a_fork_at_a_page_boundary_copies_nothing_and_a_failed_copy_on_write_loses_not
     assert!(matches!(err, EngineError::Backend(_)), "{err}");
     assert_eq!(e.page_stats(), before);
     assert_eq!(b.len(), 32);
+    // The backend's tables are as before too (the fork's maps are still to be sent).
+    assert_eq!(e.backend().page_tables().pages_in_use(), 3);
     // a writes into its own third page: no copy.
     e.decode(&mut a, 3).unwrap();
     assert_eq!(used(&e), 3);

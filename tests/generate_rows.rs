@@ -5,6 +5,7 @@ mod common;
 
 use m40_llm::backend::cpu::CpuBackend;
 use m40_llm::backend::step::by_logit_desc;
+use m40_llm::backend::target::Target;
 use m40_llm::backend::{KvGeometry, OutputKind, RowOutput, StepOutputs, TokenLogit};
 use m40_llm::gguf::GgmlType;
 use m40_llm::lower::TinyModel;
@@ -31,7 +32,7 @@ fn engine() -> Engine {
         fuse: true,
         disabled_passes: Vec::new(),
     };
-    let plan = compile(&file, &options).unwrap().plan;
+    let plan = compile(&file, &options, &Target::cpu()).unwrap().plan;
     let kv = KvGeometry::new(16, 8, 2, 8).unwrap();
     Engine::new(Box::new(CpuBackend::new(plan, file, kv).unwrap()), 128)
 }

@@ -1,10 +1,14 @@
 //! Finding NVIDIA GPUs, and choosing the backend a command runs on.
 //!
-//! m40-llm says which device it uses, always: `--device auto` picks a GPU when one can run the
-//! plan and the CPU backend otherwise, and logs why; there is no silent fallback. A Tesla M40 is
-//! preferred over other GPUs when several are present.
+//! m40-llm says which device it uses, always. `--device auto` tries each device in order (the
+//! GPUs, a Tesla M40 first, then the CPU): it builds the device's [`Target`], compiles the model
+//! for it, checks the fit in its memory, and runs on the first that accepts the plan, holds it
+//! and has an executor; every device passed over is logged with the reason ([`PassedOver`]),
+//! so there is no silent fallback. Until the CUDA executor exists, a GPU that accepts and holds
+//! the plan is passed over with [`CUDA_EXECUTOR_MISSING`].
 
 use super::cpu::CpuBackend;
+use super::target::{Target, TargetKind};
 use super::{Backend, BackendError, KvGeometry};
 use crate::gguf::GgufFile;
 use crate::plan::Plan;
@@ -15,10 +19,12 @@ use std::sync::Arc;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DeviceChoice {
-    /// The best GPU that can run the plan, else the CPU (saying why).
+    /// The first device (GPUs, a Tesla M40 first, then the CPU) that accepts the plan, holds it
+    /// and has an executor; every device passed over is logged with the reason.
     #[default]
     Auto,
     Cpu,
+    /// A GPU only: the first that accepts and holds the plan.
     Cuda,
 }
 
@@ -115,45 +121,126 @@ pub fn preferred_gpu(gpus: &[GpuInfo]) -> Option<&GpuInfo> {
         .max_by_key(|g| (g.is_m40(), g.total_memory, std::cmp::Reverse(g.ordinal)))
 }
 
-/// Builds the backend `choice` asks for, logging which device runs and why.
-pub fn open_backend(
-    choice: DeviceChoice,
+/// The supported GPUs in the order `auto` tries them: a Tesla M40 first, then by memory (most
+/// first), then by ordinal; the first is [`preferred_gpu`].
+pub fn gpu_order(gpus: &[GpuInfo]) -> Vec<&GpuInfo> {
+    let mut order: Vec<&GpuInfo> = gpus.iter().filter(|g| g.is_supported()).collect();
+    order.sort_by_key(|g| (std::cmp::Reverse((g.is_m40(), g.total_memory)), g.ordinal));
+    order
+}
+
+/// The GPU a CUDA run uses: `requested` (`--gpu N`) when given, else [`preferred_gpu`]; a GPU
+/// older than sm_52, an ordinal that does not exist, or no supported GPU at all is an error that
+/// says so.
+pub fn choose_gpu(gpus: &[GpuInfo], requested: Option<usize>) -> Result<&GpuInfo, String> {
+    let listed = || {
+        if gpus.is_empty() {
+            "no NVIDIA GPU was found".to_string()
+        } else {
+            format!(
+                "found: {}",
+                gpus.iter()
+                    .map(|g| g.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    };
+    match requested {
+        Some(n) => {
+            let g = gpus
+                .iter()
+                .find(|g| g.ordinal == n)
+                .ok_or_else(|| format!("there is no GPU cuda:{n} ({})", listed()))?;
+            if !g.is_supported() {
+                return Err(format!(
+                    "{g} is too old: m40-llm's kernels need sm_52 (Maxwell, the Tesla M40) or newer"
+                ));
+            }
+            Ok(g)
+        }
+        None => preferred_gpu(gpus)
+            .ok_or_else(|| format!("no GPU m40-llm can use (sm_52 or newer): {}", listed())),
+    }
+}
+
+/// The compute capability as the arch number NVRTC takes (`52` for sm_52).
+pub fn arch_of(gpu: &GpuInfo) -> u32 {
+    let (major, minor) = gpu.compute_capability;
+    (major.max(0) as u32) * 10 + minor.max(0) as u32
+}
+
+/// Why a GPU that accepts and fits a plan is not used today. The CUDA executor (issue 10)
+/// replaces this by opening its backend in [`open_on`].
+pub const CUDA_EXECUTOR_MISSING: &str = "the CUDA executor is not built yet";
+
+/// Devices tried and passed over while choosing where to run, each with its reason; every one
+/// is logged as it is recorded (there is no silent fallback).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PassedOver(pub Vec<(String, String)>);
+
+impl PassedOver {
+    /// Records (and logs) that `device` is not used, and why.
+    pub fn pass(&mut self, device: &str, reason: impl Into<String>) {
+        let reason = reason.into();
+        tracing::warn!("passed over {device}: {reason}");
+        self.0.push((device.to_string(), reason));
+    }
+
+    /// `device: reason; device: reason`.
+    pub fn summary(&self) -> String {
+        self.0
+            .iter()
+            .map(|(d, r)| format!("{d}: {r}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
+/// The targets `choice` may run on, in the order they are tried: the supported GPUs in
+/// [`gpu_order`] (for `auto` and `cuda`), then the CPU (for `auto` and `cpu`). GPUs that cannot
+/// be targets at all (too old, or none found) are recorded in `passed`.
+pub fn candidate_targets(choice: DeviceChoice, passed: &mut PassedOver) -> Vec<Target> {
+    let mut targets = Vec::new();
+    if choice != DeviceChoice::Cpu {
+        match probe_gpus() {
+            Ok(gpus) if gpus.is_empty() => passed.pass("cuda", "no CUDA GPU: none was found"),
+            Ok(gpus) => {
+                for g in gpus.iter().filter(|g| !g.is_supported()) {
+                    let why = Target::for_gpu(g)
+                        .err()
+                        .map_or_else(|| "not supported".to_string(), |e| e.to_string());
+                    passed.pass(&g.to_string(), why);
+                }
+                for g in gpu_order(&gpus) {
+                    match Target::for_gpu(g) {
+                        Ok(t) => targets.push(t),
+                        Err(e) => passed.pass(&g.to_string(), e.to_string()),
+                    }
+                }
+            }
+            Err(why) => passed.pass("cuda", format!("no CUDA GPU: {why}")),
+        }
+    }
+    if choice != DeviceChoice::Cuda {
+        targets.push(Target::cpu());
+    }
+    targets
+}
+
+/// Opens the backend of `target` on `plan` (compiled for it), with a KV cache of `kv`'s pages.
+pub fn open_on(
+    target: &Target,
     plan: Plan,
     file: Arc<GgufFile>,
     kv: KvGeometry,
 ) -> Result<Box<dyn Backend>, BackendError> {
-    let cuda_missing = "m40-llm has no CUDA executor yet (the CPU reference backend is the only \
-                        one); use --device cpu or --device auto";
-    match choice {
-        DeviceChoice::Cuda => Err(BackendError::Unsupported {
-            backend: "cuda".into(),
-            reason: cuda_missing.into(),
+    match target.kind {
+        TargetKind::Cpu => Ok(Box::new(CpuBackend::new(plan, file, kv)?)),
+        TargetKind::Cuda { .. } => Err(BackendError::Unsupported {
+            backend: target.name.clone(),
+            reason: CUDA_EXECUTOR_MISSING.into(),
         }),
-        DeviceChoice::Cpu => {
-            tracing::info!("device: cpu (asked for with --device cpu)");
-            Ok(Box::new(CpuBackend::new(plan, file, kv)?))
-        }
-        DeviceChoice::Auto => {
-            match probe_gpus() {
-                Ok(gpus) => match preferred_gpu(&gpus) {
-                    Some(gpu) => tracing::warn!(
-                        "found {gpu}, but m40-llm has no CUDA executor yet: running on the CPU"
-                    ),
-                    None if gpus.is_empty() => {
-                        tracing::warn!("no NVIDIA GPU found: running on the CPU")
-                    }
-                    None => tracing::warn!(
-                        "no supported NVIDIA GPU (sm_52 or newer) among {}: running on the CPU",
-                        gpus.iter()
-                            .map(|g| g.to_string())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                },
-                Err(why) => tracing::warn!("no GPU: {why}; running on the CPU"),
-            }
-            Ok(Box::new(CpuBackend::new(plan, file, kv)?))
-        }
     }
 }
 
@@ -190,6 +277,29 @@ mod tests {
     }
 
     #[test]
+    fn gpu_n_picks_that_gpu_and_refuses_old_or_missing_ones() {
+        let gpus = [
+            gpu(0, "Tesla K80", (3, 7), 12),
+            gpu(1, "NVIDIA H200", (9, 0), 141),
+            gpu(2, "Tesla M40 24GB", (5, 2), 24),
+        ];
+        assert_eq!(choose_gpu(&gpus, Some(1)).unwrap().ordinal, 1);
+        assert_eq!(choose_gpu(&gpus, None).unwrap().ordinal, 2);
+        let old = choose_gpu(&gpus, Some(0)).unwrap_err();
+        assert!(old.contains("too old") && old.contains("sm_52"), "{old}");
+        let missing = choose_gpu(&gpus, Some(7)).unwrap_err();
+        assert!(
+            missing.contains("cuda:7") && missing.contains("Tesla K80"),
+            "{missing}"
+        );
+        let none = choose_gpu(&gpus[..1], None).unwrap_err();
+        assert!(none.contains("sm_52"), "{none}");
+        assert!(choose_gpu(&[], None).unwrap_err().contains("no NVIDIA GPU"));
+        assert_eq!(arch_of(&gpus[2]), 52);
+        assert_eq!(arch_of(&gpus[1]), 90);
+    }
+
+    #[test]
     fn gpus_older_than_sm52_are_never_picked() {
         let gpus = [gpu(0, "Tesla K80", (3, 7), 12)];
         assert_eq!(preferred_gpu(&gpus), None);
@@ -198,5 +308,34 @@ mod tests {
             gpu(1, "GTX 1080", (6, 1), 8),
         ];
         assert_eq!(preferred_gpu(&gpus).unwrap().ordinal, 1);
+    }
+
+    #[test]
+    fn gpus_are_tried_m40_first_then_by_memory() {
+        let gpus = [
+            gpu(0, "GTX 1080", (6, 1), 8),
+            gpu(1, "Tesla K80", (3, 7), 12),
+            gpu(2, "NVIDIA H200", (9, 0), 141),
+            gpu(3, "Tesla M40 24GB", (5, 2), 24),
+            gpu(4, "GTX 1080", (6, 1), 8),
+        ];
+        let order: Vec<usize> = gpu_order(&gpus).iter().map(|g| g.ordinal).collect();
+        assert_eq!(order, [3, 2, 0, 4]);
+        for n in 1..=gpus.len() {
+            let some = &gpus[..n];
+            assert_eq!(gpu_order(some).first().copied(), preferred_gpu(some));
+        }
+    }
+
+    #[test]
+    fn a_cuda_target_has_no_executor_yet() {
+        let file = Arc::new(crate::lower::TinyModel::llama().open().unwrap());
+        let target = Target::parse("cuda:sm_52").unwrap();
+        let plan = crate::compile(&file, &crate::CompileOptions::default(), &target)
+            .unwrap()
+            .plan;
+        let kv = KvGeometry::new(16, 4, 1, 4).unwrap();
+        let err = open_on(&target, plan, file, kv).err().unwrap();
+        assert!(err.to_string().contains(CUDA_EXECUTOR_MISSING), "{err}");
     }
 }

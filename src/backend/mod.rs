@@ -9,8 +9,12 @@
 //! Backends: [`cpu`] (the ndarray/rayon FP32 reference) and, later, CUDA.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod device;
+pub mod fit;
 pub mod step;
+pub mod target;
 
 use crate::plan::Plan;
 use std::fmt;
@@ -83,6 +87,43 @@ pub enum BackendError {
     NotComputed(String),
     #[error("{0}")]
     Kernel(String),
+    #[error(
+        "non-finite logits: `{value_name}` is {value} at output row {row} (position {position}), vocabulary id {col}; the model's weights or the step overflowed (`m40-llm inspect --check` scans the weights)"
+    )]
+    NonFinite {
+        /// The plan value holding the logits.
+        value_name: String,
+        /// The output row (index into `Step::outputs`) and its token's position.
+        row: usize,
+        position: u32,
+        /// The vocabulary id (column) and the value found there.
+        col: usize,
+        value: f32,
+    },
+}
+
+/// Fails on the first NaN or ±inf in `logits` (rows of `n_vocab`): logits that are not numbers
+/// make perplexity NaN and sampling garbage, so a backend reports them as an error instead.
+/// `position(row)` is the position of output row `row`; `value_name` the plan value they are.
+pub fn check_finite(
+    logits: &[f32],
+    n_vocab: usize,
+    position: impl Fn(usize) -> u32,
+    value_name: &str,
+) -> Result<(), BackendError> {
+    // One pass over the rows: small next to the output projection that computed them.
+    let Some(i) = logits.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let n_vocab = n_vocab.max(1);
+    let row = i / n_vocab;
+    Err(BackendError::NonFinite {
+        value_name: value_name.to_string(),
+        row,
+        position: position(row),
+        col: i % n_vocab,
+        value: logits.get(i).copied().unwrap_or(f32::NAN),
+    })
 }
 
 /// An executor of plans. See the [module docs](self).

@@ -1128,6 +1128,92 @@ mod tests {
         assert_eq!(pt.pages_in_use(), 0);
     }
 
+    /// Everything a caller can observe: per slot its pages and length, per page its count.
+    fn snapshot(pt: &PageTables) -> (Vec<(Vec<u32>, u32)>, Vec<u32>) {
+        let g = pt.geometry();
+        let slots = (0..g.max_slots)
+            .map(|s| (pt.pages(s).unwrap().to_vec(), pt.len(s).unwrap()))
+            .collect();
+        let refs = (0..g.n_pages).map(|p| pt.refs(p).unwrap()).collect();
+        (slots, refs)
+    }
+
+    proptest::proptest! {
+        /// Arbitrary steps, valid or not, never panic; a refused one changes nothing; the
+        /// reference counts always equal the table entries that map each page. Ops and
+        /// positions are drawn relative to the tables (mostly appends at the right place), so
+        /// that many steps are valid.
+        #[test]
+        fn any_step_is_applied_whole_or_not_at_all(
+            steps in proptest::collection::vec(
+                (
+                    proptest::collection::vec((0u8..6, 0u32..3, 0u32..6, 0u32..9), 0..6),
+                    proptest::collection::vec((0u32..3, 0u32..6), 0..5),
+                ),
+                1..16,
+            )
+        ) {
+            let mut pt = PageTables::new(geometry());
+            for (ops, toks) in steps {
+                let mut s = Step::new();
+                let mut mapped = [0u32; 3];
+                let mut len = [0u32; 3];
+                for slot in 0..3u32 {
+                    mapped[slot as usize] = pt.pages(slot).unwrap().len() as u32;
+                    len[slot as usize] = pt.len(slot).unwrap();
+                }
+                for (kind, slot, a, b) in ops {
+                    let m = &mut mapped[slot as usize];
+                    s.push_op(match kind {
+                        0..4 => {
+                            let index = match a {
+                                0..4 => *m,
+                                4 => m.saturating_sub(1),
+                                _ => 7,
+                            };
+                            if index == *m {
+                                *m += 1;
+                            }
+                            PageOp::Map { slot, index, page: b }
+                        }
+                        4 => {
+                            // Mostly within the mapped cells.
+                            let l = if a == 5 { b * 2 } else { (b * 2).min(*m * 4) };
+                            *m = (*m).min(l.div_ceil(4));
+                            len[slot as usize] = l;
+                            PageOp::SetLen { slot, len: l }
+                        }
+                        _ => PageOp::Copy { src: a, dst: b },
+                    });
+                }
+                for (slot, off) in toks {
+                    let pos = len[slot as usize] + u32::from(off == 2);
+                    len[slot as usize] = pos + 1;
+                    let slot = if off == 1 && slot == 2 { 9 } else { slot };
+                    let row = s.push_token(slot, pos, 1);
+                    s.push_output(row, OutputKind::Argmax);
+                }
+                let before = snapshot(&pt);
+                match pt.stage(&s, LIMITS) {
+                    Ok(()) => pt.commit(),
+                    Err(_) => proptest::prop_assert_eq!(&before, &snapshot(&pt)),
+                }
+                let (slots, refs) = snapshot(&pt);
+                for (page, &r) in refs.iter().enumerate() {
+                    let n = slots
+                        .iter()
+                        .flat_map(|(p, _)| p)
+                        .filter(|&&p| p as usize == page)
+                        .count();
+                    proptest::prop_assert_eq!(r as usize, n);
+                }
+                for (pages, len) in &slots {
+                    proptest::prop_assert!(*len as usize <= pages.len() * 4);
+                }
+            }
+        }
+    }
+
     #[test]
     fn argmax_and_top_k_order_by_logit_then_id() {
         let row = [1.0, 3.0, f32::NAN, 3.0, -1.0, f32::NEG_INFINITY];

@@ -1,5 +1,6 @@
 //! `m40-llm devices`: the NVIDIA GPUs this machine has, and what `--device auto` runs on.
 
+use super::io::outln;
 use m40_llm::backend::device::{preferred_gpu, probe_gpus};
 
 #[derive(clap::Args)]
@@ -20,11 +21,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "preferred_gpu": preferred,
             "auto": "cpu",
         });
-        println!("{out}");
+        outln!("{out}")?;
         return Ok(());
     }
     match &probe {
-        Ok(gpus) if gpus.is_empty() => println!("no NVIDIA GPU found"),
+        Ok(gpus) if gpus.is_empty() => outln!("no NVIDIA GPU found")?,
         Ok(gpus) => {
             for g in gpus {
                 let support = if g.is_supported() {
@@ -32,14 +33,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 } else {
                     "too old (m40-llm needs sm_52 or newer)"
                 };
-                println!("{g}: {support}");
+                outln!("{g}: {support}")?;
             }
         }
-        Err(why) => println!("no GPU: {why}"),
+        Err(why) => outln!("no GPU: {why}")?,
     }
     if let Some(g) = preferred {
-        println!("preferred GPU: cuda:{} {}", g.ordinal, g.name);
+        outln!("preferred GPU: cuda:{} {}", g.ordinal, g.name)?;
     }
-    println!("--device auto runs on: {auto}");
+    outln!("--device auto runs on: {auto}")?;
     Ok(())
 }

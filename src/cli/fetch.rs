@@ -1,6 +1,7 @@
 //! `m40-llm fetch`: download the default model.
 
-use m40_llm::models;
+use super::io::outln;
+use super::models;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -11,18 +12,13 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let path = models::default_model_path();
+    if let Some(dir) = path.parent() {
+        models::sweep_stale(dir);
+    }
     if path.is_file() && !args.force {
-        let digest = models::sha256_file(&path)?;
-        anyhow::ensure!(
-            digest == models::DEFAULT_MODEL_SHA256,
-            "{} exists but its sha256 is {digest}, expected {}; rerun with --force",
-            path.display(),
-            models::DEFAULT_MODEL_SHA256
-        );
-        println!("{}", path.display());
-        return Ok(());
+        models::verify(&path)?;
+        return outln!("{}", path.display());
     }
     models::fetch_default_model(&path)?;
-    println!("{}", path.display());
-    Ok(())
+    outln!("{}", path.display())
 }

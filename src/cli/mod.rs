@@ -3,9 +3,12 @@
 
 mod compile;
 mod devices;
+mod doctor;
 mod fetch;
 mod inspect;
+pub mod io;
 mod logits;
+pub mod models;
 mod perplexity;
 mod run;
 #[cfg(feature = "server")]
@@ -25,6 +28,11 @@ struct Cli {
     /// More logging (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     verbose: u8,
+    /// The largest text input (prompt or text file, stdin) in bytes; K, M, G suffixes
+    /// (powers of 1024) allowed.
+    #[arg(long, global = true, value_name = "SIZE", env = io::MAX_INPUT_ENV,
+          default_value_t = io::DEFAULT_MAX_INPUT, value_parser = io::parse_size)]
+    max_input_bytes: u64,
     #[command(subcommand)]
     command: Command,
 }
@@ -41,6 +49,8 @@ enum Command {
     Tokenize(tokenize::Args),
     /// List the NVIDIA GPUs found and say which device `--device auto` uses.
     Devices(devices::Args),
+    /// Check the CUDA toolchain (driver, NVRTC, cuBLAS, GPUs) and compile every kernel.
+    Doctor(doctor::Args),
     /// Generate text from a prompt, streaming it to stdout.
     Run(run::Args),
     /// Print the largest logits after a prompt as JSON lines (to compare with other runtimes).
@@ -53,25 +63,54 @@ enum Command {
 }
 
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return parse_error(&e),
+    };
     init_logging(cli.verbose);
+    io::set_max_input(cli.max_input_bytes);
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(args),
         Command::Fetch(args) => fetch::run(args),
         Command::Compile(args) => compile::run(args),
         Command::Tokenize(args) => tokenize::run(args),
         Command::Devices(args) => devices::run(args),
+        Command::Doctor(args) => doctor::run(args),
         Command::Run(args) => run::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Perplexity(args) => perplexity::run(args),
         #[cfg(feature = "server")]
         Command::Serve(args) => serve::run(args),
     };
+    // Whatever is still buffered must reach stdout too, or the command failed.
+    let result = result.and_then(|()| {
+        use std::io::Write;
+        anyhow::Context::context(std::io::stdout().flush(), "cannot write to stdout")
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the error and its causes, joined.
-            eprintln!("error: {e:#}");
+            io::note!("error: {e:#}");
+            if e.downcast_ref::<models::FetchError>()
+                .is_some_and(|f| matches!(f, models::FetchError::Interrupted))
+            {
+                // As a shell reports a command ended by SIGINT.
+                return ExitCode::from(130);
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints clap's help, version or usage error; a help text that cannot be written is an error.
+fn parse_error(e: &clap::Error) -> ExitCode {
+    use std::io::Write;
+    let printed = e.print().and_then(|()| std::io::stdout().flush());
+    match printed {
+        Ok(()) => ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2)),
+        Err(why) => {
+            io::note!("error: cannot write to stdout: {why}");
             ExitCode::FAILURE
         }
     }
@@ -99,7 +138,7 @@ fn init_logging(verbose: u8) {
 fn model_or_default(model: Option<std::path::PathBuf>) -> anyhow::Result<std::path::PathBuf> {
     match model {
         Some(p) => Ok(p),
-        None => m40_llm::models::ensure_default_model(),
+        None => Ok(models::ensure_default_model()?),
     }
 }
 
@@ -107,7 +146,7 @@ fn model_or_default(model: Option<std::path::PathBuf>) -> anyhow::Result<std::pa
 #[derive(clap::Args, Clone)]
 struct ModelArgs {
     /// The GGUF model (default: the default model, fetched if missing).
-    #[arg(short, long)]
+    #[arg(short, long, value_parser = io::non_empty_path)]
     model: Option<std::path::PathBuf>,
     /// Where to run: auto (a GPU when one can run the model, else the CPU; the choice is
     /// logged), cpu or cuda.
@@ -116,9 +155,13 @@ struct ModelArgs {
     /// Tokens of context (default: the model's, at most 4096).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     ctx_size: Option<u64>,
-    /// CPU threads for the CPU backend (default: one per core).
+    /// CPU threads for the CPU backend (default: one per core). More than the machine's cores
+    /// is clamped to them (with a warning) unless --force-threads.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1024))]
     threads: Option<u64>,
+    /// Use --threads as given, even above the number of cores.
+    #[arg(long, requires = "threads")]
+    force_threads: bool,
     /// Run the plan without fusion passes (fused and unfused plans must agree).
     #[arg(long)]
     no_fuse: bool,
@@ -129,9 +172,10 @@ impl ModelArgs {
     /// the CPU thread count as a side effect (once per process).
     fn load_options(&self, max_outputs: u64) -> m40_llm::runtime::model::LoadOptions {
         if let Some(n) = self.threads {
+            let n = threads(n, self.force_threads);
             // Fails only if the pool was already built, which the CLI does not do elsewhere.
             let _ = rayon::ThreadPoolBuilder::new()
-                .num_threads(n as usize)
+                .num_threads(n)
                 .build_global();
         }
         m40_llm::runtime::model::LoadOptions {
@@ -142,4 +186,18 @@ impl ModelArgs {
             ..Default::default()
         }
     }
+}
+
+/// The thread count to use for `--threads n`: at most the available parallelism unless forced
+/// (oversubscribed threads spin against each other: 1000 threads on 2 cores run ~100x slower).
+fn threads(n: u64, force: bool) -> usize {
+    let n = usize::try_from(n).unwrap_or(usize::MAX);
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    if n > cores && !force {
+        tracing::warn!(
+            "--threads {n} is more than the {cores} cores available: using {cores} (--force-threads keeps {n})"
+        );
+        return cores;
+    }
+    n
 }

@@ -7,6 +7,7 @@
 //! `ctx/2 .. ctx-1` contributes `-log p(token[j+1] | token[..=j])`. PPL = exp(mean), with the
 //! standard error of the mean propagated as llama.cpp does.
 
+use super::io::note;
 use super::model_or_default;
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,11 +19,12 @@ use std::path::PathBuf;
 const DEFAULT_WINDOW: u64 = 512;
 
 #[derive(clap::Args)]
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     #[command(flatten)]
     pub model: super::ModelArgs,
-    /// The text file to score (UTF-8).
-    #[arg(short, long)]
+    /// The text file to score (UTF-8, at most --max-input-bytes; `-` reads standard input).
+    #[arg(short, long, value_parser = super::io::non_empty_path)]
     pub file: PathBuf,
     /// Score at most this many windows (default: all the text holds).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -65,8 +67,12 @@ impl Nll {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("cannot read {} as UTF-8 text", args.file.display()))?;
+    let text = super::io::read_text(&args.file, "--file")?;
+    let name = if args.file.as_os_str() == "-" {
+        "standard input".to_string()
+    } else {
+        args.file.display().to_string()
+    };
     let path = model_or_default(args.model.model.clone())?;
     // Windows of --ctx-size tokens (the shared flag), 512 unless given.
     let ctx = args.model.ctx_size.unwrap_or(DEFAULT_WINDOW) as usize;
@@ -83,7 +89,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if tokens.len() < 2 * ctx {
         bail!(
             "{} has {} tokens; perplexity with --ctx-size {ctx} needs at least {} (two windows)",
-            args.file.display(),
+            name,
             tokens.len(),
             2 * ctx
         );
@@ -93,9 +99,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .then(|| tokenizer.special().bos)
         .flatten();
     let n_chunks = (tokens.len() / ctx).min(args.chunks.map_or(usize::MAX, |c| c as usize));
-    eprintln!(
+    note!(
         "m40-llm: perplexity of {} over {n_chunks} windows of {ctx} tokens ({} tokens) on {}",
-        args.file.display(),
+        name,
         tokens.len(),
         model.engine.device()
     );
@@ -120,18 +126,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         for j in first..ctx - 1 {
             nll.add(logits.row(j - first), tokens[i * ctx + j + 1]);
         }
-        write!(out, "[{}]{:.4},", i + 1, nll.ppl())?;
-        out.flush()?;
+        write!(out, "[{}]{:.4},", i + 1, nll.ppl())
+            .and_then(|()| out.flush())
+            .context("cannot write to stdout")?;
         bar.set_message(format!("PPL {:.4}", nll.ppl()));
         bar.inc(1);
     }
     bar.finish_and_clear();
-    writeln!(out)?;
     writeln!(
         out,
-        "Final estimate: PPL = {:.4} +/- {:.5}",
+        "\nFinal estimate: PPL = {:.4} +/- {:.5}",
         nll.ppl(),
         nll.ppl_error()
-    )?;
+    )
+    .and_then(|()| out.flush())
+    .context("cannot write to stdout")?;
     Ok(())
 }

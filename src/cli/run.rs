@@ -1,5 +1,6 @@
 //! `m40-llm run`: generate text from a prompt, streaming it to stdout.
 
+use super::io::note;
 use super::model_or_default;
 use anyhow::Context;
 use m40_llm::runtime::generate::{FinishReason, GenerateOptions, generate};
@@ -16,19 +17,22 @@ pub struct Args {
     #[command(flatten)]
     pub model: super::ModelArgs,
     /// The prompt, used verbatim (special tokens such as <|im_start|> in it are parsed) unless
-    /// --chat wraps it in the model's chat template. `-` reads it from stdin.
+    /// --chat wraps it in the model's chat template. `-` reads it from stdin (at most
+    /// --max-input-bytes).
     #[arg(short, long)]
     pub prompt: String,
     /// Apply the model's chat template: the prompt becomes the user's message.
     #[arg(long)]
     pub chat: bool,
     /// A system message (with --chat).
-    #[arg(long, requires = "chat")]
+    #[arg(long)]
     pub system: Option<String>,
     /// The most tokens to generate.
     #[arg(short = 'n', long, default_value_t = 256)]
     pub max_tokens: usize,
-    /// Stop when the text contains this string (repeatable); the string is not printed.
+    /// Stop when the text contains this string (repeatable); the string is not printed. Stop
+    /// strings match the text of every token, special tokens (`<|im_start|>`) included, with
+    /// or without --show-special.
     #[arg(long = "stop", value_name = "TEXT")]
     pub stop: Vec<String>,
     #[command(flatten)]
@@ -45,28 +49,28 @@ pub struct Args {
 #[derive(clap::Args)]
 pub struct SamplingArgs {
     /// Temperature; 0 is greedy (always the most likely token).
-    #[arg(long, default_value_t = SamplerConfig::default().temperature)]
+    #[arg(long, default_value_t = SamplerConfig::default().temperature, allow_hyphen_values = true)]
     pub temperature: f32,
     /// Keep the K most likely tokens (0: all).
     #[arg(long, default_value_t = SamplerConfig::default().top_k)]
     pub top_k: u32,
     /// Keep the most likely tokens whose probabilities add up to P (1: all).
-    #[arg(long, default_value_t = SamplerConfig::default().top_p)]
+    #[arg(long, default_value_t = SamplerConfig::default().top_p, allow_hyphen_values = true)]
     pub top_p: f32,
     /// Drop tokens less likely than P times the most likely one (0: none).
-    #[arg(long, default_value_t = SamplerConfig::default().min_p)]
+    #[arg(long, default_value_t = SamplerConfig::default().min_p, allow_hyphen_values = true)]
     pub min_p: f32,
     /// Penalize tokens seen in the last --repeat-last-n tokens (1: off).
-    #[arg(long, default_value_t = SamplerConfig::default().repeat_penalty)]
+    #[arg(long, default_value_t = SamplerConfig::default().repeat_penalty, allow_hyphen_values = true)]
     pub repeat_penalty: f32,
     /// Tokens the penalties look back over (0: off, -1: the whole context).
     #[arg(long, default_value_t = SamplerConfig::default().repeat_last_n, allow_hyphen_values = true)]
     pub repeat_last_n: i32,
     /// Subtract this times a token's count from its logit (0: off).
-    #[arg(long, default_value_t = SamplerConfig::default().frequency_penalty)]
+    #[arg(long, default_value_t = SamplerConfig::default().frequency_penalty, allow_hyphen_values = true)]
     pub frequency_penalty: f32,
     /// Subtract this from the logit of every token seen (0: off).
-    #[arg(long, default_value_t = SamplerConfig::default().presence_penalty)]
+    #[arg(long, default_value_t = SamplerConfig::default().presence_penalty, allow_hyphen_values = true)]
     pub presence_penalty: f32,
     /// Random seed (default: from the OS; the summary prints it so a run can be repeated).
     #[arg(long)]
@@ -94,8 +98,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     sampler.validate()?;
     // Refuse bad stop strings before loading anything.
     StopMatcher::new(args.stop.iter().cloned())?;
+    if args.system.is_some() && !args.chat {
+        anyhow::bail!("--system needs --chat (the system message goes into the chat template)");
+    }
     let prompt = if args.prompt == "-" {
-        std::io::read_to_string(std::io::stdin()).context("cannot read the prompt from stdin")?
+        super::io::read_text(std::path::Path::new("-"), "--prompt")?
     } else {
         args.prompt.clone()
     };
@@ -108,7 +115,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let ids = encode_prompt(&model.tokenizer, &text);
     let device = model.engine.device().clone();
-    eprintln!("m40-llm: {} on {device}", path.display());
+    note!("m40-llm: {} on {device}", path.display());
 
     let options = GenerateOptions {
         max_new_tokens: args.max_tokens,
@@ -164,9 +171,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 "sample_s": t.sample_s,
             },
         });
-        writeln!(stdout, "{out}")?;
+        writeln!(stdout, "{out}").context("cannot write to stdout")?;
     } else {
-        writeln!(stdout)?;
+        writeln!(stdout).context("cannot write to stdout")?;
     }
     let finish = match &generation.finish {
         FinishReason::EndOfGeneration { token } => format!("end of generation (token {token})"),
@@ -175,7 +182,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         FinishReason::ContextFull => "context full".into(),
         FinishReason::Cancelled => "output closed".into(),
     };
-    eprintln!(
+    note!(
         "m40-llm: device {} | prompt {} tokens, {:.1} tokens/s | generated {} tokens, {:.1} tokens/s | stop: {finish} | seed {}",
         device.kind,
         t.prompt_tokens,

@@ -1,16 +1,16 @@
 //! `m40-llm tokenize`: a model's token ids for a text, as llama.cpp would produce them.
 
+use super::io::outln;
 use anyhow::{Context, Result, bail};
 use m40_llm::gguf::GgufFile;
 use m40_llm::tokenizer::Tokenizer;
-use std::io::Read;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
     /// The GGUF file: a model or a vocabulary-only file (default: the default model, fetched
     /// if missing).
-    #[arg(long, value_name = "GGUF")]
+    #[arg(long, value_name = "GGUF", value_parser = super::io::non_empty_path)]
     pub model: Option<PathBuf>,
     /// The text to tokenize.
     #[arg(
@@ -20,8 +20,8 @@ pub struct Args {
         conflicts_with = "file"
     )]
     pub text: Option<String>,
-    /// Read the text from a file (UTF-8; `-` reads standard input).
-    #[arg(long, value_name = "FILE")]
+    /// Read the text from a file (UTF-8, at most --max-input-bytes; `-` reads standard input).
+    #[arg(long, value_name = "FILE", value_parser = super::io::non_empty_path)]
     pub file: Option<PathBuf>,
     /// Parse special tokens written in the text (`<|im_start|>` becomes that token).
     #[arg(long)]
@@ -38,7 +38,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let text = match (&args.text, &args.file) {
         (Some(t), _) => t.clone(),
-        (None, Some(path)) => read_text(path)?,
+        (None, Some(path)) => super::io::read_text(path, "--file")?,
         (None, None) => bail!("give the text with --text TEXT or --file FILE"),
     };
     let path = super::model_or_default(args.model)?;
@@ -84,28 +84,10 @@ pub fn run(args: Args) -> Result<()> {
             "ids": ids,
             "tokens": tokens,
         });
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?)?;
     } else {
         let line: Vec<String> = ids.iter().map(u32::to_string).collect();
-        println!("{}", line.join(" "));
+        outln!("{}", line.join(" "))?;
     }
     Ok(())
-}
-
-fn read_text(path: &PathBuf) -> Result<String> {
-    let mut bytes = Vec::new();
-    if path.as_os_str() == "-" {
-        std::io::stdin()
-            .read_to_end(&mut bytes)
-            .context("cannot read standard input")?;
-    } else {
-        bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    }
-    String::from_utf8(bytes).map_err(|e| {
-        let at = e.utf8_error().valid_up_to();
-        anyhow::anyhow!(
-            "{} is not UTF-8 text (invalid byte at offset {at})",
-            path.display()
-        )
-    })
 }

@@ -108,6 +108,10 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> Result<GgufFile, GgufError> {
         let path = path.as_ref();
         let err = |e: std::io::Error| GgufError::new(path, K::Io(e));
+        // Before opening: opening a fifo blocks until something writes to it.
+        if !std::fs::metadata(path).map_err(err)?.is_file() {
+            return Err(GgufError::new(path, K::NotAFile));
+        }
         let file = std::fs::File::open(path).map_err(err)?;
         if !file.metadata().map_err(err)?.is_file() {
             return Err(GgufError::new(path, K::NotAFile));

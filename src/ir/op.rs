@@ -4,7 +4,7 @@
 //! Conventions used below: activations are `F32` rows, `x[r, i]` is element `i` of row `r`; a
 //! weight `W` of IR shape `[n, k]` has `n` rows of `k` elements (GGUF `ne = [k, n]`) and may be
 //! stored in any GGUF type (dequantized on the fly; arithmetic is FP32). "The step" is one call of
-//! the plan: `T` tokens, each with a sequence and a position, described by a
+//! the plan: `T` tokens, each with a sequence slot and a position, described by a
 //! [`Step`](crate::backend::step::Step).
 //!
 //! Every fact about an op lives here, each as one exhaustive `match` (no `_ =>` arm), so a new

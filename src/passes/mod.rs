@@ -26,7 +26,7 @@ pub use gate_up::GateUpMerge;
 pub use qkv_merge::QkvMerge;
 pub use rope_kv_write::RopeKvWriteFusion;
 pub use swiglu::SwiGluFusion;
-pub use unfuse::unfuse;
+pub use unfuse::{unfuse, unfuse_if};
 
 use crate::ir::{Graph, IrError, Node, NodeId, Op, Value, VerifyError, verify};
 use serde::{Deserialize, Serialize};

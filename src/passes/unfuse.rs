@@ -10,6 +10,12 @@ use std::collections::HashMap;
 /// A new graph computing the same values as `graph` with primitive ops only. Kept values keep
 /// their names; the intermediates a fusion had dropped are called `<value>.<part>`.
 pub fn unfuse(graph: &Graph) -> Result<Graph, IrError> {
+    unfuse_if(graph, |_, _| true)
+}
+
+/// [`unfuse`] for the fused nodes `expand` is true for (given the node's name and op); every
+/// other node is kept as it is. How the compiler rewrites a fused op a target has no kernel for.
+pub fn unfuse_if(graph: &Graph, expand: impl Fn(&str, &Op) -> bool) -> Result<Graph, IrError> {
     let mut out = Graph::new();
     let mut map: HashMap<Value, Value> = HashMap::new();
     for id in graph.topo_order()? {
@@ -25,7 +31,13 @@ pub fn unfuse(graph: &Graph) -> Result<Graph, IrError> {
                 .map(|o| o.name.clone())
                 .ok_or_else(|| bad(format!("{} has no output {p}", node.op.name())))
         };
-        let results: Vec<Value> = match (&node.op, node.op.expansion()) {
+        // A node kept as it is has no expansion here.
+        let expansion = if expand(&node.name, &node.op) {
+            node.op.expansion()
+        } else {
+            None
+        };
+        let results: Vec<Value> = match (&node.op, expansion) {
             (Op::Weight { tensor }, _) => {
                 let ty = node.outputs[0]
                     .ty

@@ -7,18 +7,23 @@
 //! asking to stop (its callback returns `ControlFlow::Break`), the new-token limit, and the
 //! context limit (the sequence cannot take another token).
 //!
+//! Stop strings match the text of every token, special (control) tokens included, whether or not
+//! the output shows them (`render_special`): `--stop '<|im_start|>'` fires on that token. Hidden
+//! special text is matched, then cut out of what is released.
+//!
 //! What each step returns depends on the sampler ([`output_kind`]): greedy decoding without
 //! penalties asks the backend for its argmax, sampling from the top `k` (without penalties) for
 //! its top-k, anything else for the full row of logits, so that a GPU need not copy
 //! vocabulary-sized rows. The tokens are the same either way (tests/generate_rows.rs).
 
 use super::engine::{Engine, EngineError, Sequence};
-use super::stop::{StopError, StopMatcher};
+use super::stop::{Released, StopError, StopMatcher};
 use crate::backend::{OutputKind, RowOutput, StepOutputs};
 use crate::sample::{SampleError, Sampler, SamplerConfig};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use serde::Serialize;
-use std::ops::ControlFlow;
+use std::collections::VecDeque;
+use std::ops::{ControlFlow, Range};
 use std::time::{Duration, Instant};
 
 /// What to generate.
@@ -253,6 +258,8 @@ pub struct Continuation<'t> {
     tokenizer: &'t Tokenizer,
     decoder: StreamDecoder<'t>,
     stops: StopMatcher,
+    /// Which bytes given to `stops` came from hidden special tokens (cut from what is released).
+    hidden: HiddenText,
     sampler: Sampler,
     stop_strings: Vec<String>,
     max_new_tokens: usize,
@@ -276,6 +283,7 @@ impl<'t> Continuation<'t> {
             tokenizer,
             decoder: tokenizer.stream_decoder(options.render_special),
             stops: StopMatcher::new(options.stop_strings.iter().cloned())?,
+            hidden: HiddenText::default(),
             sampler: Sampler::new(options.sampler.clone())?,
             stop_strings: options.stop_strings.clone(),
             max_new_tokens: options.max_new_tokens,
@@ -345,7 +353,15 @@ impl<'t> Continuation<'t> {
             .decoder
             .push(token)
             .map_err(|e| GenerateError::Decode(e.to_string()))?;
-        let released = self.stops.push(&piece);
+        let mut released = self.hidden.push(&mut self.stops, &piece, false);
+        if !self.render_special && self.tokenizer.is_control(token) {
+            // Not shown, but stop strings still see its text.
+            let special =
+                String::from_utf8_lossy(self.tokenizer.token_piece(token).unwrap_or_default());
+            let more = self.hidden.push(&mut self.stops, &special, true);
+            released.text.push_str(&more.text);
+            released.stop = released.stop.or(more.stop);
+        }
         let flow = emit(&released.text, &mut self.text, on_text);
         if let Some(i) = released.stop {
             let stop = self.stop_strings.get(i).cloned().unwrap_or_default();
@@ -373,9 +389,10 @@ impl<'t> Continuation<'t> {
             &mut self.decoder,
             self.tokenizer.stream_decoder(self.render_special),
         );
-        let released = self.stops.push(&decoder.finish());
+        let released = self.hidden.push(&mut self.stops, &decoder.finish(), false);
         let _ = emit(&released.text, &mut self.text, on_text);
-        let rest = self.stops.finish().text;
+        let rest = self.stops.finish();
+        let rest = self.hidden.visible(rest).text;
         let _ = emit(&rest, &mut self.text, on_text);
         reason
     }
@@ -436,4 +453,89 @@ fn run(
         seed: cont.seed(),
         timings,
     })
+}
+
+/// Tracks which bytes of the text given to the stop matcher came from hidden special tokens, so
+/// that they can be cut out of what the matcher releases (which is always the next part of the
+/// text pushed, in order).
+#[derive(Default)]
+struct HiddenText {
+    /// Bytes pushed so far, and bytes released so far.
+    pushed: usize,
+    released: usize,
+    /// Byte ranges of hidden text not yet released, ascending.
+    hidden: VecDeque<Range<usize>>,
+}
+
+impl HiddenText {
+    fn push(&mut self, stops: &mut StopMatcher, text: &str, hidden: bool) -> Released {
+        if hidden && !text.is_empty() {
+            self.hidden.push_back(self.pushed..self.pushed + text.len());
+        }
+        self.pushed += text.len();
+        let released = stops.push(text);
+        self.visible(released)
+    }
+
+    /// `released` without its hidden bytes.
+    fn visible(&mut self, released: Released) -> Released {
+        let start = self.released;
+        let end = start + released.text.len();
+        self.released = end;
+        if self.hidden.is_empty() {
+            return released;
+        }
+        let slice = |a: usize, b: usize| released.text.get(a - start..b - start).unwrap_or("");
+        let mut text = String::new();
+        let mut at = start;
+        for h in &self.hidden {
+            if h.start >= end {
+                break;
+            }
+            if h.end <= at {
+                continue;
+            }
+            text.push_str(slice(at, h.start.max(at)));
+            at = h.end.min(end);
+        }
+        text.push_str(slice(at, end));
+        while self.hidden.front().is_some_and(|h| h.end <= end) {
+            self.hidden.pop_front();
+        }
+        Released {
+            text,
+            stop: released.stop,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hidden_text_is_matched_but_not_released() {
+        let mut stops = StopMatcher::new(["<|x|>", "ab"]).unwrap();
+        let mut h = HiddenText::default();
+        let mut out = String::new();
+        out += &h.push(&mut stops, "hello ", false).text;
+        out += &h.push(&mut stops, "<|y|>", true).text;
+        out += &h.push(&mut stops, "world", false).text;
+        let r = h.push(&mut stops, "<|x|>", true);
+        out += &r.text;
+        assert_eq!(r.stop, Some(0));
+        assert_eq!(out, "hello world");
+    }
+
+    #[test]
+    fn hidden_text_is_cut_from_held_text() {
+        // "a" is held (it may start "ab"), then hidden text, then the end.
+        let mut stops = StopMatcher::new(["ab"]).unwrap();
+        let mut h = HiddenText::default();
+        let mut out = h.push(&mut stops, "xa", false).text;
+        out += &h.push(&mut stops, "<s>", true).text;
+        out += &h.push(&mut stops, "c", false).text;
+        out += &h.visible(stops.finish()).text;
+        assert_eq!(out, "xac");
+    }
 }

@@ -1,12 +1,16 @@
-//! Loading a model for inference: open and validate the GGUF file, build its tokenizer, compile
-//! it into a plan and put the plan on a backend, ready to run.
+//! Loading a model for inference: open and validate the GGUF file, build its tokenizer, then for
+//! each device `--device` allows (in [`candidate_targets`] order) compile the model for the
+//! device's target, check that the plan fits its memory, and open its backend: the first device
+//! that accepts, holds and runs the plan is used; every one passed over is logged with the reason.
 
 use super::engine::Engine;
 use crate::backend::BackendError;
-use crate::backend::device::{DeviceChoice, open_backend};
+use crate::backend::device::{DeviceChoice, PassedOver, candidate_targets, open_on};
+use crate::backend::fit::{FitError, FitReport};
 use crate::backend::step::{DEFAULT_PAGE_SIZE, KvGeometry};
 use crate::compile::{CompileError, CompileOptions, compile};
 use crate::gguf::{GgufError, GgufFile};
+use crate::plan::Plan;
 use crate::plan::{PlanOptions, Reuse};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use std::path::Path;
@@ -69,6 +73,10 @@ pub enum LoadError {
     Backend(#[from] BackendError),
     #[error("invalid option: {0}")]
     Options(String),
+    #[error(transparent)]
+    Fit(#[from] FitError),
+    #[error("no device can run the model with --device {choice}: {passed}")]
+    NoDevice { choice: String, passed: String },
 }
 
 /// A model ready to run: its file, tokenizer and engine.
@@ -98,9 +106,61 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel, LoadError
         fuse: options.fuse,
         disabled_passes: Vec::new(),
     };
-    let compiled = compile(&file, &compile_options).map_err(Box::new)?;
-    let model_ctx = compiled
-        .plan
+    let mut passed = PassedOver::default();
+    let mut context: Option<(usize, KvGeometry)> = None;
+    for target in candidate_targets(options.device, &mut passed) {
+        let compiled = match compile(&file, &compile_options, &target) {
+            Ok(c) => c,
+            Err(CompileError::Unsupported(u)) => {
+                passed.pass(&target.name, u.to_string());
+                continue;
+            }
+            Err(e) => return Err(Box::new(e).into()),
+        };
+        let (n_ctx, kv) = match context {
+            Some(c) => c,
+            None => *context.insert(context_size(&compiled.plan, options)?),
+        };
+        let fit = FitReport::new(
+            &compiled.plan,
+            &target,
+            &compiled.unfused,
+            n_ctx as u64,
+            options.n_seqs as u64,
+        )?;
+        if fit.fits == Some(false) {
+            passed.pass(&target.name, fit.verdict());
+            continue;
+        }
+        let backend = match open_on(&target, compiled.plan, file.clone(), kv) {
+            Ok(b) => b,
+            Err(e) => {
+                passed.pass(&target.name, e.to_string());
+                continue;
+            }
+        };
+        tracing::info!(
+            "loaded {} on {}; context {n_ctx} tokens; {}",
+            path.display(),
+            backend.device(),
+            fit.verdict()
+        );
+        return Ok(LoadedModel {
+            file,
+            tokenizer,
+            engine: Engine::new(backend, n_ctx),
+        });
+    }
+    Err(LoadError::NoDevice {
+        choice: format!("{:?}", options.device).to_lowercase(),
+        passed: passed.summary(),
+    })
+}
+
+/// Tokens per sequence and the KV cache's pages and slots: `--ctx-size`, else the model's
+/// context (at most [`DEFAULT_CTX_SIZE`]), for `n_seqs` sequences.
+fn context_size(plan: &Plan, options: &LoadOptions) -> Result<(usize, KvGeometry), LoadError> {
+    let model_ctx = plan
         .model
         .as_ref()
         .map_or(DEFAULT_CTX_SIZE, |m| m.hparams.context_length as usize);
@@ -122,15 +182,5 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel, LoadError
     let slots = n_seqs.saturating_mul(4).max(8);
     let kv = KvGeometry::for_context(ctx, n_seqs, slots, options.page_size)
         .map_err(|e| LoadError::Options(e.to_string()))?;
-    let backend = open_backend(options.device, compiled.plan, file.clone(), kv)?;
-    tracing::info!(
-        "loaded {} on {}; context {n_ctx} tokens",
-        path.display(),
-        backend.device()
-    );
-    Ok(LoadedModel {
-        file,
-        tokenizer,
-        engine: Engine::new(backend, n_ctx),
-    })
+    Ok((n_ctx, kv))
 }

@@ -7,7 +7,11 @@
 //! test instead, so CI cannot pass by skipping.
 #![allow(dead_code)]
 
+pub mod dot;
+
 pub mod layout;
+
+pub mod proc;
 
 pub mod reference;
 
@@ -33,11 +37,26 @@ pub fn bin() -> PathBuf {
 pub fn default_model() -> Option<PathBuf> {
     let path = std::env::var_os("M40LLM_TEST_MODEL")
         .map(PathBuf::from)
-        .unwrap_or_else(m40_llm::models::default_model_path);
+        .unwrap_or_else(default_model_path);
     present_or_skip(
         path,
         "the default model (run `m40-llm fetch` or scripts/test.sh)",
     )
+}
+
+/// The default model's file name (as the CLI's `models` module names it).
+pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The environment variable naming the CLI's models folder.
+pub const MODELS_DIR_ENV: &str = "M40LLM_MODELS_DIR";
+
+/// Where `m40-llm fetch` puts the default model: `$M40LLM_MODELS_DIR` (unless empty) or
+/// `models/`.
+pub fn default_model_path() -> PathBuf {
+    std::env::var_os(MODELS_DIR_ENV)
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("models"))
+        .join(DEFAULT_MODEL_FILE)
 }
 
 /// A fetched file under `.cache/` (see scripts/fetch-testdata.sh); `None` with a message when

@@ -256,6 +256,15 @@ impl CpuBackend {
             .n_vocab()
             .ok_or_else(|| BackendError::Mismatch("the plan's output is not a matrix".into()))?;
         let logits = self.arena.slice(region(&self.plan, first, sizes)?);
+        let position = |row: usize| {
+            step.outputs
+                .get(row)
+                .and_then(|o| step.positions.get(o.row as usize))
+                .copied()
+                .unwrap_or(0)
+        };
+        let name = self.plan.value(first).map_or("logits", |o| o.name.as_str());
+        super::check_finite(logits, n_vocab, position, name)?;
         out.clear(n_vocab);
         for (request, row) in step.outputs.iter().zip(logits.chunks_exact(n_vocab)) {
             out.push_from_row(request.kind, row);
@@ -782,7 +791,8 @@ fn intact_values(plan: &Plan) -> Vec<Vec<bool>> {
 
 /// Refuses a KV cache and arena larger than the machine's memory, before allocating them (an
 /// allocation that large would abort the process or wake the OOM killer, not fail cleanly).
-fn check_memory(plan: &Plan, n_cells: u64) -> Result<(), BackendError> {
+/// `m40-llm compile` uses it (with no cells) to warn of a plan that cannot run here.
+pub fn check_memory(plan: &Plan, n_cells: u64) -> Result<(), BackendError> {
     let kv: u64 = plan.kv_cache.iter().map(|l| l.bytes_per_token).sum();
     let needed = kv
         .checked_mul(n_cells)
@@ -794,8 +804,18 @@ fn check_memory(plan: &Plan, n_cells: u64) -> Result<(), BackendError> {
         (needed, total) => Err(BackendError::Unsupported {
             backend: "cpu".into(),
             reason: format!(
-                "a KV cache of {n_cells} cells ({kv} bytes each) and a {} MiB arena need {}, more than this machine's {}: lower the context size",
-                plan.memory.arena_bytes >> 20,
+                "{} need {}, more than this machine's {}: {}",
+                if n_cells == 0 {
+                    format!(
+                        "the plan's {} MiB arena would",
+                        plan.memory.arena_bytes >> 20
+                    )
+                } else {
+                    format!(
+                        "a KV cache of {n_cells} cells ({kv} bytes each) and a {} MiB arena",
+                        plan.memory.arena_bytes >> 20
+                    )
+                },
                 needed.map_or("more than 2^64 bytes".into(), |n| format!(
                     "{:.1} GiB",
                     n as f64 / GIB
@@ -804,6 +824,11 @@ fn check_memory(plan: &Plan, n_cells: u64) -> Result<(), BackendError> {
                     "{:.1} GiB of memory",
                     t as f64 / GIB
                 )),
+                if n_cells == 0 {
+                    "lower --max-tokens"
+                } else {
+                    "lower the context size"
+                },
             ),
         }),
     }
@@ -811,8 +836,8 @@ fn check_memory(plan: &Plan, n_cells: u64) -> Result<(), BackendError> {
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// Physical memory in bytes (Linux `/proc/meminfo`), if known.
-fn memory_total() -> Option<u64> {
+/// Physical memory in bytes (Linux `/proc/meminfo`), if known: the CPU target's budget.
+pub fn memory_total() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kib: u64 = info
         .lines()

@@ -210,26 +210,31 @@ fn attend<V: V8>(job: &Head, scores: &mut Vec<f32>, y: &mut [f32]) {
     let start = |c: usize| c * job.kv_dim + job.offset;
     scores.clear();
     for (first, n) in job.span.runs() {
-        for c in first..first + n {
-            let k = &job.k_cache[start(c)..][..d];
+        let rows = &job.k_cache[start(first)..];
+        for i in 0..n {
+            let k = &rows[i * job.kv_dim..][..d];
             scores.push(job.scale * dot_f16::<V>(job.q, k));
         }
     }
     softmax_in_place(scores);
     y.fill(0.0);
     let whole = d / LANES * LANES;
-    let cells = job.span.runs().flat_map(|(first, n)| first..first + n);
-    for (c, &w) in cells.zip(scores.iter()) {
-        let v = &job.v_cache[start(c)..][..d];
-        let wv = V::splat(w);
-        for (y8, v8) in y[..whole]
-            .chunks_exact_mut(LANES)
-            .zip(v.chunks_exact(LANES))
-        {
-            V::load(y8).madd(wv, V::from_f16(v8)).store(y8);
-        }
-        for (y, v) in y[whole..].iter_mut().zip(&v[whole..]) {
-            *y = V::madd1(w, f16_to_f32(v.to_bits()), *y);
+    let mut weights = scores.iter();
+    for (first, n) in job.span.runs() {
+        // One page's cells are consecutive rows of the cache.
+        let rows = &job.v_cache[start(first)..];
+        for (i, &w) in (0..n).zip(weights.by_ref()) {
+            let v = &rows[i * job.kv_dim..][..d];
+            let wv = V::splat(w);
+            for (y8, v8) in y[..whole]
+                .chunks_exact_mut(LANES)
+                .zip(v.chunks_exact(LANES))
+            {
+                V::load(y8).madd(wv, V::from_f16(v8)).store(y8);
+            }
+            for (y, v) in y[whole..].iter_mut().zip(&v[whole..]) {
+                *y = V::madd1(w, f16_to_f32(v.to_bits()), *y);
+            }
         }
     }
 }

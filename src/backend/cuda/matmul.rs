@@ -1,0 +1,274 @@
+//! Weights on the device in their GGUF block layout, and `y = x Wᵀ` over them: the matvec kernel
+//! for one-token rows, cuBLAS SGEMM on weights dequantized tile-wise into FP32 scratch for
+//! multi-token rows, or the plain kernel when cuBLAS is off (`M40LLM_ENABLE_CUBLAS=0`).
+//!
+//! # The cuBLAS contract (row-major activations, column-major cuBLAS)
+//! m40-llm's activations and dequantized weights are row-major: `x` is `[R, K]`, `W` is
+//! `[N, K]` (GGUF `ne = [K, N]`), `y` is `[R, N]`, each row contiguous. cuBLAS is column-major.
+//! A row-major `[A, B]` array is the column-major `B × A` matrix of the same bytes (its
+//! transpose), so `y = x Wᵀ` (row-major) is `yᵀ = W xᵀ` (column-major), computed as
+//! `sgemm(transa = T, transb = N, m = N, n = R, k = K, A = W, lda = K, B = x, ldb = K, C = y,
+//! ldc = N)`: `A` holds `W` as the column-major `K × N` matrix `Wᵀ`, which `transa = T` turns back
+//! into `W` (`N × K`); `B` holds `x` as the column-major `K × R` matrix `xᵀ`; `C` receives the
+//! column-major `N × R` matrix `yᵀ`, i.e. row-major `y`. A tile of output columns `n0..n0+m` of
+//! `y` (rows `n0..n0+m` of `W`, dequantized alone) is the same call with `m` rows, `A` the tile,
+//! `C = y + n0` and `ldc = N` still.
+
+use super::{CudaError, KernelSet, weight_kernel_suffix};
+use crate::gguf::GgmlType;
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+/// A weight matrix `[n, k]` on the device, in its GGUF storage type, byte for byte.
+pub struct DeviceWeight {
+    pub ty: GgmlType,
+    pub n: usize,
+    pub k: usize,
+    pub row_bytes: usize,
+    pub data: CudaSlice<u8>,
+}
+
+impl DeviceWeight {
+    /// Uploads `bytes` (`n` rows of `k` elements of type `ty`). `name` is for errors.
+    pub fn upload(
+        stream: &Arc<CudaStream>,
+        name: &str,
+        ty: GgmlType,
+        n: usize,
+        k: usize,
+        bytes: &[u8],
+    ) -> Result<DeviceWeight, CudaError> {
+        let bad = |reason: String| CudaError::Launch {
+            kernel: format!("upload of {name}"),
+            reason,
+        };
+        if weight_kernel_suffix(ty).is_none() {
+            return Err(bad(format!("the CUDA kernels cannot read {ty:?} weights")));
+        }
+        let row_bytes = ty
+            .row_bytes(k as u64)
+            .ok_or_else(|| bad(format!("{k} is not a whole number of {ty:?} blocks")))?
+            as usize;
+        if Some(bytes.len()) != n.checked_mul(row_bytes) {
+            return Err(bad(format!(
+                "{} bytes for {n} rows of {row_bytes} bytes",
+                bytes.len()
+            )));
+        }
+        let data = stream.clone_htod(bytes).map_err(CudaError::driver(format!(
+            "uploading {name} ({} bytes)",
+            bytes.len()
+        )))?;
+        Ok(DeviceWeight {
+            ty,
+            n,
+            k,
+            row_bytes,
+            data,
+        })
+    }
+}
+
+/// Whether multi-token matmuls use cuBLAS: yes unless `M40LLM_ENABLE_CUBLAS=0`.
+pub fn cublas_enabled_by_env() -> bool {
+    std::env::var("M40LLM_ENABLE_CUBLAS").map_or(true, |v| v.trim() != "0")
+}
+
+/// Which path a matmul took.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPath {
+    /// One row: the matvec kernel on the stored blocks.
+    Matvec,
+    /// Several rows: dequantize tiles of `W` into scratch, cuBLAS SGEMM per tile.
+    CublasSgemm { tiles: usize },
+    /// Several rows with cuBLAS off: the matvec kernel over every row.
+    PlainKernel,
+}
+
+/// Matmuls on one stream; see the [module docs](self).
+pub struct Matmul {
+    stream: Arc<CudaStream>,
+    blas: Option<CudaBlas>,
+}
+
+impl Matmul {
+    /// With cuBLAS when `use_cublas` (and it loads), else the plain kernel for every matmul.
+    pub fn new(stream: Arc<CudaStream>, use_cublas: bool) -> Result<Matmul, CudaError> {
+        let blas = if use_cublas {
+            if !super::cublas_present() {
+                return Err(CudaError::Launch {
+                    kernel: "cuBLAS".into(),
+                    reason: "libcublas could not be loaded; install CUDA's cuBLAS or set \
+                             M40LLM_ENABLE_CUBLAS=0"
+                        .into(),
+                });
+            }
+            Some(
+                CudaBlas::new(stream.clone()).map_err(|e| CudaError::Launch {
+                    kernel: "cuBLAS".into(),
+                    reason: format!("cannot create a handle: {e}"),
+                })?,
+            )
+        } else {
+            None
+        };
+        Ok(Matmul { stream, blas })
+    }
+
+    pub fn uses_cublas(&self) -> bool {
+        self.blas.is_some()
+    }
+
+    /// `y[r, n] = sum_k x[r, k] w[n, k]` for `r < rows`. `scratch` (any length of at least one
+    /// weight row of FP32) holds dequantized tiles on the cuBLAS path. Asynchronous on the
+    /// stream.
+    pub fn run(
+        &self,
+        ks: &KernelSet,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        w: &DeviceWeight,
+        y: &mut CudaSlice<f32>,
+        scratch: &mut CudaSlice<f32>,
+    ) -> Result<MatmulPath, CudaError> {
+        let sfx = weight_kernel_suffix(w.ty).unwrap_or("unsupported");
+        let shape = format!("x [{rows}, {}] · W [{}, {}] ({:?})", w.k, w.n, w.k, w.ty);
+        let bad = |kernel: &str, reason: String| CudaError::Launch {
+            kernel: kernel.to_string(),
+            reason: format!("{reason}: {shape}"),
+        };
+        let as_i32 = |v: usize, what: &str| {
+            i32::try_from(v).map_err(|_| bad("matmul", format!("{what} {v} exceeds i32")))
+        };
+        if rows == 0 || x.len() < rows * w.k || y.len() < rows * w.n {
+            return Err(bad(
+                "matmul",
+                format!(
+                    "buffers of {} and {} floats are too small",
+                    x.len(),
+                    y.len()
+                ),
+            ));
+        }
+        let (n, k) = (as_i32(w.n, "N")?, as_i32(w.k, "K")?);
+        let rows_i = as_i32(rows, "rows")?;
+        let row_bytes = w.row_bytes as i64;
+        let Some(blas) = self.blas.as_ref().filter(|_| rows > 1) else {
+            let name = format!("matvec_{sfx}");
+            let f = ks.function("matvec", &name)?;
+            let cfg = LaunchConfig {
+                grid_dim: (w.n.div_ceil(4) as u32, rows_i as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = self.stream.launch_builder(&f);
+            b.arg(&w.data)
+                .arg(x)
+                .arg(&mut *y)
+                .arg(&n)
+                .arg(&k)
+                .arg(&row_bytes);
+            // SAFETY: the arguments match matvec_<ty>'s signature and the sizes were checked.
+            unsafe { b.launch(cfg) }.map_err(|e| bad(&name, e.to_string()))?;
+            return Ok(if rows == 1 {
+                MatmulPath::Matvec
+            } else {
+                MatmulPath::PlainKernel
+            });
+        };
+        let tile_rows = (scratch.len() / w.k).min(w.n);
+        if tile_rows == 0 {
+            return Err(bad(
+                "matmul",
+                format!("scratch of {} floats holds no weight row", scratch.len()),
+            ));
+        }
+        let deq_name = format!("dequantize_{sfx}");
+        let deq = ks.function("dequant", &deq_name)?;
+        let mut tiles = 0;
+        for n0 in (0..w.n).step_by(tile_rows) {
+            let m = tile_rows.min(w.n - n0);
+            let m_i64 = m as i64;
+            let elems = m * w.k;
+            let cfg = LaunchConfig {
+                grid_dim: (elems.div_ceil(256).min(65535) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let tile = w.data.slice(n0 * w.row_bytes..(n0 + m) * w.row_bytes);
+            let mut b = self.stream.launch_builder(&deq);
+            b.arg(&tile)
+                .arg(&mut *scratch)
+                .arg(&m_i64)
+                .arg(&k)
+                .arg(&row_bytes);
+            // SAFETY: the arguments match dequantize_<ty>'s signature; scratch holds m rows.
+            unsafe { b.launch(cfg) }.map_err(|e| bad(&deq_name, e.to_string()))?;
+            let gemm = GemmConfig {
+                transa: cublasOperation_t::CUBLAS_OP_T,
+                transb: cublasOperation_t::CUBLAS_OP_N,
+                m: as_i32(m, "tile rows")?,
+                n: rows_i,
+                k,
+                alpha: 1.0f32,
+                lda: k,
+                ldb: k,
+                beta: 0.0f32,
+                ldc: n,
+            };
+            let mut c = y.slice_mut(n0..);
+            // SAFETY: A is m x K (lda K) in scratch, B is rows x K (ldb K) in x, C is rows
+            // columns of ldc = N from y + n0: all within the checked lengths.
+            unsafe { blas.gemm(gemm, &*scratch, x, &mut c) }
+                .map_err(|e| bad("cublasSgemm", e.to_string()))?;
+            tiles += 1;
+        }
+        Ok(MatmulPath::CublasSgemm { tiles })
+    }
+}
+
+/// Uploads the tensors `names` of `file` once, in their own types, with a progress bar of bytes
+/// on stderr (hidden when stderr is not a terminal). Returns the weights and the bytes now
+/// resident on the device.
+pub fn upload_tensors(
+    stream: &Arc<CudaStream>,
+    file: &crate::gguf::GgufFile,
+    names: &[&str],
+) -> Result<(Vec<DeviceWeight>, u64), CudaError> {
+    let mut infos = Vec::with_capacity(names.len());
+    for name in names {
+        let t = file.tensor(name).ok_or_else(|| CudaError::Launch {
+            kernel: format!("upload of {name}"),
+            reason: "no such tensor in the model".into(),
+        })?;
+        infos.push(t);
+    }
+    let total: u64 = infos.iter().map(|t| t.n_bytes).sum();
+    let bar = if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        indicatif::ProgressBar::new(total)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "uploading weights {bar:30} {binary_bytes}/{binary_total_bytes} {msg}",
+    ) {
+        bar.set_style(style);
+    }
+    let mut out = Vec::with_capacity(infos.len());
+    for t in infos {
+        bar.set_message(t.name.clone());
+        let w = DeviceWeight::upload(
+            stream,
+            &t.name,
+            t.ty,
+            t.n_rows() as usize,
+            t.row_len() as usize,
+            file.tensor_data(t),
+        )?;
+        bar.inc(t.n_bytes);
+        out.push(w);
+    }
+    bar.finish_and_clear();
+    Ok((out, total))
+}

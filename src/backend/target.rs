@@ -1,0 +1,483 @@
+//! Targets: what a backend or a device can execute, known before anything is loaded.
+//!
+//! A [`Target`] is the compiler's view of a device (ggml's `supports_op` idea): which ops it runs
+//! ([`Target::executes`]), which weight types each op slot reads, the alignment of its buffers,
+//! the fusion passes it wants, the type it stores the KV cache in, its memory budget and the
+//! memory its runtime takes besides the plan. [`crate::compile`] takes one: the plan's alignment
+//! and passes come from it, a fused op the target lacks is unfused, and any other step it cannot
+//! run is a compile error naming the step, the op and the type ([`Unsupported`]).
+//!
+//! | target | ops | weight types | alignment | budget |
+//! | --- | --- | --- | --- | --- |
+//! | `cpu` | every op of the IR | what the CPU kernels read | 256 | physical memory |
+//! | `cuda`, `cuda:sm_XY` (XY ≥ 52) | every op of the IR | F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q4_K Q5_K Q6_K | 256 | the device's memory, or `--max-vram` |
+//!
+//! The CUDA target is a description usable with no GPU present: it says what the CUDA executor
+//! (issue 10) will run. Its budget is unknown until a device is probed or `--max-vram` is given.
+
+use super::device::GpuInfo;
+use crate::gguf::{GgmlType, quants};
+use crate::ir::{DType, KV_DTYPE, Op, ValueType};
+use crate::passes::Pipeline;
+use crate::plan::{Operand, Plan, Step};
+use serde::Serialize;
+use std::fmt;
+
+/// The oldest compute capability m40-llm's CUDA kernels are written for: Maxwell's sm_52
+/// (the Tesla M40).
+pub const MIN_SM: u32 = 52;
+
+/// Memory a CUDA process needs besides the plan's weights, KV cache and arena, on a GPU of
+/// compute capability `sm`: 512 MiB before Hopper, 768 MiB from sm_90 on.
+///
+/// What it covers: the CUDA context (driver state, the per-SM local-memory reservation for
+/// kernel stacks, loaded kernel images), the cuBLAS handle and its workspace, the executor's
+/// small per-step buffers (token ids, positions, page tables, sampled logits) and slack for the
+/// allocator's rounding. Measured on an NVIDIA H200 (132 SMs, driver 580.159, CUDA 13.0): a bare
+/// context takes 518 MiB (`nvidia-smi`'s per-process figure), `cublasCreate` adds 68 MiB and the
+/// first SGEMM nothing more: 586 MiB, hence 768 MiB for sm_90 and newer. The per-SM part scales
+/// with the SM count (the M40 has 24), so a Maxwell card's context is smaller; 512 MiB keeps the
+/// same headroom there without a measurement on an M40 yet. A plan reported to fit must not fail
+/// to load by a few megabytes, so the margin errs on the large side.
+pub fn cuda_runtime_margin(sm: u32) -> u64 {
+    if sm >= 90 { 768 << 20 } else { 512 << 20 }
+}
+
+/// Memory the CPU backend needs besides the plan: 64 MiB for the process itself (tokenizer,
+/// sampler, thread stacks). Weights are memory-mapped and counted at their stored size.
+pub const CPU_RUNTIME_MARGIN: u64 = 64 << 20;
+
+/// The weight types the CUDA executor reads (dequantized on the fly in its kernels).
+pub const CUDA_WEIGHT_TYPES: [GgmlType; 11] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+/// Which kind of device a target describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TargetKind {
+    Cpu,
+    /// An NVIDIA GPU of compute capability `sm / 10`.`sm % 10` (52 for the Tesla M40).
+    Cuda {
+        sm: u32,
+    },
+}
+
+/// A memory budget and where it comes from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Budget {
+    pub bytes: u64,
+    /// `--max-vram`, `cuda:0 Tesla M40 24GB`, `physical memory`.
+    pub source: String,
+}
+
+/// How a weight is read by the op slot it feeds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightUse {
+    /// A matrix the op multiplies or gathers rows from, read in its stored type by the kernels.
+    Matrix,
+    /// A small vector (norm weight, bias, rope factors), converted to F32 once at load.
+    Vector,
+}
+
+/// A device as the compiler sees it; see the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// `cpu`, `cuda`, `cuda:sm_52`.
+    pub name: String,
+    pub kind: TargetKind,
+    /// Whether the target has a kernel for an op (its parameters included).
+    pub executes: fn(&Op) -> bool,
+    /// Types a [`WeightUse::Matrix`] slot reads.
+    pub matrix_types: Vec<GgmlType>,
+    /// Types a [`WeightUse::Vector`] slot reads.
+    pub vector_types: Vec<GgmlType>,
+    /// Alignment of every arena buffer, a power of two.
+    pub alignment: u64,
+    /// The fusion passes it wants, by name, a subset of [`Pipeline::fusion`] (run in its order).
+    pub passes: Vec<String>,
+    /// The type the KV cache is stored in.
+    pub kv_type: DType,
+    /// The memory the plan may use, if known.
+    pub budget: Option<Budget>,
+    /// Memory the runtime needs besides the plan (see [`cuda_runtime_margin`]).
+    pub runtime_margin: u64,
+}
+
+/// A step a target cannot run: which step, which op, which type, and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{target} cannot run step `{step}` ({op}){}: {reason}", ty.map(|t| format!(" on {t}")).unwrap_or_default())]
+pub struct Unsupported {
+    pub target: String,
+    pub step: String,
+    pub op: String,
+    /// The type at fault; `None` when the op itself has no kernel.
+    #[serde(rename = "type")]
+    pub ty: Option<DType>,
+    pub reason: String,
+}
+
+/// Why a target cannot be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error(
+        "unknown target `{0}` (targets: cpu, cuda, cuda:sm_XY with XY the compute capability, e.g. cuda:sm_52 for a Tesla M40)"
+    )]
+    Unknown(String),
+    #[error(
+        "target `{name}`: sm_{sm} is older than sm_{MIN_SM} (Maxwell, the Tesla M40), the oldest GPU m40-llm's kernels are written for"
+    )]
+    TooOld { name: String, sm: u32 },
+}
+
+/// Every op of the IR: the CPU interpreter and the CUDA executor both have a kernel for each.
+/// Exhaustive on purpose: a new op must be added here (and to the backends) before it compiles.
+pub fn every_op(op: &Op) -> bool {
+    match op {
+        Op::TokenIds
+        | Op::Positions
+        | Op::OutputRows
+        | Op::Weight { .. }
+        | Op::Embedding
+        | Op::MatMul
+        | Op::Add
+        | Op::Mul
+        | Op::Silu
+        | Op::SwiGlu
+        | Op::RmsNorm { .. }
+        | Op::Rope(_)
+        | Op::KvWrite(_)
+        | Op::Attention(_)
+        | Op::SelectRows
+        | Op::MultiMatMul { .. }
+        | Op::GateUpSwiGlu
+        | Op::AddRmsNorm { .. }
+        | Op::RopeKvWrite { .. } => true,
+    }
+}
+
+/// How input `slot` of `op` reads a weight bound to it: a matrix in the slots
+/// [`Op::matrix_slots`] names (what the CPU backend's `check_matrices` checks at load), else a
+/// vector.
+pub fn weight_use(op: &Op, slot: usize) -> WeightUse {
+    if op.matrix_slots().contains(&slot) {
+        WeightUse::Matrix
+    } else {
+        WeightUse::Vector
+    }
+}
+
+fn all_passes() -> Vec<String> {
+    Pipeline::fusion()
+        .names()
+        .into_iter()
+        .map(String::from)
+        .collect()
+}
+
+impl Target {
+    /// The CPU reference backend: every op, the weight types its kernels read
+    /// ([`kernels::matmul::SUPPORTED`](super::cpu::kernels::matmul::SUPPORTED) for matrices,
+    /// [`quants::DEQUANTIZE_TYPES`] for vectors, which it dequantizes at load), every fusion, a
+    /// budget of the machine's physical memory. Its alignment is 256 bytes like CUDA's (64 would
+    /// do for its vectors), so a plan's layout does not depend on where it runs.
+    pub fn cpu() -> Target {
+        Target {
+            name: "cpu".into(),
+            kind: TargetKind::Cpu,
+            executes: every_op,
+            matrix_types: super::cpu::kernels::matmul::SUPPORTED.to_vec(),
+            vector_types: quants::DEQUANTIZE_TYPES.to_vec(),
+            alignment: 256,
+            passes: all_passes(),
+            kv_type: KV_DTYPE,
+            budget: super::cpu::memory_total().map(|bytes| Budget {
+                bytes,
+                source: "physical memory".into(),
+            }),
+            runtime_margin: CPU_RUNTIME_MARGIN,
+        }
+    }
+
+    /// An NVIDIA GPU of compute capability `sm` (52 = sm_52), as the CUDA executor will run it;
+    /// no budget until one is set ([`Target::with_budget`]) or the target comes from a device
+    /// ([`Target::for_gpu`]).
+    pub fn cuda(sm: u32) -> Result<Target, TargetError> {
+        let name = format!("cuda:sm_{sm}");
+        if sm < MIN_SM {
+            return Err(TargetError::TooOld { name, sm });
+        }
+        Ok(Target {
+            name,
+            kind: TargetKind::Cuda { sm },
+            executes: every_op,
+            matrix_types: CUDA_WEIGHT_TYPES.to_vec(),
+            vector_types: CUDA_WEIGHT_TYPES.to_vec(),
+            alignment: 256,
+            passes: all_passes(),
+            kv_type: KV_DTYPE,
+            budget: None,
+            runtime_margin: cuda_runtime_margin(sm),
+        })
+    }
+
+    /// The target of a probed GPU: its compute capability, its memory as the budget.
+    pub fn for_gpu(gpu: &GpuInfo) -> Result<Target, TargetError> {
+        let (major, minor) = gpu.compute_capability;
+        let sm = u32::try_from(major * 10 + minor).unwrap_or(0);
+        let mut target = Target::cuda(sm)?;
+        target.name = format!("cuda:{} (sm_{sm})", gpu.ordinal);
+        Ok(target.with_budget(gpu.total_memory as u64, format!("{gpu}")))
+    }
+
+    /// Parses `cpu`, `cuda` (sm_52, the oldest supported) or `cuda:sm_XY`.
+    pub fn parse(name: &str) -> Result<Target, TargetError> {
+        let unknown = || TargetError::Unknown(name.to_string());
+        match name {
+            "cpu" => Ok(Target::cpu()),
+            "cuda" => {
+                let mut t = Target::cuda(MIN_SM)?;
+                t.name = "cuda".into();
+                Ok(t)
+            }
+            _ => {
+                let digits = name.strip_prefix("cuda:sm_").ok_or_else(unknown)?;
+                if digits.is_empty()
+                    || digits.len() > 4
+                    || !digits.bytes().all(|b| b.is_ascii_digit())
+                {
+                    return Err(unknown());
+                }
+                let sm = digits.parse().map_err(|_| unknown())?;
+                Target::cuda(sm)
+            }
+        }
+    }
+
+    /// This target with a budget of `bytes` from `source`.
+    pub fn with_budget(mut self, bytes: u64, source: impl Into<String>) -> Target {
+        self.budget = Some(Budget {
+            bytes,
+            source: source.into(),
+        });
+        self
+    }
+
+    /// The types a weight in `slot` of `op` may have.
+    pub fn weight_types(&self, op: &Op, slot: usize) -> &[GgmlType] {
+        match weight_use(op, slot) {
+            WeightUse::Matrix => &self.matrix_types,
+            WeightUse::Vector => &self.vector_types,
+        }
+    }
+
+    /// Whether the target runs node or step `step` with op `op` on `inputs` (the types of its
+    /// input slots; `weights[i]` is true when slot `i` is bound to a weight) and `outputs`.
+    pub fn supports_op(
+        &self,
+        step: &str,
+        op: &Op,
+        inputs: &[(&ValueType, bool)],
+        outputs: &[&ValueType],
+    ) -> Result<(), Unsupported> {
+        let unsupported = |ty: Option<DType>, reason: String| Unsupported {
+            target: self.name.clone(),
+            step: step.to_string(),
+            op: op.name().to_string(),
+            ty,
+            reason,
+        };
+        if !(self.executes)(op) {
+            return Err(unsupported(
+                None,
+                format!("{} has no kernel for it", self.name),
+            ));
+        }
+        for (slot, (ty, is_weight)) in inputs.iter().enumerate() {
+            let ValueType::Tensor(t) = ty else { continue };
+            if !is_weight {
+                continue;
+            }
+            let allowed = self.weight_types(op, slot);
+            if !allowed.contains(&t.dtype) {
+                let what = match weight_use(op, slot) {
+                    WeightUse::Matrix => "matrix",
+                    WeightUse::Vector => "vector",
+                };
+                let slot_name = op
+                    .input_names()
+                    .get(slot)
+                    .cloned()
+                    .unwrap_or_else(|| slot.to_string());
+                return Err(unsupported(
+                    Some(t.dtype),
+                    format!(
+                        "its {what} weight `{slot_name}` is {}; {} reads {what} weights of types {}",
+                        t.dtype,
+                        self.name,
+                        type_list(allowed)
+                    ),
+                ));
+            }
+        }
+        let writes_kv = outputs.iter().any(|o| matches!(o, ValueType::KvCache(_)));
+        if writes_kv && self.kv_type != KV_DTYPE {
+            return Err(unsupported(
+                Some(KV_DTYPE),
+                format!(
+                    "plans keep the KV cache in {KV_DTYPE}, {} stores it in {}",
+                    self.name, self.kv_type
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// [`Target::supports_op`] for a step of `plan`.
+    pub fn supports_step(&self, plan: &Plan, step: &Step) -> Result<(), Unsupported> {
+        let inputs: Vec<(ValueType, bool)> = step
+            .inputs
+            .iter()
+            .map(|&operand| match operand {
+                Operand::Weight(w) => plan
+                    .weights
+                    .get(w as usize)
+                    .map(|w| (ValueType::Tensor(w.ty.clone()), true)),
+                Operand::Value(v) => plan.value(v).map(|o| (o.ty.clone(), false)),
+            })
+            .collect::<Option<_>>()
+            .ok_or_else(|| Unsupported {
+                target: self.name.clone(),
+                step: step.name.clone(),
+                op: step.op.name().to_string(),
+                ty: None,
+                reason: "an input is missing from the plan".into(),
+            })?;
+        let refs: Vec<(&ValueType, bool)> = inputs.iter().map(|(t, w)| (t, *w)).collect();
+        let outputs: Vec<&ValueType> = step.outputs.iter().map(|o| &o.ty).collect();
+        self.supports_op(&step.name, &step.op, &refs, &outputs)
+    }
+
+    /// Checks that the target runs every step of `plan` and that the plan's buffers have the
+    /// target's alignment (or a multiple of it).
+    pub fn check_plan(&self, plan: &Plan) -> Result<(), Unsupported> {
+        for step in &plan.steps {
+            self.supports_step(plan, step)?;
+        }
+        if !plan.options.alignment.is_multiple_of(self.alignment) {
+            return Err(Unsupported {
+                target: self.name.clone(),
+                step: "(plan)".into(),
+                op: "arena".into(),
+                ty: None,
+                reason: format!(
+                    "buffers are aligned to {} bytes, {} needs {}",
+                    plan.options.alignment, self.name, self.alignment
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+fn type_list(types: &[GgmlType]) -> String {
+    types
+        .iter()
+        .map(|t| t.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_old_gpus_are_refused_with_a_reason() {
+        assert_eq!(Target::parse("cpu").unwrap().kind, TargetKind::Cpu);
+        let cuda = Target::parse("cuda").unwrap();
+        assert_eq!(cuda.kind, TargetKind::Cuda { sm: 52 });
+        assert_eq!(cuda.name, "cuda");
+        assert!(cuda.budget.is_none(), "no budget is invented");
+        for (name, sm) in [("cuda:sm_52", 52), ("cuda:sm_90", 90), ("cuda:sm_61", 61)] {
+            let t = Target::parse(name).unwrap();
+            assert_eq!((t.name.as_str(), t.kind), (name, TargetKind::Cuda { sm }));
+            assert_eq!(t.alignment, 256);
+            assert_eq!(t.matrix_types, CUDA_WEIGHT_TYPES);
+        }
+        assert_eq!(
+            Target::parse("cuda:sm_52").unwrap().runtime_margin,
+            512 << 20
+        );
+        assert_eq!(
+            Target::parse("cuda:sm_90").unwrap().runtime_margin,
+            768 << 20
+        );
+        let err = Target::parse("cuda:sm_37").unwrap_err().to_string();
+        assert!(err.contains("sm_37 is older than sm_52"), "{err}");
+        for bad in [
+            "gpu",
+            "cuda:",
+            "cuda:sm_",
+            "cuda:sm_5x",
+            "cuda:52",
+            "cuda:sm_99999",
+            "CPU",
+        ] {
+            let err = Target::parse(bad).unwrap_err();
+            assert!(matches!(err, TargetError::Unknown(_)), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_cpu_target_reads_what_its_kernels_read() {
+        let t = Target::cpu();
+        assert_eq!(
+            t.matrix_types,
+            super::super::cpu::kernels::matmul::SUPPORTED
+        );
+        assert_eq!(t.passes, Pipeline::fusion().names());
+        assert_eq!(weight_use(&Op::Embedding, 0), WeightUse::Matrix);
+        assert_eq!(weight_use(&Op::MatMul, 1), WeightUse::Matrix);
+        assert_eq!(weight_use(&Op::RmsNorm { eps: 1e-5 }, 1), WeightUse::Vector);
+        assert_eq!(weight_use(&Op::GateUpSwiGlu, 2), WeightUse::Matrix);
+    }
+
+    #[test]
+    fn a_gpu_target_takes_its_budget_from_the_device() {
+        let gpu = GpuInfo {
+            ordinal: 1,
+            name: "Tesla M40 24GB".into(),
+            compute_capability: (5, 2),
+            total_memory: 24 << 30,
+        };
+        let t = Target::for_gpu(&gpu).unwrap();
+        assert_eq!(t.kind, TargetKind::Cuda { sm: 52 });
+        assert_eq!(t.budget.as_ref().unwrap().bytes, 24 << 30);
+        assert!(t.budget.unwrap().source.contains("Tesla M40"));
+        let k80 = GpuInfo {
+            compute_capability: (3, 7),
+            ..gpu
+        };
+        assert!(matches!(
+            Target::for_gpu(&k80),
+            Err(TargetError::TooOld { sm: 37, .. })
+        ));
+    }
+}

@@ -1,0 +1,242 @@
+//! `m40-llm doctor`: what this machine offers m40-llm's CUDA path (driver, NVRTC, cuBLAS, GPUs),
+//! and a compile of every kernel for each target architecture. Works without a GPU (`--arch`).
+
+use anyhow::bail;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Compile for this architecture (`sm_52`, `52`); repeatable. Default: each GPU present.
+    #[arg(long = "arch", value_parser = parse_arch)]
+    pub archs: Vec<u32>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_arch(s: &str) -> Result<u32, String> {
+    let digits = s
+        .strip_prefix("sm_")
+        .or_else(|| s.strip_prefix("compute_"))
+        .unwrap_or(s);
+    match digits.parse::<u32>() {
+        Ok(a) if (10..=200).contains(&a) => Ok(a),
+        _ => Err(format!("`{s}` is not an architecture like sm_52")),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn run(_args: Args) -> anyhow::Result<()> {
+    bail!("this build of m40-llm has no CUDA support (built without the `cuda` feature)")
+}
+
+#[cfg(feature = "cuda")]
+pub fn run(args: Args) -> anyhow::Result<()> {
+    use super::io::outln;
+    use m40_llm::backend::cuda::{cublas_present, driver_version, kernels, nvrtc};
+    use m40_llm::backend::device::probe_gpus;
+    use serde_json::json;
+
+    let json_out = args.json;
+    let say = |line: String| -> anyhow::Result<()> {
+        if !json_out {
+            outln!("{line}")?;
+        }
+        Ok(())
+    };
+
+    let driver = driver_version();
+    match &driver {
+        Ok((ma, mi)) => say(format!("driver: CUDA {ma}.{mi}"))?,
+        Err(why) => say(format!("driver: none ({why})"))?,
+    }
+    let cublas = cublas_present();
+    say(format!(
+        "cuBLAS: {}",
+        if cublas { "found" } else { "not found" }
+    ))?;
+
+    let probed = nvrtc::probe_all();
+    let mut nvrtc_json = Vec::new();
+    if probed.is_empty() {
+        say(format!("NVRTC: none found; {}", nvrtc::NVRTC_ADVICE))?;
+    }
+    for (c, r) in &probed {
+        match r {
+            Ok(n) => {
+                say(format!(
+                    "NVRTC {}: {} ({}): {}",
+                    n.version_string(),
+                    c.path,
+                    c.origin,
+                    arch_range(n.archs())
+                ))?;
+                nvrtc_json.push(json!({"path": c.path, "origin": c.origin,
+                    "version": n.version_string(), "archs": n.archs()}));
+            }
+            Err(e) => {
+                say(format!("NVRTC: {} ({}): {e}", c.path, c.origin))?;
+                nvrtc_json
+                    .push(json!({"path": c.path, "origin": c.origin, "error": e.to_string()}));
+            }
+        }
+    }
+
+    let gpus = probe_gpus();
+    match &gpus {
+        Ok(g) if g.is_empty() => say("GPUs: none".into())?,
+        Ok(g) => {
+            for gpu in g {
+                let support = if gpu.is_supported() {
+                    "supported"
+                } else {
+                    "too old (m40-llm needs sm_52 or newer)"
+                };
+                say(format!("GPU {gpu}: {support}"))?;
+            }
+        }
+        Err(why) => say(format!("GPUs: none ({why})"))?,
+    }
+
+    let mut archs = args.archs.clone();
+    if archs.is_empty()
+        && let Ok(g) = &gpus
+    {
+        for gpu in g.iter().filter(|g| g.is_supported()) {
+            let a = (gpu.compute_capability.0 * 10 + gpu.compute_capability.1) as u32;
+            if !archs.contains(&a) {
+                archs.push(a);
+            }
+        }
+    }
+    let mut ok = !archs.is_empty();
+    if archs.is_empty() {
+        say("no architecture to compile for: no supported GPU here; pass --arch sm_52".into())?;
+    }
+    let mut targets = Vec::new();
+    for arch in archs {
+        let nv = match nvrtc::find_for_arch(arch) {
+            Ok(n) => n,
+            Err(e) => {
+                ok = false;
+                say(format!("sm_{arch}: {e}"))?;
+                targets.push(json!({"arch": arch, "error": e.to_string()}));
+                continue;
+            }
+        };
+        say(format!(
+            "compiling every kernel for sm_{arch} with NVRTC {} ({}):",
+            nv.version_string(),
+            nv.path()
+        ))?;
+        // A GPU of this arch, to load the images on and ask the driver what ptxas did not say.
+        let device = gpus
+            .as_ref()
+            .ok()
+            .and_then(|g| {
+                g.iter()
+                    .find(|g| m40_llm::backend::device::arch_of(g) == arch)
+            })
+            .and_then(|g| cudarc::driver::CudaContext::new(g.ordinal).ok());
+        let mut fams = Vec::new();
+        for (name, r) in kernels::compile_all(&nv, arch, None) {
+            match r {
+                Ok(mut f) => {
+                    let mut source = "ptxas";
+                    if f.functions.iter().any(|f| f.registers.is_none()) {
+                        source = "no report";
+                        if let Some(ctx) = &device {
+                            match kernels::device_function_info(ctx, &f.cubin, &mut f.functions) {
+                                Ok(()) => source = "driver",
+                                Err(e) => {
+                                    ok = false;
+                                    say(format!("  {name:<12} FAILED to load on the GPU: {e}"))?;
+                                }
+                            }
+                        }
+                    }
+                    say(format!(
+                        "  {name:<12} ok   {:>6.2} s  {} kernels, {} KiB cubin (resources: {source})",
+                        f.seconds,
+                        f.functions.len(),
+                        f.cubin.len().div_ceil(1024)
+                    ))?;
+                    for func in &f.functions {
+                        say(format!("    {}", describe(func)))?;
+                    }
+                    fams.push(
+                        json!({"name": name, "ok": true, "seconds": f.seconds, "resources": source,
+                        "cubin_bytes": f.cubin.len(), "functions": f.functions}),
+                    );
+                }
+                Err(e) => {
+                    ok = false;
+                    say(format!("  {name:<12} FAILED: {e}"))?;
+                    fams.push(json!({"name": name, "ok": false, "error": e.to_string()}));
+                }
+            }
+        }
+        targets.push(json!({"arch": arch, "nvrtc": {"path": nv.path(),
+            "version": nv.version_string()}, "families": fams}));
+    }
+
+    if json_out {
+        let out = json!({
+            "driver": driver.as_ref().ok().map(|(a, b)| format!("{a}.{b}")),
+            "driver_error": driver.as_ref().err(),
+            "cublas": cublas,
+            "nvrtc": nvrtc_json,
+            "gpus": gpus.as_ref().ok(),
+            "gpu_error": gpus.as_ref().err(),
+            "targets": targets,
+            "ok": ok,
+        });
+        outln!("{out}")?;
+    }
+    if !ok {
+        bail!("doctor: the kernels could not be compiled for every architecture asked for");
+    }
+    say("doctor: ok".into())?;
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn describe(f: &m40_llm::backend::cuda::kernels::FunctionInfo) -> String {
+    let mut s = format!("{:<28}", f.name);
+    if let Some(r) = f.registers {
+        s.push_str(&format!(" {r:>3} regs"));
+    }
+    if let Some(b) = f.shared_bytes {
+        s.push_str(&format!(", {b} B smem"));
+    }
+    if let Some(b) = f.stack_bytes.filter(|&b| b > 0) {
+        s.push_str(&format!(", {b} B stack"));
+    }
+    let spills = f.spill_store_bytes.unwrap_or(0) + f.spill_load_bytes.unwrap_or(0);
+    if spills > 0 {
+        s.push_str(&format!(", {spills} B spilled"));
+    }
+    s
+}
+
+/// `sm_50..sm_90 (12 archs)`.
+#[cfg(feature = "cuda")]
+fn arch_range(archs: &[u32]) -> String {
+    match (archs.iter().min(), archs.iter().max()) {
+        (Some(lo), Some(hi)) => format!("sm_{lo}..sm_{hi} ({} archs)", archs.len()),
+        _ => "no architectures".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_arch;
+
+    #[test]
+    fn archs_are_read_with_or_without_prefix() {
+        assert_eq!(parse_arch("sm_52"), Ok(52));
+        assert_eq!(parse_arch("90"), Ok(90));
+        assert_eq!(parse_arch("compute_61"), Ok(61));
+        assert!(parse_arch("sm_x").is_err());
+        assert!(parse_arch("5").is_err());
+    }
+}

@@ -1,0 +1,1310 @@
+//! The CUDA kernels (kernels/*.cu): compiled by NVRTC for sm_52 (the Tesla M40) and sm_90, and,
+//! where a GPU is present, launched on seeded random inputs and compared with the CPU reference
+//! (the CPU backend's kernels, or `gguf::quants` dequantization and f64 math) within 1e-3
+//! relative. One test target, so one executable to stage for the GPU machine (../shared/gpu).
+//!
+//! Without NVRTC the compile test skips, saying why, and fails under M40LLM_REQUIRE_TESTDATA=1
+//! (CI installs `nvidia-cuda-nvrtc-cu12==12.4.*`); without a GPU the launch tests skip.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use m40_llm::backend::cuda::{kernels, nvrtc};
+
+fn required() -> bool {
+    std::env::var("M40LLM_REQUIRE_TESTDATA").is_ok_and(|v| v == "1")
+}
+
+#[test]
+fn every_kernel_compiles_for_sm52_and_sm90() {
+    for arch in [52, 90] {
+        let nv = match nvrtc::find_for_arch(arch) {
+            Ok(n) => n,
+            Err(e) => {
+                assert!(
+                    !required(),
+                    "{e}; M40LLM_REQUIRE_TESTDATA=1 makes a missing NVRTC a failure"
+                );
+                eprintln!("SKIPPED: {e}");
+                continue;
+            }
+        };
+        let mut failures = Vec::new();
+        for (name, r) in kernels::compile_all(&nv, arch, None) {
+            match r {
+                Ok(f) => {
+                    assert!(!f.cubin.is_empty(), "{name}: empty cubin");
+                    let entries = kernels::cubin_entry_points(&f.cubin);
+                    assert!(!entries.is_empty(), "{name}: no entry points in the cubin");
+                    let names: Vec<_> = f.functions.iter().map(|f| f.name.clone()).collect();
+                    assert_eq!(names, entries, "{name}: report and cubin disagree");
+                    // NVRTC 13 returns no ptxas log for a program it compiled before.
+                    let reported = f.log.contains("ptxas info");
+                    for func in &f.functions {
+                        assert!(!reported || func.registers.is_some(), "{name}: {func:?}");
+                        // Nothing spills on the M40 (local memory is slow there).
+                        assert_eq!(
+                            func.spill_store_bytes.unwrap_or(0),
+                            0,
+                            "{name}: {} spills for sm_{arch}",
+                            func.name
+                        );
+                    }
+                    eprintln!(
+                        "sm_{arch} NVRTC {} {name}: {} kernels in {:.2} s",
+                        nv.version_string(),
+                        f.functions.len(),
+                        f.seconds
+                    );
+                }
+                Err(e) => failures.push(e.to_string()),
+            }
+        }
+        assert!(failures.is_empty(), "{}", failures.join("\n"));
+    }
+}
+
+#[test]
+fn a_compile_error_names_the_kernel_and_carries_the_diagnostics() {
+    let Ok(nv) = nvrtc::find_for_arch(52).or_else(|_| nvrtc::find_for_arch(90)) else {
+        assert!(!required(), "no NVRTC found");
+        eprintln!("SKIPPED: no NVRTC found");
+        return;
+    };
+    let arch = if nv.supports(52) { 52 } else { 90 };
+    let err = nv
+        .compile(
+            "broken",
+            "extern \"C\" __global__ void k() { undefined_thing(); }",
+            &[],
+            arch,
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("kernels/broken.cu"), "{err}");
+    assert!(err.contains("undefined_thing"), "{err}");
+}
+
+#[test]
+fn an_nvrtc_override_that_does_not_exist_fails_with_the_advice() {
+    // find_for_arch reads M40LLM_NVRTC; a child process keeps this process's environment clean.
+    if std::env::var_os("M40LLM_GPU_KERNELS_CHILD").is_some() {
+        let e = nvrtc::find_for_arch(52).unwrap_err().to_string();
+        assert!(e.contains("/nonexistent/libnvrtc.so"), "{e}");
+        assert!(e.contains("nvidia-cuda-nvrtc-cu12==12.4"), "{e}");
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args([
+            "an_nvrtc_override_that_does_not_exist_fails_with_the_advice",
+            "--exact",
+            "--nocapture",
+        ])
+        .env("M40LLM_GPU_KERNELS_CHILD", "1")
+        .env("M40LLM_NVRTC", "/nonexistent/libnvrtc.so")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+// ---- Launch tests: every kernel on a real GPU against the CPU reference. ----
+
+mod gpu {
+    use cudarc::driver::{
+        CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, LaunchConfig, ValidAsZeroBits,
+    };
+    use half::f16;
+    use m40_llm::backend::cuda::KernelSet;
+    use m40_llm::backend::device::probe_gpus;
+    use rand::{Rng, RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+    use std::sync::{Arc, OnceLock};
+
+    pub struct Gpu {
+        pub ks: KernelSet,
+        pub stream: Arc<CudaStream>,
+    }
+
+    /// The GPU and its kernels, set up once per test process; `None` (with the reason printed)
+    /// without a GPU. A GPU without a usable NVRTC is a failure.
+    pub fn gpu() -> Option<&'static Gpu> {
+        static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
+        let g = GPU.get_or_init(|| {
+            let gpus = match probe_gpus() {
+                Ok(g) if !g.is_empty() => g,
+                Ok(_) => {
+                    eprintln!("SKIPPED: the CUDA driver reports no GPU");
+                    return None;
+                }
+                Err(why) => {
+                    eprintln!("SKIPPED: no GPU: {why}");
+                    return None;
+                }
+            };
+            let pick = m40_llm::backend::device::preferred_gpu(&gpus)?;
+            let ctx = CudaContext::new(pick.ordinal).unwrap();
+            let ks = match KernelSet::load(ctx.clone(), None) {
+                Ok(k) => k,
+                Err(e) => panic!("{pick}: the kernels cannot be loaded: {e}"),
+            };
+            eprintln!(
+                "GPU {pick}: kernels for sm_{} by NVRTC {} ({:?})",
+                ks.arch(),
+                ks.nvrtc_version(),
+                ks.compiled
+            );
+            Some(Gpu {
+                stream: ctx.default_stream(),
+                ks,
+            })
+        });
+        g.as_ref()
+    }
+
+    impl Gpu {
+        pub fn f(&self, family: &str, name: &str) -> CudaFunction {
+            self.ks.function(family, name).unwrap()
+        }
+        pub fn up<T: DeviceRepr>(&self, v: &[T]) -> CudaSlice<T> {
+            self.stream.clone_htod(v).unwrap()
+        }
+        /// An output buffer poisoned with `poison` so unwritten elements show.
+        pub fn out<T: DeviceRepr + Clone>(&self, n: usize, poison: T) -> CudaSlice<T> {
+            self.stream.clone_htod(&vec![poison; n]).unwrap()
+        }
+        pub fn zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> CudaSlice<T> {
+            self.stream.alloc_zeros(n).unwrap()
+        }
+        pub fn down<T: DeviceRepr + Clone + Default>(&self, d: &CudaSlice<T>) -> Vec<T> {
+            let v = self.stream.clone_dtoh(d).unwrap();
+            self.stream.synchronize().unwrap();
+            v
+        }
+    }
+
+    pub fn cfg(grid: (u32, u32, u32), block: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: grid,
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    pub fn rng(seed: u64) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(seed)
+    }
+
+    /// Values in [-1, 1), never all zero.
+    pub fn randn(r: &mut impl Rng, n: usize) -> Vec<f32> {
+        (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
+    }
+
+    pub const NAN: f32 = f32::NAN;
+
+    /// Every value finite and within `tol` of the reference, relative to the reference's largest
+    /// magnitude.
+    pub fn assert_close(what: &str, got: &[f32], want: &[f64], tol: f64) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        let scale = want.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-30);
+        let mut worst = (0usize, 0f64);
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(g.is_finite(), "{what}: element {i} is {g} (want {w})");
+            let e = (f64::from(g) - w).abs() / scale;
+            if e > worst.1 {
+                worst = (i, e);
+            }
+        }
+        assert!(
+            worst.1 <= tol,
+            "{what}: element {} is {} but the reference is {} (error {:.2e} of max |ref| {scale:.3e})",
+            worst.0,
+            got[worst.0],
+            want[worst.0],
+            worst.1
+        );
+    }
+
+    pub fn f64s(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|&x| f64::from(x)).collect()
+    }
+
+    pub fn to_f16_bits(v: &[f32]) -> Vec<u16> {
+        v.iter().map(|&x| f16::from_f32(x).to_bits()).collect()
+    }
+
+    pub fn launch<'a>(
+        f: &'a CudaFunction,
+        g: &'a Gpu,
+        c: LaunchConfig,
+        args: impl FnOnce(&mut cudarc::driver::LaunchArgs<'a>),
+    ) {
+        let mut b = g.stream.launch_builder(f);
+        args(&mut b);
+        // SAFETY: every test passes the arguments its kernel's signature lists.
+        unsafe { b.launch(c) }.unwrap();
+    }
+}
+
+use cudarc::driver::PushKernelArg;
+use gpu::*;
+use half::f16;
+use m40_llm::backend::cpu::kernels as cpu;
+use m40_llm::backend::cuda::ops::{AttnPath, AttnShape, Ops, PagedKv};
+use m40_llm::backend::cuda::weight_kernel_suffix;
+use m40_llm::gguf::GgmlType;
+use m40_llm::gguf::quants::{DEQUANTIZE_TYPES, dequantize_row_f32, quantize_row};
+use rand::RngExt;
+
+/// A random `[n, k]` weight in type `ty` and its dequantized values.
+fn weight(seed: u64, ty: GgmlType, n: usize, k: usize) -> (Vec<u8>, Vec<f32>, usize) {
+    let mut r = rng(seed);
+    let vals = randn(&mut r, n * k);
+    let bytes = quantize_row(ty, &vals).unwrap();
+    let row_bytes = bytes.len() / n;
+    let mut deq = vec![0f32; n * k];
+    dequantize_row_f32(ty, &bytes, &mut deq).unwrap();
+    (bytes, deq, row_bytes)
+}
+
+#[test]
+fn embedding_gathers_every_weight_type() {
+    let Some(g) = gpu() else { return };
+    let (n_rows, e) = (37, 512);
+    let ids: Vec<i32> = vec![3, 0, 36, 3, 17];
+    for (i, ty) in DEQUANTIZE_TYPES.into_iter().enumerate() {
+        let (bytes, deq, row_bytes) = weight(100 + i as u64, ty, n_rows, e);
+        let f = g.f(
+            "gather",
+            &format!("embedding_{}", weight_kernel_suffix(ty).unwrap()),
+        );
+        let (t_d, ids_d) = (g.up(&bytes), g.up(&ids));
+        let mut y_d = g.out(ids.len() * e, NAN);
+        let (nr, ee, rb) = (n_rows as i32, e as i32, row_bytes as i64);
+        launch(&f, g, cfg((ids.len() as u32, 1, 1), 128), |b| {
+            b.arg(&t_d)
+                .arg(&ids_d)
+                .arg(&mut y_d)
+                .arg(&nr)
+                .arg(&ee)
+                .arg(&rb);
+        });
+        let y = g.down(&y_d);
+        let want: Vec<f64> = ids
+            .iter()
+            .flat_map(|&id| f64s(&deq[id as usize * e..][..e]))
+            .collect();
+        assert_close(&format!("embedding {ty:?}"), &y, &want, 1e-6);
+    }
+}
+
+#[test]
+fn dequantize_matches_gguf_quants_for_every_type() {
+    let Some(g) = gpu() else { return };
+    let (n, k) = (19, 768);
+    for (i, ty) in DEQUANTIZE_TYPES.into_iter().enumerate() {
+        let (bytes, deq, row_bytes) = weight(200 + i as u64, ty, n, k);
+        let f = g.f(
+            "dequant",
+            &format!("dequantize_{}", weight_kernel_suffix(ty).unwrap()),
+        );
+        let w_d = g.up(&bytes);
+        let mut y_d = g.out(n * k, NAN);
+        let (nn, kk, rb) = (n as i64, k as i32, row_bytes as i64);
+        launch(&f, g, cfg((24, 1, 1), 256), |b| {
+            b.arg(&w_d).arg(&mut y_d).arg(&nn).arg(&kk).arg(&rb);
+        });
+        assert_close(
+            &format!("dequantize {ty:?}"),
+            &g.down(&y_d),
+            &f64s(&deq),
+            1e-6,
+        );
+    }
+}
+
+/// y[r, n] = sum_k x[r, k] w[n, k] in f64.
+fn matmul_ref(x: &[f32], w: &[f32], r: usize, n: usize, k: usize) -> Vec<f64> {
+    let mut y = vec![0f64; r * n];
+    for i in 0..r {
+        for j in 0..n {
+            y[i * n + j] = (0..k)
+                .map(|l| f64::from(x[i * k + l]) * f64::from(w[j * k + l]))
+                .sum();
+        }
+    }
+    y
+}
+
+#[test]
+fn matvec_and_gate_up_swiglu_match_dequantized_f64_math_for_every_type() {
+    let Some(g) = gpu() else { return };
+    let (n, k) = (67, 1024);
+    for rows in [1usize, 3] {
+        for (i, ty) in DEQUANTIZE_TYPES.into_iter().enumerate() {
+            let sfx = weight_kernel_suffix(ty).unwrap();
+            let (wb, wd, row_bytes) = weight(300 + i as u64, ty, n, k);
+            let (ub, ud, _) = weight(400 + i as u64, ty, n, k);
+            let x = randn(&mut rng(500 + i as u64), rows * k);
+            let (w_d, u_d, x_d) = (g.up(&wb), g.up(&ub), g.up(&x));
+            let (nn, kk, rb) = (n as i32, k as i32, row_bytes as i64);
+            let grid = (n.div_ceil(4) as u32, rows as u32, 1);
+            let mut y_d = g.out(rows * n, NAN);
+            launch(
+                &g.f("matvec", &format!("matvec_{sfx}")),
+                g,
+                cfg(grid, 128),
+                |b| {
+                    b.arg(&w_d)
+                        .arg(&x_d)
+                        .arg(&mut y_d)
+                        .arg(&nn)
+                        .arg(&kk)
+                        .arg(&rb);
+                },
+            );
+            let want = matmul_ref(&x, &wd, rows, n, k);
+            assert_close(
+                &format!("matvec {ty:?} rows={rows}"),
+                &g.down(&y_d),
+                &want,
+                1e-3,
+            );
+
+            let mut z_d = g.out(rows * n, NAN);
+            launch(
+                &g.f("matvec", &format!("gate_up_swiglu_{sfx}")),
+                g,
+                cfg(grid, 128),
+                |b| {
+                    b.arg(&w_d)
+                        .arg(&u_d)
+                        .arg(&x_d)
+                        .arg(&mut z_d)
+                        .arg(&nn)
+                        .arg(&kk)
+                        .arg(&rb);
+                },
+            );
+            let up = matmul_ref(&x, &ud, rows, n, k);
+            let want: Vec<f64> = want
+                .iter()
+                .zip(&up)
+                .map(|(&a, &u)| a / (1.0 + (-a).exp()) * u)
+                .collect();
+            assert_close(
+                &format!("gate_up_swiglu {ty:?} rows={rows}"),
+                &g.down(&z_d),
+                &want,
+                1e-3,
+            );
+        }
+    }
+}
+
+#[test]
+fn elementwise_ops_and_select_rows_match_the_cpu_kernels() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng(7);
+    let (rows, n) = (5usize, 300usize);
+    let a = randn(&mut r, rows * n);
+    let full = randn(&mut r, rows * n);
+    let vec_b = randn(&mut r, n);
+    let total = (rows * n) as i64;
+    let a_d = g.up(&a);
+    for (name, b) in [("full", &full), ("row broadcast", &vec_b)] {
+        let b_d = g.up(b);
+        let b_len = b.len() as i64;
+        for (kernel, cpu_op) in [
+            ("add_f32", cpu::add as fn(&[f32], &[f32], &mut [f32]) -> _),
+            ("mul_f32", cpu::mul),
+        ] {
+            let mut y_d = g.out(rows * n, NAN);
+            launch(&g.f("elementwise", kernel), g, cfg((4, 1, 1), 128), |bb| {
+                bb.arg(&a_d).arg(&b_d).arg(&mut y_d).arg(&total).arg(&b_len);
+            });
+            let mut want = vec![0f32; rows * n];
+            cpu_op(&a, b, &mut want).unwrap();
+            assert_close(
+                &format!("{kernel} {name}"),
+                &g.down(&y_d),
+                &f64s(&want),
+                1e-6,
+            );
+        }
+    }
+    let mut y_d = g.out(rows * n, NAN);
+    launch(
+        &g.f("elementwise", "silu_f32"),
+        g,
+        cfg((3, 1, 1), 128),
+        |b| {
+            b.arg(&a_d).arg(&mut y_d).arg(&total);
+        },
+    );
+    let mut want = vec![0f32; rows * n];
+    cpu::silu(&a, &mut want).unwrap();
+    assert_close("silu", &g.down(&y_d), &f64s(&want), 1e-6);
+
+    let up_d = g.up(&full);
+    let mut y_d = g.out(rows * n, NAN);
+    launch(
+        &g.f("elementwise", "swiglu_f32"),
+        g,
+        cfg((3, 1, 1), 128),
+        |b| {
+            b.arg(&a_d).arg(&up_d).arg(&mut y_d).arg(&total);
+        },
+    );
+    cpu::swiglu(&a, &full, &mut want).unwrap();
+    assert_close("swiglu", &g.down(&y_d), &f64s(&want), 1e-6);
+
+    let sel = [4i32, 0, 2];
+    let sel_d = g.up(&sel);
+    let mut y_d = g.out(sel.len() * n, NAN);
+    let (tt, nn) = (rows as i32, n as i32);
+    launch(
+        &g.f("gather", "select_rows"),
+        g,
+        cfg((sel.len() as u32, 1, 1), 128),
+        |b| {
+            b.arg(&a_d).arg(&sel_d).arg(&mut y_d).arg(&tt).arg(&nn);
+        },
+    );
+    let mut want = vec![0f32; sel.len() * n];
+    cpu::select_rows(&a, n, &sel, &mut want).unwrap();
+    assert_close("select_rows", &g.down(&y_d), &f64s(&want), 0.0);
+}
+
+#[test]
+fn rms_norm_and_add_rms_norm_match_the_cpu_kernels_per_row_and_per_head() {
+    let Some(g) = gpu() else { return };
+    let mut r = rng(11);
+    let (rows, n) = (4usize, 576usize);
+    for group in [n, 64] {
+        let x = randn(&mut r, rows * n);
+        let b = randn(&mut r, rows * n);
+        let w = randn(&mut r, group);
+        let eps = 1e-5f32;
+        let (x_d, b_d, w_d) = (g.up(&x), g.up(&b), g.up(&w));
+        let groups = (rows * n / group) as u32;
+        let gg = group as i32;
+        let mut y_d = g.out(rows * n, NAN);
+        launch(
+            &g.f("norm", "rms_norm_f32"),
+            g,
+            cfg((groups, 1, 1), 128),
+            |bb| {
+                bb.arg(&x_d).arg(&w_d).arg(&mut y_d).arg(&gg).arg(&eps);
+            },
+        );
+        let mut want = vec![0f32; rows * n];
+        cpu::rms_norm(&x, &w, eps, &mut want).unwrap();
+        assert_close(
+            &format!("rms_norm G={group}"),
+            &g.down(&y_d),
+            &f64s(&want),
+            1e-5,
+        );
+        let ops = Ops {
+            ks: &g.ks,
+            stream: &g.stream,
+        };
+        let mut y_d = g.out(rows * n, NAN);
+        ops.rms_norm(&x_d, &w_d, &mut y_d, rows * n, eps).unwrap();
+        assert_close(
+            &format!("Ops::rms_norm G={group}"),
+            &g.down(&y_d),
+            &f64s(&want),
+            1e-5,
+        );
+
+        let mut s_d = g.out(rows * n, NAN);
+        let mut y_d = g.out(rows * n, NAN);
+        launch(
+            &g.f("norm", "add_rms_norm_f32"),
+            g,
+            cfg((groups, 1, 1), 256),
+            |bb| {
+                bb.arg(&x_d)
+                    .arg(&b_d)
+                    .arg(&w_d)
+                    .arg(&mut s_d)
+                    .arg(&mut y_d)
+                    .arg(&gg)
+                    .arg(&eps);
+            },
+        );
+        let (mut sum, mut normed) = (vec![0f32; rows * n], vec![0f32; rows * n]);
+        cpu::add_rms_norm(&x, &b, &w, eps, &mut sum, &mut normed).unwrap();
+        assert_close(
+            &format!("add_rms_norm sum G={group}"),
+            &g.down(&s_d),
+            &f64s(&sum),
+            1e-6,
+        );
+        assert_close(
+            &format!("add_rms_norm G={group}"),
+            &g.down(&y_d),
+            &f64s(&normed),
+            1e-5,
+        );
+    }
+}
+
+/// A page table for one slot: `n_pages` pages of a pool of `pool` pages, scattered.
+fn page_table(seed: u64, n_pages: usize, pool: usize) -> Vec<i32> {
+    let mut all: Vec<i32> = (0..pool as i32).collect();
+    let mut r = rng(seed);
+    for i in (1..all.len()).rev() {
+        let j = r.random_range(0..=i);
+        all.swap(i, j);
+    }
+    all.truncate(n_pages);
+    all
+}
+
+fn cell(table: &[i32], p: usize, page: usize) -> usize {
+    table[p / page] as usize * page + p % page
+}
+
+#[test]
+fn rope_and_rope_kv_write_match_the_cpu_kernels() {
+    let Some(g) = gpu() else { return };
+    let (t, d) = (6usize, 64usize);
+    let pos = vec![0i32, 1, 17, 300, 1999, 2047];
+    let page = 16usize;
+    for (case, (neox, n_rot, ff, h)) in [
+        (false, 64, false, 4usize),
+        (true, 64, false, 3),
+        (false, 32, true, 2),
+        (true, 48, true, 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut r = rng(1000 + case as u64);
+        let x = randn(&mut r, t * h * d);
+        let v = randn(&mut r, t * h * d);
+        let factors: Vec<f32> = (0..n_rot / 2).map(|i| 1.0 + i as f32 * 0.25).collect();
+        let spec = cpu::RopeSpec {
+            style: if neox {
+                cpu::RopeStyle::Neox
+            } else {
+                cpu::RopeStyle::Normal
+            },
+            head_dim: d,
+            n_rot,
+            freq_base: 10000.0,
+            freq_scale: 0.5,
+        };
+        let ff_arg = ff.then_some(&factors[..]);
+        let mut want = vec![0f32; t * h * d];
+        cpu::rope(&x, &pos, ff_arg, &spec, &mut want).unwrap();
+
+        let (x_d, v_d, pos_d, ff_d) = (g.up(&x), g.up(&v), g.up(&pos), g.up(&factors));
+        let mut y_d = g.out(t * h * d, NAN);
+        let (hh, dd, nr, nx) = (h as i32, d as i32, n_rot as i32, i32::from(neox));
+        let (base, scale) = (spec.freq_base, spec.freq_scale);
+        let null = 0u64;
+        launch(
+            &g.f("rope", "rope_f32"),
+            g,
+            cfg(((t * h) as u32, 1, 1), 64),
+            |b| {
+                b.arg(&x_d).arg(&mut y_d).arg(&pos_d);
+                if ff {
+                    b.arg(&ff_d);
+                } else {
+                    b.arg(&null);
+                }
+                b.arg(&hh).arg(&dd).arg(&nr).arg(&nx).arg(&base).arg(&scale);
+            },
+        );
+        let what = format!("rope neox={neox} n_rot={n_rot} ff={ff}");
+        assert_close(&what, &g.down(&y_d), &f64s(&want), 1e-3);
+
+        // The fused write, into a paged cache: slot 0's pages scattered in a pool.
+        let n_pages = 2048 / page;
+        let table = page_table(77 + case as u64, n_pages, n_pages + 5);
+        let n_cells = (n_pages + 5) * page;
+        let row = h * d;
+        let cells: Vec<u32> = pos
+            .iter()
+            .map(|&p| cell(&table, p as usize, page) as u32)
+            .collect();
+        let (mut kc_want, mut vc_want) = (
+            vec![f16::ZERO; n_cells * row],
+            vec![f16::ZERO; n_cells * row],
+        );
+        cpu::rope_kv_write(
+            &x,
+            &v,
+            &pos,
+            ff_arg,
+            &spec,
+            &cells,
+            &mut kc_want,
+            &mut vc_want,
+        )
+        .unwrap();
+        let mut kc_d = g.zeros::<u16>(n_cells * row);
+        let mut vc_d = g.zeros::<u16>(n_cells * row);
+        let slots = vec![0i32; t];
+        let (slots_d, table_d) = (g.up(&slots), g.up(&table));
+        let (stride, ps, nc) = (n_pages as i32, page as i32, n_cells as i64);
+        launch(
+            &g.f("rope", "rope_kv_write_f16"),
+            g,
+            cfg(((t * h) as u32, 1, 1), 64),
+            |b| {
+                b.arg(&x_d)
+                    .arg(&v_d)
+                    .arg(&mut kc_d)
+                    .arg(&mut vc_d)
+                    .arg(&pos_d)
+                    .arg(&slots_d);
+                b.arg(&table_d).arg(&stride).arg(&ps).arg(&nc);
+                if ff {
+                    b.arg(&ff_d);
+                } else {
+                    b.arg(&null);
+                }
+                b.arg(&hh).arg(&dd).arg(&nr).arg(&nx).arg(&base).arg(&scale);
+            },
+        );
+        let kc: Vec<f32> = g
+            .down(&kc_d)
+            .iter()
+            .map(|&b| f16::from_bits(b).to_f32())
+            .collect();
+        let vc = g.down(&vc_d);
+        let want_k: Vec<f64> = kc_want.iter().map(|v| f64::from(v.to_f32())).collect();
+        assert_close(&format!("rope_kv_write K {what}"), &kc, &want_k, 2e-3);
+        let want_v: Vec<u16> = vc_want.iter().map(|v| v.to_bits()).collect();
+        assert!(vc == want_v, "rope_kv_write V {what}");
+    }
+}
+
+#[test]
+fn kv_write_stores_fp16_into_paged_cells() {
+    let Some(g) = gpu() else { return };
+    let (row, page) = (2 * 64usize, 8usize);
+    // Two slots with scattered pages of one pool; tokens of both in one step.
+    let pool = 12usize;
+    let tables: Vec<i32> = vec![5, 0, 9, 2, /* slot 1 */ 7, 11, 1, 3];
+    let stride = 4;
+    let slots = vec![0i32, 0, 1, 1, 0];
+    let pos = vec![0i32, 13, 2, 31, 30];
+    let mut r = rng(5);
+    let k = randn(&mut r, slots.len() * row);
+    let v = randn(&mut r, slots.len() * row);
+    let n_cells = pool * page;
+    let (mut kc_d, mut vc_d) = (g.zeros::<u16>(n_cells * row), g.zeros::<u16>(n_cells * row));
+    let (k_d, v_d, pos_d, slots_d, t_d) =
+        (g.up(&k), g.up(&v), g.up(&pos), g.up(&slots), g.up(&tables));
+    let (st, ps, nc, rw) = (stride as i32, page as i32, n_cells as i64, row as i32);
+    launch(
+        &g.f("rope", "kv_write_f16"),
+        g,
+        cfg((slots.len() as u32, 1, 1), 128),
+        |b| {
+            b.arg(&k_d)
+                .arg(&v_d)
+                .arg(&mut kc_d)
+                .arg(&mut vc_d)
+                .arg(&pos_d)
+                .arg(&slots_d);
+            b.arg(&t_d).arg(&st).arg(&ps).arg(&nc).arg(&rw);
+        },
+    );
+    let cells: Vec<u32> = slots
+        .iter()
+        .zip(&pos)
+        .map(|(&s, &p)| cell(&tables[s as usize * stride..][..stride], p as usize, page) as u32)
+        .collect();
+    let (mut kc, mut vc) = (
+        vec![f16::ZERO; n_cells * row],
+        vec![f16::ZERO; n_cells * row],
+    );
+    cpu::kv_write(&k, &v, &cells, row, &mut kc, &mut vc).unwrap();
+    let bits = |c: &[f16]| c.iter().map(|v| v.to_bits()).collect::<Vec<u16>>();
+    assert!(g.down(&kc_d) == bits(&kc), "K cache differs");
+    assert!(g.down(&vc_d) == bits(&vc), "V cache differs");
+}
+
+/// One attention case: `tokens` (slot, position) over a paged cache of random K/V.
+struct AttnCase {
+    h: usize,
+    hkv: usize,
+    d: usize,
+    window: usize,
+    tokens: Vec<(usize, usize)>,
+}
+
+fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
+    let (h, hkv, d) = (c.h, c.hkv, c.d);
+    let page = 16usize;
+    let max_pos = c.tokens.iter().map(|&(_, p)| p).max().unwrap();
+    let n_slots = c.tokens.iter().map(|&(s, _)| s).max().unwrap() + 1;
+    let pages_per_slot = (max_pos + 1).div_ceil(page);
+    let pool = n_slots * pages_per_slot + 3;
+    let mut tables = Vec::new();
+    let mut all = page_table(seed, pool, pool);
+    for _ in 0..n_slots {
+        tables.extend(all.drain(..pages_per_slot));
+    }
+    let row = hkv * d;
+    let n_cells = pool * page;
+    let mut r = rng(seed + 1);
+    let kc = to_f16_bits(&randn(&mut r, n_cells * row));
+    let vc = to_f16_bits(&randn(&mut r, n_cells * row));
+    let t = c.tokens.len();
+    let q: Vec<f32> = randn(&mut r, t * h * d).iter().map(|v| v * 2.0).collect();
+    let scale = 1.0 / (d as f32).sqrt();
+    // f64 reference.
+    let kf = |cell: usize, e: usize| f64::from(f16::from_bits(kc[cell * row + e]).to_f32());
+    let vf = |cell: usize, e: usize| f64::from(f16::from_bits(vc[cell * row + e]).to_f32());
+    let mut want = vec![0f64; t * h * d];
+    for (ti, &(slot, p)) in c.tokens.iter().enumerate() {
+        let table = &tables[slot * pages_per_slot..][..pages_per_slot];
+        let lo = if c.window > 0 && p + 1 > c.window {
+            p + 1 - c.window
+        } else {
+            0
+        };
+        for hh in 0..h {
+            let gk = hh / (h / hkv);
+            let qh = &q[(ti * h + hh) * d..][..d];
+            let cells: Vec<usize> = (lo..=p).map(|pp| cell(table, pp, page)).collect();
+            let s: Vec<f64> = cells
+                .iter()
+                .map(|&cl| {
+                    f64::from(scale)
+                        * (0..d)
+                            .map(|e| f64::from(qh[e]) * kf(cl, gk * d + e))
+                            .sum::<f64>()
+                })
+                .collect();
+            let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let w: Vec<f64> = s.iter().map(|&x| (x - m).exp()).collect();
+            let sum: f64 = w.iter().sum();
+            for e in 0..d {
+                want[(ti * h + hh) * d + e] = cells
+                    .iter()
+                    .zip(&w)
+                    .map(|(&cl, &wi)| wi * vf(cl, gk * d + e))
+                    .sum::<f64>()
+                    / sum;
+            }
+        }
+    }
+    let slots: Vec<i32> = c.tokens.iter().map(|&(s, _)| s as i32).collect();
+    let pos: Vec<i32> = c.tokens.iter().map(|&(_, p)| p as i32).collect();
+    let (q_d, kc_d, vc_d, pos_d, slots_d, tab_d) = (
+        g.up(&q),
+        g.up(&kc),
+        g.up(&vc),
+        g.up(&pos),
+        g.up(&slots),
+        g.up(&tables),
+    );
+    let (stride, ps, hh, hk, dd, win) = (
+        pages_per_slot as i32,
+        page as i32,
+        h as i32,
+        hkv as i32,
+        d as i32,
+        c.window as i32,
+    );
+    let what = format!(
+        "H={h} Hkv={hkv} D={d} window={} tokens={:?}",
+        c.window, c.tokens
+    );
+
+    // Decode: split over the context, then combine.
+    let chunk = 256i32;
+    let longest = c
+        .tokens
+        .iter()
+        .map(|&(_, p)| {
+            if c.window > 0 {
+                (p + 1).min(c.window)
+            } else {
+                p + 1
+            }
+        })
+        .max()
+        .unwrap();
+    let splits = longest.div_ceil(chunk as usize);
+    let parts = t * h * splits;
+    let mut pm = g.out(parts, NAN);
+    let mut pl = g.out(parts, NAN);
+    let mut pa = g.out(parts * d, NAN);
+    launch(
+        &g.f("attention", "attention_decode_f16"),
+        g,
+        cfg((h as u32, t as u32, splits as u32), 128),
+        |b| {
+            b.arg(&q_d)
+                .arg(&kc_d)
+                .arg(&vc_d)
+                .arg(&pos_d)
+                .arg(&slots_d)
+                .arg(&tab_d);
+            b.arg(&stride)
+                .arg(&ps)
+                .arg(&hh)
+                .arg(&hk)
+                .arg(&dd)
+                .arg(&scale)
+                .arg(&win)
+                .arg(&chunk);
+            b.arg(&mut pm).arg(&mut pl).arg(&mut pa);
+        },
+    );
+    let mut y_d = g.out(t * h * d, NAN);
+    let ss = splits as i32;
+    launch(
+        &g.f("attention", "attention_combine"),
+        g,
+        cfg((h as u32, t as u32, 1), 64),
+        |b| {
+            b.arg(&pm)
+                .arg(&pl)
+                .arg(&pa)
+                .arg(&mut y_d)
+                .arg(&hh)
+                .arg(&dd)
+                .arg(&ss);
+        },
+    );
+    assert_close(
+        &format!("attention decode {what}"),
+        &g.down(&y_d),
+        &want,
+        1e-3,
+    );
+
+    // Prefill: tiled over positions, the GQA group's heads share each tile.
+    let mut y_d = g.out(t * h * d, NAN);
+    let groups = hkv * (h / hkv).div_ceil(8);
+    launch(
+        &g.f("attention", "attention_prefill_f16"),
+        g,
+        cfg((groups as u32, t as u32, 1), 128),
+        |b| {
+            b.arg(&q_d)
+                .arg(&kc_d)
+                .arg(&vc_d)
+                .arg(&pos_d)
+                .arg(&slots_d)
+                .arg(&tab_d);
+            b.arg(&stride)
+                .arg(&ps)
+                .arg(&hh)
+                .arg(&hk)
+                .arg(&dd)
+                .arg(&scale)
+                .arg(&win);
+            b.arg(&mut y_d);
+        },
+    );
+    assert_close(
+        &format!("attention prefill {what}"),
+        &g.down(&y_d),
+        &want,
+        1e-3,
+    );
+
+    // The checked launcher the executor calls: prefill for the whole step, decode for its first
+    // token alone.
+    let ops = Ops {
+        ks: &g.ks,
+        stream: &g.stream,
+    };
+    let kv = PagedKv {
+        k: &kc_d,
+        v: &vc_d,
+        tables: &tab_d,
+        table_stride: pages_per_slot,
+        page_size: page,
+    };
+    let shape = AttnShape {
+        n_heads: h,
+        n_kv_heads: hkv,
+        head_dim: d,
+        scale,
+        window: c.window,
+    };
+    let positions: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
+    let mut part = g.out(Ops::attention_scratch_len(&positions, shape), NAN);
+    let mut y_d = g.out(t * h * d, NAN);
+    let path = ops
+        .attention(
+            &q_d, &kv, &pos_d, &slots_d, &positions, shape, &mut y_d, &mut part,
+        )
+        .unwrap();
+    assert_eq!(path, AttnPath::Prefill);
+    assert_close(
+        &format!("Ops::attention {what}"),
+        &g.down(&y_d),
+        &want,
+        1e-3,
+    );
+    let mut y_d = g.out(h * d, NAN);
+    let path = ops
+        .attention(
+            &q_d,
+            &kv,
+            &pos_d,
+            &slots_d,
+            &positions[..1],
+            shape,
+            &mut y_d,
+            &mut part,
+        )
+        .unwrap();
+    assert_eq!(
+        path,
+        AttnPath::Decode {
+            splits: Ops::decode_splits(&positions[..1], c.window)
+        }
+    );
+    assert_close(
+        &format!("Ops::attention decode {what}"),
+        &g.down(&y_d),
+        &want[..h * d],
+        1e-3,
+    );
+}
+
+#[test]
+fn attention_decode_and_prefill_match_f64_math_over_head_dims_gqa_and_lengths() {
+    let Some(g) = gpu() else { return };
+    let mut seed = 9000;
+    for d in [64usize, 128] {
+        for hkv in [1usize, 2, 4, 8] {
+            for ratio in 1..=8usize {
+                for len in [1usize, 7, 64, 300, 2048] {
+                    // Two sequences in one step: the longest query last of slot 0, an early one,
+                    // and a query of slot 1.
+                    let tokens = vec![(0, len - 1), (1, (len / 2).max(1) - 1), (0, len / 3)];
+                    seed += 2;
+                    let case = AttnCase {
+                        h: hkv * ratio,
+                        hkv,
+                        d,
+                        window: 0,
+                        tokens,
+                    };
+                    attention_case(g, &case, seed);
+                }
+            }
+        }
+    }
+    for window in [1usize, 5, 100] {
+        let case = AttnCase {
+            h: 6,
+            hkv: 2,
+            d: 64,
+            window,
+            tokens: vec![(0, 299), (0, 3), (1, 150)],
+        };
+        attention_case(g, &case, 77 + window as u64);
+    }
+}
+
+#[test]
+fn argmax_and_top_k_order_by_value_then_lowest_index() {
+    let Some(g) = gpu() else { return };
+    let (rows, n, k) = (3usize, 49152usize, 40usize);
+    let mut r = rng(31);
+    let mut x = randn(&mut r, rows * n);
+    // Ties at the top of row 1 and a NaN in row 2.
+    x[n + 100] = 5.0;
+    x[n + 7] = 5.0;
+    x[n + 40000] = 5.0;
+    x[2 * n + 3] = f32::NAN;
+    x[2 * n + 9] = 3.0;
+    let x_d = g.up(&x);
+    let (nn, kk) = (n as i32, k as i32);
+    let mut ids_d = g.out(rows, -2i32);
+    let mut vals_d = g.out(rows, NAN);
+    launch(
+        &g.f("sample", "argmax_f32"),
+        g,
+        cfg((rows as u32, 1, 1), 256),
+        |b| {
+            b.arg(&x_d).arg(&nn).arg(&mut ids_d).arg(&mut vals_d);
+        },
+    );
+    let mut tk_ids = g.out(rows * k, -2i32);
+    let mut tk_vals = g.out(rows * k, NAN);
+    launch(
+        &g.f("sample", "top_k_f32"),
+        g,
+        cfg((rows as u32, 1, 1), 256),
+        |b| {
+            b.arg(&x_d)
+                .arg(&nn)
+                .arg(&kk)
+                .arg(&mut tk_ids)
+                .arg(&mut tk_vals);
+        },
+    );
+    let (ids, tk) = (g.down(&ids_d), g.down(&tk_ids));
+    let tv = g.down(&tk_vals);
+    for row in 0..rows {
+        let xr = &x[row * n..][..n];
+        let mut order: Vec<usize> = (0..n).filter(|&i| !xr[i].is_nan()).collect();
+        order.sort_by(|&a, &b| xr[b].total_cmp(&xr[a]).then(a.cmp(&b)));
+        assert_eq!(ids[row], order[0] as i32, "argmax row {row}");
+        let want: Vec<i32> = order[..k].iter().map(|&i| i as i32).collect();
+        assert_eq!(&tk[row * k..][..k], &want[..], "top-k row {row}");
+        for j in 0..k {
+            assert_eq!(tv[row * k + j], xr[order[j]]);
+        }
+    }
+    assert_eq!(ids[1], 7);
+    assert_eq!(&tk[k..k + 3], &[7, 100, 40000]);
+    // Through the checked launcher.
+    let ops = Ops {
+        ks: &g.ks,
+        stream: &g.stream,
+    };
+    let mut ids_d = g.out(rows * 3, -2i32);
+    let mut vals_d = g.out(rows * 3, NAN);
+    ops.top_k(&x_d, rows, n, 3, &mut ids_d, &mut vals_d)
+        .unwrap();
+    assert_eq!(&g.down(&ids_d)[3..6], &[7, 100, 40000]);
+    ops.top_k(&x_d, rows, n, 0, &mut ids_d, &mut vals_d)
+        .unwrap();
+    assert_eq!(&g.down(&ids_d)[..rows], &ids[..]);
+    let e = ops
+        .top_k(&x_d, rows, n, n + 1, &mut ids_d, &mut vals_d)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("top_k_f32") && e.contains("k 49153"), "{e}");
+}
+
+/// Not a correctness test: times the decode-critical kernels on the GPU for docs/cuda.md (median
+/// of 20 runs, CUDA events) and checks that their outputs are finite. Run by hand:
+/// `gpu_kernels --ignored --nocapture kernel_timings`.
+#[test]
+#[ignore]
+fn kernel_timings_for_the_record() {
+    let Some(g) = gpu() else { return };
+    let ctx = g.ks.context().clone();
+    let time = |f: &mut dyn FnMut()| -> f64 {
+        f();
+        let mut ms = Vec::new();
+        for _ in 0..20 {
+            let a = ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .unwrap();
+            let b = ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .unwrap();
+            a.record(&g.stream).unwrap();
+            f();
+            b.record(&g.stream).unwrap();
+            g.stream.synchronize().unwrap();
+            ms.push(f64::from(a.elapsed_ms(&b).unwrap()));
+        }
+        ms.sort_by(f64::total_cmp);
+        ms[ms.len() / 2]
+    };
+    // A 16384 x 4096 weight (larger than the H200's L2 in F16): the matvec of one decode token.
+    let (n, k) = (16384usize, 4096usize);
+    let x = randn(&mut rng(1), k);
+    let x_d = g.up(&x);
+    for ty in [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ] {
+        let (wb, _, row_bytes) = weight(42, ty, n, k);
+        let w_d = g.up(&wb);
+        let mut y_d = g.out(n, NAN);
+        let f = g.f(
+            "matvec",
+            &format!("matvec_{}", weight_kernel_suffix(ty).unwrap()),
+        );
+        let (nn, kk, rb) = (n as i32, k as i32, row_bytes as i64);
+        let ms = time(&mut || {
+            launch(&f, g, cfg((n.div_ceil(4) as u32, 1, 1), 128), |b| {
+                b.arg(&w_d)
+                    .arg(&x_d)
+                    .arg(&mut y_d)
+                    .arg(&nn)
+                    .arg(&kk)
+                    .arg(&rb);
+            });
+        });
+        let y = g.down(&y_d);
+        assert!(y.iter().all(|v| v.is_finite()), "{ty:?}");
+        eprintln!(
+            "TIMING matvec {ty:?} {n}x{k}: {ms:.3} ms, {:.0} GB/s of weights",
+            wb.len() as f64 / ms / 1e6
+        );
+    }
+}
+
+#[test]
+fn matmul_agrees_on_the_matvec_cublas_and_plain_kernel_paths() {
+    use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul, MatmulPath};
+    let Some(g) = gpu() else { return };
+    let (n, k) = (100usize, 512usize);
+    let with = Matmul::new(g.stream.clone(), true).unwrap();
+    let without = Matmul::new(g.stream.clone(), false).unwrap();
+    for (i, ty) in [
+        GgmlType::F16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let (wb, wd, _) = weight(600 + i as u64, ty, n, k);
+        let w = DeviceWeight::upload(&g.stream, "w", ty, n, k, &wb).unwrap();
+        for rows in [1usize, 5, 33] {
+            let x = randn(&mut rng(700 + rows as u64), rows * k);
+            let x_d = g.up(&x);
+            let want = matmul_ref(&x, &wd, rows, n, k);
+            // Scratch for 30 weight rows: the cuBLAS path runs in 4 tiles.
+            let mut scratch = g.out(30 * k, NAN);
+            for (mm, name) in [(&with, "cublas"), (&without, "plain")] {
+                let mut y_d = g.out(rows * n, NAN);
+                let path = mm
+                    .run(&g.ks, &x_d, rows, &w, &mut y_d, &mut scratch)
+                    .unwrap();
+                let expected = match (rows, mm.uses_cublas()) {
+                    (1, _) => MatmulPath::Matvec,
+                    (_, true) => MatmulPath::CublasSgemm { tiles: 4 },
+                    (_, false) => MatmulPath::PlainKernel,
+                };
+                assert_eq!(path, expected, "{ty:?} rows={rows} {name}");
+                let what = format!("matmul {ty:?} rows={rows} {name}");
+                assert_close(&what, &g.down(&y_d), &want, 1e-3);
+            }
+        }
+    }
+    // Wrong sizes are errors naming the kernel and the shapes, not launches.
+    let (wb, _, _) = weight(1, GgmlType::Q8_0, n, k);
+    let w = DeviceWeight::upload(&g.stream, "w", GgmlType::Q8_0, n, k, &wb).unwrap();
+    let x_d = g.up(&vec![1f32; k]);
+    let mut y_d = g.out(n - 1, NAN);
+    let mut scratch = g.out(k, NAN);
+    let e = with
+        .run(&g.ks, &x_d, 1, &w, &mut y_d, &mut scratch)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("too small") && e.contains("W [100, 512]"), "{e}");
+    let bad = DeviceWeight::upload(&g.stream, "w.bad", GgmlType::Q8_0, n, k, &wb[1..]);
+    assert!(bad.err().unwrap().to_string().contains("w.bad"));
+}
+
+#[test]
+fn the_default_models_weights_upload_in_their_own_types() {
+    use m40_llm::backend::cuda::matmul::upload_tensors;
+    let Some(g) = gpu() else { return };
+    let Some(path) = common::default_model() else {
+        return;
+    };
+    let file = m40_llm::gguf::GgufFile::open(&path).unwrap();
+    let names: Vec<&str> = file
+        .tensors()
+        .iter()
+        .filter(|t| weight_kernel_suffix(t.ty).is_some())
+        .map(|t| t.name.as_str())
+        .collect();
+    let (weights, bytes) = upload_tensors(&g.stream, &file, &names).unwrap();
+    let on_disk: u64 = names.iter().map(|n| file.tensor(n).unwrap().n_bytes).sum();
+    assert_eq!(bytes, on_disk);
+    for (w, name) in weights.iter().zip(&names) {
+        let t = file.tensor(name).unwrap();
+        assert_eq!(w.ty, t.ty, "{name}");
+        assert_eq!(w.data.len() as u64, t.n_bytes, "{name}");
+    }
+    // The bytes on the device are the file's.
+    let first = file.tensor(names[0]).unwrap();
+    assert_eq!(
+        g.down(&weights[0].data),
+        file.tensor_data(first),
+        "{}",
+        names[0]
+    );
+    eprintln!(
+        "uploaded {} tensors, {bytes} bytes, to the GPU",
+        weights.len()
+    );
+}
+
+#[test]
+fn doctor_compiles_every_kernel_for_sm52_or_says_what_is_missing() {
+    use std::process::Command;
+    let out = Command::new(common::bin())
+        .args(["doctor", "--arch", "sm_52", "--json"])
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let target = &json["targets"][0];
+    if nvrtc::find_for_arch(52).is_ok() {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(json["ok"], true);
+        let families = target["families"].as_array().unwrap();
+        assert_eq!(families.len(), kernels::family_names().count());
+        for f in families {
+            assert_eq!(f["ok"], true, "{f}");
+            assert!(!f["functions"].as_array().unwrap().is_empty(), "{f}");
+        }
+    } else {
+        assert!(!required(), "no NVRTC for sm_52");
+        assert!(!out.status.success());
+        assert!(
+            target["error"]
+                .as_str()
+                .unwrap()
+                .contains("nvidia-cuda-nvrtc-cu12")
+        );
+    }
+    // An NVRTC that cannot be loaded: a failure with the advice, on one `error:` line.
+    let out = Command::new(common::bin())
+        .args(["doctor", "--arch", "sm_52"])
+        .env("M40LLM_NVRTC", "/nonexistent/libnvrtc.so")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("pip install nvidia-cuda-nvrtc-cu12==12.4.*"),
+        "{text}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error: ")).count(),
+        1,
+        "{err}"
+    );
+    // A bad architecture is a usage error.
+    let out = Command::new(common::bin())
+        .args(["doctor", "--arch", "sm_x"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("sm_x"));
+}
