@@ -14,6 +14,7 @@ pub mod cuda;
 pub mod device;
 pub mod fit;
 pub mod step;
+pub mod parity;
 pub mod target;
 
 use crate::plan::Plan;

@@ -9,6 +9,7 @@ mod inspect;
 pub mod io;
 mod logits;
 pub mod models;
+mod parity;
 mod perplexity;
 mod run;
 #[cfg(feature = "server")]
@@ -60,6 +61,8 @@ enum Command {
     /// Serve the model over an OpenAI-compatible HTTP API (continuous batching).
     #[cfg(feature = "server")]
     Serve(serve::Args),
+    /// Check backends against the reference math, op by op (`--ops`).
+    Parity(parity::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -81,6 +84,7 @@ pub fn main() -> ExitCode {
         Command::Perplexity(args) => perplexity::run(args),
         #[cfg(feature = "server")]
         Command::Serve(args) => serve::run(args),
+        Command::Parity(args) => parity::run(args),
     };
     // Whatever is still buffered must reach stdout too, or the command failed.
     let result = result.and_then(|()| {

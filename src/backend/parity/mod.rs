@@ -1,0 +1,123 @@
+//! Parity: does a backend compute what the ops mean?
+//!
+//! [`ops`] is the per-op harness (ggml's `test-backend-ops`, candle's `test_device!`): a table
+//! of cases, each a one-op plan (the op under test fed by random inputs) with weights written
+//! in memory through the GGUF writer, run on a backend through the public [`Backend`] API and
+//! compared with the op's math computed independently in f64 on the host ([`reference`]). Every
+//! backend in [`BACKENDS`] gets every case; `m40-llm parity --ops` prints the table.
+//!
+//! Adding a backend: one [`BackendEntry`] in [`BACKENDS`] (a name, an availability probe and a
+//! constructor taking a plan, its weights and a KV-cache size). Nothing else changes.
+//!
+//! The model-level comparison (`m40-llm parity --model M --prompt P`, one plan on two backends,
+//! value by value) will sit beside [`ops`] as its own module.
+
+pub mod ops;
+pub mod reference;
+
+use super::cpu::CpuBackend;
+use super::{Backend, BackendError, HostTensor};
+use crate::gguf::GgufFile;
+use crate::ir::Batch;
+use crate::plan::Plan;
+use std::sync::Arc;
+
+/// Opens a backend over a plan, its weights and a KV cache of that many cells.
+pub type OpenBackend = fn(Plan, Arc<GgufFile>, u32) -> Result<Box<dyn Backend>, BackendError>;
+
+/// One backend the harness can run: registering it here is all a new backend needs.
+#[derive(Clone, Copy)]
+pub struct BackendEntry {
+    /// What `--backend` calls it (`cpu`, `cuda`).
+    pub name: &'static str,
+    /// `None` when it can run on this machine, else why not (no GPU, no driver).
+    pub unavailable: fn() -> Option<String>,
+    pub open: OpenBackend,
+}
+
+impl std::fmt::Debug for BackendEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendEntry")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every backend, in the order the table shows them.
+pub const BACKENDS: &[BackendEntry] = &[BackendEntry {
+    name: "cpu",
+    unavailable: || None,
+    open: open_cpu,
+}];
+
+fn open_cpu(
+    plan: Plan,
+    file: Arc<GgufFile>,
+    n_cells: u32,
+) -> Result<Box<dyn Backend>, BackendError> {
+    Ok(Box::new(CpuBackend::new(plan, file, n_cells)?))
+}
+
+/// The registered backend called `name`.
+pub fn backend(name: &str) -> Option<&'static BackendEntry> {
+    BACKENDS.iter().find(|b| b.name == name)
+}
+
+/// One step of a case, in the harness's own terms: tokens, each with a sequence and a position,
+/// and the tokens whose rows the step outputs. [`run_step`] turns it into the backend's step API.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepSpec {
+    pub tokens: Vec<u32>,
+    /// Each token's sequence, `0..n_seqs`.
+    pub seq: Vec<u32>,
+    /// Each token's position in its sequence.
+    pub positions: Vec<u32>,
+    /// Ascending indices into `tokens`.
+    pub outputs: Vec<u32>,
+}
+
+/// KV-cache cells a case's steps need: [`run_step`] puts position `p` of sequence `s` in cell
+/// `p * n_seqs + s`, so the cells are interleaved across sequences (a backend that used the
+/// position as the cell would read another sequence's keys).
+pub fn cells_needed(steps: &[StepSpec], n_seqs: u32) -> u32 {
+    let max_pos = steps
+        .iter()
+        .flat_map(|s| s.positions.iter().copied())
+        .max()
+        .unwrap_or(0);
+    (max_pos + 1) * n_seqs.max(1)
+}
+
+/// Runs `step` on `backend` and reads back the values called `read`.
+///
+/// This is the only function that knows the step API (`Backend::step` over a [`Batch`] with a
+/// cell list per sequence today): when the step descriptor changes, only this changes. Earlier
+/// steps of the same case have written the earlier positions of each sequence; a step may
+/// repeat positions an earlier one wrote (the poison step's), and then overwrites them.
+pub fn run_step(
+    backend: &mut dyn Backend,
+    step: &StepSpec,
+    n_seqs: u32,
+    read: &[String],
+) -> Result<Vec<HostTensor>, BackendError> {
+    let n_seqs = n_seqs.max(1);
+    let mut len = vec![0u32; n_seqs as usize];
+    for (&s, &p) in step.seq.iter().zip(&step.positions) {
+        if let Some(l) = len.get_mut(s as usize) {
+            *l = (*l).max(p + 1);
+        }
+    }
+    let batch = Batch {
+        tokens: step.tokens.clone(),
+        seq: step.seq.clone(),
+        positions: step.positions.clone(),
+        sequences: len
+            .iter()
+            .enumerate()
+            .map(|(s, &l)| (0..l).map(|p| p * n_seqs + s as u32).collect())
+            .collect(),
+        outputs: step.outputs.clone(),
+    };
+    backend.step(&batch)?;
+    read.iter().map(|name| backend.read_value(name)).collect()
+}

@@ -1,0 +1,318 @@
+//! The per-op parity harness (src/backend/parity): the whole table passes on every available
+//! backend; every op has cases; a backend that leaves elements unwritten or computes slightly
+//! wrong values fails; `m40-llm parity --ops` prints the table and fails on a failure.
+
+mod common;
+
+use m40_llm::backend::cpu::CpuBackend;
+use m40_llm::backend::parity::ops::{self, Case, Outcome};
+use m40_llm::backend::parity::{BACKENDS, BackendEntry};
+use m40_llm::backend::{Backend, BackendError, DeviceInfo, HostTensor, Logits};
+use m40_llm::gguf::GgufFile;
+use m40_llm::ir::{Batch, Op};
+use m40_llm::plan::Plan;
+use std::collections::{HashMap, HashSet};
+use std::process::Command;
+use std::sync::Arc;
+
+#[test]
+fn every_case_passes_on_every_available_backend() {
+    let cases = ops::cases();
+    for entry in BACKENDS {
+        if let Some(why) = (entry.unavailable)() {
+            eprintln!("SKIPPED backend {}: {why}", entry.name);
+            continue;
+        }
+        let reports = ops::run(entry, &cases);
+        let failed: Vec<String> = reports
+            .iter()
+            .filter(|r| !r.passed())
+            .map(|r| format!("{r:?}"))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "{} of {} cases fail on {}:\n{}",
+            failed.len(),
+            reports.len(),
+            entry.name,
+            failed.join("\n")
+        );
+        // Every value was compared: no case passes by reading nothing.
+        assert!(reports.iter().all(|r| !r.values.is_empty()));
+    }
+}
+
+#[test]
+fn every_op_has_cases_whose_plan_runs_it() {
+    let examples = ops::op_examples();
+    let names: HashSet<&str> = examples.iter().map(Op::name).collect();
+    assert_eq!(names.len(), examples.len(), "one example per variant");
+    for op in &examples {
+        let cases = ops::cases_for(op);
+        assert!(!cases.is_empty(), "{} has no case", op.name());
+        for case in &cases {
+            assert_eq!(case.op_name(), op.name(), "{}", case.name);
+        }
+        let built = cases[0].build().unwrap();
+        let runs_it = match op {
+            Op::Weight { .. } => !built.plan.weights.is_empty(),
+            _ => built.plan.steps.iter().any(|s| s.op.name() == op.name()),
+        };
+        assert!(
+            runs_it,
+            "{}'s plan has no {} step",
+            cases[0].name,
+            op.name()
+        );
+    }
+    let all = ops::cases();
+    let unique: HashSet<&str> = all.iter().map(|c| c.name.as_str()).collect();
+    assert_eq!(unique.len(), all.len(), "case names are unique");
+}
+
+#[test]
+fn the_table_covers_the_required_shapes_and_types() {
+    let all = ops::cases();
+    let has = |op: &str, part: &str| {
+        all.iter()
+            .any(|c| c.op_name() == op && c.name.contains(part))
+    };
+    for ty in ops::WEIGHT_TYPES {
+        let t = ty.name().to_ascii_lowercase();
+        for op in ["matmul", "embedding", "gate_up_swiglu", "weight"] {
+            assert!(has(op, &format!("/{t}/")), "{op} has no {t} case");
+        }
+    }
+    for tokens in ["t1,", "t7,", "t64,", "t300,"] {
+        assert!(has("matmul", tokens), "matmul at {tokens}");
+    }
+    for heads in ["h4/4,d64", "h8/2,d64", "h8/1,d128", "h16/4,d128"] {
+        assert!(has("attention", heads), "attention {heads}");
+    }
+    assert!(has("attention", "|"), "several sequences in one step");
+    assert!(has("attention", "window"));
+}
+
+/// A CPU backend that "forgets" to write row 0 of every plan output: reading a value gives row
+/// 0 of the previous step's value.
+struct Forgetful {
+    inner: CpuBackend,
+    previous: HashMap<String, HostTensor>,
+    current: HashMap<String, HostTensor>,
+}
+
+impl Backend for Forgetful {
+    fn device(&self) -> &DeviceInfo {
+        self.inner.device()
+    }
+    fn plan(&self) -> &Plan {
+        self.inner.plan()
+    }
+    fn n_cells(&self) -> u32 {
+        self.inner.n_cells()
+    }
+    fn step(&mut self, batch: &Batch) -> Result<Logits, BackendError> {
+        let logits = self.inner.step(batch)?;
+        self.previous = std::mem::take(&mut self.current);
+        let plan = self.inner.plan();
+        let names: Vec<String> = plan
+            .outputs
+            .iter()
+            .filter_map(|&v| plan.value(v).map(|o| o.name.clone()))
+            .collect();
+        for name in names {
+            let value = self.inner.read_value(&name)?;
+            self.current.insert(name, value);
+        }
+        Ok(logits)
+    }
+    fn read_value(&self, name: &str) -> Result<HostTensor, BackendError> {
+        let mut value = self.inner.read_value(name)?;
+        if let Some(prev) = self.previous.get(name)
+            && prev.dim() == value.dim()
+        {
+            value.row_mut(0).assign(&prev.row(0));
+        }
+        Ok(value)
+    }
+}
+
+fn open_forgetful(
+    plan: Plan,
+    file: Arc<GgufFile>,
+    n_cells: u32,
+) -> Result<Box<dyn Backend>, BackendError> {
+    Ok(Box::new(Forgetful {
+        inner: CpuBackend::new(plan, file, n_cells)?,
+        previous: HashMap::new(),
+        current: HashMap::new(),
+    }))
+}
+
+/// A CPU backend whose every value read back is 1 % too large.
+struct Skewed(CpuBackend);
+
+impl Backend for Skewed {
+    fn device(&self) -> &DeviceInfo {
+        self.0.device()
+    }
+    fn plan(&self) -> &Plan {
+        self.0.plan()
+    }
+    fn n_cells(&self) -> u32 {
+        self.0.n_cells()
+    }
+    fn step(&mut self, batch: &Batch) -> Result<Logits, BackendError> {
+        self.0.step(batch)
+    }
+    fn read_value(&self, name: &str) -> Result<HostTensor, BackendError> {
+        Ok(self.0.read_value(name)? * 1.01)
+    }
+}
+
+fn open_skewed(
+    plan: Plan,
+    file: Arc<GgufFile>,
+    n_cells: u32,
+) -> Result<Box<dyn Backend>, BackendError> {
+    Ok(Box::new(Skewed(CpuBackend::new(plan, file, n_cells)?)))
+}
+
+/// The first case of every op.
+fn one_case_per_op() -> Vec<Case> {
+    ops::op_examples()
+        .iter()
+        .filter_map(|op| ops::cases_for(op).into_iter().next())
+        .collect()
+}
+
+#[test]
+fn unwritten_elements_keep_the_poison_and_fail() {
+    let entry = BackendEntry {
+        name: "forgetful",
+        unavailable: || None,
+        open: open_forgetful,
+    };
+    for case in one_case_per_op() {
+        let r = ops::run_case(&entry, &case);
+        assert_eq!(r.outcome, Outcome::Fail, "{}: {r:?}", case.name);
+        assert!(r.max_abs.is_infinite(), "{}: {r:?}", case.name);
+        let worst = r.values.iter().find_map(|v| v.worst.clone()).unwrap();
+        assert!(
+            worst.got.is_nan() && worst.at[0] == 0,
+            "{}: {r:?}",
+            case.name
+        );
+    }
+}
+
+#[test]
+fn values_off_by_one_percent_fail() {
+    let entry = BackendEntry {
+        name: "skewed",
+        unavailable: || None,
+        open: open_skewed,
+    };
+    for case in one_case_per_op() {
+        let r = ops::run_case(&entry, &case);
+        assert_eq!(r.outcome, Outcome::Fail, "{}: {r:?}", case.name);
+        assert!(r.max_rel > 5e-3 && r.max_rel < 2e-2, "{}: {r:?}", case.name);
+    }
+}
+
+#[test]
+fn a_backend_that_cannot_open_reports_an_error_not_a_pass() {
+    let entry = BackendEntry {
+        name: "broken",
+        unavailable: || None,
+        open: |_, _, _| Err(BackendError::Kernel("no device".into())),
+    };
+    let case = &one_case_per_op()[0];
+    let r = ops::run_case(&entry, case);
+    assert!(
+        matches!(&r.outcome, Outcome::Error(e) if e.contains("no device")),
+        "{r:?}"
+    );
+}
+
+fn parity(args: &[&str]) -> std::process::Output {
+    Command::new(common::bin())
+        .arg("parity")
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cli_prints_one_line_per_case_and_a_summary() {
+    let o = parity(&["--ops", "--backend", "cpu", "--filter", "rms_norm"]);
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        o.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let n = ops::cases()
+        .iter()
+        .filter(|c| c.matches("rms_norm"))
+        .count();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), n + 1, "{stdout}");
+    for line in &lines[..n] {
+        assert!(
+            line.starts_with("cpu") && line.contains("rms_norm/"),
+            "{line}"
+        );
+        assert!(
+            line.contains("abs ") && line.contains("rel ") && line.ends_with("ok"),
+            "{line}"
+        );
+    }
+    assert_eq!(lines[n], format!("{n} cases, {n} passed, 0 failed"));
+}
+
+#[test]
+fn cli_json_has_one_object_per_case() {
+    let o = parity(&["--ops", "--json", "--filter", "q6_k"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    let n = ops::cases().iter().filter(|c| c.matches("q6_k")).count();
+    assert!(n >= 4);
+    let lines: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let expected = n * BACKENDS
+        .iter()
+        .filter(|b| (b.unavailable)().is_none())
+        .count();
+    assert_eq!(lines.len(), expected, "{stdout}");
+    for v in &lines {
+        assert_eq!(v["outcome"], "pass", "{v}");
+        assert!(v["case"].as_str().unwrap().contains("q6_k"));
+        assert!(v["max_rel"].as_f64().unwrap() <= v["tolerance"].as_f64().unwrap());
+    }
+}
+
+#[test]
+fn cli_refuses_unknown_backends_and_filters() {
+    for (args, message) in [
+        (
+            &["--ops", "--backend", "tpu"][..],
+            "no backend `tpu` (known: cpu",
+        ),
+        (
+            &["--ops", "--filter", "no-such-op"][..],
+            "no case matches `no-such-op`",
+        ),
+        (&[][..], "pass --ops"),
+    ] {
+        let o = parity(args);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(message),
+            "{args:?}: {stderr}"
+        );
+    }
+}
