@@ -125,7 +125,7 @@ const fn span(start: u32, len: u32) -> Run {
 #[derive(Clone, Debug)]
 enum Spec {
     /// `embedding(table: ty [vocab, width], token_ids)`, tokens drawn with repeats; `all_rows`
-    /// gathers every row once instead (the whole weight read back).
+    /// gathers every row but the poison row once instead (the weight read back).
     Embedding {
         ty: GgmlType,
         vocab: u32,
@@ -275,7 +275,8 @@ pub fn cases_for(op: &Op) -> Vec<Case> {
             }
         }
         Op::Weight { .. } => {
-            // Every row of a matrix of each type read back, and an F32 vector used as a bias.
+            // A matrix of each type read back (every row but the poison row), and an F32 vector
+            // used as a bias.
             for ty in WEIGHT_TYPES {
                 cases.push(Case::new(
                     op_weight(),
@@ -1019,7 +1020,10 @@ impl Case {
                 } else {
                     // Ids drawn with repeats from 1..vocab.
                     (0..*tokens)
-                        .map(|_| 1 + (b.rng.next_u64() % u64::from(*vocab - 1)) as u32)
+                        .map(|_| {
+                            1 + (b.rng.next_u64() % u64::from(vocab.saturating_sub(1).max(1)))
+                                as u32
+                        })
                         .collect()
                 };
                 let n = step.tokens.len() as u32;
