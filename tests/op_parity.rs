@@ -4,9 +4,8 @@
 
 mod common;
 
-use m40_llm::backend::cpu::CpuBackend;
 use m40_llm::backend::parity::ops::{self, Case, Outcome};
-use m40_llm::backend::parity::{BACKENDS, BackendEntry};
+use m40_llm::backend::parity::{BACKENDS, BackendEntry, KvNeeds, open_cpu};
 use m40_llm::backend::{Backend, BackendError, DeviceInfo, HostTensor, Logits};
 use m40_llm::gguf::GgufFile;
 use m40_llm::ir::{Batch, Op};
@@ -96,7 +95,7 @@ fn the_table_covers_the_required_shapes_and_types() {
 /// A CPU backend that "forgets" to write row 0 of every plan output: reading a value gives row
 /// 0 of the previous step's value.
 struct Forgetful {
-    inner: CpuBackend,
+    inner: Box<dyn Backend>,
     previous: HashMap<String, HostTensor>,
     current: HashMap<String, HostTensor>,
 }
@@ -140,17 +139,17 @@ impl Backend for Forgetful {
 fn open_forgetful(
     plan: Plan,
     file: Arc<GgufFile>,
-    n_cells: u32,
+    kv: KvNeeds,
 ) -> Result<Box<dyn Backend>, BackendError> {
     Ok(Box::new(Forgetful {
-        inner: CpuBackend::new(plan, file, n_cells)?,
+        inner: open_cpu(plan, file, kv)?,
         previous: HashMap::new(),
         current: HashMap::new(),
     }))
 }
 
 /// A CPU backend whose every value read back is 1 % too large.
-struct Skewed(CpuBackend);
+struct Skewed(Box<dyn Backend>);
 
 impl Backend for Skewed {
     fn device(&self) -> &DeviceInfo {
@@ -173,9 +172,9 @@ impl Backend for Skewed {
 fn open_skewed(
     plan: Plan,
     file: Arc<GgufFile>,
-    n_cells: u32,
+    kv: KvNeeds,
 ) -> Result<Box<dyn Backend>, BackendError> {
-    Ok(Box::new(Skewed(CpuBackend::new(plan, file, n_cells)?)))
+    Ok(Box::new(Skewed(open_cpu(plan, file, kv)?)))
 }
 
 /// The first case of every op.

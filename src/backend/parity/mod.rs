@@ -7,7 +7,7 @@
 //! backend in [`BACKENDS`] gets every case; `m40-llm parity --ops` prints the table.
 //!
 //! Adding a backend: one [`BackendEntry`] in [`BACKENDS`] (a name, an availability probe and a
-//! constructor taking a plan, its weights and a KV-cache size). Nothing else changes.
+//! constructor taking a plan, its weights and the KV cache a case needs). Nothing else changes.
 //!
 //! The model-level comparison (`m40-llm parity --model M --prompt P`, one plan on two backends,
 //! value by value) will sit beside [`ops`] as its own module.
@@ -22,8 +22,15 @@ use crate::ir::Batch;
 use crate::plan::Plan;
 use std::sync::Arc;
 
-/// Opens a backend over a plan, its weights and a KV cache of that many cells.
-pub type OpenBackend = fn(Plan, Arc<GgufFile>, u32) -> Result<Box<dyn Backend>, BackendError>;
+/// The KV cache a case needs: `n_seqs` sequences of at most `positions` positions each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvNeeds {
+    pub n_seqs: u32,
+    pub positions: u32,
+}
+
+/// Opens a backend over a plan, its weights and a KV cache of at least `KvNeeds`.
+pub type OpenBackend = fn(Plan, Arc<GgufFile>, KvNeeds) -> Result<Box<dyn Backend>, BackendError>;
 
 /// One backend the harness can run: registering it here is all a new backend needs.
 #[derive(Clone, Copy)]
@@ -50,12 +57,13 @@ pub const BACKENDS: &[BackendEntry] = &[BackendEntry {
     open: open_cpu,
 }];
 
-fn open_cpu(
+/// The CPU backend, with a cache of [`cells_needed`] cells.
+pub fn open_cpu(
     plan: Plan,
     file: Arc<GgufFile>,
-    n_cells: u32,
+    kv: KvNeeds,
 ) -> Result<Box<dyn Backend>, BackendError> {
-    Ok(Box::new(CpuBackend::new(plan, file, n_cells)?))
+    Ok(Box::new(CpuBackend::new(plan, file, cells_needed(kv))?))
 }
 
 /// The registered backend called `name`.
@@ -76,24 +84,24 @@ pub struct StepSpec {
     pub outputs: Vec<u32>,
 }
 
-/// KV-cache cells a case's steps need: [`run_step`] puts position `p` of sequence `s` in cell
-/// `p * n_seqs + s`, so the cells are interleaved across sequences (a backend that used the
-/// position as the cell would read another sequence's keys).
-pub fn cells_needed(steps: &[StepSpec], n_seqs: u32) -> u32 {
-    let max_pos = steps
-        .iter()
-        .flat_map(|s| s.positions.iter().copied())
-        .max()
-        .unwrap_or(0);
-    (max_pos + 1) * n_seqs.max(1)
+// The adapter to the step API: `run_step`, `cells_needed` and the constructors in `BACKENDS`
+// (which size a cache from `KvNeeds`) are all the harness knows of how a step is described.
+
+/// Cells for `kv`: [`run_step`] puts position `p` of sequence `s` in cell `p * n_seqs + s`, so
+/// the cells are interleaved across sequences (a backend that used the position as the cell
+/// would read another sequence's keys).
+pub fn cells_needed(kv: KvNeeds) -> u32 {
+    kv.positions.max(1) * kv.n_seqs.max(1)
 }
 
 /// Runs `step` on `backend` and reads back the values called `read`.
 ///
 /// This is the only function that knows the step API (`Backend::step` over a [`Batch`] with a
-/// cell list per sequence today): when the step descriptor changes, only this changes. Earlier
-/// steps of the same case have written the earlier positions of each sequence; a step may
-/// repeat positions an earlier one wrote (the poison step's), and then overwrites them.
+/// cell list per sequence today): when the step descriptor changes, only this changes. A
+/// sequence's tokens in one step are consecutive positions. In cases with a KV cache, earlier
+/// steps have written the positions before them, except that a step may repeat the positions
+/// the previous one wrote (the checked step after the poison step) and then overwrites them;
+/// cases without a KV cache may start a sequence at any position.
 pub fn run_step(
     backend: &mut dyn Backend,
     step: &StepSpec,

@@ -24,7 +24,7 @@
 //! be exact.
 
 use super::reference::{self as r, Mat};
-use super::{BackendEntry, StepSpec, cells_needed, run_step};
+use super::{BackendEntry, KvNeeds, StepSpec, run_step};
 use crate::gguf::{GgmlType, GgufFile, GgufWriter};
 use crate::ir::{
     AttentionParams, Graph, IrError, KvParams, Op, RopeParams, RopeStyle, Shape, TensorType, Value,
@@ -678,8 +678,8 @@ fn runs_detail(runs: &[Run]) -> String {
 pub struct Built {
     pub plan: Plan,
     pub weights: Arc<GgufFile>,
-    pub n_seqs: u32,
-    pub n_cells: u32,
+    /// The cache the steps need.
+    pub kv: KvNeeds,
     /// Steps that fill the KV cache before the checked step.
     pub history: Vec<StepSpec>,
     /// The checked step.
@@ -905,14 +905,17 @@ impl Builder {
             .flat_map(|s| s.seq.iter())
             .max()
             .map_or(1, |&s| s + 1);
-        let steps: Vec<StepSpec> = all.into_iter().cloned().collect();
+        let positions = 1 + all
+            .iter()
+            .flat_map(|s| s.positions.iter().copied())
+            .max()
+            .unwrap_or(0);
         let weights = GgufFile::from_bytes("parity-case.gguf", self.writer.to_bytes())
             .map_err(|e| BuildError(e.to_string()))?;
         Ok(Built {
             plan,
             weights: Arc::new(weights),
-            n_seqs,
-            n_cells: cells_needed(&steps, n_seqs),
+            kv: KvNeeds { n_seqs, positions },
             history,
             check,
             checks: self.checks,
@@ -1442,15 +1445,15 @@ fn try_run(entry: &BackendEntry, case: &Case) -> Result<Vec<ValueError>, String>
         .map_err(|e| format!("building the case: {e}"))?;
     let poison = built.poison();
     let reads: Vec<String> = built.checks.iter().map(|c| c.value.clone()).collect();
-    let mut backend = (entry.open)(built.plan, built.weights, built.n_cells)
+    let mut backend = (entry.open)(built.plan, built.weights, built.kv)
         .map_err(|e| format!("opening the backend: {e}"))?;
     for (i, step) in built.history.iter().enumerate() {
-        run_step(backend.as_mut(), step, built.n_seqs, &[])
+        run_step(backend.as_mut(), step, built.kv.n_seqs, &[])
             .map_err(|e| format!("history step {i}: {e}"))?;
     }
-    run_step(backend.as_mut(), &poison, built.n_seqs, &[])
+    run_step(backend.as_mut(), &poison, built.kv.n_seqs, &[])
         .map_err(|e| format!("poison step: {e}"))?;
-    let got = run_step(backend.as_mut(), &built.check, built.n_seqs, &reads)
+    let got = run_step(backend.as_mut(), &built.check, built.kv.n_seqs, &reads)
         .map_err(|e| format!("checked step: {e}"))?;
     built
         .checks
