@@ -315,3 +315,25 @@ fn cli_refuses_unknown_backends_and_filters() {
         );
     }
 }
+
+#[test]
+fn compare_measures_normwise_error_and_flags_non_finite_and_misshapen_values() {
+    let check = ops::Check {
+        value: "y".into(),
+        want: ndarray::array![[1.0, -4.0], [2.0, 0.5]],
+        tolerance: 1e-3,
+    };
+    let got = ndarray::array![[1.0f32, -4.0], [2.002, 0.5]];
+    let e = ops::compare(&check, &got).unwrap();
+    assert!(
+        (e.max_abs - 0.002).abs() < 1e-6 && (e.max_rel - 0.0005).abs() < 1e-6,
+        "{e:?}"
+    );
+    assert!(e.passed());
+    assert_eq!(e.worst.as_ref().unwrap().at, [1, 0]);
+    let nan = ndarray::array![[1.0f32, f32::NAN], [2.0, 0.5]];
+    let e = ops::compare(&check, &nan).unwrap();
+    assert!(e.max_abs.is_infinite() && !e.passed(), "{e:?}");
+    let short = ndarray::array![[1.0f32, -4.0]];
+    assert!(ops::compare(&check, &short).unwrap_err().contains("shape"));
+}
