@@ -27,6 +27,7 @@
 use super::reference::{self as r, Mat};
 use super::{BackendEntry, KvNeeds, StepSpec, run_step};
 use crate::gguf::{GgmlType, GgufFile, GgufWriter};
+use crate::ir::op::OpKind;
 use crate::ir::{
     AttentionParams, Graph, IrError, KvParams, Op, RopeParams, RopeStyle, Shape, TensorType, Value,
 };
@@ -54,48 +55,20 @@ const POISON: u32 = 0;
 /// - rope, and `rope_kv_write`: the angle `p * base^(-2i/n)` of positions up to ~300 carries
 ///   FP32 error (~1e-5 rad, more with ggml's running product) and rotated keys may round to the
 ///   other neighbouring FP16 value: 1e-3.
-pub fn tolerance(op: &Op) -> f64 {
-    match op {
-        Op::TokenIds | Op::Positions | Op::OutputRows => 0.0,
-        Op::Weight { .. } | Op::Embedding | Op::SelectRows => 1e-6,
-        Op::Add | Op::Mul | Op::Silu | Op::SwiGlu | Op::RmsNorm { .. } | Op::AddRmsNorm { .. } => {
-            1e-5
-        }
-        Op::MatMul | Op::MultiMatMul { .. } | Op::GateUpSwiGlu => 1e-4,
-        Op::KvWrite(_) | Op::Attention(_) => 1e-4,
-        Op::Rope(_) | Op::RopeKvWrite { .. } => 1e-3,
+pub fn tolerance(kind: OpKind) -> f64 {
+    match kind {
+        OpKind::TokenIds | OpKind::Positions | OpKind::OutputRows => 0.0,
+        OpKind::Weight | OpKind::Embedding | OpKind::SelectRows => 1e-6,
+        OpKind::Add
+        | OpKind::Mul
+        | OpKind::Silu
+        | OpKind::SwiGlu
+        | OpKind::RmsNorm
+        | OpKind::AddRmsNorm => 1e-5,
+        OpKind::MatMul | OpKind::MultiMatMul | OpKind::GateUpSwiGlu => 1e-4,
+        OpKind::KvWrite | OpKind::Attention => 1e-4,
+        OpKind::Rope | OpKind::RopeKvWrite => 1e-3,
     }
-}
-
-/// One value of every `Op` variant (parameters arbitrary): what the table must cover.
-pub fn op_examples() -> Vec<Op> {
-    let rope = rope_params(RopeStyle::Normal, 64, 64, false);
-    let kv = KvParams {
-        layer: 0,
-        n_kv_heads: 1,
-        head_dim: 64,
-    };
-    vec![
-        Op::TokenIds,
-        Op::Positions,
-        Op::OutputRows,
-        Op::Weight { tensor: "w".into() },
-        Op::Embedding,
-        Op::MatMul,
-        Op::Add,
-        Op::Mul,
-        Op::Silu,
-        Op::SwiGlu,
-        Op::RmsNorm { eps: 1e-5 },
-        Op::Rope(rope),
-        Op::KvWrite(kv),
-        Op::Attention(attention_params(1, 1, 64, None)),
-        Op::SelectRows,
-        Op::MultiMatMul { n: 3 },
-        Op::GateUpSwiGlu,
-        Op::AddRmsNorm { eps: 1e-5 },
-        Op::RopeKvWrite { rope, kv },
-    ]
 }
 
 /// Every weight type a kernel reads.
@@ -209,27 +182,32 @@ impl Case {
         self.op.name()
     }
 
+    /// The kind of op under test.
+    pub fn kind(&self) -> OpKind {
+        self.op.kind()
+    }
+
     /// Whether `filter` selects this case: the op's name, or a part of the case's name.
     pub fn matches(&self, filter: &str) -> bool {
         self.op_name() == filter || self.name.contains(filter)
     }
 }
 
-/// The whole table: the cases of every op of [`op_examples`].
+/// The whole table: the cases of every kind of op ([`OpKind::ALL`]).
 pub fn cases() -> Vec<Case> {
-    op_examples().iter().flat_map(cases_for).collect()
+    OpKind::ALL.iter().flat_map(|&k| cases_for(k)).collect()
 }
 
 fn ty_name(ty: GgmlType) -> String {
     ty.name().to_ascii_lowercase()
 }
 
-/// The cases of `op`'s variant. Exhaustive over `Op`, with no catch-all: a new op does not
-/// compile until it has cases here.
-pub fn cases_for(op: &Op) -> Vec<Case> {
+/// The cases of one kind of op. Exhaustive over [`OpKind`], with no catch-all: a new op does
+/// not compile until it has cases here.
+pub fn cases_for(kind: OpKind) -> Vec<Case> {
     let mut cases = Vec::new();
-    match op {
-        Op::TokenIds => {
+    match kind {
+        OpKind::TokenIds => {
             // Many tokens with repeats; every case also reads its token ids back.
             for (tokens, vocab) in [(1, 3), (64, 9), (300, 50)] {
                 cases.push(Case::new(
@@ -245,7 +223,7 @@ pub fn cases_for(op: &Op) -> Vec<Case> {
                 ));
             }
         }
-        Op::Positions => {
+        OpKind::Positions => {
             // Several sequences at scattered positions, read back and used by rope.
             for runs in [
                 vec![span(5, 3), span(0, 1), span(290, 10)],
@@ -262,7 +240,7 @@ pub fn cases_for(op: &Op) -> Vec<Case> {
                 ));
             }
         }
-        Op::OutputRows => {
+        OpKind::OutputRows => {
             for (tokens, outputs) in [(7, vec![2, 5]), (300, vec![0, 150, 299])] {
                 cases.push(Case::new(
                     Op::OutputRows,
@@ -275,7 +253,7 @@ pub fn cases_for(op: &Op) -> Vec<Case> {
                 ));
             }
         }
-        Op::Weight { .. } => {
+        OpKind::Weight => {
             // A matrix of each type read back (every row but the poison row), and an F32 vector
             // used as a bias.
             for ty in WEIGHT_TYPES {
@@ -302,7 +280,7 @@ pub fn cases_for(op: &Op) -> Vec<Case> {
                 },
             ));
         }
-        Op::Embedding => {
+        OpKind::Embedding => {
             for ty in WEIGHT_TYPES {
                 for (tokens, vocab) in [(1, 4), (7, 24)] {
                     cases.push(embedding_case(ty, tokens, vocab, 256));
@@ -312,7 +290,7 @@ pub fn cases_for(op: &Op) -> Vec<Case> {
                 cases.push(embedding_case(ty, 300, 40, 256));
             }
         }
-        Op::MatMul => {
+        OpKind::MatMul => {
             for ty in WEIGHT_TYPES {
                 cases.push(matmul_case(ty, 1, 512, 64));
                 cases.push(matmul_case(ty, 7, 256, 40));
@@ -331,7 +309,7 @@ pub fn cases_for(op: &Op) -> Vec<Case> {
                 cases.push(matmul_case(ty, 300, 256, 33));
             }
         }
-        Op::MultiMatMul { .. } => {
+        OpKind::MultiMatMul => {
             use GgmlType as T;
             let sets: [(u32, Vec<(GgmlType, u64)>); 4] = [
                 (1, vec![(T::Q4_K, 64), (T::Q6_K, 32), (T::F16, 32)]),
@@ -357,7 +335,7 @@ pub fn cases_for(op: &Op) -> Vec<Case> {
                 ));
             }
         }
-        Op::GateUpSwiGlu => {
+        OpKind::GateUpSwiGlu => {
             let mut add = |ty: GgmlType, tokens: u32, n: u64| {
                 cases.push(Case::new(
                     Op::GateUpSwiGlu,
@@ -379,8 +357,8 @@ pub fn cases_for(op: &Op) -> Vec<Case> {
             add(GgmlType::Q8_0, 64, 32);
             add(GgmlType::Q4_0, 300, 16);
         }
-        Op::Add | Op::Mul => {
-            let mul = matches!(op, Op::Mul);
+        OpKind::Add | OpKind::Mul => {
+            let mul = kind == OpKind::Mul;
             for (tokens, width, bias) in [
                 (1, 64, false),
                 (7, 96, true),
@@ -399,8 +377,8 @@ pub fn cases_for(op: &Op) -> Vec<Case> {
                 ));
             }
         }
-        Op::Silu | Op::SwiGlu => {
-            let swiglu = matches!(op, Op::SwiGlu);
+        OpKind::Silu | OpKind::SwiGlu => {
+            let swiglu = kind == OpKind::SwiGlu;
             for (tokens, width) in [(1, 64), (7, 96), (300, 130)] {
                 let detail = format!("t{tokens},w{width}");
                 cases.push(if swiglu {
@@ -410,8 +388,8 @@ pub fn cases_for(op: &Op) -> Vec<Case> {
                 });
             }
         }
-        Op::RmsNorm { .. } | Op::AddRmsNorm { .. } => {
-            let fused_add = matches!(op, Op::AddRmsNorm { .. });
+        OpKind::RmsNorm | OpKind::AddRmsNorm => {
+            let fused_add = kind == OpKind::AddRmsNorm;
             for (tokens, width, group, eps) in [
                 (1, 576, 576, 1e-5),
                 (7, 512, 64, 1e-6),
@@ -436,7 +414,7 @@ pub fn cases_for(op: &Op) -> Vec<Case> {
                 ));
             }
         }
-        Op::Rope(_) => {
+        OpKind::Rope => {
             use RopeStyle::{Neox, Normal};
             let mut scaled = rope_params(Normal, 128, 128, true);
             scaled.freq_scale = 0.25;
@@ -463,7 +441,7 @@ pub fn cases_for(op: &Op) -> Vec<Case> {
                 ));
             }
         }
-        Op::SelectRows => {
+        OpKind::SelectRows => {
             for (tokens, width, outputs) in [
                 (1, 64, vec![0]),
                 (7, 64, vec![0, 3, 6]),
@@ -481,7 +459,7 @@ pub fn cases_for(op: &Op) -> Vec<Case> {
                 ));
             }
         }
-        Op::Attention(_) => {
+        OpKind::Attention => {
             // (heads, kv heads, head dim, window, scale, runs, history chunk)
             let table = [
                 (4, 4, 64, None, None, vec![span(0, 7)], 64),
@@ -527,7 +505,7 @@ pub fn cases_for(op: &Op) -> Vec<Case> {
                 ));
             }
         }
-        Op::KvWrite(_) => {
+        OpKind::KvWrite => {
             // Write patterns: many small history steps, several sequences of mixed lengths, a
             // layer number that is not the cache's index.
             let table: [(u32, u32, u32, Vec<Run>, u32); 4] = [
@@ -559,7 +537,7 @@ pub fn cases_for(op: &Op) -> Vec<Case> {
                 ));
             }
         }
-        Op::RopeKvWrite { .. } => {
+        OpKind::RopeKvWrite => {
             use RopeStyle::{Neox, Normal};
             let table = [
                 (rope_params(Normal, 64, 64, false), 4, 4, vec![span(0, 7)]),
@@ -853,7 +831,7 @@ impl Builder {
         } else {
             self.graph
                 .node_ids()
-                .map(|n| tolerance(&self.graph.node(n).op))
+                .map(|n| tolerance(self.graph.node(n).op.kind()))
                 .fold(0.0, f64::max)
         };
         self.checks.push(Check {
@@ -1411,7 +1389,7 @@ pub fn run_case(entry: &BackendEntry, case: &Case) -> CaseReport {
         backend: entry.name,
         max_abs: 0.0,
         max_rel: 0.0,
-        tolerance: tolerance(&case.op),
+        tolerance: tolerance(case.kind()),
         outcome: Outcome::Pass,
         values: Vec::new(),
     };
