@@ -1,9 +1,9 @@
 //! `m40-llm parity --ops [--backend B] [--filter OP] [--json]`: every per-op case of
 //! `m40_llm::backend::parity::ops` on every available backend (or one), one line per case.
 
+use super::io::{note, outln};
 use anyhow::{Context, bail};
 use m40_llm::backend::parity::{self, BACKENDS, BackendEntry, ops};
-use std::io::Write;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -41,7 +41,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .filter(|b| match (b.unavailable)() {
                 None => true,
                 Some(why) => {
-                    eprintln!("note: skipping backend `{}`: {why}", b.name);
+                    note!("note: skipping backend `{}`: {why}", b.name);
                     false
                 }
             })
@@ -54,7 +54,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bail!("no case matches `{f}` (an op name such as `matmul`, or part of a case name)");
         }
     }
-    let mut out = std::io::stdout().lock();
     let (mut total, mut failed) = (0, 0);
     for entry in backends {
         for case in &cases {
@@ -64,20 +63,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 failed += 1;
             }
             if args.json {
-                writeln!(out, "{}", serde_json::to_string(&report)?)?;
+                outln!("{}", serde_json::to_string(&report)?)?;
             } else {
-                writeln!(out, "{}", line(&report))?;
+                outln!("{}", line(&report))?;
             }
-            out.flush()?;
         }
     }
     if !args.json {
-        writeln!(
-            out,
-            "{} cases, {} passed, {failed} failed",
-            total,
-            total - failed
-        )?;
+        outln!("{total} cases, {} passed, {failed} failed", total - failed)?;
     }
     if failed > 0 {
         bail!("{failed} of {total} parity cases failed");
