@@ -6,9 +6,9 @@ mod common;
 
 use m40_llm::backend::parity::ops::{self, Case, Outcome};
 use m40_llm::backend::parity::{BACKENDS, BackendEntry, KvNeeds, open_cpu};
-use m40_llm::backend::{Backend, BackendError, DeviceInfo, HostTensor, Logits};
+use m40_llm::backend::step::{KvGeometry, PageTables, Step, StepLimits, StepOutputs};
+use m40_llm::backend::{Backend, BackendError, DeviceInfo, HostTensor};
 use m40_llm::gguf::GgufFile;
-use m40_llm::ir::Batch;
 use m40_llm::ir::op::OpKind;
 use m40_llm::plan::Plan;
 use std::collections::{HashMap, HashSet};
@@ -91,11 +91,15 @@ fn the_table_covers_the_required_shapes_and_types() {
 }
 
 /// A CPU backend that "forgets" to write row 0 of every plan output: reading a value gives row
-/// 0 of the previous step's value.
+/// 0 of the previous step's value. After the poison step, which the CPU backend reports as
+/// non-finite without keeping its values readable, that row is what the poison step computed:
+/// NaN.
 struct Forgetful {
     inner: Box<dyn Backend>,
     previous: HashMap<String, HostTensor>,
     current: HashMap<String, HostTensor>,
+    previous_poisoned: bool,
+    current_poisoned: bool,
 }
 
 impl Backend for Forgetful {
@@ -105,18 +109,29 @@ impl Backend for Forgetful {
     fn plan(&self) -> &Plan {
         self.inner.plan()
     }
-    fn n_cells(&self) -> u32 {
-        self.inner.n_cells()
+    fn kv_geometry(&self) -> KvGeometry {
+        self.inner.kv_geometry()
     }
-    fn step(&mut self, batch: &Batch) -> Result<Logits, BackendError> {
-        let result = self.inner.step(batch);
-        // The poison step's NaN outputs are reported, but computed and readable.
-        if let Err(e) = &result
-            && !matches!(e, BackendError::NonFinite { .. })
-        {
+    fn page_tables(&self) -> &PageTables {
+        self.inner.page_tables()
+    }
+    fn step_limits(&self) -> StepLimits {
+        self.inner.step_limits()
+    }
+    fn validate(&mut self, step: &Step) -> Result<(), BackendError> {
+        self.inner.validate(step)
+    }
+    fn step(&mut self, step: &Step, out: &mut StepOutputs) -> Result<(), BackendError> {
+        let result = self.inner.step(step, out);
+        let poisoned = matches!(result, Err(BackendError::NonFinite { .. }));
+        if result.is_err() && !poisoned {
             return result;
         }
         self.previous = std::mem::take(&mut self.current);
+        self.previous_poisoned = std::mem::replace(&mut self.current_poisoned, poisoned);
+        if poisoned {
+            return result;
+        }
         let plan = self.inner.plan();
         let names: Vec<String> = plan
             .outputs
@@ -131,7 +146,9 @@ impl Backend for Forgetful {
     }
     fn read_value(&self, name: &str) -> Result<HostTensor, BackendError> {
         let mut value = self.inner.read_value(name)?;
-        if let Some(prev) = self.previous.get(name)
+        if self.previous_poisoned {
+            value.row_mut(0).fill(f32::NAN);
+        } else if let Some(prev) = self.previous.get(name)
             && prev.dim() == value.dim()
         {
             value.row_mut(0).assign(&prev.row(0));
@@ -149,6 +166,8 @@ fn open_forgetful(
         inner: open_cpu(plan, file, kv)?,
         previous: HashMap::new(),
         current: HashMap::new(),
+        previous_poisoned: false,
+        current_poisoned: false,
     }))
 }
 
@@ -162,11 +181,20 @@ impl Backend for Skewed {
     fn plan(&self) -> &Plan {
         self.0.plan()
     }
-    fn n_cells(&self) -> u32 {
-        self.0.n_cells()
+    fn kv_geometry(&self) -> KvGeometry {
+        self.0.kv_geometry()
     }
-    fn step(&mut self, batch: &Batch) -> Result<Logits, BackendError> {
-        self.0.step(batch)
+    fn page_tables(&self) -> &PageTables {
+        self.0.page_tables()
+    }
+    fn step_limits(&self) -> StepLimits {
+        self.0.step_limits()
+    }
+    fn validate(&mut self, step: &Step) -> Result<(), BackendError> {
+        self.0.validate(step)
+    }
+    fn step(&mut self, step: &Step, out: &mut StepOutputs) -> Result<(), BackendError> {
+        self.0.step(step, out)
     }
     fn read_value(&self, name: &str) -> Result<HostTensor, BackendError> {
         Ok(self.0.read_value(name)? * 1.01)

@@ -13,8 +13,8 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 pub mod fit;
-pub mod step;
 pub mod parity;
+pub mod step;
 pub mod target;
 
 use crate::plan::Plan;

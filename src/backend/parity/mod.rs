@@ -16,9 +16,9 @@ pub mod ops;
 pub mod reference;
 
 use super::cpu::CpuBackend;
+use super::step::{DEFAULT_PAGE_SIZE, KvGeometry, OutputKind, PageOp, Step, StepOutputs};
 use super::{Backend, BackendError, HostTensor};
 use crate::gguf::GgufFile;
-use crate::ir::Batch;
 use crate::plan::Plan;
 use std::sync::Arc;
 
@@ -57,13 +57,13 @@ pub const BACKENDS: &[BackendEntry] = &[BackendEntry {
     open: open_cpu,
 }];
 
-/// The CPU backend, with a cache of [`cells_needed`] cells.
+/// The CPU backend, with a paged cache of `kv.n_seqs` slots of `kv.positions` positions.
 pub fn open_cpu(
     plan: Plan,
     file: Arc<GgufFile>,
     kv: KvNeeds,
 ) -> Result<Box<dyn Backend>, BackendError> {
-    Ok(Box::new(CpuBackend::new(plan, file, cells_needed(kv))?))
+    Ok(Box::new(CpuBackend::new(plan, file, geometry(kv)?)?))
 }
 
 /// The registered backend called `name`.
@@ -84,24 +84,27 @@ pub struct StepSpec {
     pub outputs: Vec<u32>,
 }
 
-// The adapter to the step API: `run_step`, `cells_needed` and the constructors in `BACKENDS`
+// The adapter to the step API: `run_step`, `geometry` and the constructors in `BACKENDS`
 // (which size a cache from `KvNeeds`) are all the harness knows of how a step is described.
 
-/// Cells for `kv`: [`run_step`] puts position `p` of sequence `s` in cell `p * n_seqs + s`, so
-/// the cells are interleaved across sequences (a backend that used the position as the cell
-/// would read another sequence's keys).
-pub fn cells_needed(kv: KvNeeds) -> u32 {
-    kv.positions.max(1) * kv.n_seqs.max(1)
+/// The paged cache for `kv`: one slot per sequence, [`DEFAULT_PAGE_SIZE`] cells a page.
+/// [`run_step`] maps page `i` of slot `s` to page `i * n_seqs + s`, so the pages are interleaved
+/// across sequences (a backend that ignored the page tables would read another sequence's keys).
+pub fn geometry(kv: KvNeeds) -> Result<KvGeometry, BackendError> {
+    let n = kv.n_seqs.max(1);
+    KvGeometry::for_context(kv.positions.max(1), n, n, DEFAULT_PAGE_SIZE)
+        .map_err(|e| BackendError::Mismatch(e.to_string()))
 }
 
 /// Runs `step` on `backend` and reads back the values called `read`.
 ///
-/// This is the only function that knows the step API (`Backend::step` over a [`Batch`] with a
-/// cell list per sequence today): when the step descriptor changes, only this changes. A
-/// sequence's tokens in one step are consecutive positions. In cases with a KV cache, earlier
-/// steps have written the positions before them, except that a step may repeat the positions
-/// the previous one wrote (the checked step after the poison step) and then overwrites them;
-/// cases without a KV cache may start a sequence at any position.
+/// This is the only function that knows the step API (`Backend::step` over a paged
+/// [`Step`]): when the step descriptor changes, only this changes. A sequence's tokens in one
+/// step are consecutive positions. In cases with a KV cache, earlier steps have written the
+/// positions before them, except that a step may repeat the positions the previous one wrote
+/// (the checked step after the poison step): the slot is truncated back (`SetLen`) and the
+/// step overwrites them; cases without a KV cache may start a sequence at any position (the
+/// slot's length is set to it).
 pub fn run_step(
     backend: &mut dyn Backend,
     step: &StepSpec,
@@ -109,23 +112,44 @@ pub fn run_step(
     read: &[String],
 ) -> Result<Vec<HostTensor>, BackendError> {
     let n_seqs = n_seqs.max(1);
-    let mut len = vec![0u32; n_seqs as usize];
-    for (&s, &p) in step.seq.iter().zip(&step.positions) {
-        if let Some(l) = len.get_mut(s as usize) {
-            *l = (*l).max(p + 1);
-        }
-    }
-    let batch = Batch {
-        tokens: step.tokens.clone(),
-        seq: step.seq.clone(),
-        positions: step.positions.clone(),
-        sequences: len
+    let ps = backend.kv_geometry().page_size.max(1);
+    let tables = backend.page_tables();
+    let mut s = Step::new();
+    for slot in 0..n_seqs {
+        let mut pos = step
+            .seq
             .iter()
-            .enumerate()
-            .map(|(s, &l)| (0..l).map(|p| p * n_seqs + s as u32).collect())
-            .collect(),
-        outputs: step.outputs.clone(),
-    };
-    backend.step(&batch)?;
+            .zip(&step.positions)
+            .filter(|&(&q, _)| q == slot)
+            .map(|(_, &p)| p);
+        let Some(first) = pos.next() else { continue };
+        let last = pos.fold(first, u32::max);
+        let need = (last + 1).div_ceil(ps);
+        let mut mapped = tables.pages(slot).map_or(0, |p| p.len() as u32);
+        let map = |s: &mut Step, from: u32, to: u32| {
+            for index in from..to {
+                s.push_op(PageOp::Map {
+                    slot,
+                    index,
+                    page: index * n_seqs + slot,
+                });
+            }
+        };
+        if tables.len(slot) != Some(first) {
+            let keep = first.div_ceil(ps);
+            map(&mut s, mapped, keep);
+            s.push_op(PageOp::SetLen { slot, len: first });
+            mapped = keep;
+        }
+        map(&mut s, mapped, need);
+    }
+    for ((&t, &slot), &p) in step.tokens.iter().zip(&step.seq).zip(&step.positions) {
+        s.push_token(slot, p, t);
+    }
+    for &row in &step.outputs {
+        s.push_output(row, OutputKind::Logits);
+    }
+    let mut out = StepOutputs::new();
+    backend.step(&s, &mut out)?;
     read.iter().map(|name| backend.read_value(name)).collect()
 }
