@@ -47,20 +47,9 @@ pub fn cuda_runtime_margin(sm: u32) -> u64 {
 /// sampler, thread stacks). Weights are memory-mapped and counted at their stored size.
 pub const CPU_RUNTIME_MARGIN: u64 = 64 << 20;
 
-/// The weight types the CUDA executor reads (dequantized on the fly in its kernels).
-pub const CUDA_WEIGHT_TYPES: [GgmlType; 11] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-    GgmlType::Q4_K,
-    GgmlType::Q5_K,
-    GgmlType::Q6_K,
-];
+/// The weight types the CUDA executor reads (dequantized on the fly in its kernels): exactly
+/// what `gguf::quants` dequantizes, so the GPU reads every type the reference does.
+pub const CUDA_WEIGHT_TYPES: [GgmlType; 11] = quants::DEQUANTIZE_TYPES;
 
 /// Which kind of device a target describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
