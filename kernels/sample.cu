@@ -89,3 +89,15 @@ extern "C" __global__ void top_k_f32(const float* x, int n, int k, int* ids, flo
         pi = i;
     }
 }
+
+// flag[0] = min(flag[0], the lowest i < n with x[i] NaN or ±inf): the step's check that its
+// logits are numbers, without copying them to the host. The host sets flag[0] = n first.
+// Grid: any; block: any.
+extern "C" __global__ void first_non_finite_f32(const float* x, int n, int* flag) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        if ((__float_as_int(x[i]) & 0x7f800000) == 0x7f800000) {
+            atomicMin(flag, i);
+            return;
+        }
+    }
+}

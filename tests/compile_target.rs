@@ -6,9 +6,7 @@ mod common;
 
 use m40_llm::backend::Backend;
 use m40_llm::backend::cpu::CpuBackend;
-use m40_llm::backend::device::{
-    CUDA_EXECUTOR_MISSING, DeviceChoice, PassedOver, candidate_targets,
-};
+use m40_llm::backend::device::{DeviceChoice, PassedOver, candidate_targets};
 use m40_llm::backend::fit::{FitError, FitReport, KV_PAGE_CELLS, Part};
 use m40_llm::backend::target::{Target, TargetKind};
 use m40_llm::backend::{KvGeometry, Step, StepOutputs};
@@ -20,7 +18,7 @@ use std::sync::Arc;
 
 /// A tiny llama whose `tensor` is stored as `ty` (random bytes: it is never executed).
 fn llama_with_type(tensor: &str, ty: GgmlType) -> GgufFile {
-    let model = TinyModel::llama();
+    let model = TinyModel::llama32();
     let mut tensors = model.tensors().unwrap();
     let t: &mut TinyTensor = tensors.iter_mut().find(|t| t.name == tensor).unwrap();
     let rows: u64 = t.ne[1..].iter().product();
@@ -31,6 +29,38 @@ fn llama_with_type(tensor: &str, ty: GgmlType) -> GgufFile {
         w.tensor(t.name, t.ty, &t.ne, t.data)
     });
     GgufFile::from_bytes("tiny/typed.gguf", writer.to_bytes()).unwrap()
+}
+
+/// Heads the CUDA attention kernels do not tile (16 wide) are a compile error for CUDA that
+/// says what the kernels need, not a failure at the first step.
+#[test]
+fn cuda_refuses_attention_heads_that_are_not_a_multiple_of_32() {
+    let file = TinyModel::llama().open().unwrap();
+    let err = compile(
+        &file,
+        &CompileOptions::default(),
+        &Target::parse("cuda:sm_52").unwrap(),
+    )
+    .err()
+    .unwrap();
+    let CompileError::Unsupported(u) = &err else {
+        panic!("expected Unsupported, got {err}");
+    };
+    assert_eq!(u.op, "attention");
+    assert!(
+        u.reason.contains("multiple of 32") && u.reason.contains("16"),
+        "{err}"
+    );
+    assert!(compile(&file, &CompileOptions::default(), &Target::cpu()).is_ok());
+    let wide = TinyModel::llama32().open().unwrap();
+    assert!(
+        compile(
+            &wide,
+            &CompileOptions::default(),
+            &Target::parse("cuda:sm_52").unwrap()
+        )
+        .is_ok()
+    );
 }
 
 /// The missing capability check: today a plan with a weight type no kernel reads compiles, and
@@ -220,7 +250,7 @@ fn alignment_passes_and_kv_type_come_from_the_target() {
 
 #[test]
 fn the_fit_adds_paged_kv_arena_weights_and_margin() {
-    let file = TinyModel::llama().open().unwrap();
+    let file = TinyModel::llama32().open().unwrap();
     let target = Target::parse("cuda:sm_52").unwrap();
     let plan = compile(&file, &CompileOptions::default(), &target)
         .unwrap()
@@ -287,13 +317,13 @@ fn the_fit_adds_paged_kv_arena_weights_and_margin() {
 #[test]
 fn auto_tries_gpus_then_the_cpu_and_cuda_never_falls_back() {
     let mut passed = PassedOver::default();
-    let cpu_only = candidate_targets(DeviceChoice::Cpu, &mut passed);
+    let cpu_only = candidate_targets(DeviceChoice::Cpu, None, &mut passed);
     assert_eq!(cpu_only.len(), 1);
     assert_eq!(cpu_only[0].kind, TargetKind::Cpu);
     assert!(passed.0.is_empty(), "--device cpu probes nothing");
 
     let mut passed = PassedOver::default();
-    let auto = candidate_targets(DeviceChoice::Auto, &mut passed);
+    let auto = candidate_targets(DeviceChoice::Auto, None, &mut passed);
     assert_eq!(auto.last().unwrap().kind, TargetKind::Cpu);
     let gpus = auto.len() - 1;
     assert!(
@@ -302,14 +332,24 @@ fn auto_tries_gpus_then_the_cpu_and_cuda_never_falls_back() {
     );
 
     let mut passed = PassedOver::default();
-    let cuda = candidate_targets(DeviceChoice::Cuda, &mut passed);
+    let cuda = candidate_targets(DeviceChoice::Cuda, None, &mut passed);
     assert!(
         cuda.iter()
-            .all(|t| matches!(t.kind, TargetKind::Cuda { .. }))
+            .all(|t| matches!(t.kind, TargetKind::Cuda { .. }) && t.gpu.is_some())
     );
     assert_eq!(cuda.len(), gpus);
 
-    // Loading on cuda fails with every GPU's reason: none found, or no executor yet.
+    // `--gpu N` for a GPU that does not exist: no target, and the reason names it.
+    let mut passed = PassedOver::default();
+    assert!(candidate_targets(DeviceChoice::Cuda, Some(999), &mut passed).is_empty());
+    let why = passed.summary();
+    assert!(
+        why.contains("cuda:999") || why.contains("no CUDA GPU"),
+        "{why}"
+    );
+
+    // Loading on cuda fails with every GPU's reason when there is none, and runs on the GPU
+    // when there is one; auto takes the GPU first, else the CPU after saying why.
     let Some(path) = common::default_model() else {
         return;
     };
@@ -318,22 +358,25 @@ fn auto_tries_gpus_then_the_cpu_and_cuda_never_falls_back() {
         ctx_size: Some(64),
         ..Default::default()
     };
-    let err = m40_llm::runtime::model::load(&path, &options)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        err.starts_with("no device can run the model with --device cuda: "),
-        "{err}"
-    );
-    if gpus > 0 {
-        assert!(err.contains(CUDA_EXECUTOR_MISSING), "{err}");
+    match m40_llm::runtime::model::load(&path, &options) {
+        Ok(loaded) => {
+            assert!(gpus > 0);
+            assert_eq!(loaded.engine.backend().device().kind, "cuda");
+        }
+        Err(e) => {
+            let err = e.to_string();
+            assert_eq!(gpus, 0, "{err}");
+            assert!(
+                err.starts_with("no device can run the model with --device cuda: "),
+                "{err}"
+            );
+        }
     }
-    // auto runs on the CPU after passing over every GPU.
     let options = m40_llm::runtime::model::LoadOptions {
         device: DeviceChoice::Auto,
         ..options
     };
     let loaded = m40_llm::runtime::model::load(&path, &options).unwrap();
-    assert_eq!(loaded.engine.backend().device().kind, "cpu");
+    let want = if gpus > 0 { "cuda" } else { "cpu" };
+    assert_eq!(loaded.engine.backend().device().kind, want);
 }

@@ -255,6 +255,7 @@ use cudarc::driver::PushKernelArg;
 use gpu::*;
 use half::f16;
 use m40_llm::backend::cpu::kernels as cpu;
+use m40_llm::backend::cuda::mem::Span;
 use m40_llm::backend::cuda::ops::{AttnPath, AttnShape, Ops, PagedKv};
 use m40_llm::backend::cuda::weight_kernel_suffix;
 use m40_llm::gguf::GgmlType;
@@ -929,9 +930,9 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         stream: &g.stream,
     };
     let kv = PagedKv {
-        k: &kc_d,
-        v: &vc_d,
-        tables: &tab_d,
+        k: Span::of(&kc_d),
+        v: Span::of(&vc_d),
+        tables: Span::of(&tab_d),
         table_stride: pages_per_slot,
         page_size: page,
     };

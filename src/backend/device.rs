@@ -4,8 +4,7 @@
 //! GPUs, a Tesla M40 first, then the CPU): it builds the device's [`Target`], compiles the model
 //! for it, checks the fit in its memory, and runs on the first that accepts the plan, holds it
 //! and has an executor; every device passed over is logged with the reason ([`PassedOver`]),
-//! so there is no silent fallback. Until the CUDA executor exists, a GPU that accepts and holds
-//! the plan is passed over with [`CUDA_EXECUTOR_MISSING`].
+//! so there is no silent fallback. `--gpu N` narrows the GPUs to that one.
 
 use super::cpu::CpuBackend;
 use super::target::{Target, TargetKind};
@@ -170,10 +169,6 @@ pub fn arch_of(gpu: &GpuInfo) -> u32 {
     (major.max(0) as u32) * 10 + minor.max(0) as u32
 }
 
-/// Why a GPU that accepts and fits a plan is not used today. The CUDA executor (issue 10)
-/// replaces this by opening its backend in [`open_on`].
-pub const CUDA_EXECUTOR_MISSING: &str = "the CUDA executor is not built yet";
-
 /// Devices tried and passed over while choosing where to run, each with its reason; every one
 /// is logged as it is recorded (there is no silent fallback).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -198,13 +193,25 @@ impl PassedOver {
 }
 
 /// The targets `choice` may run on, in the order they are tried: the supported GPUs in
-/// [`gpu_order`] (for `auto` and `cuda`), then the CPU (for `auto` and `cpu`). GPUs that cannot
-/// be targets at all (too old, or none found) are recorded in `passed`.
-pub fn candidate_targets(choice: DeviceChoice, passed: &mut PassedOver) -> Vec<Target> {
+/// [`gpu_order`] (for `auto` and `cuda`; only GPU `gpu` when given), then the CPU (for `auto`
+/// and `cpu`). GPUs that cannot be targets at all (too old, or none found) are recorded in
+/// `passed`.
+pub fn candidate_targets(
+    choice: DeviceChoice,
+    gpu: Option<usize>,
+    passed: &mut PassedOver,
+) -> Vec<Target> {
     let mut targets = Vec::new();
     if choice != DeviceChoice::Cpu {
         match probe_gpus() {
             Ok(gpus) if gpus.is_empty() => passed.pass("cuda", "no CUDA GPU: none was found"),
+            Ok(gpus) if gpu.is_some() => match choose_gpu(&gpus, gpu) {
+                Ok(g) => match Target::for_gpu(g) {
+                    Ok(t) => targets.push(t),
+                    Err(e) => passed.pass(&g.to_string(), e.to_string()),
+                },
+                Err(why) => passed.pass(&format!("cuda:{}", gpu.unwrap_or(0)), why),
+            },
             Ok(gpus) => {
                 for g in gpus.iter().filter(|g| !g.is_supported()) {
                     let why = Target::for_gpu(g)
@@ -237,11 +244,41 @@ pub fn open_on(
 ) -> Result<Box<dyn Backend>, BackendError> {
     match target.kind {
         TargetKind::Cpu => Ok(Box::new(CpuBackend::new(plan, file, kv)?)),
-        TargetKind::Cuda { .. } => Err(BackendError::Unsupported {
-            backend: target.name.clone(),
-            reason: CUDA_EXECUTOR_MISSING.into(),
-        }),
+        TargetKind::Cuda { .. } => open_cuda(target, plan, file, kv),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(
+    target: &Target,
+    plan: Plan,
+    file: Arc<GgufFile>,
+    kv: KvGeometry,
+) -> Result<Box<dyn Backend>, BackendError> {
+    let gpu = target
+        .gpu
+        .as_ref()
+        .ok_or_else(|| BackendError::Unsupported {
+            backend: target.name.clone(),
+            reason: "a compile-only target names no GPU to run on".into(),
+        })?;
+    Ok(Box::new(super::cuda::CudaBackend::new(
+        plan, file, kv, gpu,
+    )?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(
+    target: &Target,
+    _plan: Plan,
+    _file: Arc<GgufFile>,
+    _kv: KvGeometry,
+) -> Result<Box<dyn Backend>, BackendError> {
+    Err(BackendError::Unsupported {
+        backend: target.name.clone(),
+        reason: "this build of m40-llm has no CUDA support (built without the `cuda` feature)"
+            .into(),
+    })
 }
 
 #[cfg(test)]
@@ -328,14 +365,14 @@ mod tests {
     }
 
     #[test]
-    fn a_cuda_target_has_no_executor_yet() {
-        let file = Arc::new(crate::lower::TinyModel::llama().open().unwrap());
+    fn a_compile_only_cuda_target_names_no_gpu_to_open() {
+        let file = Arc::new(crate::lower::TinyModel::qwen3().open().unwrap());
         let target = Target::parse("cuda:sm_52").unwrap();
         let plan = crate::compile(&file, &crate::CompileOptions::default(), &target)
             .unwrap()
             .plan;
         let kv = KvGeometry::new(16, 4, 1, 4).unwrap();
         let err = open_on(&target, plan, file, kv).err().unwrap();
-        assert!(err.to_string().contains(CUDA_EXECUTOR_MISSING), "{err}");
+        assert!(err.to_string().contains("names no GPU"), "{err}");
     }
 }

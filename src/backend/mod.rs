@@ -6,13 +6,15 @@
 //! top-k) into the caller's [`StepOutputs`], and can read back any value of the last step for
 //! parity work. The runtime holds a `Box<dyn Backend>` and never knows which one it has.
 //!
-//! Backends: [`cpu`] (the ndarray/rayon FP32 reference) and, later, CUDA.
+//! Backends: [`cpu`] (the ndarray/rayon FP32 reference) and `cuda` (the CUDA executor, the
+//! `cuda` feature).
 
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
 pub mod fit;
+mod layout;
 pub mod parity;
 pub mod step;
 pub mod target;

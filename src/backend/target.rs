@@ -101,6 +101,9 @@ pub struct Target {
     pub budget: Option<Budget>,
     /// Memory the runtime needs besides the plan (see [`cuda_runtime_margin`]).
     pub runtime_margin: u64,
+    /// The GPU this target runs on, for a target made from a probed device
+    /// ([`Target::for_gpu`]); `None` for the CPU and for compile-only targets (`cuda:sm_52`).
+    pub gpu: Option<GpuInfo>,
 }
 
 /// A step a target cannot run: which step, which op, which type, and why.
@@ -155,6 +158,16 @@ pub fn every_op(op: &Op) -> bool {
     }
 }
 
+/// Every op, except attention over heads the CUDA kernels do not tile: they split a head over
+/// a warp's 32 lanes, so `head_dim` must be a multiple of 32, at most 256 (every llama, qwen
+/// and mistral model is; 16-wide test heads are not).
+pub fn cuda_executes(op: &Op) -> bool {
+    match op {
+        Op::Attention(p) => p.head_dim % 32 == 0 && p.head_dim <= 256,
+        _ => every_op(op),
+    }
+}
+
 /// How input `slot` of `op` reads a weight bound to it: a matrix in the slots
 /// [`Op::matrix_slots`] names (what the CPU backend's `check_matrices` checks at load), else a
 /// vector.
@@ -195,6 +208,7 @@ impl Target {
                 source: "physical memory".into(),
             }),
             runtime_margin: CPU_RUNTIME_MARGIN,
+            gpu: None,
         }
     }
 
@@ -209,7 +223,7 @@ impl Target {
         Ok(Target {
             name,
             kind: TargetKind::Cuda { sm },
-            executes: every_op,
+            executes: cuda_executes,
             matrix_types: CUDA_WEIGHT_TYPES.to_vec(),
             vector_types: CUDA_WEIGHT_TYPES.to_vec(),
             alignment: 256,
@@ -217,6 +231,7 @@ impl Target {
             kv_type: KV_DTYPE,
             budget: None,
             runtime_margin: cuda_runtime_margin(sm),
+            gpu: None,
         })
     }
 
@@ -226,6 +241,7 @@ impl Target {
         let sm = u32::try_from(major * 10 + minor).unwrap_or(0);
         let mut target = Target::cuda(sm)?;
         target.name = format!("cuda:{} (sm_{sm})", gpu.ordinal);
+        target.gpu = Some(gpu.clone());
         Ok(target.with_budget(gpu.total_memory as u64, format!("{gpu}")))
     }
 
@@ -287,10 +303,15 @@ impl Target {
             reason,
         };
         if !(self.executes)(op) {
-            return Err(unsupported(
-                None,
-                format!("{} has no kernel for it", self.name),
-            ));
+            let reason = match (op, self.kind) {
+                (Op::Attention(p), TargetKind::Cuda { .. }) => format!(
+                    "the CUDA attention kernels need head_dim a multiple of 32, at most 256, \
+                     not {}",
+                    p.head_dim
+                ),
+                _ => format!("{} has no kernel for it", self.name),
+            };
+            return Err(unsupported(None, reason));
         }
         for (slot, (ty, is_weight)) in inputs.iter().enumerate() {
             let ValueType::Tensor(t) = ty else { continue };

@@ -156,6 +156,14 @@ struct ModelArgs {
     /// logged), cpu or cuda.
     #[arg(long, value_enum, default_value_t = m40_llm::backend::device::DeviceChoice::Auto)]
     device: m40_llm::backend::device::DeviceChoice,
+    /// The GPU to run on (its CUDA ordinal, as `m40-llm devices` lists them) instead of the
+    /// preferred one (a Tesla M40 first, then the GPU with the most memory).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(0..=1023))]
+    gpu: Option<u32>,
+    /// The GPU memory the model may use (e.g. 24G, 12000M), checked before anything is
+    /// uploaded (default: the device's memory).
+    #[arg(long, value_name = "SIZE", value_parser = m40_llm::backend::fit::parse_size)]
+    max_vram: Option<u64>,
     /// Tokens of context (default: the model's, at most 4096).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     ctx_size: Option<u64>,
@@ -184,6 +192,8 @@ impl ModelArgs {
         }
         m40_llm::runtime::model::LoadOptions {
             device: self.device,
+            gpu: self.gpu.map(|n| n as usize),
+            max_vram: self.max_vram,
             ctx_size: self.ctx_size.map(|n| n as usize),
             max_outputs,
             fuse: !self.no_fuse,

@@ -83,6 +83,17 @@ impl TinyModel {
         }
     }
 
+    /// [`TinyModel::llama`] with heads of 32 (the CUDA attention kernels' granularity): 128
+    /// features, 4 heads sharing 2 KV heads of 32.
+    pub fn llama32() -> TinyModel {
+        TinyModel {
+            n_embd: 128,
+            head_dim: 32,
+            n_ff: 192,
+            ..TinyModel::llama()
+        }
+    }
+
     /// Two qwen2 blocks: q/k/v biases, NeoX rope, tied embeddings.
     pub fn qwen2() -> TinyModel {
         TinyModel {

@@ -8,6 +8,7 @@ use crate::backend::BackendError;
 use crate::backend::device::{DeviceChoice, PassedOver, candidate_targets, open_on};
 use crate::backend::fit::{FitError, FitReport};
 use crate::backend::step::{DEFAULT_PAGE_SIZE, KvGeometry};
+use crate::backend::target::TargetKind;
 use crate::compile::{CompileError, CompileOptions, compile};
 use crate::gguf::{GgufError, GgufFile};
 use crate::plan::Plan;
@@ -23,6 +24,11 @@ pub const DEFAULT_CTX_SIZE: usize = 4096;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
     pub device: DeviceChoice,
+    /// The GPU to use (`--gpu N`), instead of the preferred one.
+    pub gpu: Option<usize>,
+    /// The memory budget of a GPU (`--max-vram`), instead of its total memory: the fit report
+    /// checks the plan against it before anything is uploaded.
+    pub max_vram: Option<u64>,
     /// Tokens one sequence can hold (default: the model's context, at most
     /// [`DEFAULT_CTX_SIZE`]).
     pub ctx_size: Option<usize>,
@@ -46,6 +52,8 @@ impl Default for LoadOptions {
     fn default() -> LoadOptions {
         LoadOptions {
             device: DeviceChoice::Auto,
+            gpu: None,
+            max_vram: None,
             ctx_size: None,
             n_seqs: 1,
             page_size: DEFAULT_PAGE_SIZE,
@@ -108,7 +116,10 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel, LoadError
     };
     let mut passed = PassedOver::default();
     let mut context: Option<(usize, KvGeometry)> = None;
-    for target in candidate_targets(options.device, &mut passed) {
+    for mut target in candidate_targets(options.device, options.gpu, &mut passed) {
+        if let (Some(bytes), TargetKind::Cuda { .. }) = (options.max_vram, target.kind) {
+            target = target.with_budget(bytes, "--max-vram");
+        }
         let compiled = match compile(&file, &compile_options, &target) {
             Ok(c) => c,
             Err(CompileError::Unsupported(u)) => {

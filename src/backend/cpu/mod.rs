@@ -14,13 +14,14 @@
 pub mod arena;
 pub mod kernels;
 
-use self::arena::{Arena, Region, check_disjoint};
+use self::arena::{Arena, check_disjoint};
 use self::kernels::{AttentionShape, KernelError, KvSpan, RopeSpec, RopeStyle, WeightMatrix};
+use super::layout::{Source, intact_values, region, source, width_of};
 use super::step::{KvGeometry, PageOp, PageTables, Step, StepLimits, StepOutputs};
 use super::{Backend, BackendError, DeviceInfo, HostTensor};
 use crate::gguf::{GgufFile, TensorInfo, quants};
-use crate::ir::{Dim, Op, RopeParams, StepSizes, TensorType, ValueType};
-use crate::plan::{Operand, Plan, Reuse, ValueRef};
+use crate::ir::{Dim, Op, RopeParams, StepSizes, TensorType};
+use crate::plan::{Operand, Plan, ValueRef};
 use half::f16;
 use half::vec::HalfBitsVecExt;
 use std::collections::HashMap;
@@ -535,21 +536,8 @@ impl Backend for CpuBackend {
             return Err(BackendError::NotComputed(name.to_string()));
         }
         let last = &self.last;
-        let ints = |v: &mut dyn ExactSizeIterator<Item = u32>| {
-            let v: Vec<u32> = v.collect();
-            HostTensor::from_shape_fn((v.len(), 1), |(i, _)| v[i] as f32)
-        };
-        match source(&self.plan, v) {
-            Source::Tokens => return Ok(ints(&mut last.tokens.iter().copied())),
-            Source::Positions => return Ok(ints(&mut last.positions.iter().copied())),
-            Source::Outputs => return Ok(ints(&mut last.outputs.iter().map(|o| o.row))),
-            Source::Kv(layer) => {
-                return Err(BackendError::Unsupported {
-                    backend: "cpu".into(),
-                    reason: format!("`{name}` is the KV cache of layer {layer}, not a tensor"),
-                });
-            }
-            Source::Arena => {}
+        if let Some(t) = super::layout::step_input_value(&self.plan, v, last, name, "cpu")? {
+            return Ok(t);
         }
         if !self.intact[v.step as usize][v.port as usize] {
             return Err(BackendError::Overwritten {
@@ -603,84 +591,6 @@ impl<'a> Input<'a> {
             Input::Vector(v) => Some(v),
             _ => None,
         }
-    }
-}
-
-/// Where a value lives.
-enum Source {
-    /// A tensor in the activation arena.
-    Arena,
-    /// A step input: the step's token ids, positions or output rows.
-    Tokens,
-    Positions,
-    Outputs,
-    /// The KV cache of a layer.
-    Kv(u32),
-}
-
-fn source(plan: &Plan, v: ValueRef) -> Source {
-    let step = &plan.steps[v.step as usize];
-    match (&step.op, plan.value(v).map(|o| &o.ty)) {
-        (Op::TokenIds, _) => Source::Tokens,
-        (Op::Positions, _) => Source::Positions,
-        (Op::OutputRows, _) => Source::Outputs,
-        (_, Some(ValueType::KvCache(kv))) => Source::Kv(kv.layer),
-        (
-            Op::Weight { .. }
-            | Op::Embedding
-            | Op::MatMul
-            | Op::Add
-            | Op::Mul
-            | Op::Silu
-            | Op::RmsNorm { .. }
-            | Op::Rope(_)
-            | Op::KvWrite(_)
-            | Op::Attention(_)
-            | Op::SelectRows
-            | Op::SwiGlu
-            | Op::MultiMatMul { .. }
-            | Op::GateUpSwiGlu
-            | Op::AddRmsNorm { .. }
-            | Op::RopeKvWrite { .. },
-            _,
-        ) => Source::Arena,
-    }
-}
-
-/// The arena region of a tensor value in a step of `sizes` (a prefix of its buffer).
-fn region(plan: &Plan, v: ValueRef, sizes: StepSizes) -> Result<Region, BackendError> {
-    let out = plan
-        .value(v)
-        .ok_or_else(|| BackendError::Mismatch(format!("no value {v:?}")))?;
-    let buffer = out
-        .buffer
-        .ok_or_else(|| BackendError::Mismatch(format!("value `{}` has no buffer", out.name)))?;
-    let len = out
-        .ty
-        .tensor()
-        .and_then(|t| t.shape.elements(sizes))
-        .ok_or_else(|| BackendError::Mismatch(format!("value `{}` has no size", out.name)))?;
-    if buffer.offset % 4 != 0 || len * 4 > buffer.bytes {
-        return Err(BackendError::Mismatch(format!(
-            "value `{}`: {len} elements do not fit its buffer of {} bytes",
-            out.name, buffer.bytes
-        )));
-    }
-    Ok(Region {
-        start: (buffer.offset / 4) as usize,
-        len: len as usize,
-    })
-}
-
-/// The row width (last dimension) of a tensor operand.
-fn width_of(plan: &Plan, operand: Operand) -> Option<usize> {
-    let ty = match operand {
-        Operand::Value(v) => plan.value(v)?.ty.tensor()?.clone(),
-        Operand::Weight(i) => plan.weights.get(i as usize)?.ty.clone(),
-    };
-    match ty.shape.dims().last()? {
-        Dim::Fixed(n) => Some(*n as usize),
-        _ => None,
     }
 }
 
@@ -756,37 +666,6 @@ fn load_weight(file: &GgufFile, name: &str, ty: &TensorType) -> Result<Weight, B
         shape,
         vector,
     })
-}
-
-/// Per step and port: whether a value's buffer is still intact once the whole step ran, i.e.
-/// no later step writes over it. Every value is, in a plan without reuse.
-fn intact_values(plan: &Plan) -> Vec<Vec<bool>> {
-    let written: Vec<Vec<(u64, u64)>> = plan
-        .steps
-        .iter()
-        .map(|s| {
-            s.outputs
-                .iter()
-                .filter_map(|o| o.buffer.map(|b| (b.offset, b.end())))
-                .collect()
-        })
-        .collect();
-    plan.steps
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            s.outputs
-                .iter()
-                .map(|o| match (plan.options.reuse, o.buffer) {
-                    (Reuse::None, _) | (_, None) => true,
-                    (Reuse::Liveness, Some(b)) => written[i + 1..]
-                        .iter()
-                        .flatten()
-                        .all(|&(lo, hi)| hi <= b.offset || b.end() <= lo),
-                })
-                .collect()
-        })
-        .collect()
 }
 
 /// Refuses a KV cache and arena larger than the machine's memory, before allocating them (an

@@ -14,9 +14,10 @@
 //! `y` (rows `n0..n0+m` of `W`, dequantized alone) is the same call with `m` rows, `A` the tile,
 //! `C = y + n0` and `ldc = N` still.
 
+use super::mem::DeviceSpan;
 use super::{CudaError, KernelSet, weight_kernel_suffix};
 use crate::gguf::GgmlType;
-use cudarc::cublas::{CudaBlas, Gemm, GemmConfig, sys::cublasOperation_t};
+use cudarc::cublas::{CudaBlas, sys::cublasOperation_t};
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
@@ -126,12 +127,13 @@ impl Matmul {
     pub fn run(
         &self,
         ks: &KernelSet,
-        x: &CudaSlice<f32>,
+        x: &impl DeviceSpan<f32>,
         rows: usize,
         w: &DeviceWeight,
-        y: &mut CudaSlice<f32>,
-        scratch: &mut CudaSlice<f32>,
+        y: &mut impl DeviceSpan<f32>,
+        scratch: &mut impl DeviceSpan<f32>,
     ) -> Result<MatmulPath, CudaError> {
+        let (x, y, scratch) = (x.span(), y.span(), scratch.span());
         let sfx = weight_kernel_suffix(w.ty).unwrap_or("unsupported");
         let shape = format!("x [{rows}, {}] · W [{}, {}] ({:?})", w.k, w.n, w.k, w.ty);
         let bad = |kernel: &str, reason: String| CudaError::Launch {
@@ -157,20 +159,15 @@ impl Matmul {
         let Some(blas) = self.blas.as_ref().filter(|_| rows > 1) else {
             let name = format!("matvec_{sfx}");
             let f = ks.function("matvec", &name)?;
-            let cfg = LaunchConfig {
-                grid_dim: (w.n.div_ceil(4) as u32, rows_i as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
             let mut b = self.stream.launch_builder(&f);
             b.arg(&w.data)
-                .arg(x)
-                .arg(&mut *y)
+                .arg(x.ptr())
+                .arg(y.ptr())
                 .arg(&n)
                 .arg(&k)
                 .arg(&row_bytes);
             // SAFETY: the arguments match matvec_<ty>'s signature and the sizes were checked.
-            unsafe { b.launch(cfg) }.map_err(|e| bad(&name, e.to_string()))?;
+            unsafe { b.launch(matvec_grid(w.n, rows_i)) }.map_err(|e| bad(&name, e.to_string()))?;
             return Ok(if rows == 1 {
                 MatmulPath::Matvec
             } else {
@@ -199,32 +196,105 @@ impl Matmul {
             let tile = w.data.slice(n0 * w.row_bytes..(n0 + m) * w.row_bytes);
             let mut b = self.stream.launch_builder(&deq);
             b.arg(&tile)
-                .arg(&mut *scratch)
+                .arg(scratch.ptr())
                 .arg(&m_i64)
                 .arg(&k)
                 .arg(&row_bytes);
             // SAFETY: the arguments match dequantize_<ty>'s signature; scratch holds m rows.
             unsafe { b.launch(cfg) }.map_err(|e| bad(&deq_name, e.to_string()))?;
-            let gemm = GemmConfig {
-                transa: cublasOperation_t::CUBLAS_OP_T,
-                transb: cublasOperation_t::CUBLAS_OP_N,
-                m: as_i32(m, "tile rows")?,
-                n: rows_i,
-                k,
-                alpha: 1.0f32,
-                lda: k,
-                ldb: k,
-                beta: 0.0f32,
-                ldc: n,
-            };
-            let mut c = y.slice_mut(n0..);
+            let c = y.sub(n0, y.len() - n0, "matmul")?;
+            let (alpha, beta) = (1.0f32, 0.0f32);
             // SAFETY: A is m x K (lda K) in scratch, B is rows x K (ldb K) in x, C is rows
-            // columns of ldc = N from y + n0: all within the checked lengths.
-            unsafe { blas.gemm(gemm, &*scratch, x, &mut c) }
-                .map_err(|e| bad("cublasSgemm", e.to_string()))?;
+            // columns of ldc = N from y + n0: all within the checked lengths. The handle runs on
+            // this stream (`CudaBlas::new`), after the dequantization above.
+            unsafe {
+                cudarc::cublas::result::sgemm(
+                    *blas.handle(),
+                    cublasOperation_t::CUBLAS_OP_T,
+                    cublasOperation_t::CUBLAS_OP_N,
+                    as_i32(m, "tile rows")?,
+                    rows_i,
+                    k,
+                    &alpha,
+                    *scratch.ptr() as *const f32,
+                    k,
+                    *x.ptr() as *const f32,
+                    k,
+                    &beta,
+                    *c.ptr() as *mut f32,
+                    n,
+                )
+            }
+            .map_err(|e| bad("cublasSgemm", e.to_string()))?;
             tiles += 1;
         }
         Ok(MatmulPath::CublasSgemm { tiles })
+    }
+
+    /// `y[r, n] = silu(x[r] · gate[n]) * (x[r] · up[n])` in one kernel that reads both weights
+    /// (they must share a type and shape): the fused FFN input for one-token rows, and the
+    /// plain-kernel path for several rows.
+    pub fn gate_up_swiglu(
+        &self,
+        ks: &KernelSet,
+        x: &impl DeviceSpan<f32>,
+        rows: usize,
+        gate: &DeviceWeight,
+        up: &DeviceWeight,
+        y: &mut impl DeviceSpan<f32>,
+    ) -> Result<(), CudaError> {
+        let (x, y) = (x.span(), y.span());
+        let sfx = weight_kernel_suffix(gate.ty).unwrap_or("unsupported");
+        let name = format!("gate_up_swiglu_{sfx}");
+        let same = gate.ty == up.ty && gate.n == up.n && gate.k == up.k;
+        if !same || rows == 0 || x.len() < rows * gate.k || y.len() < rows * gate.n {
+            return Err(CudaError::Launch {
+                kernel: name,
+                reason: format!(
+                    "gate {:?} [{}, {}] and up {:?} [{}, {}] over {rows} rows, x {} y {}",
+                    gate.ty,
+                    gate.n,
+                    gate.k,
+                    up.ty,
+                    up.n,
+                    up.k,
+                    x.len(),
+                    y.len()
+                ),
+            });
+        }
+        let too_big = |what: &str| CudaError::Launch {
+            kernel: format!("gate_up_swiglu_{sfx}"),
+            reason: format!("{what} exceeds i32"),
+        };
+        let n = i32::try_from(gate.n).map_err(|_| too_big("N"))?;
+        let k = i32::try_from(gate.k).map_err(|_| too_big("K"))?;
+        let rows_i = i32::try_from(rows).map_err(|_| too_big("rows"))?;
+        let row_bytes = gate.row_bytes as i64;
+        let f = ks.function("matvec", &name)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&gate.data)
+            .arg(&up.data)
+            .arg(x.ptr())
+            .arg(y.ptr())
+            .arg(&n)
+            .arg(&k)
+            .arg(&row_bytes);
+        // SAFETY: the arguments match gate_up_swiglu_<ty>'s signature; sizes checked above.
+        unsafe { b.launch(matvec_grid(gate.n, rows_i)) }.map_err(|e| CudaError::Launch {
+            kernel: name.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(())
+    }
+}
+
+/// The matvec kernels' grid: four output elements (warps) per block of 128, one row per y.
+fn matvec_grid(n: usize, rows: i32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(4) as u32, rows as u32, 1),
+        block_dim: (128, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 

@@ -1,14 +1,20 @@
 //! The CUDA side of m40-llm (the `cuda` feature): NVRTC discovery and kernel compilation
 //! ([`nvrtc`], [`kernels`]), loading compiled kernels onto a device ([`KernelSet`]), and what
-//! `m40-llm doctor` reports about the driver and cuBLAS.
+//! `m40-llm doctor` reports about the driver and cuBLAS; the launchers ([`ops`], [`matmul`])
+//! over device memory ([`mem`]); and the executor that runs a plan with them
+//! ([`CudaBackend`]).
 //!
 //! Everything is loaded at run time: a binary built here runs on a machine without CUDA, and
 //! says what is missing when asked to use it.
 
+pub mod backend;
 pub mod kernels;
 pub mod matmul;
+pub mod mem;
 pub mod nvrtc;
 pub mod ops;
+
+pub use backend::CudaBackend;
 
 use super::BackendError;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, DriverError};

@@ -1,10 +1,12 @@
 //! Checked launches of the non-matmul kernels, for the executor: each validates the sizes it is
 //! given against the buffers, picks the launch configuration (and, for attention, the kernel),
 //! and reports a failure as a [`CudaError::Launch`] naming the kernel and the sizes. All
-//! asynchronous on the stream.
+//! asynchronous on the stream. Buffers are anything with a device address and a length
+//! ([`DeviceSpan`]): the executor's arena regions or, in tests, whole slices.
 
+use super::mem::{DeviceSpan, Span};
 use super::{CudaError, KernelSet};
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
 /// Positions per split of the flash-decoding kernel.
@@ -14,13 +16,22 @@ pub const PREFILL_MAX_HEAD_DIM: usize = 128;
 pub const DECODE_MAX_HEAD_DIM: usize = 256;
 
 /// The paged KV cache of one layer and the page tables (see docs/cuda.md).
-pub struct PagedKv<'a> {
-    pub k: &'a CudaSlice<u16>,
-    pub v: &'a CudaSlice<u16>,
+#[derive(Clone, Copy, Debug)]
+pub struct PagedKv {
+    /// `[n_cells, n_kv_heads * head_dim]` FP16 each.
+    pub k: Span<u16>,
+    pub v: Span<u16>,
     /// `[max_slots, table_stride]` page numbers.
-    pub tables: &'a CudaSlice<i32>,
+    pub tables: Span<i32>,
     pub table_stride: usize,
     pub page_size: usize,
+}
+
+impl PagedKv {
+    /// Cells of the cache for rows of `row` values.
+    fn n_cells(&self, row: usize) -> usize {
+        self.k.len().min(self.v.len()).checked_div(row).unwrap_or(0)
+    }
 }
 
 /// The head layout of an attention (see `ir::op::AttentionParams`).
@@ -90,12 +101,13 @@ impl Ops<'_> {
     /// `y = rms_norm(x, w)` over groups of `w.len()` elements of the first `n` of `x`.
     pub fn rms_norm(
         &self,
-        x: &CudaSlice<f32>,
-        w: &CudaSlice<f32>,
-        y: &mut CudaSlice<f32>,
+        x: &impl DeviceSpan<f32>,
+        w: &impl DeviceSpan<f32>,
+        y: &mut impl DeviceSpan<f32>,
         n: usize,
         eps: f32,
     ) -> Result<(), CudaError> {
+        let (x, w, y) = (x.span(), w.span(), y.span());
         let k = "rms_norm_f32";
         let g = w.len();
         check(
@@ -107,7 +119,7 @@ impl Ops<'_> {
         let block = (g.div_ceil(32) * 32).clamp(32, 1024) as u32;
         let f = self.ks.function("norm", k)?;
         let mut b = self.stream.launch_builder(&f);
-        b.arg(x).arg(w).arg(&mut *y).arg(&gi).arg(&eps);
+        b.arg(x.ptr()).arg(w.ptr()).arg(y.ptr()).arg(&gi).arg(&eps);
         launch(k, b, grid(n / g, 1, 1, block))
     }
 
@@ -118,15 +130,16 @@ impl Ops<'_> {
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
-        q: &CudaSlice<f32>,
-        kv: &PagedKv<'_>,
-        pos: &CudaSlice<i32>,
-        slots: &CudaSlice<i32>,
+        q: &impl DeviceSpan<f32>,
+        kv: &PagedKv,
+        pos: &impl DeviceSpan<i32>,
+        slots: &impl DeviceSpan<i32>,
         positions: &[u32],
         shape: AttnShape,
-        y: &mut CudaSlice<f32>,
-        part: &mut CudaSlice<f32>,
+        y: &mut impl DeviceSpan<f32>,
+        part: &mut impl DeviceSpan<f32>,
     ) -> Result<AttnPath, CudaError> {
+        let (q, pos, slots, y, part) = (q.span(), pos.span(), slots.span(), y.span(), part.span());
         let AttnShape {
             n_heads: h,
             n_kv_heads: hkv,
@@ -170,16 +183,16 @@ impl Ops<'_> {
             let name = "attention_prefill_f16";
             let f = self.ks.function("attention", name)?;
             let mut b = self.stream.launch_builder(&f);
-            b.arg(q)
-                .arg(kv.k)
-                .arg(kv.v)
-                .arg(pos)
-                .arg(slots)
-                .arg(kv.tables);
+            b.arg(q.ptr())
+                .arg(kv.k.ptr())
+                .arg(kv.v.ptr())
+                .arg(pos.ptr())
+                .arg(slots.ptr())
+                .arg(kv.tables.ptr());
             for a in &args {
                 b.arg(a);
             }
-            b.arg(&scale).arg(&win).arg(&mut *y);
+            b.arg(&scale).arg(&win).arg(y.ptr());
             launch(name, b, grid(groups, t, 1, 128))?;
             return Ok(AttnPath::Prefill);
         }
@@ -191,34 +204,33 @@ impl Ops<'_> {
         let parts = t * h * splits;
         let chunk = DECODE_CHUNK as i32;
         let s_i = i32_of(k, "splits", splits)?;
+        let pm = part.sub(0, parts, k)?;
+        let pl = part.sub(parts, parts, k)?;
+        let pa = part.sub(2 * parts, parts * d, k)?;
         {
-            let (mut pm, mut rest) = part.split_at_mut(parts);
-            let (mut pl, mut pa) = rest.split_at_mut(parts);
             let name = "attention_decode_f16";
             let f = self.ks.function("attention", name)?;
             let mut b = self.stream.launch_builder(&f);
-            b.arg(q)
-                .arg(kv.k)
-                .arg(kv.v)
-                .arg(pos)
-                .arg(slots)
-                .arg(kv.tables);
+            b.arg(q.ptr())
+                .arg(kv.k.ptr())
+                .arg(kv.v.ptr())
+                .arg(pos.ptr())
+                .arg(slots.ptr())
+                .arg(kv.tables.ptr());
             for a in &args {
                 b.arg(a);
             }
             b.arg(&scale).arg(&win).arg(&chunk);
-            b.arg(&mut pm).arg(&mut pl).arg(&mut pa);
+            b.arg(pm.ptr()).arg(pl.ptr()).arg(pa.ptr());
             launch(name, b, grid(h, t, splits, 128))?;
         }
-        let (pm, rest) = part.split_at(parts);
-        let (pl, pa) = rest.split_at(parts);
         let name = "attention_combine";
         let f = self.ks.function("attention", name)?;
         let mut b = self.stream.launch_builder(&f);
-        b.arg(&pm)
-            .arg(&pl)
-            .arg(&pa)
-            .arg(&mut *y)
+        b.arg(pm.ptr())
+            .arg(pl.ptr())
+            .arg(pa.ptr())
+            .arg(y.ptr())
             .arg(&args[2])
             .arg(&args[4])
             .arg(&s_i);
@@ -251,13 +263,14 @@ impl Ops<'_> {
     /// the top `k` (`ids[r * k + j]`).
     pub fn top_k(
         &self,
-        x: &CudaSlice<f32>,
+        x: &impl DeviceSpan<f32>,
         rows: usize,
         n: usize,
         k: usize,
-        ids: &mut CudaSlice<i32>,
-        vals: &mut CudaSlice<f32>,
+        ids: &mut impl DeviceSpan<i32>,
+        vals: &mut impl DeviceSpan<f32>,
     ) -> Result<(), CudaError> {
+        let (x, ids, vals) = (x.span(), ids.span(), vals.span());
         let name = if k == 0 { "argmax_f32" } else { "top_k_f32" };
         let per = k.max(1);
         check(
@@ -279,11 +292,403 @@ impl Ops<'_> {
         let (ni, ki) = (i32_of(name, "n", n)?, i32_of(name, "k", k)?);
         let f = self.ks.function("sample", name)?;
         let mut b = self.stream.launch_builder(&f);
-        b.arg(x).arg(&ni);
+        b.arg(x.ptr()).arg(&ni);
         if k > 0 {
             b.arg(&ki);
         }
-        b.arg(&mut *ids).arg(&mut *vals);
+        b.arg(ids.ptr()).arg(vals.ptr());
         launch(name, b, grid(rows, 1, 1, 256))
+    }
+}
+
+/// Launch configuration of the grid-stride elementwise kernels: enough blocks to fill a large
+/// GPU, never more than the elements need.
+fn stride_grid(n: usize) -> LaunchConfig {
+    grid(n.div_ceil(256).clamp(1, 4096), 1, 1, 256)
+}
+
+impl Ops<'_> {
+    /// `y[r] = dequantize(table[ids[r]])` for `r < rows`: the embedding gather, for every
+    /// weight type. An id outside the table gives a row of NaN (the step was validated first).
+    pub fn embedding(
+        &self,
+        table: &super::matmul::DeviceWeight,
+        ids: &impl DeviceSpan<i32>,
+        rows: usize,
+        y: &mut impl DeviceSpan<f32>,
+    ) -> Result<(), CudaError> {
+        let (ids, y) = (ids.span(), y.span());
+        let sfx = super::weight_kernel_suffix(table.ty).unwrap_or("unsupported");
+        let name = format!("embedding_{sfx}");
+        check(
+            &name,
+            rows > 0 && ids.len() >= rows && y.len() >= rows * table.k,
+            || {
+                format!(
+                    "{rows} ids of rows of {}, ids {} y {}",
+                    table.k,
+                    ids.len(),
+                    y.len()
+                )
+            },
+        )?;
+        let (nr, e) = (
+            i32_of(&name, "rows", table.n)?,
+            i32_of(&name, "width", table.k)?,
+        );
+        let rb = table.row_bytes as i64;
+        let f = self.ks.function("gather", &name)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&table.data)
+            .arg(ids.ptr())
+            .arg(y.ptr())
+            .arg(&nr)
+            .arg(&e)
+            .arg(&rb);
+        launch(&name, b, grid(rows, 1, 1, 128))
+    }
+
+    /// `y = a + b` or `y = a * b` (`mul`) over `n` values; `b` of `b_len` values repeats over
+    /// `a`'s rows (a bias or scale vector) when shorter.
+    pub fn binary(
+        &self,
+        mul: bool,
+        a: &impl DeviceSpan<f32>,
+        b: &impl DeviceSpan<f32>,
+        b_len: usize,
+        y: &mut impl DeviceSpan<f32>,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        let (a, bb, y) = (a.span(), b.span(), y.span());
+        let name = if mul { "mul_f32" } else { "add_f32" };
+        check(
+            name,
+            n > 0
+                && b_len > 0
+                && n.is_multiple_of(b_len)
+                && a.len() >= n
+                && bb.len() >= b_len
+                && y.len() >= n,
+            || format!("{n} values, b of {b_len}, a {} y {}", a.len(), y.len()),
+        )?;
+        let (ni, bl) = (n as i64, b_len as i64);
+        let f = self.ks.function("elementwise", name)?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(a.ptr()).arg(bb.ptr()).arg(y.ptr()).arg(&ni).arg(&bl);
+        launch(name, l, stride_grid(n))
+    }
+
+    /// `y = silu(x)` over `n` values.
+    pub fn silu(
+        &self,
+        x: &impl DeviceSpan<f32>,
+        y: &mut impl DeviceSpan<f32>,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        let (x, y) = (x.span(), y.span());
+        let name = "silu_f32";
+        check(name, n > 0 && x.len() >= n && y.len() >= n, || {
+            format!("{n} values, x {} y {}", x.len(), y.len())
+        })?;
+        let ni = n as i64;
+        let f = self.ks.function("elementwise", name)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(x.ptr()).arg(y.ptr()).arg(&ni);
+        launch(name, b, stride_grid(n))
+    }
+
+    /// `y = silu(gate) * up` over `n` values (`y` may be `gate`).
+    pub fn swiglu(
+        &self,
+        gate: &impl DeviceSpan<f32>,
+        up: &impl DeviceSpan<f32>,
+        y: &mut impl DeviceSpan<f32>,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        let (g, u, y) = (gate.span(), up.span(), y.span());
+        let name = "swiglu_f32";
+        check(
+            name,
+            n > 0 && g.len() >= n && u.len() >= n && y.len() >= n,
+            || format!("{n} values, gate {} up {} y {}", g.len(), u.len(), y.len()),
+        )?;
+        let ni = n as i64;
+        let f = self.ks.function("elementwise", name)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(g.ptr()).arg(u.ptr()).arg(y.ptr()).arg(&ni);
+        launch(name, b, stride_grid(n))
+    }
+
+    /// `sum = a + b`, `normed = rms_norm(sum, w)` over groups of `w.len()` of the first `n`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_rms_norm(
+        &self,
+        a: &impl DeviceSpan<f32>,
+        b: &impl DeviceSpan<f32>,
+        w: &impl DeviceSpan<f32>,
+        sum: &mut impl DeviceSpan<f32>,
+        normed: &mut impl DeviceSpan<f32>,
+        n: usize,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        let (a, bb, w, s, y) = (a.span(), b.span(), w.span(), sum.span(), normed.span());
+        let k = "add_rms_norm_f32";
+        let g = w.len();
+        check(
+            k,
+            g > 0
+                && n.is_multiple_of(g)
+                && a.len() >= n
+                && bb.len() >= n
+                && s.len() >= n
+                && y.len() >= n,
+            || format!("{n} values in groups of {g}"),
+        )?;
+        let gi = i32_of(k, "group", g)?;
+        let block = (g.div_ceil(32) * 32).clamp(32, 1024) as u32;
+        let f = self.ks.function("norm", k)?;
+        let mut l = self.stream.launch_builder(&f);
+        l.arg(a.ptr())
+            .arg(bb.ptr())
+            .arg(w.ptr())
+            .arg(s.ptr())
+            .arg(y.ptr())
+            .arg(&gi)
+            .arg(&eps);
+        launch(k, l, grid(n / g, 1, 1, block))
+    }
+
+    /// Rotates `t` rows of heads of `rope.head_dim` in `x` into `y` by each row's position.
+    pub fn rope(
+        &self,
+        x: &impl DeviceSpan<f32>,
+        y: &mut impl DeviceSpan<f32>,
+        pos: &impl DeviceSpan<i32>,
+        t: usize,
+        rope: &Rope,
+    ) -> Result<(), CudaError> {
+        let (x, y, pos) = (x.span(), y.span(), pos.span());
+        let name = "rope_f32";
+        let d = rope.head_dim;
+        let row = x.len().checked_div(t.max(1)).unwrap_or(0);
+        check(
+            name,
+            t > 0
+                && d > 0
+                && row > 0
+                && row.is_multiple_of(d)
+                && y.len() >= t * row
+                && pos.len() >= t
+                && rope.freq_factors_fit(),
+            || format!("{t} rows of {row} in heads of {d}, y {}", y.len()),
+        )?;
+        let h = row / d;
+        let f = self.ks.function("rope", name)?;
+        let mut b = self.stream.launch_builder(&f);
+        let null: u64 = 0;
+        b.arg(x.ptr()).arg(y.ptr()).arg(pos.ptr());
+        match &rope.freq_factors {
+            Some(ff) => b.arg(ff.ptr()),
+            None => b.arg(&null),
+        };
+        let args = rope.args(name, h)?;
+        b.arg(&args.0)
+            .arg(&args.1)
+            .arg(&args.2)
+            .arg(&args.3)
+            .arg(&rope.freq_base)
+            .arg(&rope.freq_scale);
+        launch(name, b, grid(t * h, 1, 1, 64))
+    }
+
+    /// Writes `t` rows of K and V (`row` values each) as FP16 into their cells: the cell of
+    /// token `i` is position `pos[i]` of slot `slots[i]`'s page table.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_write(
+        &self,
+        k: &impl DeviceSpan<f32>,
+        v: &impl DeviceSpan<f32>,
+        kv: &PagedKv,
+        pos: &impl DeviceSpan<i32>,
+        slots: &impl DeviceSpan<i32>,
+        t: usize,
+        row: usize,
+    ) -> Result<(), CudaError> {
+        let (k, v, pos, slots) = (k.span(), v.span(), pos.span(), slots.span());
+        let name = "kv_write_f16";
+        let n_cells = kv.n_cells(row);
+        check(
+            name,
+            t > 0
+                && row > 0
+                && k.len() >= t * row
+                && v.len() >= t * row
+                && pos.len() >= t
+                && slots.len() >= t
+                && n_cells > 0,
+            || format!("{t} rows of {row}, k {} v {}", k.len(), v.len()),
+        )?;
+        let (st, ps) = (
+            i32_of(name, "table stride", kv.table_stride)?,
+            i32_of(name, "page size", kv.page_size)?,
+        );
+        let (nc, rw) = (n_cells as i64, i32_of(name, "row", row)?);
+        let f = self.ks.function("rope", name)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(k.ptr())
+            .arg(v.ptr())
+            .arg(kv.k.ptr())
+            .arg(kv.v.ptr())
+            .arg(pos.ptr())
+            .arg(slots.ptr())
+            .arg(kv.tables.ptr())
+            .arg(&st)
+            .arg(&ps)
+            .arg(&nc)
+            .arg(&rw);
+        launch(name, b, grid(t, 1, 1, 128))
+    }
+
+    /// `kv_write(rope(k), v)` in one kernel.
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_kv_write(
+        &self,
+        k: &impl DeviceSpan<f32>,
+        v: &impl DeviceSpan<f32>,
+        kv: &PagedKv,
+        pos: &impl DeviceSpan<i32>,
+        slots: &impl DeviceSpan<i32>,
+        t: usize,
+        rope: &Rope,
+    ) -> Result<(), CudaError> {
+        let (k, v, pos, slots) = (k.span(), v.span(), pos.span(), slots.span());
+        let name = "rope_kv_write_f16";
+        let d = rope.head_dim;
+        let row = k.len().checked_div(t.max(1)).unwrap_or(0);
+        let n_cells = kv.n_cells(row);
+        check(
+            name,
+            t > 0
+                && d > 0
+                && row > 0
+                && row.is_multiple_of(d)
+                && v.len() >= t * row
+                && pos.len() >= t
+                && slots.len() >= t
+                && n_cells > 0
+                && rope.freq_factors_fit(),
+            || format!("{t} rows of {row} in heads of {d}, v {}", v.len()),
+        )?;
+        let hkv = row / d;
+        let (st, ps) = (
+            i32_of(name, "table stride", kv.table_stride)?,
+            i32_of(name, "page size", kv.page_size)?,
+        );
+        let nc = n_cells as i64;
+        let f = self.ks.function("rope", name)?;
+        let mut b = self.stream.launch_builder(&f);
+        let null: u64 = 0;
+        b.arg(k.ptr())
+            .arg(v.ptr())
+            .arg(kv.k.ptr())
+            .arg(kv.v.ptr())
+            .arg(pos.ptr())
+            .arg(slots.ptr())
+            .arg(kv.tables.ptr())
+            .arg(&st)
+            .arg(&ps)
+            .arg(&nc);
+        match &rope.freq_factors {
+            Some(ff) => b.arg(ff.ptr()),
+            None => b.arg(&null),
+        };
+        let args = rope.args(name, hkv)?;
+        b.arg(&args.0)
+            .arg(&args.1)
+            .arg(&args.2)
+            .arg(&args.3)
+            .arg(&rope.freq_base)
+            .arg(&rope.freq_scale);
+        launch(name, b, grid(t * hkv, 1, 1, 64))
+    }
+
+    /// `y[o] = x[rows[o]]` for `o < n_out`, rows of `n` values out of `t`.
+    pub fn select_rows(
+        &self,
+        x: &impl DeviceSpan<f32>,
+        rows: &impl DeviceSpan<i32>,
+        y: &mut impl DeviceSpan<f32>,
+        t: usize,
+        n_out: usize,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        let (x, rows, y) = (x.span(), rows.span(), y.span());
+        let name = "select_rows";
+        check(
+            name,
+            n_out > 0 && n > 0 && x.len() >= t * n && rows.len() >= n_out && y.len() >= n_out * n,
+            || format!("{n_out} of {t} rows of {n}, x {} y {}", x.len(), y.len()),
+        )?;
+        let (ti, ni) = (i32_of(name, "rows", t)?, i32_of(name, "width", n)?);
+        let f = self.ks.function("gather", name)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(x.ptr())
+            .arg(rows.ptr())
+            .arg(y.ptr())
+            .arg(&ti)
+            .arg(&ni);
+        launch(name, b, grid(n_out, 1, 1, 128))
+    }
+
+    /// `flag[0] = min(flag[0], first index of a NaN or ±inf among x[..n])`; the caller sets
+    /// `flag[0] = n` first.
+    pub fn first_non_finite(
+        &self,
+        x: &impl DeviceSpan<f32>,
+        n: usize,
+        flag: &mut impl DeviceSpan<i32>,
+    ) -> Result<(), CudaError> {
+        let (x, flag) = (x.span(), flag.span());
+        let name = "first_non_finite_f32";
+        check(name, x.len() >= n && !flag.is_empty(), || {
+            format!("{n} values, x {}", x.len())
+        })?;
+        let ni = i32_of(name, "n", n)?;
+        let f = self.ks.function("sample", name)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(x.ptr()).arg(&ni).arg(flag.ptr());
+        launch(name, b, stride_grid(n.max(1)))
+    }
+}
+
+/// A rotary embedding as the rope kernels take it (see `ir::op::RopeParams`).
+#[derive(Clone, Debug)]
+pub struct Rope {
+    pub head_dim: usize,
+    pub n_rot: usize,
+    /// NeoX style (rotate halves) rather than adjacent pairs.
+    pub neox: bool,
+    pub freq_base: f32,
+    pub freq_scale: f32,
+    /// `n_rot / 2` frequency factors (Llama 3's long-context scaling), if the model has them.
+    pub freq_factors: Option<Span<f32>>,
+}
+
+impl Rope {
+    fn freq_factors_fit(&self) -> bool {
+        self.n_rot <= self.head_dim
+            && self.n_rot.is_multiple_of(2)
+            && self.n_rot > 0
+            && self.freq_factors.is_none_or(|f| f.len() >= self.n_rot / 2)
+    }
+
+    /// `(heads, head_dim, n_rot, neox)` as the kernels' 32-bit arguments.
+    fn args(&self, kernel: &str, heads: usize) -> Result<(i32, i32, i32, i32), CudaError> {
+        Ok((
+            i32_of(kernel, "heads", heads)?,
+            i32_of(kernel, "head_dim", self.head_dim)?,
+            i32_of(kernel, "n_rot", self.n_rot)?,
+            i32::from(self.neox),
+        ))
     }
 }

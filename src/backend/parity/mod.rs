@@ -51,11 +51,59 @@ impl std::fmt::Debug for BackendEntry {
 }
 
 /// Every backend, in the order the table shows them.
-pub const BACKENDS: &[BackendEntry] = &[BackendEntry {
+#[cfg(feature = "cuda")]
+pub const BACKENDS: &[BackendEntry] = &[CPU, CUDA];
+#[cfg(not(feature = "cuda"))]
+pub const BACKENDS: &[BackendEntry] = &[CPU];
+
+const CPU: BackendEntry = BackendEntry {
     name: "cpu",
     unavailable: || None,
     open: open_cpu,
-}];
+};
+
+#[cfg(feature = "cuda")]
+const CUDA: BackendEntry = BackendEntry {
+    name: "cuda",
+    unavailable: cuda_unavailable,
+    open: open_cuda,
+};
+
+/// Why the CUDA backend cannot run here: no driver or GPU, no supported GPU, or no NVRTC that
+/// compiles for it.
+#[cfg(feature = "cuda")]
+pub fn cuda_unavailable() -> Option<String> {
+    cuda_gpu().err()
+}
+
+/// The GPU the harness runs the CUDA backend on: the preferred one.
+#[cfg(feature = "cuda")]
+fn cuda_gpu() -> Result<super::device::GpuInfo, String> {
+    let gpus = super::device::probe_gpus()?;
+    let gpu = super::device::choose_gpu(&gpus, None)?.clone();
+    super::cuda::nvrtc::find_for_arch(super::device::arch_of(&gpu))
+        .map_err(|e| format!("{gpu}: {e}"))?;
+    Ok(gpu)
+}
+
+/// The CUDA backend on the preferred GPU, with the same cache as [`open_cpu`].
+#[cfg(feature = "cuda")]
+pub fn open_cuda(
+    plan: Plan,
+    file: Arc<GgufFile>,
+    kv: KvNeeds,
+) -> Result<Box<dyn Backend>, BackendError> {
+    let gpu = cuda_gpu().map_err(|reason| BackendError::Unsupported {
+        backend: "cuda".into(),
+        reason,
+    })?;
+    Ok(Box::new(super::cuda::CudaBackend::new(
+        plan,
+        file,
+        geometry(kv)?,
+        &gpu,
+    )?))
+}
 
 /// The CPU backend, with a paged cache of `kv.n_seqs` slots of `kv.positions` positions.
 pub fn open_cpu(

@@ -1,0 +1,1066 @@
+//! The CUDA executor: runs a [`Plan`] on one GPU, the same plan the CPU reference runs.
+//!
+//! At load it compiles (or reads from the cache) every kernel family for the device, checks that
+//! the weights, the KV cache, the arena and the scratch buffers fit the device's free memory,
+//! then uploads the weights once in their GGUF block layout (vectors such as norm weights as
+//! F32) and allocates the FP16 paged KV cache (per layer, K and V), the page tables
+//! (`[max_slots, max_pages_per_slot]` page numbers, `-1` where unmapped), one activation arena
+//! laid out exactly as the plan says, and the step's integer inputs.
+//!
+//! A step copies its page tables' changed rows and its integer inputs to the device, applies
+//! its copy-on-write page copies, launches one kernel (or a few) per plan step on one stream,
+//! checks the logits for NaN/inf on the device, and copies back only what the step asked for:
+//! logits rows, or the device's argmax / top-k. [`CudaBackend::step`] is the interpreter: one
+//! `match` over the ops, as in the CPU backend.
+//!
+//! Errors name the kernel and the sizes. A failed launch or a failed step leaves the page
+//! tables as they were (the host's view is rolled back and the device's rows restored); if the
+//! device itself reports an error (an illegal address, a lost device), the backend says it is
+//! unusable and refuses further steps.
+
+use super::matmul::{DeviceWeight, Matmul, cublas_enabled_by_env};
+use super::mem::{self, Span};
+use super::ops::{AttnShape, Ops, PagedKv, Rope};
+use super::{KernelSet, kernels};
+use crate::backend::device::GpuInfo;
+use crate::backend::layout::{Source, intact_values, region, source, width_of};
+use crate::backend::step::{KvGeometry, OutputKind, PageOp, PageTables, Step, StepLimits};
+use crate::backend::{Backend, BackendError, DeviceInfo, HostTensor, StepOutputs, TokenLogit};
+use crate::gguf::{GgufFile, quants};
+use crate::ir::{Dim, Op, RopeStyle, StepSizes};
+use crate::plan::{Operand, Plan, ValueRef};
+use crate::units::human_bytes;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// FP32 elements of the scratch buffer that holds dequantized weight tiles for cuBLAS (64 MiB),
+/// or the largest matrix if smaller.
+const TILE_SCRATCH_FLOATS: usize = 16 << 20;
+
+/// A weight of the plan on the device.
+enum DevWeight {
+    /// A matrix (or embedding table) in its GGUF type.
+    Matrix(DeviceWeight),
+    /// A vector (norm weight, bias, rope factors) as F32.
+    Vector(CudaSlice<f32>),
+}
+
+/// One layer's KV cache: `n_cells` rows of `width` FP16 values for K and for V.
+struct LayerKv {
+    k: CudaSlice<u16>,
+    v: CudaSlice<u16>,
+    width: usize,
+}
+
+/// The step's integer inputs on the device, `max_tokens` (outputs: `max_outputs`) each.
+struct StepInts {
+    tokens: CudaSlice<i32>,
+    positions: CudaSlice<i32>,
+    slots: CudaSlice<i32>,
+    outputs: CudaSlice<i32>,
+}
+
+/// The CUDA backend; see the [module docs](self).
+pub struct CudaBackend {
+    plan: Plan,
+    device: DeviceInfo,
+    ks: KernelSet,
+    stream: Arc<CudaStream>,
+    mm: Matmul,
+    weights: Vec<DevWeight>,
+    arena: CudaSlice<f32>,
+    kv: Vec<LayerKv>,
+    kv_index: HashMap<u32, usize>,
+    tables: PageTables,
+    /// The page tables on the device, `max_slots * max_pages_per_slot` entries.
+    device_tables: CudaSlice<i32>,
+    ints: StepInts,
+    /// Dequantized weight tiles (cuBLAS path).
+    tiles: CudaSlice<f32>,
+    /// The up projection of a multi-row fused gate/up (cuBLAS path), grown on demand.
+    up_rows: CudaSlice<f32>,
+    /// Flash-decoding partials, grown on demand.
+    attn_part: CudaSlice<f32>,
+    /// Argmax / top-k results, grown on demand.
+    top_ids: CudaSlice<i32>,
+    top_vals: CudaSlice<f32>,
+    /// The non-finite check's result.
+    flag: CudaSlice<i32>,
+    names: HashMap<String, ValueRef>,
+    intact: Vec<Vec<bool>>,
+    /// Host scratch.
+    host_i32: Vec<i32>,
+    host_ids: Vec<i32>,
+    host_vals: Vec<f32>,
+    host_row: Vec<f32>,
+    last: Step,
+    has_last: bool,
+    /// Set when the device reported an error that leaves its state unknown.
+    broken: Option<String>,
+    resident_bytes: u64,
+}
+
+/// What a load uploads and allocates, in bytes, checked against the device's free memory first.
+struct Footprint {
+    weights: u64,
+    kv: u64,
+    arena: u64,
+    scratch: u64,
+}
+
+impl Footprint {
+    fn total(&self) -> u64 {
+        self.weights + self.kv + self.arena + self.scratch
+    }
+}
+
+fn driver(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> BackendError + '_ {
+    move |e| BackendError::Kernel(format!("CUDA driver: {what}: {e}"))
+}
+
+fn alloc<T: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    n: usize,
+    what: &str,
+) -> Result<CudaSlice<T>, BackendError> {
+    stream.alloc_zeros::<T>(n.max(1)).map_err(|e| {
+        BackendError::Kernel(format!(
+            "cannot allocate {what} ({}) on the GPU: {e}",
+            human_bytes((n.max(1) * std::mem::size_of::<T>()) as u64, 1)
+        ))
+    })
+}
+
+/// Grows `buf` to at least `n` elements (contents are not kept).
+fn ensure<T: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    buf: &mut CudaSlice<T>,
+    n: usize,
+    what: &str,
+) -> Result<(), BackendError> {
+    if buf.len() < n {
+        *buf = alloc(stream, n, what)?;
+    }
+    Ok(())
+}
+
+impl CudaBackend {
+    /// Loads `plan` over the weights of `file` onto `gpu`, with a KV cache of `geometry`'s pages
+    /// and slots. Uses cuBLAS for multi-token matmuls unless `M40LLM_ENABLE_CUBLAS=0`.
+    pub fn new(
+        plan: Plan,
+        file: Arc<GgufFile>,
+        geometry: KvGeometry,
+        gpu: &GpuInfo,
+    ) -> Result<CudaBackend, BackendError> {
+        plan.validate()
+            .map_err(|e| BackendError::Mismatch(e.to_string()))?;
+        crate::backend::cpu::arena::check_disjoint(&plan).map_err(BackendError::Mismatch)?;
+        let ctx = CudaContext::new(gpu.ordinal).map_err(driver(&format!("opening {gpu}")))?;
+        let stream = ctx.default_stream();
+        let ks = KernelSet::load(ctx.clone(), kernels::cache_dir().as_deref())?;
+        let use_cublas = cublas_enabled_by_env();
+        let mm = Matmul::new(stream.clone(), use_cublas)?;
+
+        // Sizes first: nothing is uploaded unless all of it fits.
+        let mut infos = Vec::with_capacity(plan.weights.len());
+        for w in &plan.weights {
+            let info = file.tensor(&w.tensor).ok_or_else(|| {
+                BackendError::Mismatch(format!(
+                    "the model has no tensor `{}`, which the plan reads",
+                    w.tensor
+                ))
+            })?;
+            let shape: Vec<u64> =
+                w.ty.shape
+                    .dims()
+                    .iter()
+                    .map(|d| match d {
+                        Dim::Fixed(n) => Ok(*n),
+                        _ => Err(BackendError::Mismatch(format!(
+                            "weight `{}` has a symbolic shape",
+                            w.tensor
+                        ))),
+                    })
+                    .collect::<Result<_, _>>()?;
+            let file_shape: Vec<u64> = info.ne.iter().rev().copied().collect();
+            if info.ty != w.ty.dtype || file_shape != shape {
+                return Err(BackendError::Mismatch(format!(
+                    "tensor `{}` is {} {:?} in the model but {} {:?} in the plan",
+                    w.tensor, info.ty, file_shape, w.ty.dtype, shape
+                )));
+            }
+            infos.push((info, shape.len()));
+        }
+        let n_cells = geometry.n_cells();
+        let max_tokens = plan.options.max_tokens as usize;
+        let max_outputs = plan.options.max_outputs.max(1) as usize;
+        let largest_matrix = infos
+            .iter()
+            .filter(|(_, rank)| *rank == 2)
+            .map(|(i, _)| (i.n_rows() * i.row_len()) as usize)
+            .max()
+            .unwrap_or(0);
+        let tile_floats = if mm.uses_cublas() {
+            largest_matrix.min(TILE_SCRATCH_FLOATS)
+        } else {
+            0
+        };
+        let footprint = Footprint {
+            weights: infos
+                .iter()
+                .map(|(i, rank)| {
+                    if *rank == 2 {
+                        i.n_bytes
+                    } else {
+                        i.n_elements() * 4
+                    }
+                })
+                .sum(),
+            kv: plan
+                .kv_cache
+                .iter()
+                .map(|l| l.bytes_per_token * n_cells)
+                .sum(),
+            arena: plan.memory.arena_bytes,
+            scratch: (tile_floats as u64) * 4 + (4 * max_tokens as u64 + max_outputs as u64) * 4,
+        };
+        let (free, total) =
+            cudarc::driver::result::mem_get_info().map_err(driver("reading the free memory"))?;
+        if footprint.total() > free as u64 {
+            return Err(BackendError::Unsupported {
+                backend: gpu.to_string(),
+                reason: format!(
+                    "the model needs {} on the GPU (weights {}, KV cache {} for {n_cells} cells, \
+                     arena {}, scratch {}) but only {} of {} is free; lower --ctx-size or \
+                     --parallel, or use a smaller model",
+                    human_bytes(footprint.total(), 1),
+                    human_bytes(footprint.weights, 1),
+                    human_bytes(footprint.kv, 1),
+                    human_bytes(footprint.arena, 1),
+                    human_bytes(footprint.scratch, 1),
+                    human_bytes(free as u64, 1),
+                    human_bytes(total as u64, 1)
+                ),
+            });
+        }
+
+        let matrices: Vec<&str> = infos
+            .iter()
+            .filter(|(_, rank)| *rank == 2)
+            .map(|(i, _)| i.name.as_str())
+            .collect();
+        let (uploaded, _) = super::matmul::upload_tensors(&stream, &file, &matrices)?;
+        let mut uploaded = uploaded.into_iter();
+        let mut weights = Vec::with_capacity(infos.len());
+        for (info, rank) in &infos {
+            weights.push(if *rank == 2 {
+                DevWeight::Matrix(uploaded.next().ok_or_else(|| {
+                    BackendError::Mismatch(format!("weight `{}` was not uploaded", info.name))
+                })?)
+            } else {
+                let v =
+                    quants::dequantize_f32(&file, info).map_err(|e| BackendError::Unsupported {
+                        backend: gpu.to_string(),
+                        reason: e.to_string(),
+                    })?;
+                DevWeight::Vector(
+                    stream
+                        .clone_htod(&v)
+                        .map_err(driver(&format!("uploading `{}`", info.name)))?,
+                )
+            });
+        }
+
+        let mut kv = Vec::with_capacity(plan.kv_cache.len());
+        let mut kv_index = HashMap::new();
+        for layer in &plan.kv_cache {
+            let width = (layer.n_kv_heads * layer.head_dim) as usize;
+            let cells = n_cells as usize * width;
+            let what = format!("the KV cache of layer {}", layer.layer);
+            kv_index.insert(layer.layer, kv.len());
+            kv.push(LayerKv {
+                k: alloc(&stream, cells, &what)?,
+                v: alloc(&stream, cells, &what)?,
+                width,
+            });
+        }
+        let table_len = geometry.max_slots as usize * geometry.max_pages_per_slot as usize;
+        let device_tables = stream
+            .clone_htod(&vec![-1i32; table_len.max(1)])
+            .map_err(driver("allocating the page tables"))?;
+        let ints = StepInts {
+            tokens: alloc(&stream, max_tokens, "the step's tokens")?,
+            positions: alloc(&stream, max_tokens, "the step's positions")?,
+            slots: alloc(&stream, max_tokens, "the step's slots")?,
+            outputs: alloc(&stream, max_outputs, "the step's output rows")?,
+        };
+        let arena = alloc(
+            &stream,
+            plan.memory.arena_bytes.div_ceil(4) as usize,
+            "the activation arena",
+        )?;
+        let tiles = alloc(&stream, tile_floats, "the weight tile scratch")?;
+        let mut names = HashMap::new();
+        for (i, step) in plan.steps.iter().enumerate() {
+            for (p, out) in step.outputs.iter().enumerate() {
+                let v = ValueRef {
+                    step: i as u32,
+                    port: p as u8,
+                };
+                names.insert(out.name.clone(), v);
+            }
+        }
+        let path = if mm.uses_cublas() {
+            "matvec kernels for one-token rows, cuBLAS SGEMM on dequantized tiles for prefill"
+        } else {
+            "plain kernels only (M40LLM_ENABLE_CUBLAS=0)"
+        };
+        let device = DeviceInfo {
+            kind: "cuda".into(),
+            name: gpu.name.clone(),
+            detail: format!(
+                "cuda:{}, sm_{}, {}, kernels for sm_{} by NVRTC {}; {path}; FP32 compute, FP16 KV \
+                 cache; {} of weights resident in their own types",
+                gpu.ordinal,
+                super::super::device::arch_of(gpu),
+                human_bytes(gpu.total_memory as u64, 1),
+                ks.arch(),
+                ks.nvrtc_version(),
+                human_bytes(footprint.weights, 1)
+            ),
+        };
+        tracing::info!("CUDA executor on {gpu}: {}", device.detail);
+        let flag = alloc(&stream, 1, "the non-finite flag")?;
+        let up_rows = alloc(&stream, 1, "scratch")?;
+        let attn_part = alloc(&stream, 1, "scratch")?;
+        let top_ids = alloc(&stream, 1, "scratch")?;
+        let top_vals = alloc(&stream, 1, "scratch")?;
+        let backend = CudaBackend {
+            intact: intact_values(&plan),
+            device,
+            ks,
+            mm,
+            weights,
+            arena,
+            kv,
+            kv_index,
+            tables: PageTables::new(geometry),
+            device_tables,
+            ints,
+            tiles,
+            up_rows,
+            attn_part,
+            top_ids,
+            top_vals,
+            flag,
+            names,
+            host_i32: Vec::new(),
+            host_ids: Vec::new(),
+            host_vals: Vec::new(),
+            host_row: Vec::new(),
+            last: Step::new(),
+            has_last: false,
+            broken: None,
+            resident_bytes: footprint.weights,
+            stream,
+            plan,
+        };
+        backend.check_weights()?;
+        backend
+            .stream
+            .synchronize()
+            .map_err(driver("finishing the upload"))?;
+        Ok(backend)
+    }
+
+    /// Bytes of weights resident on the device.
+    pub fn resident_weight_bytes(&self) -> u64 {
+        self.resident_bytes
+    }
+
+    /// Fails at load, not mid-step, when a matrix slot is bound to a vector or the other way
+    /// round.
+    fn check_weights(&self) -> Result<(), BackendError> {
+        for step in &self.plan.steps {
+            let matrix_slots = step.op.matrix_slots();
+            for (slot, operand) in step.inputs.iter().enumerate() {
+                if let Operand::Weight(i) = operand {
+                    let is_matrix =
+                        matches!(self.weights.get(*i as usize), Some(DevWeight::Matrix(_)));
+                    let wants_matrix = matrix_slots.contains(&slot);
+                    if is_matrix != wants_matrix {
+                        return Err(BackendError::Mismatch(format!(
+                            "step {}: input {slot} should be a {}",
+                            step.name,
+                            if wants_matrix { "matrix" } else { "vector" }
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Vocabulary size: the width of the plan's first output.
+    fn n_vocab(&self) -> Option<usize> {
+        let first = *self.plan.outputs.first()?;
+        width_of(&self.plan, Operand::Value(first))
+    }
+
+    fn arena_span(&self) -> Span<f32> {
+        Span::of(&self.arena)
+    }
+
+    /// The arena span of tensor value `v` for a step of `sizes`.
+    fn value_span(&self, v: ValueRef, sizes: StepSizes) -> Result<Span<f32>, BackendError> {
+        let r = region(&self.plan, v, sizes)?;
+        Ok(self.arena_span().sub(r.start, r.len, "arena")?)
+    }
+
+    /// Copies the rows of `slots`' page tables from the host's view to the device.
+    fn upload_tables(&mut self, slots: &[u32]) -> Result<(), BackendError> {
+        let stride = self.tables.geometry().max_pages_per_slot as usize;
+        let all = Span::of(&self.device_tables);
+        for &slot in slots {
+            self.host_i32.clear();
+            let pages = self.tables.pages(slot).unwrap_or(&[]);
+            self.host_i32.extend(pages.iter().map(|&p| p as i32));
+            self.host_i32.resize(stride, -1);
+            let row = all.sub(slot as usize * stride, stride, "page tables")?;
+            mem::upload(&self.stream, &self.host_i32, row, "a page table")?;
+        }
+        Ok(())
+    }
+
+    /// Runs a staged step; on error the caller rolls the tables back.
+    fn run(&mut self, step: &Step, out: &mut StepOutputs) -> Result<(), BackendError> {
+        let g = self.tables.geometry();
+        // Copy-on-write first: the ops were validated as a whole.
+        for op in &step.ops {
+            if let PageOp::Copy { src, dst } = *op {
+                for layer in &self.kv {
+                    let n = g.page_size as usize * layer.width;
+                    let (s, d) = (src as usize * n, dst as usize * n);
+                    for cache in [&layer.k, &layer.v] {
+                        let all = Span::of(cache);
+                        mem::copy(
+                            &self.stream,
+                            all.sub(s, n, "page copy")?,
+                            all.sub(d, n, "page copy")?,
+                            "copying a KV page",
+                        )?;
+                    }
+                }
+            }
+        }
+        let upload = |stream: &Arc<CudaStream>,
+                      host: &mut Vec<i32>,
+                      src: &mut dyn Iterator<Item = u32>,
+                      dst: &CudaSlice<i32>,
+                      what: &str|
+         -> Result<(), BackendError> {
+            host.clear();
+            host.extend(src.map(|x| x as i32));
+            Ok(mem::upload(stream, host, Span::of(dst), what)?)
+        };
+        let mut host = std::mem::take(&mut self.host_i32);
+        let ints = &self.ints;
+        upload(
+            &self.stream,
+            &mut host,
+            &mut step.tokens.iter().copied(),
+            &ints.tokens,
+            "the step's tokens",
+        )?;
+        upload(
+            &self.stream,
+            &mut host,
+            &mut step.positions.iter().copied(),
+            &ints.positions,
+            "the step's positions",
+        )?;
+        upload(
+            &self.stream,
+            &mut host,
+            &mut step.slots.iter().copied(),
+            &ints.slots,
+            "the step's slots",
+        )?;
+        upload(
+            &self.stream,
+            &mut host,
+            &mut step.outputs.iter().map(|o| o.row),
+            &ints.outputs,
+            "the step's output rows",
+        )?;
+        self.host_i32 = host;
+        self.prepare_scratch(step)?;
+        let sizes = StepSizes {
+            tokens: step.n_tokens() as u64,
+            outputs: step.outputs.len() as u64,
+        };
+        // Until this step completes, its values are neither the old ones nor the new ones.
+        self.has_last = false;
+        for i in 0..self.plan.steps.len() {
+            self.run_step(i, step, sizes)?;
+        }
+        self.write_outputs(step, sizes, out)?;
+        self.last.clone_from(step);
+        self.has_last = true;
+        Ok(())
+    }
+
+    /// Grows the scratch buffers this step needs (attention partials, the fused FFN's up rows).
+    fn prepare_scratch(&mut self, step: &Step) -> Result<(), BackendError> {
+        let t = step.n_tokens();
+        let mut part = 0;
+        let mut up = 0;
+        for s in &self.plan.steps {
+            match &s.op {
+                Op::Attention(p) => {
+                    let shape = attn_shape(p);
+                    part = part.max(Ops::attention_scratch_len(&step.positions, shape));
+                }
+                Op::GateUpSwiGlu => {
+                    let n = s
+                        .outputs
+                        .first()
+                        .and_then(|o| o.ty.tensor())
+                        .and_then(|ty| match ty.shape.dims().last() {
+                            Some(Dim::Fixed(n)) => Some(*n as usize),
+                            _ => None,
+                        })
+                        .unwrap_or(0);
+                    up = up.max(t * n);
+                }
+                _ => {}
+            }
+        }
+        ensure(&self.stream, &mut self.attn_part, part, "attention scratch")?;
+        ensure(
+            &self.stream,
+            &mut self.up_rows,
+            up,
+            "the FFN's up projection",
+        )?;
+        Ok(())
+    }
+
+    /// The paged cache of KV layer `index`.
+    fn paged(&self, index: usize) -> Result<PagedKv, BackendError> {
+        let layer = self
+            .kv
+            .get(index)
+            .ok_or_else(|| BackendError::Mismatch(format!("no KV layer {index}")))?;
+        let g = self.tables.geometry();
+        Ok(PagedKv {
+            k: Span::of(&layer.k),
+            v: Span::of(&layer.v),
+            tables: Span::of(&self.device_tables),
+            table_stride: g.max_pages_per_slot as usize,
+            page_size: g.page_size as usize,
+        })
+    }
+
+    /// Runs step `index` of the plan for `step`.
+    fn run_step(&self, index: usize, step: &Step, sizes: StepSizes) -> Result<(), BackendError> {
+        let plan = &self.plan;
+        let ps = &plan.steps[index];
+        let fail = |what: String| BackendError::Mismatch(format!("step {}: {what}", ps.name));
+        let t = step.n_tokens();
+        let n_out = step.outputs.len();
+
+        let mut ins = Vec::with_capacity(ps.inputs.len());
+        for operand in &ps.inputs {
+            ins.push(match *operand {
+                Operand::Weight(i) => match self.weights.get(i as usize) {
+                    Some(DevWeight::Matrix(m)) => In::Matrix(m),
+                    Some(DevWeight::Vector(v)) => In::Vector(Span::of(v)),
+                    None => return Err(fail(format!("no weight {i}"))),
+                },
+                Operand::Value(v) => match source(plan, v) {
+                    Source::Arena => In::Act(self.value_span(v, sizes)?),
+                    Source::Tokens => In::Int(Span::of(&self.ints.tokens).prefix(t, "tokens")?),
+                    Source::Positions => {
+                        In::Int(Span::of(&self.ints.positions).prefix(t, "positions")?)
+                    }
+                    Source::Outputs => {
+                        In::Int(Span::of(&self.ints.outputs).prefix(n_out, "output rows")?)
+                    }
+                    Source::Kv(layer) => In::Kv(
+                        *self
+                            .kv_index
+                            .get(&layer)
+                            .ok_or_else(|| fail(format!("no KV cache for layer {layer}")))?,
+                    ),
+                },
+            });
+        }
+        let mut outs = Vec::with_capacity(ps.outputs.len());
+        for (p, o) in ps.outputs.iter().enumerate() {
+            if o.buffer.is_some() {
+                let v = ValueRef {
+                    step: index as u32,
+                    port: p as u8,
+                };
+                outs.push(self.value_span(v, sizes)?);
+            }
+        }
+        let input = |slot: usize| {
+            ins.get(slot)
+                .ok_or_else(|| fail(format!("no input {slot}")))
+        };
+        let act = |slot| match input(slot)? {
+            In::Act(a) => Ok(*a),
+            _ => Err(fail(format!("input {slot} is not an activation"))),
+        };
+        let int = |slot| match input(slot)? {
+            In::Int(a) => Ok(*a),
+            _ => Err(fail(format!("input {slot} is not an integer input"))),
+        };
+        let mat = |slot| match input(slot)? {
+            In::Matrix(m) => Ok(*m),
+            _ => Err(fail(format!("input {slot} is not a matrix"))),
+        };
+        let vector = |slot| match input(slot)? {
+            In::Vector(v) => Ok(*v),
+            _ => Err(fail(format!("input {slot} is not a vector weight"))),
+        };
+        let act_or_vector = |slot| match input(slot)? {
+            In::Act(a) | In::Vector(a) => Ok(*a),
+            _ => Err(fail(format!("input {slot} is not an activation or vector"))),
+        };
+        let freq_factors = |slot: usize| {
+            if slot < ins.len() {
+                vector(slot).map(Some)
+            } else {
+                Ok(None)
+            }
+        };
+        let kv_of = |slot| match input(slot)? {
+            In::Kv(i) => Ok(*i),
+            _ => Err(fail(format!("input {slot} is not a KV cache"))),
+        };
+        let out = |port: usize| {
+            outs.get(port)
+                .copied()
+                .ok_or_else(|| fail(format!("no output {port} of {}", outs.len())))
+        };
+        let ops = Ops {
+            ks: &self.ks,
+            stream: &self.stream,
+        };
+        let rows_of = |x: Span<f32>, k: usize| x.len().checked_div(k).unwrap_or(0);
+        let layer_of = |layer: u32| {
+            self.kv_index
+                .get(&layer)
+                .copied()
+                .ok_or_else(|| fail(format!("no KV cache for layer {layer}")))
+        };
+        let pos = Span::of(&self.ints.positions).prefix(t, "positions")?;
+        let slots = Span::of(&self.ints.slots).prefix(t, "slots")?;
+        let mut tiles = Span::of(&self.tiles);
+
+        match &ps.op {
+            // Step inputs: read straight from the step data by their consumers.
+            Op::TokenIds | Op::Positions | Op::OutputRows => {}
+            Op::Weight { .. } => return Err(fail("weights are not steps".into())),
+            Op::Embedding => ops.embedding(mat(0)?, &int(1)?, t, &mut out(0)?)?,
+            Op::MatMul => {
+                let (x, w) = (act(0)?, mat(1)?);
+                self.mm
+                    .run(&self.ks, &x, rows_of(x, w.k), w, &mut out(0)?, &mut tiles)?;
+            }
+            Op::Add | Op::Mul => {
+                let (a, b) = (act(0)?, act_or_vector(1)?);
+                let mut y = out(0)?;
+                let n = y.len();
+                ops.binary(matches!(ps.op, Op::Mul), &a, &b, b.len().min(n), &mut y, n)?;
+            }
+            Op::Silu => {
+                let mut y = out(0)?;
+                let n = y.len();
+                ops.silu(&act(0)?, &mut y, n)?;
+            }
+            Op::SwiGlu => {
+                let mut y = out(0)?;
+                let n = y.len();
+                ops.swiglu(&act(0)?, &act(1)?, &mut y, n)?;
+            }
+            Op::RmsNorm { eps } => {
+                let x = act(0)?;
+                ops.rms_norm(&x, &vector(1)?, &mut out(0)?, x.len(), *eps)?;
+            }
+            Op::Rope(p) => {
+                let rope = rope_of(p, freq_factors(2)?);
+                ops.rope(&act(0)?, &mut out(0)?, &int(1)?, t, &rope)?;
+            }
+            Op::KvWrite(p) => {
+                let i = layer_of(p.layer)?;
+                let kv = self.paged(i)?;
+                ops.kv_write(&act(0)?, &act(1)?, &kv, &pos, &slots, t, self.kv[i].width)?;
+            }
+            Op::Attention(p) => {
+                let kv = self.paged(kv_of(1)?)?;
+                let mut part = Span::of(&self.attn_part);
+                ops.attention(
+                    &act(0)?,
+                    &kv,
+                    &pos,
+                    &slots,
+                    &step.positions,
+                    attn_shape(p),
+                    &mut out(0)?,
+                    &mut part,
+                )?;
+            }
+            Op::SelectRows => {
+                let width =
+                    width_of(plan, ps.inputs[0]).ok_or_else(|| fail("select_rows input".into()))?;
+                ops.select_rows(&act(0)?, &int(1)?, &mut out(0)?, t, n_out, width)?;
+            }
+            Op::MultiMatMul { n } => {
+                let x = act(0)?;
+                for i in 0..*n as usize {
+                    let w = mat(1 + i)?;
+                    self.mm
+                        .run(&self.ks, &x, rows_of(x, w.k), w, &mut out(i)?, &mut tiles)?;
+                }
+            }
+            Op::GateUpSwiGlu => {
+                let (x, gate, up) = (act(0)?, mat(1)?, mat(2)?);
+                let rows = rows_of(x, gate.k);
+                let mut y = out(0)?;
+                if rows > 1 && self.mm.uses_cublas() || gate.ty != up.ty {
+                    // Two matmuls (cuBLAS for prefill), then y = silu(gate) * up in place.
+                    let mut u = Span::of(&self.up_rows).prefix(rows * up.n, "up rows")?;
+                    self.mm.run(&self.ks, &x, rows, gate, &mut y, &mut tiles)?;
+                    self.mm.run(&self.ks, &x, rows, up, &mut u, &mut tiles)?;
+                    let gy = y;
+                    ops.swiglu(&gy, &u, &mut y, rows * gate.n)?;
+                } else {
+                    self.mm
+                        .gate_up_swiglu(&self.ks, &x, rows, gate, up, &mut y)?;
+                }
+            }
+            Op::AddRmsNorm { eps } => {
+                let a = act(0)?;
+                let (mut sum, mut normed) = (out(0)?, out(1)?);
+                ops.add_rms_norm(
+                    &a,
+                    &act(1)?,
+                    &vector(2)?,
+                    &mut sum,
+                    &mut normed,
+                    a.len(),
+                    *eps,
+                )?;
+            }
+            Op::RopeKvWrite { rope, kv: p } => {
+                let kv = self.paged(layer_of(p.layer)?)?;
+                let rope = rope_of(rope, freq_factors(3)?);
+                ops.rope_kv_write(&act(0)?, &act(1)?, &kv, &int(2)?, &slots, t, &rope)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills `out` from the plan's outputs: the first (logits) per output request, the others
+    /// whole. Checks the logits for NaN/inf on the device and copies back only what was asked.
+    fn write_outputs(
+        &mut self,
+        step: &Step,
+        sizes: StepSizes,
+        out: &mut StepOutputs,
+    ) -> Result<(), BackendError> {
+        let (&first, rest) = self
+            .plan
+            .outputs
+            .split_first()
+            .ok_or_else(|| BackendError::Mismatch("the plan has no output".into()))?;
+        let n_vocab = self
+            .n_vocab()
+            .ok_or_else(|| BackendError::Mismatch("the plan's output is not a matrix".into()))?;
+        let logits = self.value_span(first, sizes)?;
+        let rows = step.outputs.len();
+        let name = self
+            .plan
+            .value(first)
+            .map_or("logits".to_string(), |o| o.name.clone());
+        let ops = Ops {
+            ks: &self.ks,
+            stream: &self.stream,
+        };
+        out.clear(n_vocab);
+        if rows > 0 {
+            // The non-finite check, on the device.
+            let n = rows * n_vocab;
+            let flag = Span::of(&self.flag);
+            mem::upload(&self.stream, &[n as i32], flag, "the non-finite flag")?;
+            ops.first_non_finite(&logits, n, &mut Span::of(&self.flag))?;
+            // Argmax / top-k for the rows that asked, over every row at once.
+            let k_max = step
+                .outputs
+                .iter()
+                .map(|o| match o.kind {
+                    OutputKind::Logits => 0,
+                    OutputKind::Argmax => 1,
+                    OutputKind::TopK(k) => (k as usize).min(n_vocab),
+                })
+                .max()
+                .unwrap_or(0);
+            if k_max > 0 {
+                ensure(&self.stream, &mut self.top_ids, rows * k_max, "top-k ids")?;
+                ensure(
+                    &self.stream,
+                    &mut self.top_vals,
+                    rows * k_max,
+                    "top-k logits",
+                )?;
+                let k = if k_max == 1 { 0 } else { k_max };
+                let ops = Ops {
+                    ks: &self.ks,
+                    stream: &self.stream,
+                };
+                ops.top_k(
+                    &logits,
+                    rows,
+                    n_vocab,
+                    k,
+                    &mut Span::of(&self.top_ids),
+                    &mut Span::of(&self.top_vals),
+                )?;
+            }
+            let mut first_bad = [0i32];
+            mem::download(&self.stream, flag, &mut first_bad, "the non-finite flag")?;
+            let bad = first_bad[0].max(0) as usize;
+            if bad < n {
+                let mut value = [0f32];
+                mem::download(
+                    &self.stream,
+                    logits.sub(bad, 1, "logits")?,
+                    &mut value,
+                    "a logit",
+                )?;
+                let row = bad / n_vocab;
+                return Err(BackendError::NonFinite {
+                    value_name: name,
+                    row,
+                    position: step
+                        .outputs
+                        .get(row)
+                        .and_then(|o| step.positions.get(o.row as usize))
+                        .copied()
+                        .unwrap_or(0),
+                    col: bad % n_vocab,
+                    value: value[0],
+                });
+            }
+            if k_max > 0 {
+                self.host_ids.resize(rows * k_max, 0);
+                self.host_vals.resize(rows * k_max, 0.0);
+                mem::download(
+                    &self.stream,
+                    Span::of(&self.top_ids),
+                    &mut self.host_ids,
+                    "top-k ids",
+                )?;
+                mem::download(
+                    &self.stream,
+                    Span::of(&self.top_vals),
+                    &mut self.host_vals,
+                    "top-k logits",
+                )?;
+            }
+            let all_logits = step.outputs.iter().all(|o| o.kind == OutputKind::Logits);
+            if all_logits {
+                self.host_row.resize(n, 0.0);
+                mem::download(&self.stream, logits, &mut self.host_row, "the logits")?;
+            }
+            let mut entries: Vec<TokenLogit> = Vec::new();
+            for (r, request) in step.outputs.iter().enumerate() {
+                let top = |j: usize| TokenLogit {
+                    id: self.host_ids[r * k_max + j].max(0) as u32,
+                    logit: self.host_vals[r * k_max + j],
+                };
+                match request.kind {
+                    OutputKind::Logits if all_logits => {
+                        out.push_logits(&self.host_row[r * n_vocab..(r + 1) * n_vocab]);
+                    }
+                    OutputKind::Logits => {
+                        let mut row = vec![0f32; n_vocab];
+                        mem::download(
+                            &self.stream,
+                            logits.sub(r * n_vocab, n_vocab, "logits")?,
+                            &mut row,
+                            "a logits row",
+                        )?;
+                        out.push_logits(&row);
+                    }
+                    OutputKind::Argmax => out.push_argmax(top(0)),
+                    OutputKind::TopK(k) => {
+                        entries.clear();
+                        entries.extend((0..(k as usize).min(n_vocab)).map(top));
+                        out.push_top_k(&entries);
+                    }
+                }
+            }
+        }
+        for &v in rest {
+            let span = self.value_span(v, sizes)?;
+            let name = self
+                .plan
+                .value(v)
+                .map_or("", |o| o.name.as_str())
+                .to_string();
+            let cols = width_of(&self.plan, Operand::Value(v)).unwrap_or(span.len());
+            let buf = out.push_value(&name, cols);
+            buf.resize(span.len(), 0.0);
+            mem::download(&self.stream, span, buf, &name)?;
+        }
+        Ok(())
+    }
+
+    /// After a failed step: whether the device still works (a trivial synchronize), else the
+    /// backend is marked unusable.
+    fn check_device(&mut self, err: &BackendError) {
+        if let Err(e) = self.stream.synchronize() {
+            self.broken = Some(format!("{err} (then the device reported: {e})"));
+        }
+    }
+}
+
+/// A resolved input of a plan step.
+enum In<'a> {
+    Act(Span<f32>),
+    Int(Span<i32>),
+    Matrix(&'a DeviceWeight),
+    Vector(Span<f32>),
+    /// Index into the backend's KV layers.
+    Kv(usize),
+}
+
+fn attn_shape(p: &crate::ir::AttentionParams) -> AttnShape {
+    AttnShape {
+        n_heads: p.n_heads as usize,
+        n_kv_heads: p.n_kv_heads as usize,
+        head_dim: p.head_dim as usize,
+        scale: p.scale,
+        window: p.sliding_window.unwrap_or(0) as usize,
+    }
+}
+
+fn rope_of(p: &crate::ir::RopeParams, freq_factors: Option<Span<f32>>) -> Rope {
+    Rope {
+        head_dim: p.head_dim as usize,
+        n_rot: p.n_rot as usize,
+        neox: p.style == RopeStyle::Neox,
+        freq_base: p.freq_base,
+        freq_scale: p.freq_scale,
+        freq_factors,
+    }
+}
+
+impl Backend for CudaBackend {
+    fn device(&self) -> &DeviceInfo {
+        &self.device
+    }
+
+    fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    fn kv_geometry(&self) -> KvGeometry {
+        self.tables.geometry()
+    }
+
+    fn page_tables(&self) -> &PageTables {
+        &self.tables
+    }
+
+    fn step_limits(&self) -> StepLimits {
+        let options = &self.plan.options;
+        StepLimits {
+            max_tokens: options.max_tokens,
+            max_outputs: options.max_outputs,
+            n_vocab: self.n_vocab().unwrap_or(0) as u32,
+        }
+    }
+
+    fn validate(&mut self, step: &Step) -> Result<(), BackendError> {
+        let limits = self.step_limits();
+        Ok(self.tables.validate(step, limits)?)
+    }
+
+    fn step(&mut self, step: &Step, out: &mut StepOutputs) -> Result<(), BackendError> {
+        if let Some(why) = &self.broken {
+            return Err(BackendError::Kernel(format!(
+                "the CUDA backend is unusable after an earlier device error: {why}"
+            )));
+        }
+        let limits = self.step_limits();
+        self.tables.stage(step, limits)?;
+        let mut touched: Vec<u32> = step
+            .ops
+            .iter()
+            .filter_map(|op| match *op {
+                PageOp::Map { slot, .. } | PageOp::SetLen { slot, .. } => Some(slot),
+                PageOp::Copy { .. } => None,
+            })
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let result = self
+            .upload_tables(&touched)
+            .and_then(|()| self.run(step, out));
+        match &result {
+            Ok(()) => self.tables.commit(),
+            Err(e) => {
+                self.tables.rollback();
+                self.has_last = false;
+                if let Err(again) = self.upload_tables(&touched) {
+                    self.broken = Some(format!(
+                        "{e}; restoring the page tables failed too: {again}"
+                    ));
+                } else {
+                    self.check_device(e);
+                }
+            }
+        }
+        result
+    }
+
+    fn read_value(&self, name: &str) -> Result<HostTensor, BackendError> {
+        let &v = self
+            .names
+            .get(name)
+            .ok_or_else(|| BackendError::NoSuchValue(name.to_string()))?;
+        if !self.has_last {
+            return Err(BackendError::NotComputed(name.to_string()));
+        }
+        if let Some(t) =
+            crate::backend::layout::step_input_value(&self.plan, v, &self.last, name, "cuda")?
+        {
+            return Ok(t);
+        }
+        if !self.intact[v.step as usize][v.port as usize] {
+            return Err(BackendError::Overwritten {
+                name: name.to_string(),
+            });
+        }
+        let sizes = StepSizes {
+            tokens: self.last.n_tokens() as u64,
+            outputs: self.last.outputs.len() as u64,
+        };
+        let span = self.value_span(v, sizes)?;
+        let cols = width_of(&self.plan, Operand::Value(v))
+            .unwrap_or(span.len())
+            .max(1);
+        let mut data = vec![0f32; span.len()];
+        mem::download(&self.stream, span, &mut data, name)?;
+        HostTensor::from_shape_vec((span.len() / cols, cols), data)
+            .map_err(|e| BackendError::Mismatch(format!("value `{name}`: {e}")))
+    }
+}
