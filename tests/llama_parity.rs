@@ -89,10 +89,20 @@ fn cases() -> Vec<Case> {
     cases
 }
 
+/// The CPU backend, or the GPU with `M40LLM_TEST_DEVICE=cuda` (the same agreement on the CUDA
+/// executor; see docs/cuda.md).
+fn device() -> m40_llm::backend::device::DeviceChoice {
+    match std::env::var("M40LLM_TEST_DEVICE").as_deref() {
+        Ok("cuda") => m40_llm::backend::device::DeviceChoice::Cuda,
+        Ok("cpu") | Err(_) => m40_llm::backend::device::DeviceChoice::Cpu,
+        Ok(other) => panic!("M40LLM_TEST_DEVICE={other}: expected cpu or cuda"),
+    }
+}
+
 fn model(max_outputs: u64) -> Option<LoadedModel> {
     let path = common::default_model()?;
     let options = LoadOptions {
-        device: m40_llm::backend::device::DeviceChoice::Cpu,
+        device: device(),
         ctx_size: Some(512),
         max_outputs,
         ..LoadOptions::default()
@@ -259,6 +269,13 @@ fn prefill_and_decode_agree_on_the_default_model() {
     let prefill = m.engine.logits_all(&mut seq, &c.prompt_ids).unwrap();
     m.engine.release(seq);
     let decode = token_by_token(&mut m.engine, &c.prompt_ids);
+    // On the GPU, prefill's K and V come from cuBLAS and decode's from the matvec kernel: values
+    // equal to ~1e-7 that round to different FP16 neighbours in the cache now and then, which
+    // moves the logits by up to ~1.3e-4 of their scale (measured on the H200, docs/cuda.md).
+    let tolerance = match device() {
+        m40_llm::backend::device::DeviceChoice::Cuda => 2e-4,
+        _ => 1e-4,
+    };
     for (t, row) in decode.iter().enumerate() {
         let scale = row.iter().fold(0f32, |a, x| a.max(x.abs()));
         let worst = row
@@ -266,7 +283,7 @@ fn prefill_and_decode_agree_on_the_default_model() {
             .zip(prefill.row(t))
             .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
         assert!(
-            worst <= 1e-4 * scale,
+            worst <= tolerance * scale,
             "position {t}: {worst} vs scale {scale}"
         );
     }
@@ -281,7 +298,7 @@ fn a_prompt_longer_than_a_step_is_prefilled_in_chunks_with_the_same_result() {
     assert!(c.prompt_ids.len() > 64);
     let last = |max_tokens| {
         let options = LoadOptions {
-            device: m40_llm::backend::device::DeviceChoice::Cpu,
+            device: device(),
             ctx_size: Some(256),
             max_tokens,
             ..LoadOptions::default()

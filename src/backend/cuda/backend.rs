@@ -154,13 +154,24 @@ impl CudaBackend {
         geometry: KvGeometry,
         gpu: &GpuInfo,
     ) -> Result<CudaBackend, BackendError> {
+        CudaBackend::with_cublas(plan, file, geometry, gpu, cublas_enabled_by_env())
+    }
+
+    /// [`CudaBackend::new`] with cuBLAS for multi-token matmuls on or off (off: the plain
+    /// kernels for everything).
+    pub fn with_cublas(
+        plan: Plan,
+        file: Arc<GgufFile>,
+        geometry: KvGeometry,
+        gpu: &GpuInfo,
+        use_cublas: bool,
+    ) -> Result<CudaBackend, BackendError> {
         plan.validate()
             .map_err(|e| BackendError::Mismatch(e.to_string()))?;
         crate::backend::cpu::arena::check_disjoint(&plan).map_err(BackendError::Mismatch)?;
         let ctx = CudaContext::new(gpu.ordinal).map_err(driver(&format!("opening {gpu}")))?;
         let stream = ctx.default_stream();
         let ks = KernelSet::load(ctx.clone(), kernels::cache_dir().as_deref())?;
-        let use_cublas = cublas_enabled_by_env();
         let mm = Matmul::new(stream.clone(), use_cublas)?;
 
         // Sizes first: nothing is uploaded unless all of it fits.
@@ -607,6 +618,11 @@ impl CudaBackend {
                 };
                 outs.push(self.value_span(v, sizes)?);
             }
+        }
+        // A step with no output rows (a prefill chunk that returns nothing) leaves the ops
+        // after the row selection with empty outputs: nothing to launch.
+        if !outs.is_empty() && outs.iter().all(Span::is_empty) {
+            return Ok(());
         }
         let input = |slot: usize| {
             ins.get(slot)

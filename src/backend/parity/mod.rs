@@ -9,9 +9,10 @@
 //! Adding a backend: one [`BackendEntry`] in [`BACKENDS`] (a name, an availability probe and a
 //! constructor taking a plan, its weights and the KV cache a case needs). Nothing else changes.
 //!
-//! The model-level comparison (`m40-llm parity --model M --prompt P`, one plan on two backends,
-//! value by value) will sit beside [`ops`] as its own module.
+//! [`model`] is the model-level comparison (`m40-llm parity --model M --prompt P`): one plan on
+//! two backends, value by value.
 
+pub mod model;
 pub mod ops;
 pub mod reference;
 
