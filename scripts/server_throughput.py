@@ -3,8 +3,8 @@
 requests (continuous batching). Standard library only; bounded (each request is short).
 
 Usage: server_throughput.py M40LLM_BINARY MODEL.gguf [CONCURRENCY ...]   (default: 1 4 16)
-Starts `serve --device cpu --parallel MAX --ctx-size 512` on a free port, warms up, then for each
-concurrency C sends C requests at once (`max_tokens` 48, temperature 0, different prompts) and
+Starts `serve --device $DEVICE --parallel MAX --ctx-size 512` (DEVICE: cpu unless set) on a
+free port, warms up, then for each concurrency C sends C requests at once (`max_tokens` 48, temperature 0, different prompts) and
 prints: C, requests, generated tokens, seconds, tokens/s. Numbers go to docs/perf.md.
 """
 import http.client
@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import os
 import time
 
 binary, model = sys.argv[1], sys.argv[2]
@@ -23,7 +24,7 @@ PROMPTS = ["Once upon a time", "The capital of France is", "Here is a list of fr
            "In the beginning", "My favourite animal is", "The weather today"]
 
 server = subprocess.Popen(
-    [binary, "serve", "--model", model, "--device", "cpu", "--port", "0", "--ctx-size", "512",
+    [binary, "serve", "--model", model, "--device", os.environ.get("DEVICE", "cpu"), "--port", "0", "--ctx-size", "512",
      "--parallel", str(max(levels))], stderr=subprocess.PIPE, text=True)
 try:
     host = port = None

@@ -269,24 +269,21 @@ fn prefill_and_decode_agree_on_the_default_model() {
     let prefill = m.engine.logits_all(&mut seq, &c.prompt_ids).unwrap();
     m.engine.release(seq);
     let decode = token_by_token(&mut m.engine, &c.prompt_ids);
-    // On the GPU, prefill's K and V come from cuBLAS and decode's from the matvec kernel: values
-    // equal to ~1e-7 that round to different FP16 neighbours in the cache now and then, which
-    // moves the logits by up to ~1.3e-4 of their scale (measured on the H200, docs/cuda.md).
-    let tolerance = match device() {
-        m40_llm::backend::device::DeviceChoice::Cuda => 2e-4,
-        _ => 1e-4,
-    };
+    let tolerance = same_path_tolerance();
+    let mut max_rel = 0f32;
     for (t, row) in decode.iter().enumerate() {
         let scale = row.iter().fold(0f32, |a, x| a.max(x.abs()));
         let worst = row
             .iter()
             .zip(prefill.row(t))
             .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
+        max_rel = max_rel.max(worst / scale);
         assert!(
             worst <= tolerance * scale,
             "position {t}: {worst} vs scale {scale}"
         );
     }
+    eprintln!("prefill vs decode: max difference {max_rel:.2e} of the scale");
 }
 
 #[test]
@@ -314,5 +311,26 @@ fn a_prompt_longer_than_a_step_is_prefilled_in_chunks_with_the_same_result() {
         .iter()
         .zip(&chunked)
         .fold(0f32, |a, (x, y)| a.max((x - y).abs()));
-    assert!(worst <= 1e-4 * scale, "{worst} vs scale {scale}");
+    eprintln!(
+        "chunked prefill: max difference {:.2e} of the scale",
+        worst / scale
+    );
+    assert!(
+        worst <= same_path_tolerance() * scale,
+        "{worst} vs scale {scale}"
+    );
+}
+
+/// How closely two ways of running the same tokens (prefill against decode, one step against
+/// chunks) must agree, relative to the logits' scale: 1e-4 on the CPU and on the GPU's plain
+/// kernels. With cuBLAS, prefill's K and V come from SGEMM (with a blocking that depends on the
+/// row count) and decode's from the matvec kernel: values equal to ~1e-7 that now and then round
+/// to different FP16 neighbours in the cache, which moves the logits by up to ~2.5e-4 of their
+/// scale (measured on the H200, docs/cuda.md); 1e-3 there.
+fn same_path_tolerance() -> f32 {
+    let cublas = std::env::var("M40LLM_ENABLE_CUBLAS").map_or(true, |v| v.trim() != "0");
+    match device() {
+        m40_llm::backend::device::DeviceChoice::Cuda if cublas => 1e-3,
+        _ => 1e-4,
+    }
 }
