@@ -48,7 +48,12 @@ fn devices_reports_json_on_any_machine() {
         .unwrap();
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["auto"], "cpu");
+    // The preferred GPU when there is one, else the CPU.
+    let want = match v["preferred_gpu"]["ordinal"].as_u64() {
+        Some(n) => format!("cuda:{n}"),
+        None => "cpu".to_string(),
+    };
+    assert_eq!(v["auto"], want.as_str(), "{v}");
     // Either a list of GPUs or the reason there is none.
     assert!(v["gpus"].is_array() || v["error"].is_string(), "{v}");
 }

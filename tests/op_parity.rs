@@ -369,3 +369,60 @@ fn compare_measures_normwise_error_and_flags_non_finite_and_misshapen_values() {
     let short = ndarray::array![[1.0f32, -4.0]];
     assert!(ops::compare(&check, &short).unwrap_err().contains("shape"));
 }
+
+/// `parity --prompt` on the CPU against itself: one line per plan value, all exact, and the
+/// command's errors. (On the GPU machine the same command compares with `cuda`.)
+#[test]
+fn parity_prompt_compares_every_value_of_the_model_and_fails_on_the_first_over() {
+    let Some(model) = common::default_model() else {
+        return;
+    };
+    let model = model.to_str().unwrap();
+    let o = parity(&["-m", model, "--prompt", "Hello world", "--backend", "cpu"]);
+    let stdout = String::from_utf8(o.stdout).unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<&str> = stdout.lines().collect();
+    let (summary, values) = lines.split_last().unwrap();
+    assert!(values.len() > 300, "{} values", values.len());
+    for l in values {
+        assert!(l.ends_with("ok") && l.contains("abs    0.00e0"), "{l}");
+    }
+    assert!(values.iter().any(|l| l.contains(" logits ")));
+    assert!(
+        summary.starts_with(&format!("{} values, {} within", values.len(), values.len())),
+        "{summary}"
+    );
+
+    let o = parity(&[
+        "-m",
+        model,
+        "--prompt",
+        "Hello",
+        "--backend",
+        "cpu",
+        "--json",
+    ]);
+    let first: serde_json::Value =
+        serde_json::from_str(String::from_utf8(o.stdout).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(first["value"], "inp_embd");
+    assert_eq!(first["over"], false);
+
+    for (args, message) in [
+        (
+            &["--prompt", "Hi", "--backend", "cpu", "--tolerance=-1"][..],
+            "--tolerance must be",
+        ),
+        (
+            &["--prompt", "Hi", "--backend", "tpu"][..],
+            "no backend `tpu`",
+        ),
+        (&["--prompt", "Hi", "--ops"][..], "cannot be used with"),
+    ] {
+        let mut all = vec!["-m", model];
+        all.extend_from_slice(args);
+        let o = parity(&all);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+    }
+}

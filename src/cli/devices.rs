@@ -13,13 +13,26 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let probe = probe_gpus();
     let preferred = probe.as_ref().ok().and_then(|g| preferred_gpu(g)).cloned();
-    let auto = "cpu (m40-llm has no CUDA executor yet)";
+    // `auto` tries the preferred GPU first; whether the model fits it is known only at load.
+    let (auto, auto_text) = match &preferred {
+        Some(g) => (
+            format!("cuda:{}", g.ordinal),
+            format!(
+                "cuda:{} {} (when the model fits it; else the next GPU, then the CPU)",
+                g.ordinal, g.name
+            ),
+        ),
+        None => (
+            "cpu".to_string(),
+            "cpu (no GPU m40-llm can use)".to_string(),
+        ),
+    };
     if args.json {
         let out = serde_json::json!({
             "gpus": probe.as_ref().ok(),
             "error": probe.as_ref().err(),
             "preferred_gpu": preferred,
-            "auto": "cpu",
+            "auto": auto,
         });
         outln!("{out}")?;
         return Ok(());
@@ -41,6 +54,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if let Some(g) = preferred {
         outln!("preferred GPU: cuda:{} {}", g.ordinal, g.name)?;
     }
-    outln!("--device auto runs on: {auto}")?;
+    outln!("--device auto runs on: {auto_text}")?;
     Ok(())
 }
