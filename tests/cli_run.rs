@@ -367,12 +367,15 @@ fn bad_arguments_and_inputs_fail_with_one_clear_line() {
         ]),
         "context",
     );
-    fails_with(
-        &m40(&[
-            "run", "--model", model, "--prompt", "hi", "--device", "cuda",
-        ]),
-        "CUDA",
-    );
+    // Without a usable GPU, --device cuda says what is missing and how to get it.
+    if m40_llm::backend::device::probe_gpus().map_or(true, |g| g.is_empty()) {
+        fails_with(
+            &m40(&[
+                "run", "--model", model, "--prompt", "hi", "--device", "cuda",
+            ]),
+            "install the NVIDIA driver",
+        );
+    }
     fails_with(
         &m40(&["run", "--model", "/no/such/model.gguf", "--prompt", "hi"]),
         "/no/such/model.gguf",

@@ -63,6 +63,10 @@ impl fmt::Display for GpuInfo {
     }
 }
 
+/// Why no GPU can be used when the driver library is missing, and how to get it.
+pub const NO_DRIVER: &str = "no NVIDIA driver found (libcuda could not be loaded); install the \
+    NVIDIA driver (R580 is the branch for the Tesla M40) to run on a GPU, or use --device cpu";
+
 /// The GPUs of this machine, or why none can be listed (no driver, no CUDA support built in).
 pub fn probe_gpus() -> Result<Vec<GpuInfo>, String> {
     #[cfg(feature = "cuda")]
@@ -83,7 +87,7 @@ mod cuda_probe {
     pub fn probe() -> Result<Vec<GpuInfo>, String> {
         // SAFETY: only tries to load the driver library; no driver call is made if it is absent.
         if !unsafe { sys::is_culib_present() } {
-            return Err("no NVIDIA driver found (libcuda could not be loaded)".into());
+            return Err(super::NO_DRIVER.into());
         }
         result::init().map_err(|e| format!("the CUDA driver did not initialize: {e}"))?;
         let count = result::device::get_count().map_err(|e| e.to_string())?;

@@ -77,7 +77,7 @@ pub fn weight_kernel_suffix(ty: crate::gguf::GgmlType) -> Option<&'static str> {
 pub fn driver_version() -> Result<(i32, i32), String> {
     // SAFETY: only checks whether the library can be loaded.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err("no NVIDIA driver found (libcuda could not be loaded)".into());
+        return Err(crate::backend::device::NO_DRIVER.into());
     }
     let mut v = 0;
     // SAFETY: a valid out-pointer; cuDriverGetVersion may be called before cuInit.
