@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 fn main() {
+    commit();
     println!("cargo:rerun-if-changed=kernels");
     let manifest = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into());
     let dir = Path::new(&manifest).join("kernels");
@@ -50,4 +51,27 @@ fn main() {
     if let Err(e) = std::fs::write(Path::new(&out_dir).join("kernel_sources.rs"), out) {
         panic!("cannot write kernel_sources.rs: {e}");
     }
+}
+
+/// `M40LLM_COMMIT`: `git describe --always --dirty` of the source tree (what `m40-llm bench`
+/// reports), or `unknown` outside a git checkout. Rebuilt when HEAD or the index moves.
+fn commit() {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+    };
+    for path in ["HEAD", "index"] {
+        if let Some(p) = git(&["rev-parse", "--git-path", path]) {
+            println!("cargo:rerun-if-changed={p}");
+        }
+    }
+    let described = git(&["describe", "--always", "--dirty", "--abbrev=12"])
+        .unwrap_or_else(|| "unknown".into());
+    println!("cargo:rustc-env=M40LLM_COMMIT={described}");
 }

@@ -1,6 +1,7 @@
 //! Command-line interface: argument parsing, logging set-up and error reporting. Each subcommand
 //! lives in its own file and only translates between arguments and library calls.
 
+mod bench;
 mod compile;
 mod devices;
 mod doctor;
@@ -58,6 +59,8 @@ enum Command {
     Logits(logits::Args),
     /// Perplexity over a text file, computed as llama.cpp's llama-perplexity does.
     Perplexity(perplexity::Args),
+    /// Prompt-processing and generation tokens/s, as llama-bench measures them.
+    Bench(bench::Args),
     /// Serve the model over an OpenAI-compatible HTTP API (continuous batching).
     #[cfg(feature = "server")]
     Serve(serve::Args),
@@ -82,6 +85,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Perplexity(args) => perplexity::run(args),
+        Command::Bench(args) => bench::run(args),
         #[cfg(feature = "server")]
         Command::Serve(args) => serve::run(args),
         Command::Parity(args) => parity::run(args),

@@ -1,3 +1,4 @@
+pub mod bench;
 pub mod engine;
 pub mod generate;
 pub mod model;
