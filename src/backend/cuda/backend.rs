@@ -218,6 +218,13 @@ impl CudaBackend {
         } else {
             0
         };
+        // Scratch for the worst step, allocated now (not at the first step that needs it): one
+        // token decoding at the longest context, and the largest multi-row FFN.
+        let (part_floats, up_floats) = scratch_needs(
+            &plan,
+            &[geometry.max_positions().saturating_sub(1)],
+            max_tokens,
+        );
         let footprint = Footprint {
             weights: infos
                 .iter()
@@ -235,7 +242,8 @@ impl CudaBackend {
                 .map(|l| l.bytes_per_token * n_cells)
                 .sum(),
             arena: plan.memory.arena_bytes,
-            scratch: (tile_floats as u64) * 4 + (4 * max_tokens as u64 + max_outputs as u64) * 4,
+            scratch: (tile_floats + part_floats + up_floats) as u64 * 4
+                + (4 * max_tokens as u64 + max_outputs as u64) * 4,
         };
         let (free, total) =
             cudarc::driver::result::mem_get_info().map_err(driver("reading the free memory"))?;
@@ -344,8 +352,8 @@ impl CudaBackend {
         };
         tracing::info!("CUDA executor on {gpu}: {}", device.detail);
         let flag = alloc(&stream, 1, "the non-finite flag")?;
-        let up_rows = alloc(&stream, 1, "scratch")?;
-        let attn_part = alloc(&stream, 1, "scratch")?;
+        let up_rows = alloc(&stream, up_floats, "the FFN's up projection")?;
+        let attn_part = alloc(&stream, part_floats, "attention scratch")?;
         let top_ids = alloc(&stream, 1, "scratch")?;
         let top_vals = alloc(&stream, 1, "scratch")?;
         let backend = CudaBackend {
@@ -378,12 +386,45 @@ impl CudaBackend {
             stream,
             plan,
         };
+        let mut backend = backend;
         backend.check_weights()?;
         backend
             .stream
             .synchronize()
             .map_err(driver("finishing the upload"))?;
+        backend.warm_up()?;
         Ok(backend)
+    }
+
+    /// Runs a prefill step and a decode step on slot 0 and undoes them, so that what the first
+    /// real step would pay once (loading each kernel on first launch, cuBLAS's first call) is paid
+    /// at load, and `run`'s and the server's first timings are the steady state's. The cells the
+    /// steps wrote belong to no table afterwards.
+    fn warm_up(&mut self) -> Result<(), BackendError> {
+        let limits = self.step_limits();
+        let mut out = StepOutputs::new();
+        for n in [limits.max_tokens.clamp(1, 2), 1] {
+            let mut warm = Step::new();
+            warm.push_op(PageOp::Map {
+                slot: 0,
+                index: 0,
+                page: 0,
+            });
+            let mut row = 0;
+            for p in 0..n as u32 {
+                row = warm.push_token(0, p, 0);
+            }
+            warm.push_output(row, OutputKind::Argmax);
+            self.tables.stage(&warm, limits)?;
+            let result = self
+                .upload_tables(&[0])
+                .and_then(|()| self.run(&warm, &mut out));
+            self.tables.rollback();
+            self.has_last = false;
+            self.upload_tables(&[0])?;
+            result.map_err(|e| BackendError::Kernel(format!("the warm-up step failed: {e}")))?;
+        }
+        Ok(())
     }
 
     /// Bytes of weights resident on the device.
@@ -523,32 +564,10 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Grows the scratch buffers this step needs (attention partials, the fused FFN's up rows).
+    /// Grows the scratch buffers this step needs, if the ones allocated at load are too small
+    /// (only multi-token decode-kernel attention, `head_dim > 128`, can need more).
     fn prepare_scratch(&mut self, step: &Step) -> Result<(), BackendError> {
-        let t = step.n_tokens();
-        let mut part = 0;
-        let mut up = 0;
-        for s in &self.plan.steps {
-            match &s.op {
-                Op::Attention(p) => {
-                    let shape = attn_shape(p);
-                    part = part.max(Ops::attention_scratch_len(&step.positions, shape));
-                }
-                Op::GateUpSwiGlu => {
-                    let n = s
-                        .outputs
-                        .first()
-                        .and_then(|o| o.ty.tensor())
-                        .and_then(|ty| match ty.shape.dims().last() {
-                            Some(Dim::Fixed(n)) => Some(*n as usize),
-                            _ => None,
-                        })
-                        .unwrap_or(0);
-                    up = up.max(t * n);
-                }
-                _ => {}
-            }
-        }
+        let (part, up) = scratch_needs(&self.plan, &step.positions, step.n_tokens());
         ensure(&self.stream, &mut self.attn_part, part, "attention scratch")?;
         ensure(
             &self.stream,
@@ -946,6 +965,34 @@ impl CudaBackend {
             self.broken = Some(format!("{err} (then the device reported: {e})"));
         }
     }
+}
+
+/// Floats of attention partials (flash-decoding) and of the multi-row fused FFN's up
+/// projection a step of `t` tokens at `positions` needs.
+fn scratch_needs(plan: &Plan, positions: &[u32], t: usize) -> (usize, usize) {
+    let mut part = 0;
+    let mut up = 0;
+    for s in &plan.steps {
+        match &s.op {
+            Op::Attention(p) => {
+                part = part.max(Ops::attention_scratch_len(positions, attn_shape(p)));
+            }
+            Op::GateUpSwiGlu => {
+                let n = s
+                    .outputs
+                    .first()
+                    .and_then(|o| o.ty.tensor())
+                    .and_then(|ty| match ty.shape.dims().last() {
+                        Some(Dim::Fixed(n)) => Some(*n as usize),
+                        _ => None,
+                    })
+                    .unwrap_or(0);
+                up = up.max(t * n);
+            }
+            _ => {}
+        }
+    }
+    (part, up)
 }
 
 /// A resolved input of a plan step.
