@@ -399,7 +399,8 @@ impl CudaBackend {
     /// Runs a prefill step and a decode step on slot 0 and undoes them, so that what the first
     /// real step would pay once (loading each kernel on first launch, cuBLAS's first call) is paid
     /// at load, and `run`'s and the server's first timings are the steady state's. The cells the
-    /// steps wrote belong to no table afterwards.
+    /// steps wrote belong to no table afterwards. What the steps compute does not matter (token 0
+    /// may well give NaN logits in a test model): only a device error fails the load.
     fn warm_up(&mut self) -> Result<(), BackendError> {
         let limits = self.step_limits();
         let mut out = StepOutputs::new();
@@ -422,7 +423,14 @@ impl CudaBackend {
             self.tables.rollback();
             self.has_last = false;
             self.upload_tables(&[0])?;
-            result.map_err(|e| BackendError::Kernel(format!("the warm-up step failed: {e}")))?;
+            if let Err(e) = result {
+                tracing::debug!("the warm-up step: {e}");
+                self.stream.synchronize().map_err(|d| {
+                    BackendError::Kernel(format!(
+                        "the device failed during the warm-up step ({e}): {d}"
+                    ))
+                })?;
+            }
         }
         Ok(())
     }
