@@ -304,7 +304,7 @@ fn the_default_model_fits_a_24g_m40_at_8k_and_not_50m() {
 #[test]
 fn the_fit_report_works_with_no_gpu_and_names_what_is_unknown() {
     let path = std::env::temp_dir().join(format!("m40llm-{}-fit.gguf", std::process::id()));
-    TinyModel::llama().write(&path).unwrap();
+    TinyModel::llama32().write(&path).unwrap();
     let p = path.to_str().unwrap();
     let fit = json(&cli(&[
         p,
