@@ -288,7 +288,13 @@ fn tokenize_detokenize_and_metrics() {
     assert_eq!(value("m40llm_requests_total{status=\"400\"}"), 1.0);
     assert_eq!(value("m40llm_generated_tokens_total"), 3.0);
     assert!(value("m40llm_prompt_tokens_total") >= 1.0);
-    assert_eq!(value("m40llm_kv_pages_used"), 0.0);
+    // Nothing runs: the pages in use are the prompt cache's (the completion's sequence).
+    assert!(value("m40llm_kv_pages_cached") > 0.0);
+    assert_eq!(
+        value("m40llm_kv_pages_used"),
+        value("m40llm_kv_pages_cached")
+    );
+    assert_eq!(value("m40llm_prompt_cache_entries"), 1.0);
     assert!(value("m40llm_kv_pages_free") > 0.0);
     assert_eq!(value("m40llm_requests_running"), 0.0);
     srv.shutdown().unwrap();
@@ -341,7 +347,15 @@ fn streams_are_well_formed_sse_and_match_whole_responses() {
     );
     // The usage chunk comes last, with no choices; the others carry `usage: null`.
     assert_eq!(events[n - 1]["choices"], json!([]));
-    assert_eq!(events[n - 1]["usage"], whole["usage"]);
+    let (usage, first) = (&events[n - 1]["usage"], &whole["usage"]);
+    for field in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(usage[field], first[field], "{field}");
+    }
+    // The same prompt again: all but its last token come from the prompt cache.
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"],
+        first["prompt_tokens"].as_u64().unwrap() - 1
+    );
     assert!(events[..n - 1].iter().all(|e| e["usage"].is_null()));
     srv.shutdown().unwrap();
 }
@@ -376,6 +390,90 @@ fn greedy_tokens_are_the_same_alone_and_in_a_batch() {
             .collect()
     });
     assert_eq!(alone, together);
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn a_second_chat_turn_prefills_only_its_new_tokens() {
+    let Some(srv) = server(2, 8, None) else {
+        return;
+    };
+    let addr = srv.addr();
+    let chat = |messages: &Value, cache: bool| -> Value {
+        let r = post(
+            addr,
+            "/v1/chat/completions",
+            json!({"messages": messages, "max_tokens": 12, "temperature": 0, "cache_prompt": cache}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let prefilled = || health(addr)["prompt_tokens_total"].as_u64().unwrap();
+    let mut messages = json!([
+        {"role": "system", "content": "You are a helpful assistant who answers briefly."},
+        {"role": "user", "content": "Name a fruit."},
+    ]);
+    let before = prefilled();
+    let first = chat(&messages, true);
+    let p1 = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(first["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(prefilled() - before, p1);
+    let answer = first["choices"][0]["message"]["content"].clone();
+    let n1 = first["usage"]["completion_tokens"].as_u64().unwrap();
+    let msgs = messages.as_array_mut().unwrap();
+    msgs.push(json!({"role": "assistant", "content": answer}));
+    msgs.push(json!({"role": "user", "content": "And a vegetable?"}));
+
+    let before = prefilled();
+    let second = chat(&messages, true);
+    let p2 = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    // The whole first turn (its prompt and the answer's tokens the model read back) is reused;
+    // only the rest is prefilled.
+    assert!(cached >= p1 + n1 - 1, "cached {cached}, first turn {p1} + {n1}");
+    assert!(cached < p2);
+    assert_eq!(prefilled() - before, p2 - cached);
+    let h = health(addr);
+    assert!(h["prompt_cache_hits"].as_u64().unwrap() >= 1, "{h}");
+
+    // Without the cache: the same greedy answer, the whole prompt prefilled.
+    let before = prefilled();
+    let uncached = chat(&messages, false);
+    assert_eq!(uncached["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(prefilled() - before, p2);
+    assert_eq!(
+        uncached["choices"][0]["message"]["content"],
+        second["choices"][0]["message"]["content"]
+    );
+    let h = wait_for(addr, "the requests to end", |h| h["running"] == 0);
+    assert_eq!(h["kv_pages_used"], h["kv_pages_cached"], "{h}");
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn cached_prompts_are_evicted_when_a_request_needs_their_pages() {
+    // One slot of 512 tokens: the cache can only keep what the next request leaves free.
+    let Some(srv) = server(1, 4, None) else {
+        return;
+    };
+    let addr = srv.addr();
+    for p in ["Hello there", "The capital of France is", "1, 2, 3,"] {
+        assert_eq!(post(addr, "/v1/completions", greedy_completion(p, 2)).status, 200);
+    }
+    let h = health(addr);
+    assert!(h["prompt_cache_entries"].as_u64().unwrap() >= 2, "{h}");
+    // A request reserving the whole context evicts them rather than failing.
+    let r = post(
+        addr,
+        "/v1/completions",
+        json!({"prompt": "Once", "max_tokens": 500, "temperature": 0, "stop": [" "]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let h = health(addr);
+    assert!(h["prompt_cache_entries"].as_u64().unwrap() <= 1, "{h}");
+    assert_eq!(h["kv_pages_used"], h["kv_pages_cached"], "{h}");
     srv.shutdown().unwrap();
 }
 
@@ -453,7 +551,8 @@ fn errors_are_openai_shaped_and_name_the_problem() {
     assert_eq!(e["code"], "not_found");
     // The server is still fine.
     assert_eq!(call("/v1/completions", &body).status, 200);
-    assert_eq!(health(addr)["kv_pages_used"], 0);
+    let h = health(addr);
+    assert_eq!(h["kv_pages_used"], h["kv_pages_cached"], "{h}");
     srv.shutdown().unwrap();
 }
 
@@ -495,7 +594,9 @@ fn a_full_queue_is_a_503_and_a_disconnect_frees_the_sequence() {
     let h = wait_for(addr, "everything to finish", |h| {
         h["running"] == 0 && h["queued"] == 0
     });
-    assert_eq!(h["kv_pages_used"], 0, "{h}");
+    // Only the finished request's sequence stays, in the prompt cache.
+    assert_eq!(h["kv_pages_used"], h["kv_pages_cached"], "{h}");
+    assert_eq!(h["prompt_cache_entries"], 1, "{h}");
     // The abandoned stream did not run to its 400 tokens.
     assert!(h["generated_tokens_total"].as_u64().unwrap() < 300, "{h}");
     srv.shutdown().unwrap();

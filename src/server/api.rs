@@ -187,6 +187,8 @@ pub struct GenParams {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// llama.cpp's `cache_prompt` (default true): reuse and keep the prompt's KV pages.
+    pub cache_prompt: bool,
 }
 
 /// Reads the sampling and length parameters (OpenAI's and llama.cpp's names); absent ones take
@@ -264,6 +266,7 @@ pub fn gen_params(f: &Fields<'_>) -> Result<GenParams, ApiError> {
         return Err(ApiError::invalid("stop", "at most 16 stop strings"));
     }
     let stream = f.bool("stream")?.unwrap_or(false);
+    let cache_prompt = f.bool("cache_prompt")?.unwrap_or(true);
     let include_usage = match f.get("stream_options") {
         None => false,
         Some(Value::Object(o)) => Fields(o).bool("include_usage")?.unwrap_or(false),
@@ -306,6 +309,7 @@ pub fn gen_params(f: &Fields<'_>) -> Result<GenParams, ApiError> {
         stop,
         stream,
         include_usage,
+        cache_prompt,
     })
 }
 
@@ -430,13 +434,13 @@ pub fn finish_reason(f: &FinishReason) -> &'static str {
     }
 }
 
-/// The `usage` object.
-pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+/// The `usage` object (`cached_tokens`: prompt tokens the prompt cache gave).
+pub fn usage(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Value {
     json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     })
 }
 
@@ -462,6 +466,7 @@ mod tests {
             (r#"{"stop": [""]}"#, "stop"),
             (r#"{"seed": 1.5}"#, "seed"),
             (r#"{"stream": "yes"}"#, "stream"),
+            (r#"{"cache_prompt": 1}"#, "cache_prompt"),
             (r#"{"n": 2}"#, "n"),
             (r#"{"presence_penalty": 3}"#, "presence_penalty"),
             (r#"{"model": 7}"#, "model"),
@@ -479,6 +484,7 @@ mod tests {
         assert_eq!(p.sampler, SamplerConfig::default());
         assert_eq!(p.max_tokens, None);
         assert!(!p.stream);
+        assert!(p.cache_prompt);
         let p = params(
             r#"{"max_tokens": 5, "max_completion_tokens": 7, "stop": "x", "seed": 3,
                 "stream": true, "stream_options": {"include_usage": true}, "temperature": 0}"#,

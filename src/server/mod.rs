@@ -10,6 +10,7 @@
 //! still running is cancelled; the threads end.
 
 pub mod api;
+pub mod cache;
 mod routes;
 pub mod scheduler;
 

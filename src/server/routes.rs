@@ -132,6 +132,30 @@ async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Result<Respon
             "KV-cache pages free.",
             total.saturating_sub(used) as u64,
         ),
+        (
+            "kv_pages_cached",
+            "gauge",
+            "KV-cache pages the prompt cache holds (part of kv_pages_used).",
+            load(&st.kv_pages_cached) as u64,
+        ),
+        (
+            "prompt_cache_entries",
+            "gauge",
+            "Sequences the prompt cache keeps.",
+            load(&st.prompt_cache_entries) as u64,
+        ),
+        (
+            "prompt_cache_hits_total",
+            "counter",
+            "Requests that reused a cached prompt prefix.",
+            st.prompt_cache_hits.load(Ordering::Relaxed),
+        ),
+        (
+            "prompt_cached_tokens_total",
+            "counter",
+            "Prompt tokens taken from the prompt cache instead of prefilled.",
+            st.cached_tokens.load(Ordering::Relaxed),
+        ),
     ];
     for (name, kind, help, value) in lines {
         out.push_str(&format!(
@@ -242,6 +266,10 @@ async fn health(State(s): State<AppState>) -> Response {
         "queued": st.queued.load(Ordering::Relaxed),
         "kv_pages_used": st.kv_pages_used.load(Ordering::Relaxed),
         "kv_pages_total": st.kv_pages_total.load(Ordering::Relaxed),
+        "kv_pages_cached": st.kv_pages_cached.load(Ordering::Relaxed),
+        "prompt_cache_entries": st.prompt_cache_entries.load(Ordering::Relaxed),
+        "prompt_cache_hits": st.prompt_cache_hits.load(Ordering::Relaxed),
+        "cached_tokens_total": st.cached_tokens.load(Ordering::Relaxed),
         "prompt_tokens_total": st.prompt_tokens.load(Ordering::Relaxed),
         "generated_tokens_total": st.generated_tokens.load(Ordering::Relaxed),
     }))
@@ -384,7 +412,11 @@ impl Meta {
     /// The chunks that end a stream.
     fn final_chunks(&self, summary: &Summary) -> Vec<Value> {
         let reason = api::finish_reason(&summary.finish);
-        let usage = api::usage(summary.prompt_tokens, summary.completion_tokens);
+        let usage = api::usage(
+            summary.prompt_tokens,
+            summary.completion_tokens,
+            summary.cached_tokens,
+        );
         match self.api {
             Api::Generate => vec![json!({
                 "text": "",
@@ -412,7 +444,11 @@ impl Meta {
     /// The whole (non-streamed) response.
     fn response(&self, text: String, summary: &Summary) -> Value {
         let reason = api::finish_reason(&summary.finish);
-        let usage = api::usage(summary.prompt_tokens, summary.completion_tokens);
+        let usage = api::usage(
+            summary.prompt_tokens,
+            summary.completion_tokens,
+            summary.cached_tokens,
+        );
         match self.api {
             Api::Generate => json!({
                 "text": text,
@@ -513,6 +549,7 @@ async fn respond(
     let job = Job {
         prompt,
         options,
+        cache_prompt: params.cache_prompt,
         events,
     };
     s.stats.queued.fetch_add(1, Ordering::Relaxed);

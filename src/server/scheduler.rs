@@ -6,12 +6,18 @@
 //! job channel (the HTTP side answers 503 when it is full). A prompt is prefilled in chunks of
 //! at most `prefill_chunk` tokens, so the others' streams keep flowing while it loads.
 //!
+//! Prompt cache ([`PromptCache`]): a request that ends normally leaves its sequence in the cache
+//! (unless it asked `cache_prompt: false`); a later prompt starting with the same tokens forks
+//! the longest such prefix and prefills only the rest. Kept sequences are evicted least recently
+//! used when an admission needs their pages.
+//!
 //! A request whose event channel is closed (its client went away) is dropped and its sequence
 //! released before the next step. A failed step fails the requests it carried (their clients get
 //! the error) and the loop goes on with the others.
 
+use super::cache::PromptCache;
 use crate::backend::StepOutputs;
-use crate::runtime::engine::{Engine, Part, Sequence, WantLogits};
+use crate::runtime::engine::{Engine, EngineError, Part, Sequence, WantLogits};
 use crate::runtime::generate::{Continuation, FinishReason, GenerateOptions, output_kind};
 use crate::tokenizer::Tokenizer;
 use std::ops::ControlFlow;
@@ -24,6 +30,8 @@ pub struct Job {
     /// The prompt's token ids (not empty; checked against the context by the HTTP side).
     pub prompt: Vec<u32>,
     pub options: GenerateOptions,
+    /// Reuse a cached prefix of the prompt, and keep the sequence for later requests.
+    pub cache_prompt: bool,
     /// Where the text and the outcome go; closed when the client is gone.
     pub events: UnboundedSender<Event>,
 }
@@ -44,6 +52,8 @@ pub enum Event {
 pub struct Summary {
     pub finish: FinishReason,
     pub prompt_tokens: usize,
+    /// Prompt tokens taken from the prompt cache (not prefilled).
+    pub cached_tokens: usize,
     pub completion_tokens: usize,
     pub seed: u64,
 }
@@ -66,6 +76,14 @@ pub struct Stats {
     pub running: AtomicUsize,
     pub kv_pages_used: AtomicUsize,
     pub kv_pages_total: AtomicUsize,
+    /// Pages the prompt cache holds (part of `kv_pages_used`; all of it when nothing runs).
+    pub kv_pages_cached: AtomicUsize,
+    /// Sequences the prompt cache keeps.
+    pub prompt_cache_entries: AtomicUsize,
+    /// Requests that reused a cached prefix, and the prompt tokens they did not prefill.
+    pub prompt_cache_hits: AtomicU64,
+    pub cached_tokens: AtomicU64,
+    /// Prompt tokens prefilled (cached ones not counted).
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
     /// Set when the shutdown grace period is over: every request still running is cancelled.
@@ -84,8 +102,11 @@ pub struct Limits {
 struct Active<'t> {
     seq: Sequence,
     prompt: Vec<u32>,
-    /// Prompt tokens fed so far.
+    /// Prompt tokens fed so far (from the cache first).
     fed: usize,
+    /// Prompt tokens the cache gave.
+    cached: usize,
+    cache_prompt: bool,
     cont: Continuation<'t>,
     events: UnboundedSender<Event>,
 }
@@ -119,7 +140,10 @@ pub fn run_loop(
     let mut out = StepOutputs::new();
     let mut plan: Vec<Planned> = Vec::new();
     let mut open = true;
-    publish(engine, &active, stats);
+    // Each kept sequence holds a backend slot: leave one per running request, and one to fork.
+    let slots = engine.geometry().max_slots as usize;
+    let mut cache = PromptCache::new(slots.saturating_sub(parallel + 1));
+    publish(engine, &active, &cache, stats);
     loop {
         let cancel = stats.cancel_all.load(Ordering::Relaxed);
         // Drop the requests whose clients are gone (or all of them, past the grace period).
@@ -136,7 +160,7 @@ pub fn run_loop(
         // Admit waiting requests between steps.
         while open && active.len() < parallel {
             let job = if active.is_empty() {
-                publish(engine, &active, stats);
+                publish(engine, &active, &cache, stats);
                 match jobs.recv() {
                     Ok(job) => job,
                     Err(_) => {
@@ -162,7 +186,7 @@ pub fn run_loop(
                 let _ = job.events.send(Event::Error(JobError::ShuttingDown));
                 continue;
             }
-            match admit(engine, tokenizer, job) {
+            match admit(engine, tokenizer, &mut cache, job, stats) {
                 Ok(a) => active.push(a),
                 Err((events, message)) => {
                     let _ = events.send(Event::Error(JobError::Failed(message)));
@@ -175,7 +199,7 @@ pub fn run_loop(
             }
             break;
         }
-        publish(engine, &active, stats);
+        publish(engine, &active, &cache, stats);
         plan_step(engine, &active, chunk, &mut plan);
         if plan.is_empty() {
             // Cannot happen (every request has a token to feed); fail them rather than spin.
@@ -264,6 +288,7 @@ pub fn run_loop(
                             let summary = Summary {
                                 finish,
                                 prompt_tokens: a.prompt.len(),
+                                cached_tokens: a.cached,
                                 completion_tokens: a.cont.tokens().len(),
                                 seed: a.cont.seed(),
                             };
@@ -284,12 +309,16 @@ pub fn run_loop(
                 continue;
             }
             let a = active.remove(index);
-            engine.release(a.seq);
+            if a.cache_prompt && matches!(event, Some(Event::Done(_))) {
+                cache.insert(engine, a.seq);
+            } else {
+                engine.release(a.seq);
+            }
             outcomes.push((a.events, event));
         }
         if !outcomes.is_empty() {
             engine.reclaim();
-            publish(engine, &active, stats);
+            publish(engine, &active, &cache, stats);
         }
         for (events, event) in outcomes {
             if let Some(event) = event {
@@ -297,32 +326,60 @@ pub fn run_loop(
             }
         }
     }
-    publish(engine, &active, stats);
+    cache.clear(engine);
+    engine.reclaim();
+    publish(engine, &active, &cache, stats);
 }
 
-/// Starts a request: its sampler and stop strings, a sequence with pages reserved for the
-/// prompt and every token it may generate (so it cannot run out of cache mid-stream).
+/// Starts a request: its sampler and stop strings, a sequence (holding the longest cached
+/// prefix of the prompt) with pages reserved for the rest of the prompt and every token it may
+/// generate (so it cannot run out of cache mid-stream); kept sequences are evicted, least
+/// recently used first, until the reservation fits.
 fn admit<'t>(
     engine: &mut Engine,
     tokenizer: &'t Tokenizer,
+    cache: &mut PromptCache,
     job: Job,
+    stats: &Stats,
 ) -> Result<Active<'t>, (UnboundedSender<Event>, String)> {
     let kind = output_kind(&job.options.sampler, engine.n_vocab());
     let cont = match Continuation::new(tokenizer, &job.options, kind) {
         Ok(c) => c,
         Err(e) => return Err((job.events, e.to_string())),
     };
-    let mut seq = engine.new_sequence();
+    let hit = if job.cache_prompt {
+        cache.lookup(engine, &job.prompt)
+    } else {
+        None
+    };
+    let (mut seq, cached) = match hit {
+        Some(hit) => (hit.seq, hit.tokens),
+        None => (engine.new_sequence(), 0),
+    };
     let room = engine.n_ctx().saturating_sub(job.prompt.len());
     let n = job.prompt.len() + job.options.max_new_tokens.min(room);
-    if let Err(e) = engine.reserve(&mut seq, n) {
-        engine.release(seq);
-        return Err((job.events, e.to_string()));
+    loop {
+        match engine.reserve(&mut seq, n - cached) {
+            Ok(()) => break,
+            Err(EngineError::CacheFull { .. }) if cache.evict_lru(engine) => {}
+            Err(e) => {
+                engine.release(seq);
+                return Err((job.events, e.to_string()));
+            }
+        }
+    }
+    if cached > 0 {
+        stats.prompt_cache_hits.fetch_add(1, Ordering::Relaxed);
+        stats
+            .cached_tokens
+            .fetch_add(cached as u64, Ordering::Relaxed);
     }
     Ok(Active {
         seq,
         prompt: job.prompt,
-        fed: 0,
+        fed: cached,
+        cached,
+        cache_prompt: job.cache_prompt,
         cont,
         events: job.events,
     })
@@ -371,9 +428,15 @@ fn plan_step(engine: &Engine, active: &[Active<'_>], chunk: usize, plan: &mut Ve
     plan.sort_by_key(|p| p.index);
 }
 
-fn publish(engine: &Engine, active: &[Active<'_>], stats: &Stats) {
+fn publish(engine: &Engine, active: &[Active<'_>], cache: &PromptCache, stats: &Stats) {
     let pages = engine.page_stats();
     stats.running.store(active.len(), Ordering::Relaxed);
+    stats
+        .kv_pages_cached
+        .store(cache.pages(), Ordering::Relaxed);
+    stats
+        .prompt_cache_entries
+        .store(cache.len(), Ordering::Relaxed);
     stats
         .kv_pages_used
         .store(pages.total - pages.free, Ordering::Relaxed);
