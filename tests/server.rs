@@ -432,7 +432,10 @@ fn a_second_chat_turn_prefills_only_its_new_tokens() {
         .unwrap();
     // The whole first turn (its prompt and the answer's tokens the model read back) is reused;
     // only the rest is prefilled.
-    assert!(cached >= p1 + n1 - 1, "cached {cached}, first turn {p1} + {n1}");
+    assert!(
+        cached >= p1 + n1 - 1,
+        "cached {cached}, first turn {p1} + {n1}"
+    );
     assert!(cached < p2);
     assert_eq!(prefilled() - before, p2 - cached);
     let h = health(addr);
@@ -441,7 +444,10 @@ fn a_second_chat_turn_prefills_only_its_new_tokens() {
     // Without the cache: the same greedy answer, the whole prompt prefilled.
     let before = prefilled();
     let uncached = chat(&messages, false);
-    assert_eq!(uncached["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(
+        uncached["usage"]["prompt_tokens_details"]["cached_tokens"],
+        0
+    );
     assert_eq!(prefilled() - before, p2);
     assert_eq!(
         uncached["choices"][0]["message"]["content"],
@@ -460,7 +466,10 @@ fn cached_prompts_are_evicted_when_a_request_needs_their_pages() {
     };
     let addr = srv.addr();
     for p in ["Hello there", "The capital of France is", "1, 2, 3,"] {
-        assert_eq!(post(addr, "/v1/completions", greedy_completion(p, 2)).status, 200);
+        assert_eq!(
+            post(addr, "/v1/completions", greedy_completion(p, 2)).status,
+            200
+        );
     }
     let h = health(addr);
     assert!(h["prompt_cache_entries"].as_u64().unwrap() >= 2, "{h}");
@@ -473,6 +482,182 @@ fn cached_prompts_are_evicted_when_a_request_needs_their_pages() {
     assert_eq!(r.status, 200, "{}", r.text());
     let h = health(addr);
     assert!(h["prompt_cache_entries"].as_u64().unwrap() <= 1, "{h}");
+    assert_eq!(h["kv_pages_used"], h["kv_pages_cached"], "{h}");
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn n_choices_fork_the_prompt_and_logprobs_and_logit_bias_work() {
+    let Some(srv) = server(4, 8, None) else {
+        return;
+    };
+    let addr = srv.addr();
+    let prompt = "The capital of France is";
+    let prefilled = || health(addr)["prompt_tokens_total"].as_u64().unwrap();
+
+    // n = 2, greedy: both choices are the greedy text; the prompt is prefilled once.
+    let before = prefilled();
+    let mut body = greedy_completion(prompt, 5);
+    body["n"] = json!(2);
+    body["cache_prompt"] = json!(false);
+    let v = post(addr, "/v1/completions", body).json();
+    assert_eq!(prefilled() - before, 5, "the prompt is prefilled once: {v}");
+    let choices = v["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 2, "{v}");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        assert_eq!(c["text"], " Paris.\n\nThe");
+    }
+    assert_eq!(v["usage"]["prompt_tokens"], 5);
+    assert_eq!(v["usage"]["completion_tokens"], 10);
+
+    // Seeded sampling: choice i uses seed + i, so choice 1 is what seed 8 gives alone.
+    let sampled = |seed: u64, n: usize| -> Vec<String> {
+        let body =
+            json!({"prompt": prompt, "max_tokens": 8, "temperature": 1.0, "seed": seed, "n": n});
+        let v = post(addr, "/v1/completions", body).json();
+        v["choices"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{v}"))
+            .iter()
+            .map(|c| c["text"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let two = sampled(7, 2);
+    assert_eq!(two, [sampled(7, 1)[0].clone(), sampled(8, 1)[0].clone()]);
+
+    // Chat logprobs: one entry per token, the greedy token first among its alternatives.
+    let r = post(
+        addr,
+        "/v1/chat/completions",
+        json!({"messages": [{"role": "user", "content": "Count to ten."}], "max_tokens": 6,
+               "temperature": 0, "logprobs": true, "top_logprobs": 3, "user": "someone"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let choice = &v["choices"][0];
+    let content = choice["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        content.len() as u64,
+        v["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    for t in content {
+        let lp = t["logprob"].as_f64().unwrap();
+        assert!(lp <= 0.0, "{t}");
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3, "{t}");
+        assert_eq!(
+            top[0]["token"], t["token"],
+            "greedy takes the most likely: {t}"
+        );
+        assert!((top[0]["logprob"].as_f64().unwrap() - lp).abs() < 1e-6);
+        assert!(
+            top.windows(2)
+                .all(|w| w[0]["logprob"].as_f64() >= w[1]["logprob"].as_f64())
+        );
+        let bytes: Vec<u8> = t["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        assert_eq!(
+            String::from_utf8_lossy(&bytes),
+            t["token"].as_str().unwrap()
+        );
+    }
+    if choice["finish_reason"] == "length" {
+        let joined: String = content
+            .iter()
+            .map(|t| t["token"].as_str().unwrap())
+            .collect();
+        assert_eq!(joined, choice["message"]["content"].as_str().unwrap());
+    }
+
+    // Completions logprobs: the legacy shape.
+    let mut body = greedy_completion(prompt, 5);
+    body["logprobs"] = json!(2);
+    let v = post(addr, "/v1/completions", body).json();
+    let lp = &v["choices"][0]["logprobs"];
+    let tokens: Vec<&str> = lp["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(tokens.concat(), " Paris.\n\nThe");
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 5);
+    assert_eq!(lp["text_offset"], json!([0, 6, 7, 8, 9]));
+    for (t, top) in tokens.iter().zip(lp["top_logprobs"].as_array().unwrap()) {
+        let top = top.as_object().unwrap();
+        assert!(top.len() <= 2 && top.contains_key(*t), "{top:?}");
+    }
+
+    // logit_bias: -100 on " Paris" changes the answer; +100 on " London" forces it.
+    let id =
+        |word: &str| post(addr, "/tokenize", json!({"content": word})).json()["tokens"][0].clone();
+    let (paris, london) = (id(" Paris"), id(" London"));
+    let mut body = greedy_completion(prompt, 2);
+    body["logit_bias"] = json!({paris.to_string(): -100});
+    let v = post(addr, "/v1/completions", body).json();
+    assert!(
+        !v["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with(" Paris"),
+        "{v}"
+    );
+    let mut body = greedy_completion(prompt, 2);
+    body["logit_bias"] = json!({london.to_string(): 100});
+    let v = post(addr, "/v1/completions", body).json();
+    assert_eq!(v["choices"][0]["text"], " London London", "{v}");
+
+    // Streams carry every choice, each with its own finish chunk, then one [DONE].
+    let mut body = greedy_completion(prompt, 5);
+    body["n"] = json!(2);
+    body["stream"] = json!(true);
+    body["logprobs"] = json!(1);
+    let events = sse_events(&post(addr, "/v1/completions", body));
+    for i in 0..2 {
+        let mine: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["choices"][0]["index"] == i)
+            .collect();
+        let text: String = mine
+            .iter()
+            .map(|e| e["choices"][0]["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(text, " Paris.\n\nThe");
+        assert_eq!(
+            mine.iter()
+                .filter(|e| e["choices"][0]["finish_reason"] == "length")
+                .count(),
+            1
+        );
+        let n_lp: usize = mine
+            .iter()
+            .filter_map(|e| e["choices"][0]["logprobs"]["tokens"].as_array())
+            .map(Vec::len)
+            .sum();
+        assert_eq!(n_lp, 5);
+    }
+
+    // n beyond --parallel, and a bias on a token outside the vocabulary, are 400s.
+    let mut body = greedy_completion(prompt, 2);
+    body["n"] = json!(5);
+    let r = post(addr, "/v1/completions", body);
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("n"))
+    );
+    let mut body = greedy_completion(prompt, 2);
+    body["logit_bias"] = json!({"999999": 1});
+    let r = post(addr, "/v1/completions", body);
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("logit_bias"))
+    );
+    let h = wait_for(addr, "the requests to end", |h| h["running"] == 0);
     assert_eq!(h["kv_pages_used"], h["kv_pages_cached"], "{h}");
     srv.shutdown().unwrap();
 }

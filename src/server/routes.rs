@@ -1,7 +1,7 @@
 //! The HTTP endpoints (see docs/server.md).
 
 use super::api::{self, ApiError, Fields, GenParams, Prompt};
-use super::scheduler::{Event, Job, JobError, Summary};
+use super::scheduler::{Event, Job, JobError, Summary, TokenLogprob};
 use super::{ServerConfig, ServerError, Shared};
 use crate::runtime::generate::GenerateOptions;
 use crate::runtime::prompt::encode_prompt;
@@ -360,6 +360,18 @@ struct Meta {
     model: String,
     fingerprint: String,
     include_usage: bool,
+    /// Choices.
+    n: usize,
+    /// Log-probabilities were asked for.
+    logprobs: bool,
+    tokenizer: Arc<crate::tokenizer::Tokenizer>,
+}
+
+/// One finished choice of a whole response.
+struct ChoiceOut {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    summary: Summary,
 }
 
 impl Meta {
@@ -387,98 +399,152 @@ impl Meta {
         v
     }
 
-    /// A streamed chunk of text (or the role chunk that opens a chat stream).
-    fn text_chunk(&self, text: &str, first: bool) -> Value {
+    /// A token's text (special tokens rendered) and bytes.
+    fn token(&self, id: u32) -> (String, Vec<u8>) {
+        let bytes = self.tokenizer.token_piece(id).unwrap_or_default().to_vec();
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    }
+
+    /// OpenAI's `logprobs` object for `lps` (null when not asked for). `offset`: the choice's
+    /// text length so far, in characters (completions' `text_offset`), advanced past them.
+    fn logprobs_json(&self, lps: &[TokenLogprob], offset: &mut usize) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        if self.api == Api::Chat {
+            let content: Vec<Value> = lps
+                .iter()
+                .map(|lp| {
+                    let (token, bytes) = self.token(lp.token);
+                    let top: Vec<Value> = lp
+                        .top
+                        .iter()
+                        .map(|&(id, logprob)| {
+                            let (token, bytes) = self.token(id);
+                            json!({"token": token, "logprob": logprob, "bytes": bytes})
+                        })
+                        .collect();
+                    json!({"token": token, "logprob": lp.logprob, "bytes": bytes, "top_logprobs": top})
+                })
+                .collect();
+            return json!({"content": content, "refusal": null});
+        }
+        let (mut tokens, mut logprobs, mut tops, mut offsets) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for lp in lps {
+            let (token, _) = self.token(lp.token);
+            offsets.push(*offset);
+            *offset += token.chars().count();
+            tokens.push(token);
+            logprobs.push(lp.logprob);
+            let top: serde_json::Map<String, Value> = lp
+                .top
+                .iter()
+                .map(|&(id, logprob)| (self.token(id).0, json!(logprob)))
+                .collect();
+            tops.push(Value::Object(top));
+        }
+        json!({"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets})
+    }
+
+    /// The chunk that opens a chat stream's choice (the role).
+    fn role_chunk(&self, choice: usize) -> Value {
+        self.wrap(
+            true,
+            json!([{"index": choice, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+        )
+    }
+
+    /// A streamed chunk of text.
+    fn text_chunk(&self, choice: usize, text: &str, logprobs: Value) -> Value {
         match self.api {
             Api::Generate => json!({"text": text}),
             Api::Completion => self.wrap(
                 true,
-                json!([{"index": 0, "text": text, "logprobs": null, "finish_reason": null}]),
+                json!([{"index": choice, "text": text, "logprobs": logprobs, "finish_reason": null}]),
             ),
-            Api::Chat => {
-                let delta = if first {
-                    json!({"role": "assistant", "content": text})
-                } else {
-                    json!({"content": text})
-                };
-                self.wrap(
-                    true,
-                    json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]),
-                )
-            }
+            Api::Chat => self.wrap(
+                true,
+                json!([{"index": choice, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null}]),
+            ),
         }
     }
 
-    /// The chunks that end a stream.
-    fn final_chunks(&self, summary: &Summary) -> Vec<Value> {
+    /// The chunk that ends a choice of a stream.
+    fn finish_chunk(&self, summary: &Summary) -> Value {
         let reason = api::finish_reason(&summary.finish);
-        let usage = api::usage(
-            summary.prompt_tokens,
-            summary.completion_tokens,
-            summary.cached_tokens,
-        );
         match self.api {
-            Api::Generate => vec![json!({
+            Api::Generate => json!({
                 "text": "",
                 "finish_reason": reason,
                 "tokens": summary.completion_tokens,
                 "seed": summary.seed,
-            })],
-            Api::Completion | Api::Chat => {
-                let choice = if self.api == Api::Chat {
-                    json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": reason})
-                } else {
-                    json!({"index": 0, "text": "", "logprobs": null, "finish_reason": reason})
-                };
-                let mut out = vec![self.wrap(true, json!([choice]))];
-                if self.include_usage {
-                    let mut u = self.wrap(true, json!([]));
-                    u["usage"] = usage;
-                    out.push(u);
-                }
-                out
-            }
+            }),
+            Api::Chat => self.wrap(
+                true,
+                json!([{"index": summary.choice, "delta": {}, "logprobs": null, "finish_reason": reason}]),
+            ),
+            Api::Completion => self.wrap(
+                true,
+                json!([{"index": summary.choice, "text": "", "logprobs": null, "finish_reason": reason}]),
+            ),
         }
     }
 
-    /// The whole (non-streamed) response.
-    fn response(&self, text: String, summary: &Summary) -> Value {
-        let reason = api::finish_reason(&summary.finish);
-        let usage = api::usage(
-            summary.prompt_tokens,
-            summary.completion_tokens,
-            summary.cached_tokens,
-        );
-        match self.api {
-            Api::Generate => json!({
-                "text": text,
-                "finish_reason": reason,
-                "tokens": summary.completion_tokens,
-                "seed": summary.seed,
-            }),
-            Api::Completion => {
-                let mut v = self.wrap(
-                    false,
-                    json!([{"index": 0, "text": text, "logprobs": null, "finish_reason": reason}]),
-                );
-                v["usage"] = usage;
-                v
-            }
-            Api::Chat => {
-                let mut v = self.wrap(
-                    false,
-                    json!([{
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": null,
-                        "finish_reason": reason,
-                    }]),
-                );
-                v["usage"] = usage;
-                v
-            }
+    /// The usage chunk that ends a stream (with `include_usage`).
+    fn usage_chunk(&self, summaries: &[Summary]) -> Option<Value> {
+        if !self.include_usage {
+            return None;
         }
+        let mut u = self.wrap(true, json!([]));
+        u["usage"] = usage(summaries);
+        Some(u)
     }
+
+    /// The whole (non-streamed) response.
+    fn response(&self, choices: &[ChoiceOut]) -> Value {
+        let summaries: Vec<Summary> = choices.iter().map(|c| c.summary.clone()).collect();
+        if self.api == Api::Generate
+            && let Some(c) = choices.first()
+        {
+            return json!({
+                "text": c.text,
+                "finish_reason": api::finish_reason(&c.summary.finish),
+                "tokens": c.summary.completion_tokens,
+                "seed": c.summary.seed,
+            });
+        }
+        let list: Vec<Value> = choices
+            .iter()
+            .map(|c| {
+                let reason = api::finish_reason(&c.summary.finish);
+                let logprobs = self.logprobs_json(&c.logprobs, &mut 0);
+                if self.api == Api::Chat {
+                    json!({
+                        "index": c.summary.choice,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": logprobs,
+                        "finish_reason": reason,
+                    })
+                } else {
+                    json!({"index": c.summary.choice, "text": c.text, "logprobs": logprobs, "finish_reason": reason})
+                }
+            })
+            .collect();
+        let mut v = self.wrap(false, Value::Array(list));
+        v["usage"] = usage(&summaries);
+        v
+    }
+}
+
+/// The `usage` of a request's choices: the prompt once, every choice's tokens.
+fn usage(summaries: &[Summary]) -> Value {
+    let first = summaries.first();
+    api::usage(
+        first.map_or(0, |s| s.prompt_tokens),
+        summaries.iter().map(|s| s.completion_tokens).sum(),
+        first.map_or(0, |s| s.cached_tokens),
+    )
 }
 
 fn now() -> u64 {
@@ -520,6 +586,34 @@ async fn respond(
             "the prompt is empty: at least one token is needed",
         ));
     }
+    if params.n > s.parallel {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "`n` is {}, more than the {} requests this server runs at once (--parallel)",
+                params.n, s.parallel
+            ),
+        ));
+    }
+    if api == Api::Generate && (params.n != 1 || params.logprobs.is_some()) {
+        return Err(ApiError::invalid(
+            if params.n != 1 { "n" } else { "logprobs" },
+            "/generate answers one choice without logprobs: use /v1/completions",
+        ));
+    }
+    if let Some(&(id, _)) = params
+        .logit_bias
+        .iter()
+        .find(|(id, _)| *id as usize >= s.info.n_vocab)
+    {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!(
+                "token id {id} is not below the vocabulary size {}",
+                s.info.n_vocab
+            ),
+        ));
+    }
     let n_ctx = s.info.n_ctx;
     let max_new = match params.max_tokens {
         Some(n) => n,
@@ -550,6 +644,9 @@ async fn respond(
         prompt,
         options,
         cache_prompt: params.cache_prompt,
+        n: params.n,
+        logprobs: params.logprobs,
+        logit_bias: params.logit_bias,
         events,
     };
     s.stats.queued.fetch_add(1, Ordering::Relaxed);
@@ -577,6 +674,9 @@ async fn respond(
         model: s.info.name.clone(),
         fingerprint: s.info.fingerprint.clone(),
         include_usage: params.include_usage && api != Api::Generate,
+        n: params.n,
+        logprobs: params.logprobs.is_some(),
+        tokenizer: s.tokenizer.clone(),
     };
     if params.stream {
         Ok(stream(meta, rx).into_response())
@@ -586,12 +686,41 @@ async fn respond(
 }
 
 async fn whole(meta: Meta, mut rx: UnboundedReceiver<Event>) -> Result<Response, ApiError> {
-    let mut text = String::new();
+    let mut texts = vec![String::new(); meta.n];
+    let mut logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); meta.n];
+    let mut done: Vec<Option<Summary>> = vec![None; meta.n];
     while let Some(event) = rx.recv().await {
         match event {
-            Event::Text(t) => text.push_str(&t),
+            Event::Text {
+                choice,
+                text,
+                logprobs: lps,
+            } => {
+                if let (Some(t), Some(l)) = (texts.get_mut(choice), logprobs.get_mut(choice)) {
+                    t.push_str(&text);
+                    l.extend(lps);
+                }
+            }
             Event::Done(summary) => {
-                return Ok(axum::Json(meta.response(text, &summary)).into_response());
+                let choice = summary.choice;
+                if let Some(d) = done.get_mut(choice) {
+                    *d = Some(summary);
+                }
+                if done.iter().all(Option::is_some) {
+                    let choices: Vec<ChoiceOut> = texts
+                        .into_iter()
+                        .zip(logprobs)
+                        .zip(done)
+                        .filter_map(|((text, logprobs), summary)| {
+                            Some(ChoiceOut {
+                                text,
+                                logprobs,
+                                summary: summary?,
+                            })
+                        })
+                        .collect();
+                    return Ok(axum::Json(meta.response(&choices)).into_response());
+                }
             }
             Event::Error(e) => return Err(job_error(&e)),
         }
@@ -603,7 +732,9 @@ struct StreamState {
     meta: Meta,
     rx: UnboundedReceiver<Event>,
     pending: VecDeque<SseEvent>,
-    first: bool,
+    /// Per choice, the text streamed so far in characters (completions' `text_offset`).
+    offsets: Vec<usize>,
+    summaries: Vec<Summary>,
     done: bool,
 }
 
@@ -617,13 +748,16 @@ fn stream(
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let mut pending = VecDeque::new();
     if meta.api == Api::Chat {
-        pending.push_back(sse_json(&meta.text_chunk("", true)));
+        for choice in 0..meta.n {
+            pending.push_back(sse_json(&meta.role_chunk(choice)));
+        }
     }
     let state = StreamState {
+        offsets: vec![0; meta.n],
         meta,
         rx,
         pending,
-        first: false,
+        summaries: Vec::new(),
         done: false,
     };
     let events = futures_util::stream::unfold(state, |mut st| async move {
@@ -635,17 +769,30 @@ fn stream(
                 return None;
             }
             match st.rx.recv().await {
-                Some(Event::Text(t)) => {
-                    let chunk = st.meta.text_chunk(&t, st.first);
-                    st.first = false;
+                Some(Event::Text {
+                    choice,
+                    text,
+                    logprobs,
+                }) => {
+                    let mut offset = st.offsets.get(choice).copied().unwrap_or(0);
+                    let lps = st.meta.logprobs_json(&logprobs, &mut offset);
+                    if let Some(o) = st.offsets.get_mut(choice) {
+                        *o = offset;
+                    }
+                    let chunk = st.meta.text_chunk(choice, &text, lps);
                     st.pending.push_back(sse_json(&chunk));
                 }
                 Some(Event::Done(summary)) => {
-                    for chunk in st.meta.final_chunks(&summary) {
-                        st.pending.push_back(sse_json(&chunk));
+                    st.pending
+                        .push_back(sse_json(&st.meta.finish_chunk(&summary)));
+                    st.summaries.push(summary);
+                    if st.summaries.len() >= st.meta.n {
+                        if let Some(u) = st.meta.usage_chunk(&st.summaries) {
+                            st.pending.push_back(sse_json(&u));
+                        }
+                        st.pending.push_back(SseEvent::default().data("[DONE]"));
+                        st.done = true;
                     }
-                    st.pending.push_back(SseEvent::default().data("[DONE]"));
-                    st.done = true;
                 }
                 Some(Event::Error(e)) => {
                     st.pending.push_back(sse_json(&job_error(&e).body()));

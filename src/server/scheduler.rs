@@ -11,12 +11,16 @@
 //! the longest such prefix and prefills only the rest. Kept sequences are evicted least recently
 //! used when an admission needs their pages.
 //!
+//! `n > 1` choices: the prompt is prefilled once; when its last chunk has run, the other
+//! choices fork its sequence (sharing the prompt's pages) and sample from the same row. A
+//! request takes `n` of the `parallel` places; it waits (first in line) until they are free.
+//!
 //! A request whose event channel is closed (its client went away) is dropped and its sequence
 //! released before the next step. A failed step fails the requests it carried (their clients get
 //! the error) and the loop goes on with the others.
 
 use super::cache::PromptCache;
-use crate::backend::StepOutputs;
+use crate::backend::{OutputKind, RowOutput, StepOutputs};
 use crate::runtime::engine::{Engine, EngineError, Part, Sequence, WantLogits};
 use crate::runtime::generate::{Continuation, FinishReason, GenerateOptions, output_kind};
 use crate::tokenizer::Tokenizer;
@@ -32,6 +36,12 @@ pub struct Job {
     pub options: GenerateOptions,
     /// Reuse a cached prefix of the prompt, and keep the sequence for later requests.
     pub cache_prompt: bool,
+    /// Choices to generate (at least 1, at most the scheduler's `parallel`).
+    pub n: usize,
+    /// Report each token's log-probability with this many alternatives.
+    pub logprobs: Option<usize>,
+    /// Added to the logits of these tokens before sampling (ids below the vocabulary size).
+    pub logit_bias: Vec<(u32, f32)>,
     /// Where the text and the outcome go; closed when the client is gone.
     pub events: UnboundedSender<Event>,
 }
@@ -39,17 +49,33 @@ pub struct Job {
 /// What the engine loop tells a request's handler.
 #[derive(Debug)]
 pub enum Event {
-    /// Text that became final.
-    Text(String),
+    /// Text that became final, and the log-probabilities of the tokens sampled since the last
+    /// event of this choice (when asked for).
+    Text {
+        choice: usize,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
     /// The request ended normally.
     Done(Summary),
     /// The request failed.
     Error(JobError),
 }
 
-/// How a request ended.
+/// A sampled token's log-probability (of the biased logits at temperature 1) and the most
+/// likely tokens of its row, highest first.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenLogprob {
+    pub token: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// How one choice of a request ended.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Summary {
+    /// Which choice (0 for the first).
+    pub choice: usize,
     pub finish: FinishReason,
     pub prompt_tokens: usize,
     /// Prompt tokens taken from the prompt cache (not prefilled).
@@ -109,12 +135,28 @@ struct Active<'t> {
     cache_prompt: bool,
     cont: Continuation<'t>,
     events: UnboundedSender<Event>,
+    choice: usize,
+    /// The other choices, started when the prompt is prefilled.
+    children: Vec<Continuation<'t>>,
+    /// Tokens to reserve for each choice's generation.
+    max_new: usize,
+    logprobs: Option<usize>,
+    logit_bias: Vec<(u32, f32)>,
 }
 
 impl Active<'_> {
     fn prefilling(&self) -> bool {
         self.fed < self.prompt.len()
     }
+
+    /// Places of `parallel` it holds: itself and the choices it will fork.
+    fn places(&self) -> usize {
+        1 + self.children.len()
+    }
+}
+
+fn places(active: &[Active<'_>]) -> usize {
+    active.iter().map(Active::places).sum()
 }
 
 /// One part of the next step: which request, how many tokens, whether it wants a row.
@@ -140,6 +182,9 @@ pub fn run_loop(
     let mut out = StepOutputs::new();
     let mut plan: Vec<Planned> = Vec::new();
     let mut open = true;
+    // A request taken from the channel that waits for enough free places (n > 1).
+    let mut held: Option<Job> = None;
+    let mut scratch = Vec::new();
     // Each kept sequence holds a backend slot: leave one per running request, and one to fork.
     let slots = engine.geometry().max_slots as usize;
     let mut cache = PromptCache::new(slots.saturating_sub(parallel + 1));
@@ -158,8 +203,10 @@ pub fn run_loop(
             }
         }
         // Admit waiting requests between steps.
-        while open && active.len() < parallel {
-            let job = if active.is_empty() {
+        while open && places(&active) < parallel {
+            let job = if let Some(job) = held.take() {
+                job
+            } else if active.is_empty() {
                 publish(engine, &active, &cache, stats);
                 match jobs.recv() {
                     Ok(job) => job,
@@ -178,10 +225,22 @@ pub fn run_loop(
                     }
                 }
             };
-            stats.queued.fetch_sub(1, Ordering::Relaxed);
             if job.events.is_closed() {
+                stats.queued.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
+            if job.n > parallel {
+                stats.queued.fetch_sub(1, Ordering::Relaxed);
+                let message = format!("n = {} is more than the {parallel} slots", job.n);
+                let _ = job.events.send(Event::Error(JobError::Failed(message)));
+                continue;
+            }
+            if places(&active) + job.n > parallel {
+                // First in line: it runs when enough choices have ended.
+                held = Some(job);
+                break;
+            }
+            stats.queued.fetch_sub(1, Ordering::Relaxed);
             if stats.cancel_all.load(Ordering::Relaxed) {
                 let _ = job.events.send(Event::Error(JobError::ShuttingDown));
                 continue;
@@ -194,7 +253,7 @@ pub fn run_loop(
             }
         }
         if active.is_empty() {
-            if open {
+            if open || held.is_some() {
                 continue;
             }
             break;
@@ -247,8 +306,8 @@ pub fn run_loop(
                 }
             }
             Ok(()) => {
-                let n_ctx = engine.n_ctx();
-                let n_vocab = engine.n_vocab();
+                let mut spawned: Vec<Active<'_>> = Vec::new();
+                let mut spawned_ends = Vec::new();
                 let mut row = 0;
                 for p in &plan {
                     let Some(a) = active.get_mut(p.index) else {
@@ -267,41 +326,35 @@ pub fn run_loop(
                         continue;
                     };
                     row += 1;
-                    let room = a.seq.len() < n_ctx;
-                    let events = &a.events;
-                    let mut on_text = |piece: &str| match events.send(Event::Text(piece.into())) {
-                        Ok(()) => ControlFlow::Continue(()),
-                        Err(_) => ControlFlow::Break(()),
-                    };
-                    let before = a.cont.tokens().len();
-                    let done = a
-                        .cont
-                        .accept(output, a.seq.tokens(), n_vocab, room, &mut on_text);
-                    let added = a.cont.tokens().len() - before;
-                    stats
-                        .generated_tokens
-                        .fetch_add(added as u64, Ordering::Relaxed);
-                    match done {
-                        Ok(None) => {}
-                        Ok(Some(FinishReason::Cancelled)) => finished.push((p.index, None)),
-                        Ok(Some(finish)) => {
-                            let summary = Summary {
-                                finish,
-                                prompt_tokens: a.prompt.len(),
-                                cached_tokens: a.cached,
-                                completion_tokens: a.cont.tokens().len(),
-                                seed: a.cont.seed(),
-                            };
-                            finished.push((p.index, Some(Event::Done(summary))));
+                    // The prompt is in: the other choices fork it and sample from this row.
+                    let children = std::mem::take(&mut a.children);
+                    for (i, cont) in children.into_iter().enumerate() {
+                        match fork_choice(engine, &mut cache, a, cont, i + 1) {
+                            Ok(mut child) => {
+                                if let Some(end) =
+                                    accept_row(&mut child, output, engine, stats, &mut scratch)
+                                {
+                                    spawned_ends.push((spawned.len(), end));
+                                }
+                                spawned.push(child);
+                            }
+                            Err(message) => finished
+                                .push((p.index, Some(Event::Error(JobError::Failed(message))))),
                         }
-                        Err(e) => finished
-                            .push((p.index, Some(Event::Error(JobError::Failed(e.to_string()))))),
+                    }
+                    if let Some(end) = accept_row(a, output, engine, stats, &mut scratch) {
+                        finished.push((p.index, end));
                     }
                 }
+                // Spawned choices join at the end; their placeholders become real indices.
+                let base = active.len();
+                finished.extend(spawned_ends.into_iter().map(|(j, end)| (base + j, end)));
+                active.extend(spawned);
             }
         }
-        // Highest index first, so the others keep their places.
+        // Highest index first, so the others keep their places; one end per request.
         finished.sort_by_key(|(index, _)| std::cmp::Reverse(*index));
+        finished.dedup_by_key(|(index, _)| *index);
         // Release first and publish, so a client that sees its answer sees the pages freed.
         let mut outcomes = Vec::with_capacity(finished.len());
         for (index, event) in finished {
@@ -342,11 +395,22 @@ fn admit<'t>(
     job: Job,
     stats: &Stats,
 ) -> Result<Active<'t>, (UnboundedSender<Event>, String)> {
-    let kind = output_kind(&job.options.sampler, engine.n_vocab());
-    let cont = match Continuation::new(tokenizer, &job.options, kind) {
-        Ok(c) => c,
-        Err(e) => return Err((job.events, e.to_string())),
+    let kind = if job.logprobs.is_some() || !job.logit_bias.is_empty() {
+        OutputKind::Logits
+    } else {
+        output_kind(&job.options.sampler, engine.n_vocab())
     };
+    let mut conts = Vec::with_capacity(job.n.max(1));
+    for i in 0..job.n.max(1) {
+        // Each choice its own seed: the request's plus its index.
+        let mut options = job.options.clone();
+        options.sampler.seed = options.sampler.seed.map(|s| s.wrapping_add(i as u64));
+        match Continuation::new(tokenizer, &options, kind) {
+            Ok(c) => conts.push(c),
+            Err(e) => return Err((job.events, e.to_string())),
+        }
+    }
+    let cont = conts.remove(0);
     let hit = if job.cache_prompt {
         cache.lookup(engine, &job.prompt)
     } else {
@@ -357,7 +421,8 @@ fn admit<'t>(
         None => (engine.new_sequence(), 0),
     };
     let room = engine.n_ctx().saturating_sub(job.prompt.len());
-    let n = job.prompt.len() + job.options.max_new_tokens.min(room);
+    let max_new = job.options.max_new_tokens.min(room);
+    let n = job.prompt.len() + max_new;
     loop {
         match engine.reserve(&mut seq, n - cached) {
             Ok(()) => break,
@@ -382,7 +447,152 @@ fn admit<'t>(
         cache_prompt: job.cache_prompt,
         cont,
         events: job.events,
+        choice: 0,
+        children: conts,
+        max_new,
+        logprobs: job.logprobs,
+        logit_bias: job.logit_bias,
     })
+}
+
+/// Another choice of `parent`, whose prompt has just been prefilled: a fork of its sequence
+/// with pages reserved for its generation (evicting cached prompts if needed).
+fn fork_choice<'t>(
+    engine: &mut Engine,
+    cache: &mut PromptCache,
+    parent: &Active<'t>,
+    cont: Continuation<'t>,
+    choice: usize,
+) -> Result<Active<'t>, String> {
+    let mut seq = engine
+        .fork(&parent.seq, parent.seq.len())
+        .map_err(|e| e.to_string())?;
+    loop {
+        match engine.reserve(&mut seq, parent.max_new) {
+            Ok(()) => break,
+            Err(EngineError::CacheFull { .. }) if cache.evict_lru(engine) => {}
+            Err(e) => {
+                engine.release(seq);
+                return Err(e.to_string());
+            }
+        }
+    }
+    Ok(Active {
+        seq,
+        prompt: parent.prompt.clone(),
+        fed: parent.fed,
+        cached: 0,
+        cache_prompt: parent.cache_prompt,
+        cont,
+        events: parent.events.clone(),
+        choice,
+        children: Vec::new(),
+        max_new: parent.max_new,
+        logprobs: parent.logprobs,
+        logit_bias: parent.logit_bias.clone(),
+    })
+}
+
+/// Samples `a`'s next token from `output` and sends the text it releases; `Some` when the
+/// choice ends (with the event to send once its sequence is released; `None`: its client is
+/// gone).
+fn accept_row(
+    a: &mut Active<'_>,
+    output: RowOutput<'_>,
+    engine: &Engine,
+    stats: &Stats,
+    scratch: &mut Vec<f32>,
+) -> Option<Option<Event>> {
+    let row = if a.logprobs.is_none() && a.logit_bias.is_empty() {
+        output
+    } else {
+        let RowOutput::Logits(logits) = output else {
+            let message = "the step returned no logits row for logprobs".to_string();
+            return Some(Some(Event::Error(JobError::Failed(message))));
+        };
+        scratch.clear();
+        scratch.extend_from_slice(logits);
+        for &(id, bias) in &a.logit_bias {
+            if let Some(l) = scratch.get_mut(id as usize) {
+                *l += bias;
+            }
+        }
+        RowOutput::Logits(scratch)
+    };
+    let room = a.seq.len() < engine.n_ctx();
+    let mut text = String::new();
+    let mut on_text = |piece: &str| {
+        text.push_str(piece);
+        ControlFlow::Continue(())
+    };
+    let before = a.cont.tokens().len();
+    let done = a
+        .cont
+        .accept(row, a.seq.tokens(), engine.n_vocab(), room, &mut on_text);
+    let added = a.cont.tokens().len() - before;
+    stats
+        .generated_tokens
+        .fetch_add(added as u64, Ordering::Relaxed);
+    let mut logprobs = Vec::new();
+    if let (Some(k), RowOutput::Logits(l), Some(&token)) = (a.logprobs, row, a.cont.tokens().last())
+        && added > 0
+    {
+        logprobs.push(token_logprob(l, token, k));
+    }
+    if (!text.is_empty() || !logprobs.is_empty())
+        && a.events
+            .send(Event::Text {
+                choice: a.choice,
+                text,
+                logprobs,
+            })
+            .is_err()
+    {
+        return Some(None);
+    }
+    match done {
+        Ok(None) => None,
+        Ok(Some(FinishReason::Cancelled)) => Some(None),
+        Ok(Some(finish)) => Some(Some(Event::Done(Summary {
+            choice: a.choice,
+            finish,
+            prompt_tokens: a.prompt.len(),
+            cached_tokens: a.cached,
+            completion_tokens: a.cont.tokens().len(),
+            seed: a.cont.seed(),
+        }))),
+        Err(e) => Some(Some(Event::Error(JobError::Failed(e.to_string())))),
+    }
+}
+
+/// `token`'s log-softmax in `logits` and the `k` most likely tokens' (highest first, lowest id
+/// on ties).
+pub fn token_logprob(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits
+        .iter()
+        .map(|&l| f64::from(l - max).exp())
+        .sum::<f64>();
+    let lse = f64::from(max) + sum.ln();
+    let lp = |l: f32| (f64::from(l) - lse) as f32;
+    let mut top: Vec<(u32, f32)> = Vec::with_capacity(k + 1);
+    if k > 0 {
+        for (id, &l) in logits.iter().enumerate() {
+            if top.len() == k && top.last().is_some_and(|&(_, m)| l <= m) {
+                continue;
+            }
+            let at = top.partition_point(|&(_, m)| m >= l);
+            top.insert(at, (id as u32, l));
+            top.truncate(k);
+        }
+    }
+    TokenLogprob {
+        token,
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |&l| lp(l)),
+        top: top.into_iter().map(|(id, l)| (id, lp(l))).collect(),
+    }
 }
 
 /// Chooses the next step's parts: first a decode token for every request past its prompt,
