@@ -295,9 +295,81 @@ fn tokenize_detokenize_and_metrics() {
         value("m40llm_kv_pages_cached")
     );
     assert_eq!(value("m40llm_prompt_cache_entries"), 1.0);
+    // One request of 3 tokens: one first token, two gaps between tokens.
+    assert_eq!(value("m40llm_time_to_first_token_seconds_count"), 1.0);
+    assert_eq!(
+        value("m40llm_time_to_first_token_seconds_bucket{le=\"+Inf\"}"),
+        1.0
+    );
+    assert!(value("m40llm_time_to_first_token_seconds_sum") > 0.0);
+    assert_eq!(value("m40llm_time_per_output_token_seconds_count"), 2.0);
+    assert!(value("m40llm_step_seconds_total") > 0.0);
+    assert!(value("m40llm_tokens_per_second") > 0.0);
+    assert!(text.contains("# TYPE m40llm_time_per_output_token_seconds histogram"));
     assert!(value("m40llm_kv_pages_free") > 0.0);
     assert_eq!(value("m40llm_requests_running"), 0.0);
     srv.shutdown().unwrap();
+}
+
+#[test]
+fn health_is_503_while_the_model_loads() {
+    let Some(model) = common::default_model() else {
+        return;
+    };
+    let gate = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let load = LoadOptions {
+        device: DeviceChoice::Cpu,
+        ctx_size: Some(512),
+        ..LoadOptions::default()
+    };
+    let config = ServerConfig {
+        port: 0,
+        load_gate: Some(gate.clone()),
+        model_name: "smollm2".into(),
+        ..ServerConfig::default()
+    };
+    let mut srv = m40_llm::server::spawn(model, load, config).unwrap();
+    let addr = srv.addr();
+    // Listening, not loaded: /health says so, requests are told to retry.
+    let r = request(addr, "GET", "/health", &[], "");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["status"], "loading");
+    let r = post(addr, "/v1/completions", greedy_completion("Hi", 1));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "loading");
+    assert_eq!(request(addr, "GET", "/metrics", &[], "").status, 200);
+    assert!(srv.device().is_none());
+    gate.wait();
+    srv.wait_ready().unwrap();
+    assert_eq!(srv.device().unwrap().kind, "cpu");
+    let r = request(addr, "GET", "/health", &[], "");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["device"]["kind"], "cpu");
+    assert_eq!(
+        post(addr, "/v1/completions", greedy_completion("Hi", 1)).status,
+        200
+    );
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn a_model_that_fails_to_load_stops_the_server() {
+    let dir = std::env::temp_dir().join(format!("m40llm-bad-model-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.gguf");
+    std::fs::write(&path, b"not a gguf file").unwrap();
+    let config = ServerConfig {
+        port: 0,
+        ..ServerConfig::default()
+    };
+    let mut srv = m40_llm::server::spawn(path, LoadOptions::default(), config).unwrap();
+    let addr = srv.addr();
+    assert!(srv.wait_ready().is_err());
+    assert!(
+        TcpStream::connect(addr).is_err(),
+        "still listening after a failed load"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]

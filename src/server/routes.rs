@@ -162,6 +162,24 @@ async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Result<Respon
             "# HELP m40llm_{name} {help}\n# TYPE m40llm_{name} {kind}\nm40llm_{name} {value}\n"
         ));
     }
+    let step_s = st.step_us.load(Ordering::Relaxed) as f64 / 1e6;
+    out.push_str(&format!(
+        "# HELP m40llm_step_seconds_total Time spent in engine steps.\n# TYPE m40llm_step_seconds_total counter\nm40llm_step_seconds_total {step_s}\n"
+    ));
+    out.push_str(&format!(
+        "# HELP m40llm_tokens_per_second Generated tokens per second of step time, over the last second of steps.\n# TYPE m40llm_tokens_per_second gauge\nm40llm_tokens_per_second {}\n",
+        st.tokens_per_second()
+    ));
+    st.ttft.render(
+        "m40llm_time_to_first_token_seconds",
+        "From queueing a request to its first generated token (per choice).",
+        &mut out,
+    );
+    st.tpot.render(
+        "m40llm_time_per_output_token_seconds",
+        "Between successive generated tokens of a choice.",
+        &mut out,
+    );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
@@ -172,15 +190,16 @@ async fn tokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    let r = s.ready()?;
     let map = body_object(body)?;
     let f = Fields(&map);
     let content = f
         .str("content")?
         .ok_or_else(|| ApiError::invalid("content", "`content` must be a string"))?;
     let tokens = if f.bool("add_special")?.unwrap_or(false) {
-        encode_prompt(&s.tokenizer, content)
+        encode_prompt(&r.tokenizer, content)
     } else {
-        s.tokenizer.encode(content, false, true)
+        r.tokenizer.encode(content, false, true)
     };
     Ok(axum::Json(json!({ "tokens": tokens })).into_response())
 }
@@ -192,6 +211,7 @@ async fn detokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    let r = s.ready()?;
     let map = body_object(body)?;
     let f = Fields(&map);
     let ids = match f.get("tokens") {
@@ -199,7 +219,7 @@ async fn detokenize(
             .iter()
             .map(|v| {
                 v.as_u64()
-                    .filter(|&id| id < s.info.n_vocab as u64)
+                    .filter(|&id| id < r.info.n_vocab as u64)
                     .map(|id| id as u32)
             })
             .collect::<Option<Vec<u32>>>(),
@@ -208,10 +228,10 @@ async fn detokenize(
     .ok_or_else(|| {
         ApiError::invalid(
             "tokens",
-            format!("`tokens` must be a list of ids below {}", s.info.n_vocab),
+            format!("`tokens` must be a list of ids below {}", r.info.n_vocab),
         )
     })?;
-    let content = s
+    let content = r
         .tokenizer
         .decode(&ids, true)
         .map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
@@ -256,11 +276,15 @@ fn body_object(
 
 async fn health(State(s): State<AppState>) -> Response {
     let st = &s.stats;
+    let Some(r) = s.ready.get() else {
+        let body = json!({"status": "loading", "model": s.name});
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    };
     axum::Json(json!({
         "status": "ok",
-        "model": s.info.name,
-        "device": s.info.device,
-        "n_ctx": s.info.n_ctx,
+        "model": r.info.name,
+        "device": r.info.device,
+        "n_ctx": r.info.n_ctx,
         "parallel": s.parallel,
         "running": st.running.load(Ordering::Relaxed),
         "queued": st.queued.load(Ordering::Relaxed),
@@ -278,10 +302,11 @@ async fn health(State(s): State<AppState>) -> Response {
 
 async fn models(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    let r = s.ready()?;
     Ok(axum::Json(json!({
         "object": "list",
         "data": [{
-            "id": s.info.name,
+            "id": r.info.name,
             "object": "model",
             "created": now(),
             "owned_by": "m40-llm",
@@ -303,11 +328,12 @@ async fn chat(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    let r = s.ready()?;
     let map = body_object(body)?;
     let f = Fields(&map);
     let params = api::gen_params(&f)?;
     let messages = api::chat_messages(&f)?;
-    let template = s.template.as_ref().ok_or_else(|| {
+    let template = r.template.as_ref().ok_or_else(|| {
         ApiError::bad_request(
             "no_chat_template",
             "the model has no chat template: use /v1/completions",
@@ -316,7 +342,7 @@ async fn chat(
     let text = template
         .render(&messages, true)
         .map_err(|e| ApiError::bad_request("invalid_messages", e.to_string()))?;
-    let ids = encode_prompt(&s.tokenizer, &text);
+    let ids = encode_prompt(&r.tokenizer, &text);
     respond(s, Api::Chat, ids, params).await
 }
 
@@ -326,11 +352,12 @@ async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    let r = s.ready()?;
     let map = body_object(body)?;
     let f = Fields(&map);
     let params = api::gen_params(&f)?;
-    let ids = match api::prompt(&f, s.info.n_vocab)? {
-        Prompt::Text(t) => encode_prompt(&s.tokenizer, &t),
+    let ids = match api::prompt(&f, r.info.n_vocab)? {
+        Prompt::Text(t) => encode_prompt(&r.tokenizer, &t),
         Prompt::Ids(ids) => ids,
     };
     respond(s, Api::Completion, ids, params).await
@@ -342,13 +369,14 @@ async fn generate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    let r = s.ready()?;
     let map = body_object(body)?;
     let f = Fields(&map);
     let params = api::gen_params(&f)?;
     let text = f
         .str("prompt")?
         .ok_or_else(|| ApiError::invalid("prompt", "`prompt` must be a string"))?;
-    let ids = encode_prompt(&s.tokenizer, text);
+    let ids = encode_prompt(&r.tokenizer, text);
     respond(s, Api::Generate, ids, params).await
 }
 
@@ -580,6 +608,7 @@ async fn respond(
     prompt: Vec<u32>,
     params: GenParams,
 ) -> Result<Response, ApiError> {
+    let r = s.ready()?;
     if prompt.is_empty() {
         return Err(ApiError::invalid(
             "prompt",
@@ -604,17 +633,17 @@ async fn respond(
     if let Some(&(id, _)) = params
         .logit_bias
         .iter()
-        .find(|(id, _)| *id as usize >= s.info.n_vocab)
+        .find(|(id, _)| *id as usize >= r.info.n_vocab)
     {
         return Err(ApiError::invalid(
             "logit_bias",
             format!(
                 "token id {id} is not below the vocabulary size {}",
-                s.info.n_vocab
+                r.info.n_vocab
             ),
         ));
     }
-    let n_ctx = s.info.n_ctx;
+    let n_ctx = r.info.n_ctx;
     let max_new = match params.max_tokens {
         Some(n) => n,
         None => n_ctx.saturating_sub(prompt.len()),
@@ -647,6 +676,7 @@ async fn respond(
         n: params.n,
         logprobs: params.logprobs,
         logit_bias: params.logit_bias,
+        received: std::time::Instant::now(),
         events,
     };
     s.stats.queued.fetch_add(1, Ordering::Relaxed);
@@ -671,12 +701,12 @@ async fn respond(
         api,
         id: unique_id(prefix),
         created: now(),
-        model: s.info.name.clone(),
-        fingerprint: s.info.fingerprint.clone(),
+        model: r.info.name.clone(),
+        fingerprint: r.info.fingerprint.clone(),
         include_usage: params.include_usage && api != Api::Generate,
         n: params.n,
         logprobs: params.logprobs.is_some(),
-        tokenizer: s.tokenizer.clone(),
+        tokenizer: r.tokenizer.clone(),
     };
     if params.stream {
         Ok(stream(meta, rx).into_response())

@@ -20,6 +20,7 @@
 //! the error) and the loop goes on with the others.
 
 use super::cache::PromptCache;
+use super::metrics::{Histogram, TPOT_BUCKETS, TTFT_BUCKETS};
 use crate::backend::{OutputKind, RowOutput, StepOutputs};
 use crate::runtime::engine::{Engine, EngineError, Part, Sequence, WantLogits};
 use crate::runtime::generate::{Continuation, FinishReason, GenerateOptions, output_kind};
@@ -27,6 +28,7 @@ use crate::tokenizer::Tokenizer;
 use std::ops::ControlFlow;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc::UnboundedSender;
 
 /// One request for the engine loop.
@@ -42,6 +44,8 @@ pub struct Job {
     pub logprobs: Option<usize>,
     /// Added to the logits of these tokens before sampling (ids below the vocabulary size).
     pub logit_bias: Vec<(u32, f32)>,
+    /// When the HTTP side queued it (time to first token counts from here).
+    pub received: Instant,
     /// Where the text and the outcome go; closed when the client is gone.
     pub events: UnboundedSender<Event>,
 }
@@ -94,7 +98,7 @@ pub enum JobError {
 }
 
 /// Counters the engine loop and the HTTP side share (for `/health` and the tests).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
     /// Jobs sent and not yet taken by the loop.
     pub queued: AtomicUsize,
@@ -114,6 +118,63 @@ pub struct Stats {
     pub generated_tokens: AtomicU64,
     /// Set when the shutdown grace period is over: every request still running is cancelled.
     pub cancel_all: AtomicBool,
+    /// From queueing to a choice's first token.
+    pub ttft: Histogram,
+    /// Between a choice's successive tokens.
+    pub tpot: Histogram,
+    /// Microseconds spent in engine steps.
+    pub step_us: AtomicU64,
+    /// Generated tokens per second of step time over the last window (about a second of
+    /// steps, or until the loop went idle), as `f64` bits.
+    pub tokens_per_s: AtomicU64,
+}
+
+impl Default for Stats {
+    fn default() -> Stats {
+        Stats {
+            queued: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            kv_pages_used: AtomicUsize::new(0),
+            kv_pages_total: AtomicUsize::new(0),
+            kv_pages_cached: AtomicUsize::new(0),
+            prompt_cache_entries: AtomicUsize::new(0),
+            prompt_cache_hits: AtomicU64::new(0),
+            cached_tokens: AtomicU64::new(0),
+            prompt_tokens: AtomicU64::new(0),
+            generated_tokens: AtomicU64::new(0),
+            cancel_all: AtomicBool::new(false),
+            ttft: Histogram::new(TTFT_BUCKETS),
+            tpot: Histogram::new(TPOT_BUCKETS),
+            step_us: AtomicU64::new(0),
+            tokens_per_s: AtomicU64::new(0f64.to_bits()),
+        }
+    }
+}
+
+impl Stats {
+    /// [`tokens_per_s`](Self::tokens_per_s) as a number.
+    pub fn tokens_per_second(&self) -> f64 {
+        f64::from_bits(self.tokens_per_s.load(Ordering::Relaxed))
+    }
+}
+
+/// Tokens per second of step time, published per window.
+struct Throughput {
+    busy: Duration,
+    tokens_at_start: u64,
+}
+
+impl Throughput {
+    fn add(&mut self, step: Duration, stats: &Stats, flush: bool) {
+        self.busy += step;
+        if self.busy >= Duration::from_secs(1) || (flush && !self.busy.is_zero()) {
+            let now = stats.generated_tokens.load(Ordering::Relaxed);
+            let rate = now.saturating_sub(self.tokens_at_start) as f64 / self.busy.as_secs_f64();
+            stats.tokens_per_s.store(rate.to_bits(), Ordering::Relaxed);
+            self.busy = Duration::ZERO;
+            self.tokens_at_start = now;
+        }
+    }
 }
 
 /// Scheduling limits.
@@ -142,6 +203,9 @@ struct Active<'t> {
     max_new: usize,
     logprobs: Option<usize>,
     logit_bias: Vec<(u32, f32)>,
+    received: Instant,
+    /// When its last token was sampled.
+    last_token: Option<Instant>,
 }
 
 impl Active<'_> {
@@ -185,6 +249,10 @@ pub fn run_loop(
     // A request taken from the channel that waits for enough free places (n > 1).
     let mut held: Option<Job> = None;
     let mut scratch = Vec::new();
+    let mut throughput = Throughput {
+        busy: Duration::ZERO,
+        tokens_at_start: 0,
+    };
     // Each kept sequence holds a backend slot: leave one per running request, and one to fork.
     let slots = engine.geometry().max_slots as usize;
     let mut cache = PromptCache::new(slots.saturating_sub(parallel + 1));
@@ -208,6 +276,7 @@ pub fn run_loop(
                 job
             } else if active.is_empty() {
                 publish(engine, &active, &cache, stats);
+                throughput.add(Duration::ZERO, stats, true);
                 match jobs.recv() {
                     Ok(job) => job,
                     Err(_) => {
@@ -295,7 +364,15 @@ pub fn run_loop(
                 };
                 parts.push(Part::new(seq, tokens, rows).with_kind(cont.kind()));
             }
-            engine.step(&mut parts, &mut out)
+            let t = Instant::now();
+            let result = engine.step(&mut parts, &mut out);
+            let took = t.elapsed();
+            stats.step_us.fetch_add(
+                u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+                Ordering::Relaxed,
+            );
+            throughput.add(took, stats, false);
+            result
         };
         let mut finished = Vec::new();
         match result {
@@ -452,6 +529,8 @@ fn admit<'t>(
         max_new,
         logprobs: job.logprobs,
         logit_bias: job.logit_bias,
+        received: job.received,
+        last_token: None,
     })
 }
 
@@ -490,6 +569,8 @@ fn fork_choice<'t>(
         max_new: parent.max_new,
         logprobs: parent.logprobs,
         logit_bias: parent.logit_bias.clone(),
+        received: parent.received,
+        last_token: None,
     })
 }
 
@@ -533,6 +614,14 @@ fn accept_row(
     stats
         .generated_tokens
         .fetch_add(added as u64, Ordering::Relaxed);
+    if added > 0 {
+        let now = Instant::now();
+        match a.last_token {
+            None => stats.ttft.observe(now - a.received),
+            Some(t) => stats.tpot.observe(now - t),
+        }
+        a.last_token = Some(now);
+    }
     let mut logprobs = Vec::new();
     if let (Some(k), RowOutput::Logits(l), Some(&token)) = (a.logprobs, row, a.cont.tokens().last())
         && added > 0
