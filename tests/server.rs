@@ -17,13 +17,22 @@ use std::time::{Duration, Instant};
 const KEY: &str = "sekret";
 
 fn server(parallel: usize, queue: usize, api_key: Option<&str>) -> Option<Server> {
+    server_with(parallel, queue, api_key, |_| {})
+}
+
+fn server_with(
+    parallel: usize,
+    queue: usize,
+    api_key: Option<&str>,
+    adjust: impl FnOnce(&mut ServerConfig),
+) -> Option<Server> {
     let model = common::default_model()?;
     let load = LoadOptions {
         device: DeviceChoice::Cpu,
         ctx_size: Some(512),
         ..LoadOptions::default()
     };
-    let config = ServerConfig {
+    let mut config = ServerConfig {
         port: 0,
         parallel,
         queue,
@@ -32,6 +41,7 @@ fn server(parallel: usize, queue: usize, api_key: Option<&str>) -> Option<Server
         grace: Duration::from_secs(2),
         ..ServerConfig::default()
     };
+    adjust(&mut config);
     Some(start(model, load, config).unwrap())
 }
 
@@ -880,6 +890,198 @@ fn shutdown_finishes_a_running_request() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["choices"][0]["text"], " Paris.\n\nThe");
     // And nothing listens any more.
+    assert!(TcpStream::connect(addr).is_err());
+}
+
+#[test]
+fn cors_preflight_allows_listed_origins_only() {
+    let Some(srv) = server_with(1, 4, None, |c| {
+        c.cors_origins = vec!["http://allowed.example".into()];
+    }) else {
+        return;
+    };
+    let addr = srv.addr();
+    let preflight = |origin: &str| {
+        request(
+            addr,
+            "OPTIONS",
+            "/v1/chat/completions",
+            &[
+                ("Origin", origin),
+                ("Access-Control-Request-Method", "POST"),
+                (
+                    "Access-Control-Request-Headers",
+                    "content-type, authorization",
+                ),
+            ],
+            "",
+        )
+    };
+    let ok = preflight("http://allowed.example");
+    assert_eq!(ok.status, 200, "{}", ok.head);
+    let head = ok.head.to_ascii_lowercase();
+    assert!(
+        head.contains("access-control-allow-origin: http://allowed.example"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-methods:") && head.contains("post"),
+        "{head}"
+    );
+    assert!(
+        head.contains("access-control-allow-headers:") && head.contains("authorization"),
+        "{head}"
+    );
+    // Another origin gets no permission (the browser then refuses the request).
+    let refused = preflight("http://evil.example");
+    assert!(
+        !refused
+            .head
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin"),
+        "{}",
+        refused.head
+    );
+    // A plain request from the allowed origin is answered with the header.
+    let r = request(
+        addr,
+        "GET",
+        "/health",
+        &[("Origin", "http://allowed.example")],
+        "",
+    );
+    assert!(
+        r.head
+            .to_ascii_lowercase()
+            .contains("access-control-allow-origin: http://allowed.example")
+    );
+    srv.shutdown().unwrap();
+
+    // Without --cors-origin: no CORS headers at all.
+    let Some(srv) = server(1, 4, None) else {
+        return;
+    };
+    let r = request(
+        srv.addr(),
+        "GET",
+        "/health",
+        &[("Origin", "http://allowed.example")],
+        "",
+    );
+    assert!(
+        !r.head.to_ascii_lowercase().contains("access-control"),
+        "{}",
+        r.head
+    );
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn a_backend_error_fails_only_its_request() {
+    // " France" (4649) makes any step that feeds it fail, as a backend error would.
+    let Some(srv) = server_with(4, 8, None, |c| c.fail_on_token = Some(4649)) else {
+        return;
+    };
+    let addr = srv.addr();
+    let other = "Once upon a time, in a small village by the sea, there lived";
+    let alone =
+        post(addr, "/v1/completions", greedy_completion(other, 100)).json()["choices"][0]["text"]
+            .clone();
+    // A stream runs; the failing request joins its batch.
+    let mut body = greedy_completion(other, 100);
+    body["stream"] = json!(true);
+    let body = body.to_string();
+    let streaming = std::thread::spawn(move || {
+        let mut s = send(addr, "POST", "/v1/completions", &[], &body);
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        raw
+    });
+    wait_for(addr, "the stream to run", |h| h["running"] == 1);
+    let r = post(
+        addr,
+        "/v1/completions",
+        greedy_completion("The capital of France is", 5),
+    );
+    assert_eq!(r.status, 500, "{}", r.text());
+    let e = r.json();
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("test hook"),
+        "{e}"
+    );
+    assert_eq!(e["error"]["type"], "server_error");
+    // The stream went on undisturbed.
+    let raw = streaming.join().unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let reply = Reply {
+        status: 200,
+        head: String::from_utf8_lossy(&raw[..split]).into_owned(),
+        body: dechunk(&raw[split + 4..]),
+    };
+    let events = sse_events(&reply);
+    assert!(
+        events.iter().all(|e| e.get("error").is_none()),
+        "{events:?}"
+    );
+    let text: String = events
+        .iter()
+        .filter_map(|e| e["choices"][0]["text"].as_str())
+        .collect();
+    assert_eq!(json!(text), alone);
+    // And the server goes on.
+    assert_eq!(
+        post(addr, "/v1/completions", greedy_completion("Hello", 2)).status,
+        200
+    );
+    let h = wait_for(addr, "the requests to end", |h| h["running"] == 0);
+    assert_eq!(h["kv_pages_used"], h["kv_pages_cached"], "{h}");
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn shutdown_cancels_what_outlasts_the_grace_period() {
+    // A 1 s grace: a 500-token stream cannot finish in it.
+    let Some(srv) = server_with(1, 2, None, |c| c.grace = Duration::from_secs(1)) else {
+        return;
+    };
+    let addr = srv.addr();
+    let body =
+        json!({"prompt": "Once upon a time", "max_tokens": 500, "temperature": 0, "stream": true})
+            .to_string();
+    let mut s = send(addr, "POST", "/v1/completions", &[], &body);
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&raw).contains("\"text\"") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "stream ended early");
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let reader = std::thread::spawn(move || {
+        s.read_to_end(&mut raw).unwrap();
+        raw
+    });
+    let t = Instant::now();
+    srv.shutdown().unwrap();
+    // Not a speed check: a hang guard (the grace is 1 s).
+    assert!(t.elapsed() < Duration::from_secs(60), "{:?}", t.elapsed());
+    let raw = reader.join().unwrap();
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let reply = Reply {
+        status: 200,
+        head: String::from_utf8_lossy(&raw[..split]).into_owned(),
+        body: dechunk(&raw[split + 4..]),
+    };
+    let events = sse_events(&reply);
+    let last = events.last().unwrap();
+    assert_eq!(last["error"]["code"], "shutting_down", "{last}");
+    let n_text = events
+        .iter()
+        .filter(|e| e["choices"][0]["text"].is_string())
+        .count();
+    assert!(n_text < 500, "the stream ran to its end: {n_text} chunks");
     assert!(TcpStream::connect(addr).is_err());
 }
 

@@ -65,6 +65,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         model_name,
         handle_signals: true,
         load_gate: None,
+        fail_on_token: None,
     };
     // Listen first (/health answers 503 while the model loads), then load.
     let mut server = spawn(path.clone(), args.model.load_options(1), config)?;

@@ -57,6 +57,9 @@ pub struct ServerConfig {
     /// sees the server while it loads).
     #[doc(hidden)]
     pub load_gate: Option<Arc<std::sync::Barrier>>,
+    /// Tests: a step feeding this token id fails as a backend error would.
+    #[doc(hidden)]
+    pub fail_on_token: Option<u32>,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +78,7 @@ impl Default for ServerConfig {
             model_name: "m40-llm".into(),
             handle_signals: false,
             load_gate: None,
+            fail_on_token: None,
         }
     }
 }
@@ -276,6 +280,7 @@ pub fn spawn(
     let limits = Limits {
         parallel: config.parallel,
         prefill_chunk: config.prefill_chunk,
+        fail_on_token: config.fail_on_token,
     };
     let ready = Arc::new(std::sync::OnceLock::new());
     let shared = Arc::new(Shared {

@@ -16,8 +16,9 @@
 //! request takes `n` of the `parallel` places; it waits (first in line) until they are free.
 //!
 //! A request whose event channel is closed (its client went away) is dropped and its sequence
-//! released before the next step. A failed step fails the requests it carried (their clients get
-//! the error) and the loop goes on with the others.
+//! released before the next step. A failed step of several requests fails none of them yet (the
+//! engine rolled them back): each then runs one step alone, and only those whose own step fails
+//! get the error; the loop goes on with the others.
 
 use super::cache::PromptCache;
 use super::metrics::{Histogram, TPOT_BUCKETS, TTFT_BUCKETS};
@@ -184,9 +185,13 @@ pub struct Limits {
     pub parallel: usize,
     /// The most prompt tokens one sequence prefills in one step.
     pub prefill_chunk: usize,
+    /// Tests: a step feeding this token fails as a backend error would.
+    pub fail_on_token: Option<u32>,
 }
 
 struct Active<'t> {
+    /// Unique in this loop (set when it joins `active`).
+    id: u64,
     seq: Sequence,
     prompt: Vec<u32>,
     /// Prompt tokens fed so far (from the cache first).
@@ -249,6 +254,9 @@ pub fn run_loop(
     // A request taken from the channel that waits for enough free places (n > 1).
     let mut held: Option<Job> = None;
     let mut scratch = Vec::new();
+    let mut next_id: u64 = 0;
+    // Requests of a failed batched step, each to run one step alone (oldest first).
+    let mut suspects: std::collections::VecDeque<u64> = Default::default();
     let mut throughput = Throughput {
         busy: Duration::ZERO,
         tokens_at_start: 0,
@@ -315,7 +323,11 @@ pub fn run_loop(
                 continue;
             }
             match admit(engine, tokenizer, &mut cache, job, stats) {
-                Ok(a) => active.push(a),
+                Ok(mut a) => {
+                    a.id = next_id;
+                    next_id += 1;
+                    active.push(a);
+                }
                 Err((events, message)) => {
                     let _ = events.send(Event::Error(JobError::Failed(message)));
                 }
@@ -329,6 +341,26 @@ pub fn run_loop(
         }
         publish(engine, &active, &cache, stats);
         plan_step(engine, &active, chunk, &mut plan);
+        let solo = loop {
+            let Some(&id) = suspects.front() else {
+                break None;
+            };
+            match active.iter().position(|a| a.id == id) {
+                Some(i) => break Some(i),
+                None => {
+                    suspects.pop_front();
+                }
+            }
+        };
+        if let Some(i) = solo {
+            suspects.pop_front();
+            plan.retain(|p| p.index == i);
+            if plan.is_empty()
+                && let Some(a) = active.get(i)
+            {
+                plan.push(plan_one(engine, a, i, chunk));
+            }
+        }
         if plan.is_empty() {
             // Cannot happen (every request has a token to feed); fail them rather than spin.
             for a in active.drain(..) {
@@ -365,7 +397,14 @@ pub fn run_loop(
                 parts.push(Part::new(seq, tokens, rows).with_kind(cont.kind()));
             }
             let t = Instant::now();
-            let result = engine.step(&mut parts, &mut out);
+            let result = match limits.fail_on_token {
+                Some(bad) if parts.iter().any(|p| p.tokens.contains(&bad)) => {
+                    Err(EngineError::Backend(crate::backend::BackendError::Kernel(
+                        format!("test hook: a step fed token {bad}"),
+                    )))
+                }
+                _ => engine.step(&mut parts, &mut out),
+            };
             let took = t.elapsed();
             stats.step_us.fetch_add(
                 u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
@@ -376,6 +415,17 @@ pub fn run_loop(
         };
         let mut finished = Vec::new();
         match result {
+            Err(e) if plan.len() > 1 => {
+                // Nobody fails yet: each runs a step alone to find whose it is.
+                tracing::warn!(
+                    "a step of {} requests failed ({e}): retrying each alone",
+                    plan.len()
+                );
+                suspects.extend(
+                    plan.iter()
+                        .filter_map(|p| active.get(p.index).map(|a| a.id)),
+                );
+            }
             Err(e) => {
                 tracing::error!("step failed: {e}");
                 for p in &plan {
@@ -426,7 +476,11 @@ pub fn run_loop(
                 // Spawned choices join at the end; their placeholders become real indices.
                 let base = active.len();
                 finished.extend(spawned_ends.into_iter().map(|(j, end)| (base + j, end)));
-                active.extend(spawned);
+                for mut child in spawned {
+                    child.id = next_id;
+                    next_id += 1;
+                    active.push(child);
+                }
             }
         }
         // Highest index first, so the others keep their places; one end per request.
@@ -517,6 +571,7 @@ fn admit<'t>(
             .fetch_add(cached as u64, Ordering::Relaxed);
     }
     Ok(Active {
+        id: 0,
         seq,
         prompt: job.prompt,
         fed: cached,
@@ -557,6 +612,7 @@ fn fork_choice<'t>(
         }
     }
     Ok(Active {
+        id: 0,
         seq,
         prompt: parent.prompt.clone(),
         fed: parent.fed,
@@ -681,6 +737,26 @@ pub fn token_logprob(logits: &[f32], token: u32, k: usize) -> TokenLogprob {
             .get(token as usize)
             .map_or(f32::NEG_INFINITY, |&l| lp(l)),
         top: top.into_iter().map(|(id, l)| (id, lp(l))).collect(),
+    }
+}
+
+/// The part `a` (at `index`) runs in a step alone.
+fn plan_one(engine: &Engine, a: &Active<'_>, index: usize, chunk: usize) -> Planned {
+    if a.prefilling() {
+        let n = (a.prompt.len() - a.fed)
+            .min(chunk)
+            .min(engine.max_tokens().max(1));
+        Planned {
+            index,
+            n,
+            row: a.fed + n == a.prompt.len(),
+        }
+    } else {
+        Planned {
+            index,
+            n: 1,
+            row: true,
+        }
     }
 }
 
