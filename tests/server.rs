@@ -1085,6 +1085,157 @@ fn shutdown_cancels_what_outlasts_the_grace_period() {
     assert!(TcpStream::connect(addr).is_err());
 }
 
+/// A small deterministic generator for the load test's choices.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Reads a whole HTTP response from `s` (the server closes it: `Connection: close`).
+fn read_reply(mut s: TcpStream) -> Reply {
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)
+        .unwrap_or_else(|e| panic!("no complete answer (a hang?): {e}"));
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    let mut body = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Reply { status, head, body }
+}
+
+#[test]
+fn load_mixed_streams_with_disconnects_lose_nothing_and_leak_no_pages() {
+    let Some(srv) = server(8, 64, None) else {
+        return;
+    };
+    let addr = srv.addr();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let words = [
+        "alpha", "beta", "gamma", "delta", "river", "stone", "light", "cloud",
+    ];
+    let clients: Vec<(String, u64, bool)> = (0..32)
+        .map(|_| {
+            let n_words = 1 + rng.below(120) as usize;
+            let prompt: Vec<&str> = (0..n_words).map(|_| words[rng.below(8) as usize]).collect();
+            (prompt.join(" "), 4 + rng.below(28), rng.below(4) == 0)
+        })
+        .collect();
+    let outcomes: Vec<Option<Vec<Value>>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = clients
+            .iter()
+            .map(|(prompt, max_tokens, disconnect)| {
+                scope.spawn(move || {
+                    let body = json!({"prompt": prompt, "max_tokens": max_tokens,
+                                      "temperature": 0.7, "seed": 1, "stream": true});
+                    let mut s = send(addr, "POST", "/v1/completions", &[], &body.to_string());
+                    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+                    if *disconnect {
+                        // Wait for the first bytes (it runs or streams), then go away.
+                        let mut buf = [0u8; 64];
+                        let _ = s.read(&mut buf).unwrap();
+                        return None;
+                    }
+                    Some(sse_events(&read_reply(s)))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut completed = 0;
+    for (events, (_, max_tokens, disconnect)) in outcomes.iter().zip(&clients) {
+        let Some(events) = events else {
+            assert!(disconnect);
+            continue;
+        };
+        completed += 1;
+        assert!(
+            events.iter().all(|e| e.get("error").is_none()),
+            "{events:?}"
+        );
+        let last = events.last().unwrap();
+        let reason = last["choices"][0]["finish_reason"].as_str().unwrap();
+        assert!(["stop", "length"].contains(&reason), "{last}");
+        assert!(events.len() as u64 <= max_tokens + 1, "{events:?}");
+    }
+    let expected = clients.iter().filter(|c| !c.2).count();
+    assert_eq!(completed, expected, "a request was lost");
+    // Every sequence is freed once nothing runs; the prompt cache's pages are what stays.
+    let h = wait_for(addr, "the load to end", |h| {
+        h["running"] == 0 && h["queued"] == 0
+    });
+    assert_eq!(h["kv_pages_used"], h["kv_pages_cached"], "{h}");
+    let metrics = request(addr, "GET", "/metrics", &[], "").text();
+    assert!(
+        metrics.contains("m40llm_requests_total{status=\"200\"}"),
+        "{metrics}"
+    );
+    srv.shutdown().unwrap();
+}
+
+#[test]
+fn load_200_clients_get_answers_or_clean_503s() {
+    let Some(srv) = server(8, 16, None) else {
+        return;
+    };
+    let addr = srv.addr();
+    let replies: Vec<Reply> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..200)
+            .map(|i| {
+                scope.spawn(move || {
+                    let body = json!({"prompt": format!("Count from {i}:"), "max_tokens": 4,
+                                      "temperature": 0, "stream": i % 2 == 0});
+                    let s = send(addr, "POST", "/v1/completions", &[], &body.to_string());
+                    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+                    read_reply(s)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (mut ok, mut busy) = (0, 0);
+    for r in &replies {
+        match r.status {
+            200 => {
+                ok += 1;
+                if r.head.to_ascii_lowercase().contains("text/event-stream") {
+                    let events = sse_events(r);
+                    assert!(
+                        events.iter().all(|e| e.get("error").is_none()),
+                        "{events:?}"
+                    );
+                } else {
+                    assert!(r.json()["choices"][0]["text"].is_string(), "{}", r.text());
+                }
+            }
+            503 => {
+                busy += 1;
+                assert_eq!(r.json()["error"]["code"], "queue_full", "{}", r.text());
+            }
+            other => panic!("status {other}: {}", r.text()),
+        }
+    }
+    assert_eq!(ok + busy, 200);
+    // The queue's 16 places at least were served (the first 16 always find room).
+    assert!(ok >= 16, "only {ok} answered");
+    let h = wait_for(addr, "the load to end", |h| {
+        h["running"] == 0 && h["queued"] == 0
+    });
+    assert_eq!(h["kv_pages_used"], h["kv_pages_cached"], "{h}");
+    srv.shutdown().unwrap();
+}
+
 /// The official `openai` Python client against `m40-llm serve` (scripts/openai_client_test.py).
 /// Needs python3 with `openai` (scripts/test.sh installs the pinned version); skipped without
 /// it unless M40LLM_REQUIRE_TESTDATA=1.
