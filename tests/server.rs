@@ -745,6 +745,35 @@ fn n_choices_fork_the_prompt_and_logprobs_and_logit_bias_work() {
 }
 
 #[test]
+fn a_request_for_more_choices_than_are_free_waits_its_turn() {
+    let Some(srv) = server(2, 4, None) else {
+        return;
+    };
+    let addr = srv.addr();
+    // A stream holds one of the two places.
+    let body =
+        json!({"prompt": "Once upon a time", "max_tokens": 60, "temperature": 0, "stream": true})
+            .to_string();
+    let streaming =
+        std::thread::spawn(move || read_reply(send(addr, "POST", "/v1/completions", &[], &body)));
+    wait_for(addr, "the stream to run", |h| h["running"] == 1);
+    // n = 2 needs both: it waits for the stream, then runs.
+    let mut body = greedy_completion("The capital of France is", 5);
+    body["n"] = json!(2);
+    let r = post(addr, "/v1/completions", body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["choices"][0]["text"], " Paris.\n\nThe");
+    assert_eq!(v["choices"][1]["text"], " Paris.\n\nThe");
+    let events = sse_events(&streaming.join().unwrap());
+    assert!(
+        events.iter().all(|e| e.get("error").is_none()),
+        "{events:?}"
+    );
+    srv.shutdown().unwrap();
+}
+
+#[test]
 fn errors_are_openai_shaped_and_name_the_problem() {
     let Some(srv) = server(1, 4, Some(KEY)) else {
         return;

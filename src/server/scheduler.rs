@@ -279,7 +279,7 @@ pub fn run_loop(
             }
         }
         // Admit waiting requests between steps.
-        while open && places(&active) < parallel {
+        while (open || held.is_some()) && places(&active) < parallel {
             let job = if let Some(job) = held.take() {
                 job
             } else if active.is_empty() {
