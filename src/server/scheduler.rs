@@ -503,6 +503,10 @@ pub fn run_loop(
         if !outcomes.is_empty() {
             engine.reclaim();
             publish(engine, &active, &cache, stats);
+            if active.is_empty() {
+                // Idle from here: the last busy stretch's rate, before its clients hear.
+                throughput.add(Duration::ZERO, stats, true);
+            }
         }
         for (events, event) in outcomes {
             if let Some(event) = event {
