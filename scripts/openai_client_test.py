@@ -3,8 +3,8 @@
 
 Usage: openai_client_test.py M40LLM_BINARY MODEL.gguf
 Run by tests/server.rs (`openai_python_client_works`); scripts/test.sh installs the pinned client.
-Starts the server on a free port, checks chat and completions (streaming and not), stop, seed and
-usage with short generations, then stops it with SIGTERM and expects exit status 0.
+Starts the server on a free port, checks chat and completions (streaming and not), stop, seed, n = 2,
+logprobs and usage with short generations, then stops it with SIGTERM and expects exit status 0.
 """
 import re
 import signal
@@ -61,6 +61,25 @@ try:
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert streamed == text, (streamed, text)
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == r.usage.total_tokens
+
+    # n = 2: two choices, forked from one prefill.
+    c = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=5,
+                                  temperature=0, n=2)
+    assert [(ch.index, ch.text) for ch in c.choices] == [(0, " Paris.\n\nThe"), (1, " Paris.\n\nThe")], c
+    assert c.usage.completion_tokens == 10, c
+
+    # logprobs, both shapes.
+    c = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=5,
+                                  temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert "".join(lp.tokens) == " Paris.\n\nThe", lp
+    assert len(lp.token_logprobs) == 5 and all(x <= 0 for x in lp.token_logprobs), lp
+    r = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=8,
+                                       temperature=0, logprobs=True, top_logprobs=2, user="ci")
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens, r
+    assert all(len(t.top_logprobs) == 2 and t.top_logprobs[0].token == t.token for t in content), r
+    assert r.choices[0].message.content == text, r
 
     # A seeded sampled request repeats itself.
     sampled = [client.chat.completions.create(

@@ -38,7 +38,7 @@ try:
     def complete(i, out):
         c = http.client.HTTPConnection(host, port, timeout=600)
         body = {"prompt": PROMPTS[i % len(PROMPTS)] + f" ({i})", "max_tokens": MAX_TOKENS,
-                "temperature": 0}
+                "temperature": 0, "cache_prompt": False}
         c.request("POST", "/v1/completions", json.dumps(body),
                   {"Content-Type": "application/json"})
         r = c.getresponse()

@@ -2,6 +2,7 @@
 //! lives in its own file and only translates between arguments and library calls.
 
 mod bench;
+mod chat;
 mod compile;
 mod devices;
 mod doctor;
@@ -55,6 +56,8 @@ enum Command {
     Doctor(doctor::Args),
     /// Generate text from a prompt, streaming it to stdout.
     Run(run::Args),
+    /// Chat with the model in the terminal (multi-turn, streaming; history kept in the KV cache).
+    Chat(chat::Args),
     /// Print the largest logits after a prompt as JSON lines (to compare with other runtimes).
     Logits(logits::Args),
     /// Perplexity over a text file, computed as llama.cpp's llama-perplexity does.
@@ -83,6 +86,7 @@ pub fn main() -> ExitCode {
         Command::Devices(args) => devices::run(args),
         Command::Doctor(args) => doctor::run(args),
         Command::Run(args) => run::run(args),
+        Command::Chat(args) => chat::run(args),
         Command::Logits(args) => logits::run(args),
         Command::Perplexity(args) => perplexity::run(args),
         Command::Bench(args) => bench::run(args),

@@ -1,7 +1,7 @@
 //! `m40-llm serve`: the OpenAI-compatible HTTP server (docs/server.md).
 
 use super::model_or_default;
-use m40_llm::server::{ServerConfig, start};
+use m40_llm::server::{ServerConfig, spawn};
 use std::time::Duration;
 
 #[derive(clap::Args)]
@@ -64,12 +64,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         prefill_chunk: args.prefill_chunk as usize,
         model_name,
         handle_signals: true,
+        load_gate: None,
+        fail_on_token: None,
     };
-    let server = start(path.clone(), args.model.load_options(1), config)?;
+    // Listen first (/health answers 503 while the model loads), then load.
+    let mut server = spawn(path.clone(), args.model.load_options(1), config)?;
     eprintln!(
-        "m40-llm: serving {} on {} at http://{}",
+        "m40-llm: listening on {}, loading {}",
+        server.addr(),
+        path.display()
+    );
+    server.wait_ready()?;
+    let device = server.device().map(ToString::to_string).unwrap_or_default();
+    eprintln!(
+        "m40-llm: serving {} on {device} at http://{}",
         path.display(),
-        server.device(),
         server.addr()
     );
     server.wait()?;

@@ -519,6 +519,15 @@ impl Engine {
         Ok(())
     }
 
+    /// Gives back the pages reserved for `seq` and not used yet, keeping what it holds (a
+    /// sequence kept after its request ended, e.g. in the server's prompt cache).
+    pub fn unreserve(&mut self, seq: &mut Sequence) {
+        self.reclaim();
+        if seq.engine == self.id {
+            self.pool.reserved -= std::mem::take(&mut seq.reserved).min(self.pool.reserved);
+        }
+    }
+
     fn cache_full(&self, needed: usize) -> EngineError {
         EngineError::CacheFull {
             needed,

@@ -187,7 +187,21 @@ pub struct GenParams {
     pub stop: Vec<String>,
     pub stream: bool,
     pub include_usage: bool,
+    /// llama.cpp's `cache_prompt` (default true): reuse and keep the prompt's KV pages.
+    pub cache_prompt: bool,
+    /// Choices per request.
+    pub n: usize,
+    /// Log-probabilities with this many alternatives per token (chat's `logprobs: true` +
+    /// `top_logprobs`, or completions' integer `logprobs`).
+    pub logprobs: Option<usize>,
+    /// Token id and the bias added to its logit (ids checked against the vocabulary later).
+    pub logit_bias: Vec<(u32, f32)>,
 }
+
+/// The most `top_logprobs` (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: i64 = 20;
+/// The most choices per request.
+pub const MAX_N: i64 = 128;
 
 /// Reads the sampling and length parameters (OpenAI's and llama.cpp's names); absent ones take
 /// the CLI's defaults ([`SamplerConfig::default`]).
@@ -264,6 +278,7 @@ pub fn gen_params(f: &Fields<'_>) -> Result<GenParams, ApiError> {
         return Err(ApiError::invalid("stop", "at most 16 stop strings"));
     }
     let stream = f.bool("stream")?.unwrap_or(false);
+    let cache_prompt = f.bool("cache_prompt")?.unwrap_or(true);
     let include_usage = match f.get("stream_options") {
         None => false,
         Some(Value::Object(o)) => Fields(o).bool("include_usage")?.unwrap_or(false),
@@ -274,38 +289,75 @@ pub fn gen_params(f: &Fields<'_>) -> Result<GenParams, ApiError> {
             ));
         }
     };
-    // What this server does not do yet is refused rather than silently ignored.
-    if let Some(n) = f.int_in("n", 1, i64::MAX)?
-        && n != 1
-    {
-        return Err(ApiError::invalid("n", "only n = 1 is supported"));
-    }
-    if f.bool("logprobs")?.unwrap_or(false) {
+    let _ = f.str("user")?;
+    let n = f.int_in("n", 1, MAX_N)?.unwrap_or(1) as usize;
+    let top = f.int_in("top_logprobs", 0, MAX_TOP_LOGPROBS)?;
+    let logprobs = match f.get("logprobs") {
+        None | Some(Value::Bool(false)) => None,
+        Some(Value::Bool(true)) => Some(top.unwrap_or(0) as usize),
+        // The completions API's form: the number of alternatives.
+        Some(Value::Number(_)) => f
+            .int_in("logprobs", 0, MAX_TOP_LOGPROBS)?
+            .map(|k| k as usize),
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                "`logprobs` must be a boolean (or, for completions, an integer)",
+            ));
+        }
+    };
+    if top.is_some_and(|k| k > 0) && logprobs.is_none() {
         return Err(ApiError::invalid(
-            "logprobs",
-            "logprobs are not supported yet",
+            "top_logprobs",
+            "`top_logprobs` needs `logprobs: true`",
         ));
     }
     if f.bool("echo")?.unwrap_or(false) {
         return Err(ApiError::invalid("echo", "echo is not supported"));
     }
-    if let Some(bias) = f.get("logit_bias") {
-        match bias {
-            Value::Object(o) if o.is_empty() => {}
-            _ => {
-                return Err(ApiError::invalid(
-                    "logit_bias",
-                    "logit_bias is not supported yet",
-                ));
+    let logit_bias = match f.get("logit_bias") {
+        None => Vec::new(),
+        Some(Value::Object(o)) => {
+            let mut out = Vec::with_capacity(o.len());
+            for (key, value) in o {
+                let id = key.parse::<u32>().map_err(|_| {
+                    ApiError::invalid(
+                        "logit_bias",
+                        format!("`logit_bias` keys must be token ids, got {key:?}"),
+                    )
+                })?;
+                let bias = value
+                    .as_f64()
+                    .filter(|b| (-100.0..=100.0).contains(b))
+                    .ok_or_else(|| {
+                        ApiError::invalid(
+                            "logit_bias",
+                            format!(
+                                "`logit_bias` values must be numbers from -100 to 100, got {value}"
+                            ),
+                        )
+                    })?;
+                out.push((id, bias as f32));
             }
+            out
         }
-    }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "logit_bias",
+                "`logit_bias` must be an object of token ids to biases",
+            ));
+        }
+    };
     Ok(GenParams {
         sampler: s,
         max_tokens,
         stop,
         stream,
         include_usage,
+        cache_prompt,
+        n,
+        logprobs,
+        logit_bias,
     })
 }
 
@@ -430,13 +482,13 @@ pub fn finish_reason(f: &FinishReason) -> &'static str {
     }
 }
 
-/// The `usage` object.
-pub fn usage(prompt_tokens: usize, completion_tokens: usize) -> Value {
+/// The `usage` object (`cached_tokens`: prompt tokens the prompt cache gave).
+pub fn usage(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Value {
     json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     })
 }
 
@@ -462,7 +514,17 @@ mod tests {
             (r#"{"stop": [""]}"#, "stop"),
             (r#"{"seed": 1.5}"#, "seed"),
             (r#"{"stream": "yes"}"#, "stream"),
-            (r#"{"n": 2}"#, "n"),
+            (r#"{"cache_prompt": 1}"#, "cache_prompt"),
+            (r#"{"n": 0}"#, "n"),
+            (r#"{"n": 1000}"#, "n"),
+            (r#"{"logprobs": "yes"}"#, "logprobs"),
+            (r#"{"logprobs": 30}"#, "logprobs"),
+            (r#"{"logprobs": true, "top_logprobs": 21}"#, "top_logprobs"),
+            (r#"{"top_logprobs": 2}"#, "top_logprobs"),
+            (r#"{"logit_bias": {"x": 1}}"#, "logit_bias"),
+            (r#"{"logit_bias": {"5": 101}}"#, "logit_bias"),
+            (r#"{"logit_bias": [1]}"#, "logit_bias"),
+            (r#"{"user": 5}"#, "user"),
             (r#"{"presence_penalty": 3}"#, "presence_penalty"),
             (r#"{"model": 7}"#, "model"),
         ] {
@@ -479,6 +541,7 @@ mod tests {
         assert_eq!(p.sampler, SamplerConfig::default());
         assert_eq!(p.max_tokens, None);
         assert!(!p.stream);
+        assert!(p.cache_prompt);
         let p = params(
             r#"{"max_tokens": 5, "max_completion_tokens": 7, "stop": "x", "seed": 3,
                 "stream": true, "stream_options": {"include_usage": true}, "temperature": 0}"#,
@@ -488,6 +551,16 @@ mod tests {
         assert_eq!(p.stop, ["x"]);
         assert_eq!(p.sampler.seed, Some(3));
         assert!(p.stream && p.include_usage && p.sampler.is_greedy());
+        let p = params(
+            r#"{"n": 3, "logprobs": true, "top_logprobs": 2, "logit_bias": {"7": -100, "9": 2.5}, "user": "u"}"#,
+        )
+        .unwrap();
+        assert_eq!((p.n, p.logprobs), (3, Some(2)));
+        let mut bias = p.logit_bias;
+        bias.sort_by_key(|b| b.0);
+        assert_eq!(bias, [(7, -100.0), (9, 2.5)]);
+        assert_eq!(params(r#"{"logprobs": 3}"#).unwrap().logprobs, Some(3));
+        assert_eq!(params(r#"{"logprobs": false}"#).unwrap().logprobs, None);
     }
 
     #[test]

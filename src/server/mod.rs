@@ -10,6 +10,8 @@
 //! still running is cancelled; the threads end.
 
 pub mod api;
+pub mod cache;
+pub mod metrics;
 mod routes;
 pub mod scheduler;
 
@@ -51,6 +53,13 @@ pub struct ServerConfig {
     pub model_name: String,
     /// Shut down on SIGINT/SIGTERM (the CLI); tests use [`Server::shutdown`].
     pub handle_signals: bool,
+    /// Tests: the engine thread waits at this barrier before loading the model (so that a test
+    /// sees the server while it loads).
+    #[doc(hidden)]
+    pub load_gate: Option<Arc<std::sync::Barrier>>,
+    /// Tests: a step feeding this token id fails as a backend error would.
+    #[doc(hidden)]
+    pub fail_on_token: Option<u32>,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +77,8 @@ impl Default for ServerConfig {
             prefill_chunk: 256,
             model_name: "m40-llm".into(),
             handle_signals: false,
+            load_gate: None,
+            fail_on_token: None,
         }
     }
 }
@@ -99,11 +110,19 @@ pub(crate) struct ModelInfo {
     pub fingerprint: String,
 }
 
-/// Everything the handlers share.
-pub(crate) struct Shared {
+/// What the handlers need once the model is loaded.
+pub(crate) struct Ready {
     pub info: ModelInfo,
     pub tokenizer: Arc<Tokenizer>,
     pub template: Option<ChatTemplate>,
+}
+
+/// Everything the handlers share.
+pub(crate) struct Shared {
+    /// Set by the engine thread once the model is loaded (the server listens before).
+    pub ready: Arc<std::sync::OnceLock<Ready>>,
+    /// The model's name (known before it loads).
+    pub name: String,
     pub jobs: std::sync::mpsc::SyncSender<Job>,
     pub stats: Arc<Stats>,
     pub api_key: Option<String>,
@@ -112,10 +131,24 @@ pub(crate) struct Shared {
     pub statuses: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
 }
 
+impl Shared {
+    /// The loaded model, or a 503 while it loads.
+    pub fn ready(&self) -> Result<&Ready, api::ApiError> {
+        self.ready.get().ok_or_else(|| {
+            api::ApiError::unavailable("loading", "the model is loading; retry shortly")
+        })
+    }
+}
+
+type ReadyResult = Result<DeviceInfo, ServerError>;
+
 /// A running server; see the [module docs](self).
 pub struct Server {
     addr: SocketAddr,
-    device: DeviceInfo,
+    /// Known once the model is loaded.
+    device: Option<DeviceInfo>,
+    /// Where the engine thread says whether the model loaded (taken by `wait_ready`).
+    loaded: Option<std::sync::mpsc::Receiver<ReadyResult>>,
     stats: Arc<Stats>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     http: Option<JoinHandle<Result<(), ServerError>>>,
@@ -128,9 +161,33 @@ impl Server {
         self.addr
     }
 
-    /// The device the engine runs on.
-    pub fn device(&self) -> &DeviceInfo {
-        &self.device
+    /// The device the engine runs on (once the model is loaded).
+    pub fn device(&self) -> Option<&DeviceInfo> {
+        self.device.as_ref()
+    }
+
+    /// Waits until the model is loaded (the server answers `/health` with 503 until then). A
+    /// load error stops the server and comes back here.
+    pub fn wait_ready(&mut self) -> Result<(), ServerError> {
+        let Some(rx) = self.loaded.take() else {
+            return Ok(());
+        };
+        let result = rx
+            .recv()
+            .unwrap_or_else(|_| Err(ServerError::Runtime("the engine thread ended early".into())));
+        match result {
+            Ok(device) => {
+                self.device = Some(device);
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(tx) = self.shutdown.take() {
+                    let _ = tx.send(());
+                }
+                let _ = self.join();
+                Err(e)
+            }
+        }
     }
 
     /// Requests waiting, requests running, KV pages in use.
@@ -177,8 +234,22 @@ impl Drop for Server {
     }
 }
 
-/// Loads the model at `model` on the engine thread, binds, and starts serving.
+/// Binds, starts serving, loads the model at `model` on the engine thread and waits for it
+/// ([`spawn`] and [`Server::wait_ready`]).
 pub fn start(
+    model: PathBuf,
+    load_options: LoadOptions,
+    config: ServerConfig,
+) -> Result<Server, ServerError> {
+    let mut server = spawn(model, load_options, config)?;
+    server.wait_ready()?;
+    Ok(server)
+}
+
+/// Binds and starts serving at once; the model loads on the engine thread meanwhile (`/health`
+/// answers 503 and the other endpoints 503 `loading` until it is in). Bind errors come back
+/// here, load errors from [`Server::wait_ready`].
+pub fn spawn(
     model: PathBuf,
     load_options: LoadOptions,
     config: ServerConfig,
@@ -204,65 +275,17 @@ pub fn start(
     options.max_outputs = config.parallel as u64;
     options.max_tokens = options.max_tokens.max(config.parallel as u64);
     let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel::<Job>(config.queue);
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<ReadyResult>();
     let stats = Arc::new(Stats::default());
     let limits = Limits {
         parallel: config.parallel,
         prefill_chunk: config.prefill_chunk,
+        fail_on_token: config.fail_on_token,
     };
-    let engine_stats = stats.clone();
-    let engine = std::thread::Builder::new()
-        .name("m40-engine".into())
-        .spawn(move || {
-            let LoadedModel {
-                tokenizer,
-                mut engine,
-                ..
-            } = match load(&model, &options) {
-                Ok(m) => m,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            let tokenizer = Arc::new(tokenizer);
-            let _ = ready_tx.send(Ok((
-                tokenizer.clone(),
-                engine.device().clone(),
-                engine.n_ctx(),
-                engine.n_vocab(),
-            )));
-            scheduler::run_loop(&mut engine, &tokenizer, &jobs_rx, limits, &engine_stats);
-        })
-        .map_err(|e| ServerError::Runtime(format!("cannot start the engine thread: {e}")))?;
-    let (tokenizer, device, n_ctx, n_vocab) = match ready_rx.recv() {
-        Ok(Ok(ready)) => ready,
-        Ok(Err(e)) => {
-            let _ = engine.join();
-            return Err(e.into());
-        }
-        Err(_) => {
-            let _ = engine.join();
-            return Err(ServerError::Runtime("the engine thread ended early".into()));
-        }
-    };
-    let template = match ChatTemplate::from_tokenizer(&tokenizer) {
-        Ok(t) => Some(t),
-        Err(e) => {
-            tracing::warn!("chat completions are off: {e}");
-            None
-        }
-    };
+    let ready = Arc::new(std::sync::OnceLock::new());
     let shared = Arc::new(Shared {
-        info: ModelInfo {
-            name: config.model_name.clone(),
-            fingerprint: format!("fp_m40llm_{}_{}", env!("CARGO_PKG_VERSION"), device.kind),
-            device: device.clone(),
-            n_ctx,
-            n_vocab,
-        },
-        tokenizer,
-        template,
+        ready: ready.clone(),
+        name: config.model_name.clone(),
         jobs: jobs_tx,
         stats: stats.clone(),
         api_key: config.api_key.clone(),
@@ -270,6 +293,52 @@ pub fn start(
         statuses: Default::default(),
     });
     let app = routes::router(shared, &config)?;
+
+    let engine_stats = stats.clone();
+    let gate = config.load_gate.clone();
+    let model_name = config.model_name.clone();
+    let engine = std::thread::Builder::new()
+        .name("m40-engine".into())
+        .spawn(move || {
+            if let Some(gate) = gate {
+                gate.wait();
+            }
+            let LoadedModel {
+                tokenizer,
+                mut engine,
+                ..
+            } = match load(&model, &options) {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            let template = match ChatTemplate::from_tokenizer(&tokenizer) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::warn!("chat completions are off: {e}");
+                    None
+                }
+            };
+            let tokenizer = Arc::new(tokenizer);
+            let device = engine.device().clone();
+            let _ = ready.set(Ready {
+                info: ModelInfo {
+                    name: model_name,
+                    fingerprint: format!("fp_m40llm_{}_{}", env!("CARGO_PKG_VERSION"), device.kind),
+                    device: device.clone(),
+                    n_ctx: engine.n_ctx(),
+                    n_vocab: engine.n_vocab(),
+                },
+                tokenizer: tokenizer.clone(),
+                template,
+            });
+            let _ = ready_tx.send(Ok(device));
+            scheduler::run_loop(&mut engine, &tokenizer, &jobs_rx, limits, &engine_stats);
+        })
+        .map_err(|e| ServerError::Runtime(format!("cannot start the engine thread: {e}")))?;
+
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let grace = config.grace;
     let signals = config.handle_signals;
@@ -305,7 +374,8 @@ pub fn start(
         .map_err(|e| ServerError::Runtime(format!("cannot start the HTTP thread: {e}")))?;
     Ok(Server {
         addr,
-        device,
+        device: None,
+        loaded: Some(ready_rx),
         stats,
         shutdown: Some(shutdown_tx),
         http: Some(http),

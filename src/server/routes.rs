@@ -1,7 +1,7 @@
 //! The HTTP endpoints (see docs/server.md).
 
 use super::api::{self, ApiError, Fields, GenParams, Prompt};
-use super::scheduler::{Event, Job, JobError, Summary};
+use super::scheduler::{Event, Job, JobError, Summary, TokenLogprob};
 use super::{ServerConfig, ServerError, Shared};
 use crate::runtime::generate::GenerateOptions;
 use crate::runtime::prompt::encode_prompt;
@@ -132,12 +132,54 @@ async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Result<Respon
             "KV-cache pages free.",
             total.saturating_sub(used) as u64,
         ),
+        (
+            "kv_pages_cached",
+            "gauge",
+            "KV-cache pages the prompt cache holds (part of kv_pages_used).",
+            load(&st.kv_pages_cached) as u64,
+        ),
+        (
+            "prompt_cache_entries",
+            "gauge",
+            "Sequences the prompt cache keeps.",
+            load(&st.prompt_cache_entries) as u64,
+        ),
+        (
+            "prompt_cache_hits_total",
+            "counter",
+            "Requests that reused a cached prompt prefix.",
+            st.prompt_cache_hits.load(Ordering::Relaxed),
+        ),
+        (
+            "prompt_cached_tokens_total",
+            "counter",
+            "Prompt tokens taken from the prompt cache instead of prefilled.",
+            st.cached_tokens.load(Ordering::Relaxed),
+        ),
     ];
     for (name, kind, help, value) in lines {
         out.push_str(&format!(
             "# HELP m40llm_{name} {help}\n# TYPE m40llm_{name} {kind}\nm40llm_{name} {value}\n"
         ));
     }
+    let step_s = st.step_us.load(Ordering::Relaxed) as f64 / 1e6;
+    out.push_str(&format!(
+        "# HELP m40llm_step_seconds_total Time spent in engine steps.\n# TYPE m40llm_step_seconds_total counter\nm40llm_step_seconds_total {step_s}\n"
+    ));
+    out.push_str(&format!(
+        "# HELP m40llm_tokens_per_second Generated tokens per second of step time, over the last second of steps.\n# TYPE m40llm_tokens_per_second gauge\nm40llm_tokens_per_second {}\n",
+        st.tokens_per_second()
+    ));
+    st.ttft.render(
+        "m40llm_time_to_first_token_seconds",
+        "From queueing a request to its first generated token (per choice).",
+        &mut out,
+    );
+    st.tpot.render(
+        "m40llm_time_per_output_token_seconds",
+        "Between successive generated tokens of a choice.",
+        &mut out,
+    );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
@@ -148,15 +190,16 @@ async fn tokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    let r = s.ready()?;
     let map = body_object(body)?;
     let f = Fields(&map);
     let content = f
         .str("content")?
         .ok_or_else(|| ApiError::invalid("content", "`content` must be a string"))?;
     let tokens = if f.bool("add_special")?.unwrap_or(false) {
-        encode_prompt(&s.tokenizer, content)
+        encode_prompt(&r.tokenizer, content)
     } else {
-        s.tokenizer.encode(content, false, true)
+        r.tokenizer.encode(content, false, true)
     };
     Ok(axum::Json(json!({ "tokens": tokens })).into_response())
 }
@@ -168,6 +211,7 @@ async fn detokenize(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    let r = s.ready()?;
     let map = body_object(body)?;
     let f = Fields(&map);
     let ids = match f.get("tokens") {
@@ -175,7 +219,7 @@ async fn detokenize(
             .iter()
             .map(|v| {
                 v.as_u64()
-                    .filter(|&id| id < s.info.n_vocab as u64)
+                    .filter(|&id| id < r.info.n_vocab as u64)
                     .map(|id| id as u32)
             })
             .collect::<Option<Vec<u32>>>(),
@@ -184,10 +228,10 @@ async fn detokenize(
     .ok_or_else(|| {
         ApiError::invalid(
             "tokens",
-            format!("`tokens` must be a list of ids below {}", s.info.n_vocab),
+            format!("`tokens` must be a list of ids below {}", r.info.n_vocab),
         )
     })?;
-    let content = s
+    let content = r
         .tokenizer
         .decode(&ids, true)
         .map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
@@ -232,16 +276,24 @@ fn body_object(
 
 async fn health(State(s): State<AppState>) -> Response {
     let st = &s.stats;
+    let Some(r) = s.ready.get() else {
+        let body = json!({"status": "loading", "model": s.name});
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    };
     axum::Json(json!({
         "status": "ok",
-        "model": s.info.name,
-        "device": s.info.device,
-        "n_ctx": s.info.n_ctx,
+        "model": r.info.name,
+        "device": r.info.device,
+        "n_ctx": r.info.n_ctx,
         "parallel": s.parallel,
         "running": st.running.load(Ordering::Relaxed),
         "queued": st.queued.load(Ordering::Relaxed),
         "kv_pages_used": st.kv_pages_used.load(Ordering::Relaxed),
         "kv_pages_total": st.kv_pages_total.load(Ordering::Relaxed),
+        "kv_pages_cached": st.kv_pages_cached.load(Ordering::Relaxed),
+        "prompt_cache_entries": st.prompt_cache_entries.load(Ordering::Relaxed),
+        "prompt_cache_hits": st.prompt_cache_hits.load(Ordering::Relaxed),
+        "cached_tokens_total": st.cached_tokens.load(Ordering::Relaxed),
         "prompt_tokens_total": st.prompt_tokens.load(Ordering::Relaxed),
         "generated_tokens_total": st.generated_tokens.load(Ordering::Relaxed),
     }))
@@ -250,10 +302,11 @@ async fn health(State(s): State<AppState>) -> Response {
 
 async fn models(State(s): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    let r = s.ready()?;
     Ok(axum::Json(json!({
         "object": "list",
         "data": [{
-            "id": s.info.name,
+            "id": r.info.name,
             "object": "model",
             "created": now(),
             "owned_by": "m40-llm",
@@ -275,11 +328,12 @@ async fn chat(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    let r = s.ready()?;
     let map = body_object(body)?;
     let f = Fields(&map);
     let params = api::gen_params(&f)?;
     let messages = api::chat_messages(&f)?;
-    let template = s.template.as_ref().ok_or_else(|| {
+    let template = r.template.as_ref().ok_or_else(|| {
         ApiError::bad_request(
             "no_chat_template",
             "the model has no chat template: use /v1/completions",
@@ -288,7 +342,7 @@ async fn chat(
     let text = template
         .render(&messages, true)
         .map_err(|e| ApiError::bad_request("invalid_messages", e.to_string()))?;
-    let ids = encode_prompt(&s.tokenizer, &text);
+    let ids = encode_prompt(&r.tokenizer, &text);
     respond(s, Api::Chat, ids, params).await
 }
 
@@ -298,11 +352,12 @@ async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    let r = s.ready()?;
     let map = body_object(body)?;
     let f = Fields(&map);
     let params = api::gen_params(&f)?;
-    let ids = match api::prompt(&f, s.info.n_vocab)? {
-        Prompt::Text(t) => encode_prompt(&s.tokenizer, &t),
+    let ids = match api::prompt(&f, r.info.n_vocab)? {
+        Prompt::Text(t) => encode_prompt(&r.tokenizer, &t),
         Prompt::Ids(ids) => ids,
     };
     respond(s, Api::Completion, ids, params).await
@@ -314,13 +369,14 @@ async fn generate(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     authorize(&s, &headers)?;
+    let r = s.ready()?;
     let map = body_object(body)?;
     let f = Fields(&map);
     let params = api::gen_params(&f)?;
     let text = f
         .str("prompt")?
         .ok_or_else(|| ApiError::invalid("prompt", "`prompt` must be a string"))?;
-    let ids = encode_prompt(&s.tokenizer, text);
+    let ids = encode_prompt(&r.tokenizer, text);
     respond(s, Api::Generate, ids, params).await
 }
 
@@ -332,6 +388,18 @@ struct Meta {
     model: String,
     fingerprint: String,
     include_usage: bool,
+    /// Choices.
+    n: usize,
+    /// Log-probabilities were asked for.
+    logprobs: bool,
+    tokenizer: Arc<crate::tokenizer::Tokenizer>,
+}
+
+/// One finished choice of a whole response.
+struct ChoiceOut {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    summary: Summary,
 }
 
 impl Meta {
@@ -359,90 +427,152 @@ impl Meta {
         v
     }
 
-    /// A streamed chunk of text (or the role chunk that opens a chat stream).
-    fn text_chunk(&self, text: &str, first: bool) -> Value {
+    /// A token's text (special tokens rendered) and bytes.
+    fn token(&self, id: u32) -> (String, Vec<u8>) {
+        let bytes = self.tokenizer.token_piece(id).unwrap_or_default().to_vec();
+        (String::from_utf8_lossy(&bytes).into_owned(), bytes)
+    }
+
+    /// OpenAI's `logprobs` object for `lps` (null when not asked for). `offset`: the choice's
+    /// text length so far, in characters (completions' `text_offset`), advanced past them.
+    fn logprobs_json(&self, lps: &[TokenLogprob], offset: &mut usize) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        if self.api == Api::Chat {
+            let content: Vec<Value> = lps
+                .iter()
+                .map(|lp| {
+                    let (token, bytes) = self.token(lp.token);
+                    let top: Vec<Value> = lp
+                        .top
+                        .iter()
+                        .map(|&(id, logprob)| {
+                            let (token, bytes) = self.token(id);
+                            json!({"token": token, "logprob": logprob, "bytes": bytes})
+                        })
+                        .collect();
+                    json!({"token": token, "logprob": lp.logprob, "bytes": bytes, "top_logprobs": top})
+                })
+                .collect();
+            return json!({"content": content, "refusal": null});
+        }
+        let (mut tokens, mut logprobs, mut tops, mut offsets) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for lp in lps {
+            let (token, _) = self.token(lp.token);
+            offsets.push(*offset);
+            *offset += token.chars().count();
+            tokens.push(token);
+            logprobs.push(lp.logprob);
+            let top: serde_json::Map<String, Value> = lp
+                .top
+                .iter()
+                .map(|&(id, logprob)| (self.token(id).0, json!(logprob)))
+                .collect();
+            tops.push(Value::Object(top));
+        }
+        json!({"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets})
+    }
+
+    /// The chunk that opens a chat stream's choice (the role).
+    fn role_chunk(&self, choice: usize) -> Value {
+        self.wrap(
+            true,
+            json!([{"index": choice, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+        )
+    }
+
+    /// A streamed chunk of text.
+    fn text_chunk(&self, choice: usize, text: &str, logprobs: Value) -> Value {
         match self.api {
             Api::Generate => json!({"text": text}),
             Api::Completion => self.wrap(
                 true,
-                json!([{"index": 0, "text": text, "logprobs": null, "finish_reason": null}]),
+                json!([{"index": choice, "text": text, "logprobs": logprobs, "finish_reason": null}]),
             ),
-            Api::Chat => {
-                let delta = if first {
-                    json!({"role": "assistant", "content": text})
-                } else {
-                    json!({"content": text})
-                };
-                self.wrap(
-                    true,
-                    json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": null}]),
-                )
-            }
+            Api::Chat => self.wrap(
+                true,
+                json!([{"index": choice, "delta": {"content": text}, "logprobs": logprobs, "finish_reason": null}]),
+            ),
         }
     }
 
-    /// The chunks that end a stream.
-    fn final_chunks(&self, summary: &Summary) -> Vec<Value> {
+    /// The chunk that ends a choice of a stream.
+    fn finish_chunk(&self, summary: &Summary) -> Value {
         let reason = api::finish_reason(&summary.finish);
-        let usage = api::usage(summary.prompt_tokens, summary.completion_tokens);
         match self.api {
-            Api::Generate => vec![json!({
+            Api::Generate => json!({
                 "text": "",
                 "finish_reason": reason,
                 "tokens": summary.completion_tokens,
                 "seed": summary.seed,
-            })],
-            Api::Completion | Api::Chat => {
-                let choice = if self.api == Api::Chat {
-                    json!({"index": 0, "delta": {}, "logprobs": null, "finish_reason": reason})
-                } else {
-                    json!({"index": 0, "text": "", "logprobs": null, "finish_reason": reason})
-                };
-                let mut out = vec![self.wrap(true, json!([choice]))];
-                if self.include_usage {
-                    let mut u = self.wrap(true, json!([]));
-                    u["usage"] = usage;
-                    out.push(u);
-                }
-                out
-            }
+            }),
+            Api::Chat => self.wrap(
+                true,
+                json!([{"index": summary.choice, "delta": {}, "logprobs": null, "finish_reason": reason}]),
+            ),
+            Api::Completion => self.wrap(
+                true,
+                json!([{"index": summary.choice, "text": "", "logprobs": null, "finish_reason": reason}]),
+            ),
         }
     }
 
-    /// The whole (non-streamed) response.
-    fn response(&self, text: String, summary: &Summary) -> Value {
-        let reason = api::finish_reason(&summary.finish);
-        let usage = api::usage(summary.prompt_tokens, summary.completion_tokens);
-        match self.api {
-            Api::Generate => json!({
-                "text": text,
-                "finish_reason": reason,
-                "tokens": summary.completion_tokens,
-                "seed": summary.seed,
-            }),
-            Api::Completion => {
-                let mut v = self.wrap(
-                    false,
-                    json!([{"index": 0, "text": text, "logprobs": null, "finish_reason": reason}]),
-                );
-                v["usage"] = usage;
-                v
-            }
-            Api::Chat => {
-                let mut v = self.wrap(
-                    false,
-                    json!([{
-                        "index": 0,
-                        "message": {"role": "assistant", "content": text},
-                        "logprobs": null,
-                        "finish_reason": reason,
-                    }]),
-                );
-                v["usage"] = usage;
-                v
-            }
+    /// The usage chunk that ends a stream (with `include_usage`).
+    fn usage_chunk(&self, summaries: &[Summary]) -> Option<Value> {
+        if !self.include_usage {
+            return None;
         }
+        let mut u = self.wrap(true, json!([]));
+        u["usage"] = usage(summaries);
+        Some(u)
     }
+
+    /// The whole (non-streamed) response.
+    fn response(&self, choices: &[ChoiceOut]) -> Value {
+        let summaries: Vec<Summary> = choices.iter().map(|c| c.summary.clone()).collect();
+        if self.api == Api::Generate
+            && let Some(c) = choices.first()
+        {
+            return json!({
+                "text": c.text,
+                "finish_reason": api::finish_reason(&c.summary.finish),
+                "tokens": c.summary.completion_tokens,
+                "seed": c.summary.seed,
+            });
+        }
+        let list: Vec<Value> = choices
+            .iter()
+            .map(|c| {
+                let reason = api::finish_reason(&c.summary.finish);
+                let logprobs = self.logprobs_json(&c.logprobs, &mut 0);
+                if self.api == Api::Chat {
+                    json!({
+                        "index": c.summary.choice,
+                        "message": {"role": "assistant", "content": c.text},
+                        "logprobs": logprobs,
+                        "finish_reason": reason,
+                    })
+                } else {
+                    json!({"index": c.summary.choice, "text": c.text, "logprobs": logprobs, "finish_reason": reason})
+                }
+            })
+            .collect();
+        let mut v = self.wrap(false, Value::Array(list));
+        v["usage"] = usage(&summaries);
+        v
+    }
+}
+
+/// The `usage` of a request's choices: the prompt once, every choice's tokens.
+fn usage(summaries: &[Summary]) -> Value {
+    let first = summaries.first();
+    api::usage(
+        first.map_or(0, |s| s.prompt_tokens),
+        summaries.iter().map(|s| s.completion_tokens).sum(),
+        first.map_or(0, |s| s.cached_tokens),
+    )
 }
 
 fn now() -> u64 {
@@ -478,13 +608,42 @@ async fn respond(
     prompt: Vec<u32>,
     params: GenParams,
 ) -> Result<Response, ApiError> {
+    let r = s.ready()?;
     if prompt.is_empty() {
         return Err(ApiError::invalid(
             "prompt",
             "the prompt is empty: at least one token is needed",
         ));
     }
-    let n_ctx = s.info.n_ctx;
+    if params.n > s.parallel {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "`n` is {}, more than the {} requests this server runs at once (--parallel)",
+                params.n, s.parallel
+            ),
+        ));
+    }
+    if api == Api::Generate && (params.n != 1 || params.logprobs.is_some()) {
+        return Err(ApiError::invalid(
+            if params.n != 1 { "n" } else { "logprobs" },
+            "/generate answers one choice without logprobs: use /v1/completions",
+        ));
+    }
+    if let Some(&(id, _)) = params
+        .logit_bias
+        .iter()
+        .find(|(id, _)| *id as usize >= r.info.n_vocab)
+    {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            format!(
+                "token id {id} is not below the vocabulary size {}",
+                r.info.n_vocab
+            ),
+        ));
+    }
+    let n_ctx = r.info.n_ctx;
     let max_new = match params.max_tokens {
         Some(n) => n,
         None => n_ctx.saturating_sub(prompt.len()),
@@ -513,6 +672,11 @@ async fn respond(
     let job = Job {
         prompt,
         options,
+        cache_prompt: params.cache_prompt,
+        n: params.n,
+        logprobs: params.logprobs,
+        logit_bias: params.logit_bias,
+        received: std::time::Instant::now(),
         events,
     };
     s.stats.queued.fetch_add(1, Ordering::Relaxed);
@@ -537,9 +701,12 @@ async fn respond(
         api,
         id: unique_id(prefix),
         created: now(),
-        model: s.info.name.clone(),
-        fingerprint: s.info.fingerprint.clone(),
+        model: r.info.name.clone(),
+        fingerprint: r.info.fingerprint.clone(),
         include_usage: params.include_usage && api != Api::Generate,
+        n: params.n,
+        logprobs: params.logprobs.is_some(),
+        tokenizer: r.tokenizer.clone(),
     };
     if params.stream {
         Ok(stream(meta, rx).into_response())
@@ -549,12 +716,41 @@ async fn respond(
 }
 
 async fn whole(meta: Meta, mut rx: UnboundedReceiver<Event>) -> Result<Response, ApiError> {
-    let mut text = String::new();
+    let mut texts = vec![String::new(); meta.n];
+    let mut logprobs: Vec<Vec<TokenLogprob>> = vec![Vec::new(); meta.n];
+    let mut done: Vec<Option<Summary>> = vec![None; meta.n];
     while let Some(event) = rx.recv().await {
         match event {
-            Event::Text(t) => text.push_str(&t),
+            Event::Text {
+                choice,
+                text,
+                logprobs: lps,
+            } => {
+                if let (Some(t), Some(l)) = (texts.get_mut(choice), logprobs.get_mut(choice)) {
+                    t.push_str(&text);
+                    l.extend(lps);
+                }
+            }
             Event::Done(summary) => {
-                return Ok(axum::Json(meta.response(text, &summary)).into_response());
+                let choice = summary.choice;
+                if let Some(d) = done.get_mut(choice) {
+                    *d = Some(summary);
+                }
+                if done.iter().all(Option::is_some) {
+                    let choices: Vec<ChoiceOut> = texts
+                        .into_iter()
+                        .zip(logprobs)
+                        .zip(done)
+                        .filter_map(|((text, logprobs), summary)| {
+                            Some(ChoiceOut {
+                                text,
+                                logprobs,
+                                summary: summary?,
+                            })
+                        })
+                        .collect();
+                    return Ok(axum::Json(meta.response(&choices)).into_response());
+                }
             }
             Event::Error(e) => return Err(job_error(&e)),
         }
@@ -566,7 +762,9 @@ struct StreamState {
     meta: Meta,
     rx: UnboundedReceiver<Event>,
     pending: VecDeque<SseEvent>,
-    first: bool,
+    /// Per choice, the text streamed so far in characters (completions' `text_offset`).
+    offsets: Vec<usize>,
+    summaries: Vec<Summary>,
     done: bool,
 }
 
@@ -580,13 +778,16 @@ fn stream(
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
     let mut pending = VecDeque::new();
     if meta.api == Api::Chat {
-        pending.push_back(sse_json(&meta.text_chunk("", true)));
+        for choice in 0..meta.n {
+            pending.push_back(sse_json(&meta.role_chunk(choice)));
+        }
     }
     let state = StreamState {
+        offsets: vec![0; meta.n],
         meta,
         rx,
         pending,
-        first: false,
+        summaries: Vec::new(),
         done: false,
     };
     let events = futures_util::stream::unfold(state, |mut st| async move {
@@ -598,17 +799,30 @@ fn stream(
                 return None;
             }
             match st.rx.recv().await {
-                Some(Event::Text(t)) => {
-                    let chunk = st.meta.text_chunk(&t, st.first);
-                    st.first = false;
+                Some(Event::Text {
+                    choice,
+                    text,
+                    logprobs,
+                }) => {
+                    let mut offset = st.offsets.get(choice).copied().unwrap_or(0);
+                    let lps = st.meta.logprobs_json(&logprobs, &mut offset);
+                    if let Some(o) = st.offsets.get_mut(choice) {
+                        *o = offset;
+                    }
+                    let chunk = st.meta.text_chunk(choice, &text, lps);
                     st.pending.push_back(sse_json(&chunk));
                 }
                 Some(Event::Done(summary)) => {
-                    for chunk in st.meta.final_chunks(&summary) {
-                        st.pending.push_back(sse_json(&chunk));
+                    st.pending
+                        .push_back(sse_json(&st.meta.finish_chunk(&summary)));
+                    st.summaries.push(summary);
+                    if st.summaries.len() >= st.meta.n {
+                        if let Some(u) = st.meta.usage_chunk(&st.summaries) {
+                            st.pending.push_back(sse_json(&u));
+                        }
+                        st.pending.push_back(SseEvent::default().data("[DONE]"));
+                        st.done = true;
                     }
-                    st.pending.push_back(SseEvent::default().data("[DONE]"));
-                    st.done = true;
                 }
                 Some(Event::Error(e)) => {
                     st.pending.push_back(sse_json(&job_error(&e).body()));
