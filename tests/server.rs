@@ -898,6 +898,50 @@ fn a_full_queue_is_a_503_and_a_disconnect_frees_the_sequence() {
     srv.shutdown().unwrap();
 }
 
+/// Requests abandoned while they wait leave the queue at the next step: they must not fill it
+/// and turn live clients away (seen under load on the H200: 503s with a tenth of streams dropped).
+#[test]
+fn clients_that_leave_while_queued_do_not_fill_the_queue() {
+    let Some(srv) = server(1, 2, None) else {
+        return;
+    };
+    let addr = srv.addr();
+    let body =
+        json!({"prompt": "Once upon a time", "max_tokens": 300, "temperature": 0, "stream": true})
+            .to_string();
+    let mut a = send(addr, "POST", "/v1/completions", &[], &body);
+    let mut first = [0u8; 256];
+    assert!(a.read(&mut first).unwrap() > 0);
+    wait_for(addr, "the stream to run", |h| h["running"] == 1);
+    // Five streams queue behind it and go away.
+    for i in 0..5 {
+        let mut b = send(addr, "POST", "/v1/completions", &[], &body);
+        let mut head = [0u8; 64];
+        assert!(
+            b.read(&mut head).unwrap() > 0,
+            "stream {i} answered nothing"
+        );
+        wait_for(addr, "the stream to queue", |h| h["queued"] == 1);
+        drop(b);
+        wait_for(addr, "the abandoned stream to leave the queue", |h| {
+            h["queued"] == 0
+        });
+    }
+    // The queue still holds two live requests.
+    let live: Vec<_> = (0..2)
+        .map(|_| {
+            std::thread::spawn(move || post(addr, "/v1/completions", greedy_completion("Hi", 2)))
+        })
+        .collect();
+    wait_for(addr, "two requests to queue", |h| h["queued"] == 2);
+    drop(a);
+    for t in live {
+        let r = t.join().unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    srv.shutdown().unwrap();
+}
+
 #[test]
 fn shutdown_finishes_a_running_request() {
     let Some(srv) = server(1, 2, None) else {

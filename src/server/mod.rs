@@ -127,6 +127,8 @@ pub(crate) struct Shared {
     pub stats: Arc<Stats>,
     pub api_key: Option<String>,
     pub parallel: usize,
+    /// Requests that may wait for a place (`--queue`): beyond them, 503.
+    pub queue: usize,
     /// Responses by status code (for `/metrics`).
     pub statuses: std::sync::Mutex<std::collections::BTreeMap<u16, u64>>,
 }
@@ -274,7 +276,8 @@ pub fn spawn(
     options.n_seqs = config.parallel;
     options.max_outputs = config.parallel as u64;
     options.max_tokens = options.max_tokens.max(config.parallel as u64);
-    let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel::<Job>(config.queue);
+    // The engine thread drains the channel between steps; `Shared::queue` is the bound.
+    let (jobs_tx, jobs_rx) = std::sync::mpsc::sync_channel::<Job>(config.queue.max(1));
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<ReadyResult>();
     let stats = Arc::new(Stats::default());
     let limits = Limits {
@@ -290,6 +293,7 @@ pub fn spawn(
         stats: stats.clone(),
         api_key: config.api_key.clone(),
         parallel: config.parallel,
+        queue: config.queue,
         statuses: Default::default(),
     });
     let app = routes::router(shared, &config)?;

@@ -679,14 +679,20 @@ async fn respond(
         received: std::time::Instant::now(),
         events,
     };
-    s.stats.queued.fetch_add(1, Ordering::Relaxed);
+    let busy = || {
+        ApiError::unavailable(
+            "queue_full",
+            "the server is busy: every slot is running and the queue is full; retry later",
+        )
+    };
+    if s.stats.queued.fetch_add(1, Ordering::Relaxed) >= s.queue {
+        s.stats.queued.fetch_sub(1, Ordering::Relaxed);
+        return Err(busy());
+    }
     if let Err(e) = s.jobs.try_send(job) {
         s.stats.queued.fetch_sub(1, Ordering::Relaxed);
         return Err(match e {
-            std::sync::mpsc::TrySendError::Full(_) => ApiError::unavailable(
-                "queue_full",
-                "the server is busy: every slot is running and the queue is full; retry later",
-            ),
+            std::sync::mpsc::TrySendError::Full(_) => busy(),
             std::sync::mpsc::TrySendError::Disconnected(_) => {
                 ApiError::unavailable("shutting_down", "the server is shutting down")
             }

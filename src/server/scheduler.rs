@@ -253,6 +253,9 @@ pub fn run_loop(
     let mut open = true;
     // A request taken from the channel that waits for enough free places (n > 1).
     let mut held: Option<Job> = None;
+    // Requests taken from the channel, oldest first (`stats.queued` counts them and `held`; the
+    // HTTP side bounds that count by `--queue`).
+    let mut waiting: std::collections::VecDeque<Job> = Default::default();
     let mut scratch = Vec::new();
     let mut next_id: u64 = 0;
     // Requests of a failed batched step, each to run one step alone (oldest first).
@@ -278,11 +281,29 @@ pub fn run_loop(
                 i += 1;
             }
         }
+        // Take everything the HTTP side queued, and forget the requests whose clients left while
+        // they waited: a queue full of abandoned requests must not turn live clients away.
+        while open {
+            match jobs.try_recv() {
+                Ok(job) => waiting.push_back(job),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => open = false,
+            }
+        }
+        waiting.retain(|job| {
+            let gone = job.events.is_closed();
+            if gone {
+                stats.queued.fetch_sub(1, Ordering::Relaxed);
+            }
+            !gone
+        });
         // Admit waiting requests between steps.
-        while (open || held.is_some()) && places(&active) < parallel {
+        while places(&active) < parallel {
             let job = if let Some(job) = held.take() {
                 job
-            } else if active.is_empty() {
+            } else if let Some(job) = waiting.pop_front() {
+                job
+            } else if active.is_empty() && open {
                 publish(engine, &active, &cache, stats);
                 throughput.add(Duration::ZERO, stats, true);
                 match jobs.recv() {
@@ -293,14 +314,7 @@ pub fn run_loop(
                     }
                 }
             } else {
-                match jobs.try_recv() {
-                    Ok(job) => job,
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        open = false;
-                        break;
-                    }
-                }
+                break;
             };
             if job.events.is_closed() {
                 stats.queued.fetch_sub(1, Ordering::Relaxed);
@@ -334,7 +348,7 @@ pub fn run_loop(
             }
         }
         if active.is_empty() {
-            if open || held.is_some() {
+            if open || held.is_some() || !waiting.is_empty() {
                 continue;
             }
             break;
