@@ -10,7 +10,7 @@
 //! Weights: every row comes from its own ChaCha8 stream, seeded by the seed, the tensor's name
 //! and the row's index, so the bytes do not depend on the thread count. Matrices hold values of
 //! a triangular distribution (the sum of two uniforms: normal-ish, bounded) with standard
-//! deviation 0.02, norm weights `1 ± 0.02`, biases of standard deviation 0.02: activations stay
+//! deviation 0.02, norm weights 1 plus the same (within ±0.05), biases likewise: activations stay
 //! finite through every layer.
 //!
 //! Types: `f16`, `q8_0` and `q4_0` store every matrix in that type; `q4_k_m` follows
