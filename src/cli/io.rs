@@ -150,6 +150,18 @@ pub(crate) use note;
 /// write over any of `inputs`. A destination that exists and is not a regular file (`/dev/stdout`,
 /// a fifo) is written directly.
 pub fn write_output(dest: &Path, bytes: &[u8], inputs: &[&Path]) -> Result<()> {
+    write_output_with(dest, inputs, |w| Ok(w.write_all(bytes)?))
+}
+
+/// [`write_output`] for output produced piece by piece: `write` gets a buffered writer onto the
+/// temporary file (or the non-regular destination). When it fails, the temporary file is
+/// removed and its error returned with the destination named.
+pub fn write_output_with(
+    dest: &Path,
+    inputs: &[&Path],
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    let cannot = || format!("cannot write {}", dest.display());
     if dest.as_os_str().is_empty() {
         bail!("the output path is empty");
     }
@@ -166,14 +178,13 @@ pub fn write_output(dest: &Path, bytes: &[u8], inputs: &[&Path]) -> Result<()> {
             if meta.is_dir() {
                 bail!("the output {} is a directory", dest.display());
             }
-            let mut f = std::fs::OpenOptions::new()
+            let f = std::fs::OpenOptions::new()
                 .write(true)
                 .open(dest)
                 .with_context(|| format!("cannot open {}", dest.display()))?;
-            return f
-                .write_all(bytes)
-                .and_then(|()| f.flush())
-                .with_context(|| format!("cannot write {}", dest.display()));
+            let mut w = std::io::BufWriter::new(f);
+            write(&mut w).with_context(cannot)?;
+            return w.flush().with_context(cannot);
         }
     }
     // Rename onto the file a symbolic link points to, not over the link.
@@ -190,15 +201,18 @@ pub fn write_output(dest: &Path, bytes: &[u8], inputs: &[&Path]) -> Result<()> {
         name.to_string_lossy(),
         std::process::id()
     ));
-    let written = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+    let written = (|| -> Result<()> {
+        let f = std::fs::File::create(&tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        write(&mut w)?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
-        std::fs::rename(&tmp, &target)
+        std::fs::rename(&tmp, &target)?;
+        Ok(())
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write {}", dest.display()));
+        return Err(e).with_context(cannot);
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ mod perplexity;
 mod run;
 #[cfg(feature = "server")]
 mod serve;
+mod synth;
 mod tokenize;
 
 use clap::{Parser, Subcommand};
@@ -69,6 +70,8 @@ enum Command {
     Serve(serve::Args),
     /// Check backends against the reference math, op by op (`--ops`).
     Parity(parity::Args),
+    /// Write a random-weight GGUF of a real model's shape (for measuring speed at real sizes).
+    Synth(synth::Args),
 }
 
 pub fn main() -> ExitCode {
@@ -93,6 +96,7 @@ pub fn main() -> ExitCode {
         #[cfg(feature = "server")]
         Command::Serve(args) => serve::run(args),
         Command::Parity(args) => parity::run(args),
+        Command::Synth(args) => synth::run(args),
     };
     // Whatever is still buffered must reach stdout too, or the command failed.
     let result = result.and_then(|()| {
@@ -106,6 +110,8 @@ pub fn main() -> ExitCode {
             io::note!("error: {e:#}");
             if e.downcast_ref::<models::FetchError>()
                 .is_some_and(|f| matches!(f, models::FetchError::Interrupted))
+                || e.downcast_ref::<m40_llm::lower::synth::SynthError>()
+                    .is_some_and(|s| matches!(s, m40_llm::lower::synth::SynthError::Interrupted))
             {
                 // As a shell reports a command ended by SIGINT.
                 return ExitCode::from(130);

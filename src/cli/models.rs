@@ -273,6 +273,11 @@ fn process_alive(_pid: u32) -> bool {
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 static CHILD: AtomicI32 = AtomicI32::new(0);
 
+/// Whether SIGINT or SIGTERM came while a [`SignalGuard`] was installed.
+pub(crate) fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
+}
+
 fn check_interrupted() -> Result<()> {
     if INTERRUPTED.load(Ordering::SeqCst) {
         return Err(FetchError::Interrupted);
@@ -316,7 +321,7 @@ fn run_python(cmd: &mut Command) -> Result<ExitStatus> {
 
 /// While alive, SIGINT and SIGTERM set [`INTERRUPTED`] and stop the running child instead of
 /// ending the process at once, so the temporary folder is removed on the way out.
-struct SignalGuard {
+pub(crate) struct SignalGuard {
     #[cfg(unix)]
     previous: [libc::sighandler_t; 2],
 }
@@ -334,7 +339,7 @@ extern "C" fn on_signal(_: libc::c_int) {
 }
 
 impl SignalGuard {
-    fn install() -> SignalGuard {
+    pub(crate) fn install() -> SignalGuard {
         #[cfg(unix)]
         {
             let handler = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;

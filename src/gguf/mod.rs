@@ -14,4 +14,4 @@ pub use error::{GgufError, GgufErrorKind};
 pub use reader::{DEFAULT_ALIGNMENT, GGUF_MAGIC, GgufFile, MAX_DIMS, TensorInfo};
 pub use types::{GgmlType, QK_K, file_type_name};
 pub use value::{Array, Value, ValueType};
-pub use writer::GgufWriter;
+pub use writer::{GgufStreamWriter, GgufWriter, StreamError, TensorDecl};

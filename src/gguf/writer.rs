@@ -1,7 +1,11 @@
-//! A small GGUF writer: builds tiny models and hostile files for tests, benches and tools.
+//! A small GGUF writer: builds tiny models and hostile files for tests, benches and tools, and
+//! streams large files (`m40-llm synth`) without holding their data.
 //!
 //! The writer produces GGUF v3 with the tensors laid out in insertion order, each at an offset
 //! aligned to `general.alignment` (32 unless set with [`GgufWriter::alignment`]).
+//! [`GgufWriter::to_bytes`] builds the file in memory; [`GgufWriter::stream`] writes the same
+//! header (every tensor's info and offset, known from the declared shapes and types) and then
+//! takes the data piece by piece through [`GgufStreamWriter`].
 
 use super::GgmlType;
 use super::reader::{DEFAULT_ALIGNMENT, GGUF_MAGIC};
@@ -118,11 +122,35 @@ impl GgufWriter {
 
     /// The file's bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let alignment = u64::from(self.alignment.unwrap_or(DEFAULT_ALIGNMENT as u32)).max(1);
+        let layout: Vec<(&str, &[u64], GgmlType, u64)> = self
+            .tensors
+            .iter()
+            .map(|t| (t.name.as_str(), t.ne.as_slice(), t.ty, t.data.len() as u64))
+            .collect();
+        let (mut out, offsets) = self.header(&layout);
+        if !self.tensors.is_empty() {
+            let data_start = out.len() as u64;
+            for (t, off) in self.tensors.iter().zip(offsets) {
+                pad_to_len(&mut out, data_start + off);
+                out.extend_from_slice(&t.data);
+            }
+            pad_to(&mut out, self.alignment_bytes());
+        }
+        out
+    }
+
+    fn alignment_bytes(&self) -> u64 {
+        u64::from(self.alignment.unwrap_or(DEFAULT_ALIGNMENT as u32)).max(1)
+    }
+
+    /// The header of a file holding `tensors` (name, `ne`, type, data bytes), through the
+    /// padding before the data, and each tensor's offset from the start of the data.
+    fn header(&self, tensors: &[(&str, &[u64], GgmlType, u64)]) -> (Vec<u8>, Vec<u64>) {
+        let alignment = self.alignment_bytes();
         let mut out = Vec::new();
         out.extend_from_slice(&GGUF_MAGIC);
         out.extend_from_slice(&self.version.unwrap_or(3).to_le_bytes());
-        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
+        out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
         out.extend_from_slice(&(self.metadata.len() as u64).to_le_bytes());
         for (key, value) in &self.metadata {
             write_string(&mut out, key);
@@ -130,28 +158,68 @@ impl GgufWriter {
             write_value(&mut out, value);
         }
         let mut offset = 0u64;
-        let mut offsets = Vec::with_capacity(self.tensors.len());
-        for t in &self.tensors {
-            write_string(&mut out, &t.name);
-            out.extend_from_slice(&(t.ne.len() as u32).to_le_bytes());
-            for d in &t.ne {
+        let mut offsets = Vec::with_capacity(tensors.len());
+        for (name, ne, ty, bytes) in tensors {
+            write_string(&mut out, name);
+            out.extend_from_slice(&(ne.len() as u32).to_le_bytes());
+            for d in *ne {
                 out.extend_from_slice(&d.to_le_bytes());
             }
-            out.extend_from_slice(&t.ty.id().to_le_bytes());
+            out.extend_from_slice(&ty.id().to_le_bytes());
             out.extend_from_slice(&offset.to_le_bytes());
             offsets.push(offset);
-            offset = (offset + t.data.len() as u64).next_multiple_of(alignment);
+            offset = (offset + bytes).next_multiple_of(alignment);
         }
-        if !self.tensors.is_empty() {
-            pad_to(&mut out, alignment);
-            let data_start = out.len() as u64;
-            for (t, off) in self.tensors.iter().zip(offsets) {
-                pad_to_len(&mut out, data_start + off);
-                out.extend_from_slice(&t.data);
-            }
+        if !tensors.is_empty() {
             pad_to(&mut out, alignment);
         }
-        out
+        (out, offsets)
+    }
+
+    /// Starts a file on `out` whose tensors are `tensors` (in this order), without holding
+    /// their data: the header (this writer's metadata, every tensor's info and offset) is
+    /// written at once, then the data is given piece by piece to
+    /// [`GgufStreamWriter::write_data`]. Tensors added with [`GgufWriter::tensor`] are ignored.
+    pub fn stream<W: Write>(
+        &self,
+        mut out: W,
+        tensors: Vec<TensorDecl>,
+    ) -> Result<GgufStreamWriter<W>, StreamError> {
+        let mut sizes = Vec::with_capacity(tensors.len());
+        for t in &tensors {
+            sizes.push(t.data_bytes().ok_or_else(|| StreamError::PartialBlock {
+                tensor: t.name.clone(),
+                ty: t.ty,
+                ne: t.ne.clone(),
+            })?);
+        }
+        let layout: Vec<(&str, &[u64], GgmlType, u64)> = tensors
+            .iter()
+            .zip(&sizes)
+            .map(|(t, &b)| (t.name.as_str(), t.ne.as_slice(), t.ty, b))
+            .collect();
+        let (header, offsets) = self.header(&layout);
+        out.write_all(&header)?;
+        let data_start = header.len() as u64;
+        let tensors = tensors
+            .into_iter()
+            .zip(sizes)
+            .zip(offsets)
+            .map(|((decl, bytes), offset)| Slot {
+                decl,
+                bytes,
+                offset,
+            })
+            .collect();
+        Ok(GgufStreamWriter {
+            out,
+            tensors,
+            current: 0,
+            filled: 0,
+            pos: 0,
+            data_start,
+            alignment: self.alignment_bytes(),
+        })
     }
 
     /// Writes the file to `path`.
@@ -159,6 +227,175 @@ impl GgufWriter {
         let mut f = std::fs::File::create(path)?;
         f.write_all(&self.to_bytes())?;
         f.sync_all()
+    }
+}
+
+/// A tensor of a streamed file, declared before its data: name, type and `ne` (ggml order).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorDecl {
+    pub name: String,
+    pub ty: GgmlType,
+    pub ne: Vec<u64>,
+}
+
+impl TensorDecl {
+    /// The size of the tensor's data, or `None` when its rows are not whole blocks of `ty`.
+    pub fn data_bytes(&self) -> Option<u64> {
+        let rows = self
+            .ne
+            .iter()
+            .skip(1)
+            .try_fold(1u64, |a, &d| a.checked_mul(d))?;
+        self.ty
+            .row_bytes(self.ne.first().copied().unwrap_or(1))?
+            .checked_mul(rows)
+    }
+}
+
+/// Why a streamed file cannot be written.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("tensor {tensor:?}: rows of {ne:?} are not whole {ty} blocks")]
+    PartialBlock {
+        tensor: String,
+        ty: GgmlType,
+        ne: Vec<u64>,
+    },
+    #[error("tensor {tensor:?} takes {expected} bytes, but {given} bytes were written to it")]
+    TooMuchData {
+        tensor: String,
+        expected: u64,
+        given: u64,
+    },
+    #[error("more data was written than the declared tensors hold")]
+    NoTensorLeft,
+    #[error("the file ended in tensor {tensor:?} after {written} of its {expected} bytes")]
+    Incomplete {
+        tensor: String,
+        expected: u64,
+        written: u64,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+struct Slot {
+    decl: TensorDecl,
+    bytes: u64,
+    offset: u64,
+}
+
+/// A GGUF file being written: the header is out, the tensors' data follows in declared order
+/// (from [`GgufWriter::stream`]). Memory use does not depend on the tensors' sizes.
+pub struct GgufStreamWriter<W: Write> {
+    out: W,
+    tensors: Vec<Slot>,
+    /// The tensor being written.
+    current: usize,
+    /// Bytes of the current tensor written so far.
+    filled: u64,
+    /// Bytes written after the start of the data (padding included).
+    pos: u64,
+    data_start: u64,
+    alignment: u64,
+}
+
+impl<W: Write> GgufStreamWriter<W> {
+    /// The size of the header (where the data starts).
+    pub fn data_start(&self) -> u64 {
+        self.data_start
+    }
+
+    /// The size the whole file will have.
+    pub fn file_bytes(&self) -> u64 {
+        let end = self
+            .tensors
+            .last()
+            .map_or(0, |t| (t.offset + t.bytes).next_multiple_of(self.alignment));
+        self.data_start + end
+    }
+
+    /// The tensor the next [`write_data`](Self::write_data) goes to (`None` when all are
+    /// complete).
+    pub fn current(&self) -> Option<&TensorDecl> {
+        self.skip_complete_index().map(|i| &self.tensors[i].decl)
+    }
+
+    fn skip_complete_index(&self) -> Option<usize> {
+        let mut i = self.current;
+        let mut filled = self.filled;
+        while let Some(t) = self.tensors.get(i) {
+            if filled < t.bytes {
+                return Some(i);
+            }
+            i += 1;
+            filled = 0;
+        }
+        None
+    }
+
+    /// Appends `data` to the current tensor; a tensor is complete once it has all its bytes,
+    /// and the next write goes to the next one. Data that runs past the end of the current
+    /// tensor is an error (nothing of it is written).
+    pub fn write_data(&mut self, data: &[u8]) -> Result<(), StreamError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let i = self
+            .skip_complete_index()
+            .ok_or(StreamError::NoTensorLeft)?;
+        if i != self.current {
+            self.current = i;
+            self.filled = 0;
+        }
+        let t = &self.tensors[i];
+        let given = self.filled + data.len() as u64;
+        if given > t.bytes {
+            return Err(StreamError::TooMuchData {
+                tensor: t.decl.name.clone(),
+                expected: t.bytes,
+                given,
+            });
+        }
+        if self.filled == 0 {
+            let pad = t.offset - self.pos;
+            self.write_zeros(pad)?;
+        }
+        self.out.write_all(data)?;
+        self.filled = given;
+        self.pos += data.len() as u64;
+        Ok(())
+    }
+
+    fn write_zeros(&mut self, n: u64) -> std::io::Result<()> {
+        const ZEROS: [u8; 64] = [0; 64];
+        let mut left = n;
+        while left > 0 {
+            let k = left.min(ZEROS.len() as u64) as usize;
+            self.out.write_all(&ZEROS[..k])?;
+            left -= k as u64;
+        }
+        self.pos += n;
+        Ok(())
+    }
+
+    /// Checks every tensor is complete, writes the final padding, flushes and returns the
+    /// output.
+    pub fn finish(mut self) -> Result<W, StreamError> {
+        if let Some(i) = self.skip_complete_index() {
+            let t = &self.tensors[i];
+            return Err(StreamError::Incomplete {
+                tensor: t.decl.name.clone(),
+                expected: t.bytes,
+                written: if i == self.current { self.filled } else { 0 },
+            });
+        }
+        // Zero-sized tensors at the end still need their (empty) place.
+        let end = self.file_bytes() - self.data_start;
+        let pad = end.saturating_sub(self.pos);
+        self.write_zeros(pad)?;
+        self.out.flush()?;
+        Ok(self.out)
     }
 }
 
@@ -254,5 +491,80 @@ mod tests {
         let b = f.tensor("b").unwrap();
         assert_eq!(b.offset % 32, 0);
         assert_eq!(f.tensor_data(b), &[7u8; 34][..]);
+    }
+
+    fn decl(name: &str, ty: GgmlType, ne: &[u64]) -> TensorDecl {
+        TensorDecl {
+            name: name.into(),
+            ty,
+            ne: ne.to_vec(),
+        }
+    }
+
+    #[test]
+    fn streaming_writes_the_same_bytes_as_the_in_memory_writer() {
+        let a: Vec<u8> = (0..24).collect();
+        let b = vec![7u8; 68];
+        let meta = GgufWriter::new()
+            .kv_str("general.architecture", "llama")
+            .alignment(64);
+        let whole = meta
+            .clone()
+            .tensor("a", GgmlType::F32, &[2, 3], a.clone())
+            .tensor("b", GgmlType::Q8_0, &[32, 2], b.clone())
+            .to_bytes();
+        let mut s = meta
+            .stream(
+                Vec::new(),
+                vec![
+                    decl("a", GgmlType::F32, &[2, 3]),
+                    decl("b", GgmlType::Q8_0, &[32, 2]),
+                ],
+            )
+            .unwrap();
+        assert_eq!(s.current().unwrap().name, "a");
+        s.write_data(&a[..10]).unwrap();
+        s.write_data(&a[10..]).unwrap();
+        assert_eq!(s.current().unwrap().name, "b");
+        s.write_data(&b[..34]).unwrap();
+        s.write_data(&b[34..]).unwrap();
+        assert!(s.current().is_none());
+        let expected_len = s.file_bytes();
+        let streamed = s.finish().unwrap();
+        assert_eq!(streamed.len() as u64, expected_len);
+        assert_eq!(streamed, whole);
+    }
+
+    #[test]
+    fn streaming_refuses_wrong_amounts_of_data() {
+        let w = GgufWriter::new();
+        let err = w
+            .stream(Vec::new(), vec![decl("k", GgmlType::Q4_K, &[32, 1])])
+            .err()
+            .unwrap();
+        assert_eq!(
+            err.to_string(),
+            "tensor \"k\": rows of [32, 1] are not whole Q4_K blocks"
+        );
+        let mut s = w
+            .stream(Vec::new(), vec![decl("a", GgmlType::F32, &[2])])
+            .unwrap();
+        let err = s.write_data(&[0; 12]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "tensor \"a\" takes 8 bytes, but 12 bytes were written to it"
+        );
+        s.write_data(&[0; 4]).unwrap();
+        let err = s.finish().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the file ended in tensor \"a\" after 4 of its 8 bytes"
+        );
+        let mut s = w
+            .stream(Vec::new(), vec![decl("a", GgmlType::F32, &[2])])
+            .unwrap();
+        s.write_data(&[0; 8]).unwrap();
+        let err = s.write_data(&[0; 1]).unwrap_err();
+        assert!(matches!(err, StreamError::NoTensorLeft), "{err}");
     }
 }

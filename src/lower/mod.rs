@@ -6,11 +6,13 @@
 //! tensor at fault, on an unsupported architecture, a missing or misshapen tensor, or a tensor
 //! that no role uses (a feature m40-llm does not know would otherwise be silently ignored).
 //!
+//! `synth` writes random-weight models of real shapes (`m40-llm synth`), streamed to disk.
 //! `tiny` writes small models of every family for tests and benches (with the `test-support`
 //! feature, which this package's tests and benches turn on).
 
 mod build;
 pub mod hparams;
+pub mod synth;
 pub mod template;
 #[cfg(any(test, feature = "test-support"))]
 pub mod tiny;
