@@ -138,14 +138,14 @@ try:
     leaked = m.get("kv_pages_used", 0) - m.get("kv_pages_cached", 0)
     ttft = sorted(stats["ttft"])
     pct = lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else float("nan")
+    for e in stats["errors"][:5]:
+        print("error:", e)
     print(f"clients {clients}, {wall:.1f} s: {stats['ok']} streams complete, "
           f"{stats['dropped']} dropped on purpose, {stats['failed']} failed; "
           f"{stats['tokens']} tokens generated, {stats['tokens'] / wall:.1f} tokens/s; "
           f"time to first event p50 {pct(0.5):.3f} s, p95 {pct(0.95):.3f} s; "
           f"KV pages used {m.get('kv_pages_used', 0):.0f} (prompt cache "
           f"{m.get('kv_pages_cached', 0):.0f})")
-    for e in stats["errors"][:5]:
-        print("error:", e)
     bad = stats["failed"] > 0 or leaked != 0 or stats["ok"] == 0
     sys.exit(1 if bad else 0)
 finally:

@@ -11,6 +11,9 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+
+/// How often an idle stream sends an SSE comment (`:`), which is how a vanished client is found.
+const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(1);
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
@@ -843,5 +846,8 @@ fn stream(
             }
         }
     });
-    Sse::new(events).keep_alive(KeepAlive::default())
+    // A comment every second: a stream waiting in the queue or behind a long prefill writes
+    // nothing else, and a client that left is only noticed when a write fails. With it the
+    // engine drops such a request within about a second instead of holding its place.
+    Sse::new(events).keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
 }
