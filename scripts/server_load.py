@@ -12,8 +12,9 @@ port. Each client loops until the time is up: a `/v1/chat/completions` stream (`
 are dropped after their first event on purpose. Every stream that is not dropped must be
 well-formed SSE: `data:` lines that parse as JSON chunks, one usage chunk, `data: [DONE]` last.
 At the end /metrics must show no page held but the prompt cache's (none leaked by the drops).
-Prints requests, failures, generated tokens, aggregate tokens/s and client-side time to first
-token; exits 1 on any malformed or lost stream, or a leak.
+A clean 503 `queue_full` is counted as refused and the client backs off 0.25 s before its next
+request. Prints requests, refusals, failures, generated tokens, aggregate tokens/s and client-side
+time to first event; exits 1 on any malformed or lost stream, any other error, or a leak.
 """
 import http.client
 import json
@@ -38,7 +39,8 @@ server = subprocess.Popen(
      "0", "--ctx-size", "1024", "--parallel", str(clients), "--queue", str(clients)],
     stderr=subprocess.PIPE, text=True)
 lock = threading.Lock()
-stats = {"ok": 0, "dropped": 0, "failed": 0, "tokens": 0, "ttft": [], "errors": []}
+stats = {"ok": 0, "dropped": 0, "refused": 0, "failed": 0, "tokens": 0, "ttft": [],
+         "errors": []}
 
 
 def metrics(host, port):
@@ -61,6 +63,11 @@ def one(host, port, rng):
     c.request("POST", "/v1/chat/completions", json.dumps(body),
               {"Content-Type": "application/json"})
     r = c.getresponse()
+    if r.status == 503:
+        body = json.loads(r.read())
+        if body.get("error", {}).get("code") != "queue_full":
+            raise RuntimeError(f"an unexpected 503: {body}")
+        return "refused", 0, None
     if r.status != 200:
         raise RuntimeError(f"status {r.status}: {r.read()[:200]!r}")
     first, usage, done, events = None, None, False, 0
@@ -116,6 +123,8 @@ try:
         while time.perf_counter() < deadline:
             try:
                 kind, tokens, ttft = one(host, port, rng)
+                if kind == "refused":
+                    time.sleep(0.25)  # a clean 503: back off, as the openai client does
                 with lock:
                     stats[kind] += 1
                     stats["tokens"] += tokens
@@ -141,7 +150,8 @@ try:
     for e in stats["errors"][:5]:
         print("error:", e)
     print(f"clients {clients}, {wall:.1f} s: {stats['ok']} streams complete, "
-          f"{stats['dropped']} dropped on purpose, {stats['failed']} failed; "
+          f"{stats['dropped']} dropped on purpose, {stats['refused']} refused (503 queue_full), "
+          f"{stats['failed']} failed; "
           f"{stats['tokens']} tokens generated, {stats['tokens'] / wall:.1f} tokens/s; "
           f"time to first event p50 {pct(0.5):.3f} s, p95 {pct(0.95):.3f} s; "
           f"KV pages used {m.get('kv_pages_used', 0):.0f} (prompt cache "
