@@ -3,10 +3,13 @@
 //! row width of an operand, and which values survive a whole step (for `read_value`).
 
 use super::cpu::arena::Region;
-use super::step::Step;
+use super::step::{Step, StepLimits};
 use super::{BackendError, HostTensor};
+use crate::gguf::{GgufFile, TensorInfo};
+use crate::ir::TensorType;
 use crate::ir::{Dim, Op, StepSizes, ValueType};
 use crate::plan::{Operand, Plan, Reuse, ValueRef};
+use std::collections::HashMap;
 
 /// Where a value lives.
 pub(crate) enum Source {
@@ -142,4 +145,67 @@ pub(crate) fn step_input_value(
         }
         Source::Arena => return Ok(None),
     }))
+}
+
+/// Vocabulary size: the width of the plan's first output (the logits).
+pub(crate) fn n_vocab(plan: &Plan) -> Option<usize> {
+    let first = *plan.outputs.first()?;
+    width_of(plan, Operand::Value(first))
+}
+
+/// The bounds `PageTables::stage` checks a step against: the plan's sizes and its vocabulary.
+pub(crate) fn step_limits(plan: &Plan) -> StepLimits {
+    StepLimits {
+        max_tokens: plan.options.max_tokens,
+        max_outputs: plan.options.max_outputs,
+        n_vocab: n_vocab(plan).unwrap_or(0) as u32,
+    }
+}
+
+/// Every step output by name, for `read_value`.
+pub(crate) fn value_names(plan: &Plan) -> HashMap<String, ValueRef> {
+    let mut names = HashMap::new();
+    for (i, step) in plan.steps.iter().enumerate() {
+        for (p, out) in step.outputs.iter().enumerate() {
+            let v = ValueRef {
+                step: i as u32,
+                port: p as u8,
+            };
+            names.insert(out.name.clone(), v);
+        }
+    }
+    names
+}
+
+/// The tensor `name` of `file` that the plan reads as `ty`, with its IR shape (`[n, k]` for
+/// matrices, `[k]` for vectors), after checking that the file's type and shape are the plan's.
+pub(crate) fn plan_tensor<'a>(
+    file: &'a GgufFile,
+    name: &str,
+    ty: &TensorType,
+) -> Result<(&'a TensorInfo, Vec<usize>), BackendError> {
+    let info = file.tensor(name).ok_or_else(|| {
+        BackendError::Mismatch(format!(
+            "the model has no tensor `{name}`, which the plan reads"
+        ))
+    })?;
+    let shape: Vec<usize> = ty
+        .shape
+        .dims()
+        .iter()
+        .map(|d| match d {
+            Dim::Fixed(n) => Ok(*n as usize),
+            _ => Err(BackendError::Mismatch(format!(
+                "weight `{name}` has a symbolic shape"
+            ))),
+        })
+        .collect::<Result<_, _>>()?;
+    let file_shape: Vec<usize> = info.ne.iter().rev().map(|&n| n as usize).collect();
+    if info.ty != ty.dtype || file_shape != shape {
+        return Err(BackendError::Mismatch(format!(
+            "tensor `{name}` is {} {:?} in the model but {} {:?} in the plan",
+            info.ty, file_shape, ty.dtype, shape
+        )));
+    }
+    Ok((info, shape))
 }

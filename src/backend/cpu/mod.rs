@@ -16,11 +16,13 @@ pub mod kernels;
 
 use self::arena::{Arena, check_disjoint};
 use self::kernels::{AttentionShape, KernelError, KvSpan, RopeSpec, RopeStyle, WeightMatrix};
-use super::layout::{Source, intact_values, region, source, width_of};
+use super::layout::{
+    Source, intact_values, n_vocab, plan_tensor, region, source, step_limits, value_names, width_of,
+};
 use super::step::{KvGeometry, PageOp, PageTables, Step, StepLimits, StepOutputs};
 use super::{Backend, BackendError, DeviceInfo, HostTensor};
 use crate::gguf::{GgufFile, TensorInfo, quants};
-use crate::ir::{Dim, Op, RopeParams, StepSizes, TensorType};
+use crate::ir::{Op, RopeParams, StepSizes, TensorType};
 use crate::plan::{Operand, Plan, ValueRef};
 use half::f16;
 use half::vec::HalfBitsVecExt;
@@ -132,16 +134,7 @@ impl CpuBackend {
                 width,
             });
         }
-        let mut names = HashMap::new();
-        for (i, step) in plan.steps.iter().enumerate() {
-            for (p, out) in step.outputs.iter().enumerate() {
-                let v = ValueRef {
-                    step: i as u32,
-                    port: p as u8,
-                };
-                names.insert(out.name.clone(), v);
-            }
-        }
+        let names = value_names(&plan);
         let backend = CpuBackend {
             arena: Arena::new(plan.memory.arena_bytes),
             device: DeviceInfo {
@@ -188,8 +181,7 @@ impl CpuBackend {
 
     /// Vocabulary size: the width of the plan's first output.
     fn n_vocab(&self) -> Option<usize> {
-        let first = *self.plan.outputs.first()?;
-        width_of(&self.plan, Operand::Value(first))
+        n_vocab(&self.plan)
     }
 
     /// Runs a staged step: copies pages, computes every plan step, writes the outputs.
@@ -503,12 +495,7 @@ impl Backend for CpuBackend {
     }
 
     fn step_limits(&self) -> StepLimits {
-        let options = &self.plan.options;
-        StepLimits {
-            max_tokens: options.max_tokens,
-            max_outputs: options.max_outputs,
-            n_vocab: self.n_vocab().unwrap_or(0) as u32,
-        }
+        step_limits(&self.plan)
     }
 
     fn validate(&mut self, step: &Step) -> Result<(), BackendError> {
@@ -628,29 +615,7 @@ fn matrix<'a>(file: &'a GgufFile, w: &Weight) -> Result<WeightMatrix<'a>, Kernel
 
 /// Finds a plan weight in the file and checks that its type and shape are what the plan says.
 fn load_weight(file: &GgufFile, name: &str, ty: &TensorType) -> Result<Weight, BackendError> {
-    let info = file.tensor(name).ok_or_else(|| {
-        BackendError::Mismatch(format!(
-            "the model has no tensor `{name}`, which the plan reads"
-        ))
-    })?;
-    let shape: Vec<usize> = ty
-        .shape
-        .dims()
-        .iter()
-        .map(|d| match d {
-            Dim::Fixed(n) => Ok(*n as usize),
-            _ => Err(BackendError::Mismatch(format!(
-                "weight `{name}` has a symbolic shape"
-            ))),
-        })
-        .collect::<Result<_, _>>()?;
-    let file_shape: Vec<usize> = info.ne.iter().rev().map(|&n| n as usize).collect();
-    if info.ty != ty.dtype || file_shape != shape {
-        return Err(BackendError::Mismatch(format!(
-            "tensor `{name}` is {} {:?} in the model but {} {:?} in the plan",
-            info.ty, file_shape, ty.dtype, shape
-        )));
-    }
+    let (info, shape) = plan_tensor(file, name, ty)?;
     let vector = if shape.len() == 1 {
         Some(
             quants::dequantize_f32(file, info).map_err(|e| BackendError::Unsupported {

@@ -23,7 +23,9 @@ use super::mem::{self, Span};
 use super::ops::{AttnShape, Ops, PagedKv, Rope};
 use super::{KernelSet, kernels};
 use crate::backend::device::GpuInfo;
-use crate::backend::layout::{Source, intact_values, region, source, width_of};
+use crate::backend::layout::{
+    Source, intact_values, n_vocab, plan_tensor, region, source, step_limits, value_names, width_of,
+};
 use crate::backend::step::{KvGeometry, OutputKind, PageOp, PageTables, Step, StepLimits};
 use crate::backend::{Backend, BackendError, DeviceInfo, HostTensor, StepOutputs, TokenLogit};
 use crate::gguf::{GgufFile, quants};
@@ -177,31 +179,7 @@ impl CudaBackend {
         // Sizes first: nothing is uploaded unless all of it fits.
         let mut infos = Vec::with_capacity(plan.weights.len());
         for w in &plan.weights {
-            let info = file.tensor(&w.tensor).ok_or_else(|| {
-                BackendError::Mismatch(format!(
-                    "the model has no tensor `{}`, which the plan reads",
-                    w.tensor
-                ))
-            })?;
-            let shape: Vec<u64> =
-                w.ty.shape
-                    .dims()
-                    .iter()
-                    .map(|d| match d {
-                        Dim::Fixed(n) => Ok(*n),
-                        _ => Err(BackendError::Mismatch(format!(
-                            "weight `{}` has a symbolic shape",
-                            w.tensor
-                        ))),
-                    })
-                    .collect::<Result<_, _>>()?;
-            let file_shape: Vec<u64> = info.ne.iter().rev().copied().collect();
-            if info.ty != w.ty.dtype || file_shape != shape {
-                return Err(BackendError::Mismatch(format!(
-                    "tensor `{}` is {} {:?} in the model but {} {:?} in the plan",
-                    w.tensor, info.ty, file_shape, w.ty.dtype, shape
-                )));
-            }
+            let (info, shape) = plan_tensor(&file, &w.tensor, &w.ty)?;
             infos.push((info, shape.len()));
         }
         let n_cells = geometry.n_cells();
@@ -321,16 +299,6 @@ impl CudaBackend {
             "the activation arena",
         )?;
         let tiles = alloc(&stream, tile_floats, "the weight tile scratch")?;
-        let mut names = HashMap::new();
-        for (i, step) in plan.steps.iter().enumerate() {
-            for (p, out) in step.outputs.iter().enumerate() {
-                let v = ValueRef {
-                    step: i as u32,
-                    port: p as u8,
-                };
-                names.insert(out.name.clone(), v);
-            }
-        }
         let path = if mm.uses_cublas() {
             "matvec kernels for one-token rows, cuBLAS SGEMM on dequantized tiles for prefill"
         } else {
@@ -356,6 +324,7 @@ impl CudaBackend {
         let attn_part = alloc(&stream, part_floats, "attention scratch")?;
         let top_ids = alloc(&stream, 1, "scratch")?;
         let top_vals = alloc(&stream, 1, "scratch")?;
+        let names = value_names(&plan);
         let backend = CudaBackend {
             intact: intact_values(&plan),
             device,
@@ -465,8 +434,7 @@ impl CudaBackend {
 
     /// Vocabulary size: the width of the plan's first output.
     fn n_vocab(&self) -> Option<usize> {
-        let first = *self.plan.outputs.first()?;
-        width_of(&self.plan, Operand::Value(first))
+        n_vocab(&self.plan)
     }
 
     fn arena_span(&self) -> Span<f32> {
@@ -1052,12 +1020,7 @@ impl Backend for CudaBackend {
     }
 
     fn step_limits(&self) -> StepLimits {
-        let options = &self.plan.options;
-        StepLimits {
-            max_tokens: options.max_tokens,
-            max_outputs: options.max_outputs,
-            n_vocab: self.n_vocab().unwrap_or(0) as u32,
-        }
+        step_limits(&self.plan)
     }
 
     fn validate(&mut self, step: &Step) -> Result<(), BackendError> {
