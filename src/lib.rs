@@ -16,6 +16,7 @@ pub mod passes;
 pub mod plan;
 pub mod runtime;
 pub mod sample;
+pub mod seed;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod tokenizer;

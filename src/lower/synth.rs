@@ -513,7 +513,7 @@ impl Synth {
                         ne: t.decl.ne.clone(),
                     })? as usize;
             let rows_per_chunk = (CHUNK_ELEMENTS / row_len.max(1)).max(1);
-            let name_hash = fnv1a(&t.decl.name);
+            let name_hash = crate::seed::fnv1a(&t.decl.name);
             let mut row = 0u64;
             while row < n_rows {
                 if cancelled() {
@@ -591,13 +591,6 @@ fn fill(values: &mut [f32], seed: u64, init: Init) {
         let sum = (r & 0xffff) as f32 + (r >> 16) as f32 - 65535.0;
         *v = offset + sum * scale;
     }
-}
-
-/// FNV-1a: a stable 64-bit hash of a tensor name.
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 #[cfg(test)]

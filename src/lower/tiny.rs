@@ -272,7 +272,7 @@ impl TinyModel {
 
     /// `n` values uniform in `[-1, 1)`, from a stream seeded by the model seed and `name`.
     fn uniform(&self, name: &str, n: u64) -> impl Iterator<Item = f32> {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ fnv1a(name));
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ crate::seed::fnv1a(name));
         (0..n).map(move |_| (rng.next_u32() >> 8) as f32 / (1u32 << 23) as f32 - 1.0)
     }
 }
@@ -330,13 +330,6 @@ fn encode(ty: GgmlType, values: &[f32], row_len: u64) -> Result<Vec<u8>, TinyMod
         out.extend(quants::quantize_row(ty, row)?);
     }
     Ok(out)
-}
-
-/// FNV-1a: a stable 64-bit hash of a tensor name (std's hasher may change between releases).
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    })
 }
 
 #[cfg(test)]

@@ -712,9 +712,7 @@ impl From<IrError> for BuildError {
 impl Builder {
     fn new(seed_name: &str, vocab: u32) -> Builder {
         // FNV-1a of the case name: each case has its own inputs, whatever the filter.
-        let seed = seed_name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
+        let seed = crate::seed::fnv1a(seed_name);
         Builder {
             rng: ChaCha8Rng::seed_from_u64(seed),
             graph: Graph::new(),
