@@ -1,12 +1,311 @@
 // Matrix-vector products with weights in their GGUF storage type: y[r, n] = sum_k x[r, k] w[n, k]
-// (y = x Wᵀ). A warp per output element n: its lanes read the weight row's elements in order
-// (coalesced), accumulate in FP32 and reduce with shuffles. Meant for one-token rows (decode);
-// with R > 1 it is the plain-kernel path used when cuBLAS is off.
-// Grid: (ceil(N / warps per block), R); block: 32 * warps per block.
+// (y = x Wᵀ) for a few rows r (decode: one row per running sequence).
+//
+// mmv_<ty>_r<R> (and gate_up_swiglu_<ty>_r<R>): one block per output column n, its threads split
+// the weight row into units of 32 weights. A thread decodes a unit once (the loads and the
+// bit-twiddling happen once per weight) and applies it to all R activation rows, so a step over
+// R sequences reads each weight once. The decoding is instruction-lean, for Maxwell (sm_52: no
+// dp4a, no half arithmetic, I2F at a quarter of the FMA rate): nibbles and bytes become floats
+// by placing them in the mantissa of 2^23 with one byte permute and one subtraction (exact),
+// unaligned block fields are read as aligned words and funnel-shifted, and every weight load
+// goes through the read-only cache. Each row's arithmetic is the same whatever R is (the same
+// FMA chain per unit, the same reduction), so a sequence gets bit-identical results alone and
+// in a batch. Grid: (N); block: 32, 64 or 128 threads (the host picks by the unit count).
+//
+// matvec_<ty>: the plain reference kernel, a warp per output element reading the row with
+// T::at. The host uses it only for shapes the unit kernels do not take (K not a multiple of 32,
+// or an activation pointer not 16-byte aligned). Grid: (ceil(N / 4), R); block: 128.
 #include "common.cuh"
 
+#define MMV_THREADS 128
+#define MMV_UNIT 32
+
+__device__ __forceinline__ u32 ldg32(const u8* p) { return __ldg((const unsigned int*)p); }
+__device__ __forceinline__ u16 ldg16(const u8* p) { return __ldg((const unsigned short*)p); }
+__device__ __forceinline__ uint4 ldg128(const u8* p) { return __ldg((const uint4*)p); }
+__device__ __forceinline__ float4 ldx4(const float* p) { return __ldg((const float4*)p); }
+
+// The `WORDS` little-endian words starting at byte `p` (any alignment), read as aligned words
+// (the last one is the word holding the last byte, so nothing past the field is read).
+template <int WORDS>
+__device__ __forceinline__ void ld_words(const u8* p, u32* out) {
+    size_t a = (size_t)p;
+    const u8* base = (const u8*)(a & ~(size_t)3);
+    u32 sh = (u32)(a & 3) * 8;
+    u32 w[WORDS + 1];
+#pragma unroll
+    for (int i = 0; i < WORDS; i++) w[i] = ldg32(base + 4 * i);
+    w[WORDS] = ldg32((const u8*)((a + 4 * WORDS - 1) & ~(size_t)3));
+#pragma unroll
+    for (int i = 0; i < WORDS; i++) out[i] = __funnelshift_r(w[i], w[i + 1], sh);
+}
+
+// 2^23 + byte i of v: the byte in the low mantissa bits of 2^23 (one PRMT). Subtracting 2^23
+// (plus any offset, folded into one constant) gives the byte's value exactly.
+#define MAGIC 8388608.0f
+__device__ __forceinline__ float mbyte(u32 v, int i) {
+    return __int_as_float(__byte_perm(v, 0x4B000000u, 0x7650u | (u32)i));
+}
+
+// Four bytes of `v` minus `off` into out[0..4].
+__device__ __forceinline__ void bytes4(u32 v, float off, float* out) {
+#pragma unroll
+    for (int i = 0; i < 4; i++) out[i] = mbyte(v, i) - (MAGIC + off);
+}
+
+// ---- Unit decoders: unit u of a row gives v[32] and a scale (the weights are v[i] * scale);
+// element i of the unit sits at x index xoff(u, i / 4) + i % 4. ----
+
+// Q4_0 (18-byte blocks: f16 d, 16 bytes of nibbles; element j < 16 the low nibble of byte j,
+// element 16 + j its high nibble): a unit is a block.
+struct UQ4_0 {
+    static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
+        const u8* b = row + (i64)u * 18;
+        u32 q[4];
+        ld_words<4>(b + 2, q);
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            bytes4(q[w] & 0x0F0F0F0Fu, 8.0f, v + 4 * w);
+            bytes4((q[w] >> 4) & 0x0F0F0F0Fu, 8.0f, v + 16 + 4 * w);
+        }
+        return h2f(ldg16(b));
+    }
+    static __device__ __forceinline__ int xoff(int u, int j) { return 32 * u + 4 * j; }
+};
+
+// Q4_1 (20-byte blocks: f16 d, f16 m, nibbles as Q4_0): w = d q + m, folded into v.
+struct UQ4_1 {
+    static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
+        const u8* b = row + (i64)u * 20;
+        u32 dm = ldg32(b);
+        float d = h2f((u16)(dm & 0xffff)), m = h2f((u16)(dm >> 16));
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            u32 q = ldg32(b + 4 + 4 * w);
+            float lo[4], hi[4];
+            bytes4(q & 0x0F0F0F0Fu, 0.0f, lo);
+            bytes4((q >> 4) & 0x0F0F0F0Fu, 0.0f, hi);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                v[4 * w + i] = fmaf(lo[i], d, m);
+                v[16 + 4 * w + i] = fmaf(hi[i], d, m);
+            }
+        }
+        return 1.0f;
+    }
+    static __device__ __forceinline__ int xoff(int u, int j) { return 32 * u + 4 * j; }
+};
+
+// Q8_0 (34-byte blocks: f16 d, 32 int8): the bytes flipped to unsigned (x ^ 0x80 = x + 128).
+struct UQ8_0 {
+    static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
+        const u8* b = row + (i64)u * 34;
+        u32 q[8];
+        ld_words<8>(b + 2, q);
+#pragma unroll
+        for (int w = 0; w < 8; w++) bytes4(q[w] ^ 0x80808080u, 128.0f, v + 4 * w);
+        return h2f(ldg16(b));
+    }
+    static __device__ __forceinline__ int xoff(int u, int j) { return 32 * u + 4 * j; }
+};
+
+// Q4_K (144-byte super-blocks of 256: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, then
+// four groups of 32 bytes whose low nibbles are sub-block 2g and high nibbles sub-block 2g + 1).
+// A unit is half a group: 16 bytes, 16 weights of each of its two sub-blocks. w = d sc q - dmin m.
+struct UQ4_K {
+    static __device__ __forceinline__ void scale_min(uint4 h, int j, float* dsc, float* dm) {
+        int k = j & 3;
+        u32 a = (h.y >> (8 * k)) & 0xff, b = (h.z >> (8 * k)) & 0xff, c = (h.w >> (8 * k)) & 0xff;
+        u32 sc = j < 4 ? (a & 63) : ((c & 15) | ((a >> 6) << 4));
+        u32 m = j < 4 ? (b & 63) : ((c >> 4) | ((b >> 6) << 4));
+        float d = h2f((u16)(h.x & 0xffff)), dmin = h2f((u16)(h.x >> 16));
+        *dsc = d * (__int_as_float(0x4B000000u | sc) - MAGIC);
+        *dm = dmin * (__int_as_float(0x4B000000u | m) - MAGIC);
+    }
+    static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
+        const u8* s = row + (i64)(u >> 3) * 144;
+        int g = (u & 7) >> 1, half = u & 1;
+        uint4 h = ldg128(s);
+        uint4 q4 = ldg128(s + 16 + 32 * g + 16 * half);
+        float dsc0, dm0, dsc1, dm1;
+        scale_min(h, 2 * g, &dsc0, &dm0);
+        scale_min(h, 2 * g + 1, &dsc1, &dm1);
+        u32 q[4] = {q4.x, q4.y, q4.z, q4.w};
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            float lo[4], hi[4];
+            bytes4(q[w] & 0x0F0F0F0Fu, 0.0f, lo);
+            bytes4((q[w] >> 4) & 0x0F0F0F0Fu, 0.0f, hi);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                v[4 * w + i] = fmaf(lo[i], dsc0, -dm0);
+                v[16 + 4 * w + i] = fmaf(hi[i], dsc1, -dm1);
+            }
+        }
+        return 1.0f;
+    }
+    static __device__ __forceinline__ int xoff(int u, int j) {
+        int g = (u & 7) >> 1, half = u & 1;
+        return 256 * (u >> 3) + 64 * g + 16 * half + (j < 4 ? 4 * j : 32 + 4 * (j - 4));
+    }
+};
+
+// Q6_K (210-byte super-blocks of 256: 128 bytes of low nibbles ql, 64 of 2-bit highs qh, 16 int8
+// scales, f16 d). Element 128 g + 32 k + e (g < 2, k < 4, e < 32) is the low (k < 2) or high
+// nibble of ql[64 g + 32 (k & 1) + e] with bits 2k..2k+1 of qh[32 g + e] above it, minus 32,
+// times d * scale[8 g + 2 k + e / 16]. A unit is e0..e0 + 8 (e0 = 0, 8, 16, 24) for all four k.
+struct UQ6_K {
+    static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
+        const u8* s = row + (i64)(u >> 3) * 210;
+        int g = (u & 7) >> 2, e0 = 8 * (u & 3);
+        u32 a[2], b[2], qh[2], sc[2];
+        ld_words<2>(s + 64 * g + e0, a);
+        ld_words<2>(s + 64 * g + 32 + e0, b);
+        ld_words<2>(s + 128 + 32 * g + e0, qh);
+        ld_words<2>(s + 192 + 8 * g, sc);
+        float d = h2f(ldg16(s + 208));
+        int sh = 8 * (e0 >> 4);
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            // scale[8 g + 2 k + e0 / 16]: byte 2 (k & 1) + e0 / 16 of word k / 2, sign-extended.
+            int scale = ((int)(sc[k >> 1] << (24 - 16 * (k & 1) - sh))) >> 24;
+            float ds = d * (float)scale;
+#pragma unroll
+            for (int w = 0; w < 2; w++) {
+                u32 lo = (k & 1) ? b[w] : a[w];
+                u32 nib = (k & 2) ? ((lo >> 4) & 0x0F0F0F0Fu) : (lo & 0x0F0F0F0Fu);
+                u32 hi = k == 0 ? (qh[w] << 4) : k == 1 ? (qh[w] << 2) : k == 2 ? qh[w] : (qh[w] >> 2);
+                float f[4];
+                bytes4(nib | (hi & 0x30303030u), 32.0f, f);
+#pragma unroll
+                for (int i = 0; i < 4; i++) v[8 * k + 4 * w + i] = f[i] * ds;
+            }
+        }
+        return 1.0f;
+    }
+    static __device__ __forceinline__ int xoff(int u, int j) {
+        int g = (u & 7) >> 2, e0 = 8 * (u & 3);
+        return 256 * (u >> 3) + 128 * g + 32 * (j >> 1) + e0 + 4 * (j & 1);
+    }
+};
+
+// F16: 32 halves, four 16-byte loads (rows are 16-byte aligned when K is a multiple of 32).
+struct UF16 {
+    static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
+        const u8* p = row + (i64)u * 64;
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            uint4 h = ldg128(p + 16 * c);
+            u32 q[4] = {h.x, h.y, h.z, h.w};
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                v[8 * c + 2 * i] = h2f((u16)(q[i] & 0xffff));
+                v[8 * c + 2 * i + 1] = h2f((u16)(q[i] >> 16));
+            }
+        }
+        return 1.0f;
+    }
+    static __device__ __forceinline__ int xoff(int u, int j) { return 32 * u + 4 * j; }
+};
+
+// Every other type: 32 consecutive elements through T::at (correct, not tuned).
 template <typename T>
-__device__ __forceinline__ float row_dot(const u8* row, const float* x, int K) {
+struct UGen {
+    static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
+#pragma unroll
+        for (int i = 0; i < 32; i++) v[i] = T::at(row, 32 * u + i);
+        return 1.0f;
+    }
+    static __device__ __forceinline__ int xoff(int u, int j) { return 32 * u + 4 * j; }
+};
+
+// The unit kernels' body: M weight matrices (1: y = x Wᵀ; 2: y = silu(x Gᵀ) * (x Uᵀ)), R rows.
+template <typename U, int R, int M>
+__device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __restrict__ w1,
+                                         const float* __restrict__ x, float* __restrict__ y,
+                                         int N, int K, i64 row_bytes) {
+    __shared__ float red[MMV_THREADS / 32][M * R];
+    int n = blockIdx.x;
+    const u8* rows[2] = {w0 + (i64)n * row_bytes, (M > 1 ? w1 : w0) + (i64)n * row_bytes};
+    float acc[M][R];
+#pragma unroll
+    for (int m = 0; m < M; m++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[m][r] = 0.0f;
+    int units = K / MMV_UNIT;
+    for (int u = threadIdx.x; u < units; u += blockDim.x) {
+        float v[M][MMV_UNIT], s[M];
+#pragma unroll
+        for (int m = 0; m < M; m++) s[m] = U::unit(rows[m], u, v[m]);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const float* xr = x + (i64)r * K;
+            float d[M];
+#pragma unroll
+            for (int m = 0; m < M; m++) d[m] = 0.0f;
+#pragma unroll
+            for (int j = 0; j < MMV_UNIT / 4; j++) {
+                float4 xv = ldx4(xr + U::xoff(u, j));
+#pragma unroll
+                for (int m = 0; m < M; m++) {
+                    d[m] = fmaf(v[m][4 * j], xv.x, d[m]);
+                    d[m] = fmaf(v[m][4 * j + 1], xv.y, d[m]);
+                    d[m] = fmaf(v[m][4 * j + 2], xv.z, d[m]);
+                    d[m] = fmaf(v[m][4 * j + 3], xv.w, d[m]);
+                }
+            }
+#pragma unroll
+            for (int m = 0; m < M; m++) acc[m][r] = fmaf(d[m], s[m], acc[m][r]);
+        }
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+#pragma unroll
+    for (int m = 0; m < M; m++)
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float t = warp_sum(acc[m][r]);
+            if (lane == 0) red[warp][m * R + r] = t;
+        }
+    __syncthreads();
+    if (threadIdx.x < R) {
+        int r = threadIdx.x;
+        float a = 0.0f, b = 0.0f;
+        for (int i = 0; i < nw; i++) {
+            a += red[i][r];
+            if (M > 1) b += red[i][R + r];
+        }
+        y[(i64)r * N + n] = M > 1 ? silu1(a) * b : a;
+    }
+}
+
+#define MMV_R(name, U, R)                                                                       \
+    extern "C" __global__ void __launch_bounds__(MMV_THREADS)                                   \
+        mmv_##name##_r##R(const u8* w, const float* x, float* y, int N, int K, i64 row_bytes) { \
+        mmv_impl<U, R, 1>(w, w, x, y, N, K, row_bytes);                                         \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(MMV_THREADS)                                   \
+        gate_up_swiglu_##name##_r##R(const u8* wg, const u8* wu, const float* x, float* y,      \
+                                     int N, int K, i64 row_bytes) {                             \
+        mmv_impl<U, R, 2>(wg, wu, x, y, N, K, row_bytes);                                       \
+    }
+#define MMV(name, U) MMV_R(name, U, 1) MMV_R(name, U, 2) MMV_R(name, U, 4) MMV_R(name, U, 8)
+
+MMV(f32, UGen<TF32>)
+MMV(f16, UF16)
+MMV(bf16, UGen<TBF16>)
+MMV(q4_0, UQ4_0)
+MMV(q4_1, UQ4_1)
+MMV(q5_0, UGen<TQ5_0>)
+MMV(q5_1, UGen<TQ5_1>)
+MMV(q8_0, UQ8_0)
+MMV(q4_k, UQ4_K)
+MMV(q5_k, UGen<TQ5_K>)
+MMV(q6_k, UQ6_K)
+
+// ---- The plain reference kernel ----
+
+template <typename T>
+__device__ float row_dot(const u8* row, const float* x, int K) {
     float acc = 0.0f;
     for (int k = threadIdx.x & 31; k < K; k += 32) acc += T::at(row, k) * x[k];
     return warp_sum(acc);

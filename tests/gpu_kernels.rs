@@ -409,6 +409,45 @@ fn matvec_and_gate_up_swiglu_match_dequantized_f64_math_for_every_type() {
 }
 
 #[test]
+fn unit_kernels_match_dequantized_f64_math_for_every_type_and_row_count() {
+    use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul, MatmulPath};
+    let Some(g) = gpu() else { return };
+    let mm = Matmul::new(g.stream.clone(), false).unwrap();
+    // K = 1280: five Q4_K/Q6_K super-blocks, 40 units: a block of 64 threads, one idle warp part.
+    let (n, k) = (67, 1280);
+    for (i, ty) in DEQUANTIZE_TYPES.into_iter().enumerate() {
+        let (wb, wd, _) = weight(800 + i as u64, ty, n, k);
+        let (ub, ud, _) = weight(900 + i as u64, ty, n, k);
+        let w = DeviceWeight::upload(&g.stream, "w", ty, n, k, &wb).unwrap();
+        let u = DeviceWeight::upload(&g.stream, "u", ty, n, k, &ub).unwrap();
+        for rows in [1usize, 2, 3, 8, 13] {
+            let x = randn(&mut rng(1000 + rows as u64), rows * k);
+            let x_d = g.up(&x);
+            let mut y_d = g.out(rows * n, NAN);
+            let mut scratch = g.out(k, NAN);
+            let path = mm
+                .run(&g.ks, &x_d, rows, &w, &mut y_d, &mut scratch)
+                .unwrap();
+            assert!(matches!(path, MatmulPath::Units { .. }), "{ty:?}: {path:?}");
+            let want = matmul_ref(&x, &wd, rows, n, k);
+            let what = format!("unit matmul {ty:?} rows={rows}");
+            assert_close(&what, &g.down(&y_d), &want, 1e-3);
+            let mut z_d = g.out(rows * n, NAN);
+            mm.gate_up_swiglu(&g.ks, &x_d, rows, &w, &u, &mut z_d)
+                .unwrap();
+            let up = matmul_ref(&x, &ud, rows, n, k);
+            let want: Vec<f64> = want
+                .iter()
+                .zip(&up)
+                .map(|(&a, &u)| a / (1.0 + (-a).exp()) * u)
+                .collect();
+            let what = format!("unit gate_up_swiglu {ty:?} rows={rows}");
+            assert_close(&what, &g.down(&z_d), &want, 1e-3);
+        }
+    }
+}
+
+#[test]
 fn elementwise_ops_and_select_rows_match_the_cpu_kernels() {
     let Some(g) = gpu() else { return };
     let mut r = rng(7);
@@ -1123,44 +1162,56 @@ fn kernel_timings_for_the_record() {
     };
     // A 16384 x 4096 weight (larger than the H200's L2 in F16): the matvec of one decode token.
     let (n, k) = (16384usize, 4096usize);
-    let x = randn(&mut rng(1), k);
-    let x_d = g.up(&x);
     for ty in [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
         GgmlType::Q4_K,
         GgmlType::Q6_K,
     ] {
         let (wb, _, row_bytes) = weight(42, ty, n, k);
         let w_d = g.up(&wb);
-        let mut y_d = g.out(n, NAN);
-        let f = g.f(
-            "matvec",
-            &format!("matvec_{}", weight_kernel_suffix(ty).unwrap()),
-        );
+        let sfx = weight_kernel_suffix(ty).unwrap();
         let (nn, kk, rb) = (n as i32, k as i32, row_bytes as i64);
-        let ms = time(&mut || {
-            launch(&f, g, cfg((n.div_ceil(4) as u32, 1, 1), 128), |b| {
-                b.arg(&w_d)
-                    .arg(&x_d)
-                    .arg(&mut y_d)
-                    .arg(&nn)
-                    .arg(&kk)
-                    .arg(&rb);
+        // The plain kernel (grid N / 4 x rows), then the unit kernels for 1 and 8 rows (grid N,
+        // 128 threads: K = 4096 is 128 units).
+        for (kernel, rows, grid, block) in [
+            (
+                format!("matvec_{sfx}"),
+                1usize,
+                (n.div_ceil(4) as u32, 1, 1),
+                128,
+            ),
+            (format!("mmv_{sfx}_r1"), 1, (n as u32, 1, 1), 128),
+            (format!("mmv_{sfx}_r8"), 8, (n as u32, 1, 1), 128),
+        ] {
+            let f = g.f("matvec", &kernel);
+            let xr = g.up(&randn(&mut rng(2), rows * k));
+            let mut y_d = g.out(rows * n, NAN);
+            let ms = time(&mut || {
+                launch(&f, g, cfg(grid, block), |b| {
+                    b.arg(&w_d)
+                        .arg(&xr)
+                        .arg(&mut y_d)
+                        .arg(&nn)
+                        .arg(&kk)
+                        .arg(&rb);
+                });
             });
-        });
-        let y = g.down(&y_d);
-        assert!(y.iter().all(|v| v.is_finite()), "{ty:?}");
-        eprintln!(
-            "TIMING matvec {ty:?} {n}x{k}: {ms:.3} ms, {:.0} GB/s of weights",
-            wb.len() as f64 / ms / 1e6
-        );
+            let y = g.down(&y_d);
+            assert!(y.iter().all(|v| v.is_finite()), "{kernel}");
+            eprintln!(
+                "TIMING {kernel} {n}x{k} rows={rows}: {ms:.3} ms, {:.0} GB/s of weights",
+                wb.len() as f64 / ms / 1e6
+            );
+        }
     }
 }
 
 #[test]
-fn matmul_agrees_on_the_matvec_cublas_and_plain_kernel_paths() {
+fn matmul_agrees_on_the_unit_cublas_and_plain_kernel_paths() {
     use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul, MatmulPath};
     let Some(g) = gpu() else { return };
     let (n, k) = (100usize, 512usize);
@@ -1168,8 +1219,11 @@ fn matmul_agrees_on_the_matvec_cublas_and_plain_kernel_paths() {
     let without = Matmul::new(g.stream.clone(), false).unwrap();
     for (i, ty) in [
         GgmlType::F16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
         GgmlType::Q8_0,
         GgmlType::Q4_K,
+        GgmlType::Q5_K,
         GgmlType::Q6_K,
     ]
     .into_iter()
@@ -1188,17 +1242,54 @@ fn matmul_agrees_on_the_matvec_cublas_and_plain_kernel_paths() {
                 let path = mm
                     .run(&g.ks, &x_d, rows, &w, &mut y_d, &mut scratch)
                     .unwrap();
+                // Launches of 8, 4, 2 and 1 rows: 5 = 4 + 1, 33 = 4 x 8 + 1.
                 let expected = match (rows, mm.uses_cublas()) {
-                    (1, _) => MatmulPath::Matvec,
+                    (1, _) => MatmulPath::Units { launches: 1 },
+                    (5, _) => MatmulPath::Units { launches: 2 },
                     (_, true) => MatmulPath::CublasSgemm { tiles: 4 },
-                    (_, false) => MatmulPath::PlainKernel,
+                    (_, false) => MatmulPath::Units { launches: 5 },
                 };
                 assert_eq!(path, expected, "{ty:?} rows={rows} {name}");
                 let what = format!("matmul {ty:?} rows={rows} {name}");
-                assert_close(&what, &g.down(&y_d), &want, 1e-3);
+                let got = g.down(&y_d);
+                assert_close(&what, &got, &want, 1e-3);
+                if matches!(path, MatmulPath::Units { .. }) {
+                    // Batch invariance: each row is bit for bit what it is alone.
+                    for r in 0..rows {
+                        let x1 = g.up(&x[r * k..(r + 1) * k]);
+                        let mut y1 = g.out(n, NAN);
+                        mm.run(&g.ks, &x1, 1, &w, &mut y1, &mut scratch).unwrap();
+                        let alone = g.down(&y1);
+                        assert!(
+                            alone
+                                .iter()
+                                .zip(&got[r * n..(r + 1) * n])
+                                .all(|(a, b)| a.to_bits() == b.to_bits()),
+                            "{what}: row {r} differs from the same row alone"
+                        );
+                    }
+                }
             }
         }
     }
+    // K not a multiple of 32 runs on the plain kernel, with the same answer.
+    let (n, k) = (40usize, 200usize);
+    let (wb, wd, _) = weight(650, GgmlType::F16, n, k);
+    let w = DeviceWeight::upload(&g.stream, "w", GgmlType::F16, n, k, &wb).unwrap();
+    let x = randn(&mut rng(651), 3 * k);
+    let mut y_d = g.out(3 * n, NAN);
+    let mut scratch = g.out(k, NAN);
+    let path = without
+        .run(&g.ks, &g.up(&x), 3, &w, &mut y_d, &mut scratch)
+        .unwrap();
+    assert_eq!(path, MatmulPath::PlainKernel);
+    assert_close(
+        "matmul F16 k=200",
+        &g.down(&y_d),
+        &matmul_ref(&x, &wd, 3, n, k),
+        1e-3,
+    );
+    let (n, k) = (100usize, 512usize);
     // Wrong sizes are errors naming the kernel and the shapes, not launches.
     let (wb, _, _) = weight(1, GgmlType::Q8_0, n, k);
     let w = DeviceWeight::upload(&g.stream, "w", GgmlType::Q8_0, n, k, &wb).unwrap();

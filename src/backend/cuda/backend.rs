@@ -300,9 +300,10 @@ impl CudaBackend {
         )?;
         let tiles = alloc(&stream, tile_floats, "the weight tile scratch")?;
         let path = if mm.uses_cublas() {
-            "matvec kernels for one-token rows, cuBLAS SGEMM on dequantized tiles for prefill"
+            "unit kernels on the stored blocks for up to 32 rows, cuBLAS SGEMM on dequantized tiles \
+             for prefill"
         } else {
-            "plain kernels only (M40LLM_ENABLE_CUBLAS=0)"
+            "unit kernels on the stored blocks for every row count (M40LLM_ENABLE_CUBLAS=0)"
         };
         let device = DeviceInfo {
             kind: "cuda".into(),
@@ -744,7 +745,8 @@ impl CudaBackend {
                 let (x, gate, up) = (act(0)?, mat(1)?, mat(2)?);
                 let rows = rows_of(x, gate.k);
                 let mut y = out(0)?;
-                if rows > 1 && self.mm.uses_cublas() || gate.ty != up.ty {
+                if rows > super::matmul::UNIT_MAX_ROWS && self.mm.uses_cublas() || gate.ty != up.ty
+                {
                     // Two matmuls (cuBLAS for prefill), then y = silu(gate) * up in place.
                     let mut u = Span::of(&self.up_rows).prefix(rows * up.n, "up rows")?;
                     self.mm.run(&self.ks, &x, rows, gate, &mut y, &mut tiles)?;

@@ -1,6 +1,9 @@
-//! Weights on the device in their GGUF block layout, and `y = x Wᵀ` over them: the matvec kernel
-//! for one-token rows, cuBLAS SGEMM on weights dequantized tile-wise into FP32 scratch for
-//! multi-token rows, or the plain kernel when cuBLAS is off (`M40LLM_ENABLE_CUBLAS=0`).
+//! Weights on the device in their GGUF block layout, and `y = x Wᵀ` over them: the unit kernels
+//! (kernels/matvec.cu) for up to [`UNIT_MAX_ROWS`] rows (decode, one row per sequence: each
+//! launch covers up to 8 rows and reads each weight once), cuBLAS SGEMM on weights dequantized
+//! tile-wise into FP32 scratch for more rows (prefill), and the unit kernels for every row count
+//! when cuBLAS is off (`M40LLM_ENABLE_CUBLAS=0`). Shapes the unit kernels do not take (K not a
+//! multiple of 32, activations not 16-byte aligned) run on the plain reference kernel.
 //!
 //! # The cuBLAS contract (row-major activations, column-major cuBLAS)
 //! m40-llm's activations and dequantized weights are row-major: `x` is `[R, K]`, `W` is
@@ -76,15 +79,48 @@ pub fn cublas_enabled_by_env() -> bool {
     std::env::var("M40LLM_ENABLE_CUBLAS").map_or(true, |v| v.trim() != "0")
 }
 
+/// Up to this many rows run on the unit kernels even with cuBLAS on: a chunk of up to 8 rows
+/// reads the weights once, where cuBLAS first writes and reads them as FP32 (8 bytes a weight
+/// against 0.56 for Q4_0), so small batches stay bandwidth-bound.
+pub const UNIT_MAX_ROWS: usize = 32;
+
+/// The row counts the unit kernels are compiled for (`mmv_<ty>_r<R>`), largest first: a launch
+/// takes the largest that fits what is left.
+const UNIT_ROWS: [usize; 4] = [8, 4, 2, 1];
+
 /// Which path a matmul took.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatmulPath {
-    /// One row: the matvec kernel on the stored blocks.
-    Matvec,
-    /// Several rows: dequantize tiles of `W` into scratch, cuBLAS SGEMM per tile.
+    /// The unit kernels on the stored blocks, in `launches` launches of up to 8 rows.
+    Units { launches: usize },
+    /// Dequantize tiles of `W` into scratch, cuBLAS SGEMM per tile.
     CublasSgemm { tiles: usize },
-    /// Several rows with cuBLAS off: the matvec kernel over every row.
+    /// The plain reference kernel (a shape the unit kernels do not take).
     PlainKernel,
+}
+
+/// Whether the unit kernels take this shape: whole units of 32 along K, and 16-byte aligned
+/// activation rows (they are read as float4).
+fn units_take(k: usize, x: u64) -> bool {
+    k % 32 == 0 && x % 16 == 0
+}
+
+/// The unit kernels' block: 32 threads per 32 units of a row, at most 128.
+fn unit_block(k: usize) -> u32 {
+    ((k / 32).div_ceil(32) * 32).clamp(32, 128) as u32
+}
+
+/// Splits `rows` into launches of the compiled row counts: `(first row, rows)`.
+fn unit_chunks(rows: usize) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut r0 = 0;
+    while r0 < rows {
+        let left = rows - r0;
+        let r = UNIT_ROWS.into_iter().find(|&r| r <= left).unwrap_or(1);
+        out.push((r0, r));
+        r0 += r;
+    }
+    out
 }
 
 /// Matmuls on one stream; see the [module docs](self).
@@ -156,7 +192,29 @@ impl Matmul {
         let (n, k) = (as_i32(w.n, "N")?, as_i32(w.k, "K")?);
         let rows_i = as_i32(rows, "rows")?;
         let row_bytes = w.row_bytes as i64;
-        let Some(blas) = self.blas.as_ref().filter(|_| rows > 1) else {
+        let blas = self.blas.as_ref().filter(|_| rows > UNIT_MAX_ROWS);
+        if blas.is_none() && units_take(w.k, *x.ptr()) {
+            let mut launches = 0;
+            for (r0, r) in unit_chunks(rows) {
+                let name = format!("mmv_{sfx}_r{r}");
+                let f = ks.function("matvec", &name)?;
+                let xr = x.sub(r0 * w.k, r * w.k, "matmul rows")?;
+                let yr = y.sub(r0 * w.n, r * w.n, "matmul rows")?;
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(&w.data)
+                    .arg(xr.ptr())
+                    .arg(yr.ptr())
+                    .arg(&n)
+                    .arg(&k)
+                    .arg(&row_bytes);
+                // SAFETY: the arguments match mmv_<ty>_r<R>'s signature: R rows of x and y
+                // (checked by `sub`), K a whole number of units.
+                unsafe { b.launch(unit_grid(w.n, w.k)) }.map_err(|e| bad(&name, e.to_string()))?;
+                launches += 1;
+            }
+            return Ok(MatmulPath::Units { launches });
+        }
+        let Some(blas) = blas else {
             let name = format!("matvec_{sfx}");
             let f = ks.function("matvec", &name)?;
             let mut b = self.stream.launch_builder(&f);
@@ -168,11 +226,7 @@ impl Matmul {
                 .arg(&row_bytes);
             // SAFETY: the arguments match matvec_<ty>'s signature and the sizes were checked.
             unsafe { b.launch(matvec_grid(w.n, rows_i)) }.map_err(|e| bad(&name, e.to_string()))?;
-            return Ok(if rows == 1 {
-                MatmulPath::Matvec
-            } else {
-                MatmulPath::PlainKernel
-            });
+            return Ok(MatmulPath::PlainKernel);
         };
         let tile_rows = (scratch.len() / w.k).min(w.n);
         if tile_rows == 0 {
@@ -232,8 +286,8 @@ impl Matmul {
     }
 
     /// `y[r, n] = silu(x[r] · gate[n]) * (x[r] · up[n])` in one kernel that reads both weights
-    /// (they must share a type and shape): the fused FFN input for one-token rows, and the
-    /// plain-kernel path for several rows.
+    /// (they must share a type and shape): the fused FFN input for decode rows (the unit
+    /// kernels, 8 rows a launch), and every row count when cuBLAS is off.
     pub fn gate_up_swiglu(
         &self,
         ks: &KernelSet,
@@ -271,6 +325,29 @@ impl Matmul {
         let k = i32::try_from(gate.k).map_err(|_| too_big("K"))?;
         let rows_i = i32::try_from(rows).map_err(|_| too_big("rows"))?;
         let row_bytes = gate.row_bytes as i64;
+        if units_take(gate.k, *x.ptr()) {
+            for (r0, r) in unit_chunks(rows) {
+                let name = format!("{name}_r{r}");
+                let f = ks.function("matvec", &name)?;
+                let xr = x.sub(r0 * gate.k, r * gate.k, "gate_up rows")?;
+                let yr = y.sub(r0 * gate.n, r * gate.n, "gate_up rows")?;
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(&gate.data)
+                    .arg(&up.data)
+                    .arg(xr.ptr())
+                    .arg(yr.ptr())
+                    .arg(&n)
+                    .arg(&k)
+                    .arg(&row_bytes);
+                // SAFETY: the arguments match gate_up_swiglu_<ty>_r<R>'s signature; R rows of x
+                // and y (checked by `sub`), K a whole number of units.
+                unsafe { b.launch(unit_grid(gate.n, gate.k)) }.map_err(|e| CudaError::Launch {
+                    kernel: name.clone(),
+                    reason: e.to_string(),
+                })?;
+            }
+            return Ok(());
+        }
         let f = ks.function("matvec", &name)?;
         let mut b = self.stream.launch_builder(&f);
         b.arg(&gate.data)
@@ -289,7 +366,16 @@ impl Matmul {
     }
 }
 
-/// The matvec kernels' grid: four output elements (warps) per block of 128, one row per y.
+/// The unit kernels' grid: a block per output column.
+fn unit_grid(n: usize, k: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n as u32, 1, 1),
+        block_dim: (unit_block(k), 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The plain kernel's grid: four output elements (warps) per block of 128, one row per y.
 fn matvec_grid(n: usize, rows: i32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(4) as u32, rows as u32, 1),
