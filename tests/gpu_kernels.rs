@@ -1650,6 +1650,51 @@ fn prefill_equals_decode_and_a_batch_equals_each_sequence_alone_on_the_gpu() {
 }
 
 #[test]
+fn decode_graphs_replay_exactly_what_launching_each_kernel_computes() {
+    let Some(g) = exec::device() else { return };
+    let model = TinyModel::llama32().with_weight_type(GgmlType::Q8_0);
+    let file = Arc::new(model.open().unwrap());
+    let plan = exec::plan(&file, &g, 400, m40_llm::plan::Reuse::Liveness);
+    let kv = exec::geometry(400, 2);
+    let mut graphs = exec::cuda(&plan, &file, kv, &g);
+    let mut each = exec::cuda(&plan, &file, kv, &g);
+    graphs.set_graphs(true);
+    each.set_graphs(false);
+    let prompt: Vec<u32> = (0..20).map(|i| (i * 7 + 3) % model.n_vocab).collect();
+    let step = exec::Batch::new()
+        .seq(0, 0, &prompt, 0)
+        .seq(1, 0, &prompt[..5], 25)
+        .step;
+    assert_eq!(
+        exec::logits(&mut graphs, &step),
+        exec::logits(&mut each, &step)
+    );
+    // Decode slot 0 past position 256 (a second graph: one more flash-decoding split), with
+    // slot 1 decoding beside it every third step (graphs of two tokens).
+    let mut p1 = 5;
+    for p in 20u32..270 {
+        let t = (p * 31 + 1) % model.n_vocab;
+        let mut b = exec::Batch::new().seq(0, p, &[t], 0);
+        if p % 3 == 0 {
+            b = b.seq(1, p1, &[t], 25);
+            p1 += 1;
+        }
+        let (a, want) = (
+            exec::logits(&mut graphs, &b.step),
+            exec::logits(&mut each, &b.step),
+        );
+        assert_eq!(a, want, "position {p}: the replayed graph differs");
+    }
+    let (captures, replays) = graphs.graph_counts();
+    assert!(
+        captures >= 4 && replays >= 200,
+        "{captures} captures, {replays} replays"
+    );
+    assert_eq!(each.graph_counts(), (0, 0));
+    eprintln!("decode graphs: {captures} captures, {replays} replays, bit-identical logits");
+}
+
+#[test]
 fn device_argmax_and_top_k_agree_with_the_host_on_the_same_logits() {
     use m40_llm::backend::step::{OutputKind, RowOutput, StepOutputs, argmax, top_k_into};
     let Some(g) = exec::device() else { return };

@@ -13,14 +13,22 @@
 //! logits rows, or the device's argmax / top-k. [`CudaBackend::step`] is the interpreter: one
 //! `match` over the ops, as in the CPU backend.
 //!
+//! Decode steps (at most [`UNIT_MAX_ROWS`] tokens) are captured once per shape as a CUDA graph
+//! and replayed: a step's kernels read everything that changes from step to step (tokens,
+//! positions, slots, page tables) from device buffers at fixed addresses, so the same launches
+//! serve every step of a shape, and one graph launch replaces a few hundred kernel launches
+//! (SmolLM2 has about 330 a token). The shape is the token and output counts and the context
+//! length in chunks of [`DECODE_CHUNK`] (flash-decoding's split count), so a sequence needs a new
+//! graph every 256 positions; a shape is captured when it comes a second time. `M40LLM_CUDA_GRAPHS=0` launches every kernel every step instead.
+//!
 //! Errors name the kernel and the sizes. A failed launch or a failed step leaves the page
 //! tables as they were (the host's view is rolled back and the device's rows restored); if the
 //! device itself reports an error (an illegal address, a lost device), the backend says it is
 //! unusable and refuses further steps.
 
-use super::matmul::{DeviceWeight, Matmul, cublas_enabled_by_env};
+use super::matmul::{DeviceWeight, Matmul, UNIT_MAX_ROWS, cublas_enabled_by_env};
 use super::mem::{self, Span};
-use super::ops::{AttnShape, Ops, PagedKv, Rope};
+use super::ops::{AttnShape, DECODE_CHUNK, Ops, PagedKv, Rope};
 use super::{KernelSet, kernels};
 use crate::backend::device::GpuInfo;
 use crate::backend::layout::{
@@ -32,7 +40,10 @@ use crate::gguf::{GgufFile, quants};
 use crate::ir::{Dim, Op, RopeStyle, StepSizes};
 use crate::plan::{Operand, Plan, ValueRef};
 use crate::units::human_bytes;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{
+    CudaContext, CudaGraph, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits,
+};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -46,6 +57,68 @@ enum DevWeight {
     Matrix(DeviceWeight),
     /// A vector (norm weight, bias, rope factors) as F32.
     Vector(CudaSlice<f32>),
+}
+
+/// Decode graphs kept at once (least recently used dropped first).
+const GRAPH_CACHE: usize = 16;
+
+/// What a step's launches depend on besides device buffers at fixed addresses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct GraphKey {
+    tokens: usize,
+    outputs: usize,
+    /// The longest context in chunks of `DECODE_CHUNK` (the decode attention's split count).
+    context_chunks: usize,
+}
+
+impl GraphKey {
+    /// The key of a decode step; `None` for steps that are not replayed (prefill: more than
+    /// `UNIT_MAX_ROWS` tokens, where cuBLAS runs).
+    fn of(step: &Step) -> Option<GraphKey> {
+        let tokens = step.n_tokens();
+        if tokens == 0 || tokens > UNIT_MAX_ROWS {
+            return None;
+        }
+        let longest = step.positions.iter().max().map_or(1, |&p| p as usize + 1);
+        Some(GraphKey {
+            tokens,
+            outputs: step.outputs.len(),
+            context_chunks: longest.div_ceil(DECODE_CHUNK),
+        })
+    }
+}
+
+/// A captured graph the backend owns alone.
+struct OwnedGraph(CudaGraph);
+
+// SAFETY: CUDA graphs may be used from any thread as long as calls on one graph are serialized
+// (CUDA's "Graph object thread safety"); an `OwnedGraph` is reached only through the backend's
+// `&mut self`, so moving it to another thread (Send, not Sync) keeps every call serialized.
+unsafe impl Send for OwnedGraph {}
+
+/// The captured decode steps.
+struct Graphs {
+    /// `M40LLM_CUDA_GRAPHS` is not `0`, and no capture has failed.
+    enabled: bool,
+    /// Most recently used last.
+    cached: Vec<(GraphKey, OwnedGraph)>,
+    /// Shapes seen once and not captured: a shape is captured the second time, so a one-off
+    /// step (a prefill chunk of a few tokens) does not pay for a capture it never replays.
+    seen: Vec<GraphKey>,
+    captures: u64,
+    replays: u64,
+}
+
+impl Graphs {
+    fn new() -> Graphs {
+        Graphs {
+            enabled: std::env::var("M40LLM_CUDA_GRAPHS").map_or(true, |v| v.trim() != "0"),
+            cached: Vec::new(),
+            seen: Vec::new(),
+            captures: 0,
+            replays: 0,
+        }
+    }
 }
 
 /// One layer's KV cache: `n_cells` rows of `width` FP16 values for K and for V.
@@ -101,6 +174,7 @@ pub struct CudaBackend {
     /// Set when the device reported an error that leaves its state unknown.
     broken: Option<String>,
     resident_bytes: u64,
+    graphs: Graphs,
 }
 
 /// What a load uploads and allocates, in bytes, checked against the device's free memory first.
@@ -172,7 +246,13 @@ impl CudaBackend {
             .map_err(|e| BackendError::Mismatch(e.to_string()))?;
         crate::backend::cpu::arena::check_disjoint(&plan).map_err(BackendError::Mismatch)?;
         let ctx = CudaContext::new(gpu.ordinal).map_err(driver(&format!("opening {gpu}")))?;
-        let stream = ctx.default_stream();
+        // SAFETY: every launch, copy, allocation and free of this backend is ordered on the one
+        // stream below, so cudarc's cross-stream events are not needed (and must not be recorded
+        // into graph captures). A capture needs a stream other than the legacy default one.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(driver(&format!("creating a stream on {gpu}")))?;
         let ks = KernelSet::load(ctx.clone(), kernels::cache_dir().as_deref())?;
         let mm = Matmul::new(stream.clone(), use_cublas)?;
 
@@ -305,12 +385,18 @@ impl CudaBackend {
         } else {
             "unit kernels on the stored blocks for every row count (M40LLM_ENABLE_CUBLAS=0)"
         };
+        let graphs = Graphs::new();
+        let replay = if graphs.enabled {
+            "decode steps replayed as CUDA graphs"
+        } else {
+            "every kernel launched every step (M40LLM_CUDA_GRAPHS=0)"
+        };
         let device = DeviceInfo {
             kind: "cuda".into(),
             name: gpu.name.clone(),
             detail: format!(
-                "cuda:{}, sm_{}, {}, kernels for sm_{} by NVRTC {}; {path}; FP32 compute, FP16 KV \
-                 cache; {} of weights resident in their own types",
+                "cuda:{}, sm_{}, {}, kernels for sm_{} by NVRTC {}; {path}; {replay}; FP32 compute, \
+                 FP16 KV cache; {} of weights resident in their own types",
                 gpu.ordinal,
                 super::super::device::arch_of(gpu),
                 human_bytes(gpu.total_memory as u64, 1),
@@ -353,6 +439,7 @@ impl CudaBackend {
             has_last: false,
             broken: None,
             resident_bytes: footprint.weights,
+            graphs,
             stream,
             plan,
         };
@@ -525,20 +612,112 @@ impl CudaBackend {
             "the step's output rows",
         )?;
         self.host_i32 = host;
+        let scratch_at = (
+            self.attn_part.device_ptr(&self.stream).0,
+            self.up_rows.device_ptr(&self.stream).0,
+        );
         self.prepare_scratch(step)?;
+        if scratch_at
+            != (
+                self.attn_part.device_ptr(&self.stream).0,
+                self.up_rows.device_ptr(&self.stream).0,
+            )
+        {
+            // The graphs launch kernels on the old scratch.
+            self.graphs.cached.clear();
+        }
         let sizes = StepSizes {
             tokens: step.n_tokens() as u64,
             outputs: step.outputs.len() as u64,
         };
         // Until this step completes, its values are neither the old ones nor the new ones.
         self.has_last = false;
-        for i in 0..self.plan.steps.len() {
-            self.run_step(i, step, sizes)?;
-        }
+        self.launch_steps(step, sizes)?;
         self.write_outputs(step, sizes, out)?;
         self.last.clone_from(step);
         self.has_last = true;
         Ok(())
+    }
+
+    /// Launches every plan step for `step`: a decode step's graph when there is one (capturing
+    /// it the first time its shape is seen), else each kernel.
+    fn launch_steps(&mut self, step: &Step, sizes: StepSizes) -> Result<(), BackendError> {
+        let Some(key) = GraphKey::of(step).filter(|_| self.graphs.enabled) else {
+            return self.launch_each(step, sizes);
+        };
+        if let Some(i) = self.graphs.cached.iter().position(|(k, _)| *k == key) {
+            let entry = self.graphs.cached.remove(i);
+            let launched = entry.1.0.launch();
+            self.graphs.cached.push(entry);
+            self.graphs.replays += 1;
+            return launched.map_err(driver("replaying a decode step's graph"));
+        }
+        if let Some(i) = self.graphs.seen.iter().position(|k| *k == key) {
+            self.graphs.seen.remove(i);
+        } else {
+            if self.graphs.seen.len() >= GRAPH_CACHE {
+                self.graphs.seen.remove(0);
+            }
+            self.graphs.seen.push(key);
+            return self.launch_each(step, sizes);
+        }
+        let relaxed = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+        if let Err(e) = self.stream.begin_capture(relaxed) {
+            return self.graphs_off(format!("cannot start a capture: {e}"), step, sizes);
+        }
+        // Nothing runs while capturing: an error here launched nothing.
+        let ran = self.launch_each(step, sizes);
+        let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        ran?;
+        let graph = match graph {
+            Ok(Some(g)) => g,
+            Ok(None) => return self.graphs_off("the capture was empty".into(), step, sizes),
+            Err(e) => return self.graphs_off(format!("the capture failed: {e}"), step, sizes),
+        };
+        graph
+            .launch()
+            .map_err(driver("launching a decode step's graph"))?;
+        self.graphs.captures += 1;
+        if self.graphs.cached.len() >= GRAPH_CACHE {
+            self.graphs.cached.remove(0);
+        }
+        self.graphs.cached.push((key, OwnedGraph(graph)));
+        Ok(())
+    }
+
+    /// Turns the graphs off for good (saying why, once) and launches this step's kernels.
+    fn graphs_off(
+        &mut self,
+        why: String,
+        step: &Step,
+        sizes: StepSizes,
+    ) -> Result<(), BackendError> {
+        tracing::warn!("CUDA graphs off, launching each kernel every step: {why}");
+        self.graphs.enabled = false;
+        self.graphs.cached.clear();
+        self.graphs.seen.clear();
+        self.launch_each(step, sizes)
+    }
+
+    fn launch_each(&self, step: &Step, sizes: StepSizes) -> Result<(), BackendError> {
+        for i in 0..self.plan.steps.len() {
+            self.run_step(i, step, sizes)?;
+        }
+        Ok(())
+    }
+
+    /// Decode graphs captured and replayed so far (each capture also ran its step once).
+    pub fn graph_counts(&self) -> (u64, u64) {
+        (self.graphs.captures, self.graphs.replays)
+    }
+
+    /// Turns decode graphs on or off (on by default unless `M40LLM_CUDA_GRAPHS=0`); off drops
+    /// the captured ones.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.graphs.enabled = on;
+        if !on {
+            self.graphs.cached.clear();
+        }
     }
 
     /// Grows the scratch buffers this step needs, if the ones allocated at load are too small

@@ -102,7 +102,7 @@ pub enum MatmulPath {
 /// Whether the unit kernels take this shape: whole units of 32 along K, and 16-byte aligned
 /// activation rows (they are read as float4).
 fn units_take(k: usize, x: u64) -> bool {
-    k % 32 == 0 && x % 16 == 0
+    k.is_multiple_of(32) && x.is_multiple_of(16)
 }
 
 /// The unit kernels' block: 32 threads per 32 units of a row, at most 128.
