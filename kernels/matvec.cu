@@ -23,7 +23,16 @@
 __device__ __forceinline__ u32 ldg32(const u8* p) { return __ldg((const unsigned int*)p); }
 __device__ __forceinline__ u16 ldg16(const u8* p) { return __ldg((const unsigned short*)p); }
 __device__ __forceinline__ uint4 ldg128(const u8* p) { return __ldg((const uint4*)p); }
-__device__ __forceinline__ float4 ldx4(const float* p) { return __ldg((const float4*)p); }
+// Activations through the read-only cache, as an asm the compiler may not merge: with two
+// matrices it would otherwise keep the first matrix's x loads live for the second (8 rows x 32
+// floats, far past the register file) and spill.
+__device__ __forceinline__ float4 ldx4(const float* p) {
+    float4 v;
+    asm volatile("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "l"(p));
+    return v;
+}
 
 // The `WORDS` little-endian words starting at byte `p` (any alignment), read as aligned words
 // (the last one is the word holding the last byte, so nothing past the field is read).
@@ -150,6 +159,39 @@ struct UQ4_K {
     }
 };
 
+// Q5_K (176-byte super-blocks of 256: f16 d, f16 dmin, 12 bytes of scales and mins as Q4_K, 32
+// bytes of high bits qh, then nibbles as Q4_K): element l of sub-block s has bit s of qh[l] as
+// its fifth bit. A unit is half a group, as Q4_K: its high bits are qh[16 half .. 16 half + 16].
+struct UQ5_K {
+    static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
+        const u8* s = row + (i64)(u >> 3) * 176;
+        int g = (u & 7) >> 1, half = u & 1;
+        uint4 h = ldg128(s);
+        uint4 hb = ldg128(s + 16 + 16 * half);
+        uint4 q4 = ldg128(s + 48 + 32 * g + 16 * half);
+        float dsc0, dm0, dsc1, dm1;
+        UQ4_K::scale_min(h, 2 * g, &dsc0, &dm0);
+        UQ4_K::scale_min(h, 2 * g + 1, &dsc1, &dm1);
+        u32 q[4] = {q4.x, q4.y, q4.z, q4.w};
+        u32 qh[4] = {hb.x, hb.y, hb.z, hb.w};
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            float lo[4], hi[4];
+            u32 b0 = ((qh[w] >> (2 * g)) & 0x01010101u) << 4;
+            u32 b1 = ((qh[w] >> (2 * g + 1)) & 0x01010101u) << 4;
+            bytes4((q[w] & 0x0F0F0F0Fu) | b0, 0.0f, lo);
+            bytes4(((q[w] >> 4) & 0x0F0F0F0Fu) | b1, 0.0f, hi);
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                v[4 * w + i] = fmaf(lo[i], dsc0, -dm0);
+                v[16 + 4 * w + i] = fmaf(hi[i], dsc1, -dm1);
+            }
+        }
+        return 1.0f;
+    }
+    static __device__ __forceinline__ int xoff(int u, int j) { return UQ4_K::xoff(u, j); }
+};
+
 // Q6_K (210-byte super-blocks of 256: 128 bytes of low nibbles ql, 64 of 2-bit highs qh, 16 int8
 // scales, f16 d). Element 128 g + 32 k + e (g < 2, k < 4, e < 32) is the low (k < 2) or high
 // nibble of ql[64 g + 32 (k & 1) + e] with bits 2k..2k+1 of qh[32 g + e] above it, minus 32,
@@ -226,7 +268,8 @@ __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __
                                          int N, int K, i64 row_bytes) {
     __shared__ float red[MMV_THREADS / 32][M * R];
     int n = blockIdx.x;
-    const u8* rows[2] = {w0 + (i64)n * row_bytes, (M > 1 ? w1 : w0) + (i64)n * row_bytes};
+    const u8* row0 = w0 + (i64)n * row_bytes;
+    const u8* row1 = w1 + (i64)n * row_bytes;
     float acc[M][R];
 #pragma unroll
     for (int m = 0; m < M; m++)
@@ -234,28 +277,26 @@ __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __
         for (int r = 0; r < R; r++) acc[m][r] = 0.0f;
     int units = K / MMV_UNIT;
     for (int u = threadIdx.x; u < units; u += blockDim.x) {
-        float v[M][MMV_UNIT], s[M];
+        // One matrix at a time (the second re-reads x from L1), so a thread holds one decoded
+        // unit: 32 registers, not 64, and no spills at R = 8.
 #pragma unroll
-        for (int m = 0; m < M; m++) s[m] = U::unit(rows[m], u, v[m]);
+        for (int m = 0; m < M; m++) {
+            float v[MMV_UNIT];
+            float s = U::unit(m == 0 ? row0 : row1, u, v);
 #pragma unroll
-        for (int r = 0; r < R; r++) {
-            const float* xr = x + (i64)r * K;
-            float d[M];
+            for (int r = 0; r < R; r++) {
+                const float* xr = x + (i64)r * K;
+                float d = 0.0f;
 #pragma unroll
-            for (int m = 0; m < M; m++) d[m] = 0.0f;
-#pragma unroll
-            for (int j = 0; j < MMV_UNIT / 4; j++) {
-                float4 xv = ldx4(xr + U::xoff(u, j));
-#pragma unroll
-                for (int m = 0; m < M; m++) {
-                    d[m] = fmaf(v[m][4 * j], xv.x, d[m]);
-                    d[m] = fmaf(v[m][4 * j + 1], xv.y, d[m]);
-                    d[m] = fmaf(v[m][4 * j + 2], xv.z, d[m]);
-                    d[m] = fmaf(v[m][4 * j + 3], xv.w, d[m]);
+                for (int j = 0; j < MMV_UNIT / 4; j++) {
+                    float4 xv = ldx4(xr + U::xoff(u, j));
+                    d = fmaf(v[4 * j], xv.x, d);
+                    d = fmaf(v[4 * j + 1], xv.y, d);
+                    d = fmaf(v[4 * j + 2], xv.z, d);
+                    d = fmaf(v[4 * j + 3], xv.w, d);
                 }
+                acc[m][r] = fmaf(d, s, acc[m][r]);
             }
-#pragma unroll
-            for (int m = 0; m < M; m++) acc[m][r] = fmaf(d[m], s[m], acc[m][r]);
         }
     }
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
@@ -278,15 +319,15 @@ __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __
     }
 }
 
-#define MMV_R(name, U, R)                                                                       \
-    extern "C" __global__ void __launch_bounds__(MMV_THREADS)                                   \
-        mmv_##name##_r##R(const u8* w, const float* x, float* y, int N, int K, i64 row_bytes) { \
-        mmv_impl<U, R, 1>(w, w, x, y, N, K, row_bytes);                                         \
-    }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(MMV_THREADS)                                   \
-        gate_up_swiglu_##name##_r##R(const u8* wg, const u8* wu, const float* x, float* y,      \
-                                     int N, int K, i64 row_bytes) {                             \
-        mmv_impl<U, R, 2>(wg, wu, x, y, N, K, row_bytes);                                       \
+// No __launch_bounds__: with it ptxas trades registers for occupancy and the R = 8 kernels spill.
+#define MMV_R(name, U, R)                                                                        \
+    extern "C" __global__ void mmv_##name##_r##R(const u8* w, const float* x, float* y, int N,  \
+                                                 int K, i64 row_bytes) {                        \
+        mmv_impl<U, R, 1>(w, w, x, y, N, K, row_bytes);                                          \
+    }                                                                                            \
+    extern "C" __global__ void gate_up_swiglu_##name##_r##R(                                     \
+        const u8* wg, const u8* wu, const float* x, float* y, int N, int K, i64 row_bytes) {     \
+        mmv_impl<U, R, 2>(wg, wu, x, y, N, K, row_bytes);                                        \
     }
 #define MMV(name, U) MMV_R(name, U, 1) MMV_R(name, U, 2) MMV_R(name, U, 4) MMV_R(name, U, 8)
 
@@ -299,7 +340,7 @@ MMV(q5_0, UGen<TQ5_0>)
 MMV(q5_1, UGen<TQ5_1>)
 MMV(q8_0, UQ8_0)
 MMV(q4_k, UQ4_K)
-MMV(q5_k, UGen<TQ5_K>)
+MMV(q5_k, UQ5_K)
 MMV(q6_k, UQ6_K)
 
 // ---- The plain reference kernel ----
