@@ -2,7 +2,7 @@
 // (y = x Wᵀ) for a few rows r (decode: one row per running sequence).
 //
 // mmv_<ty>_r<R> (and gate_up_swiglu_<ty>_r<R>): one block per output column n, its threads split
-// the weight row into units of 32 weights. A thread decodes a unit once (the loads and the
+// the weight row into units of 8 or 32 weights. A thread decodes a unit once (the loads and the
 // bit-twiddling happen once per weight) and applies it to all R activation rows, so a step over
 // R sequences reads each weight once. The decoding is instruction-lean, for Maxwell (sm_52: no
 // dp4a, no half arithmetic, I2F at a quarter of the FMA rate): nibbles and bytes become floats
@@ -10,7 +10,7 @@
 // unaligned block fields are read as aligned words and funnel-shifted, and every weight load
 // goes through the read-only cache. Each row's arithmetic is the same whatever R is (the same
 // FMA chain per unit, the same reduction), so a sequence gets bit-identical results alone and
-// in a batch. Grid: (N); block: 32, 64 or 128 threads (the host picks by the unit count).
+// in a batch. Grid: (N); block: 32 to 128 threads (the host picks by K).
 //
 // matvec_<ty>: the plain reference kernel, a warp per output element reading the row with
 // T::at. The host uses it only for shapes the unit kernels do not take (K not a multiple of 32,
@@ -18,7 +18,6 @@
 #include "common.cuh"
 
 #define MMV_THREADS 128
-#define MMV_UNIT 32
 
 __device__ __forceinline__ u32 ldg32(const u8* p) { return __ldg((const unsigned int*)p); }
 __device__ __forceinline__ u16 ldg16(const u8* p) { return __ldg((const unsigned short*)p); }
@@ -62,66 +61,71 @@ __device__ __forceinline__ void bytes4(u32 v, float off, float* out) {
     for (int i = 0; i < 4; i++) out[i] = mbyte(v, i) - (MAGIC + off);
 }
 
-// ---- Unit decoders: unit u of a row gives v[32] and a scale (the weights are v[i] * scale);
-// element i of the unit sits at x index xoff(u, i / 4) + i % 4. ----
+// ---- Unit decoders: unit u of a row gives v[W] and a scale (the weights are v[i] * scale);
+// element i of the unit sits at x index xoff(u, i / 4) + i % 4. The lanes of a warp take
+// consecutive units, so the width decides how the warp's x loads coalesce: the 32-element-block
+// types use units of 8 (four lanes to a block, reading 64 contiguous bytes of x together), the
+// K-quants units of 32 laid out so that a warp reads x in 4-8 lines per load. ----
 
 // Q4_0 (18-byte blocks: f16 d, 16 bytes of nibbles; element j < 16 the low nibble of byte j,
-// element 16 + j its high nibble): a unit is a block.
+// element 16 + j its high nibble): unit 4b + i is bytes 4i..4i + 4 of block b, elements
+// 4i..4i + 4 and 16 + 4i..16 + 4i + 4.
 struct UQ4_0 {
+    static const int W = 8;
     static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
-        const u8* b = row + (i64)u * 18;
-        u32 q[4];
-        ld_words<4>(b + 2, q);
-#pragma unroll
-        for (int w = 0; w < 4; w++) {
-            bytes4(q[w] & 0x0F0F0F0Fu, 8.0f, v + 4 * w);
-            bytes4((q[w] >> 4) & 0x0F0F0F0Fu, 8.0f, v + 16 + 4 * w);
-        }
+        const u8* b = row + (i64)(u >> 2) * 18;
+        u32 q;
+        ld_words<1>(b + 2 + 4 * (u & 3), &q);
+        bytes4(q & 0x0F0F0F0Fu, 8.0f, v);
+        bytes4((q >> 4) & 0x0F0F0F0Fu, 8.0f, v + 4);
         return h2f(ldg16(b));
     }
-    static __device__ __forceinline__ int xoff(int u, int j) { return 32 * u + 4 * j; }
+    static __device__ __forceinline__ int xoff(int u, int j) {
+        return 32 * (u >> 2) + 4 * (u & 3) + 16 * j;
+    }
 };
 
 // Q4_1 (20-byte blocks: f16 d, f16 m, nibbles as Q4_0): w = d q + m, folded into v.
 struct UQ4_1 {
+    static const int W = 8;
     static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
-        const u8* b = row + (i64)u * 20;
+        const u8* b = row + (i64)(u >> 2) * 20;
         u32 dm = ldg32(b);
+        u32 q = ldg32(b + 4 + 4 * (u & 3));
         float d = h2f((u16)(dm & 0xffff)), m = h2f((u16)(dm >> 16));
+        float lo[4], hi[4];
+        bytes4(q & 0x0F0F0F0Fu, 0.0f, lo);
+        bytes4((q >> 4) & 0x0F0F0F0Fu, 0.0f, hi);
 #pragma unroll
-        for (int w = 0; w < 4; w++) {
-            u32 q = ldg32(b + 4 + 4 * w);
-            float lo[4], hi[4];
-            bytes4(q & 0x0F0F0F0Fu, 0.0f, lo);
-            bytes4((q >> 4) & 0x0F0F0F0Fu, 0.0f, hi);
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                v[4 * w + i] = fmaf(lo[i], d, m);
-                v[16 + 4 * w + i] = fmaf(hi[i], d, m);
-            }
+        for (int i = 0; i < 4; i++) {
+            v[i] = fmaf(lo[i], d, m);
+            v[4 + i] = fmaf(hi[i], d, m);
         }
         return 1.0f;
     }
-    static __device__ __forceinline__ int xoff(int u, int j) { return 32 * u + 4 * j; }
+    static __device__ __forceinline__ int xoff(int u, int j) { return UQ4_0::xoff(u, j); }
 };
 
-// Q8_0 (34-byte blocks: f16 d, 32 int8): the bytes flipped to unsigned (x ^ 0x80 = x + 128).
+// Q8_0 (34-byte blocks: f16 d, 32 int8): unit 4b + i is elements 8i..8i + 8 of block b, the
+// bytes flipped to unsigned (x ^ 0x80 = x + 128).
 struct UQ8_0 {
+    static const int W = 8;
     static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
-        const u8* b = row + (i64)u * 34;
-        u32 q[8];
-        ld_words<8>(b + 2, q);
-#pragma unroll
-        for (int w = 0; w < 8; w++) bytes4(q[w] ^ 0x80808080u, 128.0f, v + 4 * w);
+        const u8* b = row + (i64)(u >> 2) * 34;
+        u32 q[2];
+        ld_words<2>(b + 2 + 8 * (u & 3), q);
+        bytes4(q[0] ^ 0x80808080u, 128.0f, v);
+        bytes4(q[1] ^ 0x80808080u, 128.0f, v + 4);
         return h2f(ldg16(b));
     }
-    static __device__ __forceinline__ int xoff(int u, int j) { return 32 * u + 4 * j; }
+    static __device__ __forceinline__ int xoff(int u, int j) { return 8 * u + 4 * j; }
 };
 
 // Q4_K (144-byte super-blocks of 256: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, then
 // four groups of 32 bytes whose low nibbles are sub-block 2g and high nibbles sub-block 2g + 1).
 // A unit is half a group: 16 bytes, 16 weights of each of its two sub-blocks. w = d sc q - dmin m.
 struct UQ4_K {
+    static const int W = 32;
     static __device__ __forceinline__ void scale_min(uint4 h, int j, float* dsc, float* dm) {
         int k = j & 3;
         u32 a = (h.y >> (8 * k)) & 0xff, b = (h.z >> (8 * k)) & 0xff, c = (h.w >> (8 * k)) & 0xff;
@@ -163,6 +167,7 @@ struct UQ4_K {
 // bytes of high bits qh, then nibbles as Q4_K): element l of sub-block s has bit s of qh[l] as
 // its fifth bit. A unit is half a group, as Q4_K: its high bits are qh[16 half .. 16 half + 16].
 struct UQ5_K {
+    static const int W = 32;
     static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
         const u8* s = row + (i64)(u >> 3) * 176;
         int g = (u & 7) >> 1, half = u & 1;
@@ -197,6 +202,7 @@ struct UQ5_K {
 // nibble of ql[64 g + 32 (k & 1) + e] with bits 2k..2k+1 of qh[32 g + e] above it, minus 32,
 // times d * scale[8 g + 2 k + e / 16]. A unit is e0..e0 + 8 (e0 = 0, 8, 16, 24) for all four k.
 struct UQ6_K {
+    static const int W = 32;
     static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
         const u8* s = row + (i64)(u >> 3) * 210;
         int g = (u & 7) >> 2, e0 = 8 * (u & 3);
@@ -231,34 +237,32 @@ struct UQ6_K {
     }
 };
 
-// F16: 32 halves, four 16-byte loads (rows are 16-byte aligned when K is a multiple of 32).
+// F16: 8 halves, one 16-byte load (rows are 16-byte aligned when K is a multiple of 32).
 struct UF16 {
+    static const int W = 8;
     static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
-        const u8* p = row + (i64)u * 64;
+        uint4 h = ldg128(row + (i64)u * 16);
+        u32 q[4] = {h.x, h.y, h.z, h.w};
 #pragma unroll
-        for (int c = 0; c < 4; c++) {
-            uint4 h = ldg128(p + 16 * c);
-            u32 q[4] = {h.x, h.y, h.z, h.w};
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                v[8 * c + 2 * i] = h2f((u16)(q[i] & 0xffff));
-                v[8 * c + 2 * i + 1] = h2f((u16)(q[i] >> 16));
-            }
+        for (int i = 0; i < 4; i++) {
+            v[2 * i] = h2f((u16)(q[i] & 0xffff));
+            v[2 * i + 1] = h2f((u16)(q[i] >> 16));
         }
         return 1.0f;
     }
-    static __device__ __forceinline__ int xoff(int u, int j) { return 32 * u + 4 * j; }
+    static __device__ __forceinline__ int xoff(int u, int j) { return 8 * u + 4 * j; }
 };
 
-// Every other type: 32 consecutive elements through T::at (correct, not tuned).
+// Every other type: 8 consecutive elements through T::at (correct, not tuned).
 template <typename T>
 struct UGen {
+    static const int W = 8;
     static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
 #pragma unroll
-        for (int i = 0; i < 32; i++) v[i] = T::at(row, 32 * u + i);
+        for (int i = 0; i < 8; i++) v[i] = T::at(row, 8 * u + i);
         return 1.0f;
     }
-    static __device__ __forceinline__ int xoff(int u, int j) { return 32 * u + 4 * j; }
+    static __device__ __forceinline__ int xoff(int u, int j) { return 8 * u + 4 * j; }
 };
 
 // The unit kernels' body: M weight matrices (1: y = x Wᵀ; 2: y = silu(x Gᵀ) * (x Uᵀ)), R rows.
@@ -275,27 +279,55 @@ __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __
     for (int m = 0; m < M; m++)
 #pragma unroll
         for (int r = 0; r < R; r++) acc[m][r] = 0.0f;
-    int units = K / MMV_UNIT;
+    const int W = U::W;
+    int units = K / W;
     for (int u = threadIdx.x; u < units; u += blockDim.x) {
-        // One matrix at a time (the second re-reads x from L1), so a thread holds one decoded
-        // unit: 32 registers, not 64, and no spills at R = 8.
+        if (W <= 8) {
+            // Narrow units: both matrices' units live at once, each x load used for both.
+            float v[M][W], s[M];
 #pragma unroll
-        for (int m = 0; m < M; m++) {
-            float v[MMV_UNIT];
-            float s = U::unit(m == 0 ? row0 : row1, u, v);
+            for (int m = 0; m < M; m++) s[m] = U::unit(m == 0 ? row0 : row1, u, v[m]);
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 const float* xr = x + (i64)r * K;
-                float d = 0.0f;
+                float d[M];
 #pragma unroll
-                for (int j = 0; j < MMV_UNIT / 4; j++) {
+                for (int m = 0; m < M; m++) d[m] = 0.0f;
+#pragma unroll
+                for (int j = 0; j < W / 4; j++) {
                     float4 xv = ldx4(xr + U::xoff(u, j));
-                    d = fmaf(v[4 * j], xv.x, d);
-                    d = fmaf(v[4 * j + 1], xv.y, d);
-                    d = fmaf(v[4 * j + 2], xv.z, d);
-                    d = fmaf(v[4 * j + 3], xv.w, d);
+#pragma unroll
+                    for (int m = 0; m < M; m++) {
+                        d[m] = fmaf(v[m][4 * j], xv.x, d[m]);
+                        d[m] = fmaf(v[m][4 * j + 1], xv.y, d[m]);
+                        d[m] = fmaf(v[m][4 * j + 2], xv.z, d[m]);
+                        d[m] = fmaf(v[m][4 * j + 3], xv.w, d[m]);
+                    }
                 }
-                acc[m][r] = fmaf(d, s, acc[m][r]);
+#pragma unroll
+                for (int m = 0; m < M; m++) acc[m][r] = fmaf(d[m], s[m], acc[m][r]);
+            }
+        } else {
+            // Wide units: one matrix at a time (the second re-reads x from L1), so a thread
+            // holds one decoded unit: 32 registers, not 64, and no spills at R = 8.
+#pragma unroll
+            for (int m = 0; m < M; m++) {
+                float v[W];
+                float s = U::unit(m == 0 ? row0 : row1, u, v);
+#pragma unroll
+                for (int r = 0; r < R; r++) {
+                    const float* xr = x + (i64)r * K;
+                    float d = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < W / 4; j++) {
+                        float4 xv = ldx4(xr + U::xoff(u, j));
+                        d = fmaf(v[4 * j], xv.x, d);
+                        d = fmaf(v[4 * j + 1], xv.y, d);
+                        d = fmaf(v[4 * j + 2], xv.z, d);
+                        d = fmaf(v[4 * j + 3], xv.w, d);
+                    }
+                    acc[m][r] = fmaf(d, s, acc[m][r]);
+                }
             }
         }
     }

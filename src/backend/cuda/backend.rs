@@ -62,6 +62,10 @@ enum DevWeight {
 /// Decode graphs kept at once (least recently used dropped first).
 const GRAPH_CACHE: usize = 16;
 
+/// Failed captures after which graphs are turned off (a capture fails when something else on
+/// the device, e.g. another thread's context-wide call, invalidates it).
+const GRAPH_FAILURES: u32 = 3;
+
 /// What a step's launches depend on besides device buffers at fixed addresses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct GraphKey {
@@ -107,6 +111,7 @@ struct Graphs {
     seen: Vec<GraphKey>,
     captures: u64,
     replays: u64,
+    failures: u32,
 }
 
 impl Graphs {
@@ -117,6 +122,7 @@ impl Graphs {
             seen: Vec::new(),
             captures: 0,
             replays: 0,
+            failures: 0,
         }
     }
 }
@@ -665,14 +671,29 @@ impl CudaBackend {
         if let Err(e) = self.stream.begin_capture(relaxed) {
             return self.graphs_off(format!("cannot start a capture: {e}"), step, sizes);
         }
-        // Nothing runs while capturing: an error here launched nothing.
+        // Nothing runs while capturing, so a failed capture has done nothing: the step is then
+        // launched kernel by kernel (which reports a real launch error as such).
         let ran = self.launch_each(step, sizes);
         let graph = self.stream.end_capture(CUgraphInstantiate_flags(0));
-        ran?;
-        let graph = match graph {
-            Ok(Some(g)) => g,
-            Ok(None) => return self.graphs_off("the capture was empty".into(), step, sizes),
-            Err(e) => return self.graphs_off(format!("the capture failed: {e}"), step, sizes),
+        let graph = match (ran, graph) {
+            (Ok(()), Ok(Some(g))) => g,
+            (ran, graph) => {
+                let why = match (ran, graph) {
+                    (Err(e), _) => e.to_string(),
+                    (_, Err(e)) => e.to_string(),
+                    _ => "the capture was empty".to_string(),
+                };
+                self.graphs.failures += 1;
+                if self.graphs.failures >= GRAPH_FAILURES {
+                    return self.graphs_off(
+                        format!("{GRAPH_FAILURES} captures failed, the last: {why}"),
+                        step,
+                        sizes,
+                    );
+                }
+                tracing::debug!("a decode-step capture failed, launching each kernel: {why}");
+                return self.launch_each(step, sizes);
+            }
         };
         graph
             .launch()

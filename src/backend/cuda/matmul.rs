@@ -105,9 +105,9 @@ fn units_take(k: usize, x: u64) -> bool {
     k.is_multiple_of(32) && x.is_multiple_of(16)
 }
 
-/// The unit kernels' block: 32 threads per 32 units of a row, at most 128.
+/// The unit kernels' block: a warp per 32 units of 8 weights (the narrowest units), at most 4.
 fn unit_block(k: usize) -> u32 {
-    ((k / 32).div_ceil(32) * 32).clamp(32, 128) as u32
+    ((k / 8).div_ceil(32) * 32).clamp(32, 128) as u32
 }
 
 /// Splits `rows` into launches of the compiled row counts: `(first row, rows)`.
