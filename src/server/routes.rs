@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 
 /// How often an idle stream sends an SSE comment (`:`), which is how a vanished client is found.
-const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(1);
+const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_millis(250);
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
@@ -846,8 +846,9 @@ fn stream(
             }
         }
     });
-    // A comment every second: a stream waiting in the queue or behind a long prefill writes
-    // nothing else, and a client that left is only noticed when a write fails. With it the
-    // engine drops such a request within about a second instead of holding its place.
+    // A comment every 250 ms: a stream waiting in the queue or behind a long prefill writes
+    // nothing else, and a client that left is only noticed when a write fails (the second write
+    // after the close, once the peer's reset is back). With it the engine drops such a request
+    // within about half a second instead of holding its place in the queue.
     Sse::new(events).keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
 }
