@@ -254,11 +254,8 @@ fn m40_table(counts: &[m40_llm::backend::cuda::isa::TypeCount]) -> Vec<String> {
     let mut over = Vec::new();
     for t in counts {
         let mut line = format!(
-            "  {:<6} {:<8} {:>7.3} {:>7.1}",
-            t.ty,
-            if t.tuned { "tuned" } else { "generic" },
-            t.bytes_per_weight,
-            t.budget
+            "  {:<6} {:<12} {:>7.3} {:>7.1}",
+            t.ty, t.decoder, t.bytes_per_weight, t.budget
         );
         let mut errors = Vec::new();
         for k in &t.kernels {
@@ -354,6 +351,7 @@ mod tests {
         };
         let ty = |name: &str, budget: f64, r1: f64, r8: Option<f64>| TypeCount {
             ty: name.into(),
+            decoder: format!("U{}", name.to_uppercase()),
             tuned: true,
             bytes_per_weight: budget / 11.8,
             budget,

@@ -30,15 +30,22 @@ pub const UNIT_WEIGHTS: u32 = 32;
 pub const X_LOADS_PER_UNIT_ROW: u32 = 8;
 /// The activation-row counts reported: 1 (decode) and 8 (the widest unit kernel).
 pub const REPORTED_ROWS: [u32; 2] = [1, 8];
-/// The types whose unit decoder kernels/matvec.cu tunes (the others go through `T::at`).
-pub const TUNED_TYPES: [GgmlType; 6] = [
-    GgmlType::F16,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q8_0,
-    GgmlType::Q4_K,
-    GgmlType::Q6_K,
-];
+/// The decoder kernels/matvec.cu instantiates the unit kernels of `suffix` with
+/// (`MMV(q4_0, UQ4_0)` → `UQ4_0`), read from the embedded source.
+pub fn unit_decoder(suffix: &str) -> Option<&'static str> {
+    let src = family_source("matvec")?;
+    src.lines().find_map(|l| {
+        let args = l.trim().strip_prefix("MMV(")?.strip_suffix(')')?;
+        let (name, decoder) = args.split_once(',')?;
+        (name.trim() == suffix).then(|| decoder.trim())
+    })
+}
+
+/// Whether `suffix`'s unit kernels have a decoder of their own (`UQ4_0`), not the generic
+/// per-element one (`UGen<T>`, correct but not tuned).
+pub fn is_tuned(suffix: &str) -> bool {
+    unit_decoder(suffix).is_some_and(|d| !d.starts_with("UGen<"))
+}
 
 /// The instructions an M40 can issue per byte of weights it reads (≈ 11.8).
 pub fn m40_budget_per_byte() -> f64 {
@@ -376,7 +383,9 @@ pub struct TypeCount {
     /// `q4_0` (the kernels' suffix).
     #[serde(rename = "type")]
     pub ty: String,
-    /// Whether kernels/matvec.cu has a tuned decoder for it ([`TUNED_TYPES`]).
+    /// The unit decoder kernels/matvec.cu uses for it (`UQ4_0`, `UGen<TQ5_0>`).
+    pub decoder: String,
+    /// Whether that decoder is tuned ([`is_tuned`]).
     pub tuned: bool,
     pub bytes_per_weight: f64,
     /// The M40 budget, instructions per weight.
@@ -429,7 +438,8 @@ pub fn m40_counts(ptx: &str) -> Vec<TypeCount> {
                 .collect();
             TypeCount {
                 ty: suffix.to_string(),
-                tuned: TUNED_TYPES.contains(&ty),
+                decoder: unit_decoder(suffix).unwrap_or("?").to_string(),
+                tuned: is_tuned(suffix),
                 bytes_per_weight: bytes_per_weight(ty),
                 budget,
                 kernels,
@@ -643,6 +653,15 @@ $L__BB1_9:
             count_kernel(flat, "mmv_f_r1", 1, 1.0),
             Err(IsaError::NoLoop(_))
         ));
+    }
+
+    #[test]
+    fn decoders_are_read_from_the_kernel_source() {
+        assert_eq!(unit_decoder("q4_0"), Some("UQ4_0"));
+        assert_eq!(unit_decoder("f32"), Some("UGen<TF32>"));
+        assert_eq!(unit_decoder("q9_9"), None);
+        assert!(is_tuned("q4_k") && is_tuned("f16"));
+        assert!(!is_tuned("f32") && !is_tuned("q9_9"));
     }
 
     #[test]
