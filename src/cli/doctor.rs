@@ -342,6 +342,8 @@ mod tests {
                     x_loads: 8 * rows,
                     classes: ClassCounts::default(),
                 },
+                unit_weights: 32,
+                weights_per_iteration: 32,
                 units_per_iteration: 1,
                 per_weight,
                 budget,

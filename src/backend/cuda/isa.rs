@@ -8,8 +8,8 @@
 //!
 //! [`matvec_ptx`] compiles kernels/matvec.cu to PTX for `compute_52` with the options and
 //! headers [`super::kernels`] uses; [`unit_loop`] finds the loop of an entry point whose backward
-//! branch closes over the activation loads (`ld.global.nc.v4.f32`, 8 per 32-weight unit and
-//! activation row; the one with the most of them when NVVM unrolled the unit loop and added a
+//! branch closes over the activation loads (`ld.global.nc.v4.f32`: one per 4 weights and
+//! activation row; the loop with the most of them when NVVM unrolled the unit loop and added a
 //! remainder); [`count_kernel`] divides its instructions by the weights one iteration covers.
 //! PTX is what ptxas is given, not what the GPU runs: ptxas folds constant `mov`s into
 //! immediates, drops register-class `mov`s and splits 64-bit adds, so SASS counts differ.
@@ -24,10 +24,8 @@ pub const M40_LANE_INSTRUCTIONS_PER_S: f64 = 3.4e12;
 pub const M40_BYTES_PER_S: f64 = 288e9;
 /// The PTX opcode of the activation (x) loads of the unit kernels.
 pub const X_LOAD: &str = "ld.global.nc.v4.f32";
-/// Weights per unit.
-pub const UNIT_WEIGHTS: u32 = 32;
-/// x loads per unit and activation row (32 floats as 8 `float4`).
-pub const X_LOADS_PER_UNIT_ROW: u32 = 8;
+/// Weights one x load covers for one activation row (a `float4`).
+pub const WEIGHTS_PER_X_LOAD: u32 = 4;
 /// The activation-row counts reported: 1 (decode) and 8 (the widest unit kernel).
 pub const REPORTED_ROWS: [u32; 2] = [1, 8];
 /// The decoder kernels/matvec.cu instantiates the unit kernels of `suffix` with
@@ -39,6 +37,18 @@ pub fn unit_decoder(suffix: &str) -> Option<&'static str> {
         let (name, decoder) = args.split_once(',')?;
         (name.trim() == suffix).then(|| decoder.trim())
     })
+}
+
+/// The unit width of the decoder `decoder` (`UQ4_0`, `UGen<TF32>`): its `static const int W`
+/// in kernels/matvec.cu.
+pub fn unit_weights(decoder: &str) -> Option<u32> {
+    let src = family_source("matvec")?;
+    let base = decoder.split('<').next()?.trim();
+    let start = src.find(&format!("struct {base} {{"))?;
+    let body = &src[start..];
+    let body = &body[..body[1..].find("\nstruct ").map_or(body.len(), |e| e + 1)];
+    let w = body.split("static const int W =").nth(1)?;
+    w.split(';').next()?.trim().parse().ok()
 }
 
 /// Whether `suffix`'s unit kernels have a decoder of their own (`UQ4_0`), not the generic
@@ -74,13 +84,16 @@ pub enum IsaError {
     )]
     NoLoop(String),
     #[error(
-        "`{kernel}`: its unit loop has {x_loads} activation loads, not a multiple of {X_LOADS_PER_UNIT_ROW} × {rows} rows"
+        "`{kernel}`: its unit loop has {x_loads} activation loads: not whole units of {unit} weights for {rows} rows"
     )]
     Uneven {
         kernel: String,
         x_loads: u32,
         rows: u32,
+        unit: u32,
     },
+    #[error("no unit width (`static const int W`) for the decoder `{0}` in kernels/matvec.cu")]
+    NoUnitWidth(String),
 }
 
 /// The PTX of kernels/matvec.cu for `compute_{arch}`, compiled like the CUBINs (same headers,
@@ -335,9 +348,13 @@ pub struct KernelCount {
     /// The unit loop: its head, instructions, x loads, classes.
     #[serde(rename = "loop")]
     pub unit_loop: PtxLoop,
-    /// Units one iteration of the loop decodes (x loads / (8 × rows)).
+    /// Weights per unit of the decoder (`W`: 8 or 32).
+    pub unit_weights: u32,
+    /// Weights one iteration of the loop covers: 4 × x loads / rows.
+    pub weights_per_iteration: u32,
+    /// Units one iteration decodes: weights per iteration / unit weights.
     pub units_per_iteration: u32,
-    /// PTX instructions per weight: loop instructions / (32 × units per iteration).
+    /// PTX instructions per weight: loop instructions / weights per iteration.
     pub per_weight: f64,
     /// The M40 budget for the type, instructions per weight.
     pub budget: f64,
@@ -345,31 +362,36 @@ pub struct KernelCount {
     pub under_budget: bool,
 }
 
-/// Counts the unit loop of the entry point `kernel` (with `rows` activation rows) in `ptx`
-/// against `budget` instructions per weight.
+/// Counts the unit loop of the entry point `kernel` (with `rows` activation rows, units of
+/// `unit_weights` weights) in `ptx` against `budget` instructions per weight.
 pub fn count_kernel(
     ptx: &str,
     kernel: &str,
     rows: u32,
+    unit_weights: u32,
     budget: f64,
 ) -> Result<KernelCount, IsaError> {
     let body = entry_body(ptx, kernel).ok_or_else(|| IsaError::NoEntry(kernel.to_string()))?;
     let unit_loop = unit_loop(body).ok_or_else(|| IsaError::NoLoop(kernel.to_string()))?;
-    let per_unit = X_LOADS_PER_UNIT_ROW * rows.max(1);
-    if !unit_loop.x_loads.is_multiple_of(per_unit) {
+    let rows = rows.max(1);
+    let unit = unit_weights.max(1);
+    let covered = WEIGHTS_PER_X_LOAD * unit_loop.x_loads;
+    if !covered.is_multiple_of(rows * unit) {
         return Err(IsaError::Uneven {
             kernel: kernel.to_string(),
             x_loads: unit_loop.x_loads,
             rows,
+            unit,
         });
     }
-    let units_per_iteration = unit_loop.x_loads / per_unit;
-    let per_weight =
-        f64::from(unit_loop.instructions) / f64::from(UNIT_WEIGHTS * units_per_iteration);
+    let weights_per_iteration = covered / rows;
+    let per_weight = f64::from(unit_loop.instructions) / f64::from(weights_per_iteration);
     Ok(KernelCount {
         kernel: kernel.to_string(),
         rows,
-        units_per_iteration,
+        unit_weights: unit,
+        weights_per_iteration,
+        units_per_iteration: weights_per_iteration / unit,
         per_weight,
         budget,
         under_budget: per_weight <= budget,
@@ -423,11 +445,15 @@ pub fn m40_counts(ptx: &str) -> Vec<TypeCount> {
         .filter_map(|&ty| Some((ty, super::weight_kernel_suffix(ty)?)))
         .map(|(ty, suffix)| {
             let budget = m40_budget_per_weight(ty);
+            let decoder = unit_decoder(suffix).unwrap_or("?");
+            let unit = unit_weights(decoder);
             let kernels = REPORTED_ROWS
                 .iter()
                 .map(|&rows| {
                     let kernel = format!("mmv_{suffix}_r{rows}");
-                    let r = count_kernel(ptx, &kernel, rows, budget);
+                    let r = unit
+                        .ok_or_else(|| IsaError::NoUnitWidth(decoder.to_string()))
+                        .and_then(|w| count_kernel(ptx, &kernel, rows, w, budget));
                     KernelResult {
                         kernel,
                         rows,
@@ -438,7 +464,7 @@ pub fn m40_counts(ptx: &str) -> Vec<TypeCount> {
                 .collect();
             TypeCount {
                 ty: suffix.to_string(),
-                decoder: unit_decoder(suffix).unwrap_or("?").to_string(),
+                decoder: decoder.to_string(),
                 tuned: is_tuned(suffix),
                 bytes_per_weight: bytes_per_weight(ty),
                 budget,
@@ -452,10 +478,9 @@ pub fn m40_counts(ptx: &str) -> Vec<TypeCount> {
 mod tests {
     use super::*;
 
-    /// Two entry points; the second has a prologue, an unrolled unit loop of two blocks (a
-    /// forward branch inside) with 4 x loads for R = 2 (2 × 8 would be one unit: here half a
-    /// unit, to check the arithmetic on a fake R = 1 kernel below), a remainder loop with fewer
-    /// x loads, a reduction loop with none, inline asm, directives and comments.
+    /// Two entry points; the second has a prologue, a unit loop of two blocks (a forward branch
+    /// inside) with 4 x loads (16 weights for one row), a remainder loop with fewer x loads, a
+    /// reduction loop with none, inline asm, directives and comments.
     const PTX: &str = r#"
 //
 // Generated by NVIDIA NVVM Compiler
@@ -624,14 +649,22 @@ $L__BB1_9:
 
     #[test]
     fn counts_divide_by_the_units_one_iteration_covers() {
-        // 4 x loads with R = 1 would be half a unit: the parser or kernel changed.
-        let e = count_kernel(PTX, "mmv_t_r1", 1, 6.6).unwrap_err();
-        assert!(matches!(e, IsaError::Uneven { x_loads: 4, .. }), "{e}");
+        // 4 x loads are 16 weights for one row: two units of 8, half a unit of 32 (the parser or
+        // the kernel changed), 8 weights for each of 2 rows, nothing whole for 3.
+        let c = count_kernel(PTX, "mmv_t_r1", 1, 8, 6.6).unwrap();
+        assert_eq!((c.weights_per_iteration, c.units_per_iteration), (16, 2));
+        assert!((c.per_weight - 1.0).abs() < 1e-12);
+        let c = count_kernel(PTX, "mmv_t_r1", 2, 8, 6.6).unwrap();
+        assert_eq!((c.weights_per_iteration, c.units_per_iteration), (8, 1));
+        for (rows, unit) in [(1, 32), (3, 8)] {
+            let e = count_kernel(PTX, "mmv_t_r1", rows, unit, 6.6).unwrap_err();
+            assert!(matches!(e, IsaError::Uneven { x_loads: 4, .. }), "{e}");
+        }
         assert!(matches!(
-            count_kernel(PTX, "nope_r1", 1, 6.6),
+            count_kernel(PTX, "nope_r1", 1, 8, 6.6),
             Err(IsaError::NoEntry(_))
         ));
-        // A kernel whose loop loads 8 float4 per row: one unit for R = 1.
+        // A kernel whose loop loads 8 float4 per row: one unit of 32 for R = 1.
         let ptx = PTX.replace(
             "\t@%p3 bra \t$L__BB1_2;",
             "\tld.global.nc.v4.f32 {%f1,%f2,%f3,%f4}, [%rd3+64];\n\
@@ -640,17 +673,21 @@ $L__BB1_9:
              \tld.global.nc.v4.f32 {%f1,%f2,%f3,%f4}, [%rd3+112];\n\
              \t@%p3 bra \t$L__BB1_2;",
         );
-        let c = count_kernel(&ptx, "mmv_t_r1", 1, 0.6).unwrap();
+        let c = count_kernel(&ptx, "mmv_t_r1", 1, 32, 0.6).unwrap();
         assert_eq!(c.units_per_iteration, 1);
         assert_eq!(c.unit_loop.instructions, 20);
         assert!((c.per_weight - 20.0 / 32.0).abs() < 1e-12);
         assert!(!c.under_budget);
-        assert!(count_kernel(&ptx, "mmv_t_r1", 1, 0.7).unwrap().under_budget);
+        assert!(
+            count_kernel(&ptx, "mmv_t_r1", 1, 32, 0.7)
+                .unwrap()
+                .under_budget
+        );
         // No loop with x loads at all.
         let flat =
             ".entry mmv_f_r1(\n)\n{\n\tld.global.nc.v4.f32 {%f1,%f2,%f3,%f4}, [%rd1];\n\tret;\n}\n";
         assert!(matches!(
-            count_kernel(flat, "mmv_f_r1", 1, 1.0),
+            count_kernel(flat, "mmv_f_r1", 1, 8, 1.0),
             Err(IsaError::NoLoop(_))
         ));
     }
@@ -662,6 +699,9 @@ $L__BB1_9:
         assert_eq!(unit_decoder("q9_9"), None);
         assert!(is_tuned("q4_k") && is_tuned("f16"));
         assert!(!is_tuned("f32") && !is_tuned("q9_9"));
+        assert_eq!(unit_weights("UQ4_K"), Some(32));
+        assert_eq!(unit_weights("UGen<TF32>"), Some(8));
+        assert_eq!(unit_weights("UQ9_9"), None);
     }
 
     #[test]
