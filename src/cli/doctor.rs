@@ -175,8 +175,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
-        targets.push(json!({"arch": arch, "nvrtc": {"path": nv.path(),
-            "version": nv.version_string()}, "families": fams}));
+        let mut target = json!({"arch": arch, "nvrtc": {"path": nv.path(),
+            "version": nv.version_string()}, "families": fams});
+        if arch == 52 {
+            target["m40_instruction_counts"] = m40_instruction_counts(&nv, arch, &say)?;
+        }
+        targets.push(target);
     }
 
     if json_out {
@@ -197,6 +201,95 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     say("doctor: ok".into())?;
     Ok(())
+}
+
+/// The unit matvec kernels' PTX instruction counts against the M40's budget: a table, and its
+/// JSON. Over budget is a warning (the kernels still work), not a failure.
+#[cfg(feature = "cuda")]
+fn m40_instruction_counts(
+    nv: &m40_llm::backend::cuda::nvrtc::Nvrtc,
+    arch: u32,
+    say: &dyn Fn(String) -> anyhow::Result<()>,
+) -> anyhow::Result<serde_json::Value> {
+    use m40_llm::backend::cuda::isa;
+    use serde_json::json;
+
+    let per_byte = isa::m40_budget_per_byte();
+    say(format!(
+        "M40 instruction counts (unit matvec inner loop, PTX for compute_{arch} before ptxas; \
+         budget {per_byte:.1} instructions per byte of weights = {:.1e} lane-instructions/s / {:.0} GB/s):",
+        isa::M40_LANE_INSTRUCTIONS_PER_S,
+        isa::M40_BYTES_PER_S / 1e9
+    ))?;
+    let ptx = match isa::matvec_ptx(nv, arch) {
+        Ok(p) => p,
+        Err(e) => {
+            say(format!("  FAILED to compile kernels/matvec.cu to PTX: {e}"))?;
+            return Ok(json!({"budget_per_byte": per_byte, "error": e.to_string()}));
+        }
+    };
+    let counts = isa::m40_counts(&ptx);
+    for line in m40_table(&counts) {
+        say(line)?;
+    }
+    Ok(json!({"budget_per_byte": per_byte,
+        "lane_instructions_per_s": isa::M40_LANE_INSTRUCTIONS_PER_S,
+        "bytes_per_s": isa::M40_BYTES_PER_S, "types": counts}))
+}
+
+/// The lines of the instruction-count table, and the verdict: the types over budget at decode
+/// (r1), or that every one is under.
+#[cfg(feature = "cuda")]
+fn m40_table(counts: &[m40_llm::backend::cuda::isa::TypeCount]) -> Vec<String> {
+    use m40_llm::backend::cuda::isa;
+    let mut lines = Vec::new();
+    let mut header = format!(
+        "  {:<6} {:<8} {:>7} {:>7}",
+        "type", "decoder", "B/w", "budget"
+    );
+    for rows in isa::REPORTED_ROWS {
+        header.push_str(&format!("  {:>14}", format!("r{rows} instr/w")));
+    }
+    lines.push(header);
+    let mut over = Vec::new();
+    for t in counts {
+        let mut line = format!(
+            "  {:<6} {:<12} {:>7.3} {:>7.1}",
+            t.ty, t.decoder, t.bytes_per_weight, t.budget
+        );
+        let mut errors = Vec::new();
+        for k in &t.kernels {
+            match &k.count {
+                Some(c) => {
+                    let verdict = if c.under_budget { "under" } else { "OVER" };
+                    line.push_str(&format!("  {:>8.2} {verdict:<5}", c.per_weight));
+                    if !c.under_budget && k.rows == 1 {
+                        over.push(t.ty.clone());
+                    }
+                }
+                None => {
+                    line.push_str(&format!("  {:>14}", "not counted"));
+                    if k.rows == 1 {
+                        over.push(format!("{} (not counted)", t.ty));
+                    }
+                    let why = k.error.as_deref().unwrap_or("no count");
+                    errors.push(format!("    {}: {why}", k.kernel));
+                }
+            }
+        }
+        lines.push(line.trim_end().to_string());
+        lines.extend(errors);
+    }
+    lines.push(if over.is_empty() {
+        "  every decode (r1) matvec is under the M40 budget".into()
+    } else {
+        format!(
+            "  OVER the M40 budget at decode (r1): {}: these matvecs issue more instructions \
+             than an M40 retires while it streams their weights (compute-bound there)",
+            over.join(", ")
+        )
+    });
+    lines
 }
 
 #[cfg(feature = "cuda")]
@@ -230,6 +323,84 @@ fn arch_range(archs: &[u32]) -> String {
 #[cfg(test)]
 mod tests {
     use super::parse_arch;
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn the_m40_table_says_which_types_are_over_budget() {
+        use m40_llm::backend::cuda::isa::{
+            ClassCounts, KernelCount, KernelResult, PtxLoop, TypeCount,
+        };
+        let kernel = |ty: &str, rows: u32, per_weight: f64, budget: f64| KernelResult {
+            kernel: format!("mmv_{ty}_r{rows}"),
+            rows,
+            count: Some(KernelCount {
+                kernel: format!("mmv_{ty}_r{rows}"),
+                rows,
+                unit_loop: PtxLoop {
+                    label: "$L__BB0_3".into(),
+                    instructions: (per_weight * 32.0) as u32,
+                    x_loads: 8 * rows,
+                    classes: ClassCounts::default(),
+                },
+                unit_weights: 32,
+                weights_per_iteration: 32,
+                units_per_iteration: 1,
+                per_weight,
+                budget,
+                under_budget: per_weight <= budget,
+            }),
+            error: None,
+        };
+        let ty = |name: &str, budget: f64, r1: f64, r8: Option<f64>| TypeCount {
+            ty: name.into(),
+            decoder: format!("U{}", name.to_uppercase()),
+            tuned: true,
+            bytes_per_weight: budget / 11.8,
+            budget,
+            kernels: vec![
+                kernel(name, 1, r1, budget),
+                match r8 {
+                    Some(r8) => kernel(name, 8, r8, budget),
+                    None => KernelResult {
+                        kernel: format!("mmv_{name}_r8"),
+                        rows: 8,
+                        count: None,
+                        error: Some("no loop".into()),
+                    },
+                },
+            ],
+        };
+        let lines = super::m40_table(&[
+            ty("q4_0", 6.6, 5.97, Some(16.7)),
+            ty("q4_k", 6.6, 8.81, None),
+        ]);
+        let q4_0 = lines.iter().find(|l| l.contains("q4_0 ")).unwrap();
+        assert!(
+            q4_0.contains("5.97 under") && q4_0.contains("16.70 OVER"),
+            "{q4_0}"
+        );
+        let q4_k = lines.iter().find(|l| l.contains("q4_k ")).unwrap();
+        assert!(
+            q4_k.contains("8.81 OVER") && q4_k.contains("not counted"),
+            "{q4_k}"
+        );
+        assert!(
+            lines.iter().any(|l| l.contains("mmv_q4_k_r8: no loop")),
+            "{lines:?}"
+        );
+        let last = lines.last().unwrap();
+        assert!(
+            last.contains("OVER the M40 budget at decode (r1): q4_k:"),
+            "{last}"
+        );
+        let under = super::m40_table(&[ty("q4_0", 6.6, 5.97, Some(16.7))]);
+        assert!(
+            under
+                .last()
+                .unwrap()
+                .contains("every decode (r1) matvec is under")
+        );
+    }
 
     #[test]
     fn archs_are_read_with_or_without_prefix() {

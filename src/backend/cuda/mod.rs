@@ -1,6 +1,7 @@
 //! The CUDA side of m40-llm (the `cuda` feature): NVRTC discovery and kernel compilation
 //! ([`nvrtc`], [`kernels`]), loading compiled kernels onto a device ([`KernelSet`]), and what
-//! `m40-llm doctor` reports about the driver and cuBLAS; the launchers ([`ops`], [`matmul`])
+//! `m40-llm doctor` reports about the driver and cuBLAS, and the matvec kernels' instruction
+//! counts against the M40's budget ([`isa`]); the launchers ([`ops`], [`matmul`])
 //! over device memory ([`mem`]); and the executor that runs a plan with them
 //! ([`CudaBackend`]).
 //!
@@ -8,6 +9,7 @@
 //! says what is missing when asked to use it.
 
 pub mod backend;
+pub mod isa;
 pub mod kernels;
 pub mod matmul;
 pub mod mem;

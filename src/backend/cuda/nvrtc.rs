@@ -62,6 +62,8 @@ struct Fns {
     log: unsafe extern "C" fn(Program, *mut c_char) -> NvrtcResult,
     cubin_size: unsafe extern "C" fn(Program, *mut usize) -> NvrtcResult,
     cubin: unsafe extern "C" fn(Program, *mut c_char) -> NvrtcResult,
+    ptx_size: unsafe extern "C" fn(Program, *mut usize) -> NvrtcResult,
+    ptx: unsafe extern "C" fn(Program, *mut c_char) -> NvrtcResult,
 }
 
 /// Where an NVRTC candidate came from (shown by `doctor`).
@@ -101,6 +103,32 @@ pub struct Compiled {
     pub log: String,
 }
 
+/// The output of one compilation to PTX.
+#[derive(Clone, Debug)]
+pub struct CompiledPtx {
+    /// PTX text for `compute_{arch}` (the trailing NUL removed).
+    pub ptx: String,
+    /// NVRTC's log.
+    pub log: String,
+}
+
+/// What a compilation hands back: a CUBIN for a real architecture (`sm_XY`), or PTX for a
+/// virtual one (`compute_XY`, before ptxas).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Output {
+    Cubin,
+    Ptx,
+}
+
+impl Output {
+    fn arch_option(self, arch: u32) -> String {
+        match self {
+            Output::Cubin => format!("--gpu-architecture=sm_{arch}"),
+            Output::Ptx => format!("--gpu-architecture=compute_{arch}"),
+        }
+    }
+}
+
 impl Nvrtc {
     /// Loads the NVRTC at `path` (a path or a library name) and asks its version and archs.
     pub fn load(path: &str) -> Result<Nvrtc, NvrtcError> {
@@ -129,6 +157,8 @@ impl Nvrtc {
             log: sym!(b"nvrtcGetProgramLog\0"),
             cubin_size: sym!(b"nvrtcGetCUBINSize\0"),
             cubin: sym!(b"nvrtcGetCUBIN\0"),
+            ptx_size: sym!(b"nvrtcGetPTXSize\0"),
+            ptx: sym!(b"nvrtcGetPTX\0"),
         };
         let mut nvrtc = Nvrtc {
             fns,
@@ -221,6 +251,37 @@ impl Nvrtc {
         arch: u32,
         options: &[String],
     ) -> Result<Compiled, NvrtcError> {
+        let (cubin, log) = self.compile_to(Output::Cubin, name, source, headers, arch, options)?;
+        Ok(Compiled { cubin, log })
+    }
+
+    /// As [`Nvrtc::compile`], for the virtual architecture `compute_{arch}`: the PTX NVVM
+    /// generates (what ptxas would be given), with NVRTC's log.
+    pub fn compile_ptx(
+        &self,
+        name: &str,
+        source: &str,
+        headers: &[(&str, &str)],
+        arch: u32,
+        options: &[String],
+    ) -> Result<CompiledPtx, NvrtcError> {
+        let (ptx, log) = self.compile_to(Output::Ptx, name, source, headers, arch, options)?;
+        let end = ptx.iter().position(|&b| b == 0).unwrap_or(ptx.len());
+        Ok(CompiledPtx {
+            ptx: String::from_utf8_lossy(&ptx[..end]).into_owned(),
+            log,
+        })
+    }
+
+    fn compile_to(
+        &self,
+        output: Output,
+        name: &str,
+        source: &str,
+        headers: &[(&str, &str)],
+        arch: u32,
+        options: &[String],
+    ) -> Result<(Vec<u8>, String), NvrtcError> {
         let cstr = |s: &str| {
             CString::new(s).map_err(|_| NvrtcError::Nul {
                 name: name.to_string(),
@@ -239,7 +300,7 @@ impl Nvrtc {
         let header_src_ptrs: Vec<*const c_char> = header_src.iter().map(|s| s.as_ptr()).collect();
         let header_name_ptrs: Vec<*const c_char> =
             header_names.iter().map(|s| s.as_ptr()).collect();
-        let mut opts = vec![format!("--gpu-architecture=sm_{arch}")];
+        let mut opts = vec![output.arch_option(arch)];
         opts.extend(options.iter().cloned());
         let opts = opts
             .iter()
@@ -260,7 +321,7 @@ impl Nvrtc {
                 header_name_ptrs.as_ptr(),
             )
         })?;
-        let result = self.compile_program(prog, name, arch, &opt_ptrs);
+        let result = self.compile_program(prog, output, name, arch, &opt_ptrs);
         // SAFETY: `prog` was created above and is destroyed once.
         unsafe { (self.fns.destroy)(&mut prog) };
         result
@@ -269,10 +330,11 @@ impl Nvrtc {
     fn compile_program(
         &self,
         prog: Program,
+        output: Output,
         name: &str,
         arch: u32,
         opts: &[*const c_char],
-    ) -> Result<Compiled, NvrtcError> {
+    ) -> Result<(Vec<u8>, String), NvrtcError> {
         // SAFETY: `prog` is a live program; `opts` holds `opts.len()` valid C strings.
         let code = unsafe { (self.fns.compile)(prog, opts.len() as c_int, opts.as_ptr()) };
         let log = self.program_log(prog)?;
@@ -288,19 +350,29 @@ impl Nvrtc {
                 },
             });
         }
+        let (size_call, size_fn, get_call, get_fn) = match output {
+            Output::Cubin => (
+                "nvrtcGetCUBINSize",
+                self.fns.cubin_size,
+                "nvrtcGetCUBIN",
+                self.fns.cubin,
+            ),
+            Output::Ptx => (
+                "nvrtcGetPTXSize",
+                self.fns.ptx_size,
+                "nvrtcGetPTX",
+                self.fns.ptx,
+            ),
+        };
         let mut size = 0usize;
         // SAFETY: a compiled program and a valid out-pointer.
-        self.check("nvrtcGetCUBINSize", unsafe {
-            (self.fns.cubin_size)(prog, &mut size)
-        })?;
-        let mut cubin = vec![0u8; size];
+        self.check(size_call, unsafe { size_fn(prog, &mut size) })?;
+        let mut image = vec![0u8; size];
         if size > 0 {
-            // SAFETY: `cubin` has the `size` bytes NVRTC reported.
-            self.check("nvrtcGetCUBIN", unsafe {
-                (self.fns.cubin)(prog, cubin.as_mut_ptr().cast())
-            })?;
+            // SAFETY: `image` has the `size` bytes NVRTC reported.
+            self.check(get_call, unsafe { get_fn(prog, image.as_mut_ptr().cast()) })?;
         }
-        Ok(Compiled { cubin, log })
+        Ok((image, log))
     }
 
     fn program_log(&self, prog: Program) -> Result<String, NvrtcError> {
