@@ -10,7 +10,8 @@
 // unaligned block fields are read as aligned words and funnel-shifted, and every weight load
 // goes through the read-only cache. Each row's arithmetic is the same whatever R is (the same
 // FMA chain per unit, the same reduction), so a sequence gets bit-identical results alone and
-// in a batch. Grid: (N); block: 32 to 128 threads (the host picks by K).
+// in a batch. Grid: (ceil(N / COLS)), COLS = 4 output columns a block for the narrow units (2
+// for gate/up), 1 for the K-quants; block: 32 to 128 threads (the host picks by K).
 //
 // matvec_<ty>: the plain reference kernel, a warp per output element reading the row with
 // T::at. The host uses it only for shapes the unit kernels do not take (K not a multiple of 32,
@@ -265,55 +266,73 @@ struct UGen {
     static __device__ __forceinline__ int xoff(int u, int j) { return 8 * u + 4 * j; }
 };
 
-// The unit kernels' body: M weight matrices (1: y = x Wᵀ; 2: y = silu(x Gᵀ) * (x Uᵀ)), R rows.
+// The unit kernels' body: M weight matrices (1: y = x Wᵀ; 2: y = silu(x Gᵀ) * (x Uᵀ)), R rows,
+// COLS output columns per block.
+template <typename U, int M>
+struct Cols {
+    // Narrow units: 4 columns (gate/up: 2 of each matrix), so each x load feeds 4 weight rows
+    // (an activation float per weight per row was the L1 traffic that bounded these kernels).
+    // Wide units: one column, its 32 decoded values already fill the registers.
+    static const int N = U::W <= 8 ? 4 / M : 1;
+};
+
 template <typename U, int R, int M>
 __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __restrict__ w1,
                                          const float* __restrict__ x, float* __restrict__ y,
                                          int N, int K, i64 row_bytes) {
-    __shared__ float red[MMV_THREADS / 32][M * R];
-    int n = blockIdx.x;
-    const u8* row0 = w0 + (i64)n * row_bytes;
-    const u8* row1 = w1 + (i64)n * row_bytes;
-    float acc[M][R];
+    const int C = Cols<U, M>::N;
+    const int W = U::W;
+    __shared__ float red[MMV_THREADS / 32][M * C * R];
+    int n0 = blockIdx.x * C;
+    if (n0 >= N) return;  // the whole block: a grid larger than N / C
+    // Weight row q = m * C + c is column n0 + c of matrix m (past N: column n0 again, unwritten).
+    const u8* rows[M * C];
 #pragma unroll
     for (int m = 0; m < M; m++)
 #pragma unroll
-        for (int r = 0; r < R; r++) acc[m][r] = 0.0f;
-    const int W = U::W;
+        for (int c = 0; c < C; c++) {
+            int n = n0 + c < N ? n0 + c : n0;
+            rows[m * C + c] = (m == 0 ? w0 : w1) + (i64)n * row_bytes;
+        }
+    float acc[M * C][R];
+#pragma unroll
+    for (int q = 0; q < M * C; q++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[q][r] = 0.0f;
     int units = K / W;
     for (int u = threadIdx.x; u < units; u += blockDim.x) {
         if (W <= 8) {
-            // Narrow units: both matrices' units live at once, each x load used for both.
-            float v[M][W], s[M];
+            // Narrow units: every weight row's unit live at once, each x load used for all.
+            float v[M * C][W], s[M * C];
 #pragma unroll
-            for (int m = 0; m < M; m++) s[m] = U::unit(m == 0 ? row0 : row1, u, v[m]);
+            for (int q = 0; q < M * C; q++) s[q] = U::unit(rows[q], u, v[q]);
 #pragma unroll
             for (int r = 0; r < R; r++) {
                 const float* xr = x + (i64)r * K;
-                float d[M];
+                float d[M * C];
 #pragma unroll
-                for (int m = 0; m < M; m++) d[m] = 0.0f;
+                for (int q = 0; q < M * C; q++) d[q] = 0.0f;
 #pragma unroll
                 for (int j = 0; j < W / 4; j++) {
                     float4 xv = ldx4(xr + U::xoff(u, j));
 #pragma unroll
-                    for (int m = 0; m < M; m++) {
-                        d[m] = fmaf(v[m][4 * j], xv.x, d[m]);
-                        d[m] = fmaf(v[m][4 * j + 1], xv.y, d[m]);
-                        d[m] = fmaf(v[m][4 * j + 2], xv.z, d[m]);
-                        d[m] = fmaf(v[m][4 * j + 3], xv.w, d[m]);
+                    for (int q = 0; q < M * C; q++) {
+                        d[q] = fmaf(v[q][4 * j], xv.x, d[q]);
+                        d[q] = fmaf(v[q][4 * j + 1], xv.y, d[q]);
+                        d[q] = fmaf(v[q][4 * j + 2], xv.z, d[q]);
+                        d[q] = fmaf(v[q][4 * j + 3], xv.w, d[q]);
                     }
                 }
 #pragma unroll
-                for (int m = 0; m < M; m++) acc[m][r] = fmaf(d[m], s[m], acc[m][r]);
+                for (int q = 0; q < M * C; q++) acc[q][r] = fmaf(d[q], s[q], acc[q][r]);
             }
         } else {
-            // Wide units: one matrix at a time (the second re-reads x from L1), so a thread
-            // holds one decoded unit: 32 registers, not 64, and no spills at R = 8.
+            // Wide units: one weight row at a time (the next re-reads x from L1), so a thread
+            // holds one decoded unit: 32 registers, and no spills at R = 8.
 #pragma unroll
-            for (int m = 0; m < M; m++) {
+            for (int q = 0; q < M * C; q++) {
                 float v[W];
-                float s = U::unit(m == 0 ? row0 : row1, u, v);
+                float s = U::unit(rows[q], u, v);
 #pragma unroll
                 for (int r = 0; r < R; r++) {
                     const float* xr = x + (i64)r * K;
@@ -326,28 +345,28 @@ __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __
                         d = fmaf(v[4 * j + 2], xv.z, d);
                         d = fmaf(v[4 * j + 3], xv.w, d);
                     }
-                    acc[m][r] = fmaf(d, s, acc[m][r]);
+                    acc[q][r] = fmaf(d, s, acc[q][r]);
                 }
             }
         }
     }
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
 #pragma unroll
-    for (int m = 0; m < M; m++)
+    for (int q = 0; q < M * C; q++)
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            float t = warp_sum(acc[m][r]);
-            if (lane == 0) red[warp][m * R + r] = t;
+            float t = warp_sum(acc[q][r]);
+            if (lane == 0) red[warp][q * R + r] = t;
         }
     __syncthreads();
-    if (threadIdx.x < R) {
-        int r = threadIdx.x;
+    if (threadIdx.x < C * R) {
+        int c = threadIdx.x / R, r = threadIdx.x % R;
         float a = 0.0f, b = 0.0f;
         for (int i = 0; i < nw; i++) {
-            a += red[i][r];
-            if (M > 1) b += red[i][R + r];
+            a += red[i][c * R + r];
+            if (M > 1) b += red[i][(C + c) * R + r];
         }
-        y[(i64)r * N + n] = M > 1 ? silu1(a) * b : a;
+        if (n0 + c < N) y[(i64)r * N + n0 + c] = M > 1 ? silu1(a) * b : a;
     }
 }
 

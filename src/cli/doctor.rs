@@ -343,6 +343,7 @@ mod tests {
                     classes: ClassCounts::default(),
                 },
                 unit_weights: 32,
+                cols: 1,
                 weights_per_iteration: 32,
                 units_per_iteration: 1,
                 per_weight,

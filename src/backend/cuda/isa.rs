@@ -350,7 +350,10 @@ pub struct KernelCount {
     pub unit_loop: PtxLoop,
     /// Weights per unit of the decoder (`W`: 8 or 32).
     pub unit_weights: u32,
-    /// Weights one iteration of the loop covers: 4 × x loads / rows.
+    /// Output columns a block computes (`Cols` in kernels/matvec.cu): each x load feeds that
+    /// many weight rows.
+    pub cols: u32,
+    /// Weights one iteration of the loop covers: 4 × x loads × columns / rows.
     pub weights_per_iteration: u32,
     /// Units one iteration decodes: weights per iteration / unit weights.
     pub units_per_iteration: u32,
@@ -363,19 +366,22 @@ pub struct KernelCount {
 }
 
 /// Counts the unit loop of the entry point `kernel` (with `rows` activation rows, units of
-/// `unit_weights` weights) in `ptx` against `budget` instructions per weight.
+/// `unit_weights` weights, `cols` output columns sharing each x load) in `ptx` against `budget`
+/// instructions per weight.
 pub fn count_kernel(
     ptx: &str,
     kernel: &str,
     rows: u32,
     unit_weights: u32,
+    cols: u32,
     budget: f64,
 ) -> Result<KernelCount, IsaError> {
     let body = entry_body(ptx, kernel).ok_or_else(|| IsaError::NoEntry(kernel.to_string()))?;
     let unit_loop = unit_loop(body).ok_or_else(|| IsaError::NoLoop(kernel.to_string()))?;
     let rows = rows.max(1);
     let unit = unit_weights.max(1);
-    let covered = WEIGHTS_PER_X_LOAD * unit_loop.x_loads;
+    let cols = cols.max(1);
+    let covered = WEIGHTS_PER_X_LOAD * unit_loop.x_loads * cols;
     if !covered.is_multiple_of(rows * unit) {
         return Err(IsaError::Uneven {
             kernel: kernel.to_string(),
@@ -390,6 +396,7 @@ pub fn count_kernel(
         kernel: kernel.to_string(),
         rows,
         unit_weights: unit,
+        cols,
         weights_per_iteration,
         units_per_iteration: weights_per_iteration / unit,
         per_weight,
@@ -453,7 +460,10 @@ pub fn m40_counts(ptx: &str) -> Vec<TypeCount> {
                     let kernel = format!("mmv_{suffix}_r{rows}");
                     let r = unit
                         .ok_or_else(|| IsaError::NoUnitWidth(decoder.to_string()))
-                        .and_then(|w| count_kernel(ptx, &kernel, rows, w, budget));
+                        .and_then(|w| {
+                            let cols = super::matmul::unit_cols(ty, false) as u32;
+                            count_kernel(ptx, &kernel, rows, w, cols, budget)
+                        });
                     KernelResult {
                         kernel,
                         rows,
@@ -651,17 +661,21 @@ $L__BB1_9:
     fn counts_divide_by_the_units_one_iteration_covers() {
         // 4 x loads are 16 weights for one row: two units of 8, half a unit of 32 (the parser or
         // the kernel changed), 8 weights for each of 2 rows, nothing whole for 3.
-        let c = count_kernel(PTX, "mmv_t_r1", 1, 8, 6.6).unwrap();
+        let c = count_kernel(PTX, "mmv_t_r1", 1, 8, 1, 6.6).unwrap();
         assert_eq!((c.weights_per_iteration, c.units_per_iteration), (16, 2));
         assert!((c.per_weight - 1.0).abs() < 1e-12);
-        let c = count_kernel(PTX, "mmv_t_r1", 2, 8, 6.6).unwrap();
+        let c = count_kernel(PTX, "mmv_t_r1", 2, 8, 1, 6.6).unwrap();
         assert_eq!((c.weights_per_iteration, c.units_per_iteration), (8, 1));
+        // Four output columns share each x load: four times the weights per iteration.
+        let c = count_kernel(PTX, "mmv_t_r1", 1, 8, 4, 6.6).unwrap();
+        assert_eq!((c.weights_per_iteration, c.units_per_iteration), (64, 8));
+        assert!((c.per_weight - 0.25).abs() < 1e-12);
         for (rows, unit) in [(1, 32), (3, 8)] {
-            let e = count_kernel(PTX, "mmv_t_r1", rows, unit, 6.6).unwrap_err();
+            let e = count_kernel(PTX, "mmv_t_r1", rows, unit, 1, 6.6).unwrap_err();
             assert!(matches!(e, IsaError::Uneven { x_loads: 4, .. }), "{e}");
         }
         assert!(matches!(
-            count_kernel(PTX, "nope_r1", 1, 8, 6.6),
+            count_kernel(PTX, "nope_r1", 1, 8, 1, 6.6),
             Err(IsaError::NoEntry(_))
         ));
         // A kernel whose loop loads 8 float4 per row: one unit of 32 for R = 1.
@@ -673,13 +687,13 @@ $L__BB1_9:
              \tld.global.nc.v4.f32 {%f1,%f2,%f3,%f4}, [%rd3+112];\n\
              \t@%p3 bra \t$L__BB1_2;",
         );
-        let c = count_kernel(&ptx, "mmv_t_r1", 1, 32, 0.6).unwrap();
+        let c = count_kernel(&ptx, "mmv_t_r1", 1, 32, 1, 0.6).unwrap();
         assert_eq!(c.units_per_iteration, 1);
         assert_eq!(c.unit_loop.instructions, 20);
         assert!((c.per_weight - 20.0 / 32.0).abs() < 1e-12);
         assert!(!c.under_budget);
         assert!(
-            count_kernel(&ptx, "mmv_t_r1", 1, 32, 0.7)
+            count_kernel(&ptx, "mmv_t_r1", 1, 32, 1, 0.7)
                 .unwrap()
                 .under_budget
         );
@@ -687,7 +701,7 @@ $L__BB1_9:
         let flat =
             ".entry mmv_f_r1(\n)\n{\n\tld.global.nc.v4.f32 {%f1,%f2,%f3,%f4}, [%rd1];\n\tret;\n}\n";
         assert!(matches!(
-            count_kernel(flat, "mmv_f_r1", 1, 8, 1.0),
+            count_kernel(flat, "mmv_f_r1", 1, 8, 1, 1.0),
             Err(IsaError::NoLoop(_))
         ));
     }

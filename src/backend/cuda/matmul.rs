@@ -105,6 +105,17 @@ fn units_take(k: usize, x: u64) -> bool {
     k.is_multiple_of(32) && x.is_multiple_of(16)
 }
 
+/// Output columns per block of the unit kernels (kernels/matvec.cu `Cols`): 4 for the types
+/// with units of 8 weights (2 for gate/up, whose two matrices share the x loads too), 1 for the
+/// K-quants' units of 32.
+pub fn unit_cols(ty: GgmlType, gate_up: bool) -> usize {
+    match ty {
+        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => 1,
+        _ if gate_up => 2,
+        _ => 4,
+    }
+}
+
 /// The unit kernels' block: a warp per 32 units of 8 weights (the narrowest units), at most 4.
 fn unit_block(k: usize) -> u32 {
     ((k / 8).div_ceil(32) * 32).clamp(32, 128) as u32
@@ -209,7 +220,8 @@ impl Matmul {
                     .arg(&row_bytes);
                 // SAFETY: the arguments match mmv_<ty>_r<R>'s signature: R rows of x and y
                 // (checked by `sub`), K a whole number of units.
-                unsafe { b.launch(unit_grid(w.n, w.k)) }.map_err(|e| bad(&name, e.to_string()))?;
+                let grid = unit_grid(w.n, w.k, unit_cols(w.ty, false));
+                unsafe { b.launch(grid) }.map_err(|e| bad(&name, e.to_string()))?;
                 launches += 1;
             }
             return Ok(MatmulPath::Units { launches });
@@ -341,7 +353,8 @@ impl Matmul {
                     .arg(&row_bytes);
                 // SAFETY: the arguments match gate_up_swiglu_<ty>_r<R>'s signature; R rows of x
                 // and y (checked by `sub`), K a whole number of units.
-                unsafe { b.launch(unit_grid(gate.n, gate.k)) }.map_err(|e| CudaError::Launch {
+                let grid = unit_grid(gate.n, gate.k, unit_cols(gate.ty, true));
+                unsafe { b.launch(grid) }.map_err(|e| CudaError::Launch {
                     kernel: name.clone(),
                     reason: e.to_string(),
                 })?;
@@ -366,10 +379,10 @@ impl Matmul {
     }
 }
 
-/// The unit kernels' grid: a block per output column.
-fn unit_grid(n: usize, k: usize) -> LaunchConfig {
+/// The unit kernels' grid: a block per `cols` output columns.
+fn unit_grid(n: usize, k: usize, cols: usize) -> LaunchConfig {
     LaunchConfig {
-        grid_dim: (n as u32, 1, 1),
+        grid_dim: (n.div_ceil(cols) as u32, 1, 1),
         block_dim: (unit_block(k), 1, 1),
         shared_mem_bytes: 0,
     }
