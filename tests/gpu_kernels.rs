@@ -1177,8 +1177,10 @@ fn kernel_timings_for_the_record() {
         let (nn, kk, rb) = (n as i32, k as i32, row_bytes as i64);
         // The plain kernel (grid N / 4 x rows), then the unit kernels for 1 and 8 rows (grid N /
         // columns per block, 128 threads: K = 4096 is at least 128 units).
-        let cols = m40_llm::backend::cuda::matmul::unit_cols(ty, false);
-        let unit_blocks = n.div_ceil(cols) as u32;
+        let blocks = |rows| {
+            let cols = m40_llm::backend::cuda::matmul::unit_cols(ty, false, rows);
+            n.div_ceil(cols) as u32
+        };
         for (kernel, rows, grid, block) in [
             (
                 format!("matvec_{sfx}"),
@@ -1186,8 +1188,8 @@ fn kernel_timings_for_the_record() {
                 (n.div_ceil(4) as u32, 1, 1),
                 128,
             ),
-            (format!("mmv_{sfx}_r1"), 1, (unit_blocks, 1, 1), 128),
-            (format!("mmv_{sfx}_r8"), 8, (unit_blocks, 1, 1), 128),
+            (format!("mmv_{sfx}_r1"), 1, (blocks(1), 1, 1), 128),
+            (format!("mmv_{sfx}_r8"), 8, (blocks(8), 1, 1), 128),
         ] {
             let f = g.f("matvec", &kernel);
             let xr = g.up(&randn(&mut rng(2), rows * k));

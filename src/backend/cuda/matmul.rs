@@ -105,12 +105,13 @@ fn units_take(k: usize, x: u64) -> bool {
     k.is_multiple_of(32) && x.is_multiple_of(16)
 }
 
-/// Output columns per block of the unit kernels (kernels/matvec.cu `Cols`): 4 for the types
-/// with units of 8 weights (2 for gate/up, whose two matrices share the x loads too), 1 for the
-/// K-quants' units of 32.
-pub fn unit_cols(ty: GgmlType, gate_up: bool) -> usize {
+/// Output columns per block of the unit kernels for `rows` rows (kernels/matvec.cu `Cols`): 4
+/// for the types with units of 8 weights at more than one row (2 for gate/up, whose two
+/// matrices share the x loads too), else 1 (one row; the K-quants' units of 32).
+pub fn unit_cols(ty: GgmlType, gate_up: bool, rows: usize) -> usize {
     match ty {
         GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => 1,
+        _ if rows <= 1 => 1,
         _ if gate_up => 2,
         _ => 4,
     }
@@ -220,7 +221,7 @@ impl Matmul {
                     .arg(&row_bytes);
                 // SAFETY: the arguments match mmv_<ty>_r<R>'s signature: R rows of x and y
                 // (checked by `sub`), K a whole number of units.
-                let grid = unit_grid(w.n, w.k, unit_cols(w.ty, false));
+                let grid = unit_grid(w.n, w.k, unit_cols(w.ty, false, r));
                 unsafe { b.launch(grid) }.map_err(|e| bad(&name, e.to_string()))?;
                 launches += 1;
             }
@@ -353,7 +354,7 @@ impl Matmul {
                     .arg(&row_bytes);
                 // SAFETY: the arguments match gate_up_swiglu_<ty>_r<R>'s signature; R rows of x
                 // and y (checked by `sub`), K a whole number of units.
-                let grid = unit_grid(gate.n, gate.k, unit_cols(gate.ty, true));
+                let grid = unit_grid(gate.n, gate.k, unit_cols(gate.ty, true, r));
                 unsafe { b.launch(grid) }.map_err(|e| CudaError::Launch {
                     kernel: name.clone(),
                     reason: e.to_string(),
