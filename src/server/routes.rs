@@ -773,8 +773,23 @@ struct StreamState {
     pending: VecDeque<SseEvent>,
     /// Per choice, the text streamed so far in characters (completions' `text_offset`).
     offsets: Vec<usize>,
+    /// Per choice, whether its first chunk (chat: the role) went out.
+    started: Vec<bool>,
     summaries: Vec<Summary>,
     done: bool,
+}
+
+impl StreamState {
+    /// Queues choice `choice`'s role chunk (chat) if it has not gone out yet.
+    fn start(&mut self, choice: usize) {
+        if let Some(started) = self.started.get_mut(choice).filter(|s| !**s) {
+            *started = true;
+            if self.meta.api == Api::Chat {
+                self.pending
+                    .push_back(sse_json(&self.meta.role_chunk(choice)));
+            }
+        }
+    }
 }
 
 fn sse_json(v: &Value) -> SseEvent {
@@ -785,14 +800,15 @@ fn stream(
     meta: Meta,
     rx: UnboundedReceiver<Event>,
 ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>>> {
-    let mut pending = VecDeque::new();
-    if meta.api == Api::Chat {
-        for choice in 0..meta.n {
-            pending.push_back(sse_json(&meta.role_chunk(choice)));
-        }
-    }
+    // A chat choice's role chunk goes out with its first text (or its end), not on arrival: a
+    // request waiting in the queue sends only keep-alive comments, so a client never sees the
+    // answer begin before it has begun, and one that leaves then is found while it holds a
+    // running place (at the next token), not a queue place (which could turn a live request
+    // away while the server cannot know the waiting one is gone).
+    let pending = VecDeque::new();
     let state = StreamState {
         offsets: vec![0; meta.n],
+        started: vec![false; meta.n],
         meta,
         rx,
         pending,
@@ -813,6 +829,7 @@ fn stream(
                     text,
                     logprobs,
                 }) => {
+                    st.start(choice);
                     let mut offset = st.offsets.get(choice).copied().unwrap_or(0);
                     let lps = st.meta.logprobs_json(&logprobs, &mut offset);
                     if let Some(o) = st.offsets.get_mut(choice) {
@@ -822,6 +839,7 @@ fn stream(
                     st.pending.push_back(sse_json(&chunk));
                 }
                 Some(Event::Done(summary)) => {
+                    st.start(summary.choice);
                     st.pending
                         .push_back(sse_json(&st.meta.finish_chunk(&summary)));
                     st.summaries.push(summary);
