@@ -11,8 +11,8 @@
 // goes through the read-only cache. Each row's arithmetic is the same whatever R is (the same
 // FMA chain per unit, the same reduction), so a sequence gets bit-identical results alone and
 // in a batch (the columns a block computes change nothing in a column's arithmetic). Grid:
-// (ceil(N / COLS)), COLS = 4 output columns a block for the narrow units at R > 1 (2 for
-// gate/up), else 1; block: 32 to 128 threads (the host picks by K).
+// (ceil(N / C)), C = 4 output columns a block for the narrow units (2 for gate/up; `_r1_c1`:
+// 1), 1 for the K-quants; block: 32 to 128 threads (the host picks by K).
 //
 // matvec_<ty>: the plain reference kernel, a warp per output element reading the row with
 // T::at. The host uses it only for shapes the unit kernels do not take (K not a multiple of 32,
@@ -268,22 +268,21 @@ struct UGen {
 };
 
 // The unit kernels' body: M weight matrices (1: y = x Wᵀ; 2: y = silu(x Gᵀ) * (x Uᵀ)), R rows,
-// COLS output columns per block.
-template <typename U, int R, int M>
+// C output columns per block. Narrow units: 4 columns (gate/up: 2 of each matrix), so each x
+// load feeds 4 weight rows (an activation float per weight per row was the L1 traffic that
+// bounded these kernels at 8 rows); at one row also a 1-column variant (`_c1`), which keeps 4x
+// the blocks in flight: the host takes it for float weights and narrow matrices (measured on
+// the H200: 4 columns cost SmolLM2 16% and 8B F16 10% at R = 1, and gained 8B Q4_0 and Q8_0
+// 7%). Wide units: one column, their 32 decoded values already fill the registers.
+template <typename U, int M>
 struct Cols {
-    // Narrow units with several rows: 4 columns (gate/up: 2 of each matrix), so each x load
-    // feeds 4 weight rows (an activation float per weight per row was the L1 traffic that
-    // bounded these kernels at 8 rows). One row: one column, which keeps 4x the blocks in
-    // flight (measured on the H200: 4 columns cost SmolLM2 16% and 8B F16 10% at R = 1, gained
-    // Q4_0 3%). Wide units: one column, their 32 decoded values already fill the registers.
-    static const int N = U::W <= 8 && R > 1 ? 4 / M : 1;
+    static const int N = U::W <= 8 ? 4 / M : 1;
 };
 
-template <typename U, int R, int M>
+template <typename U, int R, int M, int C>
 __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __restrict__ w1,
                                          const float* __restrict__ x, float* __restrict__ y,
                                          int N, int K, i64 row_bytes) {
-    const int C = Cols<U, R, M>::N;
     const int W = U::W;
     __shared__ float red[MMV_THREADS / 32][M * C * R];
     int n0 = blockIdx.x * C;
@@ -377,13 +376,24 @@ __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __
 #define MMV_R(name, U, R)                                                                        \
     extern "C" __global__ void mmv_##name##_r##R(const u8* w, const float* x, float* y, int N,  \
                                                  int K, i64 row_bytes) {                        \
-        mmv_impl<U, R, 1>(w, w, x, y, N, K, row_bytes);                                          \
+        mmv_impl<U, R, 1, Cols<U, 1>::N>(w, w, x, y, N, K, row_bytes);                           \
     }                                                                                            \
     extern "C" __global__ void gate_up_swiglu_##name##_r##R(                                     \
         const u8* wg, const u8* wu, const float* x, float* y, int N, int K, i64 row_bytes) {     \
-        mmv_impl<U, R, 2>(wg, wu, x, y, N, K, row_bytes);                                        \
+        mmv_impl<U, R, 2, Cols<U, 2>::N>(wg, wu, x, y, N, K, row_bytes);                         \
     }
-#define MMV(name, U) MMV_R(name, U, 1) MMV_R(name, U, 2) MMV_R(name, U, 4) MMV_R(name, U, 8)
+// One row, one output column per block (see Cols).
+#define MMV_C1(name, U)                                                                          \
+    extern "C" __global__ void mmv_##name##_r1_c1(const u8* w, const float* x, float* y, int N, \
+                                                  int K, i64 row_bytes) {                       \
+        mmv_impl<U, 1, 1, 1>(w, w, x, y, N, K, row_bytes);                                       \
+    }                                                                                            \
+    extern "C" __global__ void gate_up_swiglu_##name##_r1_c1(                                    \
+        const u8* wg, const u8* wu, const float* x, float* y, int N, int K, i64 row_bytes) {     \
+        mmv_impl<U, 1, 2, 1>(wg, wu, x, y, N, K, row_bytes);                                     \
+    }
+#define MMV(name, U) \
+    MMV_R(name, U, 1) MMV_R(name, U, 2) MMV_R(name, U, 4) MMV_R(name, U, 8) MMV_C1(name, U)
 
 MMV(f32, UGen<TF32>)
 MMV(f16, UF16)

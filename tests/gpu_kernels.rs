@@ -414,8 +414,16 @@ fn unit_kernels_match_dequantized_f64_math_for_every_type_and_row_count() {
     let Some(g) = gpu() else { return };
     let mm = Matmul::new(g.stream.clone(), false).unwrap();
     // K = 1280: five Q4_K/Q6_K super-blocks, 40 units: a block of 64 threads, one idle warp part.
-    let (n, k) = (67, 1280);
-    for (i, ty) in DEQUANTIZE_TYPES.into_iter().enumerate() {
+    // N = 4099 rows take the four-column kernel at one row too (and end in a partial block).
+    for (i, ty, (n, k)) in DEQUANTIZE_TYPES
+        .into_iter()
+        .enumerate()
+        .map(|(i, ty)| (i, ty, (67, 1280)))
+        .chain([
+            (20, GgmlType::Q4_0, (4099, 256)),
+            (21, GgmlType::Q8_0, (4099, 256)),
+        ])
+    {
         let (wb, wd, _) = weight(800 + i as u64, ty, n, k);
         let (ub, ud, _) = weight(900 + i as u64, ty, n, k);
         let w = DeviceWeight::upload(&g.stream, "w", ty, n, k, &wb).unwrap();
@@ -1177,10 +1185,8 @@ fn kernel_timings_for_the_record() {
         let (nn, kk, rb) = (n as i32, k as i32, row_bytes as i64);
         // The plain kernel (grid N / 4 x rows), then the unit kernels for 1 and 8 rows (grid N /
         // columns per block, 128 threads: K = 4096 is at least 128 units).
-        let blocks = |rows| {
-            let cols = m40_llm::backend::cuda::matmul::unit_cols(ty, false, rows);
-            n.div_ceil(cols) as u32
-        };
+        let blocks = |cols: usize| n.div_ceil(cols) as u32;
+        let cols = m40_llm::backend::cuda::matmul::unit_cols(ty, false);
         for (kernel, rows, grid, block) in [
             (
                 format!("matvec_{sfx}"),
@@ -1188,8 +1194,9 @@ fn kernel_timings_for_the_record() {
                 (n.div_ceil(4) as u32, 1, 1),
                 128,
             ),
-            (format!("mmv_{sfx}_r1"), 1, (blocks(1), 1, 1), 128),
-            (format!("mmv_{sfx}_r8"), 8, (blocks(8), 1, 1), 128),
+            (format!("mmv_{sfx}_r1"), 1, (blocks(cols), 1, 1), 128),
+            (format!("mmv_{sfx}_r1_c1"), 1, (blocks(1), 1, 1), 128),
+            (format!("mmv_{sfx}_r8"), 8, (blocks(cols), 1, 1), 128),
         ] {
             let f = g.f("matvec", &kernel);
             let xr = g.up(&randn(&mut rng(2), rows * k));

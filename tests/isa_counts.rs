@@ -79,12 +79,7 @@ fn every_unit_kernel_has_a_unit_loop_with_its_activation_loads() {
             // feeding the block's output columns), a whole number of units, and instructions
             // besides the loads.
             assert!(c.unit_weights == 8 || c.unit_weights == 32, "{c:?}");
-            let cols = if c.unit_weights == 8 && k.rows > 1 {
-                4
-            } else {
-                1
-            };
-            assert_eq!(c.cols, cols, "{c:?}");
+            assert_eq!(c.cols, if c.unit_weights == 8 { 4 } else { 1 }, "{c:?}");
             assert_eq!(
                 c.unit_loop.x_loads * isa::WEIGHTS_PER_X_LOAD * c.cols,
                 c.unit_weights * k.rows * c.units_per_iteration,
@@ -182,11 +177,11 @@ fn doctor_prints_the_m40_instruction_counts_for_sm52() {
     let r1 = &q8_0["kernels"][0]["count"];
     assert_eq!(r1["kernel"], "mmv_q8_0_r1");
     assert_eq!(r1["unit_weights"], 8);
-    // Two x loads per unit of 8, one output column at one row.
-    assert_eq!(r1["cols"], 1);
+    // Two x loads per unit of 8, each feeding 4 columns: 4 units per 2 loads.
+    assert_eq!(r1["cols"], 4);
     assert_eq!(
-        r1["loop"]["x_loads"],
-        2 * r1["units_per_iteration"].as_u64().unwrap()
+        2 * r1["loop"]["x_loads"].as_u64().unwrap(),
+        r1["units_per_iteration"].as_u64().unwrap()
     );
     assert_eq!(r1["under_budget"], true);
     assert!((q8_0["budget"].as_f64().unwrap() - 12.54).abs() < 0.01);
