@@ -669,7 +669,8 @@ impl CudaBackend {
         }
         let relaxed = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
         if let Err(e) = self.stream.begin_capture(relaxed) {
-            return self.graphs_off(format!("cannot start a capture: {e}"), step, sizes);
+            self.graphs_off(format!("cannot start a capture: {e}"));
+            return self.launch_each(step, sizes);
         }
         // Nothing runs while capturing, so a failed capture has done nothing: the step is then
         // launched kernel by kernel (which reports a real launch error as such).
@@ -683,16 +684,21 @@ impl CudaBackend {
                     (_, Err(e)) => e.to_string(),
                     _ => "the capture was empty".to_string(),
                 };
-                self.graphs.failures += 1;
-                if self.graphs.failures >= GRAPH_FAILURES {
-                    return self.graphs_off(
-                        format!("{GRAPH_FAILURES} captures failed, the last: {why}"),
-                        step,
-                        sizes,
-                    );
+                let retry = self.launch_each(step, sizes);
+                // A step that fails uncaptured too is the step's error, not the capture's.
+                if retry.is_ok() {
+                    self.graphs.failures += 1;
+                    if self.graphs.failures >= GRAPH_FAILURES {
+                        self.graphs_off(format!(
+                            "{GRAPH_FAILURES} captures failed, the last: {why}"
+                        ));
+                    } else {
+                        tracing::debug!(
+                            "a decode-step capture failed, launched each kernel: {why}"
+                        );
+                    }
                 }
-                tracing::debug!("a decode-step capture failed, launching each kernel: {why}");
-                return self.launch_each(step, sizes);
+                return retry;
             }
         };
         graph
@@ -706,18 +712,12 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Turns the graphs off for good (saying why, once) and launches this step's kernels.
-    fn graphs_off(
-        &mut self,
-        why: String,
-        step: &Step,
-        sizes: StepSizes,
-    ) -> Result<(), BackendError> {
+    /// Turns the graphs off for good, saying why (once).
+    fn graphs_off(&mut self, why: String) {
         tracing::warn!("CUDA graphs off, launching each kernel every step: {why}");
         self.graphs.enabled = false;
         self.graphs.cached.clear();
         self.graphs.seen.clear();
-        self.launch_each(step, sizes)
     }
 
     fn launch_each(&self, step: &Step, sizes: StepSizes) -> Result<(), BackendError> {
