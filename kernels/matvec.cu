@@ -1,8 +1,8 @@
 // Matrix-vector products with weights in their GGUF storage type: y[r, n] = sum_k x[r, k] w[n, k]
 // (y = x Wᵀ) for a few rows r (decode: one row per running sequence).
 //
-// mmv_<ty>_r<R> (and gate_up_swiglu_<ty>_r<R>): one block per output column n, its threads split
-// the weight row into units of 8 or 32 weights. A thread decodes a unit once (the loads and the
+// mmv_<ty>_r<R> (and gate_up_swiglu_<ty>_r<R>): one block per C output columns, its threads
+// split the weight rows into units of 8 or 32 weights. A thread decodes a unit once (the loads and the
 // bit-twiddling happen once per weight) and applies it to all R activation rows, so a step over
 // R sequences reads each weight once. The decoding is instruction-lean, for Maxwell (sm_52: no
 // dp4a, no half arithmetic, I2F at a quarter of the FMA rate): nibbles and bytes become floats
