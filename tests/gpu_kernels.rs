@@ -1219,14 +1219,23 @@ fn kernel_timings_for_the_record() {
             );
         }
     }
-    // Attention of an 8B shape (32 heads over 8 KV heads of 128): decode (one token) at depths
-    // 512, 4096 and 16384, and prefill (512 tokens of one sequence at depth 0 and at 4096). GB/s
-    // counts the K and V bytes each launch must read once (prefill reads them per query token,
-    // which is what makes it slow at depth).
+    // Attention of an 8B shape (32 heads over 8 KV heads of 128) through the executor's launcher:
+    // decode (one token) at depths 512, 4096 and 16384, and prefill (512 tokens of one sequence
+    // at depth 0 and at 4096). GB/s counts the K and V bytes each launch must read once (prefill
+    // reads them per query token, which is what makes it slow at depth).
     let (h, hkv, d, page) = (32usize, 8usize, 128usize, 16usize);
     let row = hkv * d;
-    let scale = 1.0 / (d as f32).sqrt();
-    let (hh, hk, dd, ps, win, chunk) = (h as i32, hkv as i32, d as i32, page as i32, 0i32, 256i32);
+    let ops = Ops {
+        ks: &g.ks,
+        stream: &g.stream,
+    };
+    let shape = AttnShape {
+        n_heads: h,
+        n_kv_heads: hkv,
+        head_dim: d,
+        scale: 1.0 / (d as f32).sqrt(),
+        window: 0,
+    };
     for (depth, t) in [
         (512usize, 1usize),
         (4096, 1),
@@ -1237,81 +1246,35 @@ fn kernel_timings_for_the_record() {
         let pages = depth.div_ceil(page);
         let tables: Vec<i32> = (0..pages as i32).collect();
         let mut r = rng(depth as u64);
-        let kc = to_f16_bits(&randn(&mut r, pages * page * row));
-        let vc = to_f16_bits(&randn(&mut r, pages * page * row));
-        let q = randn(&mut r, t * h * d);
-        let pos: Vec<i32> = (0..t).map(|i| (depth - t + i) as i32).collect();
-        let slots = vec![0i32; t];
-        let (q_d, kc_d, vc_d, pos_d, slots_d, tab_d) = (
-            g.up(&q),
-            g.up(&kc),
-            g.up(&vc),
-            g.up(&pos),
-            g.up(&slots),
-            g.up(&tables),
-        );
-        let stride = pages as i32;
+        let kc_d = g.up(&to_f16_bits(&randn(&mut r, pages * page * row)));
+        let vc_d = g.up(&to_f16_bits(&randn(&mut r, pages * page * row)));
+        let tab_d = g.up(&tables);
+        let q_d = g.up(&randn(&mut r, t * h * d));
+        let positions: Vec<u32> = (0..t).map(|i| (depth - t + i) as u32).collect();
+        let pos: Vec<i32> = positions.iter().map(|&p| p as i32).collect();
+        let (pos_d, slots_d) = (g.up(&pos), g.up(&vec![0i32; t]));
+        let kv = PagedKv {
+            k: Span::of(&kc_d),
+            v: Span::of(&vc_d),
+            tables: Span::of(&tab_d),
+            table_stride: pages,
+            page_size: page,
+        };
+        let mut part = g.out(Ops::attention_scratch_len(&positions, shape).max(1), NAN);
         let mut y_d = g.out(t * h * d, NAN);
         let kv_bytes = (2 * depth * row * 2) as f64;
-        let (kind, ms) = if t == 1 {
-            let splits = depth.div_ceil(chunk as usize);
-            let ss = splits as i32;
-            let mut pm = g.out(h * splits, NAN);
-            let mut pl = g.out(h * splits, NAN);
-            let mut pa = g.out(h * splits * d, NAN);
-            let dec = g.f("attention", "attention_decode_f16");
-            let comb = g.f("attention", "attention_combine");
-            let ms = time(&mut || {
-                launch(&dec, g, cfg((h as u32, 1, splits as u32), 128), |b| {
-                    b.arg(&q_d)
-                        .arg(&kc_d)
-                        .arg(&vc_d)
-                        .arg(&pos_d)
-                        .arg(&slots_d)
-                        .arg(&tab_d);
-                    b.arg(&stride)
-                        .arg(&ps)
-                        .arg(&hh)
-                        .arg(&hk)
-                        .arg(&dd)
-                        .arg(&scale)
-                        .arg(&win)
-                        .arg(&chunk);
-                    b.arg(&mut pm).arg(&mut pl).arg(&mut pa);
-                });
-                launch(&comb, g, cfg((h as u32, 1, 1), 64), |b| {
-                    b.arg(&pm)
-                        .arg(&pl)
-                        .arg(&pa)
-                        .arg(&mut y_d)
-                        .arg(&hh)
-                        .arg(&dd)
-                        .arg(&ss);
-                });
-            });
-            ("decode", ms)
-        } else {
-            let groups = hkv * (h / hkv).div_ceil(8);
-            let pre = g.f("attention", "attention_prefill_f16");
-            let ms = time(&mut || {
-                launch(&pre, g, cfg((groups as u32, t as u32, 1), 128), |b| {
-                    b.arg(&q_d)
-                        .arg(&kc_d)
-                        .arg(&vc_d)
-                        .arg(&pos_d)
-                        .arg(&slots_d)
-                        .arg(&tab_d);
-                    b.arg(&stride)
-                        .arg(&ps)
-                        .arg(&hh)
-                        .arg(&hk)
-                        .arg(&dd)
-                        .arg(&scale)
-                        .arg(&win)
-                        .arg(&mut y_d);
-                });
-            });
-            ("prefill", ms)
+        let mut path = None;
+        let ms = time(&mut || {
+            path = Some(
+                ops.attention(
+                    &q_d, &kv, &pos_d, &slots_d, &positions, shape, &mut y_d, &mut part,
+                )
+                .unwrap(),
+            );
+        });
+        let kind = match path {
+            Some(AttnPath::Prefill) => "prefill",
+            _ => "decode",
         };
         let y = g.down(&y_d);
         assert!(
