@@ -230,25 +230,7 @@ impl Matmul {
         let row_bytes = w.row_bytes as i64;
         let blas = self.blas.as_ref().filter(|_| rows > UNIT_MAX_ROWS);
         if blas.is_none() && units_take(w.k, *x.ptr()) {
-            let mut launches = 0;
-            for (r0, r) in unit_chunks(rows) {
-                let (name, cols) = unit_kernel("mmv", sfx, w.ty, false, r, w.n);
-                let f = ks.function("matvec", &name)?;
-                let xr = x.sub(r0 * w.k, r * w.k, "matmul rows")?;
-                let yr = y.sub(r0 * w.n, r * w.n, "matmul rows")?;
-                let mut b = self.stream.launch_builder(&f);
-                b.arg(&w.data)
-                    .arg(xr.ptr())
-                    .arg(yr.ptr())
-                    .arg(&n)
-                    .arg(&k)
-                    .arg(&row_bytes);
-                // SAFETY: the arguments match mmv_<ty>_r<R>'s signature: R rows of x and y
-                // (checked by `sub`), K a whole number of units.
-                let grid = unit_grid(w.n, w.k, cols);
-                unsafe { b.launch(grid) }.map_err(|e| bad(&name, e.to_string()))?;
-                launches += 1;
-            }
+            let launches = self.launch_units(ks, &[w], x, y, rows, &shape)?;
             return Ok(MatmulPath::Units { launches });
         }
         let Some(blas) = blas else {
@@ -363,27 +345,8 @@ impl Matmul {
         let rows_i = i32::try_from(rows).map_err(|_| too_big("rows"))?;
         let row_bytes = gate.row_bytes as i64;
         if units_take(gate.k, *x.ptr()) {
-            for (r0, r) in unit_chunks(rows) {
-                let (name, cols) = unit_kernel("gate_up_swiglu", sfx, gate.ty, true, r, gate.n);
-                let f = ks.function("matvec", &name)?;
-                let xr = x.sub(r0 * gate.k, r * gate.k, "gate_up rows")?;
-                let yr = y.sub(r0 * gate.n, r * gate.n, "gate_up rows")?;
-                let mut b = self.stream.launch_builder(&f);
-                b.arg(&gate.data)
-                    .arg(&up.data)
-                    .arg(xr.ptr())
-                    .arg(yr.ptr())
-                    .arg(&n)
-                    .arg(&k)
-                    .arg(&row_bytes);
-                // SAFETY: the arguments match gate_up_swiglu_<ty>_r<R>'s signature; R rows of x
-                // and y (checked by `sub`), K a whole number of units.
-                let grid = unit_grid(gate.n, gate.k, cols);
-                unsafe { b.launch(grid) }.map_err(|e| CudaError::Launch {
-                    kernel: name.clone(),
-                    reason: e.to_string(),
-                })?;
-            }
+            let shape = format!("x [{rows}, {}] · gate, up [{}, {}]", gate.k, gate.n, gate.k);
+            self.launch_units(ks, &[gate, up], x, y, rows, &shape)?;
             return Ok(());
         }
         let f = ks.function("matvec", &name)?;
@@ -401,6 +364,57 @@ impl Matmul {
             reason: e.to_string(),
         })?;
         Ok(())
+    }
+}
+
+impl Matmul {
+    /// The unit kernels over `rows` rows in launches of 8, 4, 2 and 1 rows: `mmv_<ty>` for one
+    /// weight, `gate_up_swiglu_<ty>` for two (gate, up: one type and shape, checked by the
+    /// caller, as are the sizes of `x` and `y`). Returns the launch count.
+    fn launch_units(
+        &self,
+        ks: &KernelSet,
+        weights: &[&DeviceWeight],
+        x: super::mem::Span<f32>,
+        y: super::mem::Span<f32>,
+        rows: usize,
+        shape: &str,
+    ) -> Result<usize, CudaError> {
+        let w = weights[0];
+        let gate_up = weights.len() > 1;
+        let prefix = if gate_up { "gate_up_swiglu" } else { "mmv" };
+        let sfx = weight_kernel_suffix(w.ty).unwrap_or("unsupported");
+        let too_big = |what: &str| CudaError::Launch {
+            kernel: format!("{prefix}_{sfx}"),
+            reason: format!("{what} exceeds i32: {shape}"),
+        };
+        let n = i32::try_from(w.n).map_err(|_| too_big("N"))?;
+        let k = i32::try_from(w.k).map_err(|_| too_big("K"))?;
+        let row_bytes = w.row_bytes as i64;
+        let chunks = unit_chunks(rows);
+        for &(r0, r) in &chunks {
+            let (name, cols) = unit_kernel(prefix, sfx, w.ty, gate_up, r, w.n);
+            let f = ks.function("matvec", &name)?;
+            let xr = x.sub(r0 * w.k, r * w.k, "matmul rows")?;
+            let yr = y.sub(r0 * w.n, r * w.n, "matmul rows")?;
+            let mut b = self.stream.launch_builder(&f);
+            for w in weights {
+                b.arg(&w.data);
+            }
+            b.arg(xr.ptr())
+                .arg(yr.ptr())
+                .arg(&n)
+                .arg(&k)
+                .arg(&row_bytes);
+            // SAFETY: the arguments match mmv_<ty>_r<R>'s (one weight) or
+            // gate_up_swiglu_<ty>_r<R>'s (two) signature: R rows of x and y (checked by `sub`),
+            // K a whole number of units (`units_take`).
+            unsafe { b.launch(unit_grid(w.n, w.k, cols)) }.map_err(|e| CudaError::Launch {
+                kernel: name.clone(),
+                reason: format!("{e}: {shape}"),
+            })?;
+        }
+        Ok(chunks.len())
     }
 }
 
