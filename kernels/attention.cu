@@ -17,16 +17,28 @@ __device__ __forceinline__ int attn_lo(int p, int window) {
 }
 
 // ---- Decode: flash-decoding. The context of each (token, head) is split into chunks of
-// `chunk` positions, one block per (head, token, chunk). Each warp of the block walks the
-// chunk's positions (warp w takes positions w, w + warps, ...) with an online softmax over its
-// lane's D / 32 elements; the warps then merge in shared memory and the block writes its
-// partial (max m, sum l, unnormalized acc[D]) for attention_combine.
-// Grid: (H, T, n_splits); block: 128 (4 warps). D a multiple of 32, at most MAX_D.
-// part_m, part_l: [T, H, n_splits]; part_acc: [T, H, n_splits, D].
+// `chunk` positions, one block per (head, token, chunk). A warp walks its chunk LP lanes to a
+// position (LP = D / 8 rounded up to a power of two: each lane reads 8 FP16 of K and of V as one
+// 16-byte load), 32 / LP positions side by side and two such steps per iteration, so a warp has
+// up to 2 * 32 / LP positions' loads in flight; each lane group keeps an online softmax over its
+// positions. The groups then merge by shuffles, the warps in shared memory, and the block writes
+// its partial (max m, sum l, unnormalized acc[D]) for attention_combine, or, with one split,
+// the output y itself (no combine launch: short contexts, the small models' decode).
+// Grid: (H, T, n_splits); block: 128 (4 warps). D a multiple of 32, at most MAX_D; K and V rows
+// 16-byte aligned. part_m, part_l: [T, H, n_splits]; part_acc: [T, H, n_splits, D]; y: [T, H * D].
+__device__ __forceinline__ void widen8(uint4 w, float* f) {
+    u32 v[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        f[2 * i] = h2f((u16)(v[i] & 0xffff));
+        f[2 * i + 1] = h2f((u16)(v[i] >> 16));
+    }
+}
+
 extern "C" __global__ void attention_decode_f16(
     const float* q, const u16* kc, const u16* vc, const int* pos, const int* slots,
     const int* tables, int table_stride, int page_size, int H, int Hkv, int D, float scale,
-    int window, int chunk, float* part_m, float* part_l, float* part_acc) {
+    int window, int chunk, float* part_m, float* part_l, float* part_acc, float* y) {
     const int NW = 4;
     __shared__ float sm_m[NW], sm_l[NW];
     __shared__ float sm_acc[NW][MAX_D];
@@ -39,41 +51,83 @@ extern "C" __global__ void attention_decode_f16(
     int start = lo + s * chunk;
     int stop = min(start + chunk, p_end + 1);
     int slot = slots[t];
-    int nd = D >> 5;
+    int lp = 4;
+    while (lp * 8 < D) lp <<= 1;
+    int pw = 32 / lp;
+    int li = lane & (lp - 1), pi = lane / lp;
+    bool on = li * 8 < D;
 
-    float qr[MAX_D / 32], acc[MAX_D / 32];
-    const float* qh = q + (i64)t * H * D + (i64)h * D;
+    float qr[8], acc[8];
+    const float* qh = q + (i64)t * H * D + (i64)h * D + li * 8;
 #pragma unroll
-    for (int j = 0; j < MAX_D / 32; j++) {
-        qr[j] = j < nd ? qh[lane + 32 * j] : 0.0f;
+    for (int j = 0; j < 8; j++) {
+        qr[j] = on ? qh[j] * scale : 0.0f;
         acc[j] = 0.0f;
     }
     float m = -INFINITY, l = 0.0f;
-    for (int p = start + warp; p < stop; p += NW) {
-        i64 c = attn_cell(tables, table_stride, slot, p, page_size);
-        const u16* kr = kc + c * row + g * D;
-        const u16* vr = vc + c * row + g * D;
-        float d = 0.0f;
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+    int step = NW * pw;
+    for (int p0 = start + warp * pw; p0 < stop; p0 += 2 * step) {
+        int pa = p0 + pi, pb = pa + step;
+        uint4 ka = zero, va = zero, kb = zero, vb = zero;
+        if (on && pa < stop) {
+            i64 c = attn_cell(tables, table_stride, slot, pa, page_size) * row + g * D + li * 8;
+            ka = *(const uint4*)(kc + c);
+            va = *(const uint4*)(vc + c);
+        }
+        if (on && pb < stop) {
+            i64 c = attn_cell(tables, table_stride, slot, pb, page_size) * row + g * D + li * 8;
+            kb = *(const uint4*)(kc + c);
+            vb = *(const uint4*)(vc + c);
+        }
+        float kf[8], da = 0.0f, db = 0.0f;
+        widen8(ka, kf);
 #pragma unroll
-        for (int j = 0; j < MAX_D / 32; j++)
-            if (j < nd) d += qr[j] * h2f(kr[lane + 32 * j]);
-        float sc = scale * warp_sum(d);
-        float m_new = fmaxf(m, sc);
-        float corr = expf(m - m_new);
-        float e = expf(sc - m_new);
-        l = l * corr + e;
+        for (int j = 0; j < 8; j++) da += qr[j] * kf[j];
+        widen8(kb, kf);
 #pragma unroll
-        for (int j = 0; j < MAX_D / 32; j++)
-            if (j < nd) acc[j] = acc[j] * corr + e * h2f(vr[lane + 32 * j]);
-        m = m_new;
+        for (int j = 0; j < 8; j++) db += qr[j] * kf[j];
+        for (int o = lp >> 1; o > 0; o >>= 1) {
+            da += __shfl_xor_sync(FULL_MASK, da, o);
+            db += __shfl_xor_sync(FULL_MASK, db, o);
+        }
+        float sa = pa < stop ? da : -INFINITY, sb = pb < stop ? db : -INFINITY;
+        float m_new = fmaxf(m, fmaxf(sa, sb));
+        if (m_new != -INFINITY) {
+            float c = expf(m - m_new), ea = expf(sa - m_new), eb = expf(sb - m_new);
+            l = l * c + ea + eb;
+            float fa[8], fb[8];
+            widen8(va, fa);
+            widen8(vb, fb);
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[j] = acc[j] * c + ea * fa[j] + eb * fb[j];
+            m = m_new;
+        }
+    }
+    // Merge the warp's position groups (lanes li, li + lp, ...): every lane ends with the total.
+    for (int o = lp; o < 32; o <<= 1) {
+        float m_o = __shfl_xor_sync(FULL_MASK, m, o);
+        float l_o = __shfl_xor_sync(FULL_MASK, l, o);
+        float a_o[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++) a_o[j] = __shfl_xor_sync(FULL_MASK, acc[j], o);
+        float M = fmaxf(m, m_o);
+        if (M != -INFINITY) {
+            float ca = expf(m - M), cb = expf(m_o - M);
+            l = l * ca + l_o * cb;
+#pragma unroll
+            for (int j = 0; j < 8; j++) acc[j] = acc[j] * ca + a_o[j] * cb;
+            m = M;
+        }
     }
     if (lane == 0) {
         sm_m[warp] = m;
         sm_l[warp] = l;
     }
+    if (pi == 0 && on) {
 #pragma unroll
-    for (int j = 0; j < MAX_D / 32; j++)
-        if (j < nd) sm_acc[warp][lane + 32 * j] = acc[j];
+        for (int j = 0; j < 8; j++) sm_acc[warp][li * 8 + j] = acc[j];
+    }
     __syncthreads();
     float M = -INFINITY;
     for (int w = 0; w < NW; w++) M = fmaxf(M, sm_m[w]);
@@ -88,6 +142,17 @@ extern "C" __global__ void attention_decode_f16(
     }
     float L = 0.0f;
     for (int w = 0; w < NW; w++) L += sm_l[w] * expf(sm_m[w] - M);
+    if (S == 1) {
+        // One split: the block's result is the output, normalized exactly as attention_combine
+        // would (its merge of a single partial multiplies by e^0 = 1).
+        float inv = 1.0f / L;
+        for (int e = threadIdx.x; e < D; e += blockDim.x) {
+            float a = 0.0f;
+            for (int w = 0; w < NW; w++) a += sm_acc[w][e] * expf(sm_m[w] - M);
+            y[(i64)t * H * D + (i64)h * D + e] = a * inv;
+        }
+        return;
+    }
     if (threadIdx.x == 0) {
         part_m[idx] = M;
         part_l[idx] = L;
@@ -121,97 +186,167 @@ extern "C" __global__ void attention_combine(const float* part_m, const float* p
     }
 }
 
-// ---- Prefill: tiled. One block per (token, KV head, group of up to PF_G query heads of that
-// KV head): tiles of PF_TILE positions of K and V are widened into shared memory once and used
-// by every query head of the group (the GQA sharing); an online softmax per head runs over the
-// tiles. Grid: (Hkv * ceil((H / Hkv) / PF_G), T); block: PF_THREADS. D at most PF_MAX_D.
-#define PF_TILE 32
-#define PF_G 8
+// ---- Prefill: tiled over query rows and positions (FP32 flash attention without tensor
+// cores). A block takes PF_R query rows: nt consecutive tokens of the step times nh query heads
+// of one KV head (nh = min(H / Hkv, PF_R), nt = PF_R / nh), so each tile of PF_BK positions of
+// K and V, widened into shared memory once, serves every row (the GQA heads and the tokens of a
+// prompt). Per tile: S = Q Kᵀ with each thread 1 row x 4 positions (float4 shared loads, K rows
+// padded against bank conflicts), an online softmax per row over the 8 lanes that hold it, and
+// O += P V with each thread up to 4 rows x 4 elements. Tokens of the block that belong to
+// different slots (sequences) are taken one slot at a time, each over its own positions.
+// Grid: (Hkv * ceil((H / Hkv) / PF_R), ceil(T / nt)); block: PF_THREADS. D a multiple of 32, at
+// most PF_MAX_D; 43 KB of shared memory (under sm_52's 48 KB a block).
+#define PF_R 16
+#define PF_BK 32
 #define PF_MAX_D 128
+#define PF_KS (PF_MAX_D + 4)
 #define PF_THREADS 128
 extern "C" __global__ void attention_prefill_f16(
     const float* q, const u16* kc, const u16* vc, const int* pos, const int* slots,
-    const int* tables, int table_stride, int page_size, int H, int Hkv, int D, float scale,
+    const int* tables, int table_stride, int page_size, int T, int H, int Hkv, int D, float scale,
     int window, float* y) {
-    __shared__ float ks[PF_TILE][PF_MAX_D];
-    __shared__ float vs[PF_TILE][PF_MAX_D];
-    __shared__ float qs[PF_G][PF_MAX_D];
-    __shared__ float ps[PF_G][PF_TILE];
-    __shared__ float m_run[PF_G], l_run[PF_G], corr[PF_G];
+    __shared__ __align__(16) float qs[PF_R][PF_MAX_D];
+    __shared__ __align__(16) float ks[PF_BK][PF_KS];
+    __shared__ __align__(16) float vs[PF_BK][PF_MAX_D];
+    __shared__ float ps[PF_R][PF_BK + 1];
+    __shared__ float corr_s[PF_R], l_s[PF_R];
+    __shared__ int tok_pos[PF_R], tok_lo[PF_R], tok_slot[PF_R];
     int ratio = H / Hkv;
-    int chunks = (ratio + PF_G - 1) / PF_G;
+    int chunks = (ratio + PF_R - 1) / PF_R;
     int g = blockIdx.x / chunks;
-    int h0 = g * ratio + (blockIdx.x % chunks) * PF_G;
-    int nh = min(PF_G, g * ratio + ratio - h0);
-    int t = blockIdx.y;
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+    int h0 = g * ratio + (blockIdx.x % chunks) * PF_R;
+    int nh = min(PF_R, g * ratio + ratio - h0);
+    int nt_blk = PF_R / min(ratio, PF_R);
+    int t0 = blockIdx.y * nt_blk;
+    int nt = min(nt_blk, T - t0);
+    int rows = nt * nh;
+    int tid = threadIdx.x;
     int row = Hkv * D;
-    int p_end = pos[t];
-    int lo = attn_lo(p_end, window);
-    int slot = slots[t];
-    const int per = (PF_G * PF_MAX_D) / PF_THREADS;  // accumulator elements per thread
-    float acc[per];
-#pragma unroll
-    for (int u = 0; u < per; u++) acc[u] = 0.0f;
-    for (int i = tid; i < nh * D; i += blockDim.x)
-        qs[i / D][i % D] = q[(i64)t * H * D + (i64)h0 * D + i];
-    if (tid < PF_G) {
-        m_run[tid] = -INFINITY;
-        l_run[tid] = 0.0f;
+    for (int i = tid; i < PF_R * D; i += PF_THREADS) {
+        int r = i / D, e = i % D;
+        qs[r][e] = r < rows ? q[(i64)(t0 + r / nh) * H * D + (i64)(h0 + r % nh) * D + e] * scale
+                            : 0.0f;
     }
-    for (int p0 = lo; p0 <= p_end; p0 += PF_TILE) {
-        int n = min(PF_TILE, p_end + 1 - p0);
-        __syncthreads();
-        for (int i = tid; i < n * D; i += blockDim.x) {
-            int j = i / D, e = i % D;
-            i64 c = attn_cell(tables, table_stride, slot, p0 + j, page_size);
-            ks[j][e] = h2f(kc[c * row + g * D + e]);
-            vs[j][e] = h2f(vc[c * row + g * D + e]);
-        }
-        __syncthreads();
-        for (int i = tid; i < nh * PF_TILE; i += blockDim.x) {
-            int hh = i / PF_TILE, j = i % PF_TILE;
-            float d = -INFINITY;
-            if (j < n) {
-                d = 0.0f;
-                for (int e = 0; e < D; e++) d += qs[hh][e] * ks[j][e];
-                d *= scale;
-            }
-            ps[hh][j] = d;
-        }
-        __syncthreads();
-        // One warp per head: the tile's max, the weights and the running sums.
-        for (int hh = warp; hh < nh; hh += nwarps) {
-            float sc = ps[hh][lane];
-            float m_tile = warp_max(sc);
-            float m_new = fmaxf(m_run[hh], m_tile);
-            float e = lane < n ? expf(sc - m_new) : 0.0f;
-            float sum = warp_sum(e);
-            ps[hh][lane] = e;
-            if (lane == 0) {
-                float cr = expf(m_run[hh] - m_new);
-                corr[hh] = cr;
-                l_run[hh] = l_run[hh] * cr + sum;
-                m_run[hh] = m_new;
-            }
-        }
-        __syncthreads();
-#pragma unroll
-        for (int u = 0; u < per; u++) {
-            int i = tid + u * PF_THREADS;
-            int hh = i / D, e = i % D;
-            if (hh < nh) {
-                float a = acc[u] * corr[hh];
-                for (int j = 0; j < n; j++) a += ps[hh][j] * vs[j][e];
-                acc[u] = a;
-            }
-        }
+    if (tid < nt) {
+        int p = pos[t0 + tid];
+        tok_pos[tid] = p;
+        tok_lo[tid] = attn_lo(p, window);
+        tok_slot[tid] = slots[t0 + tid];
     }
     __syncthreads();
+    // S phase: row rs, positions cs + 8 k of the tile. PV phase: item tid + PF_THREADS u is row
+    // item / (D / 4), elements 4 (item % (D / 4)) .. + 3.
+    int rs = tid >> 3, cs = tid & 7;
+    int ed = D >> 2;
+    unsigned done = 0, all = (1u << nt) - 1;
+    while (done != all) {
+        int first = __ffs(~done) - 1;
+        int slot = tok_slot[first];
+        unsigned act = 0;
+        int lo = 0x7fffffff, hi = -1;
+        for (int i = 0; i < nt; i++)
+            if (!((done >> i) & 1) && tok_slot[i] == slot) {
+                act |= 1u << i;
+                lo = min(lo, tok_lo[i]);
+                hi = max(hi, tok_pos[i]);
+            }
+        done |= act;
+        bool s_on = rs < rows && ((act >> (rs / nh)) & 1);
+        int s_hi = s_on ? tok_pos[rs / nh] : -1, s_lo = s_on ? tok_lo[rs / nh] : 0;
+        float m_run = -INFINITY, l_run = 0.0f;
+        float4 acc[4];
 #pragma unroll
-    for (int u = 0; u < per; u++) {
-        int i = tid + u * PF_THREADS;
-        int hh = i / D, e = i % D;
-        if (hh < nh) y[(i64)t * H * D + (i64)(h0 + hh) * D + e] = acc[u] / l_run[hh];
+        for (int u = 0; u < 4; u++) acc[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        for (int p0 = lo; p0 <= hi; p0 += PF_BK) {
+            int n = min(PF_BK, hi + 1 - p0);
+            __syncthreads();
+            int wpr = D >> 1;  // 32-bit words (two FP16) a row
+            for (int i = tid; i < n * wpr; i += PF_THREADS) {
+                int j = i / wpr, w = i % wpr;
+                i64 c = attn_cell(tables, table_stride, slot, p0 + j, page_size) * row + g * D +
+                        2 * w;
+                u32 kw = *(const u32*)(kc + c), vw = *(const u32*)(vc + c);
+                ks[j][2 * w] = h2f((u16)(kw & 0xffff));
+                ks[j][2 * w + 1] = h2f((u16)(kw >> 16));
+                vs[j][2 * w] = h2f((u16)(vw & 0xffff));
+                vs[j][2 * w + 1] = h2f((u16)(vw >> 16));
+            }
+            __syncthreads();
+            float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            for (int e = 0; e < D; e += 4) {
+                float4 qv = *(const float4*)&qs[rs][e];
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    float4 kv = *(const float4*)&ks[cs + 8 * k][e];
+                    sc[k] += qv.x * kv.x + qv.y * kv.y + qv.z * kv.z + qv.w * kv.w;
+                }
+            }
+            float mt = -INFINITY;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                int j = cs + 8 * k, p = p0 + j;
+                bool ok = s_on && j < n && p >= s_lo && p <= s_hi;
+                sc[k] = ok ? sc[k] : -INFINITY;
+                mt = fmaxf(mt, sc[k]);
+            }
+            for (int o = 4; o > 0; o >>= 1) mt = fmaxf(mt, __shfl_xor_sync(FULL_MASK, mt, o));
+            float m_new = fmaxf(m_run, mt);
+            float cr = 1.0f, sum = 0.0f;
+            if (m_new != -INFINITY) {
+                cr = expf(m_run - m_new);
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    sc[k] = expf(sc[k] - m_new);
+                    sum += sc[k];
+                }
+            } else {
+#pragma unroll
+                for (int k = 0; k < 4; k++) sc[k] = 0.0f;
+            }
+            for (int o = 4; o > 0; o >>= 1) sum += __shfl_xor_sync(FULL_MASK, sum, o);
+            l_run = l_run * cr + sum;
+            m_run = m_new;
+#pragma unroll
+            for (int k = 0; k < 4; k++) ps[rs][cs + 8 * k] = sc[k];
+            if (cs == 0) corr_s[rs] = cr;
+            __syncthreads();
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                int i = tid + PF_THREADS * u;
+                int r = i / ed, e = 4 * (i % ed);
+                if (r < rows && ((act >> (r / nh)) & 1)) {
+                    float c = corr_s[r];
+                    float4 a = acc[u];
+                    a.x *= c;
+                    a.y *= c;
+                    a.z *= c;
+                    a.w *= c;
+                    for (int j = 0; j < n; j++) {
+                        float p = ps[r][j];
+                        float4 v = *(const float4*)&vs[j][e];
+                        a.x += p * v.x;
+                        a.y += p * v.y;
+                        a.z += p * v.z;
+                        a.w += p * v.w;
+                    }
+                    acc[u] = a;
+                }
+            }
+        }
+        if (cs == 0 && s_on) l_s[rs] = l_run;
+        __syncthreads();
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            int i = tid + PF_THREADS * u;
+            int r = i / ed, e = 4 * (i % ed);
+            if (r < rows && ((act >> (r / nh)) & 1)) {
+                float inv = 1.0f / l_s[r];
+                float* out = y + (i64)(t0 + r / nh) * H * D + (i64)(h0 + r % nh) * D + e;
+                out[0] = acc[u].x * inv;
+                out[1] = acc[u].y * inv;
+                out[2] = acc[u].z * inv;
+                out[3] = acc[u].w * inv;
+            }
+        }
     }
 }

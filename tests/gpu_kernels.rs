@@ -256,7 +256,7 @@ use gpu::*;
 use half::f16;
 use m40_llm::backend::cpu::kernels as cpu;
 use m40_llm::backend::cuda::mem::Span;
-use m40_llm::backend::cuda::ops::{AttnPath, AttnShape, Ops, PagedKv};
+use m40_llm::backend::cuda::ops::{AttnPath, AttnShape, Ops, PREFILL_MAX_HEAD_DIM, PagedKv};
 use m40_llm::backend::cuda::weight_kernel_suffix;
 use m40_llm::gguf::GgmlType;
 use m40_llm::gguf::quants::{DEQUANTIZE_TYPES, dequantize_row_f32, quantize_row};
@@ -862,116 +862,11 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         g.up(&slots),
         g.up(&tables),
     );
-    let (stride, ps, hh, hk, dd, win) = (
-        pages_per_slot as i32,
-        page as i32,
-        h as i32,
-        hkv as i32,
-        d as i32,
-        c.window as i32,
-    );
     let what = format!(
         "H={h} Hkv={hkv} D={d} window={} tokens={:?}",
         c.window, c.tokens
     );
 
-    // Decode: split over the context, then combine.
-    let chunk = 256i32;
-    let longest = c
-        .tokens
-        .iter()
-        .map(|&(_, p)| {
-            if c.window > 0 {
-                (p + 1).min(c.window)
-            } else {
-                p + 1
-            }
-        })
-        .max()
-        .unwrap();
-    let splits = longest.div_ceil(chunk as usize);
-    let parts = t * h * splits;
-    let mut pm = g.out(parts, NAN);
-    let mut pl = g.out(parts, NAN);
-    let mut pa = g.out(parts * d, NAN);
-    launch(
-        &g.f("attention", "attention_decode_f16"),
-        g,
-        cfg((h as u32, t as u32, splits as u32), 128),
-        |b| {
-            b.arg(&q_d)
-                .arg(&kc_d)
-                .arg(&vc_d)
-                .arg(&pos_d)
-                .arg(&slots_d)
-                .arg(&tab_d);
-            b.arg(&stride)
-                .arg(&ps)
-                .arg(&hh)
-                .arg(&hk)
-                .arg(&dd)
-                .arg(&scale)
-                .arg(&win)
-                .arg(&chunk);
-            b.arg(&mut pm).arg(&mut pl).arg(&mut pa);
-        },
-    );
-    let mut y_d = g.out(t * h * d, NAN);
-    let ss = splits as i32;
-    launch(
-        &g.f("attention", "attention_combine"),
-        g,
-        cfg((h as u32, t as u32, 1), 64),
-        |b| {
-            b.arg(&pm)
-                .arg(&pl)
-                .arg(&pa)
-                .arg(&mut y_d)
-                .arg(&hh)
-                .arg(&dd)
-                .arg(&ss);
-        },
-    );
-    assert_close(
-        &format!("attention decode {what}"),
-        &g.down(&y_d),
-        &want,
-        1e-3,
-    );
-
-    // Prefill: tiled over positions, the GQA group's heads share each tile.
-    let mut y_d = g.out(t * h * d, NAN);
-    let groups = hkv * (h / hkv).div_ceil(8);
-    launch(
-        &g.f("attention", "attention_prefill_f16"),
-        g,
-        cfg((groups as u32, t as u32, 1), 128),
-        |b| {
-            b.arg(&q_d)
-                .arg(&kc_d)
-                .arg(&vc_d)
-                .arg(&pos_d)
-                .arg(&slots_d)
-                .arg(&tab_d);
-            b.arg(&stride)
-                .arg(&ps)
-                .arg(&hh)
-                .arg(&hk)
-                .arg(&dd)
-                .arg(&scale)
-                .arg(&win);
-            b.arg(&mut y_d);
-        },
-    );
-    assert_close(
-        &format!("attention prefill {what}"),
-        &g.down(&y_d),
-        &want,
-        1e-3,
-    );
-
-    // The checked launcher the executor calls: prefill for the whole step, decode for its first
-    // token alone.
     let ops = Ops {
         ks: &g.ks,
         stream: &g.stream,
@@ -992,13 +887,49 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
     };
     let positions: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
     let mut part = g.out(Ops::attention_scratch_len(&positions, shape), NAN);
+
+    // Decode: every row on its own, split over the context, then combined.
+    let mut y_d = g.out(t * h * d, NAN);
+    let splits = ops
+        .attention_decode(
+            &q_d, &kv, &pos_d, &slots_d, &positions, shape, &mut y_d, &mut part,
+        )
+        .unwrap();
+    assert_eq!(splits, Ops::decode_splits(&positions, c.window));
+    assert_close(
+        &format!("attention decode {what}"),
+        &g.down(&y_d),
+        &want,
+        1e-3,
+    );
+
+    // Prefill: blocks of (token, head) rows share tiles of K and V.
+    if d <= PREFILL_MAX_HEAD_DIM {
+        let mut y_d = g.out(t * h * d, NAN);
+        ops.attention_prefill(&q_d, &kv, &pos_d, &slots_d, t, shape, &mut y_d)
+            .unwrap();
+        assert_close(
+            &format!("attention prefill {what}"),
+            &g.down(&y_d),
+            &want,
+            1e-3,
+        );
+    }
+
+    // The launcher the executor calls: prefill for the whole step (flash-decoding past the
+    // prefill kernel's head_dim), decode for its first token alone.
     let mut y_d = g.out(t * h * d, NAN);
     let path = ops
         .attention(
             &q_d, &kv, &pos_d, &slots_d, &positions, shape, &mut y_d, &mut part,
         )
         .unwrap();
-    assert_eq!(path, AttnPath::Prefill);
+    let want_path = if t > 1 && d <= PREFILL_MAX_HEAD_DIM {
+        AttnPath::Prefill
+    } else {
+        AttnPath::Decode { splits }
+    };
+    assert_eq!(path, want_path);
     assert_close(
         &format!("Ops::attention {what}"),
         &g.down(&y_d),
@@ -1065,6 +996,50 @@ fn attention_decode_and_prefill_match_f64_math_over_head_dims_gqa_and_lengths() 
             tokens: vec![(0, 299), (0, 3), (1, 150)],
         };
         attention_case(g, &case, 77 + window as u64);
+    }
+    // Prompts: runs of consecutive positions (what a prefill block's tokens share), two
+    // sequences interleaved in one step, rows that straddle the two, with and without a window.
+    let prompt = |runs: &[(usize, usize, usize)]| -> Vec<(usize, usize)> {
+        runs.iter()
+            .flat_map(|&(slot, start, n)| (start..start + n).map(move |p| (slot, p)))
+            .collect()
+    };
+    let prompts = [
+        prompt(&[(0, 0, 37)]),
+        prompt(&[(0, 300, 37), (1, 0, 5), (0, 337, 3)]),
+        prompt(&[(1, 0, 2), (0, 1000, 19), (2, 40, 7)]),
+    ];
+    for (i, tokens) in prompts.iter().enumerate() {
+        for (h, hkv, d) in [
+            (9, 3, 64),
+            (32, 8, 128),
+            (8, 8, 32),
+            (12, 4, 96),
+            (40, 2, 64),
+        ] {
+            for window in [0usize, 33] {
+                seed += 2;
+                let case = AttnCase {
+                    h,
+                    hkv,
+                    d,
+                    window,
+                    tokens: tokens.clone(),
+                };
+                attention_case(g, &case, seed + i as u64);
+            }
+        }
+    }
+    // Head dims past the prefill kernel's: flash-decoding for every row, 16 heads to a KV head.
+    for d in [160usize, 256] {
+        let case = AttnCase {
+            h: 16,
+            hkv: 1,
+            d,
+            window: 0,
+            tokens: prompt(&[(0, 600, 4), (1, 0, 2)]),
+        };
+        attention_case(g, &case, 555 + d as u64);
     }
 }
 

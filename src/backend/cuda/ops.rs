@@ -13,6 +13,8 @@ use std::sync::Arc;
 pub const DECODE_CHUNK: usize = 256;
 /// Largest head_dim of the prefill kernel (`PF_MAX_D`) and of the decode kernel (`MAX_D`).
 pub const PREFILL_MAX_HEAD_DIM: usize = 128;
+/// (token, head) query rows per block of the prefill kernel (`PF_R`).
+pub const PREFILL_ROWS: usize = 16;
 pub const DECODE_MAX_HEAD_DIM: usize = 256;
 
 /// The paged KV cache of one layer and the page tables (see docs/cuda.md).
@@ -126,7 +128,7 @@ impl Ops<'_> {
     /// Attention of `t` query rows over the paged cache. `positions` (host copies of the step's
     /// positions) size the decode splits. Prefill's tiled kernel for several tokens with
     /// `head_dim <= 128`, flash-decoding otherwise. `part` is scratch of at least
-    /// [`Ops::attention_scratch_len`] floats.
+    /// [`Ops::attention_scratch_len`] floats (only decode uses it).
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -139,64 +141,138 @@ impl Ops<'_> {
         y: &mut impl DeviceSpan<f32>,
         part: &mut impl DeviceSpan<f32>,
     ) -> Result<AttnPath, CudaError> {
-        let (q, pos, slots, y, part) = (q.span(), pos.span(), slots.span(), y.span(), part.span());
+        if positions.len() > 1 && shape.head_dim <= PREFILL_MAX_HEAD_DIM {
+            self.attention_prefill(q, kv, pos, slots, positions.len(), shape, y)?;
+            return Ok(AttnPath::Prefill);
+        }
+        let splits = self.attention_decode(q, kv, pos, slots, positions, shape, y, part)?;
+        Ok(AttnPath::Decode { splits })
+    }
+
+    /// The checks and the kernels' common integer arguments (table stride, page size, heads,
+    /// KV heads, head_dim, window) of an attention of `t` rows.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_args(
+        kernel: &str,
+        q: Span<f32>,
+        kv: &PagedKv,
+        pos: Span<i32>,
+        slots: Span<i32>,
+        t: usize,
+        shape: AttnShape,
+        y: Span<f32>,
+        max_d: usize,
+    ) -> Result<[i32; 6], CudaError> {
         let AttnShape {
             n_heads: h,
             n_kv_heads: hkv,
             head_dim: d,
-            scale,
             window,
+            ..
         } = shape;
-        let t = positions.len();
-        let k = "attention";
+        // The decode kernel reads K and V rows as 16-byte vectors.
+        let aligned = kv.k.ptr().is_multiple_of(16) && kv.v.ptr().is_multiple_of(16);
         check(
-            k,
+            kernel,
             t > 0
                 && hkv > 0
                 && h.is_multiple_of(hkv)
                 && d.is_multiple_of(32)
-                && d <= DECODE_MAX_HEAD_DIM
+                && d <= max_d
                 && q.len() >= t * h * d
                 && y.len() >= t * h * d
                 && pos.len() >= t
                 && slots.len() >= t
-                && kv.page_size > 0,
+                && kv.page_size > 0
+                && aligned,
             || {
                 format!(
                     "{t} tokens, {h} heads over {hkv} KV heads of {d} (head_dim a multiple of 32, \
-                     at most {DECODE_MAX_HEAD_DIM}), q {} y {}",
+                     at most {max_d}), q {} y {}, K and V 16-byte aligned: {aligned}",
                     q.len(),
                     y.len()
                 )
             },
         )?;
-        let args = [
-            i32_of(k, "table stride", kv.table_stride)?,
-            i32_of(k, "page size", kv.page_size)?,
-            i32_of(k, "heads", h)?,
-            i32_of(k, "KV heads", hkv)?,
-            i32_of(k, "head_dim", d)?,
-        ];
-        let win = i32_of(k, "window", window)?;
-        if t > 1 && d <= PREFILL_MAX_HEAD_DIM {
-            let groups = hkv * (h / hkv).div_ceil(8);
-            let name = "attention_prefill_f16";
-            let f = self.ks.function("attention", name)?;
-            let mut b = self.stream.launch_builder(&f);
-            b.arg(q.ptr())
-                .arg(kv.k.ptr())
-                .arg(kv.v.ptr())
-                .arg(pos.ptr())
-                .arg(slots.ptr())
-                .arg(kv.tables.ptr());
-            for a in &args {
-                b.arg(a);
-            }
-            b.arg(&scale).arg(&win).arg(y.ptr());
-            launch(name, b, grid(groups, t, 1, 128))?;
-            return Ok(AttnPath::Prefill);
-        }
-        let splits = Self::decode_splits(positions, window);
+        Ok([
+            i32_of(kernel, "table stride", kv.table_stride)?,
+            i32_of(kernel, "page size", kv.page_size)?,
+            i32_of(kernel, "heads", h)?,
+            i32_of(kernel, "KV heads", hkv)?,
+            i32_of(kernel, "head_dim", d)?,
+            i32_of(kernel, "window", window)?,
+        ])
+    }
+
+    /// Tiled prefill attention (`attention_prefill_f16`) of `t` query rows: blocks of
+    /// [`PREFILL_ROWS`] (token, head) rows share each tile of K and V. `head_dim` at most
+    /// [`PREFILL_MAX_HEAD_DIM`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_prefill(
+        &self,
+        q: &impl DeviceSpan<f32>,
+        kv: &PagedKv,
+        pos: &impl DeviceSpan<i32>,
+        slots: &impl DeviceSpan<i32>,
+        t: usize,
+        shape: AttnShape,
+        y: &mut impl DeviceSpan<f32>,
+    ) -> Result<(), CudaError> {
+        let (q, pos, slots, y) = (q.span(), pos.span(), slots.span(), y.span());
+        let name = "attention_prefill_f16";
+        let [stride, page, hi, hkvi, di, win] =
+            Self::attention_args(name, q, kv, pos, slots, t, shape, y, PREFILL_MAX_HEAD_DIM)?;
+        let ratio = shape.n_heads / shape.n_kv_heads;
+        let blocks_x = shape.n_kv_heads * ratio.div_ceil(PREFILL_ROWS);
+        let tokens_per_block = PREFILL_ROWS / ratio.min(PREFILL_ROWS);
+        let ti = i32_of(name, "tokens", t)?;
+        let f = self.ks.function("attention", name)?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(q.ptr())
+            .arg(kv.k.ptr())
+            .arg(kv.v.ptr())
+            .arg(pos.ptr())
+            .arg(slots.ptr())
+            .arg(kv.tables.ptr());
+        b.arg(&stride)
+            .arg(&page)
+            .arg(&ti)
+            .arg(&hi)
+            .arg(&hkvi)
+            .arg(&di)
+            .arg(&shape.scale)
+            .arg(&win)
+            .arg(y.ptr());
+        launch(
+            name,
+            b,
+            grid(blocks_x, t.div_ceil(tokens_per_block), 1, 128),
+        )
+    }
+
+    /// Flash-decoding (`attention_decode_f16` over [`DECODE_CHUNK`]-position splits, then
+    /// `attention_combine` when there are several) of every query row on its own; returns the
+    /// split count. `part` is
+    /// scratch of at least [`Ops::attention_scratch_len`] floats.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode(
+        &self,
+        q: &impl DeviceSpan<f32>,
+        kv: &PagedKv,
+        pos: &impl DeviceSpan<i32>,
+        slots: &impl DeviceSpan<i32>,
+        positions: &[u32],
+        shape: AttnShape,
+        y: &mut impl DeviceSpan<f32>,
+        part: &mut impl DeviceSpan<f32>,
+    ) -> Result<usize, CudaError> {
+        let (q, pos, slots, y, part) = (q.span(), pos.span(), slots.span(), y.span(), part.span());
+        let t = positions.len();
+        let k = "attention";
+        let [stride, page, hi, hkvi, di, win] =
+            Self::attention_args(k, q, kv, pos, slots, t, shape, y, DECODE_MAX_HEAD_DIM)?;
+        let (h, d) = (shape.n_heads, shape.head_dim);
+        let splits = Self::decode_splits(positions, shape.window);
         let need = Self::attention_scratch_len(positions, shape);
         check(k, part.len() >= need, || {
             format!("scratch of {} floats, {need} needed", part.len())
@@ -217,12 +293,20 @@ impl Ops<'_> {
                 .arg(pos.ptr())
                 .arg(slots.ptr())
                 .arg(kv.tables.ptr());
-            for a in &args {
-                b.arg(a);
-            }
-            b.arg(&scale).arg(&win).arg(&chunk);
-            b.arg(pm.ptr()).arg(pl.ptr()).arg(pa.ptr());
+            b.arg(&stride)
+                .arg(&page)
+                .arg(&hi)
+                .arg(&hkvi)
+                .arg(&di)
+                .arg(&shape.scale)
+                .arg(&win)
+                .arg(&chunk);
+            b.arg(pm.ptr()).arg(pl.ptr()).arg(pa.ptr()).arg(y.ptr());
             launch(name, b, grid(h, t, splits, 128))?;
+        }
+        if splits == 1 {
+            // The decode kernel wrote y itself.
+            return Ok(splits);
         }
         let name = "attention_combine";
         let f = self.ks.function("attention", name)?;
@@ -231,11 +315,11 @@ impl Ops<'_> {
             .arg(pl.ptr())
             .arg(pa.ptr())
             .arg(y.ptr())
-            .arg(&args[2])
-            .arg(&args[4])
+            .arg(&hi)
+            .arg(&di)
             .arg(&s_i);
         launch(name, b, grid(h, t, 1, 64))?;
-        Ok(AttnPath::Decode { splits })
+        Ok(splits)
     }
 
     /// Splits of the longest context among `positions`.
