@@ -26,7 +26,9 @@
 //! device itself reports an error (an illegal address, a lost device), the backend says it is
 //! unusable and refuses further steps.
 
-use super::matmul::{DeviceWeight, Matmul, UNIT_MAX_ROWS, cublas_enabled_by_env};
+use super::matmul::{
+    DeviceWeight, Matmul, UNIT_MAX_ROWS, cublas_enabled_by_env, tf32_requested_by_env,
+};
 use super::mem::{self, Span};
 use super::ops::{AttnShape, DECODE_CHUNK, Ops, PagedKv, Rope};
 use super::{KernelSet, kernels};
@@ -260,7 +262,17 @@ impl CudaBackend {
             .new_stream()
             .map_err(driver(&format!("creating a stream on {gpu}")))?;
         let ks = KernelSet::load(ctx.clone(), kernels::cache_dir().as_deref())?;
-        let mm = Matmul::new(stream.clone(), use_cublas)?;
+        let mut mm = Matmul::new(stream.clone(), use_cublas)?;
+        if tf32_requested_by_env() {
+            if gpu.compute_capability >= (8, 0) && mm.uses_cublas() {
+                mm.set_tf32(true)?;
+            } else {
+                tracing::warn!(
+                    "M40LLM_TF32=1 ignored on {gpu}: TF32 needs sm_80 or newer and cuBLAS; \
+                     prefill stays FP32"
+                );
+            }
+        }
 
         // Sizes first: nothing is uploaded unless all of it fits.
         let mut infos = Vec::with_capacity(plan.weights.len());
@@ -385,7 +397,10 @@ impl CudaBackend {
             "the activation arena",
         )?;
         let tiles = alloc(&stream, tile_floats, "the weight tile scratch")?;
-        let path = if mm.uses_cublas() {
+        let path = if mm.uses_tf32() {
+            "unit kernels on the stored blocks for up to 32 rows, cuBLAS SGEMM on dequantized tiles \
+             for prefill with TF32 tensor cores (M40LLM_TF32=1: operands rounded to TF32)"
+        } else if mm.uses_cublas() {
             "unit kernels on the stored blocks for up to 32 rows, cuBLAS SGEMM on dequantized tiles \
              for prefill"
         } else {
@@ -397,11 +412,16 @@ impl CudaBackend {
         } else {
             "every kernel launched every step (M40LLM_CUDA_GRAPHS=0)"
         };
+        let compute = if mm.uses_tf32() {
+            "FP32 compute but TF32 prefill GEMMs"
+        } else {
+            "FP32 compute"
+        };
         let device = DeviceInfo {
             kind: "cuda".into(),
             name: gpu.name.clone(),
             detail: format!(
-                "cuda:{}, sm_{}, {}, kernels for sm_{} by NVRTC {}; {path}; {replay}; FP32 compute, \
+                "cuda:{}, sm_{}, {}, kernels for sm_{} by NVRTC {}; {path}; {replay}; {compute}, \
                  FP16 KV cache; {} of weights resident in their own types",
                 gpu.ordinal,
                 super::super::device::arch_of(gpu),

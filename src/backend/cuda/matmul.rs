@@ -79,6 +79,13 @@ pub fn cublas_enabled_by_env() -> bool {
     std::env::var("M40LLM_ENABLE_CUBLAS").map_or(true, |v| v.trim() != "0")
 }
 
+/// Whether `M40LLM_TF32=1` asks for TF32 tensor cores in cuBLAS's SGEMM (prefill) on sm_80 and
+/// newer. Off by default: TF32 rounds both operands to 10-bit mantissas, outside the FP32-compute
+/// policy the CPU parity rests on; it is the best path's prefill, measured beside the base one.
+pub fn tf32_requested_by_env() -> bool {
+    std::env::var("M40LLM_TF32").is_ok_and(|v| v.trim() == "1")
+}
+
 /// Up to this many rows run on the unit kernels even with cuBLAS on: a chunk of up to 8 rows
 /// reads the weights once, where cuBLAS first writes and reads them as FP32 (8 bytes a weight
 /// against 0.56 for Q4_0), so small batches stay bandwidth-bound.
@@ -163,6 +170,7 @@ fn unit_chunks(rows: usize) -> Vec<(usize, usize)> {
 pub struct Matmul {
     stream: Arc<CudaStream>,
     blas: Option<CudaBlas>,
+    tf32: bool,
 }
 
 impl Matmul {
@@ -186,11 +194,47 @@ impl Matmul {
         } else {
             None
         };
-        Ok(Matmul { stream, blas })
+        Ok(Matmul {
+            stream,
+            blas,
+            tf32: false,
+        })
     }
 
     pub fn uses_cublas(&self) -> bool {
         self.blas.is_some()
+    }
+
+    /// Lets cuBLAS round SGEMM's operands to TF32 on tensor cores (`on`) or keeps FP32 math.
+    /// The caller checks the device (sm_80 and newer); without cuBLAS this is an error.
+    pub fn set_tf32(&mut self, on: bool) -> Result<(), CudaError> {
+        let Some(blas) = &self.blas else {
+            return Err(CudaError::Launch {
+                kernel: "cuBLAS".into(),
+                reason: "TF32 needs the cuBLAS path (M40LLM_ENABLE_CUBLAS is 0)".into(),
+            });
+        };
+        use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode, cublasStatus_t};
+        let mode = if on {
+            cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+        } else {
+            cublasMath_t::CUBLAS_DEFAULT_MATH
+        };
+        // SAFETY: the handle is live for as long as `blas`; the call only sets its math mode.
+        let status = unsafe { cublasSetMathMode(*blas.handle(), mode) };
+        if status != cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            return Err(CudaError::Launch {
+                kernel: "cublasSetMathMode".into(),
+                reason: format!("{status:?}"),
+            });
+        }
+        self.tf32 = on;
+        Ok(())
+    }
+
+    /// Whether SGEMM may use TF32 tensor cores ([`Matmul::set_tf32`]).
+    pub fn uses_tf32(&self) -> bool {
+        self.tf32
     }
 
     /// `y[r, n] = sum_k x[r, k] w[n, k]` for `r < rows`. `scratch` (any length of at least one
