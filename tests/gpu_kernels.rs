@@ -1362,6 +1362,56 @@ fn matmul_agrees_on_the_unit_cublas_and_plain_kernel_paths() {
 }
 
 #[test]
+fn tf32_sgemm_is_refused_without_cublas_and_stays_within_tf32_rounding_on_sm80() {
+    use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul, MatmulPath};
+    use m40_llm::backend::device::{preferred_gpu, probe_gpus};
+    let Some(g) = gpu() else { return };
+    let mut plain = Matmul::new(g.stream.clone(), false).unwrap();
+    let e = plain.set_tf32(true).err().unwrap().to_string();
+    assert!(e.contains("cuBLAS"), "{e}");
+    assert!(!plain.uses_tf32());
+    let gpus = probe_gpus().unwrap();
+    let pick = preferred_gpu(&gpus).unwrap();
+    if pick.compute_capability < (8, 0) {
+        eprintln!("SKIPPED the TF32 cases: {pick} predates sm_80");
+        return;
+    }
+    let fp32 = Matmul::new(g.stream.clone(), true).unwrap();
+    let mut tf32 = Matmul::new(g.stream.clone(), true).unwrap();
+    tf32.set_tf32(true).unwrap();
+    assert!(tf32.uses_tf32());
+    let (n, k, rows) = (192usize, 1024usize, 48usize);
+    for (i, ty) in [GgmlType::F16, GgmlType::Q4_0].into_iter().enumerate() {
+        let (wb, wd, _) = weight(880 + i as u64, ty, n, k);
+        let w = DeviceWeight::upload(&g.stream, "w", ty, n, k, &wb).unwrap();
+        let x = randn(&mut rng(890 + i as u64), rows * k);
+        let x_d = g.up(&x);
+        let want = matmul_ref(&x, &wd, rows, n, k);
+        let mut scratch = g.out(n * k, NAN);
+        let mut run = |mm: &Matmul| {
+            let mut y_d = g.out(rows * n, NAN);
+            let path = mm
+                .run(&g.ks, &x_d, rows, &w, &mut y_d, &mut scratch)
+                .unwrap();
+            assert_eq!(path, MatmulPath::CublasSgemm { tiles: 1 });
+            g.down(&y_d)
+        };
+        let exact = run(&fp32);
+        let rounded = run(&tf32);
+        assert_close(&format!("FP32 SGEMM {ty:?}"), &exact, &want, 1e-4);
+        // TF32 keeps 10 of FP32's 23 mantissa bits of each operand: ~1e-3 of each product.
+        assert_close(&format!("TF32 SGEMM {ty:?}"), &rounded, &want, 5e-3);
+        assert!(
+            exact != rounded,
+            "{ty:?}: the TF32 math mode changed nothing: tensor cores not in use"
+        );
+        tf32.set_tf32(false).unwrap();
+        assert_eq!(run(&tf32), exact, "{ty:?}: back to FP32 math");
+        tf32.set_tf32(true).unwrap();
+    }
+}
+
+#[test]
 fn the_default_models_weights_upload_in_their_own_types() {
     use m40_llm::backend::cuda::matmul::upload_tensors;
     let Some(g) = gpu() else { return };
