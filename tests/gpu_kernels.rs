@@ -916,15 +916,25 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         );
     }
 
-    // The launcher the executor calls: prefill for the whole step (flash-decoding past the
-    // prefill kernel's head_dim), decode for its first token alone.
+    // The launcher the executor calls: prefill for a step with runs of one sequence (within
+    // the prefill kernel's head_dim), flash-decoding for one token per sequence, and for the
+    // first token alone.
+    let host_slots: Vec<u32> = c.tokens.iter().map(|&(s, _)| s as u32).collect();
     let mut y_d = g.out(t * h * d, NAN);
     let path = ops
         .attention(
-            &q_d, &kv, &pos_d, &slots_d, &positions, shape, &mut y_d, &mut part,
+            &q_d,
+            &kv,
+            &pos_d,
+            &slots_d,
+            &positions,
+            &host_slots,
+            shape,
+            &mut y_d,
+            &mut part,
         )
         .unwrap();
-    let want_path = if t > 1 && d <= PREFILL_MAX_HEAD_DIM {
+    let want_path = if Ops::prefill_attention_pays(&host_slots) && d <= PREFILL_MAX_HEAD_DIM {
         AttnPath::Prefill
     } else {
         AttnPath::Decode { splits }
@@ -944,6 +954,7 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
             &pos_d,
             &slots_d,
             &positions[..1],
+            &host_slots[..1],
             shape,
             &mut y_d,
             &mut part,
@@ -1242,7 +1253,15 @@ fn kernel_timings_for_the_record() {
         let ms = time(&mut || {
             path = Some(
                 ops.attention(
-                    &q_d, &kv, &pos_d, &slots_d, &positions, shape, &mut y_d, &mut part,
+                    &q_d,
+                    &kv,
+                    &pos_d,
+                    &slots_d,
+                    &positions,
+                    &vec![0; t],
+                    shape,
+                    &mut y_d,
+                    &mut part,
                 )
                 .unwrap(),
             );

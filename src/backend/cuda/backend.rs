@@ -75,6 +75,8 @@ struct GraphKey {
     outputs: usize,
     /// The longest context in chunks of `DECODE_CHUNK` (the decode attention's split count).
     context_chunks: usize,
+    /// Whether attention takes the prefill kernel (`Ops::prefill_attention_pays`).
+    prefill_attention: bool,
 }
 
 impl GraphKey {
@@ -90,6 +92,7 @@ impl GraphKey {
             tokens,
             outputs: step.outputs.len(),
             context_chunks: longest.div_ceil(DECODE_CHUNK),
+            prefill_attention: Ops::prefill_attention_pays(&step.slots),
         })
     }
 }
@@ -943,6 +946,7 @@ impl CudaBackend {
                     &pos,
                     &slots,
                     &step.positions,
+                    &step.slots,
                     attn_shape(p),
                     &mut out(0)?,
                     &mut part,

@@ -125,9 +125,11 @@ impl Ops<'_> {
         launch(k, b, grid(n / g, 1, 1, block))
     }
 
-    /// Attention of `t` query rows over the paged cache. `positions` (host copies of the step's
-    /// positions) size the decode splits. Prefill's tiled kernel for several tokens with
-    /// `head_dim <= 128`, flash-decoding otherwise. `part` is scratch of at least
+    /// Attention of `t` query rows over the paged cache. `positions` and `host_slots` (host
+    /// copies of the step's positions and slots) size the decode splits and pick the kernel:
+    /// prefill's tiled kernel where tokens come in runs of one sequence
+    /// ([`Ops::prefill_attention_pays`]) and `head_dim <= 128`, flash-decoding otherwise (a
+    /// batch of sequences decoding one token each). `part` is scratch of at least
     /// [`Ops::attention_scratch_len`] floats (only decode uses it).
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
@@ -137,11 +139,19 @@ impl Ops<'_> {
         pos: &impl DeviceSpan<i32>,
         slots: &impl DeviceSpan<i32>,
         positions: &[u32],
+        host_slots: &[u32],
         shape: AttnShape,
         y: &mut impl DeviceSpan<f32>,
         part: &mut impl DeviceSpan<f32>,
     ) -> Result<AttnPath, CudaError> {
-        if positions.len() > 1 && shape.head_dim <= PREFILL_MAX_HEAD_DIM {
+        check("attention", host_slots.len() == positions.len(), || {
+            format!(
+                "{} positions but {} slots",
+                positions.len(),
+                host_slots.len()
+            )
+        })?;
+        if Self::prefill_attention_pays(host_slots) && shape.head_dim <= PREFILL_MAX_HEAD_DIM {
             self.attention_prefill(q, kv, pos, slots, positions.len(), shape, y)?;
             return Ok(AttnPath::Prefill);
         }
@@ -320,6 +330,15 @@ impl Ops<'_> {
             .arg(&s_i);
         launch(name, b, grid(h, t, 1, 64))?;
         Ok(splits)
+    }
+
+    /// Whether the prefill kernel pays for a step whose tokens belong to `slots`: its blocks
+    /// share K/V tiles among neighbouring tokens of one sequence, so it needs runs (at least
+    /// half the tokens follow a token of their own sequence). A batch of sequences decoding one
+    /// token each has none and takes flash-decoding, the kernel a token alone takes.
+    pub fn prefill_attention_pays(slots: &[u32]) -> bool {
+        let continued = slots.windows(2).filter(|w| w[0] == w[1]).count();
+        slots.len() > 1 && 2 * continued >= slots.len()
     }
 
     /// Splits of the longest context among `positions`.
@@ -774,5 +793,27 @@ impl Rope {
             i32_of(kernel, "n_rot", self.n_rot)?,
             i32::from(self.neox),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ops;
+
+    #[test]
+    fn the_prefill_kernel_takes_runs_of_one_sequence_and_decode_batches_do_not() {
+        let pays = Ops::prefill_attention_pays;
+        // One token, or one token for each of several sequences: flash-decoding.
+        assert!(!pays(&[]));
+        assert!(!pays(&[3]));
+        assert!(!pays(&[0, 1, 2, 3, 4, 5, 6, 7]));
+        assert!(!pays(&[0, 1, 0, 1]));
+        // A prompt, two prompts, a prompt chunk beside a few decoding sequences.
+        assert!(pays(&[0, 0]));
+        assert!(pays(&[2; 37]));
+        assert!(pays(&[0, 0, 1, 1]));
+        assert!(pays(&[4, 4, 4, 4, 4, 4, 1, 2, 3]));
+        // Mostly single tokens with one short run: decode.
+        assert!(!pays(&[0, 0, 0, 1, 2, 3, 4]));
     }
 }
