@@ -19,13 +19,15 @@ __device__ __forceinline__ int attn_lo(int p, int window) {
 // ---- Decode: flash-decoding. The context of each (token, head) is split into chunks of
 // `chunk` positions, one block per (head, token, chunk). A warp walks its chunk LP lanes to a
 // position (LP = D / 8 rounded up to a power of two: each lane reads 8 FP16 of K and of V as one
-// 16-byte load), 32 / LP positions side by side and two such steps per iteration, so a warp has
-// up to 2 * 32 / LP positions' loads in flight; each lane group keeps an online softmax over its
-// positions. The groups then merge by shuffles, the warps in shared memory, and the block writes
+// 16-byte load), 32 / LP positions side by side and DEC_NP such steps per iteration, so a warp
+// has DEC_NP * 32 / LP positions' loads in flight; the chunk's page numbers are staged in shared
+// memory first; each lane group keeps an online softmax over its positions. The groups then merge by shuffles, the warps in shared memory, and the block writes
 // its partial (max m, sum l, unnormalized acc[D]) for attention_combine, or, with one split,
 // the output y itself (no combine launch: short contexts, the small models' decode).
 // Grid: (H, T, n_splits); block: 128 (4 warps). D a multiple of 32, at most MAX_D; K and V rows
 // 16-byte aligned. part_m, part_l: [T, H, n_splits]; part_acc: [T, H, n_splits, D]; y: [T, H * D].
+#define DEC_NP 4      // positions per lane group in flight per iteration
+#define DEC_PAGES 64  // page numbers of a chunk staged in shared memory (else read per position)
 __device__ __forceinline__ void widen8(uint4 w, float* f) {
     u32 v[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
@@ -42,6 +44,7 @@ extern "C" __global__ void attention_decode_f16(
     const int NW = 4;
     __shared__ float sm_m[NW], sm_l[NW];
     __shared__ float sm_acc[NW][MAX_D];
+    __shared__ int sm_pages[DEC_PAGES];
     int h = blockIdx.x, t = blockIdx.y, s = blockIdx.z, S = gridDim.z;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int g = h / (H / Hkv);
@@ -64,43 +67,63 @@ extern "C" __global__ void attention_decode_f16(
         qr[j] = on ? qh[j] * scale : 0.0f;
         acc[j] = 0.0f;
     }
+    // The chunk's page numbers, once, in shared memory: the loop's K/V loads then depend on no
+    // other global load (a table read before every position doubled the latency chain).
+    int page0 = start / page_size;
+    int n_pages = stop > start ? (stop - 1) / page_size - page0 + 1 : 0;
+    bool staged = n_pages <= DEC_PAGES;
+    if (staged)
+        for (int i = threadIdx.x; i < n_pages; i += blockDim.x)
+            sm_pages[i] = tables[(i64)slot * table_stride + page0 + i];
+    __syncthreads();
     float m = -INFINITY, l = 0.0f;
-    const uint4 zero = make_uint4(0, 0, 0, 0);
     int step = NW * pw;
-    for (int p0 = start + warp * pw; p0 < stop; p0 += 2 * step) {
-        int pa = p0 + pi, pb = pa + step;
-        uint4 ka = zero, va = zero, kb = zero, vb = zero;
-        if (on && pa < stop) {
-            i64 c = attn_cell(tables, table_stride, slot, pa, page_size) * row + g * D + li * 8;
-            ka = *(const uint4*)(kc + c);
-            va = *(const uint4*)(vc + c);
-        }
-        if (on && pb < stop) {
-            i64 c = attn_cell(tables, table_stride, slot, pb, page_size) * row + g * D + li * 8;
-            kb = *(const uint4*)(kc + c);
-            vb = *(const uint4*)(vc + c);
-        }
-        float kf[8], da = 0.0f, db = 0.0f;
-        widen8(ka, kf);
+    for (int p0 = start + warp * pw; p0 < stop; p0 += DEC_NP * step) {
+        uint4 kr[DEC_NP], vr[DEC_NP];
+        float sc[DEC_NP];
 #pragma unroll
-        for (int j = 0; j < 8; j++) da += qr[j] * kf[j];
-        widen8(kb, kf);
-#pragma unroll
-        for (int j = 0; j < 8; j++) db += qr[j] * kf[j];
-        for (int o = lp >> 1; o > 0; o >>= 1) {
-            da += __shfl_xor_sync(FULL_MASK, da, o);
-            db += __shfl_xor_sync(FULL_MASK, db, o);
+        for (int i = 0; i < DEC_NP; i++) {
+            int p = p0 + pi + i * step;
+            kr[i] = make_uint4(0, 0, 0, 0);
+            vr[i] = kr[i];
+            if (on && p < stop) {
+                i64 cell = staged ? (i64)sm_pages[p / page_size - page0] * page_size + p % page_size
+                                  : attn_cell(tables, table_stride, slot, p, page_size);
+                i64 c = cell * row + g * D + li * 8;
+                kr[i] = *(const uint4*)(kc + c);
+                vr[i] = *(const uint4*)(vc + c);
+            }
         }
-        float sa = pa < stop ? da : -INFINITY, sb = pb < stop ? db : -INFINITY;
-        float m_new = fmaxf(m, fmaxf(sa, sb));
+#pragma unroll
+        for (int i = 0; i < DEC_NP; i++) {
+            float kf[8], d = 0.0f;
+            widen8(kr[i], kf);
+#pragma unroll
+            for (int j = 0; j < 8; j++) d += qr[j] * kf[j];
+            sc[i] = d;
+        }
+        for (int o = lp >> 1; o > 0; o >>= 1)
+#pragma unroll
+            for (int i = 0; i < DEC_NP; i++) sc[i] += __shfl_xor_sync(FULL_MASK, sc[i], o);
+        float m_new = m;
+#pragma unroll
+        for (int i = 0; i < DEC_NP; i++) {
+            if (p0 + pi + i * step >= stop) sc[i] = -INFINITY;
+            m_new = fmaxf(m_new, sc[i]);
+        }
         if (m_new != -INFINITY) {
-            float c = expf(m - m_new), ea = expf(sa - m_new), eb = expf(sb - m_new);
-            l = l * c + ea + eb;
-            float fa[8], fb[8];
-            widen8(va, fa);
-            widen8(vb, fb);
+            float c = expf(m - m_new);
+            l *= c;
 #pragma unroll
-            for (int j = 0; j < 8; j++) acc[j] = acc[j] * c + ea * fa[j] + eb * fb[j];
+            for (int j = 0; j < 8; j++) acc[j] *= c;
+#pragma unroll
+            for (int i = 0; i < DEC_NP; i++) {
+                float e = expf(sc[i] - m_new), vf[8];
+                l += e;
+                widen8(vr[i], vf);
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[j] = fmaf(e, vf[j], acc[j]);
+            }
             m = m_new;
         }
     }
@@ -201,6 +224,32 @@ extern "C" __global__ void attention_combine(const float* part_m, const float* p
 #define PF_MAX_D 128
 #define PF_KS (PF_MAX_D + 4)
 #define PF_THREADS 128
+#define PF_LD (PF_BK * PF_MAX_D / 2 / PF_THREADS)  // words of K (and of V) a thread loads a tile
+
+// Loads the words of K and V that thread (j0, lw) stores for the tile of n positions from p0:
+// position j0 + k js in kw[k], vw[k] (zero past n). Power-of-two pages by shift and mask.
+__device__ __forceinline__ void pf_fetch(const u16* kc, const u16* vc, const int* tables,
+                                         int table_stride, int slot, int page_size, int row,
+                                         int col, int p0, int n, bool on, int j0, int js, int lw,
+                                         u32* kw, u32* vw) {
+    bool pow2 = (page_size & (page_size - 1)) == 0;
+    int sh = __ffs(page_size) - 1;
+    const int* tab = tables + (i64)slot * table_stride;
+#pragma unroll
+    for (int k = 0; k < PF_LD; k++) {
+        int j = j0 + k * js;
+        kw[k] = 0;
+        vw[k] = 0;
+        if (on && j < n) {
+            int p = p0 + j;
+            int pg = pow2 ? p >> sh : p / page_size, off = pow2 ? p & (page_size - 1) : p % page_size;
+            i64 c = ((i64)tab[pg] * page_size + off) * row + col + 2 * lw;
+            kw[k] = *(const u32*)(kc + c);
+            vw[k] = *(const u32*)(vc + c);
+        }
+    }
+}
+
 extern "C" __global__ void attention_prefill_f16(
     const float* q, const u16* kc, const u16* vc, const int* pos, const int* slots,
     const int* tables, int table_stride, int page_size, int T, int H, int Hkv, int D, float scale,
@@ -238,6 +287,9 @@ extern "C" __global__ void attention_prefill_f16(
     // item / (D / 4), elements 4 (item % (D / 4)) .. + 3.
     int rs = tid >> 3, cs = tid & 7;
     int ed = D >> 2;
+    // Tile loads: thread tid takes 32-bit word lw (two FP16) of positions j0, j0 + js, ...
+    int wpr = D >> 1, js = PF_THREADS / wpr, lw = tid % wpr, j0 = tid / wpr;
+    bool ld_on = j0 < js;
     unsigned done = 0, all = (1u << nt) - 1;
     while (done != all) {
         int first = __ffs(~done) - 1;
@@ -257,21 +309,27 @@ extern "C" __global__ void attention_prefill_f16(
         float4 acc[4];
 #pragma unroll
         for (int u = 0; u < 4; u++) acc[u] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        u32 kw[PF_LD], vw[PF_LD];
+        pf_fetch(kc, vc, tables, table_stride, slot, page_size, row, g * D, lo,
+                 min(PF_BK, hi + 1 - lo), ld_on, j0, js, lw, kw, vw);
         for (int p0 = lo; p0 <= hi; p0 += PF_BK) {
             int n = min(PF_BK, hi + 1 - p0);
             __syncthreads();
-            int wpr = D >> 1;  // 32-bit words (two FP16) a row
-            for (int i = tid; i < n * wpr; i += PF_THREADS) {
-                int j = i / wpr, w = i % wpr;
-                i64 c = attn_cell(tables, table_stride, slot, p0 + j, page_size) * row + g * D +
-                        2 * w;
-                u32 kw = *(const u32*)(kc + c), vw = *(const u32*)(vc + c);
-                ks[j][2 * w] = h2f((u16)(kw & 0xffff));
-                ks[j][2 * w + 1] = h2f((u16)(kw >> 16));
-                vs[j][2 * w] = h2f((u16)(vw & 0xffff));
-                vs[j][2 * w + 1] = h2f((u16)(vw >> 16));
+#pragma unroll
+            for (int k = 0; k < PF_LD; k++) {
+                int j = j0 + k * js;
+                if (ld_on && j < n) {
+                    ks[j][2 * lw] = h2f((u16)(kw[k] & 0xffff));
+                    ks[j][2 * lw + 1] = h2f((u16)(kw[k] >> 16));
+                    vs[j][2 * lw] = h2f((u16)(vw[k] & 0xffff));
+                    vs[j][2 * lw + 1] = h2f((u16)(vw[k] >> 16));
+                }
             }
             __syncthreads();
+            // The next tile's loads fly while this one is computed.
+            if (p0 + PF_BK <= hi)
+                pf_fetch(kc, vc, tables, table_stride, slot, page_size, row, g * D, p0 + PF_BK,
+                         min(PF_BK, hi + 1 - p0 - PF_BK), ld_on, j0, js, lw, kw, vw);
             float sc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
             for (int e = 0; e < D; e += 4) {
                 float4 qv = *(const float4*)&qs[rs][e];
