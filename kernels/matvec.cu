@@ -24,6 +24,14 @@
 __device__ __forceinline__ u32 ldg32(const u8* p) { return __ldg((const unsigned int*)p); }
 __device__ __forceinline__ u16 ldg16(const u8* p) { return __ldg((const unsigned short*)p); }
 __device__ __forceinline__ uint4 ldg128(const u8* p) { return __ldg((const uint4*)p); }
+// The word OFF bytes past p through the read-only cache, the offset in the instruction (an
+// __ldg of p + OFF spends an add on the address).
+template <int OFF>
+__device__ __forceinline__ u32 ldg32_at(const u8* p) {
+    u32 v;
+    asm("ld.global.nc.u32 %0, [%1+%2];" : "=r"(v) : "l"(p), "n"(OFF));
+    return v;
+}
 // Activations through the read-only cache, as an asm the compiler may not merge: with two
 // matrices it would otherwise keep the first matrix's x loads live for the second (8 rows x 32
 // floats, far past the register file) and spill.
@@ -32,6 +40,15 @@ __device__ __forceinline__ float4 ldx4(const float* p) {
     asm volatile("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];"
                  : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
                  : "l"(p));
+    return v;
+}
+// ldx4 of p + OFF floats, the offset in the instruction.
+template <int OFF>
+__device__ __forceinline__ float4 ldx4_at(const float* p) {
+    float4 v;
+    asm volatile("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4+%5];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "l"(p), "n"(4 * OFF));
     return v;
 }
 
@@ -69,18 +86,74 @@ __device__ __forceinline__ void bytes4(u32 v, float off, float* out) {
 // types use units of 8 (four lanes to a block, reading 64 contiguous bytes of x together), the
 // K-quants units of 32 laid out so that a warp reads x in 4-8 lines per load. ----
 
+// Walking decoders (WALK): a thread's units are u0, u0 + bd, u0 + 2 bd, ... (bd = blockDim.x,
+// a multiple of 8, so its 18- or 34-byte blocks keep one parity and their fields one alignment
+// in a row). Per weight row the thread keeps pointers to the aligned word holding its unit's
+// first byte and to the block's scale, and the funnel shift, set once (`walk`) and advanced by
+// a constant `step(bd)` bytes a unit: the address and alignment math of `unit` is done once per
+// thread instead of once per unit and row. They read up to 8 bytes past a unit's last byte
+// (the next word, whatever the shift): the weights are uploaded with UNIT_OVERREAD bytes of
+// padding. Every other decoder derives PerUnit (no walk).
+template <typename D>
+struct PerUnit {
+    static const bool WALK = false;
+    struct Walk {};
+    static __device__ __forceinline__ Walk walk(const u8*, int) { return Walk(); }
+    static __device__ __forceinline__ int step(int) { return 0; }
+    static const int XJ = 0;
+    static __device__ __forceinline__ int xstep(int) { return 0; }
+    static __device__ __forceinline__ float unit_walk(Walk&, int, float*) { return 0.0f; }
+};
+
+// A thread's place in one weight row: `w` the aligned word holding the unit's first byte, `d`
+// its block's scale, `sh` the funnel shift (0, 8, 16 or 24).
+struct RowWalk {
+    const u8* w;
+    const u8* d;
+    u32 sh;
+};
+
+__device__ __forceinline__ RowWalk row_walk(const u8* block, int field) {
+    size_t a = (size_t)(block + field);
+    RowWalk k;
+    k.w = (const u8*)(a & ~(size_t)3);
+    k.d = block;
+    k.sh = (u32)(a & 3) * 8;
+    return k;
+}
+
 // Q4_0 (18-byte blocks: f16 d, 16 bytes of nibbles; element j < 16 the low nibble of byte j,
 // element 16 + j its high nibble): unit 4b + i is bytes 4i..4i + 4 of block b, elements
 // 4i..4i + 4 and 16 + 4i..16 + 4i + 4.
 struct UQ4_0 {
     static const int W = 8;
+    static const bool WALK = true;
+    typedef RowWalk Walk;
+    static __device__ __forceinline__ void nibbles(u32 q, float* v) {
+        bytes4(q & 0x0F0F0F0Fu, 8.0f, v);
+        bytes4((q >> 4) & 0x0F0F0F0Fu, 8.0f, v + 4);
+    }
     static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
         const u8* b = row + (i64)(u >> 2) * 18;
         u32 q;
         ld_words<1>(b + 2 + 4 * (u & 3), &q);
-        bytes4(q & 0x0F0F0F0Fu, 8.0f, v);
-        bytes4((q >> 4) & 0x0F0F0F0Fu, 8.0f, v + 4);
+        nibbles(q, v);
         return h2f(ldg16(b));
+    }
+    static __device__ __forceinline__ Walk walk(const u8* row, int u0) {
+        return row_walk(row + (i64)(u0 >> 2) * 18, 2 + 4 * (u0 & 3));
+    }
+    static __device__ __forceinline__ int step(int bd) { return (bd >> 2) * 18; }
+    // x of the walk: elements XJ floats apart, 8 bd floats on a unit step.
+    static const int XJ = 16;
+    static __device__ __forceinline__ int xstep(int bd) { return 8 * bd; }
+    // The unit at k, then k moves `st` bytes on.
+    static __device__ __forceinline__ float unit_walk(Walk& k, int st, float* v) {
+        nibbles(__funnelshift_r(ldg32(k.w), ldg32_at<4>(k.w), k.sh), v);
+        float s = h2f(ldg16(k.d));
+        k.w += st;
+        k.d += st;
+        return s;
     }
     static __device__ __forceinline__ int xoff(int u, int j) {
         return 32 * (u >> 2) + 4 * (u & 3) + 16 * j;
@@ -90,10 +163,9 @@ struct UQ4_0 {
 // Q4_1 (20-byte blocks: f16 d, f16 m, nibbles as Q4_0): w = d q + m, folded into v.
 struct UQ4_1 {
     static const int W = 8;
-    static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
-        const u8* b = row + (i64)(u >> 2) * 20;
-        u32 dm = ldg32(b);
-        u32 q = ldg32(b + 4 + 4 * (u & 3));
+    static const bool WALK = true;
+    typedef RowWalk Walk;
+    static __device__ __forceinline__ void decode(u32 dm, u32 q, float* v) {
         float d = h2f((u16)(dm & 0xffff)), m = h2f((u16)(dm >> 16));
         float lo[4], hi[4];
         bytes4(q & 0x0F0F0F0Fu, 0.0f, lo);
@@ -103,6 +175,27 @@ struct UQ4_1 {
             v[i] = fmaf(lo[i], d, m);
             v[4 + i] = fmaf(hi[i], d, m);
         }
+    }
+    static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
+        const u8* b = row + (i64)(u >> 2) * 20;
+        decode(ldg32(b), ldg32(b + 4 + 4 * (u & 3)), v);
+        return 1.0f;
+    }
+    // 20-byte blocks keep rows 4-byte aligned: no shift; d is the block's (d, m) word.
+    static __device__ __forceinline__ Walk walk(const u8* row, int u0) {
+        Walk k;
+        k.d = row + (i64)(u0 >> 2) * 20;
+        k.w = k.d + 4 + 4 * (u0 & 3);
+        k.sh = 0;
+        return k;
+    }
+    static __device__ __forceinline__ int step(int bd) { return (bd >> 2) * 20; }
+    static const int XJ = 16;
+    static __device__ __forceinline__ int xstep(int bd) { return 8 * bd; }
+    static __device__ __forceinline__ float unit_walk(Walk& k, int st, float* v) {
+        decode(ldg32(k.d), ldg32(k.w), v);
+        k.w += st;
+        k.d += st;
         return 1.0f;
     }
     static __device__ __forceinline__ int xoff(int u, int j) { return UQ4_0::xoff(u, j); }
@@ -112,6 +205,8 @@ struct UQ4_1 {
 // bytes flipped to unsigned (x ^ 0x80 = x + 128).
 struct UQ8_0 {
     static const int W = 8;
+    static const bool WALK = true;
+    typedef RowWalk Walk;
     static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
         const u8* b = row + (i64)(u >> 2) * 34;
         u32 q[2];
@@ -120,13 +215,28 @@ struct UQ8_0 {
         bytes4(q[1] ^ 0x80808080u, 128.0f, v + 4);
         return h2f(ldg16(b));
     }
+    static __device__ __forceinline__ Walk walk(const u8* row, int u0) {
+        return row_walk(row + (i64)(u0 >> 2) * 34, 2 + 8 * (u0 & 3));
+    }
+    static __device__ __forceinline__ int step(int bd) { return (bd >> 2) * 34; }
+    static const int XJ = 4;
+    static __device__ __forceinline__ int xstep(int bd) { return 8 * bd; }
+    static __device__ __forceinline__ float unit_walk(Walk& k, int st, float* v) {
+        u32 w0 = ldg32(k.w), w1 = ldg32_at<4>(k.w), w2 = ldg32_at<8>(k.w);
+        bytes4(__funnelshift_r(w0, w1, k.sh) ^ 0x80808080u, 128.0f, v);
+        bytes4(__funnelshift_r(w1, w2, k.sh) ^ 0x80808080u, 128.0f, v + 4);
+        float s = h2f(ldg16(k.d));
+        k.w += st;
+        k.d += st;
+        return s;
+    }
     static __device__ __forceinline__ int xoff(int u, int j) { return 8 * u + 4 * j; }
 };
 
 // Q4_K (144-byte super-blocks of 256: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, then
 // four groups of 32 bytes whose low nibbles are sub-block 2g and high nibbles sub-block 2g + 1).
 // A unit is half a group: 16 bytes, 16 weights of each of its two sub-blocks. w = d sc q - dmin m.
-struct UQ4_K {
+struct UQ4_K : PerUnit<UQ4_K> {
     static const int W = 32;
     static __device__ __forceinline__ void scale_min(uint4 h, int j, float* dsc, float* dm) {
         int k = j & 3;
@@ -168,7 +278,7 @@ struct UQ4_K {
 // Q5_K (176-byte super-blocks of 256: f16 d, f16 dmin, 12 bytes of scales and mins as Q4_K, 32
 // bytes of high bits qh, then nibbles as Q4_K): element l of sub-block s has bit s of qh[l] as
 // its fifth bit. A unit is half a group, as Q4_K: its high bits are qh[16 half .. 16 half + 16].
-struct UQ5_K {
+struct UQ5_K : PerUnit<UQ5_K> {
     static const int W = 32;
     static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
         const u8* s = row + (i64)(u >> 3) * 176;
@@ -203,7 +313,7 @@ struct UQ5_K {
 // scales, f16 d). Element 128 g + 32 k + e (g < 2, k < 4, e < 32) is the low (k < 2) or high
 // nibble of ql[64 g + 32 (k & 1) + e] with bits 2k..2k+1 of qh[32 g + e] above it, minus 32,
 // times d * scale[8 g + 2 k + e / 16]. A unit is e0..e0 + 8 (e0 = 0, 8, 16, 24) for all four k.
-struct UQ6_K {
+struct UQ6_K : PerUnit<UQ6_K> {
     static const int W = 32;
     static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
         const u8* s = row + (i64)(u >> 3) * 210;
@@ -240,7 +350,7 @@ struct UQ6_K {
 };
 
 // F16: 8 halves, one 16-byte load (rows are 16-byte aligned when K is a multiple of 32).
-struct UF16 {
+struct UF16 : PerUnit<UF16> {
     static const int W = 8;
     static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
         uint4 h = ldg128(row + (i64)u * 16);
@@ -257,7 +367,7 @@ struct UF16 {
 
 // Every other type: 8 consecutive elements through T::at (correct, not tuned).
 template <typename T>
-struct UGen {
+struct UGen : PerUnit<UGen<T> > {
     static const int W = 8;
     static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
 #pragma unroll
@@ -279,29 +389,46 @@ struct Cols {
     static const int N = U::W <= 8 ? 4 / M : 1;
 };
 
-template <typename U, int R, int M, int C>
-__device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __restrict__ w1,
-                                         const float* __restrict__ x, float* __restrict__ y,
-                                         int N, int K, i64 row_bytes) {
+// The unit loop of mmv_impl: this thread's units of the rows, accumulated into acc. SH: the
+// decoder walks each row (U::WALK) instead of decoding unit u from scratch.
+template <typename U, int R, int M, int C, bool SH>
+__device__ __forceinline__ void mmv_loop(const u8* const* rows, const float* __restrict__ x,
+                                         int K, float (&acc)[M * C][R]) {
     const int W = U::W;
-    __shared__ float red[MMV_THREADS / 32][M * C * R];
-    int n0 = blockIdx.x * C;
-    if (n0 >= N) return;  // the whole block: a grid larger than N / C
-    // Weight row q = m * C + c is column n0 + c of matrix m (past N: column n0 again, unwritten).
-    const u8* rows[M * C];
-#pragma unroll
-    for (int m = 0; m < M; m++)
-#pragma unroll
-        for (int c = 0; c < C; c++) {
-            int n = n0 + c < N ? n0 + c : n0;
-            rows[m * C + c] = (m == 0 ? w0 : w1) + (i64)n * row_bytes;
-        }
-    float acc[M * C][R];
-#pragma unroll
-    for (int q = 0; q < M * C; q++)
-#pragma unroll
-        for (int r = 0; r < R; r++) acc[q][r] = 0.0f;
     int units = K / W;
+    if (SH) {
+        // Walking decoders (units of 8): the rows' and x's addresses advance by constants.
+        typename U::Walk wk[M * C];
+        int st = U::step(blockDim.x), xs = U::xstep(blockDim.x);
+#pragma unroll
+        for (int q = 0; q < M * C; q++) wk[q] = U::walk(rows[q], threadIdx.x);
+        const float* xw = x + U::xoff(threadIdx.x, 0);
+        for (int u = threadIdx.x; u < units; u += blockDim.x, xw += xs) {
+            float v[M * C][8], s[M * C];
+#pragma unroll
+            for (int q = 0; q < M * C; q++) s[q] = U::unit_walk(wk[q], st, v[q]);
+#pragma unroll
+            for (int r = 0; r < R; r++) {
+                const float* xr = xw + (i64)r * K;
+                float4 xv[2] = {ldx4_at<0>(xr), ldx4_at<U::XJ>(xr)};
+                float d[M * C];
+#pragma unroll
+                for (int q = 0; q < M * C; q++) {
+                    d[q] = 0.0f;
+#pragma unroll
+                    for (int j = 0; j < 2; j++) {
+                        d[q] = fmaf(v[q][4 * j], xv[j].x, d[q]);
+                        d[q] = fmaf(v[q][4 * j + 1], xv[j].y, d[q]);
+                        d[q] = fmaf(v[q][4 * j + 2], xv[j].z, d[q]);
+                        d[q] = fmaf(v[q][4 * j + 3], xv[j].w, d[q]);
+                    }
+                }
+#pragma unroll
+                for (int q = 0; q < M * C; q++) acc[q][r] = fmaf(d[q], s[q], acc[q][r]);
+            }
+        }
+        return;
+    }
     for (int u = threadIdx.x; u < units; u += blockDim.x) {
         if (W <= 8) {
             // Narrow units: every weight row's unit live at once, each x load used for all.
@@ -352,6 +479,33 @@ __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __
             }
         }
     }
+}
+
+template <typename U, int R, int M, int C>
+__device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __restrict__ w1,
+                                         const float* __restrict__ x, float* __restrict__ y,
+                                         int N, int K, i64 row_bytes) {
+    __shared__ float red[MMV_THREADS / 32][M * C * R];
+    int n0 = blockIdx.x * C;
+    if (n0 >= N) return;  // the whole block: a grid larger than N / C
+    // Weight row q = m * C + c is column n0 + c of matrix m (past N: column n0 again, unwritten).
+    const u8* rows[M * C];
+#pragma unroll
+    for (int m = 0; m < M; m++)
+#pragma unroll
+        for (int c = 0; c < C; c++) {
+            int n = n0 + c < N ? n0 + c : n0;
+            rows[m * C + c] = (m == 0 ? w0 : w1) + (i64)n * row_bytes;
+        }
+    float acc[M * C][R];
+#pragma unroll
+    for (int q = 0; q < M * C; q++)
+#pragma unroll
+        for (int r = 0; r < R; r++) acc[q][r] = 0.0f;
+    if (U::WALK && (blockDim.x & 7) == 0)
+        mmv_loop<U, R, M, C, true>(rows, x, K, acc);
+    else
+        mmv_loop<U, R, M, C, false>(rows, x, K, acc);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
 #pragma unroll
     for (int q = 0; q < M * C; q++)

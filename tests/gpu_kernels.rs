@@ -1432,7 +1432,7 @@ fn tf32_sgemm_is_refused_without_cublas_and_stays_within_tf32_rounding_on_sm80()
 
 #[test]
 fn the_default_models_weights_upload_in_their_own_types() {
-    use m40_llm::backend::cuda::matmul::upload_tensors;
+    use m40_llm::backend::cuda::matmul::{UNIT_OVERREAD, upload_tensors};
     let Some(g) = gpu() else { return };
     let Some(path) = common::default_model() else {
         return;
@@ -1450,16 +1450,18 @@ fn the_default_models_weights_upload_in_their_own_types() {
     for (w, name) in weights.iter().zip(&names) {
         let t = file.tensor(name).unwrap();
         assert_eq!(w.ty, t.ty, "{name}");
-        assert_eq!(w.data.len() as u64, t.n_bytes, "{name}");
+        assert_eq!(
+            w.data.len() as u64,
+            t.n_bytes + UNIT_OVERREAD as u64,
+            "{name}"
+        );
     }
     // The bytes on the device are the file's.
     let first = file.tensor(names[0]).unwrap();
-    assert_eq!(
-        g.down(&weights[0].data),
-        file.tensor_data(first),
-        "{}",
-        names[0]
-    );
+    let on_device = g.down(&weights[0].data);
+    let (data, pad) = on_device.split_at(on_device.len() - UNIT_OVERREAD);
+    assert!(pad.iter().all(|&b| b == 0), "the padding is zeros");
+    assert_eq!(data, file.tensor_data(first), "{}", names[0]);
     eprintln!(
         "uploaded {} tensors, {bytes} bytes, to the GPU",
         weights.len()

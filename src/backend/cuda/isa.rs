@@ -44,7 +44,10 @@ pub fn unit_decoder(suffix: &str) -> Option<&'static str> {
 pub fn unit_weights(decoder: &str) -> Option<u32> {
     let src = family_source("matvec")?;
     let base = decoder.split('<').next()?.trim();
-    let start = src.find(&format!("struct {base} {{"))?;
+    // `struct UQ4_0 {` or, with a base, `struct UQ4_1 : PerUnit<UQ4_1> {`.
+    let start = [format!("struct {base} {{"), format!("struct {base} : ")]
+        .iter()
+        .find_map(|head| src.find(head.as_str()))?;
     let body = &src[start..];
     let body = &body[..body[1..].find("\nstruct ").map_or(body.len(), |e| e + 1)];
     let w = body.split("static const int W =").nth(1)?;

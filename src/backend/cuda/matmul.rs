@@ -24,7 +24,13 @@ use cudarc::cublas::{CudaBlas, sys::cublasOperation_t};
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
-/// A weight matrix `[n, k]` on the device, in its GGUF storage type, byte for byte.
+/// Zero bytes after each weight matrix on the device: the walking unit decoders (Q4_0, Q8_0 in
+/// kernels/matvec.cu) read the aligned word after a unit's last one whatever the alignment, up to
+/// 8 bytes past the last row.
+pub const UNIT_OVERREAD: usize = 16;
+
+/// A weight matrix `[n, k]` on the device, in its GGUF storage type, byte for byte, then
+/// [`UNIT_OVERREAD`] zero bytes (`data` holds `n * row_bytes + UNIT_OVERREAD`).
 pub struct DeviceWeight {
     pub ty: GgmlType,
     pub n: usize,
@@ -60,10 +66,13 @@ impl DeviceWeight {
                 bytes.len()
             )));
         }
-        let data = stream.clone_htod(bytes).map_err(CudaError::driver(format!(
-            "uploading {name} ({} bytes)",
-            bytes.len()
-        )))?;
+        let what = format!("uploading {name} ({} bytes)", bytes.len());
+        let mut data = stream
+            .alloc_zeros::<u8>(bytes.len() + UNIT_OVERREAD)
+            .map_err(CudaError::driver(what.clone()))?;
+        stream
+            .memcpy_htod(bytes, &mut data.slice_mut(..bytes.len()))
+            .map_err(CudaError::driver(what))?;
         Ok(DeviceWeight {
             ty,
             n,
