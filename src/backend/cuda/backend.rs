@@ -234,7 +234,8 @@ fn ensure<T: DeviceRepr + ValidAsZeroBits>(
 
 impl CudaBackend {
     /// Loads `plan` over the weights of `file` onto `gpu`, with a KV cache of `geometry`'s pages
-    /// and slots. Uses cuBLAS for multi-token matmuls unless `M40LLM_ENABLE_CUBLAS=0`.
+    /// and slots. Uses cuBLAS for matmuls of more than `TILED_MAX_ROWS` rows unless
+    /// `M40LLM_ENABLE_CUBLAS=0`.
     pub fn new(
         plan: Plan,
         file: Arc<GgufFile>,
@@ -244,8 +245,8 @@ impl CudaBackend {
         CudaBackend::with_cublas(plan, file, geometry, gpu, cublas_enabled_by_env())
     }
 
-    /// [`CudaBackend::new`] with cuBLAS for multi-token matmuls on or off (off: the plain
-    /// kernels for everything).
+    /// [`CudaBackend::new`] with cuBLAS for prefill matmuls (more than `TILED_MAX_ROWS` rows) on
+    /// or off (off: the tiled kernels for those too).
     pub fn with_cublas(
         plan: Plan,
         file: Arc<GgufFile>,
