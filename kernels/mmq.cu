@@ -253,14 +253,16 @@ struct PBF16 {
 
 // ---- The tiled kernel ----
 
-// M weight matrices (1: y = x Wᵀ; 2: y = silu(x Gᵀ) * (x Uᵀ)), up to BR rows, TR = 4 rows a
-// thread: (BR / 4) * 16 threads. `part` null: write y; else the partial sums of split blockIdx.y.
-template <typename P, int BR, int M>
+// M weight matrices (1: y = x Wᵀ; 2: y = silu(x Gᵀ) * (x Uᵀ)), up to BR rows, TR rows a thread:
+// (BR / TR) * 16 threads (the host's `TILED_TILES` must agree). `part` null: write y; else the
+// partial sums of split blockIdx.y.
+template <typename P, int BR, int TR, int M>
 __device__ __forceinline__ void mmq_impl(const u8* __restrict__ w0, const u8* __restrict__ w1,
                                          const float* __restrict__ x, float* __restrict__ y,
                                          float* __restrict__ part, int R, int N, int K,
                                          i64 row_bytes, int chunk) {
-    const int TR = 4, G = BR / TR, T = G * 16, PIECES = MMQ_BN * MMQ_BK / 8 / T;
+    const int G = BR / TR, T = G * 16, PIECES = MMQ_BN * MMQ_BK / 8 / T;
+    static_assert(G % 4 == 0 && BR % TR == 0, "a warp covers 4 row groups");
     __shared__ __align__(16) float ws[MMQ_BN * MMQ_LD];
     __shared__ __align__(16) float xs[BR * MMQ_LD];
     // A warp covers 8 column groups x 4 row groups (see the header: one wavefront per load).
@@ -353,18 +355,20 @@ __device__ __forceinline__ void mmq_impl(const u8* __restrict__ w0, const u8* __
 }
 
 // No __launch_bounds__ (ptxas would trade registers for occupancy).
-#define MMQ_R(name, P, BR)                                                                    \
+#define MMQ_R(name, P, BR, TR)                                                                \
     extern "C" __global__ void mmq_##name##_r##BR(const u8* w, const float* x, float* y,      \
                                                   float* part, int R, int N, int K,           \
                                                   i64 row_bytes, int chunk) {                 \
-        mmq_impl<P, BR, 1>(w, w, x, y, part, R, N, K, row_bytes, chunk);                      \
+        mmq_impl<P, BR, TR, 1>(w, w, x, y, part, R, N, K, row_bytes, chunk);                  \
     }                                                                                         \
     extern "C" __global__ void gate_up_mmq_##name##_r##BR(                                    \
         const u8* wg, const u8* wu, const float* x, float* y, float* part, int R, int N,      \
         int K, i64 row_bytes, int chunk) {                                                    \
-        mmq_impl<P, BR, 2>(wg, wu, x, y, part, R, N, K, row_bytes, chunk);                    \
+        mmq_impl<P, BR, TR, 2>(wg, wu, x, y, part, R, N, K, row_bytes, chunk);                \
     }
-#define MMQ(name, P) MMQ_R(name, P, 16) MMQ_R(name, P, 32) MMQ_R(name, P, 64)
+// Rows a thread per row tile: 4 (4 x 4 outputs, 4 BR threads a block); 8 halves the x loads
+// per FMA at half the threads (BR = 32 or 64 only; change `TILED_TILES` in matmul.rs with it).
+#define MMQ(name, P) MMQ_R(name, P, 16, 4) MMQ_R(name, P, 32, 4) MMQ_R(name, P, 64, 4)
 
 MMQ(f32, PF32)
 MMQ(f16, PF16)

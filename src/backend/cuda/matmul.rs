@@ -118,10 +118,11 @@ pub const TILED_MAX_ROWS: usize = 64;
 /// takes the largest that fits what is left.
 const UNIT_ROWS: [usize; 4] = [8, 4, 2, 1];
 
-/// The row tiles the tiled kernels are compiled for (`mmq_<ty>_r<BR>`), smallest first: a launch
+/// The row tiles the tiled kernels are compiled for (`mmq_<ty>_r<BR>`) and their threads a
+/// block (`BR / TR * 16`, TR the rows a thread: kernels/mmq.cu `MMQ`), smallest first: a launch
 /// of R rows takes the smallest tile of at least R (rows past R are zeros in shared memory and
 /// cost FMAs, not loads), so 9..16 rows run 64 threads a block, 17..32 128, 33..64 256.
-const TILED_ROWS: [usize; 3] = [16, 32, 64];
+const TILED_TILES: [(usize, u32); 3] = [(16, 64), (32, 128), (64, 256)];
 
 /// Output columns a tiled block computes (64 weight rows: for gate/up 32 of each matrix).
 const TILED_COLS: usize = 64;
@@ -596,10 +597,10 @@ impl Matmul {
         let mut launches = 0;
         for r0 in (0..rows).step_by(TILED_MAX_ROWS) {
             let r = (rows - r0).min(TILED_MAX_ROWS);
-            let br = TILED_ROWS
+            let (br, threads) = TILED_TILES
                 .into_iter()
-                .find(|&b| b >= r)
-                .unwrap_or(TILED_MAX_ROWS);
+                .find(|&(b, _)| b >= r)
+                .unwrap_or((TILED_MAX_ROWS, 256));
             let name = format!("{prefix}_{sfx}_r{br}");
             let f = ks.function("mmq", &name)?;
             let xr = x.sub(r0 * w.k, r * w.k, "matmul rows")?;
@@ -636,7 +637,7 @@ impl Matmul {
                 .arg(&chunk);
             let cfg = LaunchConfig {
                 grid_dim: (grid_x, splits as u32, 1),
-                block_dim: (br as u32 * 4, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
             // SAFETY: the arguments match mmq_<ty>_r<BR>'s (one weight) or
@@ -770,8 +771,23 @@ mod tests {
     }
 
     #[test]
+    fn the_tiles_threads_are_what_the_kernels_are_compiled_for() {
+        let src = super::super::kernels::family_source("mmq").unwrap();
+        let line = src
+            .lines()
+            .find(|l| l.starts_with("#define MMQ(name, P)"))
+            .unwrap();
+        for (br, threads) in TILED_TILES {
+            let at = format!("MMQ_R(name, P, {br}, ");
+            let rest = &line[line.find(&at).unwrap() + at.len()..];
+            let tr: usize = rest[..rest.find(')').unwrap()].trim().parse().unwrap();
+            assert_eq!(threads as usize, br / tr * 16, "BR {br}, TR {tr}");
+        }
+    }
+
+    #[test]
     fn row_counts_take_the_smallest_tile_that_holds_them() {
-        let tile = |r: usize| TILED_ROWS.into_iter().find(|&b| b >= r);
+        let tile = |r: usize| TILED_TILES.into_iter().find(|&(b, _)| b >= r).map(|t| t.0);
         assert_eq!(tile(UNIT_MAX_ROWS + 1), Some(16));
         assert_eq!(
             (tile(16), tile(17), tile(32), tile(33)),
