@@ -1208,13 +1208,15 @@ fn kernel_timings_for_the_record() {
             );
         }
     }
-    // Batched decode of an 8B shape through the tiled kernels (cuBLAS off: what the executor
-    // runs for 9..64 tokens): q/o (4096 x 4096) and gate/up (14336 x 4096) at 16, 32 and 64
-    // rows, the fused gate/up pair at 32, and the unit kernels' 32 rows (4 launches of 8) for
-    // comparison. GB/s counts the weight bytes once; TFLOP/s is 2 R N K over the time.
+    // Batched decode of an 8B shape through the tiled kernels (what the executor runs for 9..64
+    // tokens): q/o (4096 x 4096) and gate/up (14336 x 4096) at 16, 32 and 64 rows, 65 and 128
+    // rows on cuBLAS and on the tiled kernels (where the threshold should be), the fused gate/up
+    // pair at 32, and the unit kernels' 32 rows (4 launches of 8) for comparison. GB/s counts the
+    // weight bytes once; TFLOP/s is 2 R N K over the time.
     {
         use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul};
         let mm = Matmul::new(g.stream.clone(), false).unwrap();
+        let blas = Matmul::new(g.stream.clone(), true).unwrap();
         for ty in [
             GgmlType::Q4_0,
             GgmlType::Q8_0,
@@ -1257,6 +1259,25 @@ fn kernel_timings_for_the_record() {
                         ms,
                         &y[..rows * n],
                     );
+                }
+                // Past TILED_MAX_ROWS: cuBLAS on dequantized tiles (64 MiB of scratch, as the
+                // executor has) against the tiled kernels in launches of 64 (cuBLAS off).
+                let mut tiles = g.out((n * k).min(16 << 20).max(floats), NAN);
+                let mut y_big = g.out(128 * n, NAN);
+                let x_big = g.up(&randn(&mut rng(4), 128 * k));
+                for rows in [65usize, 128] {
+                    for mmx in [&blas, &mm] {
+                        let mut path = None;
+                        let ms = time(&mut || {
+                            path = Some(
+                                mmx.run(&g.ks, &x_big, rows, &w, &mut y_big, &mut tiles)
+                                    .unwrap(),
+                            );
+                        });
+                        let y = g.down(&y_big);
+                        let what = format!("matmul_{sfx} ({path:?})");
+                        report(&what, rows, wb.len(), ms, &y[..rows * n]);
+                    }
                 }
                 if n == 14336 {
                     // Gate and up: two matrices' bytes and FLOPs.

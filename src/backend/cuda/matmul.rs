@@ -108,10 +108,11 @@ pub const UNIT_MAX_ROWS: usize = 8;
 
 /// Up to this many rows run on the tiled kernels (kernels/mmq.cu) even with cuBLAS on, and
 /// every decode step of up to this many tokens is captured as a CUDA graph (no cuBLAS in it).
-/// cuBLAS first writes and reads each weight as FP32 (8 bytes a weight against 0.56 for Q4_0)
-/// and at these row counts its SGEMM is no faster than the tiled kernel (both are FP32 FMA
-/// bound); 64 is the widest row tile the tiled kernels are compiled for, so a batch of up to 64
-/// reads and decodes each weight once.
+/// cuBLAS first writes and reads each weight as FP32 (8 bytes a weight against 0.56 for Q4_0),
+/// and at these row counts both are FP32 FMA bound, so the tiled kernel should be no slower (not
+/// yet timed against cuBLAS: `kernel_timings_for_the_record` prints both paths' numbers); 64 is
+/// the widest row tile the tiled kernels are compiled for, so a batch of up to 64 reads and
+/// decodes each weight once.
 pub const TILED_MAX_ROWS: usize = 64;
 
 /// The row counts the unit kernels are compiled for (`mmv_<ty>_r<R>`), largest first: a launch
