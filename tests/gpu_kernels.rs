@@ -428,7 +428,8 @@ fn unit_kernels_match_dequantized_f64_math_for_every_type_and_row_count() {
         let (ub, ud, _) = weight(900 + i as u64, ty, n, k);
         let w = DeviceWeight::upload(&g.stream, "w", ty, n, k, &wb).unwrap();
         let u = DeviceWeight::upload(&g.stream, "u", ty, n, k, &ub).unwrap();
-        for rows in [1usize, 2, 3, 8, 13] {
+        // Up to UNIT_MAX_ROWS = 8: more rows take the tiled kernels (their own test).
+        for rows in [1usize, 2, 3, 5, 8] {
             let x = randn(&mut rng(1000 + rows as u64), rows * k);
             let x_d = g.up(&x);
             let mut y_d = g.out(rows * n, NAN);
@@ -441,8 +442,10 @@ fn unit_kernels_match_dequantized_f64_math_for_every_type_and_row_count() {
             let what = format!("unit matmul {ty:?} rows={rows}");
             assert_close(&what, &g.down(&y_d), &want, 1e-3);
             let mut z_d = g.out(rows * n, NAN);
-            mm.gate_up_swiglu(&g.ks, &x_d, rows, &w, &u, &mut z_d)
+            let path = mm
+                .gate_up_swiglu(&g.ks, &x_d, rows, &w, &u, &mut z_d, &mut scratch)
                 .unwrap();
+            assert!(matches!(path, MatmulPath::Units { .. }), "{ty:?}: {path:?}");
             let up = matmul_ref(&x, &ud, rows, n, k);
             let want: Vec<f64> = want
                 .iter()
@@ -1205,6 +1208,118 @@ fn kernel_timings_for_the_record() {
             );
         }
     }
+    // Batched decode of an 8B shape through the tiled kernels (what the executor runs for 9..64
+    // tokens): q/o (4096 x 4096) and gate/up (14336 x 4096) at 16, 32 and 64 rows, 65 and 128
+    // rows on cuBLAS and on the tiled kernels (where the threshold should be), the fused gate/up
+    // pair at 32, and the unit kernels' 32 rows (4 launches of 8) for comparison. GB/s counts the
+    // weight bytes once; TFLOP/s is 2 R N K over the time.
+    {
+        use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul};
+        let mm = Matmul::new(g.stream.clone(), false).unwrap();
+        let blas = Matmul::new(g.stream.clone(), true).unwrap();
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q8_0,
+            GgmlType::F16,
+            GgmlType::Q4_K,
+        ] {
+            let sfx = weight_kernel_suffix(ty).unwrap();
+            for (n, k) in [(4096usize, 4096usize), (14336, 4096)] {
+                let (wb, _, row_bytes) = weight(43, ty, n, k);
+                let w = DeviceWeight::upload(&g.stream, "w", ty, n, k, &wb).unwrap();
+                let x_d = g.up(&randn(&mut rng(3), 64 * k));
+                let floats = mm
+                    .tiled_scratch_floats(n, k, false)
+                    .max(mm.tiled_scratch_floats(n, k, true));
+                let mut scratch = g.out(floats.max(1), NAN);
+                let mut y_d = g.out(64 * n, NAN);
+                let report = |what: &str, rows: usize, bytes: usize, ms: f64, y: &[f32]| {
+                    assert!(y.iter().all(|v| v.is_finite()), "{what}");
+                    eprintln!(
+                        "TIMING {what} {n}x{k} rows={rows}: {ms:.3} ms, {:.0} GB/s of weights, \
+                         {:.1} TFLOP/s, {:.0} rows/s",
+                        bytes as f64 / ms / 1e6,
+                        2.0 * (rows * bytes / row_bytes * k) as f64 / ms / 1e9,
+                        rows as f64 / ms * 1e3
+                    );
+                };
+                for rows in [16usize, 32, 64] {
+                    let mut path = None;
+                    let ms = time(&mut || {
+                        path = Some(
+                            mm.run(&g.ks, &x_d, rows, &w, &mut y_d, &mut scratch)
+                                .unwrap(),
+                        );
+                    });
+                    let y = g.down(&y_d);
+                    report(
+                        &format!("mmq_{sfx} ({path:?})"),
+                        rows,
+                        wb.len(),
+                        ms,
+                        &y[..rows * n],
+                    );
+                }
+                // Past TILED_MAX_ROWS: cuBLAS on dequantized tiles (64 MiB of scratch, as the
+                // executor has) against the tiled kernels in launches of 64 (cuBLAS off).
+                let mut tiles = g.out((n * k).min(16 << 20).max(floats), NAN);
+                let mut y_big = g.out(128 * n, NAN);
+                let x_big = g.up(&randn(&mut rng(4), 128 * k));
+                for rows in [65usize, 128] {
+                    for mmx in [&blas, &mm] {
+                        let mut path = None;
+                        let ms = time(&mut || {
+                            path = Some(
+                                mmx.run(&g.ks, &x_big, rows, &w, &mut y_big, &mut tiles)
+                                    .unwrap(),
+                            );
+                        });
+                        let y = g.down(&y_big);
+                        let what = format!("matmul_{sfx} ({path:?})");
+                        report(&what, rows, wb.len(), ms, &y[..rows * n]);
+                    }
+                }
+                if n == 14336 {
+                    // Gate and up: two matrices' bytes and FLOPs.
+                    let u = DeviceWeight::upload(&g.stream, "u", ty, n, k, &wb).unwrap();
+                    let mut path = None;
+                    let ms = time(&mut || {
+                        path = Some(
+                            mm.gate_up_swiglu(&g.ks, &x_d, 32, &w, &u, &mut y_d, &mut scratch)
+                                .unwrap(),
+                        );
+                    });
+                    let y = g.down(&y_d);
+                    report(
+                        &format!("gate_up_mmq_{sfx} ({path:?})"),
+                        32,
+                        2 * wb.len(),
+                        ms,
+                        &y[..32 * n],
+                    );
+                }
+                let f = g.f("matvec", &format!("mmv_{sfx}_r8"));
+                let cols = m40_llm::backend::cuda::matmul::unit_cols(ty, false);
+                let (nn, kk, rb) = (n as i32, k as i32, row_bytes as i64);
+                let ms = time(&mut || {
+                    for r0 in (0..32).step_by(8) {
+                        let xr = x_d.slice(r0 * k..(r0 + 8) * k);
+                        let mut yr = y_d.slice_mut(r0 * n..(r0 + 8) * n);
+                        launch(&f, g, cfg((n.div_ceil(cols) as u32, 1, 1), 128), |b| {
+                            b.arg(&w.data)
+                                .arg(&xr)
+                                .arg(&mut yr)
+                                .arg(&nn)
+                                .arg(&kk)
+                                .arg(&rb);
+                        });
+                    }
+                });
+                let y = g.down(&y_d);
+                report(&format!("mmv_{sfx}_r8 x4"), 32, wb.len(), ms, &y[..32 * n]);
+            }
+        }
+    }
     // Attention of an 8B shape (32 heads over 8 KV heads of 128) through the executor's launcher:
     // decode (one token) at depths 512, 4096 and 16384, and prefill (512 tokens of one sequence
     // at depth 0 and at 4096). GB/s counts the K and V bytes each launch must read once (prefill
@@ -1305,7 +1420,7 @@ fn matmul_agrees_on_the_unit_cublas_and_plain_kernel_paths() {
     {
         let (wb, wd, _) = weight(600 + i as u64, ty, n, k);
         let w = DeviceWeight::upload(&g.stream, "w", ty, n, k, &wb).unwrap();
-        for rows in [1usize, 5, 33] {
+        for rows in [1usize, 5, 33, 65] {
             let x = randn(&mut rng(700 + rows as u64), rows * k);
             let x_d = g.up(&x);
             let want = matmul_ref(&x, &wd, rows, n, k);
@@ -1316,12 +1431,21 @@ fn matmul_agrees_on_the_unit_cublas_and_plain_kernel_paths() {
                 let path = mm
                     .run(&g.ks, &x_d, rows, &w, &mut y_d, &mut scratch)
                     .unwrap();
-                // Launches of 8, 4, 2 and 1 rows: 5 = 4 + 1, 33 = 4 x 8 + 1.
+                // Unit launches of 8, 4, 2 and 1 rows (5 = 4 + 1), tiled launches of up to 64
+                // rows (65 = 64 + 1 without cuBLAS), cuBLAS past 64.
+                let splits = mm.tiled_splits(n, k, false).0;
                 let expected = match (rows, mm.uses_cublas()) {
                     (1, _) => MatmulPath::Units { launches: 1 },
                     (5, _) => MatmulPath::Units { launches: 2 },
+                    (33, _) => MatmulPath::Tiled {
+                        launches: 1,
+                        splits,
+                    },
                     (_, true) => MatmulPath::CublasSgemm { tiles: 4 },
-                    (_, false) => MatmulPath::Units { launches: 5 },
+                    (_, false) => MatmulPath::Tiled {
+                        launches: 2,
+                        splits,
+                    },
                 };
                 assert_eq!(path, expected, "{ty:?} rows={rows} {name}");
                 let what = format!("matmul {ty:?} rows={rows} {name}");
@@ -1399,7 +1523,8 @@ fn tf32_sgemm_is_refused_without_cublas_and_stays_within_tf32_rounding_on_sm80()
     let mut tf32 = Matmul::new(g.stream.clone(), true).unwrap();
     tf32.set_tf32(true).unwrap();
     assert!(tf32.uses_tf32());
-    let (n, k, rows) = (192usize, 1024usize, 48usize);
+    // 80 rows: past TILED_MAX_ROWS (64), so cuBLAS runs.
+    let (n, k, rows) = (192usize, 1024usize, 80usize);
     for (i, ty) in [GgmlType::F16, GgmlType::Q4_0].into_iter().enumerate() {
         let (wb, wd, _) = weight(880 + i as u64, ty, n, k);
         let w = DeviceWeight::upload(&g.stream, "w", ty, n, k, &wb).unwrap();
@@ -1427,6 +1552,138 @@ fn tf32_sgemm_is_refused_without_cublas_and_stays_within_tf32_rounding_on_sm80()
         tf32.set_tf32(false).unwrap();
         assert_eq!(run(&tf32), exact, "{ty:?}: back to FP32 math");
         tf32.set_tf32(true).unwrap();
+    }
+}
+
+#[test]
+fn tiled_kernels_match_dequantized_f64_math_and_are_batch_invariant_for_every_type() {
+    use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul, MatmulPath, TILED_MAX_ROWS};
+    let Some(g) = gpu() else { return };
+    let without = Matmul::new(g.stream.clone(), false).unwrap();
+    let with = Matmul::new(g.stream.clone(), true).unwrap();
+    // Row counts across the tiles (16, 32, 64 rows) and past them (cuBLAS off: 100 = 64 + 36),
+    // the largest first: every other count's rows must be its rows bit for bit.
+    let row_counts = [100usize, 9, 16, 17, 31, 32, 33, 64];
+    let most = row_counts[0];
+    // K = 1024 (four K-quant super-blocks) splits into 4 on any GPU (N = 67: two column tiles,
+    // the second partial); K = 256 is one split (the kernel writes y itself) and N = 4099 ends
+    // in a partial tile of 3 columns; K = 512 at N = 4099 splits in 2 on a GPU of 9 SMs or more
+    // (gate/up: 17), partial sums over a partial tile.
+    let shapes = DEQUANTIZE_TYPES
+        .into_iter()
+        .map(|ty| (ty, 67usize, 1024usize))
+        .chain(DEQUANTIZE_TYPES.into_iter().map(|ty| (ty, 4099, 256)))
+        .chain(DEQUANTIZE_TYPES.into_iter().map(|ty| (ty, 4099, 512)));
+    for (i, (ty, n, k)) in shapes.enumerate() {
+        let (wb, wd, _) = weight(1500 + i as u64, ty, n, k);
+        let (ub, ud, _) = weight(1600 + i as u64, ty, n, k);
+        let w = DeviceWeight::upload(&g.stream, "w", ty, n, k, &wb).unwrap();
+        let u = DeviceWeight::upload(&g.stream, "u", ty, n, k, &ub).unwrap();
+        let x = randn(&mut rng(1700 + i as u64), most * k);
+        let x_d = g.up(&x);
+        let gate = matmul_ref(&x, &wd, most, n, k);
+        let up = matmul_ref(&x, &ud, most, n, k);
+        let swiglu: Vec<f64> = gate
+            .iter()
+            .zip(&up)
+            .map(|(&a, &u)| a / (1.0 + (-a).exp()) * u)
+            .collect();
+        let (splits, _) = without.tiled_splits(n, k, false);
+        let (gu_splits, _) = without.tiled_splits(n, k, true);
+        if k == 1024 {
+            assert_eq!(splits, 4, "{ty:?} [{n}, {k}]: K splits in 4");
+            assert!(
+                gu_splits > 1,
+                "{ty:?} [{n}, {k}]: gate/up in {gu_splits} splits"
+            );
+        } else if k == 256 {
+            assert_eq!((splits, gu_splits), (1, 1), "{ty:?} [{n}, {k}]: one split");
+        }
+        let floats = without
+            .tiled_scratch_floats(n, k, false)
+            .max(without.tiled_scratch_floats(n, k, true));
+        let mut scratch = g.out(floats.max(1), NAN);
+        let (mut first_y, mut first_z) = (Vec::new(), Vec::new());
+        for rows in row_counts {
+            let what = format!("tiled {ty:?} [{n}, {k}] rows={rows}");
+            let launches = rows.div_ceil(TILED_MAX_ROWS);
+            let mut y_d = g.out(rows * n, NAN);
+            let path = without
+                .run(&g.ks, &x_d, rows, &w, &mut y_d, &mut scratch)
+                .unwrap();
+            assert_eq!(path, MatmulPath::Tiled { launches, splits }, "{what}");
+            let y = g.down(&y_d);
+            assert_close(&what, &y, &gate[..rows * n], 1e-4);
+            let mut z_d = g.out(rows * n, NAN);
+            let path = without
+                .gate_up_swiglu(&g.ks, &x_d, rows, &w, &u, &mut z_d, &mut scratch)
+                .unwrap();
+            let want = MatmulPath::Tiled {
+                launches,
+                splits: gu_splits,
+            };
+            assert_eq!(path, want, "{what} gate/up");
+            let z = g.down(&z_d);
+            assert_close(&format!("{what} gate/up"), &z, &swiglu[..rows * n], 1e-4);
+            // Batch invariance: each row is bit for bit what it is in the batch of 100.
+            if first_y.is_empty() {
+                (first_y, first_z) = (y, z);
+                continue;
+            }
+            for (got, first, kind) in [(&y, &first_y, "matmul"), (&z, &first_z, "gate/up")] {
+                if let Some(e) = got
+                    .iter()
+                    .zip(first.iter())
+                    .position(|(a, b)| a.to_bits() != b.to_bits())
+                {
+                    panic!(
+                        "{what} {kind}: row {}, column {} is {} in this batch and {} in the \
+                         batch of {most}",
+                        e / n,
+                        e % n,
+                        got[e],
+                        first[e]
+                    );
+                }
+            }
+        }
+        // With cuBLAS: the tiled kernels up to 64 rows, cuBLAS past them; 8 rows are units.
+        let mut y_d = g.out(most * n, NAN);
+        let mut big = g.out((n * k).max(floats), NAN);
+        for (rows, tiled) in [(8usize, false), (64, true), (65, false)] {
+            let path = with.run(&g.ks, &x_d, rows, &w, &mut y_d, &mut big).unwrap();
+            let want = match rows {
+                8 => MatmulPath::Units { launches: 1 },
+                64 => MatmulPath::Tiled {
+                    launches: 1,
+                    splits,
+                },
+                _ => MatmulPath::CublasSgemm { tiles: 1 },
+            };
+            assert_eq!(path, want, "{ty:?} [{n}, {k}] rows={rows} with cuBLAS");
+            let y = g.down(&y_d);
+            let what = format!("{ty:?} [{n}, {k}] rows={rows} with cuBLAS ({path:?})");
+            assert_close(&what, &y[..rows * n], &gate[..rows * n], 1e-4);
+            if tiled {
+                assert!(
+                    y[..rows * n]
+                        .iter()
+                        .zip(&first_y)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "{what}: differs from the same rows without cuBLAS"
+                );
+            }
+        }
+        // Partial sums that do not fit the scratch are an error naming the kernel, not a launch.
+        if splits > 1 {
+            let mut small = g.out(n, NAN);
+            let e = without
+                .run(&g.ks, &x_d, 9, &w, &mut y_d, &mut small)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("too small") && e.contains("mmq_"), "{e}");
+        }
     }
 }
 

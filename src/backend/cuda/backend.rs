@@ -13,7 +13,7 @@
 //! logits rows, or the device's argmax / top-k. [`CudaBackend::step`] is the interpreter: one
 //! `match` over the ops, as in the CPU backend.
 //!
-//! Decode steps (at most [`UNIT_MAX_ROWS`] tokens) are captured once per shape as a CUDA graph
+//! Decode steps (at most [`TILED_MAX_ROWS`] tokens) are captured once per shape as a CUDA graph
 //! and replayed: a step's kernels read everything that changes from step to step (tokens,
 //! positions, slots, page tables) from device buffers at fixed addresses, so the same launches
 //! serve every step of a shape, and one graph launch replaces a few hundred kernel launches
@@ -27,7 +27,7 @@
 //! unusable and refuses further steps.
 
 use super::matmul::{
-    DeviceWeight, Matmul, UNIT_MAX_ROWS, cublas_enabled_by_env, tf32_requested_by_env,
+    DeviceWeight, Matmul, TILED_MAX_ROWS, cublas_enabled_by_env, tf32_requested_by_env,
 };
 use super::mem::{self, Span};
 use super::ops::{AttnShape, DECODE_CHUNK, Ops, PagedKv, Rope};
@@ -50,7 +50,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 /// FP32 elements of the scratch buffer that holds dequantized weight tiles for cuBLAS (64 MiB),
-/// or the largest matrix if smaller.
+/// or the largest matrix if smaller (at least what the tiled kernels' partial sums need).
 const TILE_SCRATCH_FLOATS: usize = 16 << 20;
 
 /// A weight of the plan on the device.
@@ -81,10 +81,10 @@ struct GraphKey {
 
 impl GraphKey {
     /// The key of a decode step; `None` for steps that are not replayed (prefill: more than
-    /// `UNIT_MAX_ROWS` tokens, where cuBLAS runs).
+    /// `TILED_MAX_ROWS` tokens, where cuBLAS runs).
     fn of(step: &Step) -> Option<GraphKey> {
         let tokens = step.n_tokens();
-        if tokens == 0 || tokens > UNIT_MAX_ROWS {
+        if tokens == 0 || tokens > TILED_MAX_ROWS {
             return None;
         }
         let longest = step.positions.iter().max().map_or(1, |&p| p as usize + 1);
@@ -162,7 +162,7 @@ pub struct CudaBackend {
     /// The page tables on the device, `max_slots * max_pages_per_slot` entries.
     device_tables: CudaSlice<i32>,
     ints: StepInts,
-    /// Dequantized weight tiles (cuBLAS path).
+    /// Dequantized weight tiles (cuBLAS path) and the tiled kernels' partial sums.
     tiles: CudaSlice<f32>,
     /// The up projection of a multi-row fused gate/up (cuBLAS path), grown on demand.
     up_rows: CudaSlice<f32>,
@@ -234,7 +234,8 @@ fn ensure<T: DeviceRepr + ValidAsZeroBits>(
 
 impl CudaBackend {
     /// Loads `plan` over the weights of `file` onto `gpu`, with a KV cache of `geometry`'s pages
-    /// and slots. Uses cuBLAS for multi-token matmuls unless `M40LLM_ENABLE_CUBLAS=0`.
+    /// and slots. Uses cuBLAS for matmuls of more than `TILED_MAX_ROWS` rows unless
+    /// `M40LLM_ENABLE_CUBLAS=0`.
     pub fn new(
         plan: Plan,
         file: Arc<GgufFile>,
@@ -244,8 +245,8 @@ impl CudaBackend {
         CudaBackend::with_cublas(plan, file, geometry, gpu, cublas_enabled_by_env())
     }
 
-    /// [`CudaBackend::new`] with cuBLAS for multi-token matmuls on or off (off: the plain
-    /// kernels for everything).
+    /// [`CudaBackend::new`] with cuBLAS for prefill matmuls (more than `TILED_MAX_ROWS` rows) on
+    /// or off (off: the tiled kernels for those too).
     pub fn with_cublas(
         plan: Plan,
         file: Arc<GgufFile>,
@@ -292,11 +293,23 @@ impl CudaBackend {
             .map(|(i, _)| (i.n_rows() * i.row_len()) as usize)
             .max()
             .unwrap_or(0);
-        let tile_floats = if mm.uses_cublas() {
+        // The tiled kernels' partial sums (split K) for any matrix, alone or as a gate/up pair.
+        let tiled_floats = infos
+            .iter()
+            .filter(|(_, rank)| *rank == 2)
+            .map(|(i, _)| {
+                let (n, k) = (i.n_rows() as usize, i.row_len() as usize);
+                mm.tiled_scratch_floats(n, k, false)
+                    .max(mm.tiled_scratch_floats(n, k, true))
+            })
+            .max()
+            .unwrap_or(0);
+        let cublas_floats = if mm.uses_cublas() {
             largest_matrix.min(TILE_SCRATCH_FLOATS)
         } else {
             0
         };
+        let tile_floats = cublas_floats.max(tiled_floats);
         // Scratch for the worst step, allocated now (not at the first step that needs it): one
         // token decoding at the longest context, and the largest multi-row FFN.
         let (part_floats, up_floats) = scratch_needs(
@@ -401,13 +414,15 @@ impl CudaBackend {
         )?;
         let tiles = alloc(&stream, tile_floats, "the weight tile scratch")?;
         let path = if mm.uses_tf32() {
-            "unit kernels on the stored blocks for up to 32 rows, cuBLAS SGEMM on dequantized tiles \
-             for prefill with TF32 tensor cores (M40LLM_TF32=1: operands rounded to TF32)"
+            "unit kernels on the stored blocks for up to 8 rows, tiled kernels for up to 64, cuBLAS \
+             SGEMM on dequantized tiles for prefill with TF32 tensor cores (M40LLM_TF32=1: operands \
+             rounded to TF32)"
         } else if mm.uses_cublas() {
-            "unit kernels on the stored blocks for up to 32 rows, cuBLAS SGEMM on dequantized tiles \
-             for prefill"
+            "unit kernels on the stored blocks for up to 8 rows, tiled kernels for up to 64, cuBLAS \
+             SGEMM on dequantized tiles for prefill"
         } else {
-            "unit kernels on the stored blocks for every row count (M40LLM_ENABLE_CUBLAS=0)"
+            "unit kernels on the stored blocks for up to 8 rows, tiled kernels above \
+             (M40LLM_ENABLE_CUBLAS=0)"
         };
         let graphs = Graphs::new();
         let replay = if graphs.enabled {
@@ -969,8 +984,7 @@ impl CudaBackend {
                 let (x, gate, up) = (act(0)?, mat(1)?, mat(2)?);
                 let rows = rows_of(x, gate.k);
                 let mut y = out(0)?;
-                if rows > super::matmul::UNIT_MAX_ROWS && self.mm.uses_cublas() || gate.ty != up.ty
-                {
+                if rows > TILED_MAX_ROWS && self.mm.uses_cublas() || gate.ty != up.ty {
                     // Two matmuls (cuBLAS for prefill), then y = silu(gate) * up in place.
                     let mut u = Span::of(&self.up_rows).prefix(rows * up.n, "up rows")?;
                     self.mm.run(&self.ks, &x, rows, gate, &mut y, &mut tiles)?;
@@ -979,7 +993,7 @@ impl CudaBackend {
                     ops.swiglu(&gy, &u, &mut y, rows * gate.n)?;
                 } else {
                     self.mm
-                        .gate_up_swiglu(&self.ks, &x, rows, gate, up, &mut y)?;
+                        .gate_up_swiglu(&self.ks, &x, rows, gate, up, &mut y, &mut tiles)?;
                 }
             }
             Op::AddRmsNorm { eps } => {

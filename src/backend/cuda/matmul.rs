@@ -1,9 +1,21 @@
-//! Weights on the device in their GGUF block layout, and `y = x Wᵀ` over them: the unit kernels
-//! (kernels/matvec.cu) for up to [`UNIT_MAX_ROWS`] rows (decode, one row per sequence: each
-//! launch covers up to 8 rows and reads each weight once), cuBLAS SGEMM on weights dequantized
-//! tile-wise into FP32 scratch for more rows (prefill), and the unit kernels for every row count
-//! when cuBLAS is off (`M40LLM_ENABLE_CUBLAS=0`). Shapes the unit kernels do not take (K not a
-//! multiple of 32, activations not 16-byte aligned) run on the plain reference kernel.
+//! Weights on the device in their GGUF block layout, and `y = x Wᵀ` over them, by row count:
+//! the unit kernels (kernels/matvec.cu) for up to [`UNIT_MAX_ROWS`] rows (decode of a few
+//! sequences: each weight read once per launch of up to 8 rows), the tiled kernels (kernels/mmq.cu) for up to
+//! [`TILED_MAX_ROWS`] (batched decode: each weight block decoded once per launch into shared
+//! memory, then a register-tiled FP32 GEMM), and cuBLAS SGEMM on weights dequantized tile-wise
+//! into FP32 scratch for more rows (prefill); with cuBLAS off (`M40LLM_ENABLE_CUBLAS=0`) the
+//! tiled kernels take every count above [`UNIT_MAX_ROWS`], in launches of 64 rows. Shapes the
+//! unit and tiled kernels do not take (K not a multiple of 32, activations not 16-byte aligned)
+//! run on the plain reference kernel.
+//!
+//! # Batch invariance
+//! Each path computes a row the same way whatever the other rows are: the unit kernels' sum order
+//! does not depend on R, and the tiled kernels sum each output in one FMA chain over k (per
+//! split of K, the splits added in order) with the split count a function of N, K and the device
+//! only ([`Matmul::tiled_splits`]). So a sequence's logits are bit for bit the same in any batch
+//! of 1 to 8 rows, and in any batch of 9 to 64 (any count above 8 with cuBLAS off); between the
+//! two ranges (and past 64 with cuBLAS) the sum order changes and the results differ in the last
+//! bits.
 //!
 //! # The cuBLAS contract (row-major activations, column-major cuBLAS)
 //! m40-llm's activations and dequantized weights are row-major: `x` is `[R, K]`, `W` is
@@ -21,6 +33,7 @@ use super::mem::DeviceSpan;
 use super::{CudaError, KernelSet, weight_kernel_suffix};
 use crate::gguf::GgmlType;
 use cudarc::cublas::{CudaBlas, sys::cublasOperation_t};
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
@@ -95,28 +108,62 @@ pub fn tf32_requested_by_env() -> bool {
     std::env::var("M40LLM_TF32").is_ok_and(|v| v.trim() == "1")
 }
 
-/// Up to this many rows run on the unit kernels even with cuBLAS on: a chunk of up to 8 rows
-/// reads the weights once, where cuBLAS first writes and reads them as FP32 (8 bytes a weight
-/// against 0.56 for Q4_0), so small batches stay bandwidth-bound.
-pub const UNIT_MAX_ROWS: usize = 32;
+/// Up to this many rows run on the unit kernels (`mmv_<ty>_r<R>`, R = 8, 4, 2, 1: launches of
+/// the largest that fits what is left, so 8 rows are one launch and 7 are three). Past 8 rows a unit launch would read and decode every
+/// weight again per 8 rows, and at 8 rows the units already spend an FMA per weight per row on
+/// top of the decode; the tiled kernels decode once and keep every thread's FMAs fed from
+/// registers (4 x 4 outputs per thread), which is what a batch of 9 and more needs.
+pub const UNIT_MAX_ROWS: usize = 8;
+
+/// Up to this many rows run on the tiled kernels (kernels/mmq.cu) even with cuBLAS on, and
+/// every decode step of up to this many tokens is captured as a CUDA graph (no cuBLAS in it).
+/// cuBLAS first writes and reads each weight as FP32 (8 bytes a weight against 0.56 for Q4_0),
+/// and at these row counts both are FP32 FMA bound, so the tiled kernel should be no slower (not
+/// yet timed against cuBLAS: `kernel_timings_for_the_record` prints both paths' numbers); 64 is
+/// the widest row tile the tiled kernels are compiled for, so a batch of up to 64 reads and
+/// decodes each weight once.
+pub const TILED_MAX_ROWS: usize = 64;
 
 /// The row counts the unit kernels are compiled for (`mmv_<ty>_r<R>`), largest first: a launch
 /// takes the largest that fits what is left.
 const UNIT_ROWS: [usize; 4] = [8, 4, 2, 1];
+
+/// The row tiles the tiled kernels are compiled for (`mmq_<ty>_r<BR>`) and their threads a
+/// block (`BR / TR * 16`, TR the rows a thread: kernels/mmq.cu `MMQ`), smallest first: a launch
+/// of R rows takes the smallest tile of at least R (rows past R are zeros in shared memory and
+/// cost FMAs, not loads), so 9..16 rows run 64 threads a block, 17..32 128, 33..64 256.
+const TILED_TILES: [(usize, u32); 3] = [(16, 64), (32, 128), (64, 256)];
+
+/// Output columns a tiled block computes (64 weight rows: for gate/up 32 of each matrix).
+const TILED_COLS: usize = 64;
+
+/// The K-slab a tiled block decodes at a time: the split of K is in whole slabs.
+const TILED_SLAB: usize = 32;
+
+/// The tiled kernels split K until the grid has about this many blocks per SM (so N = 4096 on
+/// an H200's 132 SMs, 64 column tiles, runs in 16 splits; an 8B's FFN, 224 tiles, in 5).
+const TILED_BLOCKS_PER_SM: usize = 8;
+
+/// ...but no split shorter than this many elements (a super-block of the K-quants): the
+/// partial sums each split writes and the reduction reads stay small beside the weights.
+const TILED_MIN_SPLIT: usize = 256;
 
 /// Which path a matmul took.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatmulPath {
     /// The unit kernels on the stored blocks, in `launches` launches of up to 8 rows.
     Units { launches: usize },
+    /// The tiled kernels on the stored blocks, in `launches` launches of up to 64 rows, K split
+    /// in `splits` (more than one: partial sums in scratch, then a reduction launch per launch).
+    Tiled { launches: usize, splits: usize },
     /// Dequantize tiles of `W` into scratch, cuBLAS SGEMM per tile.
     CublasSgemm { tiles: usize },
     /// The plain reference kernel (a shape the unit kernels do not take).
     PlainKernel,
 }
 
-/// Whether the unit kernels take this shape: whole units of 32 along K, and 16-byte aligned
-/// activation rows (they are read as float4).
+/// Whether the unit and tiled kernels take this shape: whole units of 32 along K, and 16-byte
+/// aligned activation rows (they are read as float4).
 fn units_take(k: usize, x: u64) -> bool {
     k.is_multiple_of(32) && x.is_multiple_of(16)
 }
@@ -175,11 +222,24 @@ fn unit_chunks(rows: usize) -> Vec<(usize, usize)> {
     out
 }
 
+/// [`Matmul::tiled_splits`] on a device of `sms` multiprocessors.
+fn tiled_splits(n: usize, k: usize, gate_up: bool, sms: usize) -> (usize, usize) {
+    let cols = if gate_up { TILED_COLS / 2 } else { TILED_COLS };
+    let tiles = n.div_ceil(cols).max(1);
+    let slabs = k.div_ceil(TILED_SLAB).max(1);
+    let want = (TILED_BLOCKS_PER_SM * sms).div_ceil(tiles);
+    let splits = want.clamp(1, (k / TILED_MIN_SPLIT).max(1));
+    let per = slabs.div_ceil(splits);
+    (slabs.div_ceil(per), per * TILED_SLAB)
+}
+
 /// Matmuls on one stream; see the [module docs](self).
 pub struct Matmul {
     stream: Arc<CudaStream>,
     blas: Option<CudaBlas>,
     tf32: bool,
+    /// The device's multiprocessors (the tiled kernels' split of K aims at blocks per SM).
+    sms: usize,
 }
 
 impl Matmul {
@@ -203,11 +263,38 @@ impl Matmul {
         } else {
             None
         };
+        let sms = stream
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| CudaError::Launch {
+                kernel: "matmul".into(),
+                reason: format!("cannot read the multiprocessor count: {e}"),
+            })?;
         Ok(Matmul {
             stream,
             blas,
             tf32: false,
+            sms: usize::try_from(sms).unwrap_or(1).max(1),
         })
+    }
+
+    /// The tiled kernels' split of K for an `[n, k]` weight (`gate_up`: a gate/up pair of that
+    /// shape): `(splits, elements a split)`. A function of the shape and the device alone, never
+    /// of the row count, so a row's sum order is the same in every batch (see the module docs):
+    /// enough splits for [`TILED_BLOCKS_PER_SM`] blocks per SM, none shorter than
+    /// [`TILED_MIN_SPLIT`], each a whole number of 32-element slabs.
+    pub fn tiled_splits(&self, n: usize, k: usize, gate_up: bool) -> (usize, usize) {
+        tiled_splits(n, k, gate_up, self.sms)
+    }
+
+    /// FP32 elements of scratch the tiled kernels need for an `[n, k]` weight (`gate_up`: a
+    /// gate/up pair) at up to [`TILED_MAX_ROWS`] rows a launch: the partial sums of every split,
+    /// none when K is not split.
+    pub fn tiled_scratch_floats(&self, n: usize, k: usize, gate_up: bool) -> usize {
+        match self.tiled_splits(n, k, gate_up) {
+            (1, _) => 0,
+            (s, _) => s * if gate_up { 2 } else { 1 } * TILED_MAX_ROWS * n,
+        }
     }
 
     pub fn uses_cublas(&self) -> bool {
@@ -246,8 +333,9 @@ impl Matmul {
         self.tf32
     }
 
-    /// `y[r, n] = sum_k x[r, k] w[n, k]` for `r < rows`. `scratch` (any length of at least one
-    /// weight row of FP32) holds dequantized tiles on the cuBLAS path. Asynchronous on the
+    /// `y[r, n] = sum_k x[r, k] w[n, k]` for `r < rows`. `scratch` holds dequantized tiles on the
+    /// cuBLAS path (any length of at least one weight row of FP32) and the partial sums of the
+    /// tiled path ([`Matmul::tiled_scratch_floats`]; too short is an error). Asynchronous on the
     /// stream.
     pub fn run(
         &self,
@@ -281,8 +369,11 @@ impl Matmul {
         let (n, k) = (as_i32(w.n, "N")?, as_i32(w.k, "K")?);
         let rows_i = as_i32(rows, "rows")?;
         let row_bytes = w.row_bytes as i64;
-        let blas = self.blas.as_ref().filter(|_| rows > UNIT_MAX_ROWS);
+        let blas = self.blas.as_ref().filter(|_| rows > TILED_MAX_ROWS);
         if blas.is_none() && units_take(w.k, *x.ptr()) {
+            if rows > UNIT_MAX_ROWS {
+                return self.launch_tiled(ks, &[w], x, y, rows, scratch, &shape);
+            }
             let launches = self.launch_units(ks, &[w], x, y, rows, &shape)?;
             return Ok(MatmulPath::Units { launches });
         }
@@ -358,8 +449,12 @@ impl Matmul {
     }
 
     /// `y[r, n] = silu(x[r] · gate[n]) * (x[r] · up[n])` in one kernel that reads both weights
-    /// (they must share a type and shape): the fused FFN input for decode rows (the unit
-    /// kernels, 8 rows a launch), and every row count when cuBLAS is off.
+    /// (they must share a type and shape): the fused FFN input for decode rows, on the unit
+    /// kernels up to [`UNIT_MAX_ROWS`] rows and the tiled kernels (gate and up columns in one
+    /// block, silu(g) * u applied to the sums) above, whatever cuBLAS says (the executor takes
+    /// two cuBLAS matmuls past [`TILED_MAX_ROWS`] itself). `scratch` holds the tiled path's
+    /// partial sums ([`Matmul::tiled_scratch_floats`] with `gate_up`). Returns the path.
+    #[allow(clippy::too_many_arguments)]
     pub fn gate_up_swiglu(
         &self,
         ks: &KernelSet,
@@ -368,8 +463,9 @@ impl Matmul {
         gate: &DeviceWeight,
         up: &DeviceWeight,
         y: &mut impl DeviceSpan<f32>,
-    ) -> Result<(), CudaError> {
-        let (x, y) = (x.span(), y.span());
+        scratch: &mut impl DeviceSpan<f32>,
+    ) -> Result<MatmulPath, CudaError> {
+        let (x, y, scratch) = (x.span(), y.span(), scratch.span());
         let sfx = weight_kernel_suffix(gate.ty).unwrap_or("unsupported");
         let name = format!("gate_up_swiglu_{sfx}");
         let same = gate.ty == up.ty && gate.n == up.n && gate.k == up.k;
@@ -399,8 +495,11 @@ impl Matmul {
         let row_bytes = gate.row_bytes as i64;
         if units_take(gate.k, *x.ptr()) {
             let shape = format!("x [{rows}, {}] · gate, up [{}, {}]", gate.k, gate.n, gate.k);
-            self.launch_units(ks, &[gate, up], x, y, rows, &shape)?;
-            return Ok(());
+            if rows > UNIT_MAX_ROWS {
+                return self.launch_tiled(ks, &[gate, up], x, y, rows, scratch, &shape);
+            }
+            let launches = self.launch_units(ks, &[gate, up], x, y, rows, &shape)?;
+            return Ok(MatmulPath::Units { launches });
         }
         let f = ks.function("matvec", &name)?;
         let mut b = self.stream.launch_builder(&f);
@@ -416,7 +515,7 @@ impl Matmul {
             kernel: name.clone(),
             reason: e.to_string(),
         })?;
-        Ok(())
+        Ok(MatmulPath::PlainKernel)
     }
 }
 
@@ -468,6 +567,116 @@ impl Matmul {
             })?;
         }
         Ok(chunks.len())
+    }
+
+    /// The tiled kernels over `rows` rows in launches of up to [`TILED_MAX_ROWS`]:
+    /// `mmq_<ty>_r<BR>` for one weight, `gate_up_mmq_<ty>_r<BR>` for two (gate, up: one type and
+    /// shape, checked by the caller, as are the sizes of `x` and `y`), each followed by
+    /// `mmq_reduce_m<M>` when K is split.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_tiled(
+        &self,
+        ks: &KernelSet,
+        weights: &[&DeviceWeight],
+        x: super::mem::Span<f32>,
+        y: super::mem::Span<f32>,
+        rows: usize,
+        scratch: super::mem::Span<f32>,
+        shape: &str,
+    ) -> Result<MatmulPath, CudaError> {
+        let w = weights[0];
+        let gate_up = weights.len() > 1;
+        let (prefix, m) = if gate_up {
+            ("gate_up_mmq", 2)
+        } else {
+            ("mmq", 1)
+        };
+        let sfx = weight_kernel_suffix(w.ty).unwrap_or("unsupported");
+        let bad = |kernel: &str, reason: String| CudaError::Launch {
+            kernel: kernel.to_string(),
+            reason: format!("{reason}: {shape}"),
+        };
+        let too_big = |what: &str| bad(&format!("{prefix}_{sfx}"), format!("{what} exceeds i32"));
+        let (splits, chunk) = self.tiled_splits(w.n, w.k, gate_up);
+        let n = i32::try_from(w.n).map_err(|_| too_big("N"))?;
+        let k = i32::try_from(w.k).map_err(|_| too_big("K"))?;
+        let chunk = i32::try_from(chunk).map_err(|_| too_big("the split"))?;
+        let splits_i = i32::try_from(splits).map_err(|_| too_big("the split count"))?;
+        let row_bytes = w.row_bytes as i64;
+        let grid_x = u32::try_from(w.n.div_ceil(TILED_COLS / m)).map_err(|_| too_big("N"))?;
+        let mut launches = 0;
+        for r0 in (0..rows).step_by(TILED_MAX_ROWS) {
+            let r = (rows - r0).min(TILED_MAX_ROWS);
+            let (br, threads) = TILED_TILES
+                .into_iter()
+                .find(|&(b, _)| b >= r)
+                .unwrap_or((TILED_MAX_ROWS, 256));
+            let name = format!("{prefix}_{sfx}_r{br}");
+            let f = ks.function("mmq", &name)?;
+            let xr = x.sub(r0 * w.k, r * w.k, "matmul rows")?;
+            let yr = y.sub(r0 * w.n, r * w.n, "matmul rows")?;
+            let rn = r * w.n;
+            // Null: the kernel writes y itself.
+            let part: u64 = if splits > 1 {
+                let need = splits * m * rn;
+                if scratch.len() < need {
+                    return Err(bad(
+                        &name,
+                        format!(
+                            "scratch of {} floats is too small for {splits} splits' partial sums                              ({need})",
+                            scratch.len()
+                        ),
+                    ));
+                }
+                *scratch.ptr()
+            } else {
+                0
+            };
+            let r_i = r as i32;
+            let mut b = self.stream.launch_builder(&f);
+            for w in weights {
+                b.arg(&w.data);
+            }
+            b.arg(xr.ptr())
+                .arg(yr.ptr())
+                .arg(&part)
+                .arg(&r_i)
+                .arg(&n)
+                .arg(&k)
+                .arg(&row_bytes)
+                .arg(&chunk);
+            let cfg = LaunchConfig {
+                grid_dim: (grid_x, splits as u32, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match mmq_<ty>_r<BR>'s (one weight) or
+            // gate_up_mmq_<ty>_r<BR>'s (two) signature: r <= BR rows of x and y (checked by
+            // `sub`), K a whole number of 32-element slabs (`units_take`), `part` null or
+            // `splits * m * r * N` floats of scratch (checked above).
+            unsafe { b.launch(cfg) }.map_err(|e| bad(&name, e.to_string()))?;
+            if splits > 1 {
+                let red = format!("mmq_reduce_m{m}");
+                let f = ks.function("mmq", &red)?;
+                let rn_i = rn as i64;
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(&part).arg(yr.ptr()).arg(&rn_i).arg(&splits_i);
+                let cfg = LaunchConfig {
+                    grid_dim: (
+                        u32::try_from(rn.div_ceil(256)).map_err(|_| too_big("R N"))?,
+                        1,
+                        1,
+                    ),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: `part` holds `splits * m * rn` floats written by the launch above (same
+                // stream), `yr` `rn` floats.
+                unsafe { b.launch(cfg) }.map_err(|e| bad(&red, e.to_string()))?;
+            }
+            launches += 1;
+        }
+        Ok(MatmulPath::Tiled { launches, splits })
     }
 }
 
@@ -532,4 +741,69 @@ pub fn upload_tensors(
     }
     bar.finish_and_clear();
     Ok((out, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tiled_split_of_k_covers_k_in_whole_slabs_and_fills_the_device() {
+        for sms in [1usize, 24, 132] {
+            for (n, k) in [
+                (67, 1024),
+                (4096, 4096),
+                (14336, 4096),
+                (4096, 14336),
+                (1024, 576),
+            ] {
+                for gate_up in [false, true] {
+                    let (s, chunk) = tiled_splits(n, k, gate_up, sms);
+                    let what = format!("[{n}, {k}] gate_up={gate_up} on {sms} SMs: {s} x {chunk}");
+                    assert!(s >= 1 && chunk.is_multiple_of(TILED_SLAB), "{what}");
+                    // Every split has work and together they cover K.
+                    assert!(s * chunk >= k && (s - 1) * chunk < k, "{what}");
+                    assert!(s == 1 || chunk >= TILED_MIN_SPLIT, "{what}");
+                    let cols = if gate_up { TILED_COLS / 2 } else { TILED_COLS };
+                    let blocks = n.div_ceil(cols) * s;
+                    assert!(
+                        blocks >= TILED_BLOCKS_PER_SM * sms || chunk <= 2 * TILED_MIN_SPLIT,
+                        "{what}: {blocks} blocks"
+                    );
+                }
+            }
+        }
+        // An H200 (132 SMs): q/o of an 8B in 16 splits, its FFN in 5 (gate/up: 3), K = 256 in 1.
+        assert_eq!(tiled_splits(4096, 4096, false, 132), (16, 256));
+        assert_eq!(tiled_splits(14336, 4096, false, 132).0, 5);
+        assert_eq!(tiled_splits(14336, 4096, true, 132).0, 3);
+        assert_eq!(tiled_splits(4099, 256, false, 132), (1, 256));
+    }
+
+    #[test]
+    fn the_tiles_threads_are_what_the_kernels_are_compiled_for() {
+        let src = super::super::kernels::family_source("mmq").unwrap();
+        let line = src
+            .lines()
+            .find(|l| l.starts_with("#define MMQ(name, P)"))
+            .unwrap();
+        for (br, threads) in TILED_TILES {
+            let at = format!("MMQ_R(name, P, {br}, ");
+            let rest = &line[line.find(&at).unwrap() + at.len()..];
+            let tr: usize = rest[..rest.find(')').unwrap()].trim().parse().unwrap();
+            assert_eq!(threads as usize, br / tr * 16, "BR {br}, TR {tr}");
+        }
+    }
+
+    #[test]
+    fn row_counts_take_the_smallest_tile_that_holds_them() {
+        let tile = |r: usize| TILED_TILES.into_iter().find(|&(b, _)| b >= r).map(|t| t.0);
+        assert_eq!(tile(UNIT_MAX_ROWS + 1), Some(16));
+        assert_eq!(
+            (tile(16), tile(17), tile(32), tile(33)),
+            (Some(16), Some(32), Some(32), Some(64))
+        );
+        assert_eq!(tile(TILED_MAX_ROWS), Some(TILED_MAX_ROWS));
+        assert_eq!(unit_chunks(UNIT_MAX_ROWS), vec![(0, 8)]);
+    }
 }
