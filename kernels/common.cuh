@@ -3,6 +3,9 @@
 // compiles to) or a shift. No half arithmetic, no dp4a, no tensor cores. NVRTC compiles these
 // without the CUDA headers.
 #pragma once
+#ifdef M40LLM_HOST
+#include "host.h"
+#endif
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -16,15 +19,23 @@ typedef long long i64;
 #endif
 
 __device__ __forceinline__ float h2f(u16 h) {
+#ifdef M40LLM_HOST
+    return host_h2f(h);
+#else
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#endif
 }
 
 __device__ __forceinline__ u16 f2h(float f) {
+#ifdef M40LLM_HOST
+    return host_f2h(f);
+#else
     u16 h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
+#endif
 }
 
 __device__ __forceinline__ float bf2f(u16 b) { return __int_as_float(((u32)b) << 16); }

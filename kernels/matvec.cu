@@ -37,9 +37,13 @@ __device__ __forceinline__ u32 ldg32_at(const u8* p) {
 // floats, far past the register file) and spill.
 __device__ __forceinline__ float4 ldx4(const float* p) {
     float4 v;
+#ifdef M40LLM_HOST
+    std::memcpy(&v, p, sizeof v);
+#else
     asm volatile("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];"
                  : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
                  : "l"(p));
+#endif
     return v;
 }
 // ldx4 of p + OFF floats, the offset in the instruction.

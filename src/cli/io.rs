@@ -196,11 +196,9 @@ pub fn write_output_with(
     let name = target
         .file_name()
         .with_context(|| format!("the output {} has no file name", dest.display()))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let name = name.to_string_lossy();
+    remove_stale_temporaries(dir, &name);
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let written = (|| -> Result<()> {
         let f = std::fs::File::create(&tmp)?;
         let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
@@ -215,6 +213,41 @@ pub fn write_output_with(
         return Err(e).with_context(cannot);
     }
     Ok(())
+}
+
+/// Removes the `.{name}.tmp-PID` files in `dir` that runs killed before their rename left (a
+/// SIGKILL or a power cut: an 8B `synth` leaves 16 GB), saying so: those whose process is gone.
+/// Where that cannot be told (no `/proc`), nothing is removed.
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == std::process::id() || process_may_run(pid) {
+            continue;
+        }
+        if std::fs::remove_file(entry.path()).is_ok() {
+            eprintln!(
+                "removed {}: a partial output of process {pid}, which is gone",
+                entry.path().display()
+            );
+        }
+    }
+}
+
+/// Whether process `pid` may still run (true unless `/proc` says it does not).
+fn process_may_run(pid: u32) -> bool {
+    let proc = Path::new("/proc");
+    !proc.join("self").exists() || proc.join(pid.to_string()).exists()
 }
 
 /// Whether `input` is the file `dest` (whose metadata is `meta`) is, through any link.
@@ -257,6 +290,29 @@ mod tests {
         assert!(parse_size("").is_err());
         assert!(parse_size("-1").is_err());
         assert!(parse_size("99999999999G").is_err());
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn a_write_removes_the_partial_outputs_of_dead_runs_only() {
+        let dir = std::env::temp_dir().join(format!("m40-io-stale-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // pid_max is at most 2^22: 999999999 never runs; pid 1 always does.
+        let dead = dir.join(".out.gguf.tmp-999999999");
+        let live = dir.join(".out.gguf.tmp-1");
+        let other = dir.join(".other.gguf.tmp-999999999");
+        let odd = dir.join(".out.gguf.tmp-notapid");
+        for f in [&dead, &live, &other, &odd] {
+            std::fs::write(f, b"partial").unwrap();
+        }
+        let out = dir.join("out.gguf");
+        write_output(&out, b"done", &[]).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), b"done");
+        assert!(!dead.exists(), "the dead run's partial output stays");
+        for kept in [&live, &other, &odd] {
+            assert!(kept.exists(), "{} was removed", kept.display());
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,0 +1,138 @@
+//! The CUDA kernels' decoders on the host, no GPU needed: kernels/matvec.cu compiled as C++ with
+//! kernels/host.h (`-DM40LLM_HOST`) into tests/host/units.cpp, which checks the reference
+//! decoders (`T::at`) and the unit kernels' decoders (`U::unit`, their element layout included)
+//! against the CPU backend's dequantization of the same quantized rows, for every weight type
+//! the CUDA kernels read. The GPU tests (tests/gpu_kernels.rs) check the kernels themselves.
+//!
+//! Needs a C++ compiler (`$CXX`, else `c++`): without one the test skips, saying so, and fails
+//! under M40LLM_REQUIRE_TESTDATA=1 (CI installs one).
+
+use m40_llm::gguf::GgmlType;
+use m40_llm::gguf::quants::{DEQUANTIZE_TYPES, dequantize_row_f32, quantize_row};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::path::Path;
+use std::process::Command;
+
+fn required() -> bool {
+    std::env::var("M40LLM_REQUIRE_TESTDATA").is_ok_and(|v| v == "1")
+}
+
+/// `n` rows of `k` random normal-ish values quantized to `ty`, in the harness's file format:
+/// u32 n, k, row_bytes; the blocks; the CPU backend's dequantized values as f32.
+fn rows_file(ty: GgmlType, n: usize, k: usize, seed: u64) -> Vec<u8> {
+    let mut r = ChaCha8Rng::seed_from_u64(seed);
+    let vals: Vec<f32> = (0..n * k)
+        .map(|_| {
+            let u: f32 = r.random_range(-1.0f32..1.0);
+            // Heavier tails than uniform: some blocks with large scales, some outliers.
+            u * u * u * 3.0 + u
+        })
+        .collect();
+    let bytes = quantize_row(ty, &vals).unwrap();
+    let mut deq = vec![0f32; n * k];
+    dequantize_row_f32(ty, &bytes, &mut deq).unwrap();
+    let mut out = Vec::new();
+    for v in [n, k, bytes.len() / n] {
+        out.extend_from_slice(&(v as u32).to_le_bytes());
+    }
+    out.extend_from_slice(&bytes);
+    for v in deq {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+#[test]
+fn the_kernels_decoders_match_the_cpu_dequantization_on_the_host() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel_host");
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("units");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+    let built = Command::new(&cxx)
+        .args([
+            "-std=c++14",
+            "-O1",
+            "-DM40LLM_HOST",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+        ])
+        .args(["-Werror", "-I", "kernels", "tests/host/units.cpp", "-o"])
+        .arg(&exe)
+        .output();
+    let built = match built {
+        Ok(b) => b,
+        Err(e) => {
+            assert!(
+                !required(),
+                "no C++ compiler ({cxx}: {e}); M40LLM_REQUIRE_TESTDATA=1 makes it a failure"
+            );
+            eprintln!("SKIPPED: no C++ compiler ({cxx}: {e})");
+            return;
+        }
+    };
+    assert!(
+        built.status.success(),
+        "tests/host/units.cpp does not compile with kernels/host.h:\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let mut names = Vec::new();
+    for (i, ty) in DEQUANTIZE_TYPES.into_iter().enumerate() {
+        // Rows of 17 blocks of 32 (so every other row of the 18- and 34-byte types starts
+        // 2 bytes off a word) or 3 super-blocks of 256.
+        let k = if ty.block_size() == 256 { 768 } else { 544 };
+        let name = format!("{ty:?}").to_lowercase();
+        std::fs::write(
+            dir.join(format!("{name}.bin")),
+            rows_file(ty, 4, k, 40 + i as u64),
+        )
+        .unwrap();
+        names.push(name);
+    }
+    assert!(
+        names.iter().any(|n| n == "q4_k") && names.len() >= 11,
+        "{names:?}"
+    );
+    let run = Command::new(&exe).arg(&dir).args(&names).output().unwrap();
+    let report = String::from_utf8_lossy(&run.stdout);
+    eprintln!("{report}");
+    assert!(
+        run.status.success(),
+        "the host decoders disagree:\n{report}"
+    );
+    for name in &names {
+        assert!(
+            report.contains(&format!("{name}: 4 rows")),
+            "{name} was not checked"
+        );
+    }
+}
+
+#[test]
+fn the_harness_fails_a_decoder_that_disagrees() {
+    // The same harness on rows whose values were changed after dequantization: it must say so.
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel_host_bad");
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("units");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+    let Ok(built) = Command::new(&cxx)
+        .args(["-std=c++14", "-O1", "-DM40LLM_HOST", "-I", "kernels"])
+        .args(["tests/host/units.cpp", "-o"])
+        .arg(&exe)
+        .output()
+    else {
+        assert!(!required(), "no C++ compiler ({cxx})");
+        eprintln!("SKIPPED: no C++ compiler ({cxx})");
+        return;
+    };
+    assert!(built.status.success());
+    let mut file = rows_file(GgmlType::Q4_0, 2, 544, 7);
+    let last = file.len() - 4;
+    let v = f32::from_le_bytes(file[last..].try_into().unwrap());
+    file[last..].copy_from_slice(&(v + 0.5).to_le_bytes());
+    std::fs::write(dir.join("q4_0.bin"), file).unwrap();
+    let run = Command::new(&exe).arg(&dir).arg("q4_0").output().unwrap();
+    let report = String::from_utf8_lossy(&run.stdout);
+    assert!(!run.status.success(), "{report}");
+    assert!(report.contains("q4_0: 2 rows of 544, FAILED"), "{report}");
+}
