@@ -29,7 +29,11 @@ __device__ __forceinline__ uint4 ldg128(const u8* p) { return __ldg((const uint4
 template <int OFF>
 __device__ __forceinline__ u32 ldg32_at(const u8* p) {
     u32 v;
+#ifdef M40LLM_HOST
+    std::memcpy(&v, p + OFF, sizeof v);
+#else
     asm("ld.global.nc.u32 %0, [%1+%2];" : "=r"(v) : "l"(p), "n"(OFF));
+#endif
     return v;
 }
 // Activations through the read-only cache, as an asm the compiler may not merge: with two
@@ -50,9 +54,13 @@ __device__ __forceinline__ float4 ldx4(const float* p) {
 template <int OFF>
 __device__ __forceinline__ float4 ldx4_at(const float* p) {
     float4 v;
+#ifdef M40LLM_HOST
+    std::memcpy(&v, p + OFF, sizeof v);
+#else
     asm volatile("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4+%5];"
                  : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
                  : "l"(p), "n"(4 * OFF));
+#endif
     return v;
 }
 

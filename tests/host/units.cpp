@@ -5,7 +5,8 @@
 //   u32 n_rows, u32 k, u32 row_bytes, n_rows * row_bytes bytes of blocks, n_rows * k f32 values.
 // Checks, per type and row: T::at(row, e) for every element, and U::unit over the row's units
 // (v[i] * scale at element xoff(u, i / 4) + i % 4), every element covered exactly once, all
-// within 1e-6 of the row's largest magnitude. Exits non-zero on the first type that fails.
+// within 1e-6 of the row's largest magnitude; for walking decoders every thread's walk (see
+// check_walk). Exits non-zero when a type fails.
 #include "../../kernels/matvec.cu"
 
 #include <cstdio>
@@ -33,6 +34,39 @@ static bool load(const std::string& path, Rows& r) {
     }
     std::fclose(f);
     return ok;
+}
+
+// A walking decoder (U::WALK): every thread t of a block of bd threads walks units t, t + bd,
+// ... of each row; each step must give exactly what U::unit gives (bit for bit: the same decode),
+// and x's walk must land on U::xoff. The walk may read up to 16 bytes past a row (the weights
+// are uploaded with UNIT_OVERREAD bytes of padding); the rows here sit in one buffer with 64
+// spare bytes after the last.
+template <typename U>
+static int check_walk(const char* name, const Rows& r) {
+    int bad = 0;
+    if (!U::WALK) return 0;
+    const int units = (int)r.k / U::W;
+    for (unsigned row = 0; row < r.n; row++) {
+        const u8* p = r.bytes.data() + (size_t)row * r.row_bytes;
+        for (int bd : {32, 64, 96, 128}) {
+            int st = U::step(bd), xs = U::xstep(bd);
+            for (int t = 0; t < bd && t < units; t++) {
+                typename U::Walk k = U::walk(p, t);
+                for (int u = t, i = 0; u < units; u += bd, i++) {
+                    float a[8], b[8];
+                    float sa = U::unit_walk(k, st, a), sb = U::unit(p, u, b);
+                    if ((std::memcmp(a, b, sizeof a) || std::memcmp(&sa, &sb, 4)) && bad++ < 5)
+                        std::printf("%s row %u: the walk of thread %d of %d differs at unit %d\n",
+                                    name, row, t, bd, u);
+                    if ((U::xoff(t, 0) + i * xs != U::xoff(u, 0) ||
+                         U::xoff(u, 1) - U::xoff(u, 0) != U::XJ) &&
+                        bad++ < 5)
+                        std::printf("%s: x's walk misses unit %d\n", name, u);
+                }
+            }
+        }
+    }
+    return bad;
 }
 
 template <typename T, typename U>
@@ -75,6 +109,7 @@ static int check(const char* name, const Rows& r) {
             if (seen[e] != 1 && bad++ < 5)
                 std::printf("%s row %u: element %u decoded %d times\n", name, row, e, seen[e]);
     }
+    bad += check_walk<U>(name, r);
     std::printf("%s: %u rows of %u, %s\n", name, r.n, r.k, bad ? "FAILED" : "ok");
     return bad;
 }
