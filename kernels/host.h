@@ -1,13 +1,19 @@
 // Host definitions of the CUDA built-ins the kernels use, so that kernels/*.cu compile as C++
 // with -DM40LLM_HOST: the decoders' logic (block layouts, magic-number conversions, unaligned
 // word handling) is then checked on any machine by tests/kernel_host.rs, bit for bit against the
-// reference decoders (T::at). Only code that a single host thread can run is checked; the
-// kernels' bodies compile but are never called. NVRTC never sees this file (common.cuh includes
+// reference decoders (T::at), and whole kernels run by host_launch (a std::thread per CUDA
+// thread, barriers for __syncthreads and the warps' shuffles) against f64 references. NVRTC never sees this file (common.cuh includes
 // it under #ifdef M40LLM_HOST only).
 #pragma once
+#include <algorithm>
 #include <cmath>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
 
 #define __device__
 #define __forceinline__ inline
@@ -15,6 +21,7 @@
 #define __shared__ static
 #define __restrict__
 #define __launch_bounds__(x)
+#define __align__(n) __attribute__((aligned(n)))
 
 struct uint4 {
     unsigned x, y, z, w;
@@ -28,8 +35,86 @@ inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z,
 struct HostDim3 {
     unsigned x, y, z;
 };
-__attribute__((unused)) static HostDim3 threadIdx = {0, 0, 0}, blockIdx = {0, 0, 0},
-                                         blockDim = {32, 1, 1}, gridDim = {1, 1, 1};
+// Outside host_launch a lone thread: __syncthreads is a no-op and a shuffle returns its value.
+__attribute__((unused)) static thread_local HostDim3 threadIdx = {0, 0, 0};
+__attribute__((unused)) static thread_local HostDim3 blockIdx = {0, 0, 0};
+__attribute__((unused)) static HostDim3 blockDim = {32, 1, 1}, gridDim = {1, 1, 1};
+
+// A reusable barrier (C++14: no std::barrier).
+struct HostBarrier {
+    std::mutex m;
+    std::condition_variable cv;
+    int n, count = 0, gen = 0;
+    explicit HostBarrier(int n_) : n(n_) {}
+    void wait() {
+        std::unique_lock<std::mutex> l(m);
+        int g = gen;
+        if (++count == n) {
+            count = 0;
+            gen++;
+            cv.notify_all();
+        } else {
+            cv.wait(l, [&] { return g != gen; });
+        }
+    }
+};
+
+// The block host_launch is running: a barrier for the block, one per warp, and a word per
+// thread for shuffles (write, warp barrier, read the partner's, warp barrier).
+struct HostBlock {
+    HostBarrier block;
+    std::vector<std::unique_ptr<HostBarrier> > warps;
+    std::vector<unsigned> slots;
+    explicit HostBlock(unsigned threads) : block((int)threads), slots(threads) {
+        for (unsigned w = 0; w < (threads + 31) / 32; w++)
+            warps.emplace_back(new HostBarrier((int)std::min(32u, threads - 32 * w)));
+    }
+};
+__attribute__((unused)) static HostBlock* host_block = nullptr;
+
+template <typename T>
+inline T host_shfl_xor(T v, int o) {
+    if (!host_block) return v;
+    static_assert(sizeof(T) == 4, "32-bit shuffles only");
+    unsigned t = threadIdx.x, w = t / 32, partner = (t ^ (unsigned)o);
+    unsigned bits;
+    std::memcpy(&bits, &v, 4);
+    host_block->slots[t] = bits;
+    host_block->warps[w]->wait();
+    if (partner < host_block->slots.size()) bits = host_block->slots[partner];
+    host_block->warps[w]->wait();
+    T r;
+    std::memcpy(&r, &bits, 4);
+    return r;
+}
+
+// Runs `kernel()` (a lambda calling the kernel with its arguments) over `grid` blocks of
+// `threads` threads: a std::thread per CUDA thread, which runs its thread of every block in
+// turn, the blocks one at a time (a barrier between them). Shared memory is the kernels'
+// `static` arrays (shared by the block's threads, left over from the previous block, as
+// uninitialized as on a GPU). Every thread must reach every __syncthreads and shuffle, as the
+// device requires.
+template <typename F>
+inline void host_launch(HostDim3 grid, unsigned threads, F kernel) {
+    gridDim = grid;
+    blockDim = {threads, 1, 1};
+    HostBlock b(threads);
+    host_block = &b;
+    std::vector<std::thread> ts;
+    for (unsigned t = 0; t < threads; t++)
+        ts.emplace_back([t, grid, &kernel, &b] {
+            threadIdx = {t, 0, 0};
+            for (unsigned z = 0; z < grid.z; z++)
+                for (unsigned y = 0; y < grid.y; y++)
+                    for (unsigned x = 0; x < grid.x; x++) {
+                        blockIdx = {x, y, z};
+                        kernel();
+                        b.block.wait();  // the block is done before the next one starts
+                    }
+        });
+    for (auto& t : ts) t.join();
+    host_block = nullptr;
+}
 
 // Loads of any alignment (the device's are aligned; a misaligned one faults there).
 template <typename T>
@@ -63,10 +148,15 @@ inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned sh) {
     unsigned long long t = ((unsigned long long)hi << 32) | lo;
     return (unsigned)(t >> (sh & 31));
 }
+// CUDA's integer min/max are global functions.
+using std::max;
+using std::min;
 inline int __ffs(unsigned v) { return v ? __builtin_ctz(v) + 1 : 0; }
-// One thread: a warp of one lane, a block of one thread.
-inline float __shfl_xor_sync(unsigned, float v, int) { return v; }
-inline void __syncthreads() {}
+inline float __shfl_xor_sync(unsigned, float v, int o) { return host_shfl_xor(v, o); }
+inline int __shfl_xor_sync(unsigned, int v, int o) { return host_shfl_xor(v, o); }
+inline void __syncthreads() {
+    if (host_block) host_block->block.wait();
+}
 
 // IEEE binary16 <-> binary32, as cvt.f32.f16 and cvt.rn.f16.f32 do (round to nearest even).
 inline float host_h2f(unsigned short h) {

@@ -1,8 +1,10 @@
-//! The CUDA kernels' decoders on the host, no GPU needed: kernels/matvec.cu compiled as C++ with
-//! kernels/host.h (`-DM40LLM_HOST`) into tests/host/units.cpp, which checks the reference
-//! decoders (`T::at`) and the unit kernels' decoders (`U::unit`, their element layout included)
-//! against the CPU backend's dequantization of the same quantized rows, for every weight type
-//! the CUDA kernels read. The GPU tests (tests/gpu_kernels.rs) check the kernels themselves.
+//! The CUDA kernels on the host, no GPU needed: kernels/*.cu compiled as C++ with kernels/host.h
+//! (`-DM40LLM_HOST`). tests/host/units.cpp checks the reference decoders (`T::at`) and the unit
+//! kernels' decoders (`U::unit`, their element layout included) against the CPU backend's
+//! dequantization of the same quantized rows, for every weight type the CUDA kernels read;
+//! tests/host/kernels.cpp runs whole kernels (the unit matvecs, attention) thread by thread
+//! (`host_launch`: real barriers and shuffles) against f64 references. The GPU tests
+//! (tests/gpu_kernels.rs) check the kernels on the device and their speed is the bench's.
 //!
 //! Needs a C++ compiler (`$CXX`, else `c++`): without one the test skips, saying so, and fails
 //! under M40LLM_REQUIRE_TESTDATA=1 (CI installs one).
@@ -106,6 +108,69 @@ fn the_kernels_decoders_match_the_cpu_dequantization_on_the_host() {
             "{name} was not checked"
         );
     }
+}
+
+/// Compiles `src` (under tests/host/) into `exe`; `None` (skip, saying why) without a C++
+/// compiler unless M40LLM_REQUIRE_TESTDATA=1.
+fn build(src: &str, exe: &Path) -> Option<()> {
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
+    let built = Command::new(&cxx)
+        .args([
+            "-std=c++14",
+            "-O1",
+            "-DM40LLM_HOST",
+            "-Wall",
+            "-Wno-unknown-pragmas",
+        ])
+        .args(["-Werror", "-I", "kernels", src, "-o"])
+        .arg(exe)
+        .arg("-lpthread")
+        .output();
+    let built = match built {
+        Ok(b) => b,
+        Err(e) => {
+            assert!(
+                !required(),
+                "no C++ compiler ({cxx}: {e}); M40LLM_REQUIRE_TESTDATA=1 makes it a failure"
+            );
+            eprintln!("SKIPPED: no C++ compiler ({cxx}: {e})");
+            return None;
+        }
+    };
+    assert!(
+        built.status.success(),
+        "{src} does not compile with kernels/host.h:\n{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    Some(())
+}
+
+#[test]
+fn whole_kernels_run_thread_by_thread_on_the_host_match_f64_math() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel_host_kernels");
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("kernels");
+    if build("tests/host/kernels.cpp", &exe).is_none() {
+        return;
+    }
+    let run = Command::new(&exe).output().unwrap();
+    let report = String::from_utf8_lossy(&run.stdout);
+    eprintln!("{report}");
+    assert!(
+        run.status.success(),
+        "kernels disagree on the host:\n{report}"
+    );
+    // Every family the harness covers, so that a case silently dropped shows.
+    for what in [
+        "mmv q4_0 rows 8",
+        "gate_up q8_0 rows 4",
+        "mmv q6_k c1 rows 1",
+        "attention decode H16/1 D256",
+        "attention prefill H8/2 D128 window 33",
+    ] {
+        assert!(report.contains(what), "no case `{what}` in:\n{report}");
+    }
+    assert!(report.contains("\n0 failed"), "{report}");
 }
 
 #[test]

@@ -1,0 +1,232 @@
+// Whole kernels on the host: host_launch (kernels/host.h) runs a kernel's every thread as a
+// std::thread, with real barriers for __syncthreads and the warps' shuffles, so a kernel's index
+// math, shared-memory tiling, reductions and edge handling are checked with no GPU, against f64
+// references built on the reference decoders (T::at, themselves checked against the CPU by
+// units.cpp). Run by tests/kernel_host.rs; prints a line per case, exits non-zero on a failure.
+#include "../../kernels/attention.cu"
+#include "../../kernels/matvec.cu"
+
+#include <cstdio>
+#include <string>
+#include <vector>
+
+static unsigned rnd = 2024;
+static unsigned nx() {
+    rnd = rnd * 1664525u + 1013904223u;
+    return rnd >> 8;
+}
+static float unif() { return (float)(nx() & 0xffff) / 32768.0f - 1.0f; }
+
+static int failures = 0;
+static void report(const std::string& what, const std::vector<float>& got,
+                   const std::vector<double>& want, double tol) {
+    double scale = 1e-30, worst = 0;
+    size_t at = 0;
+    for (double w : want) scale = std::fmax(scale, std::fabs(w));
+    for (size_t i = 0; i < got.size(); i++) {
+        double e = std::isfinite(got[i]) ? std::fabs(got[i] - want[i]) / scale : INFINITY;
+        if (e > worst) worst = e, at = i;
+    }
+    bool ok = worst <= tol;
+    failures += !ok;
+    std::printf("%s: %s (worst %.2e at %zu: %.7g vs %.7g)\n", what.c_str(), ok ? "ok" : "FAILED",
+                worst, at, got.empty() ? 0.0 : got[at], want.empty() ? 0.0 : want[at]);
+}
+
+// ---- Unit matvec kernels: y = x W^T for R rows, W random blocks with sane FP16 scales. ----
+
+// `n` rows of random blocks of `block_bytes` bytes holding `block_elems` elements, the FP16
+// fields at `halves` (offsets in a block) drawn from small normal numbers; float types
+// (block_elems 1) get random values of their width instead of random bits.
+static std::vector<u8> random_rows(int n, int k, int block_bytes, int block_elems,
+                                   std::vector<int> halves) {
+    int rb = k / block_elems * block_bytes;
+    std::vector<u8> w((size_t)n * rb + 16);
+    for (auto& b : w) b = (u8)nx();
+    if (block_elems == 1) {
+        for (size_t i = 0; i + block_bytes <= (size_t)n * rb; i += block_bytes) {
+            float f = unif();
+            if (block_bytes == 4) std::memcpy(&w[i], &f, 4);
+            u16 h = block_bytes == 2 && halves.empty() ? f2h(f) : (u16)(__float_as_int(f) >> 16);
+            if (block_bytes == 2) std::memcpy(&w[i], &h, 2);
+        }
+        return w;
+    }
+    for (int r = 0; r < n; r++)
+        for (int b = 0; b < k / block_elems; b++)
+            for (int o : halves) {
+                u16 h = (u16)(0x2000 + nx() % 0x1400) | (u16)((nx() & 1) << 15);
+                std::memcpy(&w[(size_t)r * rb + (size_t)b * block_bytes + o], &h, 2);
+            }
+    return w;
+}
+
+typedef void (*Mmv)(const u8*, const float*, float*, int, int, i64);
+typedef void (*GateUp)(const u8*, const u8*, const float*, float*, int, int, i64);
+
+template <typename T>
+static void check_mmv(const char* ty, int n, int k, int block_bytes, int block_elems,
+                      std::vector<int> halves, int rows, int cols, Mmv kernel,
+                      GateUp gate_up) {
+    int rb = k / block_elems * block_bytes;
+    std::vector<u8> w = random_rows(n, k, block_bytes, block_elems, halves);
+    std::vector<u8> w2 = random_rows(n, k, block_bytes, block_elems, halves);
+    std::vector<float> x((size_t)rows * k);
+    for (auto& v : x) v = unif();
+    std::vector<double> want((size_t)rows * n), want_gu((size_t)rows * n);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < n; c++) {
+            double a = 0, b = 0;
+            for (int e = 0; e < k; e++) {
+                a += (double)T::at(&w[(size_t)c * rb], e) * x[(size_t)r * k + e];
+                b += (double)T::at(&w2[(size_t)c * rb], e) * x[(size_t)r * k + e];
+            }
+            want[(size_t)r * n + c] = a;
+            want_gu[(size_t)r * n + c] = a / (1.0 + std::exp(-a)) * b;
+        }
+    unsigned threads = (unsigned)std::min(128, std::max(32, (k / 8 + 31) / 32 * 32));
+    unsigned grid = (unsigned)((n + cols - 1) / cols);
+    std::vector<float> y((size_t)rows * n, NAN);
+    host_launch({grid, 1, 1}, threads, [&] { kernel(w.data(), x.data(), y.data(), n, k, rb); });
+    report(std::string("mmv ") + ty + " rows " + std::to_string(rows) + " cols " +
+               std::to_string(cols) + " " + std::to_string(n) + "x" + std::to_string(k),
+           y, want, 1e-5);
+    if (gate_up) {
+        std::vector<float> g((size_t)rows * n, NAN);
+        unsigned ggrid = (unsigned)((n + std::max(1, cols / 2) - 1) / std::max(1, cols / 2));
+        host_launch({ggrid, 1, 1}, threads,
+                    [&] { gate_up(w.data(), w2.data(), x.data(), g.data(), n, k, rb); });
+        report(std::string("gate_up ") + ty + " rows " + std::to_string(rows), g, want_gu, 1e-5);
+    }
+}
+
+// ---- Attention over a paged FP16 cache against f64 softmax attention. ----
+
+struct Case {
+    int h, hkv, d, window;
+    std::vector<std::pair<int, int> > tokens;  // (slot, position)
+};
+
+static void check_attention(const Case& c) {
+    const int page = 16, t = (int)c.tokens.size(), row = c.hkv * c.d;
+    int max_pos = 0, n_slots = 0;
+    for (auto& tk : c.tokens) max_pos = std::max(max_pos, tk.second), n_slots = std::max(n_slots, tk.first + 1);
+    int per_slot = (max_pos + 1 + page - 1) / page, pool = n_slots * per_slot + 3;
+    std::vector<int> perm(pool);
+    for (int i = 0; i < pool; i++) perm[i] = i;
+    for (int i = pool - 1; i > 0; i--) std::swap(perm[i], perm[nx() % (i + 1)]);
+    std::vector<int> tables(perm.begin(), perm.begin() + n_slots * per_slot);
+    std::vector<u16> kc((size_t)pool * page * row), vc(kc.size());
+    for (auto& v : kc) v = f2h(unif());
+    for (auto& v : vc) v = f2h(unif());
+    std::vector<float> q((size_t)t * c.h * c.d);
+    for (auto& v : q) v = 2.0f * unif();
+    std::vector<int> pos(t), slots(t);
+    for (int i = 0; i < t; i++) slots[i] = c.tokens[i].first, pos[i] = c.tokens[i].second;
+    float scale = 1.0f / std::sqrt((float)c.d);
+    std::vector<double> want((size_t)t * c.h * c.d);
+    for (int i = 0; i < t; i++) {
+        int p = pos[i], lo = c.window > 0 && p + 1 > c.window ? p + 1 - c.window : 0;
+        for (int hh = 0; hh < c.h; hh++) {
+            int g = hh / (c.h / c.hkv);
+            std::vector<double> s;
+            std::vector<long> cells;
+            for (int pp = lo; pp <= p; pp++) {
+                long cell = (long)tables[slots[i] * per_slot + pp / page] * page + pp % page;
+                double d = 0;
+                for (int e = 0; e < c.d; e++)
+                    d += (double)q[((size_t)i * c.h + hh) * c.d + e] * h2f(kc[cell * row + g * c.d + e]);
+                s.push_back(d * scale);
+                cells.push_back(cell);
+            }
+            double m = -INFINITY, sum = 0;
+            for (double v : s) m = std::fmax(m, v);
+            for (double& v : s) sum += (v = std::exp(v - m));
+            for (int e = 0; e < c.d; e++) {
+                double a = 0;
+                for (size_t j = 0; j < s.size(); j++) a += s[j] * h2f(vc[cells[j] * row + g * c.d + e]);
+                want[((size_t)i * c.h + hh) * c.d + e] = a / sum;
+            }
+        }
+    }
+    char what[96];
+    std::snprintf(what, sizeof what, "H%d/%d D%d window %d, %d tokens to %d", c.h, c.hkv, c.d,
+                  c.window, t, max_pos);
+    // Decode: splits of 256, then the combine unless there is one split.
+    int longest = 0;
+    for (int p : pos) longest = std::max(longest, c.window > 0 ? std::min(p + 1, c.window) : p + 1);
+    int splits = (longest + 255) / 256, parts = t * c.h * splits;
+    std::vector<float> pm(parts, NAN), pl(parts, NAN), pa((size_t)parts * c.d, NAN), y(q.size(), NAN);
+    host_launch({(unsigned)c.h, (unsigned)t, (unsigned)splits}, 128, [&] {
+        attention_decode_f16(q.data(), kc.data(), vc.data(), pos.data(), slots.data(),
+                             tables.data(), per_slot, page, c.h, c.hkv, c.d, scale, c.window,
+                             256, pm.data(), pl.data(), pa.data(), y.data());
+    });
+    if (splits > 1)
+        host_launch({(unsigned)c.h, (unsigned)t, 1}, 64, [&] {
+            attention_combine(pm.data(), pl.data(), pa.data(), y.data(), c.h, c.d, splits);
+        });
+    report(std::string("attention decode ") + what, y, want, 1e-4);
+    if (c.d <= PF_MAX_D) {
+        int ratio = c.h / c.hkv, nt = PF_R / std::min(ratio, PF_R);
+        unsigned gx = (unsigned)(c.hkv * ((ratio + PF_R - 1) / PF_R)), gy = (unsigned)((t + nt - 1) / nt);
+        std::vector<float> yp(q.size(), NAN);
+        host_launch({gx, gy, 1}, PF_THREADS, [&] {
+            attention_prefill_f16(q.data(), kc.data(), vc.data(), pos.data(), slots.data(),
+                                  tables.data(), per_slot, page, t, c.h, c.hkv, c.d, scale,
+                                  c.window, yp.data());
+        });
+        report(std::string("attention prefill ") + what, yp, want, 1e-4);
+    }
+}
+
+static std::vector<std::pair<int, int> > run(int slot, int start, int n) {
+    std::vector<std::pair<int, int> > v;
+    for (int i = 0; i < n; i++) v.push_back({slot, start + i});
+    return v;
+}
+
+// Every unit kernel of a type: R = 1 (C columns and one), 2, 4, 8 rows, matvec and gate/up.
+#define MMV_CASES(ty, T, K, BB, BE, HALVES, C)                                                   \
+    do {                                                                                         \
+        check_mmv<T>(#ty, 9, K, BB, BE, HALVES, 1, C, mmv_##ty##_r1, gate_up_swiglu_##ty##_r1);  \
+        check_mmv<T>(#ty " c1", 9, K, BB, BE, HALVES, 1, 1, mmv_##ty##_r1_c1,                    \
+                     gate_up_swiglu_##ty##_r1_c1);                                               \
+        check_mmv<T>(#ty, 9, K, BB, BE, HALVES, 2, C, mmv_##ty##_r2, gate_up_swiglu_##ty##_r2);  \
+        check_mmv<T>(#ty, 9, K, BB, BE, HALVES, 4, C, mmv_##ty##_r4, gate_up_swiglu_##ty##_r4);  \
+        check_mmv<T>(#ty, 9, K, BB, BE, HALVES, 8, C, mmv_##ty##_r8, gate_up_swiglu_##ty##_r8);  \
+    } while (0)
+
+int main() {
+    // 9 columns (not a multiple of 4); K = 17 blocks (odd: every other row of the 18- and
+    // 34-byte types starts 2 bytes off a word) or 3 super-blocks.
+    std::vector<int> d0 = {0}, dm = {0, 2}, q6 = {208}, none = {}, bf = {-1};
+    MMV_CASES(f32, TF32, 544, 4, 1, none, 4);
+    MMV_CASES(f16, TF16, 544, 2, 1, none, 4);
+    MMV_CASES(q4_0, TQ4_0, 544, 18, 32, d0, 4);
+    MMV_CASES(q4_1, TQ4_1, 544, 20, 32, dm, 4);
+    MMV_CASES(q5_0, TQ5_0, 544, 22, 32, d0, 4);
+    MMV_CASES(q5_1, TQ5_1, 544, 24, 32, dm, 4);
+    MMV_CASES(q8_0, TQ8_0, 544, 34, 32, d0, 4);
+    MMV_CASES(q4_k, TQ4_K, 768, 144, 256, dm, 1);
+    MMV_CASES(q5_k, TQ5_K, 768, 176, 256, dm, 1);
+    MMV_CASES(q6_k, TQ6_K, 768, 210, 256, q6, 1);
+
+    // Attention: head dims, GQA ratios, windows, one slot's prompt runs, interleaved sequences.
+    std::vector<Case> cases;
+    for (int d : {64, 128})
+        for (int ratio : {1, 3})
+            for (int window : {0, 33}) {
+                std::vector<std::pair<int, int> > tk = run(0, 290, 11);
+                auto b = run(1, 0, 3);
+                tk.insert(tk.end(), b.begin(), b.end());
+                tk.push_back({0, 40});
+                cases.push_back({2 * ratio, 2, d, window, tk});
+            }
+    cases.push_back({16, 1, 256, 0, {{0, 600}, {1, 3}}});
+    cases.push_back({8, 2, 128, 33, run(0, 100, 9)});
+    cases.push_back({40, 2, 32, 0, run(0, 0, 5)});
+    for (auto& c : cases) check_attention(c);
+    std::printf("%d failed\n", failures);
+    return failures ? 1 : 0;
+}
