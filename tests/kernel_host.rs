@@ -2,7 +2,8 @@
 //! (`-DM40LLM_HOST`). tests/host/units.cpp checks the reference decoders (`T::at`) and the unit
 //! kernels' decoders (`U::unit`, their element layout included) against the CPU backend's
 //! dequantization of the same quantized rows, for every weight type the CUDA kernels read;
-//! tests/host/kernels.cpp runs whole kernels (the unit matvecs, attention) thread by thread
+//! tests/host/kernels.cpp runs whole kernels (the unit matvecs, the tiled matmuls, attention)
+//! thread by thread
 //! (`host_launch`: real barriers and shuffles) against f64 references. The GPU tests
 //! (tests/gpu_kernels.rs) check the kernels on the device and their speed is the bench's.
 //!
@@ -167,6 +168,8 @@ fn whole_kernels_run_thread_by_thread_on_the_host_match_f64_math() {
         "mmv q6_k c1 rows 1",
         "attention decode H16/1 D256",
         "attention prefill H8/2 D128 window 33",
+        "mmq q4_k rows 33 tile 64 splits 3",
+        "gate_up_mmq q8_0 rows 17 tile 32 splits 2",
     ] {
         assert!(report.contains(what), "no case `{what}` in:\n{report}");
     }

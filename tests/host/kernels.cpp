@@ -5,6 +5,7 @@
 // units.cpp). Run by tests/kernel_host.rs; prints a line per case, exits non-zero on a failure.
 #include "../../kernels/attention.cu"
 #include "../../kernels/matvec.cu"
+#include "../../kernels/mmq.cu"
 
 #include <cstdio>
 #include <string>
@@ -99,6 +100,66 @@ static void check_mmv(const char* ty, int n, int k, int block_bytes, int block_e
         report(std::string("gate_up ") + ty + " rows " + std::to_string(rows), g, want_gu, 1e-5);
     }
 }
+
+// ---- Tiled matmuls (mmq.cu): R rows on a tile of BR, K in splits of `chunk`, then the
+// reduction. ----
+typedef void (*Mmq)(const u8*, const float*, float*, float*, int, int, int, i64, int);
+typedef void (*GateUpMmq)(const u8*, const u8*, const float*, float*, float*, int, int, int, i64,
+                          int);
+
+template <typename T>
+static void check_mmq(const char* ty, int n, int k, int block_bytes, int block_elems,
+                      std::vector<int> halves, int rows, int br, int chunk, Mmq kernel,
+                      GateUpMmq gate_up) {
+    int rb = k / block_elems * block_bytes, splits = (k + chunk - 1) / chunk;
+    std::vector<u8> w = random_rows(n, k, block_bytes, block_elems, halves);
+    std::vector<u8> w2 = random_rows(n, k, block_bytes, block_elems, halves);
+    std::vector<float> x((size_t)rows * k);
+    for (auto& v : x) v = unif();
+    std::vector<double> want((size_t)rows * n), want_gu((size_t)rows * n);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < n; c++) {
+            double a = 0, b = 0;
+            for (int e = 0; e < k; e++) {
+                a += (double)T::at(&w[(size_t)c * rb], e) * x[(size_t)r * k + e];
+                b += (double)T::at(&w2[(size_t)c * rb], e) * x[(size_t)r * k + e];
+            }
+            want[(size_t)r * n + c] = a;
+            want_gu[(size_t)r * n + c] = a / (1.0 + std::exp(-a)) * b;
+        }
+    long long rn = (long long)rows * n;
+    for (int m = 1; m <= 2; m++) {
+        std::vector<float> y(rn, NAN), part(splits > 1 ? (size_t)splits * m * rn : 1, NAN);
+        float* pp = splits > 1 ? part.data() : nullptr;
+        unsigned gx = (unsigned)((n + 64 / m - 1) / (64 / m));
+        host_launch({gx, (unsigned)splits, 1}, 4 * br, [&] {
+            if (m == 1)
+                kernel(w.data(), x.data(), y.data(), pp, rows, n, k, rb, chunk);
+            else
+                gate_up(w.data(), w2.data(), x.data(), y.data(), pp, rows, n, k, rb, chunk);
+        });
+        if (splits > 1)
+            host_launch({(unsigned)((rn + 255) / 256), 1, 1}, 256, [&] {
+                if (m == 1)
+                    mmq_reduce_m1(part.data(), y.data(), rn, splits);
+                else
+                    mmq_reduce_m2(part.data(), y.data(), rn, splits);
+            });
+        report(std::string(m == 1 ? "mmq " : "gate_up_mmq ") + ty + " rows " +
+                   std::to_string(rows) + " tile " + std::to_string(br) + " splits " +
+                   std::to_string(splits) + " " + std::to_string(n) + "x" + std::to_string(k),
+               y, m == 1 ? want : want_gu, 1e-5);
+    }
+}
+
+#define MMQ_CASES(ty, T, K, BB, BE, HALVES)                                                       \
+    do {                                                                                         \
+        check_mmq<T>(#ty, 67, K, BB, BE, HALVES, 9, 16, K, mmq_##ty##_r16, gate_up_mmq_##ty##_r16); \
+        check_mmq<T>(#ty, 67, K, BB, BE, HALVES, 17, 32, K / 2, mmq_##ty##_r32,                  \
+                     gate_up_mmq_##ty##_r32);                                                    \
+        check_mmq<T>(#ty, 67, K, BB, BE, HALVES, 33, 64, 256, mmq_##ty##_r64,                    \
+                     gate_up_mmq_##ty##_r64);                                                    \
+    } while (0)
 
 // ---- Attention over a paged FP16 cache against f64 softmax attention. ----
 
@@ -211,6 +272,16 @@ int main() {
     MMV_CASES(q4_k, TQ4_K, 768, 144, 256, dm, 1);
     MMV_CASES(q5_k, TQ5_K, 768, 176, 256, dm, 1);
     MMV_CASES(q6_k, TQ6_K, 768, 210, 256, q6, 1);
+
+    // Tiled matmuls: 67 columns (a partial tile), one split, two, and three of 256.
+    MMQ_CASES(f16, TF16, 768, 2, 1, none);
+    MMQ_CASES(q4_0, TQ4_0, 768, 18, 32, d0);
+    MMQ_CASES(q4_1, TQ4_1, 768, 20, 32, dm);
+    MMQ_CASES(q5_0, TQ5_0, 768, 22, 32, d0);
+    MMQ_CASES(q8_0, TQ8_0, 768, 34, 32, d0);
+    MMQ_CASES(q4_k, TQ4_K, 768, 144, 256, dm);
+    MMQ_CASES(q5_k, TQ5_K, 768, 176, 256, dm);
+    MMQ_CASES(q6_k, TQ6_K, 768, 210, 256, q6);
 
     // Attention: head dims, GQA ratios, windows, one slot's prompt runs, interleaved sequences.
     std::vector<Case> cases;

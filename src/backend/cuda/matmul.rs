@@ -623,7 +623,7 @@ impl Matmul {
                     return Err(bad(
                         &name,
                         format!(
-                            "scratch of {} floats is too small for {splits} splits' partial sums                              ({need})",
+                            "scratch of {} floats is too small for {splits} splits' partial sums ({need})",
                             scratch.len()
                         ),
                     ));
