@@ -30,6 +30,7 @@ __device__ __forceinline__ uint4 ldg128(const u8* p) { return __ldg((const uint4
 __device__ __forceinline__ float4 ldx4(const float* p) {
     float4 v;
 #ifdef M40LLM_HOST
+    host_require_aligned(p, sizeof v, "ld.global.nc.v4.f32");
     std::memcpy(&v, p, sizeof v);
 #else
     asm volatile("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];"
