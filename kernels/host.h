@@ -9,6 +9,8 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -23,10 +25,11 @@
 #define __launch_bounds__(x)
 #define __align__(n) __attribute__((aligned(n)))
 
-struct uint4 {
+// 16-byte aligned, as CUDA's: -fsanitize=alignment then flags a dereference the GPU would fault.
+struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
-struct float4 {
+struct alignas(16) float4 {
     float x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
@@ -116,9 +119,19 @@ inline void host_launch(HostDim3 grid, unsigned threads, F kernel) {
     host_block = nullptr;
 }
 
-// Loads of any alignment (the device's are aligned; a misaligned one faults there).
+// A device load of `bytes` (2, 4, 8 or 16) must be naturally aligned: a misaligned one faults
+// there, while memcpy on the host would not notice. The harness stops on the first one. (Plain
+// dereferences are checked by -fsanitize=alignment, which tests/kernel_host.rs builds with.)
+inline void host_require_aligned(const void* p, size_t bytes, const char* what) {
+    if ((size_t)p % bytes != 0) {
+        std::fprintf(stderr, "misaligned %zu-byte %s at %p\n", bytes, what, p);
+        std::abort();
+    }
+}
+
 template <typename T>
 inline T __ldg(const T* p) {
+    host_require_aligned(p, sizeof(T), "__ldg");
     T v;
     std::memcpy(&v, p, sizeof(T));
     return v;

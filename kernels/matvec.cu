@@ -42,6 +42,7 @@ __device__ __forceinline__ u32 ldg32_at(const u8* p) {
 __device__ __forceinline__ float4 ldx4(const float* p) {
     float4 v;
 #ifdef M40LLM_HOST
+    host_require_aligned(p, sizeof v, "ld.global.nc.v4.f32");
     std::memcpy(&v, p, sizeof v);
 #else
     asm volatile("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4];"
