@@ -30,6 +30,7 @@ template <int OFF>
 __device__ __forceinline__ u32 ldg32_at(const u8* p) {
     u32 v;
 #ifdef M40LLM_HOST
+    host_require_aligned(p + OFF, sizeof v, "ld.global.nc.u32");
     std::memcpy(&v, p + OFF, sizeof v);
 #else
     asm("ld.global.nc.u32 %0, [%1+%2];" : "=r"(v) : "l"(p), "n"(OFF));
@@ -56,6 +57,7 @@ template <int OFF>
 __device__ __forceinline__ float4 ldx4_at(const float* p) {
     float4 v;
 #ifdef M40LLM_HOST
+    host_require_aligned(p + OFF, sizeof v, "ld.global.nc.v4.f32");
     std::memcpy(&v, p + OFF, sizeof v);
 #else
     asm volatile("ld.global.nc.v4.f32 {%0, %1, %2, %3}, [%4+%5];"
