@@ -17,9 +17,10 @@
 //! and replayed: a step's kernels read everything that changes from step to step (tokens,
 //! positions, slots, page tables) from device buffers at fixed addresses, so the same launches
 //! serve every step of a shape, and one graph launch replaces a few hundred kernel launches
-//! (SmolLM2 has about 330 a token). The shape is the token and output counts and the context
+//! (SmolLM2 has about 300 a token). The shape is the token and output counts, the context
 //! length in chunks of [`DECODE_CHUNK`] (flash-decoding's split count), so a sequence needs a new
-//! graph every 256 positions; a shape is captured when it comes a second time. `M40LLM_CUDA_GRAPHS=0` launches every kernel every step instead.
+//! graph every 256 positions, and the attention kernel the step's slots pick; a shape is captured
+//! when it comes a second time. `M40LLM_CUDA_GRAPHS=0` launches every kernel every step instead.
 //!
 //! Errors name the kernel and the sizes. A failed launch or a failed step leaves the page
 //! tables as they were (the host's view is rolled back and the device's rows restored); if the
