@@ -9,11 +9,9 @@
 
 mod common;
 
-use m40_llm::backend::cuda::{kernels, nvrtc};
+use common::required;
 
-fn required() -> bool {
-    std::env::var("M40LLM_REQUIRE_TESTDATA").is_ok_and(|v| v == "1")
-}
+use m40_llm::backend::cuda::{kernels, nvrtc};
 
 #[test]
 fn every_kernel_compiles_for_sm52_and_sm90() {

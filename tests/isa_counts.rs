@@ -9,12 +9,10 @@
 
 mod common;
 
+use common::required;
+
 use m40_llm::backend::cuda::{isa, nvrtc};
 use std::sync::OnceLock;
-
-fn required() -> bool {
-    std::env::var("M40LLM_REQUIRE_TESTDATA").is_ok_and(|v| v == "1")
-}
 
 /// Tuned types whose decode loop is over the M40 budget in the current kernels (reported by
 /// `doctor`, listed in docs/cuda.md): the K-quants since their decoders were written. Q4_0 and

@@ -10,16 +10,15 @@
 //! Needs a C++ compiler (`$CXX`, else `c++`): without one the test skips, saying so, and fails
 //! under M40LLM_REQUIRE_TESTDATA=1 (CI installs one).
 
+mod common;
+
+use common::required;
 use m40_llm::gguf::GgmlType;
 use m40_llm::gguf::quants::{DEQUANTIZE_TYPES, dequantize_row_f32, quantize_row};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn required() -> bool {
-    std::env::var("M40LLM_REQUIRE_TESTDATA").is_ok_and(|v| v == "1")
-}
 
 /// `n` rows of `k` random normal-ish values quantized to `ty`, in the harness's file format:
 /// u32 n, k, row_bytes; the blocks; the CPU backend's dequantized values as f32.
@@ -48,12 +47,9 @@ fn rows_file(ty: GgmlType, n: usize, k: usize, seed: u64) -> Vec<u8> {
 
 #[test]
 fn the_kernels_decoders_match_the_cpu_dequantization_on_the_host() {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel_host");
-    std::fs::create_dir_all(&dir).unwrap();
-    let exe = dir.join("units");
-    if build("tests/host/units.cpp", &exe).is_none() {
+    let Some((dir, exe)) = build("tests/host/units.cpp", "kernel_host") else {
         return;
-    }
+    };
     let mut names = Vec::new();
     for (i, ty) in DEQUANTIZE_TYPES.into_iter().enumerate() {
         // Rows of 17 blocks of 32 (so every other row of the 18- and 34-byte types starts
@@ -86,9 +82,13 @@ fn the_kernels_decoders_match_the_cpu_dequantization_on_the_host() {
     }
 }
 
-/// Compiles `src` (under tests/host/) into `exe`; `None` (skip, saying why) without a C++
-/// compiler unless M40LLM_REQUIRE_TESTDATA=1.
-fn build(src: &str, exe: &Path) -> Option<()> {
+/// Compiles `src` (under tests/host/) into an executable in the test's own scratch directory
+/// `dir` (under the target's tmp); `(dir, executable)`, or `None` (skip, saying why) without a
+/// C++ compiler unless M40LLM_REQUIRE_TESTDATA=1.
+fn build(src: &str, dir: &str) -> Option<(PathBuf, PathBuf)> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("harness");
     let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".to_string());
     let built = Command::new(&cxx)
         .args([
@@ -101,7 +101,7 @@ fn build(src: &str, exe: &Path) -> Option<()> {
         // A misaligned dereference (which faults on a GPU) stops the harness.
         .args(["-fsanitize=alignment", "-fno-sanitize-recover=alignment"])
         .args(["-Werror", "-I", "kernels", src, "-o"])
-        .arg(exe)
+        .arg(&exe)
         .arg("-lpthread")
         .output();
     let built = match built {
@@ -120,17 +120,14 @@ fn build(src: &str, exe: &Path) -> Option<()> {
         "{src} does not compile with kernels/host.h:\n{}",
         String::from_utf8_lossy(&built.stderr)
     );
-    Some(())
+    Some((dir, exe))
 }
 
 #[test]
 fn whole_kernels_run_thread_by_thread_on_the_host_match_f64_math() {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel_host_kernels");
-    std::fs::create_dir_all(&dir).unwrap();
-    let exe = dir.join("kernels");
-    if build("tests/host/kernels.cpp", &exe).is_none() {
+    let Some((_, exe)) = build("tests/host/kernels.cpp", "kernel_host_kernels") else {
         return;
-    }
+    };
     let run = Command::new(&exe).output().unwrap();
     let report = String::from_utf8_lossy(&run.stdout);
     eprintln!("{report}");
@@ -156,12 +153,9 @@ fn whole_kernels_run_thread_by_thread_on_the_host_match_f64_math() {
 #[test]
 fn the_harness_fails_a_decoder_that_disagrees() {
     // The same harness on rows whose values were changed after dequantization: it must say so.
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kernel_host_bad");
-    std::fs::create_dir_all(&dir).unwrap();
-    let exe = dir.join("units");
-    if build("tests/host/units.cpp", &exe).is_none() {
+    let Some((dir, exe)) = build("tests/host/units.cpp", "kernel_host_bad") else {
         return;
-    }
+    };
     let mut file = rows_file(GgmlType::Q4_0, 2, 544, 7);
     let last = file.len() - 4;
     let v = f32::from_le_bytes(file[last..].try_into().unwrap());

@@ -68,13 +68,18 @@ pub fn cached(rel: &str) -> Option<PathBuf> {
     )
 }
 
+/// Whether `M40LLM_REQUIRE_TESTDATA=1` makes whatever a test would skip for (a file, NVRTC, a
+/// C++ compiler) a failure.
+pub fn required() -> bool {
+    std::env::var("M40LLM_REQUIRE_TESTDATA").is_ok_and(|v| v == "1")
+}
+
 fn present_or_skip(path: PathBuf, what: &str) -> Option<PathBuf> {
     if path.exists() {
         return Some(path);
     }
-    let required = std::env::var("M40LLM_REQUIRE_TESTDATA").is_ok_and(|v| v == "1");
     assert!(
-        !required,
+        !required(),
         "{} is missing: {what}; M40LLM_REQUIRE_TESTDATA=1 makes this a failure",
         path.display()
     );
