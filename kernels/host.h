@@ -75,11 +75,13 @@ struct HostBlock {
 };
 __attribute__((unused)) static HostBlock* host_block = nullptr;
 
+// A shuffle: every thread of the warp offers its v and gets thread `partner`'s (an index in the
+// block: its own warp's lanes are what the device allows).
 template <typename T>
-inline T host_shfl_xor(T v, int o) {
+inline T host_shfl(T v, unsigned partner) {
     if (!host_block) return v;
     static_assert(sizeof(T) == 4, "32-bit shuffles only");
-    unsigned t = threadIdx.x, w = t / 32, partner = (t ^ (unsigned)o);
+    unsigned t = threadIdx.x, w = t / 32;
     unsigned bits;
     std::memcpy(&bits, &v, 4);
     host_block->slots[t] = bits;
@@ -89,6 +91,10 @@ inline T host_shfl_xor(T v, int o) {
     T r;
     std::memcpy(&r, &bits, 4);
     return r;
+}
+template <typename T>
+inline T host_shfl_xor(T v, int o) {
+    return host_shfl(v, threadIdx.x ^ (unsigned)o);
 }
 
 // Runs `kernel()` (a lambda calling the kernel with its arguments) over `grid` blocks of
@@ -167,6 +173,9 @@ using std::min;
 inline int __ffs(unsigned v) { return v ? __builtin_ctz(v) + 1 : 0; }
 inline float __shfl_xor_sync(unsigned, float v, int o) { return host_shfl_xor(v, o); }
 inline int __shfl_xor_sync(unsigned, int v, int o) { return host_shfl_xor(v, o); }
+inline float __shfl_sync(unsigned, float v, int src) {
+    return host_shfl(v, (threadIdx.x & ~31u) | ((unsigned)src & 31));
+}
 inline void __syncthreads() {
     if (host_block) host_block->block.wait();
 }

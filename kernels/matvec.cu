@@ -2,8 +2,8 @@
 // (y = x Wᵀ) for a few rows r (decode: one row per running sequence).
 //
 // mmv_<ty>_r<R> (and gate_up_swiglu_<ty>_r<R>): one block per C output columns, its threads
-// split the weight rows into units of 8 or 32 weights. A thread decodes a unit once (the loads and the
-// bit-twiddling happen once per weight) and applies it to all R activation rows, so a step over
+// split the weight rows into units of 8 weights. A thread decodes a unit once (the loads and
+// the bit-twiddling happen once per weight) and applies it to all R activation rows, so a step over
 // R sequences reads each weight once. The decoding is instruction-lean, for Maxwell (sm_52: no
 // dp4a, no half arithmetic, I2F at a quarter of the FMA rate): nibbles and bytes become floats
 // by placing them in the mantissa of 2^23 with one byte permute and one subtraction (exact),
@@ -11,8 +11,8 @@
 // goes through the read-only cache. Each row's arithmetic is the same whatever R is (the same
 // FMA chain per unit, the same reduction), so a sequence gets bit-identical results alone and
 // in a batch (the columns a block computes change nothing in a column's arithmetic). Grid:
-// (ceil(N / C)), C = 4 output columns a block for the narrow units (2 for gate/up; `_r1_c1`:
-// 1), 1 for the K-quants; block: 32 to 128 threads (the host picks by K).
+// (ceil(N / C)), C = 4 output columns a block (2 for gate/up; `_r1_c1`: 1); block: 32 to 128
+// threads, a multiple of 32 (the host picks by K).
 //
 // matvec_<ty>: the plain reference kernel, a warp per output element reading the row with
 // T::at. The host uses it only for shapes the unit kernels do not take (K not a multiple of 32,
@@ -95,11 +95,11 @@ __device__ __forceinline__ void bytes4(u32 v, float off, float* out) {
     for (int i = 0; i < 4; i++) out[i] = mbyte(v, i) - (MAGIC + off);
 }
 
-// ---- Unit decoders: unit u of a row gives v[W] and a scale (the weights are v[i] * scale);
-// element i of the unit sits at x index xoff(u, i / 4) + i % 4. The lanes of a warp take
-// consecutive units, so the width decides how the warp's x loads coalesce: the 32-element-block
-// types use units of 8 (four lanes to a block, reading 64 contiguous bytes of x together), the
-// K-quants units of 32 laid out so that a warp reads x in 4-8 lines per load. ----
+// ---- Unit decoders: unit u of a row gives v[8] and a scale (the weights are v[i] * scale;
+// the K-quants', below, have a scale per half); element i of the unit sits at x index
+// xoff(u, i / 4) + i % 4. The lanes of a warp take consecutive units, so the layout decides how
+// the warp's x loads coalesce: the 32-element-block types have four lanes to a block, reading
+// 64 contiguous bytes of x together. ----
 
 // Walking decoders (WALK): a thread's units are u0, u0 + bd, u0 + 2 bd, ... (bd = blockDim.x,
 // a multiple of 8, so its 18- or 34-byte blocks keep one parity and their fields one alignment
@@ -248,120 +248,266 @@ struct UQ8_0 {
     static __device__ __forceinline__ int xoff(int u, int j) { return 8 * u + 4 * j; }
 };
 
-// Q4_K (144-byte super-blocks of 256: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins, then
-// four groups of 32 bytes whose low nibbles are sub-block 2g and high nibbles sub-block 2g + 1).
-// A unit is half a group: 16 bytes, 16 weights of each of its two sub-blocks. w = d sc q - dmin m.
+// ---- Sub-block-scaled decoders (the K-quants). A unit is 8 weights in two halves of 4 from
+// two sub-blocks, each half with a scale of its own (and for Q4_K and Q5_K a min): weight i is
+// s0 v[i] + m0 (i < 4) or s1 v[i] + m1 (i >= 4), v the quants as floats. A weight row's share of
+// y is then s0 (v[0..4] . x0) + s1 (v[4..8] . x1) + m0 sum(x0) + m1 sum(x1): the scales apply
+// once per half and activation row, the mins to sums of x that every weight row of the block
+// shares. Units of 8 let a warp's x loads coalesce (eight lanes read a 128-byte line together,
+// four lines a load), where units of 32 made every lane read lines of its own.
+//
+// A super-block is 32 units, one per lane of a warp (bd is a multiple of 32 and the lanes keep
+// their unit of the super-block as they walk). Its 16 scales and mins are decoded once per two
+// weight rows, one value a lane (lanes 0-15 the first row's, 16-31 the second's), and shuffled
+// to the lanes whose units need them: four packed 6-bit fields decoded by every lane for every
+// unit cost more than the unit's own nibbles. So every lane of a warp runs every unit step
+// (K is a multiple of 256). ----
+
+struct HalfScales {
+    float s0, s1, m0, m1;
+};
+
+// A thread's place in one weight row: `b` its unit's super-block, `q` (and `h`, for types with
+// high bits) the aligned word holding its quants, `sh` the funnel shift (Q6_K's 210-byte
+// super-blocks start 2 bytes off a word every other one).
+struct KWalk {
+    const u8* b;
+    const u8* q;
+    const u8* h;
+    u32 sh;
+};
+
+// bfe.u32 / bfi.b32: a bit field of `a` (`len` bits from `pos`), and `a`'s low `len` bits put
+// into `b` at `pos`. With positions and lengths that depend only on the lane (hoisted out of the
+// loop) each is one instruction where shifts and masks are two or three.
+__device__ __forceinline__ u32 bfe(u32 a, u32 pos, u32 len) {
+#ifdef M40LLM_HOST
+    return len == 0 ? 0u : (u32)(((unsigned long long)a >> pos) & ((1ull << len) - 1));
+#else
+    u32 r;
+    asm("bfe.u32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(pos), "r"(len));
+    return r;
+#endif
+}
+__device__ __forceinline__ u32 bfi(u32 a, u32 b, u32 pos, u32 len) {
+#ifdef M40LLM_HOST
+    u32 m = (u32)(((1ull << len) - 1) << pos);
+    return (b & ~m) | ((a << pos) & m);
+#else
+    u32 r;
+    asm("bfi.b32 %0, %1, %2, %3, %4;" : "=r"(r) : "r"(a), "r"(b), "r"(pos), "r"(len));
+    return r;
+#endif
+}
+
+// The shuffles of one weight row's scales: `val` holds, in lane 16 o + j, value j of the row
+// (o = 0 for the first row of the pair, 1 for the second); a0 and a1 the indices the lane's
+// unit needs for its halves, b0 and b1 those of its mins (negative: no mins).
+__device__ __forceinline__ HalfScales shuffle_scales(float val, int o, int a0, int a1, int b0,
+                                                     int b1) {
+    HalfScales s;
+    s.s0 = __shfl_sync(FULL_MASK, val, 16 * o + a0);
+    s.s1 = __shfl_sync(FULL_MASK, val, 16 * o + a1);
+    s.m0 = b0 < 0 ? 0.0f : __shfl_sync(FULL_MASK, val, 16 * o + b0);
+    s.m1 = b1 < 0 ? 0.0f : __shfl_sync(FULL_MASK, val, 16 * o + b1);
+    return s;
+}
+
+// The super-block a lane decodes scales of for the row pair p, p + 1: lanes 0-15 row p's,
+// 16-31 row p + 1's (p's when there is none). The select is of the pointers' values: an index
+// chosen at run time would put the walks in local memory.
+template <int Q>
+__device__ __forceinline__ const u8* pair_row(const KWalk (&wk)[Q], int p, int lane) {
+    const u8* b0 = wk[p].b;
+    const u8* b1 = p + 1 < Q ? wk[p + 1].b : b0;
+    return (lane & 16) ? b1 : b0;
+}
+
+// Q4_K and Q5_K's scales and mins: the super-block's first 16 bytes are f16 d, f16 dmin and 12
+// bytes (h.y, h.z, h.w) of 6-bit fields. Sub-block j < 4 has scale byte j & 63 of h.y and min
+// byte j & 63 of h.z; j >= 4 has scale (byte j - 4 of h.w & 15) | (byte j - 4 of h.y >> 6) << 4
+// and min (byte j - 4 of h.w >> 4) | (byte j - 4 of h.z >> 6) << 4. Lane l (of a row pair)
+// decodes value l & 15: d * scale[l & 7] for l & 8 == 0, else -dmin * min[l & 7].
+__device__ __forceinline__ float k4_scale(uint4 h, int lane) {
+    int j = lane & 7, k = j & 3;
+    u32 mn = (lane >> 3) & 1;
+    bool lo = j < 4;
+    u32 a = mn ? h.z : h.y;
+    u32 p1 = bfe(a, lo ? 8 * k : 8 * k + 6, lo ? 6 : 2);
+    u32 p2 = bfe(h.w, 8 * k + 4 * mn, lo ? 0 : 4);
+    u32 v = bfi(p1, p2, lo ? 0 : 4, lo ? 6 : 2);
+    // d (low half) or dmin (high half, negated: its sign bit flipped).
+    float dd = h2f((u16)((h.x >> (16 * mn)) ^ (mn << 15)));
+    return (__int_as_float(0x4B000000u | v) - MAGIC) * dd;
+}
+
+// The scale and min shuffles of Q4_K / Q5_K for Q weight rows: unit i of a super-block covers
+// sub-blocks 2 (i >> 3) and 2 (i >> 3) + 1.
+template <int Q>
+__device__ __forceinline__ void k4_scales(const KWalk (&wk)[Q], HalfScales (&sc)[Q]) {
+    int lane = threadIdx.x & 31, s = 2 * (lane >> 3);
+#pragma unroll
+    for (int p = 0; p < Q; p += 2) {
+        const u8* b = pair_row<Q>(wk, p, lane);
+        float val = k4_scale(ldg128(b), lane);
+#pragma unroll
+        for (int o = 0; o < 2 && p + o < Q; o++)
+            sc[p + o] = shuffle_scales(val, o, s, s + 1, 8 + s, 9 + s);
+    }
+}
+
+// Q4_K (144-byte super-blocks of 256: 16 bytes of d, dmin, scales and mins, then four groups of
+// 32 bytes whose low nibbles are sub-block 2g and high nibbles sub-block 2g + 1): unit i is
+// bytes 4i..4i + 4 of the nibbles, group g = i / 8: weights 64 g + 4 (i & 7) + 0..3 (low
+// nibbles) and 32 further on (high). w = d sc q - dmin m.
 struct UQ4_K : PerUnit<UQ4_K> {
-    static const int W = 32;
-    static __device__ __forceinline__ void scale_min(uint4 h, int j, float* dsc, float* dm) {
-        int k = j & 3;
-        u32 a = (h.y >> (8 * k)) & 0xff, b = (h.z >> (8 * k)) & 0xff, c = (h.w >> (8 * k)) & 0xff;
-        u32 sc = j < 4 ? (a & 63) : ((c & 15) | ((a >> 6) << 4));
-        u32 m = j < 4 ? (b & 63) : ((c >> 4) | ((b >> 6) << 4));
-        float d = h2f((u16)(h.x & 0xffff)), dmin = h2f((u16)(h.x >> 16));
-        *dsc = d * (__int_as_float(0x4B000000u | sc) - MAGIC);
-        *dm = dmin * (__int_as_float(0x4B000000u | m) - MAGIC);
+    static const int W = 8;
+    static const int BYTES = 144;
+    typedef KWalk Walk;
+    static __device__ __forceinline__ Walk walk(const u8* row, int u) {
+        Walk k;
+        k.b = row + (i64)(u >> 5) * BYTES;
+        k.q = k.b + 16 + 4 * (u & 31);
+        k.h = k.q;
+        k.sh = 0;
+        return k;
     }
-    static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
-        const u8* s = row + (i64)(u >> 3) * 144;
-        int g = (u & 7) >> 1, half = u & 1;
-        uint4 h = ldg128(s);
-        uint4 q4 = ldg128(s + 16 + 32 * g + 16 * half);
-        float dsc0, dm0, dsc1, dm1;
-        scale_min(h, 2 * g, &dsc0, &dm0);
-        scale_min(h, 2 * g + 1, &dsc1, &dm1);
-        u32 q[4] = {q4.x, q4.y, q4.z, q4.w};
-#pragma unroll
-        for (int w = 0; w < 4; w++) {
-            float lo[4], hi[4];
-            bytes4(q[w] & 0x0F0F0F0Fu, 0.0f, lo);
-            bytes4((q[w] >> 4) & 0x0F0F0F0Fu, 0.0f, hi);
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                v[4 * w + i] = fmaf(lo[i], dsc0, -dm0);
-                v[16 + 4 * w + i] = fmaf(hi[i], dsc1, -dm1);
-            }
-        }
-        return 1.0f;
+    static __device__ __forceinline__ bool walks(int) { return true; }
+    static __device__ __forceinline__ int step(int bd) { return (bd >> 5) * BYTES; }
+    static __device__ __forceinline__ void advance(Walk& k, int st) {
+        k.b += st;
+        k.q += st;
     }
+    template <int Q>
+    static __device__ __forceinline__ void scales(const Walk (&wk)[Q], HalfScales (&sc)[Q]) {
+        k4_scales<Q>(wk, sc);
+    }
+    static __device__ __forceinline__ void quants(const Walk& k, float* v) {
+        u32 q = ldg32(k.q);
+        bytes4(q & 0x0F0F0F0Fu, 0.0f, v);
+        bytes4((q >> 4) & 0x0F0F0F0Fu, 0.0f, v + 4);
+    }
+    static const bool MINS = true;
+    static const int XJ = 32;
     static __device__ __forceinline__ int xoff(int u, int j) {
-        int g = (u & 7) >> 1, half = u & 1;
-        return 256 * (u >> 3) + 64 * g + 16 * half + (j < 4 ? 4 * j : 32 + 4 * (j - 4));
+        int i = u & 31;
+        return 256 * (u >> 5) + 64 * (i >> 3) + 4 * (i & 7) + 32 * j;
     }
 };
 
-// Q5_K (176-byte super-blocks of 256: f16 d, f16 dmin, 12 bytes of scales and mins as Q4_K, 32
-// bytes of high bits qh, then nibbles as Q4_K): element l of sub-block s has bit s of qh[l] as
-// its fifth bit. A unit is half a group, as Q4_K: its high bits are qh[16 half .. 16 half + 16].
+// Q5_K (176-byte super-blocks of 256: 16 bytes of d, dmin, scales and mins as Q4_K, 32 bytes of
+// high bits qh, then nibbles as Q4_K): weight l of sub-block s has bit s of qh[l] as its fifth
+// bit. Unit i as Q4_K's: its high bits are bits 2g and 2g + 1 of qh[4 (i & 7)..4 (i & 7) + 4].
 struct UQ5_K : PerUnit<UQ5_K> {
-    static const int W = 32;
-    static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
-        const u8* s = row + (i64)(u >> 3) * 176;
-        int g = (u & 7) >> 1, half = u & 1;
-        uint4 h = ldg128(s);
-        uint4 hb = ldg128(s + 16 + 16 * half);
-        uint4 q4 = ldg128(s + 48 + 32 * g + 16 * half);
-        float dsc0, dm0, dsc1, dm1;
-        UQ4_K::scale_min(h, 2 * g, &dsc0, &dm0);
-        UQ4_K::scale_min(h, 2 * g + 1, &dsc1, &dm1);
-        u32 q[4] = {q4.x, q4.y, q4.z, q4.w};
-        u32 qh[4] = {hb.x, hb.y, hb.z, hb.w};
-#pragma unroll
-        for (int w = 0; w < 4; w++) {
-            float lo[4], hi[4];
-            u32 b0 = ((qh[w] >> (2 * g)) & 0x01010101u) << 4;
-            u32 b1 = ((qh[w] >> (2 * g + 1)) & 0x01010101u) << 4;
-            bytes4((q[w] & 0x0F0F0F0Fu) | b0, 0.0f, lo);
-            bytes4(((q[w] >> 4) & 0x0F0F0F0Fu) | b1, 0.0f, hi);
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                v[4 * w + i] = fmaf(lo[i], dsc0, -dm0);
-                v[16 + 4 * w + i] = fmaf(hi[i], dsc1, -dm1);
-            }
-        }
-        return 1.0f;
+    static const int W = 8;
+    static const int BYTES = 176;
+    typedef KWalk Walk;
+    static __device__ __forceinline__ Walk walk(const u8* row, int u) {
+        Walk k;
+        int i = u & 31;
+        k.b = row + (i64)(u >> 5) * BYTES;
+        k.q = k.b + 48 + 4 * i;
+        k.h = k.b + 16 + 4 * (i & 7);
+        k.sh = 0;
+        return k;
     }
+    static __device__ __forceinline__ bool walks(int) { return true; }
+    static __device__ __forceinline__ int step(int bd) { return (bd >> 5) * BYTES; }
+    static __device__ __forceinline__ void advance(Walk& k, int st) {
+        k.b += st;
+        k.q += st;
+        k.h += st;
+    }
+    template <int Q>
+    static __device__ __forceinline__ void scales(const Walk (&wk)[Q], HalfScales (&sc)[Q]) {
+        k4_scales<Q>(wk, sc);
+    }
+    static __device__ __forceinline__ void quants(const Walk& k, float* v) {
+        // Bit 2g of qh is the low half's fifth bit, 2g + 1 the high half's.
+        u32 q = ldg32(k.q), t = ldg32(k.h) >> (2 * ((threadIdx.x & 31) >> 3));
+        bytes4((q & 0x0F0F0F0Fu) | ((t << 4) & 0x10101010u), 0.0f, v);
+        bytes4(((q >> 4) & 0x0F0F0F0Fu) | ((t << 3) & 0x10101010u), 0.0f, v + 4);
+    }
+    static const bool MINS = true;
+    static const int XJ = 32;
     static __device__ __forceinline__ int xoff(int u, int j) { return UQ4_K::xoff(u, j); }
 };
 
 // Q6_K (210-byte super-blocks of 256: 128 bytes of low nibbles ql, 64 of 2-bit highs qh, 16 int8
-// scales, f16 d). Element 128 g + 32 k + e (g < 2, k < 4, e < 32) is the low (k < 2) or high
-// nibble of ql[64 g + 32 (k & 1) + e] with bits 2k..2k+1 of qh[32 g + e] above it, minus 32,
-// times d * scale[8 g + 2 k + e / 16]. A unit is e0..e0 + 8 (e0 = 0, 8, 16, 24) for all four k.
+// scales, f16 d). Weight 128 g + 32 k + l (g < 2, k < 4, l < 32) is the low (k < 2) or high
+// nibble of ql[64 g + 32 (k & 1) + l] with bits 2k..2k+1 of qh[32 g + l] above it, minus 32,
+// times d * scale[8 g + 2 k + l / 16]. Unit i = 16 g + 8 h + m is ql bytes 4i..4i + 4: weights
+// 128 g + 32 h + 4 m + 0..3 (low nibbles, k = h) and 64 further on (high, k = h + 2), with the
+// qh bytes 32 g + 4 m.. and scales 8 g + 2 h + m / 4 and 4 further on. A 210-byte stride keeps
+// the alignment only over an even number of super-blocks: with bd / 32 odd the walk is rebuilt
+// each unit.
 struct UQ6_K : PerUnit<UQ6_K> {
-    static const int W = 32;
-    static __device__ __forceinline__ float unit(const u8* row, int u, float* v) {
-        const u8* s = row + (i64)(u >> 3) * 210;
-        int g = (u & 7) >> 2, e0 = 8 * (u & 3);
-        u32 a[2], b[2], qh[2], sc[2];
-        ld_words<2>(s + 64 * g + e0, a);
-        ld_words<2>(s + 64 * g + 32 + e0, b);
-        ld_words<2>(s + 128 + 32 * g + e0, qh);
-        ld_words<2>(s + 192 + 8 * g, sc);
-        float d = h2f(ldg16(s + 208));
-        int sh = 8 * (e0 >> 4);
+    static const int W = 8;
+    static const int BYTES = 210;
+    typedef KWalk Walk;
+    static __device__ __forceinline__ Walk walk(const u8* row, int u) {
+        Walk k;
+        int i = u & 31;
+        k.b = row + (i64)(u >> 5) * BYTES;
+        size_t a = (size_t)(k.b + 4 * i);
+        k.q = (const u8*)(a & ~(size_t)3);
+        k.h = (const u8*)(((size_t)(k.b + 128 + 32 * (i >> 4) + 4 * (i & 7))) & ~(size_t)3);
+        k.sh = (u32)(a & 3) * 8;
+        return k;
+    }
+    static __device__ __forceinline__ bool walks(int bd) { return ((bd >> 5) & 1) == 0; }
+    static __device__ __forceinline__ int step(int bd) { return (bd >> 5) * BYTES; }
+    static __device__ __forceinline__ void advance(Walk& k, int st) {
+        k.b += st;
+        k.q += st;
+        k.h += st;
+    }
+    // Lane l (of a row pair) decodes d * scale[l & 15].
+    template <int Q>
+    static __device__ __forceinline__ void scales(const Walk (&wk)[Q], HalfScales (&sc)[Q]) {
+        int lane = threadIdx.x & 31, i = lane;
+        int a = 8 * (i >> 4) + 2 * ((i >> 3) & 1) + ((i & 7) >> 2);
 #pragma unroll
-        for (int k = 0; k < 4; k++) {
-            // scale[8 g + 2 k + e0 / 16]: byte 2 (k & 1) + e0 / 16 of word k / 2, sign-extended.
-            int scale = ((int)(sc[k >> 1] << (24 - 16 * (k & 1) - sh))) >> 24;
-            float ds = d * (float)scale;
+        for (int p = 0; p < Q; p += 2) {
+            const u8* b = pair_row<Q>(wk, p, lane);
+            u32 s = (u32)__ldg(b + 192 + (lane & 15)) ^ 0x80u;
+            float val = (mbyte(s, 0) - (MAGIC + 128.0f)) * h2f(ldg16(b + 208));
 #pragma unroll
-            for (int w = 0; w < 2; w++) {
-                u32 lo = (k & 1) ? b[w] : a[w];
-                u32 nib = (k & 2) ? ((lo >> 4) & 0x0F0F0F0Fu) : (lo & 0x0F0F0F0Fu);
-                u32 hi = k == 0 ? (qh[w] << 4) : k == 1 ? (qh[w] << 2) : k == 2 ? qh[w] : (qh[w] >> 2);
-                float f[4];
-                bytes4(nib | (hi & 0x30303030u), 32.0f, f);
-#pragma unroll
-                for (int i = 0; i < 4; i++) v[8 * k + 4 * w + i] = f[i] * ds;
-            }
+            for (int o = 0; o < 2 && p + o < Q; o++)
+                sc[p + o] = shuffle_scales(val, o, a, a + 4, -1, -1);
         }
-        return 1.0f;
     }
+    static __device__ __forceinline__ void quants(const Walk& k, float* v) {
+        u32 ql = __funnelshift_r(ldg32(k.q), ldg32_at<4>(k.q), k.sh);
+        u32 qh = __funnelshift_r(ldg32(k.h), ldg32_at<4>(k.h), k.sh);
+        u32 t = qh >> (2 * ((threadIdx.x >> 3) & 1));
+        bytes4((ql & 0x0F0F0F0Fu) | ((t << 4) & 0x30303030u), 32.0f, v);
+        bytes4(((ql >> 4) & 0x0F0F0F0Fu) | (t & 0x30303030u), 32.0f, v + 4);
+    }
+    static const bool MINS = false;
+    static const int XJ = 64;
     static __device__ __forceinline__ int xoff(int u, int j) {
-        int g = (u & 7) >> 2, e0 = 8 * (u & 3);
-        return 256 * (u >> 3) + 128 * g + 32 * (j >> 1) + e0 + 4 * (j & 1);
+        int i = u & 31;
+        return 256 * (u >> 5) + 128 * (i >> 4) + 32 * ((i >> 3) & 1) + 4 * (i & 7) + 64 * j;
     }
+};
+
+// Which decoders are sub-block-scaled (their unit loop is mmv_loop_scaled).
+template <typename U>
+struct IsScaled {
+    static const bool value = false;
+};
+template <>
+struct IsScaled<UQ4_K> {
+    static const bool value = true;
+};
+template <>
+struct IsScaled<UQ5_K> {
+    static const bool value = true;
+};
+template <>
+struct IsScaled<UQ6_K> {
+    static const bool value = true;
 };
 
 // F16: 8 halves, one 16-byte load (rows are 16-byte aligned when K is a multiple of 32).
@@ -398,21 +544,22 @@ struct UGen : PerUnit<UGen<T> > {
 // bounded these kernels at 8 rows); at one row also a 1-column variant (`_c1`), which keeps 4x
 // the blocks in flight: the host takes it for float weights and narrow matrices (measured on
 // the H200: 4 columns cost SmolLM2 16% and 8B F16 10% at R = 1, and gained 8B Q4_0 and Q8_0
-// 7%). Wide units: one column, their 32 decoded values already fill the registers.
+// 7%).
 template <typename U, int M>
 struct Cols {
-    static const int N = U::W <= 8 ? 4 / M : 1;
+    static const int N = 4 / M;
 };
 
-// The unit loop of mmv_impl: this thread's units of the rows, accumulated into acc. SH: the
-// decoder walks each row (U::WALK) instead of decoding unit u from scratch.
+// The unit loop of mmv_impl for the decoders of one scale a unit: this thread's units of the
+// rows, accumulated into acc. SH: the decoder walks each row (U::WALK) instead of decoding unit
+// u from scratch.
 template <typename U, int R, int M, int C, bool SH>
 __device__ __forceinline__ void mmv_loop(const u8* const* rows, const float* __restrict__ x,
                                          int K, float (&acc)[M * C][R]) {
     const int W = U::W;
     int units = K / W;
     if (SH) {
-        // Walking decoders (units of 8): the rows' and x's addresses advance by constants.
+        // Walking decoders: the rows' and x's addresses advance by constants.
         typename U::Walk wk[M * C];
         int st = U::step(blockDim.x), xs = U::xstep(blockDim.x);
 #pragma unroll
@@ -445,56 +592,111 @@ __device__ __forceinline__ void mmv_loop(const u8* const* rows, const float* __r
         return;
     }
     for (int u = threadIdx.x; u < units; u += blockDim.x) {
-        if (W <= 8) {
-            // Narrow units: every weight row's unit live at once, each x load used for all.
-            float v[M * C][W], s[M * C];
+        // Every weight row's unit live at once, each x load used for all.
+        float v[M * C][W], s[M * C];
 #pragma unroll
-            for (int q = 0; q < M * C; q++) s[q] = U::unit(rows[q], u, v[q]);
+        for (int q = 0; q < M * C; q++) s[q] = U::unit(rows[q], u, v[q]);
 #pragma unroll
-            for (int r = 0; r < R; r++) {
-                const float* xr = x + (i64)r * K;
-                float d[M * C];
+        for (int r = 0; r < R; r++) {
+            const float* xr = x + (i64)r * K;
+            float d[M * C];
 #pragma unroll
-                for (int q = 0; q < M * C; q++) d[q] = 0.0f;
+            for (int q = 0; q < M * C; q++) d[q] = 0.0f;
 #pragma unroll
-                for (int j = 0; j < W / 4; j++) {
-                    float4 xv = ldx4(xr + U::xoff(u, j));
+            for (int j = 0; j < W / 4; j++) {
+                float4 xv = ldx4(xr + U::xoff(u, j));
 #pragma unroll
-                    for (int q = 0; q < M * C; q++) {
-                        d[q] = fmaf(v[q][4 * j], xv.x, d[q]);
-                        d[q] = fmaf(v[q][4 * j + 1], xv.y, d[q]);
-                        d[q] = fmaf(v[q][4 * j + 2], xv.z, d[q]);
-                        d[q] = fmaf(v[q][4 * j + 3], xv.w, d[q]);
-                    }
-                }
-#pragma unroll
-                for (int q = 0; q < M * C; q++) acc[q][r] = fmaf(d[q], s[q], acc[q][r]);
-            }
-        } else {
-            // Wide units: one weight row at a time (the next re-reads x from L1), so a thread
-            // holds one decoded unit: 32 registers, and no spills at R = 8.
-#pragma unroll
-            for (int q = 0; q < M * C; q++) {
-                float v[W];
-                float s = U::unit(rows[q], u, v);
-#pragma unroll
-                for (int r = 0; r < R; r++) {
-                    const float* xr = x + (i64)r * K;
-                    float d = 0.0f;
-#pragma unroll
-                    for (int j = 0; j < W / 4; j++) {
-                        float4 xv = ldx4(xr + U::xoff(u, j));
-                        d = fmaf(v[4 * j], xv.x, d);
-                        d = fmaf(v[4 * j + 1], xv.y, d);
-                        d = fmaf(v[4 * j + 2], xv.z, d);
-                        d = fmaf(v[4 * j + 3], xv.w, d);
-                    }
-                    acc[q][r] = fmaf(d, s, acc[q][r]);
+                for (int q = 0; q < M * C; q++) {
+                    d[q] = fmaf(v[q][4 * j], xv.x, d[q]);
+                    d[q] = fmaf(v[q][4 * j + 1], xv.y, d[q]);
+                    d[q] = fmaf(v[q][4 * j + 2], xv.z, d[q]);
+                    d[q] = fmaf(v[q][4 * j + 3], xv.w, d[q]);
                 }
             }
+#pragma unroll
+            for (int q = 0; q < M * C; q++) acc[q][r] = fmaf(d[q], s[q], acc[q][r]);
         }
     }
 }
+
+// The unit loop of the sub-block-scaled decoders (IsScaled): this thread's units of the rows,
+// accumulated into acc. SH: the walk advances a constant step a unit (U::walks(bd)), else it
+// is rebuilt for each unit.
+template <typename U, int R, int M, int C, bool SH>
+__device__ __forceinline__ void mmv_loop_scaled(const u8* const* rows, const float* __restrict__ x,
+                                                int K, float (&acc)[M * C][R]) {
+    const int Q = M * C;
+    int units = K / 8, st = U::step(blockDim.x), xs = 8 * blockDim.x;
+    typename U::Walk wk[Q];
+#pragma unroll
+    for (int q = 0; q < Q; q++) wk[q] = U::walk(rows[q], threadIdx.x);
+    const float* xw = x + U::xoff(threadIdx.x, 0);
+    for (int u = threadIdx.x; u < units; u += blockDim.x, xw += xs) {
+        if (!SH) {
+#pragma unroll
+            for (int q = 0; q < Q; q++) wk[q] = U::walk(rows[q], u);
+        }
+        HalfScales sc[Q];
+        U::template scales<Q>(wk, sc);
+        float v[Q][8];
+#pragma unroll
+        for (int q = 0; q < Q; q++) U::quants(wk[q], v[q]);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            const float* xr = xw + (i64)r * K;
+            float4 x0 = ldx4_at<0>(xr), x1 = ldx4_at<U::XJ>(xr);
+            float sx0 = 0.0f, sx1 = 0.0f;
+            if (U::MINS) {
+                sx0 = (x0.x + x0.y) + (x0.z + x0.w);
+                sx1 = (x1.x + x1.y) + (x1.z + x1.w);
+            }
+#pragma unroll
+            for (int q = 0; q < Q; q++) {
+                float d0 = v[q][0] * x0.x, d1 = v[q][4] * x1.x;
+                d0 = fmaf(v[q][1], x0.y, d0);
+                d1 = fmaf(v[q][5], x1.y, d1);
+                d0 = fmaf(v[q][2], x0.z, d0);
+                d1 = fmaf(v[q][6], x1.z, d1);
+                d0 = fmaf(v[q][3], x0.w, d0);
+                d1 = fmaf(v[q][7], x1.w, d1);
+                float a = fmaf(sc[q].s0, d0, acc[q][r]);
+                a = fmaf(sc[q].s1, d1, a);
+                if (U::MINS) {
+                    a = fmaf(sc[q].m0, sx0, a);
+                    a = fmaf(sc[q].m1, sx1, a);
+                }
+                acc[q][r] = a;
+            }
+        }
+        if (SH) {
+#pragma unroll
+            for (int q = 0; q < Q; q++) U::advance(wk[q], st);
+        }
+    }
+}
+
+// The unit loop a decoder takes: mmv_loop_scaled for the K-quants, else mmv_loop (walking when
+// the decoder walks and the block is a multiple of 8 threads).
+template <typename U, int R, int M, int C, bool S = IsScaled<U>::value>
+struct UnitLoop {
+    static __device__ __forceinline__ void run(const u8* const* rows, const float* x, int K,
+                                               float (&acc)[M * C][R]) {
+        if (U::WALK && (blockDim.x & 7) == 0)
+            mmv_loop<U, R, M, C, true>(rows, x, K, acc);
+        else
+            mmv_loop<U, R, M, C, false>(rows, x, K, acc);
+    }
+};
+template <typename U, int R, int M, int C>
+struct UnitLoop<U, R, M, C, true> {
+    static __device__ __forceinline__ void run(const u8* const* rows, const float* x, int K,
+                                               float (&acc)[M * C][R]) {
+        if (U::walks(blockDim.x))
+            mmv_loop_scaled<U, R, M, C, true>(rows, x, K, acc);
+        else
+            mmv_loop_scaled<U, R, M, C, false>(rows, x, K, acc);
+    }
+};
 
 template <typename U, int R, int M, int C>
 __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __restrict__ w1,
@@ -517,10 +719,7 @@ __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __
     for (int q = 0; q < M * C; q++)
 #pragma unroll
         for (int r = 0; r < R; r++) acc[q][r] = 0.0f;
-    if (U::WALK && (blockDim.x & 7) == 0)
-        mmv_loop<U, R, M, C, true>(rows, x, K, acc);
-    else
-        mmv_loop<U, R, M, C, false>(rows, x, K, acc);
+    UnitLoop<U, R, M, C>::run(rows, x, K, acc);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
 #pragma unroll
     for (int q = 0; q < M * C; q++)

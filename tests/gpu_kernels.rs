@@ -1173,7 +1173,7 @@ fn kernel_timings_for_the_record() {
         // The plain kernel (grid N / 4 x rows), then the unit kernels for 1 and 8 rows (grid N /
         // columns per block, 128 threads: K = 4096 is at least 128 units).
         let blocks = |cols: usize| n.div_ceil(cols) as u32;
-        let cols = m40_llm::backend::cuda::matmul::unit_cols(ty, false);
+        let cols = m40_llm::backend::cuda::matmul::unit_cols(false);
         for (kernel, rows, grid, block) in [
             (
                 format!("matvec_{sfx}"),
@@ -1297,7 +1297,7 @@ fn kernel_timings_for_the_record() {
                     );
                 }
                 let f = g.f("matvec", &format!("mmv_{sfx}_r8"));
-                let cols = m40_llm::backend::cuda::matmul::unit_cols(ty, false);
+                let cols = m40_llm::backend::cuda::matmul::unit_cols(false);
                 let (nn, kk, rb) = (n as i32, k as i32, row_bytes as i64);
                 let ms = time(&mut || {
                     for r0 in (0..32).step_by(8) {

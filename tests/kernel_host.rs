@@ -140,6 +140,8 @@ fn whole_kernels_run_thread_by_thread_on_the_host_match_f64_math() {
         "mmv q4_0 rows 8",
         "gate_up q8_0 rows 4",
         "mmv q6_k c1 rows 1",
+        "mmv q6_k rows 8 cols 4 9x1280",
+        "gate_up q5_k rows 8",
         "attention decode H16/1 D256",
         "attention prefill H8/2 D128 window 33",
         "mmq q4_k rows 33 tile 64 splits 3",

@@ -260,7 +260,8 @@ static std::vector<std::pair<int, int> > run(int slot, int start, int n) {
 
 int main() {
     // 9 columns (not a multiple of 4); K = 17 blocks (odd: every other row of the 18- and
-    // 34-byte types starts 2 bytes off a word) or 3 super-blocks.
+    // 34-byte types starts 2 bytes off a word) or 3 super-blocks (96 threads: Q6_K rebuilds its
+    // walk each unit).
     std::vector<int> d0 = {0}, dm = {0, 2}, q6 = {208}, none = {}, bf = {-1};
     MMV_CASES(f32, TF32, 544, 4, 1, none, 4);
     MMV_CASES(f16, TF16, 544, 2, 1, none, 4);
@@ -269,9 +270,13 @@ int main() {
     MMV_CASES(q5_0, TQ5_0, 544, 22, 32, d0, 4);
     MMV_CASES(q5_1, TQ5_1, 544, 24, 32, dm, 4);
     MMV_CASES(q8_0, TQ8_0, 544, 34, 32, d0, 4);
-    MMV_CASES(q4_k, TQ4_K, 768, 144, 256, dm, 1);
-    MMV_CASES(q5_k, TQ5_K, 768, 176, 256, dm, 1);
-    MMV_CASES(q6_k, TQ6_K, 768, 210, 256, q6, 1);
+    MMV_CASES(q4_k, TQ4_K, 768, 144, 256, dm, 4);
+    MMV_CASES(q5_k, TQ5_K, 768, 176, 256, dm, 4);
+    MMV_CASES(q6_k, TQ6_K, 768, 210, 256, q6, 4);
+    // K = 1280: 128 threads, so Q6_K's walk advances (an even number of super-blocks a step)
+    // over rows that start 2 bytes off a word every other row.
+    MMV_CASES(q4_k, TQ4_K, 1280, 144, 256, dm, 4);
+    MMV_CASES(q6_k, TQ6_K, 1280, 210, 256, q6, 4);
 
     // Tiled matmuls: 67 columns (a partial tile), one split, two, and three of 256.
     MMQ_CASES(f16, TF16, 768, 2, 1, none);

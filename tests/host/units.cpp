@@ -6,9 +6,11 @@
 // Checks, per type and row: T::at(row, e) for every element, and U::unit over the row's units
 // (v[i] * scale at element xoff(u, i / 4) + i % 4), every element covered exactly once, all
 // within 1e-6 of the row's largest magnitude; for walking decoders every thread's walk (see
-// check_walk). Exits non-zero when a type fails.
+// check_walk); the K-quants' decoders as their kernels run them (check_scaled). Exits non-zero
+// when a type fails.
 #include "../../kernels/matvec.cu"
 
+#include <atomic>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -69,29 +71,101 @@ static int check_walk(const char* name, const Rows& r) {
     return bad;
 }
 
-template <typename T, typename U>
-static int check(const char* name, const Rows& r) {
+// A sub-block-scaled decoder (IsScaled: the K-quants), run as the kernels run it: blocks of bd
+// threads (host_launch, real shuffles), each thread walking units t, t + bd, ... of a pair of
+// weight rows (its scales shuffled from the lanes that decode them), writing each weight
+// s v[i] + m at element xoff(u, i / 4) + i % 4. With `walk` the walk advances as the kernel's
+// does when U::walks(bd), else it is rebuilt per unit. Checks every element against the CPU's
+// (within 1e-6 of the row's largest magnitude) and that every element is written exactly once.
+template <typename U>
+static int check_scaled(const char* name, const Rows& r, bool walk) {
     int bad = 0;
-    const int W = U::W;
-    if (r.k % W != 0) {
-        std::printf("%s: K %u is not a whole number of units of %d\n", name, r.k, W);
-        return 1;
+    const int units = (int)r.k / U::W;
+    for (unsigned row = 0; row < r.n; row++) {
+        unsigned rows[2] = {row, (row + 1) % r.n};
+        for (int bd : {32, 64, 96, 128}) {
+            std::vector<float> got(2 * (size_t)r.k, NAN);
+            std::vector<std::atomic<int> > seen(2 * (size_t)r.k);
+            host_launch({1, 1, 1}, (unsigned)bd, [&] {
+                typename U::Walk wk[2];
+                const u8* p[2];
+                for (int q = 0; q < 2; q++) {
+                    p[q] = r.bytes.data() + (size_t)rows[q] * r.row_bytes;
+                    wk[q] = U::walk(p[q], (int)threadIdx.x);
+                }
+                bool sh = walk && U::walks(bd);
+                for (int u = (int)threadIdx.x; u < units; u += bd) {
+                    if (!sh)
+                        for (int q = 0; q < 2; q++) wk[q] = U::walk(p[q], u);
+                    HalfScales sc[2];
+                    U::template scales<2>(wk, sc);
+                    for (int q = 0; q < 2; q++) {
+                        float v[8];
+                        U::quants(wk[q], v);
+                        for (int i = 0; i < 8; i++) {
+                            int e = U::xoff(u, i / 4) + i % 4;
+                            if (e < 0 || e >= (int)r.k) continue;
+                            float s = i < 4 ? sc[q].s0 : sc[q].s1, m = i < 4 ? sc[q].m0 : sc[q].m1;
+                            got[(size_t)q * r.k + e] = std::fmaf(v[i], s, m);
+                            seen[(size_t)q * r.k + e]++;
+                        }
+                    }
+                    if (sh)
+                        for (int q = 0; q < 2; q++) U::advance(wk[q], U::step(bd));
+                }
+            });
+            for (int q = 0; q < 2; q++) {
+                const float* want = r.want.data() + (size_t)rows[q] * r.k;
+                float scale = 1e-30f;
+                for (unsigned e = 0; e < r.k; e++) scale = std::fmax(scale, std::fabs(want[e]));
+                for (unsigned e = 0; e < r.k; e++) {
+                    float g = got[(size_t)q * r.k + e];
+                    int n = seen[(size_t)q * r.k + e];
+                    if (n != 1 && bad++ < 5)
+                        std::printf("%s row %u, %d threads: element %u decoded %d times\n", name,
+                                    rows[q], bd, e, n);
+                    if (!(std::fabs(g - want[e]) <= 1e-6f * scale) && bad++ < 5)
+                        std::printf("%s row %u, %d threads%s: element %u = %.9g, the CPU's %.9g\n",
+                                    name, rows[q], bd, walk ? "" : " (no walk)", e, g, want[e]);
+                }
+            }
+        }
     }
+    return bad;
+}
+
+// T::at for every element of every row.
+template <typename T>
+static int check_at(const char* name, const Rows& r) {
+    int bad = 0;
     for (unsigned row = 0; row < r.n; row++) {
         const u8* p = r.bytes.data() + (size_t)row * r.row_bytes;
         const float* want = r.want.data() + (size_t)row * r.k;
         float scale = 1e-30f;
         for (unsigned e = 0; e < r.k; e++) scale = std::fmax(scale, std::fabs(want[e]));
-        auto close = [&](float got, float w) { return std::fabs(got - w) <= 1e-6f * scale; };
         for (unsigned e = 0; e < r.k; e++) {
             float got = T::at(p, (int)e);
-            if (!close(got, want[e]) && bad++ < 5)
+            if (!(std::fabs(got - want[e]) <= 1e-6f * scale) && bad++ < 5)
                 std::printf("%s row %u: at(%u) = %.9g, the CPU's %.9g\n", name, row, e, got,
                             want[e]);
         }
+    }
+    return bad;
+}
+
+// U::unit over every row's units, each element covered once; then the walks (check_walk).
+template <typename U>
+static int check_units(const char* name, const Rows& r) {
+    int bad = 0;
+    const int W = U::W;
+    for (unsigned row = 0; row < r.n; row++) {
+        const u8* p = r.bytes.data() + (size_t)row * r.row_bytes;
+        const float* want = r.want.data() + (size_t)row * r.k;
+        float scale = 1e-30f;
+        for (unsigned e = 0; e < r.k; e++) scale = std::fmax(scale, std::fabs(want[e]));
         std::vector<int> seen(r.k, 0);
         for (int u = 0; u < (int)r.k / W; u++) {
-            float v[32];
+            float v[8];
             float s = U::unit(p, u, v);
             for (int i = 0; i < W; i++) {
                 int e = U::xoff(u, i / 4) + i % 4;
@@ -100,7 +174,7 @@ static int check(const char* name, const Rows& r) {
                     continue;
                 }
                 seen[e]++;
-                if (!close(v[i] * s, want[e]) && bad++ < 5)
+                if (!(std::fabs(v[i] * s - want[e]) <= 1e-6f * scale) && bad++ < 5)
                     std::printf("%s row %u unit %d: element %d = %.9g, the CPU's %.9g\n", name,
                                 row, u, e, v[i] * s, want[e]);
             }
@@ -109,7 +183,29 @@ static int check(const char* name, const Rows& r) {
             if (seen[e] != 1 && bad++ < 5)
                 std::printf("%s row %u: element %u decoded %d times\n", name, row, e, seen[e]);
     }
-    bad += check_walk<U>(name, r);
+    return bad + check_walk<U>(name, r);
+}
+
+// A type's reference decoder and its unit decoder: check_units, or for the sub-block-scaled
+// decoders check_scaled with and without the walk.
+template <typename T, typename U, bool S = IsScaled<U>::value>
+struct Check {
+    static int units(const char* name, const Rows& r) { return check_units<U>(name, r); }
+};
+template <typename T, typename U>
+struct Check<T, U, true> {
+    static int units(const char* name, const Rows& r) {
+        return check_scaled<U>(name, r, true) + check_scaled<U>(name, r, false);
+    }
+};
+
+template <typename T, typename U>
+static int check(const char* name, const Rows& r) {
+    if (r.k % U::W != 0) {
+        std::printf("%s: K %u is not a whole number of units of %d\n", name, r.k, U::W);
+        return 1;
+    }
+    int bad = check_at<T>(name, r) + Check<T, U>::units(name, r);
     std::printf("%s: %u rows of %u, %s\n", name, r.n, r.k, bad ? "FAILED" : "ok");
     return bad;
 }

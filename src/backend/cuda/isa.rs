@@ -351,7 +351,7 @@ pub struct KernelCount {
     /// The unit loop: its head, instructions, x loads, classes.
     #[serde(rename = "loop")]
     pub unit_loop: PtxLoop,
-    /// Weights per unit of the decoder (`W`: 8 or 32).
+    /// Weights per unit of the decoder (`W`: 8 for every decoder today).
     pub unit_weights: u32,
     /// Output columns a block computes (`Cols` in kernels/matvec.cu): each x load feeds that
     /// many weight rows.
@@ -464,7 +464,7 @@ pub fn m40_counts(ptx: &str) -> Vec<TypeCount> {
                     let r = unit
                         .ok_or_else(|| IsaError::NoUnitWidth(decoder.to_string()))
                         .and_then(|w| {
-                            let cols = super::matmul::unit_cols(ty, false) as u32;
+                            let cols = super::matmul::unit_cols(false) as u32;
                             count_kernel(ptx, &kernel, rows, w, cols, budget)
                         });
                     KernelResult {
@@ -716,7 +716,8 @@ $L__BB1_9:
         assert_eq!(unit_decoder("q9_9"), None);
         assert!(is_tuned("q4_k") && is_tuned("f16"));
         assert!(!is_tuned("f32") && !is_tuned("q9_9"));
-        assert_eq!(unit_weights("UQ4_K"), Some(32));
+        assert_eq!(unit_weights("UQ4_K"), Some(8));
+        assert_eq!(unit_weights("UQ4_0"), Some(8));
         assert_eq!(unit_weights("UGen<TF32>"), Some(8));
         assert_eq!(unit_weights("UQ9_9"), None);
     }

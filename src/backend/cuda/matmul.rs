@@ -169,14 +169,10 @@ fn units_take(k: usize, x: u64) -> bool {
 }
 
 /// Output columns per block of `mmv_<ty>_r<R>` and `gate_up_swiglu_<ty>_r<R>` (kernels/matvec.cu
-/// `Cols`): 4 for the types with units of 8 weights (2 for gate/up, whose two matrices share the
-/// x loads too), 1 for the K-quants' units of 32. The `_r1_c1` variants compute one.
-pub fn unit_cols(ty: GgmlType, gate_up: bool) -> usize {
-    match ty {
-        GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => 1,
-        _ if gate_up => 2,
-        _ => 4,
-    }
+/// `Cols`): 4 (2 for gate/up, whose two matrices share the x loads too), for every type: all
+/// decode units of 8 weights. The `_r1_c1` variants compute one.
+pub fn unit_cols(gate_up: bool) -> usize {
+    if gate_up { 2 } else { 4 }
 }
 
 /// Rows at least this many take the several-column kernel at one row (blocks to spare).
@@ -195,7 +191,7 @@ pub fn unit_kernel(
     rows: usize,
     n: usize,
 ) -> (String, usize) {
-    let cols = unit_cols(ty, gate_up);
+    let cols = unit_cols(gate_up);
     let float = matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
     if rows == 1 && cols > 1 && (float || n < COLS_MIN_ROWS) {
         (format!("{prefix}_{sfx}_r1_c1"), 1)
