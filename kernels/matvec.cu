@@ -698,12 +698,13 @@ struct UnitLoop<U, R, M, C, true> {
     }
 };
 
+// Block `blk` of the launch over one matrix (pair): output columns blk * C .. blk * C + C.
 template <typename U, int R, int M, int C>
 __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __restrict__ w1,
                                          const float* __restrict__ x, float* __restrict__ y,
-                                         int N, int K, i64 row_bytes) {
+                                         int N, int K, i64 row_bytes, int blk) {
     __shared__ float red[MMV_THREADS / 32][M * C * R];
-    int n0 = blockIdx.x * C;
+    int n0 = blk * C;
     if (n0 >= N) return;  // the whole block: a grid larger than N / C
     // Weight row q = m * C + c is column n0 + c of matrix m (past N: column n0 again, unwritten).
     const u8* rows[M * C];
@@ -744,24 +745,50 @@ __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __
 #define MMV_R(name, U, R)                                                                        \
     extern "C" __global__ void mmv_##name##_r##R(const u8* w, const float* x, float* y, int N,  \
                                                  int K, i64 row_bytes) {                        \
-        mmv_impl<U, R, 1, Cols<U, 1>::N>(w, w, x, y, N, K, row_bytes);                           \
+        mmv_impl<U, R, 1, Cols<U, 1>::N>(w, w, x, y, N, K, row_bytes, blockIdx.x);               \
     }                                                                                            \
     extern "C" __global__ void gate_up_swiglu_##name##_r##R(                                     \
         const u8* wg, const u8* wu, const float* x, float* y, int N, int K, i64 row_bytes) {     \
-        mmv_impl<U, R, 2, Cols<U, 2>::N>(wg, wu, x, y, N, K, row_bytes);                         \
+        mmv_impl<U, R, 2, Cols<U, 2>::N>(wg, wu, x, y, N, K, row_bytes, blockIdx.x);             \
     }
 // One row, one output column per block (see Cols).
 #define MMV_C1(name, U)                                                                          \
     extern "C" __global__ void mmv_##name##_r1_c1(const u8* w, const float* x, float* y, int N, \
                                                   int K, i64 row_bytes) {                       \
-        mmv_impl<U, 1, 1, 1>(w, w, x, y, N, K, row_bytes);                                       \
+        mmv_impl<U, 1, 1, 1>(w, w, x, y, N, K, row_bytes, blockIdx.x);                           \
     }                                                                                            \
     extern "C" __global__ void gate_up_swiglu_##name##_r1_c1(                                    \
         const u8* wg, const u8* wu, const float* x, float* y, int N, int K, i64 row_bytes) {     \
-        mmv_impl<U, 1, 2, 1>(wg, wu, x, y, N, K, row_bytes);                                     \
+        mmv_impl<U, 1, 2, 1>(wg, wu, x, y, N, K, row_bytes, blockIdx.x);                         \
     }
-#define MMV(name, U) \
-    MMV_R(name, U, 1) MMV_R(name, U, 2) MMV_R(name, U, 4) MMV_R(name, U, 8) MMV_C1(name, U)
+// The plan's multi_matmul at one row (Q, K and V: up to three matrices of one type and K) in
+// one launch: blocks [0, b0) compute y0 = x W0ᵀ, the next b1 y1, the rest y2 (bi = ceil(ni /
+// C); n2 = 0 for two matrices). Each block computes what mmv_<ty>_r1 (C = 4) or _r1_c1 (C = 1)
+// computes for its columns, so every output is bit for bit the same as from the separate
+// launches, with two launches fewer per layer in the decode step.
+template <typename U, int C>
+__device__ __forceinline__ void mmv3_impl(const u8* w0, const u8* w1, const u8* w2,
+                                          const float* x, float* y0, float* y1, float* y2, int n0,
+                                          int n1, int n2, int K, i64 row_bytes) {
+    int b = blockIdx.x, b0 = (n0 + C - 1) / C, b1 = (n1 + C - 1) / C;
+    const u8* w = w0;
+    float* y = y0;
+    int n = n0;
+    if (b >= b0) {
+        b -= b0, w = w1, y = y1, n = n1;
+        if (b >= b1) b -= b1, w = w2, y = y2, n = n2;
+    }
+    mmv_impl<U, 1, 1, C>(w, w, x, y, n, K, row_bytes, b);
+}
+#define MMV3(name, U, C, SFX)                                                                    \
+    extern "C" __global__ void mmv3_##name##_r1##SFX(                                            \
+        const u8* w0, const u8* w1, const u8* w2, const float* x, float* y0, float* y1,          \
+        float* y2, int n0, int n1, int n2, int K, i64 row_bytes) {                               \
+        mmv3_impl<U, C>(w0, w1, w2, x, y0, y1, y2, n0, n1, n2, K, row_bytes);                    \
+    }
+#define MMV(name, U)                                                                         \
+    MMV_R(name, U, 1) MMV_R(name, U, 2) MMV_R(name, U, 4) MMV_R(name, U, 8) MMV_C1(name, U) \
+    MMV3(name, U, 4, ) MMV3(name, U, 1, _c1)
 
 MMV(f32, UGen<TF32>)
 MMV(f16, UF16)

@@ -1503,6 +1503,95 @@ fn matmul_agrees_on_the_unit_cublas_and_plain_kernel_paths() {
 }
 
 #[test]
+fn multi_matmul_is_one_launch_at_one_row_with_the_bits_of_separate_launches() {
+    use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul, MatmulPath};
+    let Some(g) = gpu() else { return };
+    let mm = Matmul::new(g.stream.clone(), true).unwrap();
+    // Q, K and V shapes of a small GQA model (and of an 8B's, whose 6144 rows take 4 columns a
+    // block), and a pair.
+    for (i, (ty, k, ns)) in [
+        (GgmlType::Q4_1, 576usize, vec![576usize, 192, 192]),
+        (GgmlType::Q4_K, 768, vec![640, 128, 128]),
+        (GgmlType::Q6_K, 512, vec![96, 32]),
+        (GgmlType::Q8_0, 4096, vec![4096, 1024, 1024]),
+        (GgmlType::F16, 256, vec![64, 64, 64]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let ws: Vec<DeviceWeight> = ns
+            .iter()
+            .enumerate()
+            .map(|(j, &n)| {
+                let (wb, _, _) = weight(800 + 10 * i as u64 + j as u64, ty, n, k);
+                DeviceWeight::upload(&g.stream, "w", ty, n, k, &wb).unwrap()
+            })
+            .collect();
+        let refs: Vec<&DeviceWeight> = ws.iter().collect();
+        let x = randn(&mut rng(900 + i as u64), 2 * k);
+        let x_d = g.up(&x);
+        let mut scratch = g.out(64 * k, NAN);
+        for rows in [1usize, 2] {
+            let outs: Vec<_> = ns.iter().map(|&n| g.out(rows * n, NAN)).collect();
+            let mut ys: Vec<Span<f32>> = outs.iter().map(Span::of).collect();
+            let paths = mm
+                .multi(&g.ks, &x_d, rows, &refs, &mut ys, &mut scratch)
+                .unwrap();
+            let what = format!("{ty:?} k={k} {ns:?} rows={rows}");
+            if rows == 1 {
+                assert_eq!(
+                    paths,
+                    vec![MatmulPath::UnitsMulti { matrices: ns.len() }],
+                    "{what}"
+                );
+            } else {
+                assert_eq!(
+                    paths.len(),
+                    ns.len(),
+                    "{what}: one run per weight past one row"
+                );
+            }
+            for (j, w) in ws.iter().enumerate() {
+                let mut alone = g.out(rows * w.n, NAN);
+                mm.run(&g.ks, &x_d, rows, w, &mut alone, &mut scratch)
+                    .unwrap();
+                let (a, b) = (g.down(&alone), g.down(&outs[j]));
+                assert!(
+                    a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{what}: matrix {j} differs from its own launch"
+                );
+            }
+        }
+    }
+    // Mismatched weights and outputs are an error, not a launch.
+    let (wb, _, _) = weight(1, GgmlType::Q8_0, 32, 256);
+    let w = DeviceWeight::upload(&g.stream, "w", GgmlType::Q8_0, 32, 256, &wb).unwrap();
+    let x_d = g.up(&vec![1f32; 256]);
+    let y = g.out(32, NAN);
+    let mut scratch = g.out(256, NAN);
+    let e = mm
+        .multi(&g.ks, &x_d, 1, &[&w, &w], &mut [Span::of(&y)], &mut scratch)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("2 weights and 1 outputs"), "{e}");
+    let short = g.out(31, NAN);
+    let e = mm
+        .multi(
+            &g.ks,
+            &x_d,
+            1,
+            &[&w, &w],
+            &mut [Span::of(&y), Span::of(&short)],
+            &mut scratch,
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("output 1 of 31 floats"), "{e}");
+}
+
+#[test]
 fn tf32_sgemm_is_refused_without_cublas_and_stays_within_tf32_rounding_on_sm80() {
     use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul, MatmulPath};
     use m40_llm::backend::device::{preferred_gpu, probe_gpus};

@@ -101,6 +101,65 @@ static void check_mmv(const char* ty, int n, int k, int block_bytes, int block_e
     }
 }
 
+// ---- mmv3: up to three matrices (the plan's multi_matmul) in one launch, at one row. Each
+// output must be bit for bit the single-matrix kernel's (`single`, same columns a block), and
+// within f64 rounding of the reference; `two` leaves the third matrix out (n2 = 0). ----
+typedef void (*Mmv3)(const u8*, const u8*, const u8*, const float*, float*, float*, float*, int,
+                     int, int, int, i64);
+
+template <typename T>
+static void check_mmv3(const char* ty, int k, int block_bytes, int block_elems,
+                       std::vector<int> halves, int cols, Mmv3 kernel, Mmv single, bool two) {
+    int rb = k / block_elems * block_bytes, m = two ? 2 : 3;
+    int ns[3] = {9, 5, two ? 0 : 12};
+    std::vector<u8> w[3];
+    for (int i = 0; i < 3; i++) w[i] = random_rows(std::max(ns[i], 1), k, block_bytes, block_elems, halves);
+    std::vector<float> x(k);
+    for (auto& v : x) v = unif();
+    std::vector<float> y[3];
+    unsigned grid = 0;
+    for (int i = 0; i < 3; i++) {
+        y[i].assign(std::max(ns[i], 1), NAN);
+        grid += (unsigned)((ns[i] + cols - 1) / cols);
+    }
+    unsigned threads = (unsigned)std::min(128, std::max(32, (k / 8 + 31) / 32 * 32));
+    host_launch({grid, 1, 1}, threads, [&] {
+        kernel(w[0].data(), w[1].data(), w[2].data(), x.data(), y[0].data(), y[1].data(),
+               y[2].data(), ns[0], ns[1], ns[2], k, rb);
+    });
+    for (int i = 0; i < m; i++) {
+        std::vector<float> alone(ns[i], NAN);
+        host_launch({(unsigned)((ns[i] + cols - 1) / cols), 1, 1}, threads,
+                    [&] { single(w[i].data(), x.data(), alone.data(), ns[i], k, rb); });
+        std::vector<double> want(ns[i]);
+        for (int c = 0; c < ns[i]; c++) {
+            double a = 0;
+            for (int e = 0; e < k; e++) a += (double)T::at(&w[i][(size_t)c * rb], e) * x[e];
+            want[c] = a;
+        }
+        std::string what = std::string("mmv3 ") + ty + " cols " + std::to_string(cols) +
+                           (two ? " of 2" : " of 3") + " matrix " + std::to_string(i);
+        bool same = std::memcmp(alone.data(), y[i].data(), 4 * (size_t)ns[i]) == 0;
+        if (!same) {
+            failures++;
+            std::printf("%s: FAILED (not the single-matrix kernel's bits)\n", what.c_str());
+        }
+        report(what, std::vector<float>(y[i].begin(), y[i].begin() + ns[i]), want, 1e-5);
+    }
+    if (two && !std::isnan(y[2][0])) {
+        failures++;
+        std::printf("mmv3 %s of 2: wrote the absent third output\n", ty);
+    }
+}
+
+#define MMV3_CASES(ty, T, K, BB, BE, HALVES)                                              \
+    do {                                                                                  \
+        check_mmv3<T>(#ty, K, BB, BE, HALVES, 4, mmv3_##ty##_r1, mmv_##ty##_r1, false);  \
+        check_mmv3<T>(#ty, K, BB, BE, HALVES, 1, mmv3_##ty##_r1_c1, mmv_##ty##_r1_c1,    \
+                      false);                                                             \
+        check_mmv3<T>(#ty, K, BB, BE, HALVES, 1, mmv3_##ty##_r1_c1, mmv_##ty##_r1_c1, true); \
+    } while (0)
+
 // ---- Tiled matmuls (mmq.cu): R rows on a tile of BR, K in splits of `chunk`, then the
 // reduction. ----
 typedef void (*Mmq)(const u8*, const float*, float*, float*, int, int, int, i64, int);
@@ -277,6 +336,13 @@ int main() {
     // over rows that start 2 bytes off a word every other row.
     MMV_CASES(q4_k, TQ4_K, 1280, 144, 256, dm, 4);
     MMV_CASES(q6_k, TQ6_K, 1280, 210, 256, q6, 4);
+
+    MMV3_CASES(f16, TF16, 544, 2, 1, none);
+    MMV3_CASES(q4_0, TQ4_0, 544, 18, 32, d0);
+    MMV3_CASES(q4_1, TQ4_1, 544, 20, 32, dm);
+    MMV3_CASES(q8_0, TQ8_0, 544, 34, 32, d0);
+    MMV3_CASES(q4_k, TQ4_K, 768, 144, 256, dm);
+    MMV3_CASES(q6_k, TQ6_K, 768, 210, 256, q6);
 
     // Tiled matmuls: 67 columns (a partial tile), one split, two, and three of 256.
     MMQ_CASES(f16, TF16, 768, 2, 1, none);

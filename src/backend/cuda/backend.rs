@@ -974,12 +974,15 @@ impl CudaBackend {
                 ops.select_rows(&act(0)?, &int(1)?, &mut out(0)?, t, n_out, width)?;
             }
             Op::MultiMatMul { n } => {
+                // One launch for Q, K and V at one row (`Matmul::multi`), else one per weight.
                 let x = act(0)?;
-                for i in 0..*n as usize {
-                    let w = mat(1 + i)?;
-                    self.mm
-                        .run(&self.ks, &x, rows_of(x, w.k), w, &mut out(i)?, &mut tiles)?;
-                }
+                let ws = (0..*n as usize)
+                    .map(|i| mat(1 + i))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut ys = (0..*n as usize).map(out).collect::<Result<Vec<_>, _>>()?;
+                let rows = ws.first().map_or(0, |w| rows_of(x, w.k));
+                self.mm
+                    .multi(&self.ks, &x, rows, &ws, &mut ys, &mut tiles)?;
             }
             Op::GateUpSwiGlu => {
                 let (x, gate, up) = (act(0)?, mat(1)?, mat(2)?);

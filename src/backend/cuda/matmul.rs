@@ -160,7 +160,13 @@ pub enum MatmulPath {
     CublasSgemm { tiles: usize },
     /// The plain reference kernel (a shape the unit kernels do not take).
     PlainKernel,
+    /// One launch of the unit kernels over `matrices` matrices of one type and K at one row
+    /// (`mmv3_<ty>_r1[_c1]`: the plan's multi_matmul, Q, K and V).
+    UnitsMulti { matrices: usize },
 }
+
+/// The most matrices one `mmv3_<ty>_r1` launch takes.
+pub const MULTI_MAX: usize = 3;
 
 /// Whether the unit and tiled kernels take this shape: whole units of 32 along K, and 16-byte
 /// aligned activation rows (they are read as float4).
@@ -442,6 +448,106 @@ impl Matmul {
             tiles += 1;
         }
         Ok(MatmulPath::CublasSgemm { tiles })
+    }
+
+    /// `ys[i] = x wsᵀ[i]` for the plan's multi_matmul (one input, several weights). At one row
+    /// with up to [`MULTI_MAX`] weights of one type and K on the unit kernels: one launch
+    /// (`mmv3_<ty>_r1[_c1]`, the same arithmetic per output column as [`Matmul::run`], so the
+    /// same bits); otherwise a [`Matmul::run`] per weight. The paths taken, a launch group each.
+    pub fn multi(
+        &self,
+        ks: &KernelSet,
+        x: &impl DeviceSpan<f32>,
+        rows: usize,
+        ws: &[&DeviceWeight],
+        ys: &mut [super::mem::Span<f32>],
+        scratch: &mut impl DeviceSpan<f32>,
+    ) -> Result<Vec<MatmulPath>, CudaError> {
+        let x = x.span();
+        if ws.len() != ys.len() {
+            return Err(CudaError::Launch {
+                kernel: "multi_matmul".into(),
+                reason: format!("{} weights and {} outputs", ws.len(), ys.len()),
+            });
+        }
+        let one_launch = rows == 1
+            && (2..=MULTI_MAX).contains(&ws.len())
+            && ws.iter().all(|w| w.ty == ws[0].ty && w.k == ws[0].k)
+            && units_take(ws[0].k, *x.ptr());
+        if !one_launch {
+            let mut paths = Vec::with_capacity(ws.len());
+            for (w, y) in ws.iter().zip(ys.iter_mut()) {
+                paths.push(self.run(ks, &x, rows, w, y, scratch)?);
+            }
+            return Ok(paths);
+        }
+        let w0 = ws[0];
+        let sfx = weight_kernel_suffix(w0.ty).unwrap_or("unsupported");
+        let shapes = ws
+            .iter()
+            .map(|w| format!("[{}, {}]", w.n, w.k))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let shape = format!("x [1, {}] · W {shapes} ({:?})", w0.k, w0.ty);
+        let bad = |kernel: &str, reason: String| CudaError::Launch {
+            kernel: kernel.to_string(),
+            reason: format!("{reason}: {shape}"),
+        };
+        if x.len() < w0.k {
+            return Err(bad("mmv3", format!("x of {} floats is too small", x.len())));
+        }
+        let mut ns = [0i32; MULTI_MAX];
+        let mut total = 0usize;
+        for (i, (w, y)) in ws.iter().zip(ys.iter()).enumerate() {
+            if y.len() < w.n {
+                return Err(bad(
+                    "mmv3",
+                    format!("output {i} of {} floats is too small", y.len()),
+                ));
+            }
+            ns[i] =
+                i32::try_from(w.n).map_err(|_| bad("mmv3", format!("N {} exceeds i32", w.n)))?;
+            total += w.n;
+        }
+        let k = i32::try_from(w0.k).map_err(|_| bad("mmv3", format!("K {} exceeds i32", w0.k)))?;
+        let row_bytes = w0.row_bytes as i64;
+        // The column count `unit_kernel` would pick for one matrix of all the rows (the C
+        // changes no column's arithmetic).
+        let (single, cols) = unit_kernel("mmv", sfx, w0.ty, false, 1, total);
+        let name = format!("mmv3_{}", single.trim_start_matches("mmv_"));
+        let f = ks.function("matvec", &name)?;
+        let blocks: usize = ws.iter().map(|w| w.n.div_ceil(cols)).sum();
+        let cfg = LaunchConfig {
+            grid_dim: (
+                u32::try_from(blocks).map_err(|_| bad(&name, "too many blocks".into()))?,
+                1,
+                1,
+            ),
+            block_dim: (unit_block(w0.k), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Absent matrices (two of three): any valid pointer, never read (their N is 0).
+        let w_at = |i: usize| ws.get(i).copied().unwrap_or(w0);
+        let y_at = |i: usize| ys.get(i).map_or(*ys[0].ptr(), |y| *y.ptr());
+        let (y0, y1, y2) = (y_at(0), y_at(1), y_at(2));
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&w_at(0).data)
+            .arg(&w_at(1).data)
+            .arg(&w_at(2).data)
+            .arg(x.ptr())
+            .arg(&y0)
+            .arg(&y1)
+            .arg(&y2)
+            .arg(&ns[0])
+            .arg(&ns[1])
+            .arg(&ns[2])
+            .arg(&k)
+            .arg(&row_bytes);
+        // SAFETY: the arguments match mmv3_<ty>_r1[_c1]'s signature: one row of x (K floats,
+        // checked), each output at least its N floats (checked), the weights of one type and K
+        // (so one row_bytes), K a whole number of units (`units_take`).
+        unsafe { b.launch(cfg) }.map_err(|e| bad(&name, e.to_string()))?;
+        Ok(vec![MatmulPath::UnitsMulti { matrices: ws.len() }])
     }
 
     /// `y[r, n] = silu(x[r] · gate[n]) * (x[r] · up[n])` in one kernel that reads both weights
