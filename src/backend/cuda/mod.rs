@@ -15,6 +15,7 @@ pub mod matmul;
 pub mod mem;
 pub mod nvrtc;
 pub mod ops;
+pub mod stepio;
 
 pub use backend::CudaBackend;
 
