@@ -510,8 +510,12 @@ impl StepIo {
         if top.results_len() <= self.layout.capacity {
             return Ok(false);
         }
-        // The old buffers may still be read by a copy: let it finish before they are freed.
-        self.wait()?;
+        // The old buffers may still be read by a copy or by the last step's kernels (a step
+        // without output rows does not synchronize): let everything finish before they go.
+        self.stream.synchronize().map_err(CudaError::driver(
+            "finishing the steps before the results grow",
+        ))?;
+        self.state.completed();
         let layout = IoLayout::new(
             self.layout.max_tokens,
             self.layout.max_outputs,
