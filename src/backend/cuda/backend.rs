@@ -593,7 +593,9 @@ impl CudaBackend {
             self.attn_part.device_ptr(&self.stream).0,
             self.up_rows.device_ptr(&self.stream).0,
         );
-        self.prepare_scratch(step)?;
+        // Compared whatever prepare_scratch returns: a failure after one buffer moved must
+        // still drop the graphs captured on it.
+        let prepared = self.prepare_scratch(step);
         if scratch_at
             != (
                 self.attn_part.device_ptr(&self.stream).0,
@@ -603,6 +605,7 @@ impl CudaBackend {
             // The graphs launch kernels on the old scratch.
             self.graphs.cached.clear();
         }
+        prepared?;
         // The step's integers and the flag's initial value (the logits' count: no NaN yet),
         // in one copy; the results region first grows if this step's top-k is wider.
         let n_vocab = self.n_vocab().unwrap_or(0);
@@ -628,7 +631,9 @@ impl CudaBackend {
         self.has_last = false;
         self.launch_steps(step, sizes)?;
         self.write_outputs(step, sizes, out)?;
-        // A step that did not synchronize (no output rows) leaves its copies in flight.
+        // Marks whatever copies are still in flight for the next write of a staging buffer to
+        // wait on (a step without output rows did not synchronize; its upload already fenced
+        // the inputs, so this records only copies enqueued after that).
         self.io.fence()?;
         self.last.clone_from(step);
         self.has_last = true;
@@ -1107,8 +1112,8 @@ impl CudaBackend {
             mem::download(&self.stream, span, buf, &name)?;
         }
         if !rest.is_empty() {
-            // Each download above synchronized the stream.
-            self.io.synchronized();
+            // Each download above synchronized the stream; say so to the staging buffers.
+            self.io.synchronize()?;
         }
         Ok(())
     }
@@ -1116,9 +1121,18 @@ impl CudaBackend {
     /// After a failed step: whether the device still works (a trivial synchronize), else the
     /// backend is marked unusable.
     fn check_device(&mut self, err: &BackendError) {
-        match self.stream.synchronize() {
-            Ok(()) => self.io.synchronized(),
-            Err(e) => self.broken = Some(format!("{err} (then the device reported: {e})")),
+        if let Err(e) = self.io.synchronize() {
+            self.broken = Some(format!("{err} (then the device reported: {e})"));
+        }
+    }
+}
+
+impl Drop for CudaBackend {
+    /// Lets the stream's work finish before the fields go: a step without output rows leaves
+    /// kernels running that read the arena, the weights and the KV cache, and the module.
+    fn drop(&mut self) {
+        if let Err(e) = self.stream.synchronize() {
+            tracing::warn!("the CUDA stream failed while the backend was dropped: {e}");
         }
     }
 }

@@ -214,17 +214,26 @@ pub fn pack_step(
             ),
         });
     }
-    let put = |dst: &mut [i32], at: usize, src: &mut dyn Iterator<Item = u32>| {
-        for (d, s) in dst[at..].iter_mut().zip(src) {
+    // Each field stops at its own end, whatever the step holds (the step was validated: its
+    // per-token fields are t long).
+    let put = |dst: &mut [i32], at: usize, max: usize, src: &mut dyn Iterator<Item = u32>| {
+        for (d, s) in dst[at..at + max].iter_mut().zip(src) {
             *d = s as i32;
         }
     };
-    put(dst, layout.tokens(), &mut step.tokens.iter().copied());
-    put(dst, layout.positions(), &mut step.positions.iter().copied());
-    put(dst, layout.slots(), &mut step.slots.iter().copied());
+    let (mt, mo) = (layout.max_tokens, layout.max_outputs);
+    put(dst, layout.tokens(), mt, &mut step.tokens.iter().copied());
+    put(
+        dst,
+        layout.positions(),
+        mt,
+        &mut step.positions.iter().copied(),
+    );
+    put(dst, layout.slots(), mt, &mut step.slots.iter().copied());
     put(
         dst,
         layout.outputs(),
+        mo,
         &mut step.outputs.iter().map(|o| o.row),
     );
     dst[layout.flag()] = flag;
@@ -522,8 +531,12 @@ impl StepIo {
             top.results_len(),
         )?;
         let ctx = self.stream.context().clone();
-        self.dev = device(&self.stream, layout.len(), "the step's inputs and results")?;
-        self.down = pinned(&ctx, layout.download_len(), 0, "the step's results")?;
+        // Both buffers first, then the swap: a failed allocation leaves the old buffers (and
+        // the graphs captured on them) as they were.
+        let dev = device(&self.stream, layout.len(), "the step's inputs and results")?;
+        let down = pinned(&ctx, layout.download_len(), 0, "the step's results")?;
+        self.dev = dev;
+        self.down = down;
         self.layout = layout;
         Ok(true)
     }
@@ -628,9 +641,14 @@ impl StepIo {
         })
     }
 
-    /// The stream was synchronized by someone else.
-    pub fn synchronized(&mut self) {
+    /// Synchronizes the stream: nothing is in flight afterwards (after a step's extra
+    /// downloads, or a failed step).
+    pub fn synchronize(&mut self) -> Result<(), CudaError> {
+        self.stream
+            .synchronize()
+            .map_err(CudaError::driver("finishing the step"))?;
         self.state.completed();
+        Ok(())
     }
 
     /// Records the event that the next write of a staging region waits for, if copies were
@@ -650,8 +668,10 @@ impl StepIo {
 impl Drop for StepIo {
     fn drop(&mut self) {
         // The pinned buffers must outlive the copies that read them.
-        if self.state.pending() != Pending::Nothing {
-            let _ = self.stream.synchronize();
+        if self.state.pending() != Pending::Nothing
+            && let Err(e) = self.stream.synchronize()
+        {
+            tracing::warn!("the CUDA stream failed while the step's buffers were dropped: {e}");
         }
     }
 }
