@@ -2165,6 +2165,88 @@ fn decode_graphs_replay_exactly_what_launching_each_kernel_computes() {
 }
 
 #[test]
+fn decode_graphs_replay_argmax_top_k_and_quiet_steps_like_launching_each_kernel() {
+    use m40_llm::backend::step::{OutputKind, StepOutputs};
+    let Some(g) = exec::device() else { return };
+    // A vocabulary wider than the 1024 top-k entries a row's results reserve, and steps of at
+    // most 8 tokens: 8 rows of top-k 1100 outgrow the results region (it regrows, dropping the
+    // graphs) halfway through.
+    let model = TinyModel {
+        n_vocab: 1152,
+        ..TinyModel::llama32()
+    }
+    .with_weight_type(GgmlType::Q8_0);
+    let file = Arc::new(model.open().unwrap());
+    let plan = exec::plan(&file, &g, 8, m40_llm::plan::Reuse::Liveness);
+    let kv = exec::geometry(400, 2);
+    let mut graphs = exec::cuda(&plan, &file, kv, &g);
+    let mut each = exec::cuda(&plan, &file, kv, &g);
+    graphs.set_graphs(true);
+    each.set_graphs(false);
+    let token = |p: u32| (p * 37 + 5) % model.n_vocab;
+    let run = |b: &mut dyn m40_llm::backend::Backend, step: &m40_llm::backend::step::Step| {
+        let mut out = StepOutputs::new();
+        b.step(step, &mut out).unwrap();
+        let rows: Vec<String> = (0..out.len())
+            .map(|i| format!("{:?}", out.row(i).unwrap()))
+            .collect();
+        rows
+    };
+    let mut check = |step: &m40_llm::backend::step::Step, what: &str| {
+        let (a, want) = (run(&mut graphs, step), run(&mut each, step));
+        assert_eq!(a.len(), step.outputs.len(), "{what}");
+        assert_eq!(a, want, "{what}: the replayed graph differs");
+    };
+    // Quiet prefill (no output rows: nothing synchronizes these steps), 8 tokens at a time.
+    for start in [0u32, 8] {
+        let tokens: Vec<u32> = (start..start + 8).map(token).collect();
+        let mut step = exec::Batch::new().seq(0, start, &tokens, 0).step;
+        step.outputs.clear();
+        check(&step, "a quiet prefill step");
+    }
+    let mut p1 = 0;
+    for p in 16u32..120 {
+        let mut b = exec::Batch::new().seq(0, p, &[token(p)], 0);
+        if p % 2 == 0 {
+            b = b.seq(1, p1, &[token(p1)], 25);
+            p1 += 1;
+        }
+        let mut step = b.step;
+        let kind = match p % 5 {
+            0 => Some(OutputKind::Argmax),
+            1 => Some(OutputKind::TopK(5)),
+            2 => None,
+            3 => Some(OutputKind::TopK(1)),
+            _ => Some(OutputKind::Logits),
+        };
+        match kind {
+            Some(k) => step.outputs.iter_mut().for_each(|o| o.kind = k),
+            None => step.outputs.clear(),
+        }
+        if p % 5 == 1 && step.outputs.len() == 2 {
+            step.outputs[1].kind = OutputKind::Argmax;
+        }
+        check(&step, &format!("decode at position {p}"));
+        if p == 70 {
+            // Slot 1 catches up by 8 tokens, every row a top-k of 1100: the results grow.
+            let tokens: Vec<u32> = (p1..p1 + 8).map(token).collect();
+            let mut wide = exec::Batch::new().seq(1, p1, &tokens, 25).step;
+            wide.outputs
+                .iter_mut()
+                .for_each(|o| o.kind = OutputKind::TopK(1100));
+            check(&wide, "eight rows of top-k 1100");
+            p1 += 8;
+        }
+    }
+    let (captures, replays) = graphs.graph_counts();
+    assert!(
+        captures >= 8 && replays >= 50,
+        "{captures} captures, {replays} replays"
+    );
+    eprintln!("decode graphs with argmax/top-k: {captures} captures, {replays} replays, identical");
+}
+
+#[test]
 fn device_argmax_and_top_k_agree_with_the_host_on_the_same_logits() {
     use m40_llm::backend::step::{OutputKind, RowOutput, StepOutputs, argmax, top_k_into};
     let Some(g) = exec::device() else { return };

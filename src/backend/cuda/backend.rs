@@ -5,22 +5,24 @@
 //! then uploads the weights once in their GGUF block layout (vectors such as norm weights as
 //! F32) and allocates the FP16 paged KV cache (per layer, K and V), the page tables
 //! (`[max_slots, max_pages_per_slot]` page numbers, `-1` where unmapped), one activation arena
-//! laid out exactly as the plan says, and the step's integer inputs.
+//! laid out exactly as the plan says, and the step's I/O buffer ([`super::stepio`]).
 //!
-//! A step copies its page tables' changed rows and its integer inputs to the device, applies
-//! its copy-on-write page copies, launches one kernel (or a few) per plan step on one stream,
-//! checks the logits for NaN/inf on the device, and copies back only what the step asked for:
-//! logits rows, or the device's argmax / top-k. [`CudaBackend::step`] is the interpreter: one
-//! `match` over the ops, as in the CPU backend.
+//! A step copies its page tables' changed rows and, in one copy from pinned memory, its integer
+//! inputs and the non-finite flag's initial value to the device, applies its copy-on-write page
+//! copies, launches one kernel (or a few) per plan step on one stream, then the logits' NaN/inf
+//! check and argmax / top-k on the device, and copies back only what the step asked for: the
+//! flag with the argmax / top-k results in one copy and one synchronize, and logits rows.
+//! [`CudaBackend::step`] is the interpreter: one `match` over the ops, as in the CPU backend.
 //!
 //! Decode steps (at most [`TILED_MAX_ROWS`] tokens) are captured once per shape as a CUDA graph
 //! and replayed: a step's kernels read everything that changes from step to step (tokens,
 //! positions, slots, page tables) from device buffers at fixed addresses, so the same launches
 //! serve every step of a shape, and one graph launch replaces a few hundred kernel launches
-//! (SmolLM2 has about 300 a token). The shape is the token and output counts, the context
-//! length in chunks of [`DECODE_CHUNK`] (flash-decoding's split count), so a sequence needs a new
-//! graph every 256 positions, and the attention kernel the step's slots pick; a shape is captured
-//! when it comes a second time. `M40LLM_CUDA_GRAPHS=0` launches every kernel every step instead.
+//! (SmolLM2 has about 300 a token), the non-finite check and argmax / top-k included. The shape
+//! is the token and output counts, the context length in chunks of [`DECODE_CHUNK`]
+//! (flash-decoding's split count), so a sequence needs a new graph every 256 positions, the
+//! attention kernel the step's slots pick and the step's top-k width; a shape is captured when
+//! it comes a second time. `M40LLM_CUDA_GRAPHS=0` launches every kernel every step instead.
 //!
 //! Errors name the kernel and the sizes. A failed launch or a failed step leaves the page
 //! tables as they were (the host's view is rolled back and the device's rows restored); if the
@@ -32,6 +34,7 @@ use super::matmul::{
 };
 use super::mem::{self, Span};
 use super::ops::{AttnShape, DECODE_CHUNK, Ops, PagedKv, Rope};
+use super::stepio::{IoLayout, StepIo, TopLayout, row_results};
 use super::{KernelSet, kernels};
 use crate::backend::device::GpuInfo;
 use crate::backend::layout::{
@@ -78,12 +81,15 @@ struct GraphKey {
     context_chunks: usize,
     /// Whether attention takes the prefill kernel (`Ops::prefill_attention_pays`).
     prefill_attention: bool,
+    /// The top-k width of the step's results (`TopLayout::k`: 0 none, 1 argmax): the check
+    /// and top-k kernels are part of the graph, and where their results go depends on it.
+    top_k: usize,
 }
 
 impl GraphKey {
     /// The key of a decode step; `None` for steps that are not replayed (prefill: more than
     /// `TILED_MAX_ROWS` tokens, where cuBLAS runs).
-    fn of(step: &Step) -> Option<GraphKey> {
+    fn of(step: &Step, n_vocab: usize) -> Option<GraphKey> {
         let tokens = step.n_tokens();
         if tokens == 0 || tokens > TILED_MAX_ROWS {
             return None;
@@ -94,6 +100,7 @@ impl GraphKey {
             outputs: step.outputs.len(),
             context_chunks: longest.div_ceil(DECODE_CHUNK),
             prefill_attention: Ops::prefill_attention_pays(&step.slots),
+            top_k: TopLayout::of(&step.outputs, n_vocab).k,
         })
     }
 }
@@ -140,14 +147,6 @@ struct LayerKv {
     width: usize,
 }
 
-/// The step's integer inputs on the device, `max_tokens` (outputs: `max_outputs`) each.
-struct StepInts {
-    tokens: CudaSlice<i32>,
-    positions: CudaSlice<i32>,
-    slots: CudaSlice<i32>,
-    outputs: CudaSlice<i32>,
-}
-
 /// The CUDA backend; see the [module docs](self).
 pub struct CudaBackend {
     plan: Plan,
@@ -160,27 +159,21 @@ pub struct CudaBackend {
     kv: Vec<LayerKv>,
     kv_index: HashMap<u32, usize>,
     tables: PageTables,
-    /// The page tables on the device, `max_slots * max_pages_per_slot` entries.
-    device_tables: CudaSlice<i32>,
-    ints: StepInts,
+    /// The step's integer inputs, the non-finite flag and the argmax / top-k results in one
+    /// device buffer, and the page tables (`max_slots * max_pages_per_slot` entries), with
+    /// their pinned host sides.
+    io: StepIo,
     /// Dequantized weight tiles (cuBLAS path) and the tiled kernels' partial sums.
     tiles: CudaSlice<f32>,
     /// The up projection of a multi-row fused gate/up (cuBLAS path), grown on demand.
     up_rows: CudaSlice<f32>,
     /// Flash-decoding partials, grown on demand.
     attn_part: CudaSlice<f32>,
-    /// Argmax / top-k results, grown on demand.
-    top_ids: CudaSlice<i32>,
-    top_vals: CudaSlice<f32>,
-    /// The non-finite check's result.
-    flag: CudaSlice<i32>,
     names: HashMap<String, ValueRef>,
     intact: Vec<Vec<bool>>,
     /// Host scratch.
-    host_i32: Vec<i32>,
-    host_ids: Vec<i32>,
-    host_vals: Vec<f32>,
     host_row: Vec<f32>,
+    host_top: Vec<TokenLogit>,
     last: Step,
     has_last: bool,
     /// Set when the device reported an error that leaves its state unknown.
@@ -313,6 +306,8 @@ impl CudaBackend {
         let tile_floats = cublas_floats.max(tiled_floats);
         // Scratch for the worst step, allocated now (not at the first step that needs it): one
         // token decoding at the longest context, and the largest multi-row FFN.
+        let table_len = geometry.max_slots as usize * geometry.max_pages_per_slot as usize;
+        let io_layout = IoLayout::for_limits(max_tokens, max_outputs, n_vocab(&plan).unwrap_or(0))?;
         let (part_floats, up_floats) = scratch_needs(
             &plan,
             &[geometry.max_positions().saturating_sub(1)],
@@ -336,7 +331,7 @@ impl CudaBackend {
                 .sum(),
             arena: plan.memory.arena_bytes,
             scratch: (tile_floats + part_floats + up_floats) as u64 * 4
-                + (4 * max_tokens as u64 + max_outputs as u64) * 4,
+                + StepIo::bytes(&io_layout, table_len),
         };
         let (free, total) =
             cudarc::driver::result::mem_get_info().map_err(driver("reading the free memory"))?;
@@ -398,16 +393,12 @@ impl CudaBackend {
                 width,
             });
         }
-        let table_len = geometry.max_slots as usize * geometry.max_pages_per_slot as usize;
-        let device_tables = stream
-            .clone_htod(&vec![-1i32; table_len.max(1)])
-            .map_err(driver("allocating the page tables"))?;
-        let ints = StepInts {
-            tokens: alloc(&stream, max_tokens, "the step's tokens")?,
-            positions: alloc(&stream, max_tokens, "the step's positions")?,
-            slots: alloc(&stream, max_tokens, "the step's slots")?,
-            outputs: alloc(&stream, max_outputs, "the step's output rows")?,
-        };
+        let io = StepIo::new(
+            &stream,
+            io_layout,
+            geometry.max_slots as usize,
+            geometry.max_pages_per_slot as usize,
+        )?;
         let arena = alloc(
             &stream,
             plan.memory.arena_bytes.div_ceil(4) as usize,
@@ -451,11 +442,8 @@ impl CudaBackend {
             ),
         };
         tracing::info!("CUDA executor on {gpu}: {}", device.detail);
-        let flag = alloc(&stream, 1, "the non-finite flag")?;
         let up_rows = alloc(&stream, up_floats, "the FFN's up projection")?;
         let attn_part = alloc(&stream, part_floats, "attention scratch")?;
-        let top_ids = alloc(&stream, 1, "scratch")?;
-        let top_vals = alloc(&stream, 1, "scratch")?;
         let names = value_names(&plan);
         let backend = CudaBackend {
             intact: intact_values(&plan),
@@ -467,19 +455,13 @@ impl CudaBackend {
             kv,
             kv_index,
             tables: PageTables::new(geometry),
-            device_tables,
-            ints,
+            io,
             tiles,
             up_rows,
             attn_part,
-            top_ids,
-            top_vals,
-            flag,
             names,
-            host_i32: Vec::new(),
-            host_ids: Vec::new(),
-            host_vals: Vec::new(),
             host_row: Vec::new(),
+            host_top: Vec::new(),
             last: Step::new(),
             has_last: false,
             broken: None,
@@ -580,19 +562,10 @@ impl CudaBackend {
         Ok(self.arena_span().sub(r.start, r.len, "arena")?)
     }
 
-    /// Copies the rows of `slots`' page tables from the host's view to the device.
+    /// Copies the rows of `slots`' page tables (ascending, no duplicates) from the host's view
+    /// to the device: one copy per run of neighbouring rows, from pinned memory.
     fn upload_tables(&mut self, slots: &[u32]) -> Result<(), BackendError> {
-        let stride = self.tables.geometry().max_pages_per_slot as usize;
-        let all = Span::of(&self.device_tables);
-        for &slot in slots {
-            self.host_i32.clear();
-            let pages = self.tables.pages(slot).unwrap_or(&[]);
-            self.host_i32.extend(pages.iter().map(|&p| p as i32));
-            self.host_i32.resize(stride, -1);
-            let row = all.sub(slot as usize * stride, stride, "page tables")?;
-            mem::upload(&self.stream, &self.host_i32, row, "a page table")?;
-        }
-        Ok(())
+        Ok(self.io.upload_rows(&self.tables, slots)?)
     }
 
     /// Runs a staged step; on error the caller rolls the tables back.
@@ -616,52 +589,13 @@ impl CudaBackend {
                 }
             }
         }
-        let upload = |stream: &Arc<CudaStream>,
-                      host: &mut Vec<i32>,
-                      src: &mut dyn Iterator<Item = u32>,
-                      dst: &CudaSlice<i32>,
-                      what: &str|
-         -> Result<(), BackendError> {
-            host.clear();
-            host.extend(src.map(|x| x as i32));
-            Ok(mem::upload(stream, host, Span::of(dst), what)?)
-        };
-        let mut host = std::mem::take(&mut self.host_i32);
-        let ints = &self.ints;
-        upload(
-            &self.stream,
-            &mut host,
-            &mut step.tokens.iter().copied(),
-            &ints.tokens,
-            "the step's tokens",
-        )?;
-        upload(
-            &self.stream,
-            &mut host,
-            &mut step.positions.iter().copied(),
-            &ints.positions,
-            "the step's positions",
-        )?;
-        upload(
-            &self.stream,
-            &mut host,
-            &mut step.slots.iter().copied(),
-            &ints.slots,
-            "the step's slots",
-        )?;
-        upload(
-            &self.stream,
-            &mut host,
-            &mut step.outputs.iter().map(|o| o.row),
-            &ints.outputs,
-            "the step's output rows",
-        )?;
-        self.host_i32 = host;
         let scratch_at = (
             self.attn_part.device_ptr(&self.stream).0,
             self.up_rows.device_ptr(&self.stream).0,
         );
-        self.prepare_scratch(step)?;
+        // Compared whatever prepare_scratch returns: a failure after one buffer moved must
+        // still drop the graphs captured on it.
+        let prepared = self.prepare_scratch(step);
         if scratch_at
             != (
                 self.attn_part.device_ptr(&self.stream).0,
@@ -671,6 +605,24 @@ impl CudaBackend {
             // The graphs launch kernels on the old scratch.
             self.graphs.cached.clear();
         }
+        prepared?;
+        // The step's integers and the flag's initial value (the logits' count: no NaN yet),
+        // in one copy; the results region first grows if this step's top-k is wider.
+        let n_vocab = self.n_vocab().unwrap_or(0);
+        let top = TopLayout::of(&step.outputs, n_vocab);
+        if self.io.ensure_results(top)? {
+            // The graphs read the step's inputs from the old buffer.
+            self.graphs.cached.clear();
+        }
+        let checked = step.outputs.len().saturating_mul(n_vocab);
+        let flag = i32::try_from(checked).map_err(|_| {
+            BackendError::Mismatch(format!(
+                "{} output rows of {n_vocab} logits do not fit the non-finite check's 32-bit \
+                 index",
+                step.outputs.len()
+            ))
+        })?;
+        self.io.upload_step(step, flag)?;
         let sizes = StepSizes {
             tokens: step.n_tokens() as u64,
             outputs: step.outputs.len() as u64,
@@ -679,6 +631,10 @@ impl CudaBackend {
         self.has_last = false;
         self.launch_steps(step, sizes)?;
         self.write_outputs(step, sizes, out)?;
+        // Marks whatever copies are still in flight for the next write of a staging buffer to
+        // wait on (a step without output rows did not synchronize; its upload already fenced
+        // the inputs, so this records only copies enqueued after that).
+        self.io.fence()?;
         self.last.clone_from(step);
         self.has_last = true;
         Ok(())
@@ -687,7 +643,8 @@ impl CudaBackend {
     /// Launches every plan step for `step`: a decode step's graph when there is one (capturing
     /// it the first time its shape is seen), else each kernel.
     fn launch_steps(&mut self, step: &Step, sizes: StepSizes) -> Result<(), BackendError> {
-        let Some(key) = GraphKey::of(step).filter(|_| self.graphs.enabled) else {
+        let n_vocab = self.n_vocab().unwrap_or(0);
+        let Some(key) = GraphKey::of(step, n_vocab).filter(|_| self.graphs.enabled) else {
             return self.launch_each(step, sizes);
         };
         if let Some(i) = self.graphs.cached.iter().position(|(k, _)| *k == key) {
@@ -759,9 +716,46 @@ impl CudaBackend {
         self.graphs.seen.clear();
     }
 
+    /// Launches every plan step's kernels, then the logits' non-finite check and the argmax /
+    /// top-k of the step's output rows (into the step I/O buffer, for `write_outputs`).
     fn launch_each(&self, step: &Step, sizes: StepSizes) -> Result<(), BackendError> {
         for i in 0..self.plan.steps.len() {
             self.run_step(i, step, sizes)?;
+        }
+        self.launch_checks(step, sizes)
+    }
+
+    /// The non-finite check over the step's logits rows (lowering the flag the host set to
+    /// their count) and argmax / top-k over all of them at once, for the widest request.
+    fn launch_checks(&self, step: &Step, sizes: StepSizes) -> Result<(), BackendError> {
+        let rows = step.outputs.len();
+        if rows == 0 {
+            return Ok(());
+        }
+        let (&first, _) = self
+            .plan
+            .outputs
+            .split_first()
+            .ok_or_else(|| BackendError::Mismatch("the plan has no output".into()))?;
+        let n_vocab = self
+            .n_vocab()
+            .ok_or_else(|| BackendError::Mismatch("the plan's output is not a matrix".into()))?;
+        let logits = self.value_span(first, sizes)?;
+        let ops = Ops {
+            ks: &self.ks,
+            stream: &self.stream,
+        };
+        ops.first_non_finite(&logits, rows * n_vocab, &mut self.io.flag()?)?;
+        let top = TopLayout::of(&step.outputs, n_vocab);
+        if top.k > 0 {
+            ops.top_k(
+                &logits,
+                rows,
+                n_vocab,
+                top.kernel_k(),
+                &mut self.io.top_ids(top)?,
+                &mut self.io.top_vals(top)?,
+            )?;
         }
         Ok(())
     }
@@ -804,7 +798,7 @@ impl CudaBackend {
         Ok(PagedKv {
             k: Span::of(&layer.k),
             v: Span::of(&layer.v),
-            tables: Span::of(&self.device_tables),
+            tables: self.io.tables(),
             table_stride: g.max_pages_per_slot as usize,
             page_size: g.page_size as usize,
         })
@@ -828,13 +822,9 @@ impl CudaBackend {
                 },
                 Operand::Value(v) => match source(plan, v) {
                     Source::Arena => In::Act(self.value_span(v, sizes)?),
-                    Source::Tokens => In::Int(Span::of(&self.ints.tokens).prefix(t, "tokens")?),
-                    Source::Positions => {
-                        In::Int(Span::of(&self.ints.positions).prefix(t, "positions")?)
-                    }
-                    Source::Outputs => {
-                        In::Int(Span::of(&self.ints.outputs).prefix(n_out, "output rows")?)
-                    }
+                    Source::Tokens => In::Int(self.io.tokens(t)?),
+                    Source::Positions => In::Int(self.io.positions(t)?),
+                    Source::Outputs => In::Int(self.io.output_rows(n_out)?),
                     Source::Kv(layer) => In::Kv(
                         *self
                             .kv_index
@@ -910,8 +900,8 @@ impl CudaBackend {
                 .copied()
                 .ok_or_else(|| fail(format!("no KV cache for layer {layer}")))
         };
-        let pos = Span::of(&self.ints.positions).prefix(t, "positions")?;
-        let slots = Span::of(&self.ints.slots).prefix(t, "slots")?;
+        let pos = self.io.positions(t)?;
+        let slots = self.io.slots(t)?;
         let mut tiles = Span::of(&self.tiles);
 
         match &ps.op {
@@ -1023,7 +1013,9 @@ impl CudaBackend {
     }
 
     /// Fills `out` from the plan's outputs: the first (logits) per output request, the others
-    /// whole. Checks the logits for NaN/inf on the device and copies back only what was asked.
+    /// whole. The non-finite check and argmax / top-k ran with the step's kernels
+    /// (`launch_checks`); their flag and results come back in one copy and one synchronize,
+    /// then logits rows are copied back for the rows that asked for them.
     fn write_outputs(
         &mut self,
         step: &Step,
@@ -1040,58 +1032,17 @@ impl CudaBackend {
             .ok_or_else(|| BackendError::Mismatch("the plan's output is not a matrix".into()))?;
         let logits = self.value_span(first, sizes)?;
         let rows = step.outputs.len();
-        let name = self
-            .plan
-            .value(first)
-            .map_or("logits".to_string(), |o| o.name.clone());
-        let ops = Ops {
-            ks: &self.ks,
-            stream: &self.stream,
-        };
         out.clear(n_vocab);
         if rows > 0 {
-            // The non-finite check, on the device.
             let n = rows * n_vocab;
-            let flag = Span::of(&self.flag);
-            mem::upload(&self.stream, &[n as i32], flag, "the non-finite flag")?;
-            ops.first_non_finite(&logits, n, &mut Span::of(&self.flag))?;
-            // Argmax / top-k for the rows that asked, over every row at once.
-            let k_max = step
-                .outputs
-                .iter()
-                .map(|o| match o.kind {
-                    OutputKind::Logits => 0,
-                    OutputKind::Argmax => 1,
-                    OutputKind::TopK(k) => (k as usize).min(n_vocab),
-                })
-                .max()
-                .unwrap_or(0);
-            if k_max > 0 {
-                ensure(&self.stream, &mut self.top_ids, rows * k_max, "top-k ids")?;
-                ensure(
-                    &self.stream,
-                    &mut self.top_vals,
-                    rows * k_max,
-                    "top-k logits",
-                )?;
-                let k = if k_max == 1 { 0 } else { k_max };
-                let ops = Ops {
-                    ks: &self.ks,
-                    stream: &self.stream,
-                };
-                ops.top_k(
-                    &logits,
-                    rows,
-                    n_vocab,
-                    k,
-                    &mut Span::of(&self.top_ids),
-                    &mut Span::of(&self.top_vals),
-                )?;
-            }
-            let mut first_bad = [0i32];
-            mem::download(&self.stream, flag, &mut first_bad, "the non-finite flag")?;
-            let bad = first_bad[0].max(0) as usize;
+            let top = TopLayout::of(&step.outputs, n_vocab);
+            let down = self.io.download(top)?;
+            let bad = down
+                .first()
+                .ok_or_else(|| BackendError::Mismatch("the step's results are empty".into()))?;
+            let bad = (*bad).max(0) as usize;
             if bad < n {
+                // The error path: one more copy for the value itself.
                 let mut value = [0f32];
                 mem::download(
                     &self.stream,
@@ -1101,7 +1052,10 @@ impl CudaBackend {
                 )?;
                 let row = bad / n_vocab;
                 return Err(BackendError::NonFinite {
-                    value_name: name,
+                    value_name: self
+                        .plan
+                        .value(first)
+                        .map_or("logits".to_string(), |o| o.name.clone()),
                     row,
                     position: step
                         .outputs
@@ -1113,52 +1067,37 @@ impl CudaBackend {
                     value: value[0],
                 });
             }
-            if k_max > 0 {
-                self.host_ids.resize(rows * k_max, 0);
-                self.host_vals.resize(rows * k_max, 0.0);
-                mem::download(
-                    &self.stream,
-                    Span::of(&self.top_ids),
-                    &mut self.host_ids,
-                    "top-k ids",
-                )?;
-                mem::download(
-                    &self.stream,
-                    Span::of(&self.top_vals),
-                    &mut self.host_vals,
-                    "top-k logits",
-                )?;
-            }
             let all_logits = step.outputs.iter().all(|o| o.kind == OutputKind::Logits);
             if all_logits {
                 self.host_row.resize(n, 0.0);
                 mem::download(&self.stream, logits, &mut self.host_row, "the logits")?;
             }
-            let mut entries: Vec<TokenLogit> = Vec::new();
             for (r, request) in step.outputs.iter().enumerate() {
-                let top = |j: usize| TokenLogit {
-                    id: self.host_ids[r * k_max + j].max(0) as u32,
-                    logit: self.host_vals[r * k_max + j],
-                };
                 match request.kind {
                     OutputKind::Logits if all_logits => {
                         out.push_logits(&self.host_row[r * n_vocab..(r + 1) * n_vocab]);
                     }
                     OutputKind::Logits => {
-                        let mut row = vec![0f32; n_vocab];
+                        self.host_row.resize(n_vocab, 0.0);
                         mem::download(
                             &self.stream,
                             logits.sub(r * n_vocab, n_vocab, "logits")?,
-                            &mut row,
+                            &mut self.host_row,
                             "a logits row",
                         )?;
-                        out.push_logits(&row);
+                        out.push_logits(&self.host_row);
                     }
-                    OutputKind::Argmax => out.push_argmax(top(0)),
+                    OutputKind::Argmax => {
+                        row_results(down, top, r, 1, &mut self.host_top)?;
+                        let best = self.host_top.first().copied().ok_or_else(|| {
+                            BackendError::Mismatch(format!("no argmax for output row {r}"))
+                        })?;
+                        out.push_argmax(best);
+                    }
                     OutputKind::TopK(k) => {
-                        entries.clear();
-                        entries.extend((0..(k as usize).min(n_vocab)).map(top));
-                        out.push_top_k(&entries);
+                        let k = (k as usize).min(n_vocab);
+                        row_results(down, top, r, k, &mut self.host_top)?;
+                        out.push_top_k(&self.host_top);
                     }
                 }
             }
@@ -1175,14 +1114,28 @@ impl CudaBackend {
             buf.resize(span.len(), 0.0);
             mem::download(&self.stream, span, buf, &name)?;
         }
+        if !rest.is_empty() {
+            // Each download above synchronized the stream; say so to the staging buffers.
+            self.io.synchronize()?;
+        }
         Ok(())
     }
 
     /// After a failed step: whether the device still works (a trivial synchronize), else the
     /// backend is marked unusable.
     fn check_device(&mut self, err: &BackendError) {
-        if let Err(e) = self.stream.synchronize() {
+        if let Err(e) = self.io.synchronize() {
             self.broken = Some(format!("{err} (then the device reported: {e})"));
+        }
+    }
+}
+
+impl Drop for CudaBackend {
+    /// Lets the stream's work finish before the fields go: a step without output rows leaves
+    /// kernels running that read the arena, the weights and the KV cache, and the module.
+    fn drop(&mut self) {
+        if let Err(e) = self.stream.synchronize() {
+            tracing::warn!("the CUDA stream failed while the backend was dropped: {e}");
         }
     }
 }

@@ -10,8 +10,11 @@
 
 use super::CudaError;
 use cudarc::driver::sys::CUdeviceptr;
-use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DeviceRepr};
+use cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+};
 use std::marker::PhantomData;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// `len` elements of `T` at device address `ptr`.
@@ -83,6 +86,26 @@ impl<T> Span<T> {
         self.sub(0, len, what)
     }
 
+    /// The same memory as elements of `U`, which must have `T`'s size (an `i32` buffer read
+    /// as `f32` bits), or an error.
+    pub fn cast<U>(self) -> Result<Span<U>, CudaError> {
+        if std::mem::size_of::<U>() != std::mem::size_of::<T>() {
+            return Err(CudaError::Launch {
+                kernel: "a buffer cast".into(),
+                reason: format!(
+                    "{} bytes per element read as {}",
+                    std::mem::size_of::<T>(),
+                    std::mem::size_of::<U>()
+                ),
+            });
+        }
+        Ok(Span {
+            ptr: self.ptr,
+            len: self.len,
+            _t: PhantomData,
+        })
+    }
+
     fn bytes(&self) -> usize {
         self.len * std::mem::size_of::<T>()
     }
@@ -123,6 +146,76 @@ pub fn upload<T: DeviceRepr>(
         cudarc::driver::result::memcpy_htod_async(dst.ptr, src, stream.cu_stream())
             .map_err(CudaError::driver(format!("copying {what} to the device")))
     }
+}
+
+/// Asynchronous copy of the elements `range` of pinned `src` into the start of `dst` (`dst` at
+/// least as long): one driver call, no staging copy.
+///
+/// # Safety
+/// The copy engine reads `src` after this returns: `src[range]` must not be written, and `src`
+/// not freed, until the copy has completed (a synchronize of `stream`, or an event recorded on
+/// it after this call, has returned).
+pub unsafe fn upload_pinned<T: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    src: &PinnedHostSlice<T>,
+    range: Range<usize>,
+    dst: Span<T>,
+    what: &str,
+) -> Result<(), CudaError> {
+    let host = src
+        .as_slice()
+        .map_err(CudaError::driver(format!("pinned host memory of {what}")))?;
+    let len = host.len();
+    let host = host.get(range.clone()).ok_or_else(|| CudaError::Launch {
+        kernel: what.into(),
+        reason: format!(
+            "elements {}..{} are outside a host buffer of {len}",
+            range.start, range.end
+        ),
+    })?;
+    let dst = dst.prefix(host.len(), what)?;
+    if host.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: `dst` holds `host.len()` elements of T (checked above); the caller keeps `host`
+    // unchanged and alive until the copy has completed.
+    unsafe {
+        cudarc::driver::result::memcpy_htod_async(dst.ptr, host, stream.cu_stream())
+            .map_err(CudaError::driver(format!("copying {what} to the device")))
+    }
+}
+
+/// Copy of `src` into the first `len` elements of pinned `dst` (one driver call, no staging
+/// copy); waits for the stream, so `dst` holds the values when it returns and any earlier
+/// failure of the stream's work is reported here.
+pub fn download_pinned<T: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    src: Span<T>,
+    dst: &mut PinnedHostSlice<T>,
+    len: usize,
+    what: &str,
+) -> Result<(), CudaError> {
+    let src = src.prefix(len, what)?;
+    let host = dst
+        .as_mut_slice()
+        .map_err(CudaError::driver(format!("pinned host memory of {what}")))?;
+    let cap = host.len();
+    let host = host.get_mut(..len).ok_or_else(|| CudaError::Launch {
+        kernel: what.into(),
+        reason: format!("{len} elements into a host buffer of {cap}"),
+    })?;
+    if !host.is_empty() {
+        // SAFETY: `src` holds `len` elements of T (checked above); `host` stays borrowed until
+        // the synchronize below has returned, so the copy has completed (or the stream failed,
+        // and it will not run) before anyone reads or frees it.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(host, src.ptr, stream.cu_stream())
+                .map_err(CudaError::driver(format!("copying {what} from the device")))?;
+        }
+    }
+    stream
+        .synchronize()
+        .map_err(CudaError::driver(format!("finishing the step ({what})")))
 }
 
 /// Copy of `src` into `dst` (same length); waits for the stream, so `dst` holds the values when

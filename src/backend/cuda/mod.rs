@@ -3,7 +3,8 @@
 //! `m40-llm doctor` reports about the driver and cuBLAS, and the matvec kernels' instruction
 //! counts against the M40's budget ([`isa`]); the launchers ([`ops`], [`matmul`])
 //! over device memory ([`mem`]); and the executor that runs a plan with them
-//! ([`CudaBackend`]).
+//! ([`CudaBackend`]), its step's inputs and results packed into one copy each way
+//! ([`stepio`]).
 //!
 //! Everything is loaded at run time: a binary built here runs on a machine without CUDA, and
 //! says what is missing when asked to use it.
@@ -15,6 +16,7 @@ pub mod matmul;
 pub mod mem;
 pub mod nvrtc;
 pub mod ops;
+pub mod stepio;
 
 pub use backend::CudaBackend;
 
