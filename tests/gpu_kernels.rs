@@ -2326,6 +2326,82 @@ fn non_finite_logits_and_invalid_steps_are_errors_and_the_backend_goes_on() {
     assert_eq!(rows.len(), 2);
 }
 
+#[test]
+fn a_non_finite_step_in_a_replayed_graph_is_reported_and_the_next_replay_is_clean() {
+    use m40_llm::backend::step::{OutputKind, StepOutputs};
+    let Some(g) = exec::device() else { return };
+    let model = TinyModel::llama32();
+    let mut tensors = model.tensors().unwrap();
+    let emb = tensors
+        .iter_mut()
+        .find(|t| t.name == "token_embd.weight")
+        .unwrap();
+    assert_eq!(emb.ty, GgmlType::F32);
+    let k = emb.ne[0] as usize;
+    // Token 9's embedding is NaN: a step decoding it has NaN logits, the others are finite.
+    const BAD: usize = 9;
+    for b in &mut emb.data[BAD * k * 4..(BAD + 1) * k * 4] {
+        *b = 0xff;
+    }
+    let writer = tensors.into_iter().fold(model.metadata(), |w, t| {
+        w.tensor(t.name, t.ty, &t.ne, t.data)
+    });
+    let file = Arc::new(GgufFile::from_bytes("tiny/nan9.gguf", writer.to_bytes()).unwrap());
+    let plan = exec::plan(&file, &g, 16, m40_llm::plan::Reuse::Liveness);
+    let mut graphs = exec::cuda(&plan, &file, exec::geometry(64, 1), &g);
+    let mut each = exec::cuda(&plan, &file, exec::geometry(64, 1), &g);
+    graphs.set_graphs(true);
+    each.set_graphs(false);
+    let decode = |p: u32, t: u32| {
+        let mut s = exec::Batch::new().seq(0, p, &[t], 0).step;
+        s.outputs
+            .iter_mut()
+            .for_each(|o| o.kind = OutputKind::Argmax);
+        s
+    };
+    let argmax = |b: &mut dyn m40_llm::backend::Backend, s: &m40_llm::backend::step::Step| {
+        let mut out = StepOutputs::new();
+        b.step(s, &mut out)
+            .map(|()| format!("{:?}", out.row(0).unwrap()))
+    };
+    let prompt = exec::Batch::new().seq(0, 0, &[1, 2, 3], 0).step;
+    for b in [&mut graphs, &mut each] {
+        b.step(&prompt, &mut StepOutputs::new()).unwrap();
+    }
+    // Positions 3-5 good (the shape is captured on its second step, replayed on the third),
+    // then token 9 at position 6 in the replayed graph, then a good token at position 6.
+    for p in 3u32..6 {
+        let s = decode(p, p + 10);
+        assert_eq!(
+            argmax(&mut graphs, &s).unwrap(),
+            argmax(&mut each, &s).unwrap()
+        );
+    }
+    let (captures, replays) = graphs.graph_counts();
+    assert!(
+        captures >= 1 && replays >= 1,
+        "{captures} captures, {replays} replays"
+    );
+    let bad = decode(6, BAD as u32);
+    for (b, what) in [(&mut graphs, "graphs"), (&mut each, "each kernel")] {
+        let err = argmax(b, &bad).unwrap_err();
+        let m40_llm::backend::BackendError::NonFinite { row, position, .. } = err else {
+            panic!("{what}: {err}")
+        };
+        assert_eq!((row, position), (0, 6), "{what}");
+    }
+    assert!(
+        graphs.graph_counts().1 > replays,
+        "the bad step was not a replay"
+    );
+    let good = decode(6, 20);
+    assert_eq!(
+        argmax(&mut graphs, &good).unwrap(),
+        argmax(&mut each, &good).unwrap(),
+        "the replay after a non-finite step"
+    );
+}
+
 /// The default model, teacher-forced over llama.cpp's greedy continuations: CUDA's argmax is the
 /// CPU backend's wherever the CPU's top1-top2 margin is at least 0.1, logits within 1e-2, and
 /// the mean negative log-likelihood of the forced tokens (perplexity's log) within 0.1 %.
