@@ -312,52 +312,75 @@ pub enum Region {
     Tables,
 }
 
-/// Which staging regions copies in flight may still read, and what completes them.
+/// What each staging region waits for before it may be written again. Each region has its own
+/// state, so a copy of one region does not make the other wait for more than its own copy.
+/// There is one event: when it is recorded again, a region waiting on it waits for a later
+/// point of the stream, which still follows that region's copy (events are recorded right
+/// after copies, before the step's kernels).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Inflight {
-    pending: Pending,
-    inputs: bool,
-    tables: bool,
+    inputs: Pending,
+    tables: Pending,
 }
 
 impl Inflight {
+    fn slot(&mut self, region: Region) -> &mut Pending {
+        match region {
+            Region::Inputs => &mut self.inputs,
+            Region::Tables => &mut self.tables,
+        }
+    }
+
     /// What to wait for before writing `region`.
     pub fn before_write(&self, region: Region) -> Pending {
-        let busy = match region {
+        match region {
             Region::Inputs => self.inputs,
             Region::Tables => self.tables,
-        };
-        if busy { self.pending } else { Pending::Nothing }
+        }
     }
 
     /// A copy reading `region` was enqueued.
     pub fn enqueued(&mut self, region: Region) {
-        match region {
-            Region::Inputs => self.inputs = true,
-            Region::Tables => self.tables = true,
-        }
-        self.pending = Pending::Stream;
+        *self.slot(region) = Pending::Stream;
     }
 
-    /// The stream was synchronized, or the event waited for: nothing is in flight.
+    /// The stream was synchronized: nothing is in flight.
     pub fn completed(&mut self) {
         *self = Inflight::default();
     }
 
+    /// The event was waited for: the copies before it are done (those after it, `Stream`, not).
+    pub fn event_completed(&mut self) {
+        for p in [&mut self.inputs, &mut self.tables] {
+            if *p == Pending::Event {
+                *p = Pending::Nothing;
+            }
+        }
+    }
+
     /// Whether an event should be recorded now (copies enqueued and no synchronize after).
     pub fn wants_event(&self) -> bool {
-        self.pending == Pending::Stream
+        self.inputs == Pending::Stream || self.tables == Pending::Stream
     }
 
     /// An event was recorded after every copy enqueued so far.
     pub fn event_recorded(&mut self) {
-        if self.pending == Pending::Stream {
-            self.pending = Pending::Event;
+        for p in [&mut self.inputs, &mut self.tables] {
+            if *p == Pending::Stream {
+                *p = Pending::Event;
+            }
         }
     }
 
+    /// The most either region waits for (`Stream` over `Event` over `Nothing`).
     pub fn pending(&self) -> Pending {
-        self.pending
+        if self.wants_event() {
+            Pending::Stream
+        } else if self.inputs == Pending::Event || self.tables == Pending::Event {
+            Pending::Event
+        } else {
+            Pending::Nothing
+        }
     }
 }
 
@@ -541,28 +564,30 @@ impl StepIo {
         Ok(true)
     }
 
-    /// Waits until nothing in flight reads a staging region.
-    pub fn wait(&mut self) -> Result<(), CudaError> {
-        match self.state.pending() {
+    /// Waits for `pending`: the stream (then nothing is in flight) or the event (then the
+    /// copies before it are done).
+    fn wait_for(&mut self, pending: Pending) -> Result<(), CudaError> {
+        match pending {
             Pending::Nothing => {}
-            Pending::Stream => self
-                .stream
-                .synchronize()
-                .map_err(CudaError::driver("waiting for the step's copies"))?,
-            Pending::Event => self
-                .event
-                .synchronize()
-                .map_err(CudaError::driver("waiting for the step's copies"))?,
+            Pending::Stream => {
+                self.stream
+                    .synchronize()
+                    .map_err(CudaError::driver("waiting for the step's copies"))?;
+                self.state.completed();
+            }
+            Pending::Event => {
+                self.event
+                    .synchronize()
+                    .map_err(CudaError::driver("waiting for the step's copies"))?;
+                self.state.event_completed();
+            }
         }
-        self.state.completed();
         Ok(())
     }
 
     fn before_write(&mut self, region: Region) -> Result<(), CudaError> {
-        if self.state.before_write(region) != Pending::Nothing {
-            self.wait()?;
-        }
-        Ok(())
+        let pending = self.state.before_write(region);
+        self.wait_for(pending)
     }
 
     /// Copies the rows of `slots` (ascending, no duplicates) from `tables` to the device.
@@ -824,10 +849,23 @@ mod tests {
         assert!(!s.wants_event());
         assert_eq!(s.before_write(Region::Inputs), Pending::Event);
         assert_eq!(s.before_write(Region::Tables), Pending::Nothing);
-        // More copies after the event: only the stream covers them.
+        // A copy of the tables after the event: the tables wait for the stream, the inputs
+        // still only for the event (the reviewer's case: a quiet step, then one mapping pages,
+        // must not wait for the quiet step's kernels).
         s.enqueued(Region::Tables);
-        assert_eq!(s.before_write(Region::Inputs), Pending::Stream);
+        assert_eq!(s.before_write(Region::Tables), Pending::Stream);
+        assert_eq!(s.before_write(Region::Inputs), Pending::Event);
+        assert_eq!(s.pending(), Pending::Stream);
+        assert!(s.wants_event());
+        // Waiting for the event frees what came before it, not the later copy.
+        s.event_completed();
+        assert_eq!(s.before_write(Region::Inputs), Pending::Nothing);
+        assert_eq!(s.before_write(Region::Tables), Pending::Stream);
+        s.event_recorded();
+        assert_eq!(s.before_write(Region::Tables), Pending::Event);
+        assert_eq!(s.pending(), Pending::Event);
         s.completed();
         assert_eq!(s, Inflight::default());
+        assert_eq!(s.pending(), Pending::Nothing);
     }
 }
