@@ -757,7 +757,7 @@ fn rope_qkv_write_equals_rope_then_rope_kv_write_bit_for_bit() {
     tables.extend(other.into_iter().take(per_slot));
     let n_cells = pool * page;
     for (case, (neox, n_rot, ff, h, hkv)) in [
-        (false, 64, false, 6usize, 2usize),
+        (false, 64usize, false, 6usize, 2usize),
         (true, 32, true, 9, 3),
         (true, 64, false, 3, 1),
     ]
