@@ -171,6 +171,10 @@ inline unsigned __funnelshift_r(unsigned lo, unsigned hi, unsigned sh) {
 using std::max;
 using std::min;
 inline int __ffs(unsigned v) { return v ? __builtin_ctz(v) + 1 : 0; }
+// Round-to-nearest FP32 arithmetic (rope.cu's, kept apart from fused multiply-adds).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __shfl_xor_sync(unsigned, float v, int o) { return host_shfl_xor(v, o); }
 inline int __shfl_xor_sync(unsigned, int v, int o) { return host_shfl_xor(v, o); }
 inline float __shfl_sync(unsigned, float v, int src) {

@@ -29,18 +29,25 @@ __device__ __forceinline__ float rope_elem(const float* x, int e, int p, int n_r
                   : __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
 }
 
+// Head b (of H per token) of x rotated into y: what one block of rope_f32 does.
+__device__ __forceinline__ void rope_head(const float* x, float* y, const int* pos,
+                                          const float* ff, i64 b, int H, int D, int n_rot,
+                                          int neox, float freq_base, float freq_scale) {
+    int t = (int)(b / H);
+    const float* head = x + b * D;
+    float* out = y + b * D;
+    float theta_scale = powf(freq_base, -2.0f / (float)n_rot);
+    int p = pos[t];
+    for (int e = threadIdx.x; e < D; e += blockDim.x)
+        out[e] = rope_elem(head, e, p, n_rot, neox, theta_scale, freq_scale, ff);
+}
+
 // x, y: [T, H * D]; y must not alias x. pos: [T]. ff: [n_rot / 2] or null.
 // Grid: (T * H); block: any multiple of 32.
 extern "C" __global__ void rope_f32(const float* x, float* y, const int* pos, const float* ff,
                                     int H, int D, int n_rot, int neox, float freq_base,
                                     float freq_scale) {
-    int t = blockIdx.x / H;
-    const float* head = x + (i64)blockIdx.x * D;
-    float* out = y + (i64)blockIdx.x * D;
-    float theta_scale = powf(freq_base, -2.0f / (float)n_rot);
-    int p = pos[t];
-    for (int e = threadIdx.x; e < D; e += blockDim.x)
-        out[e] = rope_elem(head, e, p, n_rot, neox, theta_scale, freq_scale, ff);
+    rope_head(x, y, pos, ff, (i64)blockIdx.x, H, D, n_rot, neox, freq_base, freq_scale);
 }
 
 // The cell of position p of `slot`: table[slot][p / page_size] * page_size + p % page_size.
@@ -65,13 +72,14 @@ extern "C" __global__ void kv_write_f16(const float* k, const float* v, u16* kc,
     }
 }
 
-// kv_write(rope(k, pos), v): grid (T * Hkv), one head per block.
-extern "C" __global__ void rope_kv_write_f16(const float* k, const float* v, u16* kc, u16* vc,
+// KV head b (of Hkv per token): k rotated and v, rounded to FP16, into the token's cell: what
+// one block of rope_kv_write_f16 does.
+__device__ __forceinline__ void rope_kv_head(const float* k, const float* v, u16* kc, u16* vc,
                                              const int* pos, const int* slots, const int* tables,
                                              int table_stride, int page_size, i64 n_cells,
-                                             const float* ff, int Hkv, int D, int n_rot, int neox,
-                                             float freq_base, float freq_scale) {
-    int t = blockIdx.x / Hkv, h = blockIdx.x % Hkv;
+                                             const float* ff, i64 b, int Hkv, int D, int n_rot,
+                                             int neox, float freq_base, float freq_scale) {
+    int t = (int)(b / Hkv), h = (int)(b % Hkv);
     int row = Hkv * D;
     int p = pos[t];
     i64 c = cell_of(tables, table_stride, slots[t], p, page_size);
@@ -83,4 +91,33 @@ extern "C" __global__ void rope_kv_write_f16(const float* k, const float* v, u16
         kc[c * row + h * D + e] = f2h(rope_elem(kh, e, p, n_rot, neox, theta_scale, freq_scale, ff));
         vc[c * row + h * D + e] = f2h(vh[e]);
     }
+}
+
+// kv_write(rope(k, pos), v): grid (T * Hkv), one head per block.
+extern "C" __global__ void rope_kv_write_f16(const float* k, const float* v, u16* kc, u16* vc,
+                                             const int* pos, const int* slots, const int* tables,
+                                             int table_stride, int page_size, i64 n_cells,
+                                             const float* ff, int Hkv, int D, int n_rot, int neox,
+                                             float freq_base, float freq_scale) {
+    rope_kv_head(k, v, kc, vc, pos, slots, tables, table_stride, page_size, n_cells, ff,
+                 (i64)blockIdx.x, Hkv, D, n_rot, neox, freq_base, freq_scale);
+}
+
+// (rope(q, pos), kv_write(rope(k, pos), v)) in one launch: q, q_rope [T, H * D] (q_rope must
+// not alias q), k, v [T, Hkv * D]. Grid (T * (H + Hkv)), one head per block: blocks below T * H
+// rotate a query head as rope_f32, the rest write a KV head as rope_kv_write_f16, with the same
+// arithmetic (bit-identical to the two kernels).
+extern "C" __global__ void rope_qkv_write_f16(const float* q, float* q_rope, const float* k,
+                                              const float* v, u16* kc, u16* vc, const int* pos,
+                                              const int* slots, const int* tables,
+                                              int table_stride, int page_size, i64 n_cells,
+                                              const float* ff, int T, int H, int Hkv, int D,
+                                              int n_rot, int neox, float freq_base,
+                                              float freq_scale) {
+    i64 b = (i64)blockIdx.x, nq = (i64)T * H;
+    if (b < nq)
+        rope_head(q, q_rope, pos, ff, b, H, D, n_rot, neox, freq_base, freq_scale);
+    else
+        rope_kv_head(k, v, kc, vc, pos, slots, tables, table_stride, page_size, n_cells, ff,
+                     b - nq, Hkv, D, n_rot, neox, freq_base, freq_scale);
 }

@@ -235,7 +235,7 @@ fn the_cli_reports_each_bad_input_in_one_line() {
     let cases: [(&[&str], &str); 6] = [
         (
             &[path, "--disable-pass", "nope"],
-            "error: unknown pass `nope` (the passes are: swiglu, gate-up-merge, qkv-merge, add-rmsnorm, rope-kv-write)\n",
+            "error: unknown pass `nope` (the passes are: swiglu, gate-up-merge, qkv-merge, add-rmsnorm, rope-kv-write, rope-qkv-write)\n",
         ),
         (
             &[path, "--max-tokens", "8", "--max-outputs", "9"],

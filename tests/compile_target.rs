@@ -244,7 +244,7 @@ fn alignment_passes_and_kv_type_come_from_the_target() {
     };
     assert_eq!(
         (u.op.as_str(), u.ty),
-        ("rope_kv_write", Some(GgmlType::F16))
+        ("rope_qkv_write", Some(GgmlType::F16))
     );
 }
 

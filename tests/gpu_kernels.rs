@@ -741,6 +741,123 @@ fn rope_and_rope_kv_write_match_the_cpu_kernels() {
 }
 
 #[test]
+fn rope_qkv_write_equals_rope_then_rope_kv_write_bit_for_bit() {
+    let Some(g) = gpu() else { return };
+    let (d, page) = (64usize, 16usize);
+    // Two slots (scattered pages of one pool), a prompt run crossing pages and a decode token
+    // each; GQA with H = 3 Hkv.
+    let slots = vec![0i32, 0, 0, 0, 0, 1, 1, 0];
+    let pos = vec![290i32, 291, 292, 293, 294, 0, 1, 40];
+    let t = slots.len();
+    let per_slot = 300 / page + 1;
+    let pool = 2 * per_slot + 3;
+    let mut tables = page_table(9, per_slot, pool);
+    let mut other = page_table(9, pool, pool);
+    other.retain(|p| !tables.contains(p));
+    tables.extend(other.into_iter().take(per_slot));
+    let n_cells = pool * page;
+    for (case, (neox, n_rot, ff, h, hkv)) in [
+        (false, 64usize, false, 6usize, 2usize),
+        (true, 32, true, 9, 3),
+        (true, 64, false, 3, 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut r = rng(2000 + case as u64);
+        let q = randn(&mut r, t * h * d);
+        let k = randn(&mut r, t * hkv * d);
+        let v = randn(&mut r, t * hkv * d);
+        let factors: Vec<f32> = (0..n_rot / 2).map(|i| 1.0 + i as f32 * 0.25).collect();
+        let (q_d, k_d, v_d, pos_d, ff_d) =
+            (g.up(&q), g.up(&k), g.up(&v), g.up(&pos), g.up(&factors));
+        let (slots_d, tables_d) = (g.up(&slots), g.up(&tables));
+        let row = hkv * d;
+        let (hh, hk, dd, nr, nx) = (
+            h as i32,
+            hkv as i32,
+            d as i32,
+            n_rot as i32,
+            i32::from(neox),
+        );
+        let (base, scale) = (10000.0f32, 0.5f32);
+        let (stride, ps, nc, tt) = (per_slot as i32, page as i32, n_cells as i64, t as i32);
+        let null = 0u64;
+        // The two kernels.
+        let mut q2_d = g.out(t * h * d, NAN);
+        let (mut kc2_d, mut vc2_d) = (g.zeros::<u16>(n_cells * row), g.zeros::<u16>(n_cells * row));
+        launch(
+            &g.f("rope", "rope_f32"),
+            g,
+            cfg(((t * h) as u32, 1, 1), 64),
+            |b| {
+                b.arg(&q_d).arg(&mut q2_d).arg(&pos_d);
+                if ff {
+                    b.arg(&ff_d);
+                } else {
+                    b.arg(&null);
+                }
+                b.arg(&hh).arg(&dd).arg(&nr).arg(&nx).arg(&base).arg(&scale);
+            },
+        );
+        launch(
+            &g.f("rope", "rope_kv_write_f16"),
+            g,
+            cfg(((t * hkv) as u32, 1, 1), 64),
+            |b| {
+                b.arg(&k_d).arg(&v_d).arg(&mut kc2_d).arg(&mut vc2_d);
+                b.arg(&pos_d).arg(&slots_d).arg(&tables_d);
+                b.arg(&stride).arg(&ps).arg(&nc);
+                if ff {
+                    b.arg(&ff_d);
+                } else {
+                    b.arg(&null);
+                }
+                b.arg(&hk).arg(&dd).arg(&nr).arg(&nx).arg(&base).arg(&scale);
+            },
+        );
+        // The fused one.
+        let mut q1_d = g.out(t * h * d, NAN);
+        let (mut kc1_d, mut vc1_d) = (g.zeros::<u16>(n_cells * row), g.zeros::<u16>(n_cells * row));
+        launch(
+            &g.f("rope", "rope_qkv_write_f16"),
+            g,
+            cfg(((t * (h + hkv)) as u32, 1, 1), 64),
+            |b| {
+                b.arg(&q_d).arg(&mut q1_d).arg(&k_d).arg(&v_d);
+                b.arg(&mut kc1_d).arg(&mut vc1_d);
+                b.arg(&pos_d).arg(&slots_d).arg(&tables_d);
+                b.arg(&stride).arg(&ps).arg(&nc);
+                if ff {
+                    b.arg(&ff_d);
+                } else {
+                    b.arg(&null);
+                }
+                b.arg(&tt).arg(&hh).arg(&hk).arg(&dd).arg(&nr).arg(&nx);
+                b.arg(&base).arg(&scale);
+            },
+        );
+        let what = format!("rope_qkv_write H{h}/{hkv} neox={neox} n_rot={n_rot} ff={ff}");
+        let (q1, q2) = (g.down(&q1_d), g.down(&q2_d));
+        assert!(q1.iter().all(|x| x.is_finite()), "{what}: q_rope unwritten");
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert!(bits(&q1) == bits(&q2), "{what}: q_rope differs");
+        let kc1 = g.down(&kc1_d);
+        assert!(kc1 == g.down(&kc2_d), "{what}: K cache differs");
+        assert!(g.down(&vc1_d) == g.down(&vc2_d), "{what}: V cache differs");
+        // Every token's cell was written.
+        for (i, (&s, &p)) in slots.iter().zip(&pos).enumerate() {
+            let table = &tables[s as usize * per_slot..];
+            let c = cell(table, p as usize, page);
+            assert!(
+                kc1[c * row..(c + 1) * row].iter().any(|&b| b != 0),
+                "{what}: token {i}'s cell is empty"
+            );
+        }
+    }
+}
+
+#[test]
 fn kv_write_stores_fp16_into_paged_cells() {
     let Some(g) = gpu() else { return };
     let (row, page) = (2 * 64usize, 8usize);

@@ -3,8 +3,8 @@
 //! kernels' decoders (`U::unit`, their element layout included) against the CPU backend's
 //! dequantization of the same quantized rows, for every weight type the CUDA kernels read;
 //! tests/host/kernels.cpp runs whole kernels (the unit matvecs, the tiled matmuls, attention)
-//! thread by thread
-//! (`host_launch`: real barriers and shuffles) against f64 references. The GPU tests
+//! thread by thread (`host_launch`: real barriers and shuffles) against f64 references, and the
+//! fused rope + q/k/v write against the two kernels it replaces, bit for bit. The GPU tests
 //! (tests/gpu_kernels.rs) check the kernels on the device and their speed is the bench's.
 //!
 //! Needs a C++ compiler (`$CXX`, else `c++`): without one the test skips, saying so, and fails
@@ -148,6 +148,9 @@ fn whole_kernels_run_thread_by_thread_on_the_host_match_f64_math() {
         "attention prefill H8/2 D128 window 33",
         "mmq q4_k rows 33 tile 64 splits 3",
         "gate_up_mmq q8_0 rows 17 tile 32 splits 2",
+        "rope_qkv_write H6/2 D64 rot 64 neox 0 ff 0, 15 tokens to 300: ok",
+        "rope_qkv_write H6/2 D64 rot 32 neox 1 ff 1, 15 tokens to 300: ok",
+        "rope_qkv_write H9/3 D128 rot 128 neox 1 ff 0, 9 tokens to 2048: ok",
     ] {
         assert!(report.contains(what), "no case `{what}` in:\n{report}");
     }

@@ -46,7 +46,8 @@ pub(crate) fn source(plan: &Plan, v: ValueRef) -> Source {
             | Op::MultiMatMul { .. }
             | Op::GateUpSwiGlu
             | Op::AddRmsNorm { .. }
-            | Op::RopeKvWrite { .. },
+            | Op::RopeKvWrite { .. }
+            | Op::RopeQkvWrite { .. },
             _,
         ) => Source::Arena,
     }

@@ -154,7 +154,8 @@ pub fn every_op(op: &Op) -> bool {
         | Op::MultiMatMul { .. }
         | Op::GateUpSwiGlu
         | Op::AddRmsNorm { .. }
-        | Op::RopeKvWrite { .. } => true,
+        | Op::RopeKvWrite { .. }
+        | Op::RopeQkvWrite { .. } => true,
     }
 }
 

@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(long)]
     pub no_fuse: bool,
     /// Skip a fusion pass (repeatable): swiglu, gate-up-merge, qkv-merge, add-rmsnorm,
-    /// rope-kv-write.
+    /// rope-kv-write, rope-qkv-write.
     #[arg(long = "disable-pass", value_name = "NAME")]
     pub disable_pass: Vec<String>,
     /// Give every value its own buffer, so any value can be read back after a step.

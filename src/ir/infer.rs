@@ -91,6 +91,14 @@ pub fn infer(op: &Op, types: &[&ValueType]) -> Result<Vec<ValueType>, String> {
             rope_type(&ins, rope, 0, 2, 3)?;
             vec![kv_write(&ins, kv, ins.activation(0)?, 0, 1)?]
         }
+        Op::RopeQkvWrite { rope, kv } => {
+            let q_rope = rope_type(&ins, rope, 0, 3, 4)?;
+            rope_type(&ins, rope, 1, 3, 4)?;
+            vec![
+                ValueType::Tensor(q_rope),
+                kv_write(&ins, kv, ins.activation(1)?, 1, 2)?,
+            ]
+        }
     })
 }
 

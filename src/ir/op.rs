@@ -92,6 +92,11 @@ pub enum Op {
     /// `(k, v, pos[, freq_factors]) -> kv_cache(layer)`: `kv_write(rope(k, pos), v)`: the rotated
     /// keys go straight into the cache.
     RopeKvWrite { rope: RopeParams, kv: KvParams },
+    /// `(q [T, H*D], k, v, pos[, freq_factors]) -> (q_rope [T, H*D], kv_cache(layer))`:
+    /// `(rope(q, pos), kv_write(rope(k, pos), v))`: the query's rope and the rotated K/V write
+    /// in one op (one kernel). q and k share the rope's parameters (which hold no head count:
+    /// q has `H` heads, k and v `kv.n_kv_heads`, all of `head_dim`).
+    RopeQkvWrite { rope: RopeParams, kv: KvParams },
 }
 
 /// How rope pairs up the dimensions it rotates.
@@ -195,6 +200,7 @@ op_kinds!(
     GateUpSwiGlu,
     AddRmsNorm,
     RopeKvWrite,
+    RopeQkvWrite,
 );
 
 /// The role an op plays in a graph.
@@ -243,6 +249,7 @@ impl OpKind {
             OpKind::GateUpSwiGlu => ("gate_up_swiglu", Fused),
             OpKind::AddRmsNorm => ("add_rms_norm", Fused),
             OpKind::RopeKvWrite => ("rope_kv_write", Fused),
+            OpKind::RopeQkvWrite => ("rope_qkv_write", Fused),
         };
         OpInfo { name, class }
     }
@@ -358,6 +365,19 @@ impl OpKind {
                     vector(u64::from(HEAD_DIM / 2)),
                 ],
             ),
+            OpKind::RopeQkvWrite => (
+                Op::RopeQkvWrite {
+                    rope: rope(RopeStyle::Normal, true),
+                    kv,
+                },
+                vec![
+                    act(u64::from(HEADS * HEAD_DIM)),
+                    act(KV_WIDTH),
+                    act(KV_WIDTH),
+                    indices(Dim::Tokens),
+                    vector(u64::from(HEAD_DIM / 2)),
+                ],
+            ),
         };
         OpExample { op, inputs }
     }
@@ -427,6 +447,7 @@ impl Op {
             Op::GateUpSwiGlu => OpKind::GateUpSwiGlu,
             Op::AddRmsNorm { .. } => OpKind::AddRmsNorm,
             Op::RopeKvWrite { .. } => OpKind::RopeKvWrite,
+            Op::RopeQkvWrite { .. } => OpKind::RopeQkvWrite,
         }
     }
 
@@ -469,6 +490,10 @@ impl Op {
             Op::AddRmsNorm { .. } => &["a", "b", "w"],
             Op::RopeKvWrite { rope, .. } if rope.freq_factors => &["k", "v", "pos", "freq_factors"],
             Op::RopeKvWrite { .. } => &["k", "v", "pos"],
+            Op::RopeQkvWrite { rope, .. } if rope.freq_factors => {
+                &["q", "k", "v", "pos", "freq_factors"]
+            }
+            Op::RopeQkvWrite { .. } => &["q", "k", "v", "pos"],
         };
         fixed.iter().map(|s| s.to_string()).collect()
     }
@@ -482,7 +507,7 @@ impl Op {
     pub fn n_outputs(&self) -> usize {
         match self {
             Op::MultiMatMul { n } => usize::from(*n),
-            Op::AddRmsNorm { .. } => 2,
+            Op::AddRmsNorm { .. } | Op::RopeQkvWrite { .. } => 2,
             Op::TokenIds
             | Op::Positions
             | Op::OutputRows
@@ -526,7 +551,8 @@ impl Op {
             | Op::SelectRows
             | Op::SwiGlu
             | Op::AddRmsNorm { .. }
-            | Op::RopeKvWrite { .. } => 0..0,
+            | Op::RopeKvWrite { .. }
+            | Op::RopeQkvWrite { .. } => 0..0,
         }
     }
 
@@ -599,6 +625,21 @@ impl Op {
                     e(Op::KvWrite(*kv), &[Node(0), Slot(1)], Port(0)),
                 ]
             }
+            // rope_qkv_write(q, k, v, pos[, ff]) =
+            //     (rope(q, pos[, ff]), kv_write(rope(k, pos[, ff]), v))
+            Op::RopeQkvWrite { rope, kv } => {
+                let (q_inputs, k_inputs): (&[ExpandedInput], &[ExpandedInput]) =
+                    if rope.freq_factors {
+                        (&[Slot(0), Slot(3), Slot(4)], &[Slot(1), Slot(3), Slot(4)])
+                    } else {
+                        (&[Slot(0), Slot(3)], &[Slot(1), Slot(3)])
+                    };
+                vec![
+                    e(Op::Rope(*rope), q_inputs, Port(0)),
+                    e(Op::Rope(*rope), k_inputs, Part("k_rope")),
+                    e(Op::KvWrite(*kv), &[Node(1), Slot(2)], Port(1)),
+                ]
+            }
         })
     }
 }
@@ -632,7 +673,9 @@ impl fmt::Display for Op {
             Op::RmsNorm { eps } | Op::AddRmsNorm { eps } => write!(f, "[eps={eps}]"),
             Op::Rope(r) => write!(f, "[{r}]"),
             Op::KvWrite(kv) => write!(f, "[layer={}]", kv.layer),
-            Op::RopeKvWrite { rope, kv } => write!(f, "[{rope}, layer={}]", kv.layer),
+            Op::RopeKvWrite { rope, kv } | Op::RopeQkvWrite { rope, kv } => {
+                write!(f, "[{rope}, layer={}]", kv.layer)
+            }
             Op::Attention(a) => {
                 write!(
                     f,

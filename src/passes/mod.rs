@@ -13,11 +13,13 @@
 //! | `qkv-merge` | matmuls reading the same input (q, k, v) → one `multi_matmul` |
 //! | `add-rmsnorm` | `rms_norm(a + b)` → `add_rms_norm(a, b)`, yielding the sum and the norm |
 //! | `rope-kv-write` | `kv_write(rope(k), v)` → `rope_kv_write(k, v)` |
+//! | `rope-qkv-write` | `rope(q)` and `rope_kv_write(k, v)` read by one attention → `rope_qkv_write(q, k, v)`, yielding the rotated q and the cache |
 
 mod add_rmsnorm;
 mod gate_up;
 mod qkv_merge;
 mod rope_kv_write;
+mod rope_qkv_write;
 mod swiglu;
 pub mod unfuse;
 
@@ -25,6 +27,7 @@ pub use add_rmsnorm::AddRmsNormFusion;
 pub use gate_up::GateUpMerge;
 pub use qkv_merge::QkvMerge;
 pub use rope_kv_write::RopeKvWriteFusion;
+pub use rope_qkv_write::RopeQkvWriteFusion;
 pub use swiglu::SwiGluFusion;
 pub use unfuse::{unfuse, unfuse_if};
 
@@ -73,7 +76,8 @@ pub struct Pipeline {
 impl Pipeline {
     /// Every fusion, in the order they must run: `swiglu` before `gate-up-merge` (which matches
     /// `swiglu`), `gate-up-merge` before `qkv-merge` (which would otherwise merge the gate and up
-    /// matmuls as siblings).
+    /// matmuls as siblings), `rope-kv-write` before `rope-qkv-write` (which folds the query's
+    /// rope into the `rope_kv_write` it made; alone it matches the unfused `kv_write(rope(k))`).
     pub fn fusion() -> Pipeline {
         Pipeline {
             passes: vec![
@@ -82,6 +86,7 @@ impl Pipeline {
                 Box::new(QkvMerge),
                 Box::new(AddRmsNormFusion),
                 Box::new(RopeKvWriteFusion),
+                Box::new(RopeQkvWriteFusion),
             ],
         }
     }
@@ -211,12 +216,18 @@ mod tests {
             .unwrap();
         assert_eq!(
             err.to_string(),
-            "unknown pass `fuse-everything` (the passes are: swiglu, gate-up-merge, qkv-merge, add-rmsnorm, rope-kv-write)"
+            "unknown pass `fuse-everything` (the passes are: swiglu, gate-up-merge, qkv-merge, add-rmsnorm, rope-kv-write, rope-qkv-write)"
         );
         let p = Pipeline::fusion().without(&["qkv-merge"]).unwrap();
         assert_eq!(
             p.names(),
-            ["swiglu", "gate-up-merge", "add-rmsnorm", "rope-kv-write"]
+            [
+                "swiglu",
+                "gate-up-merge",
+                "add-rmsnorm",
+                "rope-kv-write",
+                "rope-qkv-write"
+            ]
         );
     }
 }

@@ -6,6 +6,7 @@
 #include "../../kernels/attention.cu"
 #include "../../kernels/matvec.cu"
 #include "../../kernels/mmq.cu"
+#include "../../kernels/rope.cu"
 
 #include <cstdio>
 #include <string>
@@ -300,6 +301,65 @@ static void check_attention(const Case& c) {
     }
 }
 
+// ---- The fused rope + q/k/v write against rope_f32 then rope_kv_write_f16, bit for bit. ----
+
+static void check_rope_qkv_write(int h, int hkv, int d, int n_rot, int neox, bool with_ff,
+                                 const std::vector<std::pair<int, int> >& tokens) {
+    const int page = 16, t = (int)tokens.size(), row = hkv * d;
+    const float base = 10000.0f, fscale = 0.5f;
+    int max_pos = 0, n_slots = 0;
+    for (auto& tk : tokens) max_pos = std::max(max_pos, tk.second), n_slots = std::max(n_slots, tk.first + 1);
+    int per_slot = (max_pos + 1 + page - 1) / page, pool = n_slots * per_slot + 3;
+    std::vector<int> perm(pool);
+    for (int i = 0; i < pool; i++) perm[i] = i;
+    for (int i = pool - 1; i > 0; i--) std::swap(perm[i], perm[nx() % (i + 1)]);
+    std::vector<int> tables(perm.begin(), perm.begin() + n_slots * per_slot);
+    std::vector<int> pos(t), slots(t);
+    for (int i = 0; i < t; i++) slots[i] = tokens[i].first, pos[i] = tokens[i].second;
+    std::vector<float> q((size_t)t * h * d), k((size_t)t * row), v(k.size()), ff(n_rot / 2);
+    for (auto& x : q) x = 2.0f * unif();
+    for (auto& x : k) x = 2.0f * unif();
+    for (auto& x : v) x = unif();
+    for (int i = 0; i < n_rot / 2; i++) ff[i] = 1.0f + 0.25f * (float)i;
+    const float* f = with_ff ? ff.data() : nullptr;
+    size_t cells = (size_t)pool * page * row;
+    // The two kernels, then the fused one, into caches that start out alike (NaN bits, so a
+    // cell left unwritten by one of them shows).
+    std::vector<float> q_two(q.size(), NAN), q_one(q.size(), NAN);
+    std::vector<u16> kc_two(cells, 0x7e00), vc_two(cells, 0x7e00), kc_one(cells, 0x7e00),
+        vc_one(cells, 0x7e00);
+    host_launch({(unsigned)(t * h), 1, 1}, 32, [&] {
+        rope_f32(q.data(), q_two.data(), pos.data(), f, h, d, n_rot, neox, base, fscale);
+    });
+    host_launch({(unsigned)(t * hkv), 1, 1}, 32, [&] {
+        rope_kv_write_f16(k.data(), v.data(), kc_two.data(), vc_two.data(), pos.data(),
+                          slots.data(), tables.data(), per_slot, page, (i64)pool * page, f, hkv,
+                          d, n_rot, neox, base, fscale);
+    });
+    host_launch({(unsigned)(t * (h + hkv)), 1, 1}, 32, [&] {
+        rope_qkv_write_f16(q.data(), q_one.data(), k.data(), v.data(), kc_one.data(),
+                           vc_one.data(), pos.data(), slots.data(), tables.data(), per_slot, page,
+                           (i64)pool * page, f, t, h, hkv, d, n_rot, neox, base, fscale);
+    });
+    bool q_same = std::memcmp(q_one.data(), q_two.data(), q.size() * sizeof(float)) == 0;
+    bool k_same = kc_one == kc_two, v_same = vc_one == vc_two;
+    // Every token's cell was written (a NaN-free K row where the token's cell is).
+    bool written = true;
+    for (int i = 0; i < t; i++) {
+        long c = (long)tables[slots[i] * per_slot + pos[i] / page] * page + pos[i] % page;
+        for (int e = 0; e < row; e++) written &= kc_one[c * row + e] != 0x7e00;
+    }
+    bool q_finite = true;
+    for (float x : q_one) q_finite &= std::isfinite(x);
+    bool ok = q_same && k_same && v_same && written && q_finite;
+    failures += !ok;
+    std::printf("rope_qkv_write H%d/%d D%d rot %d neox %d ff %d, %d tokens to %d: %s "
+                "(q_rope %s, K %s, V %s)\n",
+                h, hkv, d, n_rot, neox, (int)with_ff, t, max_pos, ok ? "ok" : "FAILED",
+                q_same ? "same" : "differs", k_same ? "same" : "differs",
+                v_same ? "same" : "differs");
+}
+
 static std::vector<std::pair<int, int> > run(int slot, int start, int n) {
     std::vector<std::pair<int, int> > v;
     for (int i = 0; i < n; i++) v.push_back({slot, start + i});
@@ -369,6 +429,16 @@ int main() {
     cases.push_back({8, 2, 128, 33, run(0, 100, 9)});
     cases.push_back({40, 2, 32, 0, run(0, 0, 5)});
     for (auto& c : cases) check_attention(c);
+
+    // Fused rope + KV write: GQA (H = 3 Hkv), two slots with scattered pages, a window of
+    // positions (a prompt run past 290 crossing pages, another slot's start, a lone decode).
+    std::vector<std::pair<int, int> > tk = run(0, 290, 11), b = run(1, 0, 3);
+    tk.insert(tk.end(), b.begin(), b.end());
+    tk.push_back({0, 40});
+    check_rope_qkv_write(6, 2, 64, 64, 0, false, tk);
+    check_rope_qkv_write(6, 2, 64, 32, 1, true, tk);
+    check_rope_qkv_write(9, 3, 128, 128, 1, false, run(1, 2040, 9));
+    check_rope_qkv_write(3, 1, 32, 16, 0, true, {{0, 7}});
     std::printf("%d failed\n", failures);
     return failures ? 1 : 0;
 }

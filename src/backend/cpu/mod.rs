@@ -472,6 +472,23 @@ impl CpuBackend {
                     &mut layer.v,
                 )?;
             }
+            // Exactly the two steps it fuses: rope(q), then rope_kv_write(k, v).
+            Op::RopeQkvWrite { rope, kv: p } => {
+                let (spec, ff) = (rope_spec(rope), freq_factors(4)?);
+                kernels::rope(act(0)?, int(3)?, ff, &spec, out(0)?)?;
+                let layer = &mut kv
+                    [kv_index_of(kv_index, p.layer).ok_or_else(|| fail("kv layer".into()))?];
+                kernels::rope_kv_write(
+                    act(1)?,
+                    act(2)?,
+                    int(3)?,
+                    ff,
+                    &spec,
+                    &data.write_cells,
+                    &mut layer.k,
+                    &mut layer.v,
+                )?;
+            }
         }
         Ok(())
     }

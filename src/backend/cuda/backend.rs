@@ -1008,6 +1008,12 @@ impl CudaBackend {
                 let rope = rope_of(rope, freq_factors(3)?);
                 ops.rope_kv_write(&act(0)?, &act(1)?, &kv, &int(2)?, &slots, t, &rope)?;
             }
+            Op::RopeQkvWrite { rope, kv: p } => {
+                let kv = self.paged(layer_of(p.layer)?)?;
+                let rope = rope_of(rope, freq_factors(4)?);
+                let (q, k, v) = (act(0)?, act(1)?, act(2)?);
+                ops.rope_qkv_write(&q, &mut out(0)?, &k, &v, &kv, &int(3)?, &slots, t, &rope)?;
+            }
         }
         Ok(())
     }

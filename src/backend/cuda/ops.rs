@@ -715,6 +715,90 @@ impl Ops<'_> {
         launch(name, b, grid(t * hkv, 1, 1, 64))
     }
 
+    /// `(rope(q), kv_write(rope(k), v))` in one kernel: the rotated queries into `q_rope`, the
+    /// rotated keys and the values into their cells, as [`Ops::rope`] then
+    /// [`Ops::rope_kv_write`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn rope_qkv_write(
+        &self,
+        q: &impl DeviceSpan<f32>,
+        q_rope: &mut impl DeviceSpan<f32>,
+        k: &impl DeviceSpan<f32>,
+        v: &impl DeviceSpan<f32>,
+        kv: &PagedKv,
+        pos: &impl DeviceSpan<i32>,
+        slots: &impl DeviceSpan<i32>,
+        t: usize,
+        rope: &Rope,
+    ) -> Result<(), CudaError> {
+        let (q, q_rope, k, v) = (q.span(), q_rope.span(), k.span(), v.span());
+        let (pos, slots) = (pos.span(), slots.span());
+        let name = "rope_qkv_write_f16";
+        let d = rope.head_dim;
+        let q_row = q.len().checked_div(t.max(1)).unwrap_or(0);
+        let row = k.len().checked_div(t.max(1)).unwrap_or(0);
+        let n_cells = kv.n_cells(row);
+        check(
+            name,
+            t > 0
+                && d > 0
+                && q_row > 0
+                && q_row.is_multiple_of(d)
+                && q_rope.len() >= t * q_row
+                && row > 0
+                && row.is_multiple_of(d)
+                && v.len() >= t * row
+                && pos.len() >= t
+                && slots.len() >= t
+                && n_cells > 0
+                && rope.freq_factors_fit(),
+            || {
+                format!(
+                    "{t} rows of q {q_row} and k {row} in heads of {d}, q_rope {}, v {}",
+                    q_rope.len(),
+                    v.len()
+                )
+            },
+        )?;
+        let (h, hkv) = (q_row / d, row / d);
+        let (st, ps) = (
+            i32_of(name, "table stride", kv.table_stride)?,
+            i32_of(name, "page size", kv.page_size)?,
+        );
+        let tt = i32_of(name, "tokens", t)?;
+        let nh = i32_of(name, "query heads", h)?;
+        let nc = n_cells as i64;
+        let f = self.ks.function("rope", name)?;
+        let mut b = self.stream.launch_builder(&f);
+        let null: u64 = 0;
+        b.arg(q.ptr())
+            .arg(q_rope.ptr())
+            .arg(k.ptr())
+            .arg(v.ptr())
+            .arg(kv.k.ptr())
+            .arg(kv.v.ptr())
+            .arg(pos.ptr())
+            .arg(slots.ptr())
+            .arg(kv.tables.ptr())
+            .arg(&st)
+            .arg(&ps)
+            .arg(&nc);
+        match &rope.freq_factors {
+            Some(ff) => b.arg(ff.ptr()),
+            None => b.arg(&null),
+        };
+        let args = rope.args(name, hkv)?;
+        b.arg(&tt)
+            .arg(&nh)
+            .arg(&args.0)
+            .arg(&args.1)
+            .arg(&args.2)
+            .arg(&args.3)
+            .arg(&rope.freq_base)
+            .arg(&rope.freq_scale);
+        launch(name, b, grid(t * (h + hkv), 1, 1, 64))
+    }
+
     /// `y[o] = x[rows[o]]` for `o < n_out`, rows of `n` values out of `t`.
     pub fn select_rows(
         &self,

@@ -53,7 +53,7 @@ const POISON: u32 = 0;
 /// - matmuls: FP32 sums over `k` products (k ≤ 512 here; weights compared dequantized): 1e-4;
 /// - attention after `kv_write`: K and V are rounded to FP16 in the reference as in the cache,
 ///   leaving the FP32 dot products and softmax: 1e-4;
-/// - rope, and `rope_kv_write`: the angle `p * base^(-2i/n)` of positions up to ~300 carries
+/// - rope, `rope_kv_write` and `rope_qkv_write`: the angle `p * base^(-2i/n)` of positions up to ~300 carries
 ///   FP32 error (~1e-5 rad, more with ggml's running product) and rotated keys may round to the
 ///   other neighbouring FP16 value: 1e-3.
 pub fn tolerance(kind: OpKind) -> f64 {
@@ -68,7 +68,7 @@ pub fn tolerance(kind: OpKind) -> f64 {
         | OpKind::AddRmsNorm => 1e-5,
         OpKind::MatMul | OpKind::MultiMatMul | OpKind::GateUpSwiGlu => 1e-4,
         OpKind::KvWrite | OpKind::Attention => 1e-4,
-        OpKind::Rope | OpKind::RopeKvWrite => 1e-3,
+        OpKind::Rope | OpKind::RopeKvWrite | OpKind::RopeQkvWrite => 1e-3,
     }
 }
 
@@ -158,11 +158,14 @@ enum Spec {
         tokens: u32,
         outputs: Vec<u32>,
     },
-    /// `kv_write` (or `rope_kv_write` with `rope`) then `attention`; history steps of at most
-    /// `chunk` tokens write the positions before each run.
+    /// `kv_write` (or `rope_kv_write` with `rope`, or `rope_qkv_write` with `rope` and
+    /// `rope_q`) then `attention`; history steps of at most `chunk` tokens write the positions
+    /// before each run.
     Attention {
         att: AttentionParams,
         rope: Option<RopeParams>,
+        /// The queries are rotated too, by the same fused op (`rope_qkv_write`).
+        rope_q: bool,
         layer: u32,
         runs: Vec<Run>,
         chunk: u32,
@@ -499,6 +502,7 @@ pub fn cases_for(kind: OpKind) -> Vec<Case> {
                     Spec::Attention {
                         att,
                         rope: None,
+                        rope_q: false,
                         layer: 0,
                         runs,
                         chunk,
@@ -531,6 +535,7 @@ pub fn cases_for(kind: OpKind) -> Vec<Case> {
                     Spec::Attention {
                         att,
                         rope: None,
+                        rope_q: false,
                         layer,
                         runs,
                         chunk,
@@ -538,7 +543,8 @@ pub fn cases_for(kind: OpKind) -> Vec<Case> {
                 ));
             }
         }
-        OpKind::RopeKvWrite => {
+        OpKind::RopeKvWrite | OpKind::RopeQkvWrite => {
+            let rope_q = kind == OpKind::RopeQkvWrite;
             use RopeStyle::{Neox, Normal};
             let table = [
                 (rope_params(Normal, 64, 64, false), 4, 4, vec![span(0, 7)]),
@@ -563,8 +569,13 @@ pub fn cases_for(kind: OpKind) -> Vec<Case> {
                     n_kv_heads: kv_heads,
                     head_dim: rope.head_dim,
                 };
+                let op = if rope_q {
+                    Op::RopeQkvWrite { rope, kv }
+                } else {
+                    Op::RopeKvWrite { rope, kv }
+                };
                 cases.push(Case::new(
-                    Op::RopeKvWrite { rope, kv },
+                    op,
                     format!(
                         "{}/h{heads}/{kv_heads},{}",
                         rope_detail(&rope),
@@ -573,6 +584,7 @@ pub fn cases_for(kind: OpKind) -> Vec<Case> {
                     Spec::Attention {
                         att,
                         rope: Some(rope),
+                        rope_q,
                         layer: 2,
                         runs,
                         chunk: 32,
@@ -1188,10 +1200,11 @@ impl Case {
             Spec::Attention {
                 att,
                 rope,
+                rope_q,
                 layer,
                 runs,
                 chunk,
-            } => self.build_attention(att, rope.as_ref(), *layer, runs, *chunk),
+            } => self.build_attention(att, rope.as_ref(), *rope_q, *layer, runs, *chunk),
         }
     }
 
@@ -1199,6 +1212,7 @@ impl Case {
         &self,
         att: &AttentionParams,
         rope: Option<&RopeParams>,
+        rope_q: bool,
         layer: u32,
         runs: &[Run],
         chunk: u32,
@@ -1216,6 +1230,8 @@ impl Case {
             head_dim: d,
         };
         let mut ff = None;
+        // The attention's queries: `q`, or the fused op's rotated `q_rope` (read back too).
+        let mut q_rope = None;
         let cache = match rope {
             None => b.graph.add("cache", Op::KvWrite(kv), &[k, v])?,
             Some(rope) => {
@@ -1227,11 +1243,26 @@ impl Case {
                     inputs.push(f);
                     ff = Some(values);
                 }
-                let op = Op::RopeKvWrite { rope: *rope, kv };
-                b.graph.add("cache", op, &inputs)?
+                if rope_q {
+                    inputs.insert(0, q);
+                    let op = Op::RopeQkvWrite { rope: *rope, kv };
+                    let node = b.graph.add_node(
+                        "rope_qkv",
+                        op,
+                        &inputs,
+                        vec!["q_rope".into(), "cache".into()],
+                    )?;
+                    q_rope = Some(Value::new(node, 0));
+                    Value::new(node, 1)
+                } else {
+                    let op = Op::RopeKvWrite { rope: *rope, kv };
+                    b.graph.add("cache", op, &inputs)?
+                }
             }
         };
-        let y = b.graph.add("y", Op::Attention(*att), &[q, cache])?;
+        let y = b
+            .graph
+            .add("y", Op::Attention(*att), &[q_rope.unwrap_or(q), cache])?;
 
         // The cache as the reference sees it: each position's K (rotated at its position) and V,
         // rounded to FP16.
@@ -1269,9 +1300,16 @@ impl Case {
             keys.push(rows(&cache_k)?);
             values.push(rows(&cache_v)?);
         }
-        let want = r::attention(&r::gather(&qt, &check.tokens), &keys, &values, att);
+        let mut queries = r::gather(&qt, &check.tokens);
+        let mut outputs = vec![y];
+        if let (Some(rope), Some(q_rope)) = (rope, q_rope) {
+            queries = r::rope(&queries, &check.positions, rope, ff.as_ref());
+            b.check("q_rope", queries.clone())?;
+            outputs.push(q_rope);
+        }
+        let want = r::attention(&queries, &keys, &values, att);
         b.check("y", want)?;
-        b.finish(&[y], history, check)
+        b.finish(&outputs, history, check)
     }
 }
 
