@@ -185,10 +185,12 @@ pub fn unit_cols(gate_up: bool) -> usize {
 const COLS_MIN_ROWS: usize = 4096;
 
 /// The unit kernel `prefix_<sfx>_r<rows>[_c1]` for an `[n, _]` weight of `ty`, and its output
-/// columns per block. At one row, several columns only for quantized narrow-unit weights with
-/// at least `COLS_MIN_ROWS` rows (measured on the H200: 7% faster for an 8B's Q4_0 and Q8_0; for
-/// F16, and for matrices as narrow as SmolLM2's, one column is 10-16% faster, as 4x the blocks
-/// stay in flight).
+/// columns per block. At one row, several columns only for the 32-element-block quantized
+/// types with at least `COLS_MIN_ROWS` rows (measured on the H200: 7% faster for an 8B's Q4_0
+/// and Q8_0; for F16, and for matrices as narrow as SmolLM2's, one column is 10-16% faster, as
+/// 4x the blocks stay in flight). The K-quants take one column at one row: four columns left an
+/// 8B's 4096-row Q4_K matrices at a quarter of the blocks (1024), and its Q4_K_M decode at 129
+/// tokens/s.
 pub fn unit_kernel(
     prefix: &str,
     sfx: &str,
@@ -199,7 +201,8 @@ pub fn unit_kernel(
 ) -> (String, usize) {
     let cols = unit_cols(gate_up);
     let float = matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
-    if rows == 1 && cols > 1 && (float || n < COLS_MIN_ROWS) {
+    let k_quant = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
+    if rows == 1 && cols > 1 && (float || k_quant || n < COLS_MIN_ROWS) {
         (format!("{prefix}_{sfx}_r1_c1"), 1)
     } else {
         (format!("{prefix}_{sfx}_r{rows}"), cols)

@@ -400,7 +400,8 @@ impl Ops<'_> {
             b.arg(&ki);
         }
         b.arg(ids.ptr()).arg(vals.ptr());
-        launch(name, b, grid(rows, 1, 1, 256))
+        // kernels/sample.cu's SAMPLE_THREADS: a block per row, its threads' loads in flight.
+        launch(name, b, grid(rows, 1, 1, 1024))
     }
 }
 
