@@ -356,36 +356,26 @@ __device__ __forceinline__ void k4_scales(const KWalk (&wk)[Q], HalfScales (&sc)
     }
 }
 
-// Q4_K (144-byte super-blocks of 256: 16 bytes of d, dmin, scales and mins, then four groups of
-// 32 bytes whose low nibbles are sub-block 2g and high nibbles sub-block 2g + 1): unit i is
-// bytes 4i..4i + 4 of the nibbles, group g = i / 8: weights 64 g + 4 (i & 7) + 0..3 (low
-// nibbles) and 32 further on (high). w = d sc q - dmin m.
-struct UQ4_K : PerUnit<UQ4_K> {
-    static const int W = 8;
-    static const int BYTES = 144;
+// What the sub-block-scaled decoders share: their walk (D::BYTES-byte super-blocks, one a warp
+// a unit step; every pointer advances by the same bytes) and, by default, that it may advance.
+template <typename D>
+struct SubScaled : PerUnit<D> {
     typedef KWalk Walk;
-    static __device__ __forceinline__ Walk walk(const u8* row, int u) {
-        Walk k;
-        k.b = row + (i64)(u >> 5) * BYTES;
-        k.q = k.b + 16 + 4 * (u & 31);
-        k.h = k.q;
-        k.sh = 0;
-        return k;
-    }
     static __device__ __forceinline__ bool walks(int) { return true; }
-    static __device__ __forceinline__ int step(int bd) { return (bd >> 5) * BYTES; }
+    static __device__ __forceinline__ int step(int bd) { return (bd >> 5) * D::BYTES; }
     static __device__ __forceinline__ void advance(Walk& k, int st) {
         k.b += st;
         k.q += st;
+        k.h += st;
     }
+};
+
+// Q4_K and Q5_K: their scales and mins (k4_scales) and their layout of a unit's weights.
+template <typename D>
+struct K4Scaled : SubScaled<D> {
     template <int Q>
-    static __device__ __forceinline__ void scales(const Walk (&wk)[Q], HalfScales (&sc)[Q]) {
+    static __device__ __forceinline__ void scales(const KWalk (&wk)[Q], HalfScales (&sc)[Q]) {
         k4_scales<Q>(wk, sc);
-    }
-    static __device__ __forceinline__ void quants(const Walk& k, float* v) {
-        u32 q = ldg32(k.q);
-        bytes4(q & 0x0F0F0F0Fu, 0.0f, v);
-        bytes4((q >> 4) & 0x0F0F0F0Fu, 0.0f, v + 4);
     }
     static const bool MINS = true;
     static const int XJ = 32;
@@ -395,13 +385,34 @@ struct UQ4_K : PerUnit<UQ4_K> {
     }
 };
 
+// Q4_K (144-byte super-blocks of 256: 16 bytes of d, dmin, scales and mins, then four groups of
+// 32 bytes whose low nibbles are sub-block 2g and high nibbles sub-block 2g + 1): unit i is
+// bytes 4i..4i + 4 of the nibbles, group g = i / 8: weights 64 g + 4 (i & 7) + 0..3 (low
+// nibbles) and 32 further on (high). w = d sc q - dmin m.
+struct UQ4_K : K4Scaled<UQ4_K> {
+    static const int W = 8;
+    static const int BYTES = 144;
+    static __device__ __forceinline__ Walk walk(const u8* row, int u) {
+        Walk k;
+        k.b = row + (i64)(u >> 5) * BYTES;
+        k.q = k.b + 16 + 4 * (u & 31);
+        k.h = k.q;
+        k.sh = 0;
+        return k;
+    }
+    static __device__ __forceinline__ void quants(const Walk& k, float* v) {
+        u32 q = ldg32(k.q);
+        bytes4(q & 0x0F0F0F0Fu, 0.0f, v);
+        bytes4((q >> 4) & 0x0F0F0F0Fu, 0.0f, v + 4);
+    }
+};
+
 // Q5_K (176-byte super-blocks of 256: 16 bytes of d, dmin, scales and mins as Q4_K, 32 bytes of
 // high bits qh, then nibbles as Q4_K): weight l of sub-block s has bit s of qh[l] as its fifth
 // bit. Unit i as Q4_K's: its high bits are bits 2g and 2g + 1 of qh[4 (i & 7)..4 (i & 7) + 4].
-struct UQ5_K : PerUnit<UQ5_K> {
+struct UQ5_K : K4Scaled<UQ5_K> {
     static const int W = 8;
     static const int BYTES = 176;
-    typedef KWalk Walk;
     static __device__ __forceinline__ Walk walk(const u8* row, int u) {
         Walk k;
         int i = u & 31;
@@ -411,26 +422,12 @@ struct UQ5_K : PerUnit<UQ5_K> {
         k.sh = 0;
         return k;
     }
-    static __device__ __forceinline__ bool walks(int) { return true; }
-    static __device__ __forceinline__ int step(int bd) { return (bd >> 5) * BYTES; }
-    static __device__ __forceinline__ void advance(Walk& k, int st) {
-        k.b += st;
-        k.q += st;
-        k.h += st;
-    }
-    template <int Q>
-    static __device__ __forceinline__ void scales(const Walk (&wk)[Q], HalfScales (&sc)[Q]) {
-        k4_scales<Q>(wk, sc);
-    }
     static __device__ __forceinline__ void quants(const Walk& k, float* v) {
         // Bit 2g of qh is the low half's fifth bit, 2g + 1 the high half's.
         u32 q = ldg32(k.q), t = ldg32(k.h) >> (2 * ((threadIdx.x & 31) >> 3));
         bytes4((q & 0x0F0F0F0Fu) | ((t << 4) & 0x10101010u), 0.0f, v);
         bytes4(((q >> 4) & 0x0F0F0F0Fu) | ((t << 3) & 0x10101010u), 0.0f, v + 4);
     }
-    static const bool MINS = true;
-    static const int XJ = 32;
-    static __device__ __forceinline__ int xoff(int u, int j) { return UQ4_K::xoff(u, j); }
 };
 
 // Q6_K (210-byte super-blocks of 256: 128 bytes of low nibbles ql, 64 of 2-bit highs qh, 16 int8
@@ -441,10 +438,9 @@ struct UQ5_K : PerUnit<UQ5_K> {
 // qh bytes 32 g + 4 m.. and scales 8 g + 2 h + m / 4 and 4 further on. A 210-byte stride keeps
 // the alignment only over an even number of super-blocks: with bd / 32 odd the walk is rebuilt
 // each unit.
-struct UQ6_K : PerUnit<UQ6_K> {
+struct UQ6_K : SubScaled<UQ6_K> {
     static const int W = 8;
     static const int BYTES = 210;
-    typedef KWalk Walk;
     static __device__ __forceinline__ Walk walk(const u8* row, int u) {
         Walk k;
         int i = u & 31;
@@ -456,12 +452,6 @@ struct UQ6_K : PerUnit<UQ6_K> {
         return k;
     }
     static __device__ __forceinline__ bool walks(int bd) { return ((bd >> 5) & 1) == 0; }
-    static __device__ __forceinline__ int step(int bd) { return (bd >> 5) * BYTES; }
-    static __device__ __forceinline__ void advance(Walk& k, int st) {
-        k.b += st;
-        k.q += st;
-        k.h += st;
-    }
     // Lane l (of a row pair) decodes d * scale[l & 15].
     template <int Q>
     static __device__ __forceinline__ void scales(const Walk (&wk)[Q], HalfScales (&sc)[Q]) {
