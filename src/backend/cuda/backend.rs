@@ -725,6 +725,19 @@ impl CudaBackend {
         self.launch_checks(step, sizes)
     }
 
+    /// The plan's first output (the logits), its width and its span for a step of `sizes`.
+    fn logits(&self, sizes: StepSizes) -> Result<(ValueRef, usize, Span<f32>), BackendError> {
+        let &first = self
+            .plan
+            .outputs
+            .first()
+            .ok_or_else(|| BackendError::Mismatch("the plan has no output".into()))?;
+        let n_vocab = self
+            .n_vocab()
+            .ok_or_else(|| BackendError::Mismatch("the plan's output is not a matrix".into()))?;
+        Ok((first, n_vocab, self.value_span(first, sizes)?))
+    }
+
     /// The non-finite check over the step's logits rows (lowering the flag the host set to
     /// their count) and argmax / top-k over all of them at once, for the widest request.
     fn launch_checks(&self, step: &Step, sizes: StepSizes) -> Result<(), BackendError> {
@@ -732,15 +745,7 @@ impl CudaBackend {
         if rows == 0 {
             return Ok(());
         }
-        let (&first, _) = self
-            .plan
-            .outputs
-            .split_first()
-            .ok_or_else(|| BackendError::Mismatch("the plan has no output".into()))?;
-        let n_vocab = self
-            .n_vocab()
-            .ok_or_else(|| BackendError::Mismatch("the plan's output is not a matrix".into()))?;
-        let logits = self.value_span(first, sizes)?;
+        let (_, n_vocab, logits) = self.logits(sizes)?;
         let ops = Ops {
             ks: &self.ks,
             stream: &self.stream,
@@ -1028,15 +1033,8 @@ impl CudaBackend {
         sizes: StepSizes,
         out: &mut StepOutputs,
     ) -> Result<(), BackendError> {
-        let (&first, rest) = self
-            .plan
-            .outputs
-            .split_first()
-            .ok_or_else(|| BackendError::Mismatch("the plan has no output".into()))?;
-        let n_vocab = self
-            .n_vocab()
-            .ok_or_else(|| BackendError::Mismatch("the plan's output is not a matrix".into()))?;
-        let logits = self.value_span(first, sizes)?;
+        let (first, n_vocab, logits) = self.logits(sizes)?;
+        let rest = self.plan.outputs.get(1..).unwrap_or_default();
         let rows = step.outputs.len();
         out.clear(n_vocab);
         if rows > 0 {
