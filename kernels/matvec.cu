@@ -609,31 +609,39 @@ __device__ __forceinline__ void mmv_loop(const u8* const* rows, const float* __r
     }
 }
 
-// The unit loop of the sub-block-scaled decoders (IsScaled): this thread's units of the rows,
-// accumulated into acc. SH: the walk advances a constant step a unit (U::walks(bd)), else it
-// is rebuilt for each unit.
-template <typename U, int R, int M, int C, bool SH>
-__device__ __forceinline__ void mmv_loop_scaled(const u8* const* rows, const float* __restrict__ x,
-                                                int K, float (&acc)[M * C][R]) {
-    const int Q = M * C;
-    int units = K / 8, st = U::step(blockDim.x), xs = 8 * blockDim.x;
-    typename U::Walk wk[Q];
+// P unit steps of the sub-block-scaled decoders from unit u (this thread's units u, u + bd, ...,
+// u + (P - 1) bd of the Q weight rows; xw the x of unit u, xs the x stride of a step), walks wk
+// at unit u. All P steps' scales and quants are loaded before the first FMA: at one row a
+// thread has little else in flight (4 bytes of quants a step), and a step's shuffled scales
+// would otherwise wait on its own loads before the next step's are issued. The P steps'
+// walks are decoded as P * Q weight rows, so the row pairs of `scales` pair step p with p + 1
+// when Q = 1. The accumulation order is the steps' order, so every P gives the same bits.
+template <typename U, int R, int Q, int P, bool SH>
+__device__ __forceinline__ void scaled_steps(const u8* const* rows, const typename U::Walk (&wk)[Q],
+                                             int u, int st, const float* xw, int xs, int K,
+                                             float (&acc)[Q][R]) {
+    typename U::Walk w[P * Q];
 #pragma unroll
-    for (int q = 0; q < Q; q++) wk[q] = U::walk(rows[q], threadIdx.x);
-    const float* xw = x + U::xoff(threadIdx.x, 0);
-    for (int u = threadIdx.x; u < units; u += blockDim.x, xw += xs) {
-        if (!SH) {
+    for (int p = 0; p < P; p++)
 #pragma unroll
-            for (int q = 0; q < Q; q++) wk[q] = U::walk(rows[q], u);
+        for (int q = 0; q < Q; q++) {
+            if (SH) {
+                w[p * Q + q] = wk[q];
+                if (p > 0) U::advance(w[p * Q + q], p * st);
+            } else {
+                w[p * Q + q] = U::walk(rows[q], u + p * (int)blockDim.x);
+            }
         }
-        HalfScales sc[Q];
-        U::template scales<Q>(wk, sc);
-        float v[Q][8];
+    HalfScales sc[P * Q];
+    U::template scales<P * Q>(w, sc);
+    float v[P * Q][8];
 #pragma unroll
-        for (int q = 0; q < Q; q++) U::quants(wk[q], v[q]);
+    for (int i = 0; i < P * Q; i++) U::quants(w[i], v[i]);
+#pragma unroll
+    for (int p = 0; p < P; p++)
 #pragma unroll
         for (int r = 0; r < R; r++) {
-            const float* xr = xw + (i64)r * K;
+            const float* xr = xw + (i64)p * xs + (i64)r * K;
             float4 x0 = ldx4_at<0>(xr), x1 = ldx4_at<U::XJ>(xr);
             float sx0 = 0.0f, sx1 = 0.0f;
             if (U::MINS) {
@@ -642,22 +650,57 @@ __device__ __forceinline__ void mmv_loop_scaled(const u8* const* rows, const flo
             }
 #pragma unroll
             for (int q = 0; q < Q; q++) {
-                float d0 = v[q][0] * x0.x, d1 = v[q][4] * x1.x;
-                d0 = fmaf(v[q][1], x0.y, d0);
-                d1 = fmaf(v[q][5], x1.y, d1);
-                d0 = fmaf(v[q][2], x0.z, d0);
-                d1 = fmaf(v[q][6], x1.z, d1);
-                d0 = fmaf(v[q][3], x0.w, d0);
-                d1 = fmaf(v[q][7], x1.w, d1);
-                float a = fmaf(sc[q].s0, d0, acc[q][r]);
-                a = fmaf(sc[q].s1, d1, a);
+                const float* vq = v[p * Q + q];
+                const HalfScales& s = sc[p * Q + q];
+                float d0 = vq[0] * x0.x, d1 = vq[4] * x1.x;
+                d0 = fmaf(vq[1], x0.y, d0);
+                d1 = fmaf(vq[5], x1.y, d1);
+                d0 = fmaf(vq[2], x0.z, d0);
+                d1 = fmaf(vq[6], x1.z, d1);
+                d0 = fmaf(vq[3], x0.w, d0);
+                d1 = fmaf(vq[7], x1.w, d1);
+                float a = fmaf(s.s0, d0, acc[q][r]);
+                a = fmaf(s.s1, d1, a);
                 if (U::MINS) {
-                    a = fmaf(sc[q].m0, sx0, a);
-                    a = fmaf(sc[q].m1, sx1, a);
+                    a = fmaf(s.m0, sx0, a);
+                    a = fmaf(s.m1, sx1, a);
                 }
                 acc[q][r] = a;
             }
         }
+}
+
+// Unit steps a pass of mmv_loop_scaled: at one or two rows, 4 and 2 (Q <= 2; the four-column
+// variants, at one row only in mmv3's four-column form, keep Q loads a step as it is).
+template <int R, int Q>
+struct ScaledSteps {
+    static const int P = Q > 2 ? 1 : R == 1 ? 4 : R == 2 ? 2 : 1;
+};
+
+// The unit loop of the sub-block-scaled decoders (IsScaled): this thread's units of the rows,
+// accumulated into acc, ScaledSteps::P steps a pass and the rest one at a time. SH: the walk
+// advances a constant step a unit (U::walks(bd)), else it is rebuilt for each unit.
+template <typename U, int R, int M, int C, bool SH>
+__device__ __forceinline__ void mmv_loop_scaled(const u8* const* rows, const float* __restrict__ x,
+                                                int K, float (&acc)[M * C][R]) {
+    const int Q = M * C, P = ScaledSteps<R, Q>::P;
+    int bd = blockDim.x, units = K / 8, st = U::step(bd), xs = 8 * bd;
+    typename U::Walk wk[Q];
+#pragma unroll
+    for (int q = 0; q < Q; q++) wk[q] = U::walk(rows[q], threadIdx.x);
+    const float* xw = x + U::xoff(threadIdx.x, 0);
+    int u = threadIdx.x;
+    if (P > 1) {
+        for (; u + (P - 1) * bd < units; u += P * bd, xw += P * xs) {
+            scaled_steps<U, R, Q, P, SH>(rows, wk, u, st, xw, xs, K, acc);
+            if (SH) {
+#pragma unroll
+                for (int q = 0; q < Q; q++) U::advance(wk[q], P * st);
+            }
+        }
+    }
+    for (; u < units; u += bd, xw += xs) {
+        scaled_steps<U, R, Q, 1, SH>(rows, wk, u, st, xw, xs, K, acc);
         if (SH) {
 #pragma unroll
             for (int q = 0; q < Q; q++) U::advance(wk[q], st);

@@ -102,6 +102,46 @@ static void check_mmv(const char* ty, int n, int k, int block_bytes, int block_e
     }
 }
 
+// ---- One sequence's bits whatever the launch: the one-column kernel at one row (the K-quants
+// take their unit steps four a pass there, see ScaledSteps), the four-column one (one a pass)
+// and row 0 of the two-row kernel must give the same bits for every column, the matvec and the
+// fused gate/up alike. ----
+template <typename T>
+static void check_same_bits(const char* ty, int k, int block_bytes, int block_elems,
+                            std::vector<int> halves, Mmv r1, Mmv c1, Mmv r2, GateUp g_r1,
+                            GateUp g_c1, GateUp g_r2) {
+    const int n = 9;
+    int rb = k / block_elems * block_bytes;
+    std::vector<u8> w = random_rows(n, k, block_bytes, block_elems, halves);
+    std::vector<u8> w2 = random_rows(n, k, block_bytes, block_elems, halves);
+    std::vector<float> x(2 * (size_t)k);
+    for (auto& v : x) v = unif();
+    unsigned threads = (unsigned)std::min(128, std::max(32, (k / 8 + 31) / 32 * 32));
+    auto grid = [](int cols) { return HostDim3{(unsigned)((n + cols - 1) / cols), 1, 1}; };
+    std::vector<float> a(n, NAN), b(n, NAN), c(2 * n, NAN);
+    host_launch(grid(4), threads, [&] { r1(w.data(), x.data(), a.data(), n, k, rb); });
+    host_launch(grid(1), threads, [&] { c1(w.data(), x.data(), b.data(), n, k, rb); });
+    host_launch(grid(4), threads, [&] { r2(w.data(), x.data(), c.data(), n, k, rb); });
+    std::vector<float> ga(n, NAN), gb(n, NAN), gc(2 * n, NAN);
+    host_launch(grid(2), threads, [&] { g_r1(w.data(), w2.data(), x.data(), ga.data(), n, k, rb); });
+    host_launch(grid(1), threads, [&] { g_c1(w.data(), w2.data(), x.data(), gb.data(), n, k, rb); });
+    host_launch(grid(2), threads, [&] { g_r2(w.data(), w2.data(), x.data(), gc.data(), n, k, rb); });
+    bool finite = true;
+    for (float v : a) finite = finite && std::isfinite(v);
+    bool ok = finite && std::memcmp(a.data(), b.data(), 4 * n) == 0 &&
+              std::memcmp(a.data(), c.data(), 4 * n) == 0 &&
+              std::memcmp(ga.data(), gb.data(), 4 * n) == 0 &&
+              std::memcmp(ga.data(), gc.data(), 4 * n) == 0;
+    if (!ok) failures++;
+    std::printf("same bits %s K %d (r1, r1 c1, r2 row 0; matvec and gate/up): %s\n", ty, k,
+                ok ? "ok" : "FAILED");
+}
+
+#define SAME_BITS(ty, T, K, BB, BE, HALVES)                                                     \
+    check_same_bits<T>(#ty, K, BB, BE, HALVES, mmv_##ty##_r1, mmv_##ty##_r1_c1, mmv_##ty##_r2, \
+                       gate_up_swiglu_##ty##_r1, gate_up_swiglu_##ty##_r1_c1,                 \
+                       gate_up_swiglu_##ty##_r2)
+
 // ---- mmv3: up to three matrices (the plan's multi_matmul) in one launch, at one row. Each
 // output must be bit for bit the single-matrix kernel's (`single`, same columns a block), and
 // within f64 rounding of the reference; `two` leaves the third matrix out (n2 = 0). ----
@@ -396,6 +436,15 @@ int main() {
     // over rows that start 2 bytes off a word every other row.
     MMV_CASES(q4_k, TQ4_K, 1280, 144, 256, dm, 4);
     MMV_CASES(q6_k, TQ6_K, 1280, 210, 256, q6, 4);
+
+    // K = 4096: one pass of four unit steps a thread at 128 threads; K = 5120: a pass and a
+    // step on its own (Q6_K's rows start 2 bytes off a word every other row).
+    for (int k : {4096, 5120}) {
+        SAME_BITS(q4_k, TQ4_K, k, 144, 256, dm);
+        SAME_BITS(q5_k, TQ5_K, k, 176, 256, dm);
+        SAME_BITS(q6_k, TQ6_K, k, 210, 256, q6);
+    }
+    SAME_BITS(q4_0, TQ4_0, 4096, 18, 32, d0);
 
     MMV3_CASES(f16, TF16, 544, 2, 1, none);
     MMV3_CASES(q4_0, TQ4_0, 544, 18, 32, d0);
