@@ -534,10 +534,13 @@ struct UGen : PerUnit<UGen<T> > {
 // bounded these kernels at 8 rows); at one row also a 1-column variant (`_c1`), which keeps 4x
 // the blocks in flight: the host takes it for float weights and narrow matrices (measured on
 // the H200: 4 columns cost SmolLM2 16% and 8B F16 10% at R = 1, and gained 8B Q4_0 and Q8_0
-// 7%).
-template <typename U, int M>
+// 7%). The K-quants at 8 rows take 2 columns (1 of each for gate/up): their scale shuffles and
+// 8-row accumulators at 4 columns held 168 registers a thread (measured on the H200, 8B
+// Q4_K_M tg64x8: 540 tokens/s at 4 columns, 667 at 2; Q4_0 falls from 1 048 to 712 at 2, so
+// the others keep 4). matmul.rs `unit_cols` says the same to the host.
+template <typename U, int M, int R>
 struct Cols {
-    static const int N = 4 / M;
+    static const int N = (IsScaled<U>::value && R == 8 ? 2 : 4) / M;
 };
 
 // The unit loop of mmv_impl for the decoders of one scale a unit: this thread's units of the
@@ -778,11 +781,11 @@ __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __
 #define MMV_R(name, U, R)                                                                        \
     extern "C" __global__ void mmv_##name##_r##R(const u8* w, const float* x, float* y, int N,  \
                                                  int K, i64 row_bytes) {                        \
-        mmv_impl<U, R, 1, Cols<U, 1>::N>(w, w, x, y, N, K, row_bytes, blockIdx.x);               \
+        mmv_impl<U, R, 1, Cols<U, 1, R>::N>(w, w, x, y, N, K, row_bytes, blockIdx.x);               \
     }                                                                                            \
     extern "C" __global__ void gate_up_swiglu_##name##_r##R(                                     \
         const u8* wg, const u8* wu, const float* x, float* y, int N, int K, i64 row_bytes) {     \
-        mmv_impl<U, R, 2, Cols<U, 2>::N>(wg, wu, x, y, N, K, row_bytes, blockIdx.x);             \
+        mmv_impl<U, R, 2, Cols<U, 2, R>::N>(wg, wu, x, y, N, K, row_bytes, blockIdx.x);             \
     }
 // One row, one output column per block (see Cols).
 #define MMV_C1(name, U)                                                                          \

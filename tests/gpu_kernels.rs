@@ -1290,7 +1290,7 @@ fn kernel_timings_for_the_record() {
         // The plain kernel (grid N / 4 x rows), then the unit kernels for 1 and 8 rows (grid N /
         // columns per block, 128 threads: K = 4096 is at least 128 units).
         let blocks = |cols: usize| n.div_ceil(cols) as u32;
-        let cols = m40_llm::backend::cuda::matmul::unit_cols(false);
+        let cols = |rows| m40_llm::backend::cuda::matmul::unit_cols(ty, false, rows);
         for (kernel, rows, grid, block) in [
             (
                 format!("matvec_{sfx}"),
@@ -1298,9 +1298,9 @@ fn kernel_timings_for_the_record() {
                 (n.div_ceil(4) as u32, 1, 1),
                 128,
             ),
-            (format!("mmv_{sfx}_r1"), 1, (blocks(cols), 1, 1), 128),
+            (format!("mmv_{sfx}_r1"), 1, (blocks(cols(1)), 1, 1), 128),
             (format!("mmv_{sfx}_r1_c1"), 1, (blocks(1), 1, 1), 128),
-            (format!("mmv_{sfx}_r8"), 8, (blocks(cols), 1, 1), 128),
+            (format!("mmv_{sfx}_r8"), 8, (blocks(cols(8)), 1, 1), 128),
         ] {
             let f = g.f("matvec", &kernel);
             let xr = g.up(&randn(&mut rng(2), rows * k));
@@ -1414,7 +1414,7 @@ fn kernel_timings_for_the_record() {
                     );
                 }
                 let f = g.f("matvec", &format!("mmv_{sfx}_r8"));
-                let cols = m40_llm::backend::cuda::matmul::unit_cols(false);
+                let cols = m40_llm::backend::cuda::matmul::unit_cols(ty, false, 8);
                 let (nn, kk, rb) = (n as i32, k as i32, row_bytes as i64);
                 let ms = time(&mut || {
                     for r0 in (0..32).step_by(8) {
@@ -2618,4 +2618,106 @@ fn a_prefill_chunk_without_outputs_then_the_rest_gives_the_whole_prompts_logits(
     );
     let e = exec::rel_err(&rest, &all[20..]);
     assert!(e <= 1e-4, "chunked prefill differs by {e:.2e}");
+}
+
+/// Not a correctness test: the unit kernels' speed by block size at one and eight rows, for the
+/// host's choice of block (matmul.rs `unit_block`) on an 8B's shapes (4096 x 4096, 4096 x 14 336
+/// and the 14 336 x 4096 gate/up pair), each launch on another copy of the weights (over 120 MB
+/// in all, past the H200's L2, as a decode step's layers are). Median of 20 rounds over the
+/// copies. Run by hand: `gpu_kernels --ignored --nocapture unit_block_sweep`.
+#[test]
+#[ignore]
+fn unit_block_sweep_for_the_record() {
+    let Some(g) = gpu() else { return };
+    let ctx = g.ks.context().clone();
+    let time = |f: &mut dyn FnMut()| -> f64 {
+        f();
+        let mut ms = Vec::new();
+        for _ in 0..20 {
+            let ev = || {
+                ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .unwrap()
+            };
+            let (a, b) = (ev(), ev());
+            a.record(&g.stream).unwrap();
+            f();
+            b.record(&g.stream).unwrap();
+            g.stream.synchronize().unwrap();
+            ms.push(f64::from(a.elapsed_ms(&b).unwrap()));
+        }
+        ms.sort_by(f64::total_cmp);
+        ms[ms.len() / 2]
+    };
+    let elems = 14336 * 4096;
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::F16,
+    ] {
+        // One quantized buffer viewed as every shape (block boundaries agree: both K are
+        // multiples of 256), uploaded as distinct copies with over-read padding.
+        let base = quantize_row(ty, &randn(&mut rng(7), 4096 * 4096)).unwrap();
+        let mut wb: Vec<u8> = base
+            .iter()
+            .copied()
+            .cycle()
+            .take(base.len() / 4096 * 14336)
+            .collect();
+        let bytes = wb.len();
+        wb.extend_from_slice(&[0u8; 64]);
+        let copies = (120_000_000usize).div_ceil(bytes).max(2) * 2;
+        let ws: Vec<_> = (0..copies).map(|_| g.up(&wb)).collect();
+        let sfx = weight_kernel_suffix(ty).unwrap();
+        let per_elem = bytes as f64 / elems as f64;
+        for (n, k, gate_up) in [
+            (4096usize, 4096usize, false),
+            (4096, 14336, false),
+            (14336, 4096, true),
+        ] {
+            let rb = ((k as f64) * per_elem).round() as i64;
+            let (nn, kk) = (n as i32, k as i32);
+            let shape_bytes = (n as f64 * rb as f64) * if gate_up { 2.0 } else { 1.0 };
+            let prefix = if gate_up { "gate_up_swiglu" } else { "mmv" };
+            let c4 = m40_llm::backend::cuda::matmul::unit_cols(ty, gate_up, 1);
+            let c8 = m40_llm::backend::cuda::matmul::unit_cols(ty, gate_up, 8);
+            for (kernel, rows, cols, blocks) in [
+                (
+                    format!("{prefix}_{sfx}_r1_c1"),
+                    1usize,
+                    1usize,
+                    &[32u32, 64, 128, 256][..],
+                ),
+                (format!("{prefix}_{sfx}_r1"), 1, c4, &[64, 128, 256][..]),
+                (format!("{prefix}_{sfx}_r8"), 8, c8, &[64, 128][..]),
+            ] {
+                let f = g.f("matvec", &kernel);
+                let xr = g.up(&randn(&mut rng(3), rows * k));
+                let mut y_d = g.out(rows * n, NAN);
+                for &bd in blocks {
+                    let grid = (n.div_ceil(cols) as u32, 1, 1);
+                    let step = if gate_up { 2 } else { 1 };
+                    let ms = time(&mut || {
+                        for i in (0..copies).step_by(step) {
+                            launch(&f, g, cfg(grid, bd), |b| {
+                                b.arg(&ws[i]);
+                                if gate_up {
+                                    b.arg(&ws[i + 1]);
+                                }
+                                b.arg(&xr).arg(&mut y_d).arg(&nn).arg(&kk).arg(&rb);
+                            });
+                        }
+                    }) / (copies / step) as f64;
+                    let y = g.down(&y_d);
+                    assert!(y.iter().all(|v| v.is_finite()), "{kernel} block {bd}");
+                    eprintln!(
+                        "SWEEP {kernel} {n}x{k} block {bd}: {:.2} us, {:.0} GB/s",
+                        ms * 1e3,
+                        shape_bytes / ms / 1e6
+                    );
+                }
+            }
+        }
+    }
 }

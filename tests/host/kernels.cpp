@@ -407,14 +407,15 @@ static std::vector<std::pair<int, int> > run(int slot, int start, int n) {
 }
 
 // Every unit kernel of a type: R = 1 (C columns and one), 2, 4, 8 rows, matvec and gate/up.
-#define MMV_CASES(ty, T, K, BB, BE, HALVES, C)                                                   \
+// C8: the columns a block at 8 rows (2 for the K-quants, see Cols).
+#define MMV_CASES(ty, T, K, BB, BE, HALVES, C, C8)                                               \
     do {                                                                                         \
         check_mmv<T>(#ty, 9, K, BB, BE, HALVES, 1, C, mmv_##ty##_r1, gate_up_swiglu_##ty##_r1);  \
         check_mmv<T>(#ty " c1", 9, K, BB, BE, HALVES, 1, 1, mmv_##ty##_r1_c1,                    \
                      gate_up_swiglu_##ty##_r1_c1);                                               \
         check_mmv<T>(#ty, 9, K, BB, BE, HALVES, 2, C, mmv_##ty##_r2, gate_up_swiglu_##ty##_r2);  \
         check_mmv<T>(#ty, 9, K, BB, BE, HALVES, 4, C, mmv_##ty##_r4, gate_up_swiglu_##ty##_r4);  \
-        check_mmv<T>(#ty, 9, K, BB, BE, HALVES, 8, C, mmv_##ty##_r8, gate_up_swiglu_##ty##_r8);  \
+        check_mmv<T>(#ty, 9, K, BB, BE, HALVES, 8, C8, mmv_##ty##_r8, gate_up_swiglu_##ty##_r8); \
     } while (0)
 
 int main() {
@@ -422,20 +423,20 @@ int main() {
     // 34-byte types starts 2 bytes off a word) or 3 super-blocks (96 threads: Q6_K rebuilds its
     // walk each unit).
     std::vector<int> d0 = {0}, dm = {0, 2}, q6 = {208}, none = {}, bf = {-1};
-    MMV_CASES(f32, TF32, 544, 4, 1, none, 4);
-    MMV_CASES(f16, TF16, 544, 2, 1, none, 4);
-    MMV_CASES(q4_0, TQ4_0, 544, 18, 32, d0, 4);
-    MMV_CASES(q4_1, TQ4_1, 544, 20, 32, dm, 4);
-    MMV_CASES(q5_0, TQ5_0, 544, 22, 32, d0, 4);
-    MMV_CASES(q5_1, TQ5_1, 544, 24, 32, dm, 4);
-    MMV_CASES(q8_0, TQ8_0, 544, 34, 32, d0, 4);
-    MMV_CASES(q4_k, TQ4_K, 768, 144, 256, dm, 4);
-    MMV_CASES(q5_k, TQ5_K, 768, 176, 256, dm, 4);
-    MMV_CASES(q6_k, TQ6_K, 768, 210, 256, q6, 4);
+    MMV_CASES(f32, TF32, 544, 4, 1, none, 4, 4);
+    MMV_CASES(f16, TF16, 544, 2, 1, none, 4, 4);
+    MMV_CASES(q4_0, TQ4_0, 544, 18, 32, d0, 4, 4);
+    MMV_CASES(q4_1, TQ4_1, 544, 20, 32, dm, 4, 4);
+    MMV_CASES(q5_0, TQ5_0, 544, 22, 32, d0, 4, 4);
+    MMV_CASES(q5_1, TQ5_1, 544, 24, 32, dm, 4, 4);
+    MMV_CASES(q8_0, TQ8_0, 544, 34, 32, d0, 4, 4);
+    MMV_CASES(q4_k, TQ4_K, 768, 144, 256, dm, 4, 2);
+    MMV_CASES(q5_k, TQ5_K, 768, 176, 256, dm, 4, 2);
+    MMV_CASES(q6_k, TQ6_K, 768, 210, 256, q6, 4, 2);
     // K = 1280: 128 threads, so Q6_K's walk advances (an even number of super-blocks a step)
     // over rows that start 2 bytes off a word every other row.
-    MMV_CASES(q4_k, TQ4_K, 1280, 144, 256, dm, 4);
-    MMV_CASES(q6_k, TQ6_K, 1280, 210, 256, q6, 4);
+    MMV_CASES(q4_k, TQ4_K, 1280, 144, 256, dm, 4, 2);
+    MMV_CASES(q6_k, TQ6_K, 1280, 210, 256, q6, 4, 2);
 
     // K = 4096: one pass of four unit steps a thread at 128 threads; K = 5120: a pass and a
     // step on its own (Q6_K's rows start 2 bytes off a word every other row).

@@ -464,7 +464,7 @@ pub fn m40_counts(ptx: &str) -> Vec<TypeCount> {
                     let r = unit
                         .ok_or_else(|| IsaError::NoUnitWidth(decoder.to_string()))
                         .and_then(|w| {
-                            let cols = super::matmul::unit_cols(false) as u32;
+                            let cols = super::matmul::unit_cols(ty, false, rows as usize) as u32;
                             count_kernel(ptx, &kernel, rows, w, cols, budget)
                         });
                     KernelResult {

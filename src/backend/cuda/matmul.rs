@@ -174,11 +174,14 @@ fn units_take(k: usize, x: u64) -> bool {
     k.is_multiple_of(32) && x.is_multiple_of(16)
 }
 
-/// Output columns per block of `mmv_<ty>_r<R>` and `gate_up_swiglu_<ty>_r<R>` (kernels/matvec.cu
-/// `Cols`): 4 (2 for gate/up, whose two matrices share the x loads too), for every type: all
-/// decode units of 8 weights. The `_r1_c1` variants compute one.
-pub fn unit_cols(gate_up: bool) -> usize {
-    if gate_up { 2 } else { 4 }
+/// Output columns per block of `mmv_<ty>_r<rows>` and `gate_up_swiglu_<ty>_r<rows>`
+/// (kernels/matvec.cu `Cols`): 4 (2 for gate/up, whose two matrices share the x loads too),
+/// but 2 (1) for the K-quants at 8 rows, whose scale shuffles and accumulators at 4 columns
+/// held 168 registers a thread. The `_r1_c1` variants compute one.
+pub fn unit_cols(ty: GgmlType, gate_up: bool, rows: usize) -> usize {
+    let k_quant = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
+    let cols = if k_quant && rows == 8 { 2 } else { 4 };
+    if gate_up { cols / 2 } else { cols }
 }
 
 /// Rows at least this many take the several-column kernel at one row (blocks to spare).
@@ -199,7 +202,7 @@ pub fn unit_kernel(
     rows: usize,
     n: usize,
 ) -> (String, usize) {
-    let cols = unit_cols(gate_up);
+    let cols = unit_cols(ty, gate_up, rows);
     let float = matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
     let k_quant = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
     if rows == 1 && cols > 1 && (float || k_quant || n < COLS_MIN_ROWS) {
