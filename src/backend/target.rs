@@ -195,7 +195,7 @@ pub enum GemmError {
     )]
     NeedsCublas(GemmPrecision),
     #[error(
-        "{target} is sm_{sm}: the {precision} prefill GEMM needs tensor cores of sm_{} or newer (the base path M40LLM_GEMM=f32 runs everywhere)",
+        "{target}: the {precision} prefill GEMM needs tensor cores of sm_{} or newer, and this GPU is sm_{sm} (the base path, M40LLM_GEMM=f32, runs everywhere)",
         precision.min_sm()
     )]
     NoTensorCores {
@@ -763,7 +763,9 @@ mod tests {
             );
             let text = e.to_string();
             assert!(
-                text.contains("is sm_52") && text.contains(&format!("sm_{}", p.min_sm())),
+                text.starts_with("cuda:0 (sm_52): ")
+                    && text.contains("this GPU is sm_52")
+                    && text.contains(&format!("sm_{} or newer", p.min_sm())),
                 "{text}"
             );
         }

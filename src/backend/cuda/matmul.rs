@@ -255,6 +255,32 @@ fn tiled_splits(n: usize, k: usize, gate_up: bool, sms: usize) -> (usize, usize)
     (slabs.div_ceil(per), per * TILED_SLAB)
 }
 
+/// [`Matmul::cublas_scratch_floats`] with cuBLAS on, for GEMMs in `gemm`.
+fn cublas_scratch_floats(
+    gemm: GemmPrecision,
+    matrices: &[(GgmlType, usize, usize)],
+    max_rows: usize,
+) -> usize {
+    let largest = |f16_in_place: bool| {
+        matrices
+            .iter()
+            .filter(|(ty, _, _)| !(f16_in_place && *ty == GgmlType::F16))
+            .map(|&(_, n, k)| n * k)
+            .max()
+            .unwrap_or(0)
+    };
+    if gemm != GemmPrecision::F16 {
+        return largest(false).min(TILE_SCRATCH_FLOATS);
+    }
+    // Steps of at most TILED_MAX_ROWS rows never reach cuBLAS.
+    if max_rows <= TILED_MAX_ROWS {
+        return 0;
+    }
+    let k_max = matrices.iter().map(|&(_, _, k)| k).max().unwrap_or(0);
+    let x = f16_activation_halves(max_rows, k_max);
+    (x + largest(true).min(TILE_SCRATCH_HALVES)).div_ceil(2)
+}
+
 /// Matmuls on one stream; see the [module docs](self).
 pub struct Matmul {
     stream: Arc<CudaStream>,
@@ -423,20 +449,7 @@ impl Matmul {
         if self.blas.is_none() {
             return 0;
         }
-        let largest = |f16_in_place: bool| {
-            matrices
-                .iter()
-                .filter(|(ty, _, _)| !(f16_in_place && *ty == GgmlType::F16))
-                .map(|&(_, n, k)| n * k)
-                .max()
-                .unwrap_or(0)
-        };
-        if self.gemm != GemmPrecision::F16 {
-            return largest(false).min(TILE_SCRATCH_FLOATS);
-        }
-        let k_max = matrices.iter().map(|&(_, _, k)| k).max().unwrap_or(0);
-        let x = f16_activation_halves(max_rows.max(TILED_MAX_ROWS + 1), k_max);
-        (x + largest(true).min(TILE_SCRATCH_HALVES)).div_ceil(2)
+        cublas_scratch_floats(self.gemm, matrices, max_rows)
     }
 
     /// `y[r, n] = sum_k x[r, k] w[n, k]` for `r < rows`. `scratch` holds dequantized tiles on the
@@ -1136,5 +1149,47 @@ mod tests {
         );
         assert_eq!(tile(TILED_MAX_ROWS), Some(TILED_MAX_ROWS));
         assert_eq!(unit_chunks(UNIT_MAX_ROWS), vec![(0, 8)]);
+    }
+
+    #[test]
+    fn the_cublas_scratch_holds_a_tile_and_the_fp16_activations() {
+        use GgmlType::{F16, Q4_0, Q4_K};
+        // An 8B's shapes: q [4096, 4096], down [4096, 14336], the output [128256, 4096].
+        let eight_b = [
+            (Q4_0, 4096, 4096),
+            (Q4_K, 4096, 14336),
+            (Q4_0, 128256, 4096),
+        ];
+        for p in [GemmPrecision::F32, GemmPrecision::Tf32] {
+            assert_eq!(cublas_scratch_floats(p, &eight_b, 512), TILE_SCRATCH_FLOATS);
+            assert_eq!(cublas_scratch_floats(p, &[(Q4_0, 64, 256)], 512), 64 * 256);
+        }
+        // FP16: 512 rows of the widest K as halves, then 64 MiB of FP16 tiles.
+        let f16 = cublas_scratch_floats(GemmPrecision::F16, &eight_b, 512);
+        assert_eq!(f16, (512 * 14336 + TILE_SCRATCH_HALVES) / 2);
+        // What `run_f16` takes from it at 512 rows of K = 14336: the activations, then rows.
+        let left = 2 * f16 - f16_activation_halves(512, 14336);
+        assert_eq!(left / 14336, TILE_SCRATCH_HALVES / 14336);
+        // A small model's matrix fits whole; F16 weights need no tile, only the activations
+        // (rounded up to 256 bytes).
+        assert_eq!(
+            cublas_scratch_floats(GemmPrecision::F16, &[(Q4_0, 100, 256)], 65),
+            (f16_activation_halves(65, 256) + 100 * 256) / 2
+        );
+        assert_eq!(
+            cublas_scratch_floats(
+                GemmPrecision::F16,
+                &[(F16, 4096, 4096), (Q4_0, 64, 512)],
+                96
+            ),
+            (f16_activation_halves(96, 4096) + 64 * 512) / 2
+        );
+        assert_eq!(f16_activation_halves(65, 3) % 128, 0);
+        assert!(f16_activation_halves(65, 3) >= 65 * 3);
+        // Steps that never reach cuBLAS need none.
+        assert_eq!(
+            cublas_scratch_floats(GemmPrecision::F16, &eight_b, TILED_MAX_ROWS),
+            0
+        );
     }
 }
