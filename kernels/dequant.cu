@@ -1,5 +1,9 @@
-// Dequantization of whole weight matrices into FP32 scratch (for cuBLAS SGEMM on multi-token
-// matmuls): out[n, k] = w[n, k] for n in 0..n_rows, k in 0..K. Grid-stride over all elements.
+// Dequantization of whole weight matrices (or tiles of their rows) into scratch for cuBLAS's
+// multi-token matmuls: out[n, k] = w[n, k] for n in 0..n_rows, k in 0..K. Grid-stride over all
+// elements. `dequantize_<ty>` writes FP32 (the SGEMM base path); `dequantize_to_f16_<ty>` writes
+// the same value rounded to FP16 (round to nearest even, `f2h`: cvt.rn.f16.f32), the operand of
+// the FP16 tensor-core GEMM on sm_70+ (src/backend/cuda/matmul.rs). Both are sm_52-legal: FP32
+// arithmetic, FP16 only as storage.
 #include "common.cuh"
 
 template <typename T>
@@ -13,9 +17,24 @@ __device__ void dequantize_impl(const u8* w, float* out, i64 n_rows, int K, i64 
     }
 }
 
+template <typename T>
+__device__ void dequantize_to_f16_impl(const u8* w, u16* out, i64 n_rows, int K, i64 row_bytes) {
+    i64 total = n_rows * (i64)K;
+    for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total;
+         e += (i64)gridDim.x * blockDim.x) {
+        i64 n = e / K;
+        int k = (int)(e - n * K);
+        out[e] = f2h(T::at(w + n * row_bytes, k));
+    }
+}
+
 #define DEQUANTIZE(name, T)                                                                   \
     extern "C" __global__ void dequantize_##name(const u8* w, float* out, i64 n_rows, int K,  \
                                                  i64 row_bytes) {                             \
         dequantize_impl<T>(w, out, n_rows, K, row_bytes);                                     \
+    }                                                                                         \
+    extern "C" __global__ void dequantize_to_f16_##name(const u8* w, u16* out, i64 n_rows,   \
+                                                        int K, i64 row_bytes) {               \
+        dequantize_to_f16_impl<T>(w, out, n_rows, K, row_bytes);                              \
     }
 FOR_EACH_WEIGHT_TYPE(DEQUANTIZE)

@@ -85,4 +85,29 @@ fn bench_refuses_what_it_cannot_measure() {
     let o = bench(&["-m", model, "--device", "cpu", "-r", "0"]);
     assert_eq!(o.code, Some(2), "a usage error: {}", o.stderr);
     assert!(o.stderr.contains("--repetitions"), "{}", o.stderr);
+    // A prefill GEMM precision that does not exist, or two that contradict each other, fail
+    // the load on any device (the GPU cases are in tests/gpu_kernels.rs).
+    let with_env = |vars: &[(&str, &str)]| {
+        let mut cmd = Command::new(common::bin());
+        cmd.args([
+            "bench", "-m", model, "--device", "cpu", "-p", "8", "-n", "0", "-r", "1",
+        ]);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        run(&mut cmd, Input::Null, Duration::from_secs(300))
+    };
+    with_env(&[("M40LLM_GEMM", "fp16")]).fails_with("M40LLM_GEMM=`fp16`");
+    with_env(&[("M40LLM_GEMM", "f16"), ("M40LLM_TF32", "1")])
+        .fails_with("M40LLM_GEMM=f16 and M40LLM_TF32=1");
+    with_env(&[("M40LLM_GEMM", "f16"), ("M40LLM_ENABLE_CUBLAS", "0")])
+        .fails_with("M40LLM_ENABLE_CUBLAS=0");
+    // A valid request on the CPU: FP32, said in a warning.
+    let o = with_env(&[("M40LLM_GEMM", "f16")]);
+    o.succeeds();
+    assert!(
+        o.stderr.contains("the CPU backend computes in FP32"),
+        "{}",
+        o.stderr
+    );
 }

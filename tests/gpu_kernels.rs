@@ -1759,6 +1759,196 @@ fn tf32_sgemm_is_refused_without_cublas_and_stays_within_tf32_rounding_on_sm80()
     }
 }
 
+/// `v` rounded to the nearest FP16 (ties to even) and widened back.
+fn f16_round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|&x| f16::from_f32(x).to_f32()).collect()
+}
+
+#[test]
+fn dequantize_to_f16_is_the_fp32_dequantization_rounded_to_fp16_for_every_type() {
+    let Some(g) = gpu() else { return };
+    let (n, k) = (19, 768);
+    for (i, ty) in DEQUANTIZE_TYPES.into_iter().enumerate() {
+        let (bytes, deq, row_bytes) = weight(200 + i as u64, ty, n, k);
+        let sfx = weight_kernel_suffix(ty).unwrap();
+        let f32_kernel = g.f("dequant", &format!("dequantize_{sfx}"));
+        let f16_kernel = g.f("dequant", &format!("dequantize_to_f16_{sfx}"));
+        let w_d = g.up(&bytes);
+        let mut y_d = g.out(n * k, NAN);
+        // Poisoned with a NaN pattern, and 8 halves past the end that must stay.
+        let mut h_d = g.out(n * k + 8, 0x7e01u16);
+        let (nn, kk, rb) = (n as i64, k as i32, row_bytes as i64);
+        launch(&f32_kernel, g, cfg((24, 1, 1), 256), |b| {
+            b.arg(&w_d).arg(&mut y_d).arg(&nn).arg(&kk).arg(&rb);
+        });
+        launch(&f16_kernel, g, cfg((5, 1, 1), 256), |b| {
+            b.arg(&w_d).arg(&mut h_d).arg(&nn).arg(&kk).arg(&rb);
+        });
+        let (fp32, halves) = (g.down(&y_d), g.down(&h_d));
+        assert_eq!(
+            halves[..n * k],
+            to_f16_bits(&fp32)[..],
+            "dequantize_to_f16 {ty:?}: not the FP32 dequantization rounded to FP16"
+        );
+        assert!(
+            halves[n * k..].iter().all(|&h| h == 0x7e01),
+            "{ty:?}: wrote past the end"
+        );
+        // And within FP16 rounding (2^-11 of each value) of the CPU's dequantization.
+        let wide: Vec<f32> = halves[..n * k]
+            .iter()
+            .map(|&h| f16::from_bits(h).to_f32())
+            .collect();
+        assert_close(
+            &format!("dequantize_to_f16 {ty:?}"),
+            &wide,
+            &f64s(&deq),
+            1e-3,
+        );
+    }
+    // The activations' conversion: round to nearest even, overflow to inf, subnormals kept.
+    let mut x = randn(&mut rng(210), 5000);
+    for (i, v) in x.iter_mut().enumerate().step_by(7) {
+        *v *= 2f32.powi((i % 41) as i32 - 28);
+    }
+    x.extend([
+        0.0,
+        -0.0,
+        1e-8,
+        3e-6,
+        6.1e-5,
+        65504.0,
+        65519.0,
+        65520.0,
+        -1e6,
+        f32::INFINITY,
+        1.000_488_3,
+    ]);
+    let f = g.f("elementwise", "f32_to_f16");
+    let x_d = g.up(&x);
+    let mut h_d = g.out(x.len() + 8, 0x7e01u16);
+    let len = x.len() as i64;
+    launch(&f, g, cfg((3, 1, 1), 256), |b| {
+        b.arg(&x_d).arg(&mut h_d).arg(&len);
+    });
+    let h = g.down(&h_d);
+    assert_eq!(h[..x.len()], to_f16_bits(&x)[..], "f32_to_f16");
+    assert!(
+        h[x.len()..].iter().all(|&v| v == 0x7e01),
+        "f32_to_f16 wrote past the end"
+    );
+}
+
+#[test]
+fn f16_gemm_is_the_fp32_gemm_of_fp16_rounded_operands_and_is_refused_where_it_cannot_run() {
+    use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul, MatmulPath};
+    use m40_llm::backend::target::GemmPrecision;
+    let Some(g) = gpu() else { return };
+    // Without cuBLAS the tensor-core precisions are refused (FP32 is what runs there).
+    let mut plain = Matmul::new(g.stream.clone(), false).unwrap();
+    for p in [GemmPrecision::F16, GemmPrecision::Tf32] {
+        let e = plain.set_gemm(p).err().unwrap().to_string();
+        assert!(e.contains("cuBLAS") && e.contains(p.name()), "{e}");
+        assert_eq!(plain.gemm(), GemmPrecision::F32);
+    }
+    plain.set_gemm(GemmPrecision::F32).unwrap();
+    let mut mm = Matmul::new(g.stream.clone(), true).unwrap();
+    let sm = mm.compute_capability();
+    if sm < 70 {
+        // A GPU without tensor cores refuses, naming its arch.
+        let e = mm.set_gemm(GemmPrecision::F16).err().unwrap().to_string();
+        assert!(
+            e.contains(&format!("sm_{sm}")) && e.contains("sm_70"),
+            "{e}"
+        );
+        assert_eq!(mm.gemm(), GemmPrecision::F32);
+        eprintln!("SKIPPED the FP16 GEMM cases: sm_{sm} has no tensor cores");
+        return;
+    }
+    mm.set_gemm(GemmPrecision::F16).unwrap();
+    assert_eq!(mm.gemm(), GemmPrecision::F16);
+    let fp32 = Matmul::new(g.stream.clone(), true).unwrap();
+    // Past TILED_MAX_ROWS (64) rows, so cuBLAS runs: 80 and 65 rows (odd K-multiples), N with a
+    // partial last tile.
+    let cases = [
+        (GgmlType::F16, 192usize, 1024usize, 80usize),
+        (GgmlType::F32, 192, 1024, 80),
+        (GgmlType::BF16, 96, 512, 65),
+        (GgmlType::Q4_0, 192, 1024, 80),
+        (GgmlType::Q8_0, 131, 512, 65),
+        (GgmlType::Q5_1, 64, 512, 70),
+        (GgmlType::Q4_K, 192, 1024, 80),
+        (GgmlType::Q6_K, 131, 768, 65),
+    ];
+    for (i, &(ty, n, k, rows)) in cases.iter().enumerate() {
+        let what = format!("{ty:?} [{n}, {k}] x {rows} rows");
+        let (wb, wd, _) = weight(940 + i as u64, ty, n, k);
+        let w = DeviceWeight::upload(&g.stream, "w", ty, n, k, &wb).unwrap();
+        let x = randn(&mut rng(960 + i as u64), rows * k);
+        let x_d = g.up(&x);
+        let exact = matmul_ref(&x, &wd, rows, n, k);
+        // What the FP16 GEMM computes: the product of the operands rounded to FP16, summed in
+        // FP32 (the weights' dequantized values are the CPU's, rounded the same way).
+        let rounded = matmul_ref(&f16_round(&x), &f16_round(&wd), rows, n, k);
+        // Scratch: the FP16 activations (rounded up to 128 halves) and a third of W's rows as
+        // FP16 (so three or four tiles), in floats.
+        let x_halves = (rows * k).div_ceil(128) * 128;
+        let tile_rows = n.div_ceil(3);
+        let mut scratch = g.out((x_halves + tile_rows * k).div_ceil(2), NAN);
+        let mut y_d = g.out(rows * n, NAN);
+        let path = mm
+            .run(&g.ks, &x_d, rows, &w, &mut y_d, &mut scratch)
+            .unwrap();
+        let want_tiles = if ty == GgmlType::F16 {
+            0
+        } else {
+            n.div_ceil(tile_rows)
+        };
+        assert_eq!(path, MatmulPath::CublasF16 { tiles: want_tiles }, "{what}");
+        let got = g.down(&y_d);
+        // Against the rounded operands only FP32 accumulation is left: ~K * 2^-24 at worst.
+        assert_close(
+            &format!("FP16 GEMM {what}, rounded operands"),
+            &got,
+            &rounded,
+            1e-4,
+        );
+        // Against the exact operands: each operand carries up to 2^-11 of relative rounding
+        // error, so each product up to ~2^-10 (1e-3); over K terms of random sign those errors
+        // add like a random walk, as the products themselves do, so the error relative to the
+        // outputs' scale stays near 2^-10 / 3, and 5e-3 bounds the worst of the outputs (the
+        // same bound as TF32's 10-bit mantissas below).
+        assert_close(&format!("FP16 GEMM {what}"), &got, &exact, 5e-3);
+        let mut y32 = g.out(rows * n, NAN);
+        fp32.run(&g.ks, &x_d, rows, &w, &mut y32, &mut scratch)
+            .unwrap();
+        assert!(
+            got != g.down(&y32),
+            "{what}: the FP16 GEMM computed the FP32 SGEMM's bits"
+        );
+    }
+    // Too small a scratch is an error naming what it must hold, not a launch.
+    let (wb, _, _) = weight(990, GgmlType::Q4_0, 64, 256);
+    let w = DeviceWeight::upload(&g.stream, "w", GgmlType::Q4_0, 64, 256, &wb).unwrap();
+    let x_d = g.up(&vec![0.5f32; 80 * 256]);
+    let mut y_d = g.out(80 * 64, NAN);
+    let mut small = g.out(80 * 256 / 2, NAN);
+    let e = mm
+        .run(&g.ks, &x_d, 80, &w, &mut y_d, &mut small)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("FP16 activations") && e.contains("weight row"),
+        "{e}"
+    );
+    // Back to FP32: the SGEMM path again.
+    mm.set_gemm(GemmPrecision::F32).unwrap();
+    let mut scratch = g.out(80 * 256 + 64 * 256, NAN);
+    let path = mm.run(&g.ks, &x_d, 80, &w, &mut y_d, &mut scratch).unwrap();
+    assert!(matches!(path, MatmulPath::CublasSgemm { .. }), "{path:?}");
+}
+
 #[test]
 fn tiled_kernels_match_dequantized_f64_math_and_are_batch_invariant_for_every_type() {
     use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul, MatmulPath, TILED_MAX_ROWS};
@@ -1947,6 +2137,8 @@ fn doctor_compiles_every_kernel_for_sm52_or_says_what_is_missing() {
         assert_eq!(json["ok"], true);
         let families = target["families"].as_array().unwrap();
         assert_eq!(families.len(), kernels::family_names().count());
+        // The M40 has no tensor cores: FP32 is its only prefill GEMM.
+        assert_eq!(target["gemm_precisions"], serde_json::json!(["f32"]));
         for f in families {
             assert_eq!(f["ok"], true, "{f}");
             assert!(!f["functions"].as_array().unwrap().is_empty(), "{f}");
@@ -1973,6 +2165,23 @@ fn doctor_compiles_every_kernel_for_sm52_or_says_what_is_missing() {
         text.contains("pip install nvidia-cuda-nvrtc-cu12==12.4.*"),
         "{text}"
     );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.lines().filter(|l| l.starts_with("error: ")).count(),
+        1,
+        "{err}"
+    );
+    // A prefill GEMM precision that does not exist fails the doctor, as it fails every load.
+    let out = Command::new(common::bin())
+        .args(["doctor", "--arch", "sm_52", "--json"])
+        .env("M40LLM_GEMM", "f17")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["ok"], false);
+    let why = json["gemm_error"].as_str().unwrap();
+    assert!(why.contains("M40LLM_GEMM=`f17`"), "{why}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
         err.lines().filter(|l| l.starts_with("error: ")).count(),
@@ -2187,6 +2396,79 @@ fn the_executor_matches_the_cpu_backend_on_tiny_models_of_every_weight_type() {
                 gpu.device()
             );
         }
+    }
+}
+
+#[test]
+fn the_f16_prefill_gemm_agrees_with_the_cpu_backend_and_is_refused_where_it_cannot_run() {
+    use m40_llm::backend::cuda::CudaBackend;
+    use m40_llm::backend::target::GemmPrecision;
+    let Some(g) = exec::device() else { return };
+    let wide = TinyModel {
+        n_embd: 256,
+        n_heads: 8,
+        n_kv_heads: 2,
+        head_dim: 32,
+        n_ff: 512,
+        ..TinyModel::llama()
+    };
+    let models = [
+        TinyModel::llama32().with_weight_type(GgmlType::F16),
+        wide.clone().with_weight_type(GgmlType::Q4_0),
+        wide.with_weight_type(GgmlType::Q4_K),
+    ];
+    let sm = g.compute_capability.0 * 10 + g.compute_capability.1;
+    for (i, model) in models.iter().enumerate() {
+        let file = Arc::new(model.open().unwrap());
+        let plan = exec::plan(&file, &g, 96, m40_llm::plan::Reuse::Liveness);
+        let kv = exec::geometry(128, 1);
+        let open = |use_cublas, gemm| {
+            CudaBackend::with_gemm(plan.clone(), file.clone(), kv, &g, use_cublas, gemm)
+        };
+        // Tensor-core GEMMs are cuBLAS calls: refused without it, naming the GPU.
+        let e = open(false, GemmPrecision::F16).err().unwrap().to_string();
+        assert!(e.contains("cuBLAS") && e.contains(&g.name), "{e}");
+        if sm < 70 {
+            let e = open(true, GemmPrecision::F16).err().unwrap().to_string();
+            assert!(e.contains(&format!("sm_{sm}")), "{e}");
+            eprintln!("SKIPPED the FP16 prefill cases: sm_{sm} has no tensor cores");
+            return;
+        }
+        let mut gpu = open(true, GemmPrecision::F16).unwrap();
+        let detail = &gpu.device().detail;
+        assert!(
+            detail.contains("GEMM f16") && detail.contains("FP16-operand"),
+            "{detail}"
+        );
+        let mut cpu = exec::cpu(&plan, &file, kv);
+        // 80 tokens: past the tiled kernels' 64 rows, so prefill's matmuls run the FP16 GEMM.
+        let prompt: Vec<u32> = (0..80)
+            .map(|t| (t * 29 + 3 + i as u32) % model.n_vocab)
+            .collect();
+        let step = exec::Batch::new().seq(0, 0, &prompt, 0).step;
+        let (a, b) = (exec::logits(&mut gpu, &step), exec::logits(&mut cpu, &step));
+        let e = exec::rel_err(&a, &b);
+        // Each matmul's operands are rounded to FP16 (2^-11 relative), the CPU's are not: about
+        // 1e-3 of the logits' scale through the tiny models' layers, which are random and not
+        // normalized as trained ones are; 1e-2 leaves room for the worst of 80 rows.
+        assert!(
+            e <= 1e-2,
+            "{}: FP16-GEMM prefill logits differ by {e:.2e}",
+            model.label()
+        );
+        // A decode step after it (the unit kernels, FP32) reads the cache the prefill wrote.
+        let step = exec::Batch::new().seq(0, 80, &[7], 0).step;
+        let (a, b) = (exec::logits(&mut gpu, &step), exec::logits(&mut cpu, &step));
+        let d = exec::rel_err(&a, &b);
+        assert!(
+            d <= 1e-2,
+            "{}: decode after it differs by {d:.2e}",
+            model.label()
+        );
+        eprintln!(
+            "{}: FP16-GEMM prefill of 80 tokens within {e:.1e} of the CPU, decode after it {d:.1e}",
+            model.label()
+        );
     }
 }
 

@@ -4,7 +4,9 @@
 //! dequantization of the same quantized rows, for every weight type the CUDA kernels read;
 //! tests/host/kernels.cpp runs whole kernels (the unit matvecs, the tiled matmuls, attention)
 //! thread by thread (`host_launch`: real barriers and shuffles) against f64 references, and the
-//! fused rope + q/k/v write against the two kernels it replaces, bit for bit. The GPU tests
+//! fused rope + q/k/v write against the two kernels it replaces, bit for bit, and the FP16
+//! dequantization and activation conversion of the FP16 GEMM bit for bit against `T::at` rounded
+//! to the nearest FP16. The GPU tests
 //! (tests/gpu_kernels.rs) check the kernels on the device and their speed is the bench's.
 //!
 //! Needs a C++ compiler (`$CXX`, else `c++`): without one the test skips, saying so, and fails
@@ -153,6 +155,10 @@ fn whole_kernels_run_thread_by_thread_on_the_host_match_f64_math() {
         "rope_qkv_write H6/2 D64 rot 64 neox 0 ff 0, 15 tokens to 300: ok",
         "rope_qkv_write H6/2 D64 rot 32 neox 1 ff 1, 15 tokens to 300: ok",
         "rope_qkv_write H9/3 D128 rot 128 neox 1 ff 0, 9 tokens to 2048: ok",
+        "dequantize_to_f16 bf16 7x768: ok",
+        "dequantize_to_f16 q4_0 7x768: ok",
+        "dequantize_to_f16 q6_k 7x768: ok",
+        "f32_to_f16 4024 values: ok",
     ] {
         assert!(report.contains(what), "no case `{what}` in:\n{report}");
     }

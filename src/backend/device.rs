@@ -266,8 +266,14 @@ fn open_cuda(
             backend: target.name.clone(),
             reason: "a compile-only target names no GPU to run on".into(),
         })?;
-    Ok(Box::new(super::cuda::CudaBackend::new(
-        plan, file, kv, gpu,
+    // The prefill GEMM precision the loader chose for this target (`Target::gemm`).
+    Ok(Box::new(super::cuda::CudaBackend::with_gemm(
+        plan,
+        file,
+        kv,
+        gpu,
+        super::cuda::matmul::cublas_enabled_by_env(),
+        target.gemm,
     )?))
 }
 

@@ -14,6 +14,12 @@
 //!
 //! The CUDA target is a description usable with no GPU present: it says what the CUDA executor
 //! (issue 10) will run. Its budget is unknown until a device is probed or `--max-vram` is given.
+//!
+//! It also says which operand precisions prefill's GEMMs may take on the device
+//! ([`Target::gemm_precisions`], [`GemmPrecision`]): FP32 SGEMM (the base path, every GPU from
+//! sm_52), FP16 operands on tensor cores from sm_70, TF32 from sm_80 (issue 12's best path). The
+//! loader picks one ([`Target::gemm_precision`], from `M40LLM_GEMM` / `M40LLM_TF32=1`:
+//! [`gemm_request_from_env`]) and stores it in [`Target::gemm`], which the CUDA executor runs.
 
 use super::device::GpuInfo;
 use crate::gguf::{GgmlType, quants};
@@ -104,6 +110,144 @@ pub struct Target {
     /// The GPU this target runs on, for a target made from a probed device
     /// ([`Target::for_gpu`]); `None` for the CPU and for compile-only targets (`cuda:sm_52`).
     pub gpu: Option<GpuInfo>,
+    /// The operand precisions prefill's GEMMs may take here, the base one ([`GemmPrecision::F32`])
+    /// first: tensor-core paths only where the arch has them ([`GemmPrecision::min_sm`]).
+    pub gemm_precisions: Vec<GemmPrecision>,
+    /// The precision the executor's prefill GEMMs use: [`DEFAULT_GEMM`] until the loader sets
+    /// what was asked for ([`Target::gemm_precision`]).
+    pub gemm: GemmPrecision,
+}
+
+/// The operand precision of the CUDA executor's prefill GEMMs (matmuls of more than 64 rows, on
+/// cuBLAS): what `M40LLM_GEMM` selects. Every one accumulates in FP32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GemmPrecision {
+    /// FP32 SGEMM on weights dequantized to FP32 (the base path: what an M40 runs).
+    F32,
+    /// FP32 SGEMM with cuBLAS's TF32 tensor-core math: both operands rounded to 10-bit mantissas
+    /// inside cuBLAS (sm_80 and newer).
+    Tf32,
+    /// `cublasGemmEx` on FP16 operands (weights dequantized to FP16, F16 weights read in place,
+    /// activations rounded to FP16), FP32 output and accumulation (sm_70 and newer).
+    F16,
+}
+
+/// The prefill GEMM precision when none is asked for, on every device: FP32. FP16 and TF32
+/// round the activations (and the weights) to 11-bit significands, outside the FP32-compute
+/// policy the CPU parity rests on, and FP16 overflows past 65 504; docs/cuda.md says when this
+/// would change (the llama.cpp agreement and `parity` on the H200 with `M40LLM_GEMM=f16`).
+pub const DEFAULT_GEMM: GemmPrecision = GemmPrecision::F32;
+
+impl GemmPrecision {
+    /// Every precision, the base one first.
+    pub const ALL: [GemmPrecision; 3] =
+        [GemmPrecision::F32, GemmPrecision::Tf32, GemmPrecision::F16];
+
+    /// `f32`, `tf32`, `f16`: the `M40LLM_GEMM` values.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmPrecision::F32 => "f32",
+            GemmPrecision::Tf32 => "tf32",
+            GemmPrecision::F16 => "f16",
+        }
+    }
+
+    /// Parses an `M40LLM_GEMM` value (case and surrounding blanks ignored).
+    pub fn parse(s: &str) -> Option<GemmPrecision> {
+        let s = s.trim();
+        GemmPrecision::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s))
+    }
+
+    /// The oldest compute capability that runs it: sm_52 for FP32, sm_70 (Volta's tensor cores)
+    /// for FP16 operands, sm_80 (Ampere) for TF32.
+    pub fn min_sm(self) -> u32 {
+        match self {
+            GemmPrecision::F32 => MIN_SM,
+            GemmPrecision::F16 => 70,
+            GemmPrecision::Tf32 => 80,
+        }
+    }
+
+    /// Whether it runs on tensor cores.
+    pub fn tensor_cores(self) -> bool {
+        self != GemmPrecision::F32
+    }
+}
+
+impl fmt::Display for GemmPrecision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Why a prefill GEMM precision cannot be had.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum GemmError {
+    #[error("M40LLM_GEMM=`{0}` is not a prefill GEMM precision (f32, tf32, f16)")]
+    Unknown(String),
+    #[error("M40LLM_GEMM={gemm} and M40LLM_TF32=1 ask for different prefill GEMMs")]
+    Conflict { gemm: GemmPrecision },
+    #[error(
+        "M40LLM_GEMM={0} runs on cuBLAS, which M40LLM_ENABLE_CUBLAS=0 turns off (prefill then runs on the tiled FP32 kernels)"
+    )]
+    NeedsCublas(GemmPrecision),
+    #[error(
+        "{target}: the {precision} prefill GEMM needs tensor cores of sm_{} or newer, and this GPU is sm_{sm} (the base path, M40LLM_GEMM=f32, runs everywhere)",
+        precision.min_sm()
+    )]
+    NoTensorCores {
+        target: String,
+        sm: u32,
+        precision: GemmPrecision,
+    },
+}
+
+/// The prefill GEMM precision asked for by the values of `M40LLM_GEMM` (`gemm`), `M40LLM_TF32`
+/// (`tf32`: `1` means `tf32`, kept from before `M40LLM_GEMM`) and `M40LLM_ENABLE_CUBLAS`
+/// (`cublas`: `0` turns cuBLAS off); `None` when nothing is asked. Contradictions are errors:
+/// no request is dropped silently.
+pub fn gemm_request(
+    gemm: Option<&str>,
+    tf32: Option<&str>,
+    cublas: Option<&str>,
+) -> Result<Option<GemmPrecision>, GemmError> {
+    let from_gemm = match gemm.map(str::trim).filter(|v| !v.is_empty()) {
+        Some(v) => Some(GemmPrecision::parse(v).ok_or_else(|| GemmError::Unknown(v.to_string()))?),
+        None => None,
+    };
+    let from_tf32 = tf32.is_some_and(|v| v.trim() == "1");
+    let asked = match (from_gemm, from_tf32) {
+        (Some(p), true) if p != GemmPrecision::Tf32 => return Err(GemmError::Conflict { gemm: p }),
+        (Some(p), _) => Some(p),
+        (None, true) => Some(GemmPrecision::Tf32),
+        (None, false) => None,
+    };
+    let cublas_off = cublas.is_some_and(|v| v.trim() == "0");
+    match asked {
+        Some(p) if p.tensor_cores() && cublas_off => Err(GemmError::NeedsCublas(p)),
+        _ => Ok(asked),
+    }
+}
+
+/// [`gemm_request`] on this process's environment.
+pub fn gemm_request_from_env() -> Result<Option<GemmPrecision>, GemmError> {
+    let var = |name: &str| std::env::var(name).ok();
+    gemm_request(
+        var("M40LLM_GEMM").as_deref(),
+        var("M40LLM_TF32").as_deref(),
+        var("M40LLM_ENABLE_CUBLAS").as_deref(),
+    )
+}
+
+/// The prefill GEMM precisions a GPU of compute capability `sm` runs, the base one first.
+pub fn gemm_precisions(sm: u32) -> Vec<GemmPrecision> {
+    GemmPrecision::ALL
+        .into_iter()
+        .filter(|p| sm >= p.min_sm())
+        .collect()
 }
 
 /// A step a target cannot run: which step, which op, which type, and why.
@@ -210,6 +354,8 @@ impl Target {
             }),
             runtime_margin: CPU_RUNTIME_MARGIN,
             gpu: None,
+            gemm_precisions: vec![GemmPrecision::F32],
+            gemm: DEFAULT_GEMM,
         }
     }
 
@@ -233,6 +379,8 @@ impl Target {
             budget: None,
             runtime_margin: cuda_runtime_margin(sm),
             gpu: None,
+            gemm_precisions: gemm_precisions(sm),
+            gemm: DEFAULT_GEMM,
         })
     }
 
@@ -277,6 +425,54 @@ impl Target {
             source: source.into(),
         });
         self
+    }
+
+    /// The prefill GEMM precision for a request (`None`: [`DEFAULT_GEMM`]): the one asked for
+    /// if this target runs it, else an error naming the target and its arch (never a silent
+    /// fallback to another precision). The CPU target computes in FP32 whatever is asked.
+    pub fn gemm_precision(
+        &self,
+        requested: Option<GemmPrecision>,
+    ) -> Result<GemmPrecision, GemmError> {
+        let TargetKind::Cuda { sm } = self.kind else {
+            return Ok(GemmPrecision::F32);
+        };
+        match requested {
+            // The default where this arch runs it, else the base path.
+            None if self.gemm_precisions.contains(&DEFAULT_GEMM) => Ok(DEFAULT_GEMM),
+            None => Ok(GemmPrecision::F32),
+            Some(p) if self.gemm_precisions.contains(&p) => Ok(p),
+            Some(precision) => Err(GemmError::NoTensorCores {
+                target: self.name.clone(),
+                sm,
+                precision,
+            }),
+        }
+    }
+
+    /// One line for `doctor`: the prefill GEMM precision a request gives here and what else the
+    /// target runs, e.g. `prefill GEMM f32 (the default; tensor cores here: M40LLM_GEMM=tf32,
+    /// f16)`; a request the target cannot run is the error [`Target::gemm_precision`] gives.
+    pub fn gemm_summary(&self, requested: Option<GemmPrecision>) -> Result<String, GemmError> {
+        let chosen = self.gemm_precision(requested)?;
+        let others: Vec<&str> = self
+            .gemm_precisions
+            .iter()
+            .filter(|p| p.tensor_cores())
+            .map(|p| p.name())
+            .collect();
+        let how = match requested {
+            Some(_) => "asked for",
+            None => "the default",
+        };
+        let also = match (self.kind, others.is_empty()) {
+            (TargetKind::Cuda { sm }, true) => format!("no tensor cores on sm_{sm}"),
+            (TargetKind::Cuda { .. }, false) => {
+                format!("tensor cores here: M40LLM_GEMM={}", others.join(", "))
+            }
+            (TargetKind::Cpu, _) => "the CPU computes in FP32".into(),
+        };
+        Ok(format!("prefill GEMM {chosen} ({how}; {also})"))
     }
 
     /// The types a weight in `slot` of `op` may have.
@@ -490,5 +686,119 @@ mod tests {
             Target::for_gpu(&k80),
             Err(TargetError::TooOld { sm: 37, .. })
         ));
+    }
+
+    #[test]
+    fn gemm_requests_parse_and_contradictions_are_errors() {
+        use GemmPrecision::*;
+        let req = |g, t, c| gemm_request(g, t, c);
+        assert_eq!(req(None, None, None), Ok(None));
+        for (v, p) in [
+            ("f32", F32),
+            ("tf32", Tf32),
+            ("f16", F16),
+            (" F16 ", F16),
+            ("TF32", Tf32),
+        ] {
+            assert_eq!(req(Some(v), None, None), Ok(Some(p)), "{v}");
+            assert_eq!(GemmPrecision::parse(v), Some(p));
+            assert_eq!(GemmPrecision::parse(p.name()), Some(p));
+        }
+        // An empty value asks for nothing; anything else unknown is an error naming it.
+        assert_eq!(req(Some(""), None, None), Ok(None));
+        for bad in ["fp16", "bf16", "16", "f16x", "half"] {
+            let e = req(Some(bad), None, None).unwrap_err();
+            assert_eq!(e, GemmError::Unknown(bad.into()));
+            assert!(e.to_string().contains(&format!("`{bad}`")), "{e}");
+            assert!(e.to_string().contains("f32, tf32, f16"), "{e}");
+        }
+        // M40LLM_TF32=1 still asks for TF32; other values of it ask for nothing.
+        assert_eq!(req(None, Some("1"), None), Ok(Some(Tf32)));
+        assert_eq!(req(None, Some("0"), None), Ok(None));
+        assert_eq!(req(None, Some("yes"), None), Ok(None));
+        assert_eq!(req(Some("tf32"), Some("1"), None), Ok(Some(Tf32)));
+        for p in ["f32", "f16"] {
+            let e = req(Some(p), Some("1"), None).unwrap_err();
+            assert!(matches!(e, GemmError::Conflict { .. }), "{e}");
+            assert!(e.to_string().contains(&format!("M40LLM_GEMM={p}")), "{e}");
+        }
+        // Tensor-core GEMMs are cuBLAS calls: with cuBLAS off they are refused.
+        for (g, t) in [(Some("f16"), None), (Some("tf32"), None), (None, Some("1"))] {
+            let e = req(g, t, Some("0")).unwrap_err();
+            assert!(matches!(e, GemmError::NeedsCublas(_)), "{e}");
+            assert!(e.to_string().contains("M40LLM_ENABLE_CUBLAS=0"), "{e}");
+        }
+        assert_eq!(req(Some("f32"), None, Some("0")), Ok(Some(F32)));
+        assert_eq!(req(Some("f16"), None, Some("1")), Ok(Some(F16)));
+    }
+
+    #[test]
+    fn gemm_precisions_follow_the_arch_and_a_missing_one_is_refused_naming_it() {
+        use GemmPrecision::*;
+        assert_eq!(gemm_precisions(52), vec![F32]);
+        assert_eq!(gemm_precisions(61), vec![F32]);
+        assert_eq!(gemm_precisions(70), vec![F32, F16]);
+        assert_eq!(gemm_precisions(75), vec![F32, F16]);
+        assert_eq!(gemm_precisions(80), vec![F32, Tf32, F16]);
+        assert_eq!(gemm_precisions(90), vec![F32, Tf32, F16]);
+        let m40 = Target::for_gpu(&GpuInfo {
+            ordinal: 0,
+            name: "Tesla M40 24GB".into(),
+            compute_capability: (5, 2),
+            total_memory: 24 << 30,
+        })
+        .unwrap();
+        assert_eq!(m40.gemm, DEFAULT_GEMM);
+        assert_eq!(m40.gemm_precision(None), Ok(F32));
+        assert_eq!(m40.gemm_precision(Some(F32)), Ok(F32));
+        for p in [F16, Tf32] {
+            let e = m40.gemm_precision(Some(p)).unwrap_err();
+            assert_eq!(
+                e,
+                GemmError::NoTensorCores {
+                    target: "cuda:0 (sm_52)".into(),
+                    sm: 52,
+                    precision: p
+                }
+            );
+            let text = e.to_string();
+            assert!(
+                text.starts_with("cuda:0 (sm_52): ")
+                    && text.contains("this GPU is sm_52")
+                    && text.contains(&format!("sm_{} or newer", p.min_sm())),
+                "{text}"
+            );
+        }
+        let volta = Target::parse("cuda:sm_70").unwrap();
+        assert_eq!(volta.gemm_precision(Some(F16)), Ok(F16));
+        let e = volta.gemm_precision(Some(Tf32)).unwrap_err().to_string();
+        assert!(e.contains("sm_70") && e.contains("sm_80"), "{e}");
+        let h200 = Target::parse("cuda:sm_90").unwrap();
+        for p in GemmPrecision::ALL {
+            assert_eq!(h200.gemm_precision(Some(p)), Ok(p));
+        }
+        assert_eq!(h200.gemm_precision(None), Ok(DEFAULT_GEMM));
+        // What doctor prints.
+        assert_eq!(
+            m40.gemm_summary(None).unwrap(),
+            "prefill GEMM f32 (the default; no tensor cores on sm_52)"
+        );
+        assert!(
+            m40.gemm_summary(Some(F16))
+                .unwrap_err()
+                .to_string()
+                .contains("sm_52")
+        );
+        assert_eq!(
+            h200.gemm_summary(Some(F16)).unwrap(),
+            "prefill GEMM f16 (asked for; tensor cores here: M40LLM_GEMM=tf32, f16)"
+        );
+        assert_eq!(
+            volta.gemm_summary(None).unwrap(),
+            "prefill GEMM f32 (the default; tensor cores here: M40LLM_GEMM=f16)"
+        );
+        // The CPU computes in FP32 whatever is asked.
+        assert_eq!(Target::cpu().gemm_precision(Some(F16)), Ok(F32));
+        assert_eq!(Target::cpu().gemm_precisions, vec![F32]);
     }
 }

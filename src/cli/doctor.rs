@@ -82,6 +82,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
 
     let gpus = probe_gpus();
+    // The prefill GEMM precision each GPU would run (M40LLM_GEMM, M40LLM_TF32=1); a request
+    // that cannot be had fails the doctor as it would fail every load.
+    let gemm_request = m40_llm::backend::target::gemm_request_from_env();
+    let mut gemm_ok = true;
+    let mut gemm_json = Vec::new();
+    if let Err(e) = &gemm_request {
+        gemm_ok = false;
+        say(format!("prefill GEMM: {e}"))?;
+    }
     match &gpus {
         Ok(g) if g.is_empty() => say("GPUs: none".into())?,
         Ok(g) => {
@@ -92,6 +101,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     "too old (m40-llm needs sm_52 or newer)"
                 };
                 say(format!("GPU {gpu}: {support}"))?;
+                let (Ok(target), Ok(asked)) = (
+                    m40_llm::backend::target::Target::for_gpu(gpu),
+                    &gemm_request,
+                ) else {
+                    continue;
+                };
+                match target.gemm_summary(*asked) {
+                    Ok(line) => {
+                        say(format!("  {line}"))?;
+                        gemm_json.push(json!({"gpu": gpu.ordinal, "summary": line,
+                            "precision": target.gemm_precision(*asked).ok(),
+                            "available": target.gemm_precisions}));
+                    }
+                    Err(e) => {
+                        gemm_ok = false;
+                        say(format!("  prefill GEMM refused: {e}"))?;
+                        gemm_json.push(json!({"gpu": gpu.ordinal, "error": e.to_string(),
+                            "available": target.gemm_precisions}));
+                    }
+                }
             }
         }
         Err(why) => say(format!("GPUs: none ({why})"))?,
@@ -175,8 +204,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 }
             }
         }
+        let precisions = m40_llm::backend::target::gemm_precisions(arch);
+        say(format!(
+            "  prefill GEMMs for sm_{arch}: {}",
+            precisions
+                .iter()
+                .map(|p| p.name())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))?;
         let mut target = json!({"arch": arch, "nvrtc": {"path": nv.path(),
-            "version": nv.version_string()}, "families": fams});
+            "version": nv.version_string()}, "families": fams, "gemm_precisions": precisions});
         if arch == 52 {
             target["m40_instruction_counts"] = m40_instruction_counts(&nv, arch, &say)?;
         }
@@ -191,13 +229,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "nvrtc": nvrtc_json,
             "gpus": gpus.as_ref().ok(),
             "gpu_error": gpus.as_ref().err(),
+            "gemm": gemm_json,
+            "gemm_error": gemm_request.as_ref().err().map(|e| e.to_string()),
             "targets": targets,
-            "ok": ok,
+            "ok": ok && gemm_ok,
         });
         outln!("{out}")?;
     }
     if !ok {
         bail!("doctor: the kernels could not be compiled for every architecture asked for");
+    }
+    if !gemm_ok {
+        bail!("doctor: the prefill GEMM asked for (M40LLM_GEMM, M40LLM_TF32) cannot run here");
     }
     say("doctor: ok".into())?;
     Ok(())

@@ -2,13 +2,15 @@
 //! each device `--device` allows (in [`candidate_targets`] order) compile the model for the
 //! device's target, check that the plan fits its memory, and open its backend: the first device
 //! that accepts, holds and runs the plan is used; every one passed over is logged with the reason.
+//! A prefill GEMM precision asked for (`M40LLM_GEMM`, `M40LLM_TF32=1`) that a GPU cannot run is
+//! an error, not a reason to pass over to another device.
 
 use super::engine::Engine;
 use crate::backend::BackendError;
 use crate::backend::device::{DeviceChoice, PassedOver, candidate_targets, open_on};
 use crate::backend::fit::{FitError, FitReport};
 use crate::backend::step::{DEFAULT_PAGE_SIZE, KvGeometry};
-use crate::backend::target::TargetKind;
+use crate::backend::target::{GemmError, GemmPrecision, TargetKind, gemm_request_from_env};
 use crate::compile::{CompileError, CompileOptions, compile};
 use crate::gguf::{GgufError, GgufFile};
 use crate::plan::Plan;
@@ -85,6 +87,8 @@ pub enum LoadError {
     Fit(#[from] FitError),
     #[error("no device can run the model with --device {choice}: {passed}")]
     NoDevice { choice: String, passed: String },
+    #[error(transparent)]
+    Gemm(#[from] GemmError),
 }
 
 /// A model ready to run: its file, tokenizer and engine.
@@ -114,11 +118,22 @@ pub fn load(path: &Path, options: &LoadOptions) -> Result<LoadedModel, LoadError
         fuse: options.fuse,
         disabled_passes: Vec::new(),
     };
+    let gemm = gemm_request_from_env()?;
     let mut passed = PassedOver::default();
     let mut context: Option<(usize, KvGeometry)> = None;
     for mut target in candidate_targets(options.device, options.gpu, &mut passed) {
         if let (Some(bytes), TargetKind::Cuda { .. }) = (options.max_vram, target.kind) {
             target = target.with_budget(bytes, "--max-vram");
+        }
+        match target.kind {
+            TargetKind::Cuda { .. } => target.gemm = target.gemm_precision(gemm)?,
+            TargetKind::Cpu => {
+                if let Some(p) = gemm.filter(|&p| p != GemmPrecision::F32) {
+                    tracing::warn!(
+                        "the {p} prefill GEMM is a CUDA path; the CPU backend computes in FP32"
+                    );
+                }
+            }
         }
         let compiled = match compile(&file, &compile_options, &target) {
             Ok(c) => c,

@@ -4,6 +4,8 @@
 // references built on the reference decoders (T::at, themselves checked against the CPU by
 // units.cpp). Run by tests/kernel_host.rs; prints a line per case, exits non-zero on a failure.
 #include "../../kernels/attention.cu"
+#include "../../kernels/dequant.cu"
+#include "../../kernels/elementwise.cu"
 #include "../../kernels/matvec.cu"
 #include "../../kernels/mmq.cu"
 #include "../../kernels/rope.cu"
@@ -406,6 +408,90 @@ static std::vector<std::pair<int, int> > run(int slot, int start, int n) {
     return v;
 }
 
+// ---- FP16 dequantization (the FP16 tensor-core GEMM's weight operand) and the activations'
+// conversion: every element bit for bit T::at rounded to FP16 and the FP32 dequantization's value
+// rounded to FP16, and (independently of the rounding code) an FP16 value nearest to it. ----
+
+// Whether `h` is an FP16 value nearest to `v` (ties to even), with v's sign; past the largest
+// FP16 (65504, up to the halfway point 65520) round-to-nearest gives inf; NaN stays NaN.
+static bool is_nearest_f16(float v, u16 h) {
+    if (std::isnan(v)) return (h & 0x7c00) == 0x7c00 && (h & 0x3ff) != 0;
+    u16 s = std::signbit(v) ? 0x8000 : 0;
+    if ((h & 0x8000) != s) return false;
+    int mag = h & 0x7fff;
+    double x = v;
+    if (std::fabs(x) >= 65520.0) return mag == 0x7c00;
+    if (mag >= 0x7c00) return false;
+    double d = std::fabs((double)host_h2f(h) - x);
+    for (int nb : {mag - 1, mag + 1}) {
+        if (nb < 0 || nb >= 0x7c00) continue;
+        double e = std::fabs((double)host_h2f((u16)(s | nb)) - x);
+        if (e < d || (e == d && (mag & 1))) return false;
+    }
+    return true;
+}
+
+typedef void (*DeqF16)(const u8*, u16*, i64, int, i64);
+typedef void (*DeqF32)(const u8*, float*, i64, int, i64);
+
+template <typename T>
+static void check_dequant_f16(const char* ty, int n, int k, int block_bytes, int block_elems,
+                              std::vector<int> halves, DeqF16 kernel, DeqF32 kernel32) {
+    int rb = k / block_elems * block_bytes;
+    std::vector<u8> w = random_rows(n, k, block_bytes, block_elems, halves);
+    size_t total = (size_t)n * k;
+    // Poisoned, with 8 halves past the end that must stay untouched.
+    std::vector<u16> out(total + 8, 0x7e01);
+    std::vector<float> out32(total, NAN);
+    // Fewer threads than elements: the grid-stride loop covers the rest.
+    host_launch({3, 1, 1}, 64, [&] { kernel(w.data(), out.data(), n, k, rb); });
+    host_launch({3, 1, 1}, 64, [&] { kernel32(w.data(), out32.data(), n, k, rb); });
+    size_t bad = 0, first = total;
+    for (size_t e = 0; e < total; e++) {
+        float v = T::at(&w[(e / k) * rb], (int)(e % k));
+        bool ok = out[e] == host_f2h(v) && out[e] == host_f2h(out32[e]) && is_nearest_f16(v, out[e]);
+        if (!ok && bad++ == 0) first = e;
+    }
+    bool tail = true;
+    for (size_t e = total; e < out.size(); e++) tail &= out[e] == 0x7e01;
+    bool ok = bad == 0 && tail;
+    failures += !ok;
+    std::printf("dequantize_to_f16 %s %dx%d: %s (%zu of %zu differ%s", ty, n, k, ok ? "ok" : "FAILED",
+                bad, total, tail ? "" : ", wrote past the end");
+    if (bad)
+        std::printf("; first at %zu: %04x for %.9g", first, out[first],
+                    (double)T::at(&w[(first / k) * rb], (int)(first % k)));
+    std::printf(")\n");
+}
+
+static void check_f32_to_f16() {
+    // Random values over many binades, and the edges: zeros, subnormals, the largest FP16 and
+    // the halfway points around it, overflow, infinities, NaN, halfway ties.
+    std::vector<float> x = {0.0f,     -0.0f,    1e-8f,    -1e-8f,   2.98e-8f, 6.0e-8f,
+                            3e-6f,    -3e-6f,   6.1e-5f,  6.104e-5f, 1.0f,    -1.0f,
+                            65504.0f, 65519.0f, 65520.0f, -65520.0f, 1e6f,    -1e30f,
+                            INFINITY, -INFINITY, NAN,     1.00048828125f, 1.00146484375f, 2049.0f};
+    for (int i = 0; i < 4000; i++) x.push_back(std::ldexp(unif(), (int)(nx() % 40) - 28));
+    std::vector<u16> y(x.size() + 8, 0x7e01);
+    host_launch({2, 1, 1}, 32, [&] { f32_to_f16(x.data(), y.data(), (i64)x.size()); });
+    size_t bad = 0, first = x.size();
+    for (size_t i = 0; i < x.size(); i++)
+        if (!is_nearest_f16(x[i], y[i]) && bad++ == 0) first = i;
+    bool tail = true;
+    for (size_t i = x.size(); i < y.size(); i++) tail &= y[i] == 0x7e01;
+    // The checker itself refuses truncation, a tie not to even, saturation and a lost sign.
+    bool strict = !is_nearest_f16(1.00146484375f, 0x3c01) && !is_nearest_f16(1.00048828125f, 0x3c01) &&
+                  !is_nearest_f16(65520.0f, 0x7bff) && !is_nearest_f16(1e-8f, 0x0001) &&
+                  !is_nearest_f16(-0.0f, 0x0000) && is_nearest_f16(1.00048828125f, 0x3c00);
+    bool ok = bad == 0 && tail && strict;
+    failures += !ok;
+    std::printf("f32_to_f16 %zu values: %s (%zu not the nearest FP16%s%s", x.size(),
+                ok ? "ok" : "FAILED", bad, tail ? "" : ", wrote past the end",
+                strict ? "" : ", the checker accepts a wrong rounding");
+    if (bad) std::printf("; first %.9g -> %04x", (double)x[first], y[first]);
+    std::printf(")\n");
+}
+
 // Every unit kernel of a type: R = 1 (C columns and one), 2, 4, 8 rows, matvec and gate/up.
 // C8: the columns a block at 8 rows (2 for the K-quants, see Cols).
 #define MMV_CASES(ty, T, K, BB, BE, HALVES, C, C8)                                               \
@@ -453,6 +539,21 @@ int main() {
     MMV3_CASES(q8_0, TQ8_0, 544, 34, 32, d0);
     MMV3_CASES(q4_k, TQ4_K, 768, 144, 256, dm);
     MMV3_CASES(q6_k, TQ6_K, 768, 210, 256, q6);
+
+    // FP16 dequantization, every weight type: 7 rows (odd: the 18- and 34-byte types' rows
+    // start 2 bytes off a word every other row), K of 3 super-blocks.
+    check_dequant_f16<TF32>("f32", 7, 768, 4, 1, none, dequantize_to_f16_f32, dequantize_f32);
+    check_dequant_f16<TF16>("f16", 7, 768, 2, 1, none, dequantize_to_f16_f16, dequantize_f16);
+    check_dequant_f16<TBF16>("bf16", 7, 768, 2, 1, bf, dequantize_to_f16_bf16, dequantize_bf16);
+    check_dequant_f16<TQ4_0>("q4_0", 7, 768, 18, 32, d0, dequantize_to_f16_q4_0, dequantize_q4_0);
+    check_dequant_f16<TQ4_1>("q4_1", 7, 768, 20, 32, dm, dequantize_to_f16_q4_1, dequantize_q4_1);
+    check_dequant_f16<TQ5_0>("q5_0", 7, 768, 22, 32, d0, dequantize_to_f16_q5_0, dequantize_q5_0);
+    check_dequant_f16<TQ5_1>("q5_1", 7, 768, 24, 32, dm, dequantize_to_f16_q5_1, dequantize_q5_1);
+    check_dequant_f16<TQ8_0>("q8_0", 7, 768, 34, 32, d0, dequantize_to_f16_q8_0, dequantize_q8_0);
+    check_dequant_f16<TQ4_K>("q4_k", 7, 768, 144, 256, dm, dequantize_to_f16_q4_k, dequantize_q4_k);
+    check_dequant_f16<TQ5_K>("q5_k", 7, 768, 176, 256, dm, dequantize_to_f16_q5_k, dequantize_q5_k);
+    check_dequant_f16<TQ6_K>("q6_k", 7, 768, 210, 256, q6, dequantize_to_f16_q6_k, dequantize_q6_k);
+    check_f32_to_f16();
 
     // Tiled matmuls: 67 columns (a partial tile), one split, two, and three of 256.
     MMQ_CASES(f16, TF16, 768, 2, 1, none);

@@ -29,9 +29,7 @@
 //! device itself reports an error (an illegal address, a lost device), the backend says it is
 //! unusable and refuses further steps.
 
-use super::matmul::{
-    DeviceWeight, Matmul, TILED_MAX_ROWS, cublas_enabled_by_env, tf32_requested_by_env,
-};
+use super::matmul::{DeviceWeight, Matmul, TILED_MAX_ROWS, cublas_enabled_by_env};
 use super::mem::{self, Span};
 use super::ops::{AttnShape, DECODE_CHUNK, Ops, PagedKv, Rope};
 use super::stepio::{IoLayout, StepIo, TopLayout, row_results};
@@ -41,6 +39,7 @@ use crate::backend::layout::{
     Source, intact_values, n_vocab, plan_tensor, region, source, step_limits, value_names, width_of,
 };
 use crate::backend::step::{KvGeometry, OutputKind, PageOp, PageTables, Step, StepLimits};
+use crate::backend::target::{GemmPrecision, Target, gemm_request_from_env};
 use crate::backend::{Backend, BackendError, DeviceInfo, HostTensor, StepOutputs, TokenLogit};
 use crate::gguf::{GgufFile, quants};
 use crate::ir::{Dim, Op, RopeStyle, StepSizes};
@@ -52,10 +51,6 @@ use cudarc::driver::{
 };
 use std::collections::HashMap;
 use std::sync::Arc;
-
-/// FP32 elements of the scratch buffer that holds dequantized weight tiles for cuBLAS (64 MiB),
-/// or the largest matrix if smaller (at least what the tiled kernels' partial sums need).
-const TILE_SCRATCH_FLOATS: usize = 16 << 20;
 
 /// A weight of the plan on the device.
 enum DevWeight {
@@ -229,24 +224,47 @@ fn ensure<T: DeviceRepr + ValidAsZeroBits>(
 impl CudaBackend {
     /// Loads `plan` over the weights of `file` onto `gpu`, with a KV cache of `geometry`'s pages
     /// and slots. Uses cuBLAS for matmuls of more than `TILED_MAX_ROWS` rows unless
-    /// `M40LLM_ENABLE_CUBLAS=0`.
+    /// `M40LLM_ENABLE_CUBLAS=0`, in the prefill GEMM precision `M40LLM_GEMM` / `M40LLM_TF32=1`
+    /// ask for (FP32 by default; one the GPU lacks is an error naming its arch).
     pub fn new(
         plan: Plan,
         file: Arc<GgufFile>,
         geometry: KvGeometry,
         gpu: &GpuInfo,
     ) -> Result<CudaBackend, BackendError> {
-        CudaBackend::with_cublas(plan, file, geometry, gpu, cublas_enabled_by_env())
+        let unsupported = |reason: String| BackendError::Unsupported {
+            backend: gpu.to_string(),
+            reason,
+        };
+        let target = Target::for_gpu(gpu).map_err(|e| unsupported(e.to_string()))?;
+        let gemm = gemm_request_from_env()
+            .and_then(|asked| target.gemm_precision(asked))
+            .map_err(|e| unsupported(e.to_string()))?;
+        CudaBackend::with_gemm(plan, file, geometry, gpu, cublas_enabled_by_env(), gemm)
     }
 
     /// [`CudaBackend::new`] with cuBLAS for prefill matmuls (more than `TILED_MAX_ROWS` rows) on
-    /// or off (off: the tiled kernels for those too).
+    /// or off (off: the tiled kernels for those too), in FP32 whatever the environment says.
     pub fn with_cublas(
         plan: Plan,
         file: Arc<GgufFile>,
         geometry: KvGeometry,
         gpu: &GpuInfo,
         use_cublas: bool,
+    ) -> Result<CudaBackend, BackendError> {
+        CudaBackend::with_gemm(plan, file, geometry, gpu, use_cublas, GemmPrecision::F32)
+    }
+
+    /// [`CudaBackend::with_cublas`] with prefill GEMMs in `gemm` (the loader passes its
+    /// target's [`Target::gemm`]). A tensor-core precision without cuBLAS, or on a GPU older
+    /// than the precision's arch, is an error naming the GPU and its arch.
+    pub fn with_gemm(
+        plan: Plan,
+        file: Arc<GgufFile>,
+        geometry: KvGeometry,
+        gpu: &GpuInfo,
+        use_cublas: bool,
+        gemm: GemmPrecision,
     ) -> Result<CudaBackend, BackendError> {
         plan.validate()
             .map_err(|e| BackendError::Mismatch(e.to_string()))?;
@@ -261,16 +279,10 @@ impl CudaBackend {
             .map_err(driver(&format!("creating a stream on {gpu}")))?;
         let ks = KernelSet::load(ctx.clone(), kernels::cache_dir().as_deref())?;
         let mut mm = Matmul::new(stream.clone(), use_cublas)?;
-        if tf32_requested_by_env() {
-            if gpu.compute_capability >= (8, 0) && mm.uses_cublas() {
-                mm.set_tf32(true)?;
-            } else {
-                tracing::warn!(
-                    "M40LLM_TF32=1 ignored on {gpu}: TF32 needs sm_80 or newer and cuBLAS; \
-                     prefill stays FP32"
-                );
-            }
-        }
+        mm.set_gemm(gemm).map_err(|e| BackendError::Unsupported {
+            backend: gpu.to_string(),
+            reason: e.to_string(),
+        })?;
 
         // Sizes first: nothing is uploaded unless all of it fits.
         let mut infos = Vec::with_capacity(plan.weights.len());
@@ -281,12 +293,11 @@ impl CudaBackend {
         let n_cells = geometry.n_cells();
         let max_tokens = plan.options.max_tokens as usize;
         let max_outputs = plan.options.max_outputs.max(1) as usize;
-        let largest_matrix = infos
+        let matrix_shapes: Vec<(crate::gguf::GgmlType, usize, usize)> = infos
             .iter()
             .filter(|(_, rank)| *rank == 2)
-            .map(|(i, _)| (i.n_rows() * i.row_len()) as usize)
-            .max()
-            .unwrap_or(0);
+            .map(|(i, _)| (i.ty, i.n_rows() as usize, i.row_len() as usize))
+            .collect();
         // The tiled kernels' partial sums (split K) for any matrix, alone or as a gate/up pair.
         let tiled_floats = infos
             .iter()
@@ -298,11 +309,9 @@ impl CudaBackend {
             })
             .max()
             .unwrap_or(0);
-        let cublas_floats = if mm.uses_cublas() {
-            largest_matrix.min(TILE_SCRATCH_FLOATS)
-        } else {
-            0
-        };
+        // Dequantized weight tiles for cuBLAS (FP32 or FP16), and with FP16 operands the
+        // activations rounded to FP16, at most 64 MiB of tiles.
+        let cublas_floats = mm.cublas_scratch_floats(&matrix_shapes, max_tokens);
         let tile_floats = cublas_floats.max(tiled_floats);
         // Scratch for the worst step, allocated now (not at the first step that needs it): one
         // token decoding at the longest context, and the largest multi-row FFN.
@@ -405,16 +414,26 @@ impl CudaBackend {
             "the activation arena",
         )?;
         let tiles = alloc(&stream, tile_floats, "the weight tile scratch")?;
-        let path = if mm.uses_tf32() {
-            "unit kernels on the stored blocks for up to 8 rows, tiled kernels for up to 64, cuBLAS \
-             SGEMM on dequantized tiles for prefill with TF32 tensor cores (M40LLM_TF32=1: operands \
-             rounded to TF32)"
-        } else if mm.uses_cublas() {
-            "unit kernels on the stored blocks for up to 8 rows, tiled kernels for up to 64, cuBLAS \
-             SGEMM on dequantized tiles for prefill"
-        } else {
-            "unit kernels on the stored blocks for up to 8 rows, tiled kernels above \
-             (M40LLM_ENABLE_CUBLAS=0)"
+        let units =
+            "unit kernels on the stored blocks for up to 8 rows, tiled kernels for up to 64";
+        let path = match (mm.uses_cublas(), mm.gemm()) {
+            (false, _) => {
+                "unit kernels on the stored blocks for up to 8 rows, tiled kernels above \
+                           (M40LLM_ENABLE_CUBLAS=0)"
+                    .to_string()
+            }
+            (true, GemmPrecision::F32) => {
+                format!("{units}, cuBLAS SGEMM on dequantized tiles for prefill (GEMM f32)")
+            }
+            (true, GemmPrecision::Tf32) => format!(
+                "{units}, cuBLAS SGEMM on dequantized tiles for prefill with TF32 tensor cores \
+                 (GEMM tf32: operands rounded to TF32)"
+            ),
+            (true, GemmPrecision::F16) => format!(
+                "{units}, cuBLAS GemmEx on FP16 tensor cores for prefill (GEMM f16: weights \
+                 dequantized to FP16, F16 weights in place, activations rounded to FP16, FP32 \
+                 accumulation)"
+            ),
         };
         let graphs = Graphs::new();
         let replay = if graphs.enabled {
@@ -422,10 +441,10 @@ impl CudaBackend {
         } else {
             "every kernel launched every step (M40LLM_CUDA_GRAPHS=0)"
         };
-        let compute = if mm.uses_tf32() {
-            "FP32 compute but TF32 prefill GEMMs"
-        } else {
-            "FP32 compute"
+        let compute = match (mm.uses_cublas(), mm.gemm()) {
+            (true, GemmPrecision::Tf32) => "FP32 compute but TF32 prefill GEMMs",
+            (true, GemmPrecision::F16) => "FP32 compute but FP16-operand prefill GEMMs",
+            _ => "FP32 compute",
         };
         let device = DeviceInfo {
             kind: "cuda".into(),

@@ -4,7 +4,11 @@
 //! [`TILED_MAX_ROWS`] (batched decode: each weight block decoded once per launch into shared
 //! memory, then a register-tiled FP32 GEMM), and cuBLAS SGEMM on weights dequantized tile-wise
 //! into FP32 scratch for more rows (prefill); with cuBLAS off (`M40LLM_ENABLE_CUBLAS=0`) the
-//! tiled kernels take every count above [`UNIT_MAX_ROWS`], in launches of 64 rows. Shapes the
+//! tiled kernels take every count above [`UNIT_MAX_ROWS`], in launches of 64 rows. On sm_70 and
+//! newer, prefill's cuBLAS calls may instead take FP16 operands on tensor cores
+//! ([`GemmPrecision::F16`]: weights dequantized tile-wise to FP16, F16 weights read in place, the
+//! activations rounded to FP16, `cublasGemmEx` with FP32 output and accumulation) or TF32 math
+//! ([`GemmPrecision::Tf32`], sm_80+): [`Matmul::set_gemm`]. Shapes the
 //! unit and tiled kernels do not take (K not a multiple of 32, activations not 16-byte aligned)
 //! run on the plain reference kernel.
 //!
@@ -31,6 +35,7 @@
 
 use super::mem::DeviceSpan;
 use super::{CudaError, KernelSet, weight_kernel_suffix};
+use crate::backend::target::GemmPrecision;
 use crate::gguf::GgmlType;
 use cudarc::cublas::{CudaBlas, sys::cublasOperation_t};
 use cudarc::driver::sys::CUdevice_attribute;
@@ -101,11 +106,18 @@ pub fn cublas_enabled_by_env() -> bool {
     std::env::var("M40LLM_ENABLE_CUBLAS").map_or(true, |v| v.trim() != "0")
 }
 
-/// Whether `M40LLM_TF32=1` asks for TF32 tensor cores in cuBLAS's SGEMM (prefill) on sm_80 and
-/// newer. Off by default: TF32 rounds both operands to 10-bit mantissas, outside the FP32-compute
-/// policy the CPU parity rests on; it is the best path's prefill, measured beside the base one.
-pub fn tf32_requested_by_env() -> bool {
-    std::env::var("M40LLM_TF32").is_ok_and(|v| v.trim() == "1")
+/// FP32 elements of dequantized weight tiles the cuBLAS path keeps in scratch (64 MiB), or the
+/// largest matrix if smaller: a bounded scratch, not a copy of every weight in FP32.
+pub const TILE_SCRATCH_FLOATS: usize = 16 << 20;
+
+/// FP16 elements of dequantized weight tiles the FP16 GEMM keeps in scratch: the same 64 MiB,
+/// twice the rows a tile (fewer, larger GEMMs).
+pub const TILE_SCRATCH_HALVES: usize = 2 * TILE_SCRATCH_FLOATS;
+
+/// FP16 elements the activations of an FP16 GEMM of `rows` rows of `k` take at the start of the
+/// scratch: rounded up to 256 bytes, so the weight tile after them is 256-byte aligned.
+fn f16_activation_halves(rows: usize, k: usize) -> usize {
+    (rows * k).div_ceil(128) * 128
 }
 
 /// Up to this many rows run on the unit kernels (`mmv_<ty>_r<R>`, R = 8, 4, 2, 1: launches of
@@ -156,8 +168,13 @@ pub enum MatmulPath {
     /// The tiled kernels on the stored blocks, in `launches` launches of up to 64 rows, K split
     /// in `splits` (more than one: partial sums in scratch, then a reduction launch per launch).
     Tiled { launches: usize, splits: usize },
-    /// Dequantize tiles of `W` into scratch, cuBLAS SGEMM per tile.
+    /// Dequantize tiles of `W` into scratch, cuBLAS SGEMM per tile (TF32 math with
+    /// [`GemmPrecision::Tf32`]).
     CublasSgemm { tiles: usize },
+    /// The activations rounded to FP16 in scratch, then `cublasGemmEx` on FP16 operands per tile
+    /// of `W` dequantized to FP16, FP32 output and accumulation ([`GemmPrecision::F16`]); `tiles`
+    /// is 0 for an F16 weight, read in place by one call.
+    CublasF16 { tiles: usize },
     /// The plain reference kernel (a shape the unit kernels do not take).
     PlainKernel,
     /// One launch of the unit kernels over `matrices` matrices of one type and K at one row
@@ -241,11 +258,39 @@ fn tiled_splits(n: usize, k: usize, gate_up: bool, sms: usize) -> (usize, usize)
     (slabs.div_ceil(per), per * TILED_SLAB)
 }
 
+/// [`Matmul::cublas_scratch_floats`] with cuBLAS on, for GEMMs in `gemm`.
+fn cublas_scratch_floats(
+    gemm: GemmPrecision,
+    matrices: &[(GgmlType, usize, usize)],
+    max_rows: usize,
+) -> usize {
+    let largest = |f16_in_place: bool| {
+        matrices
+            .iter()
+            .filter(|(ty, _, _)| !(f16_in_place && *ty == GgmlType::F16))
+            .map(|&(_, n, k)| n * k)
+            .max()
+            .unwrap_or(0)
+    };
+    if gemm != GemmPrecision::F16 {
+        return largest(false).min(TILE_SCRATCH_FLOATS);
+    }
+    // Steps of at most TILED_MAX_ROWS rows never reach cuBLAS.
+    if max_rows <= TILED_MAX_ROWS {
+        return 0;
+    }
+    let k_max = matrices.iter().map(|&(_, _, k)| k).max().unwrap_or(0);
+    let x = f16_activation_halves(max_rows, k_max);
+    (x + largest(true).min(TILE_SCRATCH_HALVES)).div_ceil(2)
+}
+
 /// Matmuls on one stream; see the [module docs](self).
 pub struct Matmul {
     stream: Arc<CudaStream>,
     blas: Option<CudaBlas>,
-    tf32: bool,
+    gemm: GemmPrecision,
+    /// The device's compute capability as `10 * major + minor` (tensor cores from 70).
+    sm: u32,
     /// The device's multiprocessors (the tiled kernels' split of K aims at blocks per SM).
     sms: usize,
 }
@@ -271,17 +316,32 @@ impl Matmul {
         } else {
             None
         };
-        let sms = stream
-            .context()
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(|e| CudaError::Launch {
-                kernel: "matmul".into(),
-                reason: format!("cannot read the multiprocessor count: {e}"),
-            })?;
+        let attribute = |a: CUdevice_attribute, what: &str| {
+            stream
+                .context()
+                .attribute(a)
+                .map_err(|e| CudaError::Launch {
+                    kernel: "matmul".into(),
+                    reason: format!("cannot read the {what}: {e}"),
+                })
+        };
+        let sms = attribute(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            "multiprocessor count",
+        )?;
+        let major = attribute(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+            "compute capability",
+        )?;
+        let minor = attribute(
+            CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
+            "compute capability",
+        )?;
         Ok(Matmul {
             stream,
             blas,
-            tf32: false,
+            gemm: GemmPrecision::F32,
+            sm: u32::try_from(major * 10 + minor).unwrap_or(0),
             sms: usize::try_from(sms).unwrap_or(1).max(1),
         })
     }
@@ -309,42 +369,97 @@ impl Matmul {
         self.blas.is_some()
     }
 
-    /// Lets cuBLAS round SGEMM's operands to TF32 on tensor cores (`on`) or keeps FP32 math.
-    /// The caller checks the device (sm_80 and newer); without cuBLAS this is an error.
-    pub fn set_tf32(&mut self, on: bool) -> Result<(), CudaError> {
-        let Some(blas) = &self.blas else {
-            return Err(CudaError::Launch {
+    /// Sets the operand precision of the cuBLAS path's GEMMs (prefill): FP32 SGEMM (the default),
+    /// TF32 tensor-core math in SGEMM, or FP16 operands in `cublasGemmEx`. A tensor-core
+    /// precision is refused, naming the device's arch, on a GPU older than its
+    /// [`GemmPrecision::min_sm`], and without cuBLAS; nothing falls back silently.
+    pub fn set_gemm(&mut self, gemm: GemmPrecision) -> Result<(), CudaError> {
+        let refuse = |reason: String| {
+            Err(CudaError::Launch {
                 kernel: "cuBLAS".into(),
-                reason: "TF32 needs the cuBLAS path (M40LLM_ENABLE_CUBLAS is 0)".into(),
-            });
+                reason,
+            })
         };
-        use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode, cublasStatus_t};
-        let mode = if on {
-            cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
-        } else {
-            cublasMath_t::CUBLAS_DEFAULT_MATH
-        };
-        // SAFETY: the handle is live for as long as `blas`; the call only sets its math mode.
-        let status = unsafe { cublasSetMathMode(*blas.handle(), mode) };
-        if status != cublasStatus_t::CUBLAS_STATUS_SUCCESS {
-            return Err(CudaError::Launch {
-                kernel: "cublasSetMathMode".into(),
-                reason: format!("{status:?}"),
-            });
+        if gemm.tensor_cores() {
+            if self.blas.is_none() {
+                return refuse(format!(
+                    "the {gemm} prefill GEMM needs the cuBLAS path (M40LLM_ENABLE_CUBLAS is 0)"
+                ));
+            }
+            if self.sm < gemm.min_sm() {
+                return refuse(format!(
+                    "the {gemm} prefill GEMM needs tensor cores of sm_{} or newer; this GPU is \
+                     sm_{}",
+                    gemm.min_sm(),
+                    self.sm
+                ));
+            }
         }
-        self.tf32 = on;
+        if let Some(blas) = &self.blas {
+            use cudarc::cublas::sys::{cublasMath_t, cublasSetMathMode, cublasStatus_t};
+            // FP16 operands take tensor cores in the default math mode (cuBLAS 11 and newer).
+            let mode = if gemm == GemmPrecision::Tf32 {
+                cublasMath_t::CUBLAS_TF32_TENSOR_OP_MATH
+            } else {
+                cublasMath_t::CUBLAS_DEFAULT_MATH
+            };
+            // SAFETY: the handle is live for as long as `blas`; the call only sets its math mode.
+            let status = unsafe { cublasSetMathMode(*blas.handle(), mode) };
+            if status != cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(CudaError::Launch {
+                    kernel: "cublasSetMathMode".into(),
+                    reason: format!("{status:?}"),
+                });
+            }
+        }
+        self.gemm = gemm;
         Ok(())
     }
 
-    /// Whether SGEMM may use TF32 tensor cores ([`Matmul::set_tf32`]).
+    /// The operand precision of the cuBLAS path's GEMMs ([`Matmul::set_gemm`]).
+    pub fn gemm(&self) -> GemmPrecision {
+        self.gemm
+    }
+
+    /// The device's compute capability, `10 * major + minor` (90 for an H200).
+    pub fn compute_capability(&self) -> u32 {
+        self.sm
+    }
+
+    /// [`Matmul::set_gemm`] with TF32 (`on`) or FP32.
+    pub fn set_tf32(&mut self, on: bool) -> Result<(), CudaError> {
+        self.set_gemm(if on {
+            GemmPrecision::Tf32
+        } else {
+            GemmPrecision::F32
+        })
+    }
+
+    /// Whether SGEMM may use TF32 tensor cores ([`Matmul::set_gemm`]).
     pub fn uses_tf32(&self) -> bool {
-        self.tf32
+        self.gemm == GemmPrecision::Tf32
+    }
+
+    /// FP32 elements of scratch the cuBLAS path needs for these `(type, n, k)` matrices at up to
+    /// `max_rows` rows a matmul (0 without cuBLAS): a dequantized FP32 tile of at most
+    /// [`TILE_SCRATCH_FLOATS`]; with FP16 operands, the activations in FP16 and an FP16 tile of
+    /// at most [`TILE_SCRATCH_HALVES`] (none for F16 weights, read in place), in FP32 units.
+    pub fn cublas_scratch_floats(
+        &self,
+        matrices: &[(GgmlType, usize, usize)],
+        max_rows: usize,
+    ) -> usize {
+        if self.blas.is_none() {
+            return 0;
+        }
+        cublas_scratch_floats(self.gemm, matrices, max_rows)
     }
 
     /// `y[r, n] = sum_k x[r, k] w[n, k]` for `r < rows`. `scratch` holds dequantized tiles on the
-    /// cuBLAS path (any length of at least one weight row of FP32) and the partial sums of the
-    /// tiled path ([`Matmul::tiled_scratch_floats`]; too short is an error). Asynchronous on the
-    /// stream.
+    /// cuBLAS path (any length of at least one weight row of FP32; with FP16 operands the
+    /// activations in FP16 first, then at least one FP16 weight row unless `W` is F16) and the
+    /// partial sums of the tiled path ([`Matmul::tiled_scratch_floats`]; too short is an error).
+    /// Asynchronous on the stream.
     pub fn run(
         &self,
         ks: &KernelSet,
@@ -399,6 +514,9 @@ impl Matmul {
             unsafe { b.launch(matvec_grid(w.n, rows_i)) }.map_err(|e| bad(&name, e.to_string()))?;
             return Ok(MatmulPath::PlainKernel);
         };
+        if self.gemm == GemmPrecision::F16 {
+            return self.run_f16(ks, blas, x, rows, w, y, scratch, &shape);
+        }
         let tile_rows = (scratch.len() / w.k).min(w.n);
         if tile_rows == 0 {
             return Err(bad(
@@ -628,6 +746,127 @@ impl Matmul {
 }
 
 impl Matmul {
+    /// The FP16 tensor-core GEMM of [`Matmul::run`] (sizes of `x` and `y` checked there): `x`
+    /// rounded to FP16 into the start of `scratch` (`f32_to_f16`), then per tile of `W`'s rows
+    /// `dequantize_to_f16_<ty>` into the rest and one `cublasGemmEx` (FP16 A and B, FP32 C,
+    /// `CUBLAS_COMPUTE_32F`); an F16 `W` is A itself, one call. The operands' layout is the
+    /// SGEMM's (the module docs' cuBLAS contract) with halves for floats.
+    #[allow(clippy::too_many_arguments)]
+    fn run_f16(
+        &self,
+        ks: &KernelSet,
+        blas: &CudaBlas,
+        x: super::mem::Span<f32>,
+        rows: usize,
+        w: &DeviceWeight,
+        y: super::mem::Span<f32>,
+        scratch: super::mem::Span<f32>,
+        shape: &str,
+    ) -> Result<MatmulPath, CudaError> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cudaDataType};
+        let bad = |kernel: &str, reason: String| CudaError::Launch {
+            kernel: kernel.to_string(),
+            reason: format!("{reason}: {shape}"),
+        };
+        let as_i32 = |v: usize, what: &str| {
+            i32::try_from(v).map_err(|_| bad("cublasGemmEx", format!("{what} {v} exceeds i32")))
+        };
+        let (n, k, rows_i) = (as_i32(w.n, "N")?, as_i32(w.k, "K")?, as_i32(rows, "rows")?);
+        let row_bytes = w.row_bytes as i64;
+        let halves = scratch.len() * 2;
+        let x_halves = f16_activation_halves(rows, w.k);
+        let in_place = w.ty == GgmlType::F16;
+        let tile_rows = if in_place {
+            w.n
+        } else {
+            (halves.saturating_sub(x_halves) / w.k).min(w.n)
+        };
+        if halves < x_halves || tile_rows == 0 {
+            return Err(bad(
+                "cublasGemmEx",
+                format!(
+                    "scratch of {} floats holds not the FP16 activations ({x_halves} halves){}",
+                    scratch.len(),
+                    if in_place { "" } else { " and a weight row" }
+                ),
+            ));
+        }
+        let x16 = *scratch.ptr();
+        let w16 = x16 + 2 * x_halves as u64;
+        let grid = |elems: usize| LaunchConfig {
+            grid_dim: (elems.div_ceil(256).min(65535) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let conv = ks.function("elementwise", "f32_to_f16")?;
+        let x_len = (rows * w.k) as i64;
+        let mut b = self.stream.launch_builder(&conv);
+        b.arg(x.ptr()).arg(&x16).arg(&x_len);
+        // SAFETY: f32_to_f16(x, y, n): x holds rows * K floats (checked by `run`), the scratch
+        // at least x_halves >= rows * K halves (checked above).
+        unsafe { b.launch(grid(rows * w.k)) }.map_err(|e| bad("f32_to_f16", e.to_string()))?;
+        let sfx = weight_kernel_suffix(w.ty).unwrap_or("unsupported");
+        let deq_name = format!("dequantize_to_f16_{sfx}");
+        let deq = if in_place {
+            None
+        } else {
+            Some(ks.function("dequant", &deq_name)?)
+        };
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let mut tiles = 0;
+        for n0 in (0..w.n).step_by(tile_rows) {
+            let m = tile_rows.min(w.n - n0);
+            let tile = w.data.slice(n0 * w.row_bytes..(n0 + m) * w.row_bytes);
+            let a: u64 = match &deq {
+                None => *super::mem::Span::of(&w.data)
+                    .sub(n0 * w.row_bytes, m * w.row_bytes, "weight tile")?
+                    .ptr(),
+                Some(deq) => {
+                    let m_i64 = m as i64;
+                    let mut b = self.stream.launch_builder(deq);
+                    b.arg(&tile).arg(&w16).arg(&m_i64).arg(&k).arg(&row_bytes);
+                    // SAFETY: the arguments match dequantize_to_f16_<ty>'s signature; the
+                    // scratch after the activations holds tile_rows >= m rows of K halves.
+                    unsafe { b.launch(grid(m * w.k)) }
+                        .map_err(|e| bad(&deq_name, e.to_string()))?;
+                    tiles += 1;
+                    w16
+                }
+            };
+            let c = y.sub(n0, y.len() - n0, "matmul")?;
+            // SAFETY: A is m x K FP16 (lda K): the F16 weight's rows n0..n0+m in place, or the
+            // tile just dequantized into scratch; B is rows x K FP16 (ldb K) at the start of the
+            // scratch; C is rows columns of ldc = N FP32 from y + n0: all within the checked
+            // lengths. alpha and beta are host FP32 values, as CUBLAS_COMPUTE_32F reads them. The
+            // handle runs on this stream (`CudaBlas::new`), after the conversions above.
+            unsafe {
+                cudarc::cublas::result::gemm_ex(
+                    *blas.handle(),
+                    cublasOperation_t::CUBLAS_OP_T,
+                    cublasOperation_t::CUBLAS_OP_N,
+                    as_i32(m, "tile rows")?,
+                    rows_i,
+                    k,
+                    (&alpha as *const f32).cast(),
+                    a as *const std::ffi::c_void,
+                    cudaDataType::CUDA_R_16F,
+                    k,
+                    x16 as *const std::ffi::c_void,
+                    cudaDataType::CUDA_R_16F,
+                    k,
+                    (&beta as *const f32).cast(),
+                    *c.ptr() as *mut std::ffi::c_void,
+                    cudaDataType::CUDA_R_32F,
+                    n,
+                    cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            }
+            .map_err(|e| bad("cublasGemmEx", e.to_string()))?;
+        }
+        Ok(MatmulPath::CublasF16 { tiles })
+    }
+
     /// The unit kernels over `rows` rows in launches of 8, 4, 2 and 1 rows: `mmv_<ty>` for one
     /// weight, `gate_up_swiglu_<ty>` for two (gate, up: one type and shape, checked by the
     /// caller, as are the sizes of `x` and `y`). Returns the launch count.
@@ -913,5 +1152,47 @@ mod tests {
         );
         assert_eq!(tile(TILED_MAX_ROWS), Some(TILED_MAX_ROWS));
         assert_eq!(unit_chunks(UNIT_MAX_ROWS), vec![(0, 8)]);
+    }
+
+    #[test]
+    fn the_cublas_scratch_holds_a_tile_and_the_fp16_activations() {
+        use GgmlType::{F16, Q4_0, Q4_K};
+        // An 8B's shapes: q [4096, 4096], down [4096, 14336], the output [128256, 4096].
+        let eight_b = [
+            (Q4_0, 4096, 4096),
+            (Q4_K, 4096, 14336),
+            (Q4_0, 128256, 4096),
+        ];
+        for p in [GemmPrecision::F32, GemmPrecision::Tf32] {
+            assert_eq!(cublas_scratch_floats(p, &eight_b, 512), TILE_SCRATCH_FLOATS);
+            assert_eq!(cublas_scratch_floats(p, &[(Q4_0, 64, 256)], 512), 64 * 256);
+        }
+        // FP16: 512 rows of the widest K as halves, then 64 MiB of FP16 tiles.
+        let f16 = cublas_scratch_floats(GemmPrecision::F16, &eight_b, 512);
+        assert_eq!(f16, (512 * 14336 + TILE_SCRATCH_HALVES) / 2);
+        // What `run_f16` takes from it at 512 rows of K = 14336: the activations, then rows.
+        let left = 2 * f16 - f16_activation_halves(512, 14336);
+        assert_eq!(left / 14336, TILE_SCRATCH_HALVES / 14336);
+        // A small model's matrix fits whole; F16 weights need no tile, only the activations
+        // (rounded up to 256 bytes).
+        assert_eq!(
+            cublas_scratch_floats(GemmPrecision::F16, &[(Q4_0, 100, 256)], 65),
+            (f16_activation_halves(65, 256) + 100 * 256) / 2
+        );
+        assert_eq!(
+            cublas_scratch_floats(
+                GemmPrecision::F16,
+                &[(F16, 4096, 4096), (Q4_0, 64, 512)],
+                96
+            ),
+            (f16_activation_halves(96, 4096) + 64 * 512) / 2
+        );
+        assert_eq!(f16_activation_halves(65, 3) % 128, 0);
+        assert!(f16_activation_halves(65, 3) >= 65 * 3);
+        // Steps that never reach cuBLAS need none.
+        assert_eq!(
+            cublas_scratch_floats(GemmPrecision::F16, &eight_b, TILED_MAX_ROWS),
+            0
+        );
     }
 }
