@@ -299,24 +299,63 @@ ATTN_DECODE(attention_decode_g7_f16, 7, false)
 ATTN_DECODE(attention_decode_g8_f16, 8, false)
 
 // Merges the n_splits partials of each (token, head): y[t, h*D + e] = sum_s acc_s[e] e^(m_s - M)
-// / sum_s l_s e^(m_s - M). Grid: (H, T); block: any multiple of 32.
+// / sum_s l_s e^(m_s - M), every sum in split order. Up to COMB_MAX splits the partials' m and l
+// are staged in shared memory, each split's weight e^(m_s - M) is computed once, and a thread
+// issues the acc loads of COMB_NP splits before it adds them (one dependent load a split was
+// latency-bound at the tens of splits a long context takes); the arithmetic is the per-element
+// loop's below (more splits take that loop), so both give the same bits.
+// Grid: (H, T); block: any multiple of 32.
+#define COMB_MAX 128
+#define COMB_NP 8
 extern "C" __global__ void attention_combine(const float* part_m, const float* part_l,
                                              const float* part_acc, float* y, int H, int D,
                                              int S) {
+    __shared__ float sm_pm[COMB_MAX], sm_pl[COMB_MAX], sm_w[COMB_MAX];
     int h = blockIdx.x, t = blockIdx.y;
     i64 base = ((i64)t * H + h) * S;
+    float* out = y + (i64)t * H * D + (i64)h * D;
+    if (S > COMB_MAX) {
+        float M = -INFINITY;
+        for (int s = 0; s < S; s++) M = fmaxf(M, part_m[base + s]);
+        float L = 0.0f;
+        for (int s = 0; s < S; s++)
+            if (part_m[base + s] != -INFINITY) L += part_l[base + s] * expf(part_m[base + s] - M);
+        float inv = 1.0f / L;
+        for (int e = threadIdx.x; e < D; e += blockDim.x) {
+            float a = 0.0f;
+            for (int s = 0; s < S; s++)
+                if (part_m[base + s] != -INFINITY)
+                    a += part_acc[(base + s) * D + e] * expf(part_m[base + s] - M);
+            out[e] = a * inv;
+        }
+        return;
+    }
+    for (int s = threadIdx.x; s < S; s += blockDim.x) {
+        sm_pm[s] = part_m[base + s];
+        sm_pl[s] = part_l[base + s];
+    }
+    __syncthreads();
     float M = -INFINITY;
-    for (int s = 0; s < S; s++) M = fmaxf(M, part_m[base + s]);
+    for (int s = 0; s < S; s++) M = fmaxf(M, sm_pm[s]);
+    for (int s = threadIdx.x; s < S; s += blockDim.x)
+        sm_w[s] = sm_pm[s] != -INFINITY ? expf(sm_pm[s] - M) : 0.0f;
+    __syncthreads();
     float L = 0.0f;
     for (int s = 0; s < S; s++)
-        if (part_m[base + s] != -INFINITY) L += part_l[base + s] * expf(part_m[base + s] - M);
+        if (sm_pm[s] != -INFINITY) L += sm_pl[s] * sm_w[s];
     float inv = 1.0f / L;
     for (int e = threadIdx.x; e < D; e += blockDim.x) {
         float a = 0.0f;
-        for (int s = 0; s < S; s++)
-            if (part_m[base + s] != -INFINITY)
-                a += part_acc[(base + s) * D + e] * expf(part_m[base + s] - M);
-        y[(i64)t * H * D + (i64)h * D + e] = a * inv;
+        for (int s0 = 0; s0 < S; s0 += COMB_NP) {
+            float v[COMB_NP];
+#pragma unroll
+            for (int k = 0; k < COMB_NP; k++)
+                v[k] = s0 + k < S ? part_acc[(base + s0 + k) * D + e] : 0.0f;
+#pragma unroll
+            for (int k = 0; k < COMB_NP; k++)
+                if (s0 + k < S && sm_pm[s0 + k] != -INFINITY) a += v[k] * sm_w[s0 + k];
+        }
+        out[e] = a * inv;
     }
 }
 

@@ -2342,7 +2342,7 @@ fn decode_graphs_replay_exactly_what_launching_each_kernel_computes() {
         exec::logits(&mut graphs, &step),
         exec::logits(&mut each, &step)
     );
-    // Decode slot 0 past position 256 (a second graph: one more flash-decoding split), with
+    // Decode slot 0 past positions 128 and 256 (new graphs: more flash-decoding splits), with
     // slot 1 decoding beside it every third step (graphs of two tokens).
     let mut p1 = 5;
     for p in 20u32..270 {

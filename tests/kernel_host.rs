@@ -147,6 +147,8 @@ fn whole_kernels_run_thread_by_thread_on_the_host_match_f64_math() {
         "mmv3 q4_1 cols 1 of 2 matrix 1",
         "attention decode H16/1 D256",
         "attn_decode_chunk: ok",
+        "attention combine H3 D96 2 tokens 13 splits: bit for bit ok",
+        "attention combine H3 D96 2 tokens 131 splits: bit for bit ok",
         "attention decode G8 H16/1 D256 window 0, 2 tokens to 600, 5 splits: bit for bit ok",
         "attention decode G4 H8/2 D128 window 33, 9 tokens to 108, 1 splits: bit for bit ok",
         "attention decode G3 H6/2 D128 window 0, 15 tokens to 300, 3 splits: bit for bit ok",

@@ -271,6 +271,49 @@ static void check_decode_chunks() {
     std::printf("attn_decode_chunk: %s\n", bad ? "FAILED" : "ok");
 }
 
+// attention_combine as it was before its loads were staged (one dependent load a split): the
+// kernel must give its bits, on partials with empty splits, up to COMB_MAX splits and past.
+static void combine_reference(const float* part_m, const float* part_l, const float* part_acc,
+                              float* y, int H, int T, int D, int S) {
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < H; h++) {
+            long base = ((long)t * H + h) * S;
+            float M = -INFINITY;
+            for (int s = 0; s < S; s++) M = fmaxf(M, part_m[base + s]);
+            float L = 0.0f;
+            for (int s = 0; s < S; s++)
+                if (part_m[base + s] != -INFINITY) L += part_l[base + s] * expf(part_m[base + s] - M);
+            float inv = 1.0f / L;
+            for (int e = 0; e < D; e++) {
+                float a = 0.0f;
+                for (int s = 0; s < S; s++)
+                    if (part_m[base + s] != -INFINITY)
+                        a += part_acc[(base + s) * D + e] * expf(part_m[base + s] - M);
+                y[(long)t * H * D + (long)h * D + e] = a * inv;
+            }
+        }
+}
+
+static void check_combine(int h, int t, int d, int splits) {
+    int parts = t * h * splits;
+    std::vector<float> pm(parts), pl(parts), pa((size_t)parts * d);
+    for (int i = 0; i < parts; i++) {
+        bool empty = nx() % 5 == 0 && i % splits != 0;
+        pm[i] = empty ? -INFINITY : 3.0f * unif();
+        pl[i] = empty ? 0.0f : 1.0f + 40.0f * std::fabs(unif());
+        for (int e = 0; e < d; e++) pa[(size_t)i * d + e] = empty ? 0.0f : 10.0f * unif();
+    }
+    std::vector<float> y((size_t)t * h * d, NAN), want(y.size(), NAN);
+    host_launch({(unsigned)h, (unsigned)t, 1}, 64, [&] {
+        attention_combine(pm.data(), pl.data(), pa.data(), y.data(), h, d, splits);
+    });
+    combine_reference(pm.data(), pl.data(), pa.data(), want.data(), h, t, d, splits);
+    bool same = std::memcmp(y.data(), want.data(), y.size() * sizeof(float)) == 0;
+    failures += !same;
+    std::printf("attention combine H%d D%d %d tokens %d splits: bit for bit %s\n", h, d, t, splits,
+                same ? "ok" : "FAILED");
+}
+
 // Flash-decoding with kernel `g` (query heads a block; 0 the per-head kernel) over `splits`
 // splits, then the combine unless there is one.
 static std::vector<float> run_decode(int g, const Case& c, int splits, const std::vector<float>& q,
@@ -512,6 +555,7 @@ int main() {
     cases.push_back({8, 1, 64, 0, {{0, 1000}, {1, 130}}, 128, 3, 16, true});
     cases.push_back({4, 1, 32, 0, {{0, 600}}, 128, 1, 2});
     check_decode_chunks();
+    for (int splits : {2, 13, 128, 131}) check_combine(3, 2, 96, splits);
     for (auto& c : cases) check_attention(c);
 
     // Fused rope + KV write: GQA (H = 3 Hkv), two slots with scattered pages, a window of

@@ -484,7 +484,8 @@ impl Ops<'_> {
             .arg(&hi)
             .arg(&di)
             .arg(&s_i);
-        launch(name, b, grid(h, t, 1, 64))?;
+        // A thread an element (D is a multiple of 32, at most 256).
+        launch(name, b, grid(h, t, 1, d as u32))?;
         Ok(path)
     }
 
