@@ -1008,11 +1008,12 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
     let positions: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
     // The device's split policy, and one that gives every kernel the same splits (64-position
     // chunks, up to the cap), for the per-head and the grouped kernels to agree bit for bit.
-    let decode = DecodeSplits::for_stream(&g.stream).unwrap();
+    let decode = DecodeSplits::for_kernels(&g.ks).unwrap();
     let fixed = DecodeSplits {
         blocks_per_sm: 1 << 16,
         min_split: 64,
         grouped: true,
+        resident: [0; 9],
         ..decode
     };
     let per_head = DecodeSplits {
@@ -1511,7 +1512,7 @@ fn kernel_timings_for_the_record() {
         scale: 1.0 / (d as f32).sqrt(),
         window: 0,
     };
-    let decode = DecodeSplits::for_stream(&g.stream).unwrap();
+    let decode = DecodeSplits::for_kernels(&g.ks).unwrap();
     let policies = [
         ("", decode),
         (
@@ -1527,6 +1528,7 @@ fn kernel_timings_for_the_record() {
                 grouped: false,
                 min_split: 256,
                 blocks_per_sm: 1 << 16,
+                resident: [0; 9],
                 ..decode
             },
         ),

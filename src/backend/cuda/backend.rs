@@ -312,7 +312,7 @@ impl CudaBackend {
         // token decoding at the longest context, and the largest multi-row FFN.
         let table_len = geometry.max_slots as usize * geometry.max_pages_per_slot as usize;
         let io_layout = IoLayout::for_limits(max_tokens, max_outputs, n_vocab(&plan).unwrap_or(0))?;
-        let decode = DecodeSplits::for_stream(&stream)?;
+        let decode = DecodeSplits::for_kernels(&ks)?;
         let (part_floats, up_floats) = scratch_needs(
             &plan,
             &decode,

@@ -75,7 +75,8 @@ pub enum AttnPath {
 /// batch (kernels/attention.cu, `attn_decode_chunk`). A token of `len` positions takes
 /// `min(ceil(len / min_split), max_splits)` chunks, each `ceil(len / chunks)` rounded up to 32
 /// positions; `max_splits` aims at `blocks_per_sm` blocks on each multiprocessor for one token
-/// alone. A launch runs the most chunks any of its tokens needs.
+/// alone, no more than fit at once (one wave). A launch runs the most chunks any of its tokens
+/// needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DecodeSplits {
     /// The device's multiprocessors.
@@ -85,6 +86,10 @@ pub struct DecodeSplits {
     /// A block takes the query heads of one KV head together (`attention_decode_g<G>_f16`,
     /// each K/V row read once for them all); `false`: one head a block (`attention_decode_f16`).
     pub grouped: bool,
+    /// Blocks of each decode kernel (index G, 0 the per-head kernel) a multiprocessor holds at
+    /// once, from the driver (their registers decide it: 3 at G 4, 2 at G 6-8); 0: not known
+    /// (no cap).
+    pub resident: [usize; DECODE_MAX_GROUP + 1],
 }
 
 impl DecodeSplits {
@@ -95,20 +100,39 @@ impl DecodeSplits {
             blocks_per_sm: DECODE_BLOCKS_PER_SM,
             min_split: DECODE_MIN_SPLIT,
             grouped: true,
+            resident: [0; DECODE_MAX_GROUP + 1],
         }
     }
 
-    /// The defaults for the stream's device, with the A/B switches `M40LLM_ATTN_GROUPED=0` (one
-    /// query head a block), `M40LLM_ATTN_MIN_SPLIT=N` and `M40LLM_ATTN_BLOCKS_PER_SM=N`.
-    pub fn for_stream(stream: &CudaStream) -> Result<DecodeSplits, CudaError> {
-        let sms = stream
+    /// The decode kernel of a group (`Self::group`).
+    fn kernel_name(group: usize) -> String {
+        match group {
+            0 => "attention_decode_f16".to_string(),
+            g => format!("attention_decode_g{g}_f16"),
+        }
+    }
+
+    /// The defaults for the kernels' device (its multiprocessors, each decode kernel's resident
+    /// blocks), with the A/B switches `M40LLM_ATTN_GROUPED=0` (one query head a block),
+    /// `M40LLM_ATTN_MIN_SPLIT=N` and `M40LLM_ATTN_BLOCKS_PER_SM=N`.
+    pub fn for_kernels(ks: &KernelSet) -> Result<DecodeSplits, CudaError> {
+        let driver = |what: &str, e: cudarc::driver::DriverError| CudaError::Launch {
+            kernel: "attention".into(),
+            reason: format!("cannot read {what}: {e}"),
+        };
+        let sms = ks
             .context()
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .map_err(|e| CudaError::Launch {
-                kernel: "attention".into(),
-                reason: format!("cannot read the multiprocessor count: {e}"),
-            })?;
+            .map_err(|e| driver("the multiprocessor count", e))?;
         let mut d = DecodeSplits::new(usize::try_from(sms).unwrap_or(1));
+        for (g, resident) in d.resident.iter_mut().enumerate() {
+            let name = Self::kernel_name(g);
+            let f = ks.function("attention", &name)?;
+            let n = f
+                .occupancy_max_active_blocks_per_multiprocessor(128, 0, None)
+                .map_err(|e| driver(&format!("the occupancy of {name}"), e))?;
+            *resident = n as usize;
+        }
         let var = |name: &str| std::env::var(name).ok();
         d.grouped = var("M40LLM_ATTN_GROUPED").is_none_or(|v| v.trim() != "0");
         let count = |name: &str, default: usize| match var(name) {
@@ -148,10 +172,16 @@ impl DecodeSplits {
         .max(1)
     }
 
-    /// The most chunks one context of this shape is split into on this device.
+    /// The most chunks one context of this shape is split into on this device: one token's
+    /// blocks fill `blocks_per_sm` on every multiprocessor, or as many as fit at once.
     pub fn max_splits(&self, shape: AttnShape) -> usize {
-        (self.sms * self.blocks_per_sm)
-            .div_ceil(self.blocks_per_split(shape))
+        let fit = self
+            .resident
+            .get(self.group(shape))
+            .copied()
+            .filter(|&n| n > 0)
+            .unwrap_or(usize::MAX);
+        (self.sms * self.blocks_per_sm.min(fit) / self.blocks_per_split(shape))
             .clamp(1, DECODE_MAX_SPLITS)
     }
 
@@ -445,10 +475,7 @@ impl Ops<'_> {
         let pa = part.sub(2 * parts, parts * d, k)?;
         let group = decode.group(shape);
         {
-            let name = match group {
-                0 => "attention_decode_f16".to_string(),
-                g => format!("attention_decode_g{g}_f16"),
-            };
+            let name = DecodeSplits::kernel_name(group);
             let f = self.ks.function("attention", &name)?;
             let mut b = self.stream.launch_builder(&f);
             b.arg(q.ptr())
@@ -1068,7 +1095,14 @@ mod tests {
             grouped: false,
             ..h200
         };
-        assert_eq!(per_head.max_splits(s8b), 17);
+        assert_eq!(per_head.max_splits(s8b), 16);
+        // No more than fit at once: 3 blocks of the G 4 kernel a multiprocessor.
+        let mut resident = [0; 9];
+        resident[4] = 3;
+        let fit = DecodeSplits { resident, ..h200 };
+        assert_eq!(fit.max_splits(s8b), 49);
+        // Unknown residency (G 3 here): 4 a multiprocessor, 176 splits, capped at 128.
+        assert_eq!(fit.max_splits(shape(9, 3, 0)), DECODE_MAX_SPLITS);
         // The M40's 24 SMs: 12 splits at most for the 8B shape.
         let m40 = DecodeSplits::new(24);
         assert_eq!(m40.splits(&[4095], s8b), 12);
@@ -1090,6 +1124,7 @@ mod tests {
                 blocks_per_sm: max_splits,
                 min_split,
                 grouped: false,
+                resident: [0; 9],
             };
             d.chunk_of(len, shape(1, 1, 0))
         };
