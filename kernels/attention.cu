@@ -16,18 +16,44 @@ __device__ __forceinline__ int attn_lo(int p, int window) {
     return window > 0 && p + 1 > window ? p + 1 - window : 0;
 }
 
-// ---- Decode: flash-decoding. The context of each (token, head) is split into chunks of
-// `chunk` positions, one block per (head, token, chunk). A warp walks its chunk LP lanes to a
-// position (LP = D / 8 rounded up to a power of two: each lane reads 8 FP16 of K and of V as one
-// 16-byte load), 32 / LP positions side by side and DEC_NP such steps per iteration, so a warp
-// has DEC_NP * 32 / LP positions' loads in flight; the chunk's page numbers are staged in shared
-// memory first; each lane group keeps an online softmax over its positions. The groups then merge by shuffles, the warps in shared memory, and the block writes
-// its partial (max m, sum l, unnormalized acc[D]) for attention_combine, or, with one split,
-// the output y itself (no combine launch: short contexts, the small models' decode).
-// Grid: (H, T, n_splits); block: 128 (4 warps). D a multiple of 32, at most MAX_D; K and V rows
-// 16-byte aligned. part_m, part_l: [T, H, n_splits]; part_acc: [T, H, n_splits, D]; y: [T, H * D].
+// ---- Decode: flash-decoding. The context of each (token, query head) is split into chunks,
+// one block per (G query heads of one KV head, token, chunk): the block reads each K and V row
+// of its chunk once for all G heads of the group (GQA: H / Hkv query heads share a KV head), so
+// the cache is read H / Hkv / G times in all instead of H / Hkv times. A warp walks its chunk
+// LP lanes to a position (LP = D / 8 rounded up to a power of two: each lane reads 8 FP16 of K
+// and of V as one 16-byte load), 32 / LP positions side by side and DEC_NP such steps per
+// iteration; with DEC_PF the next iteration's loads are issued before this one is computed, so
+// a warp has up to 2 * DEC_NP * 32 / LP positions' loads in flight. The chunk's page numbers
+// are staged in shared memory first. Each lane group keeps, per head, its 8 elements of q and
+// of acc and an online softmax over its positions; the groups then merge by shuffles, the warps
+// in shared memory, and the block writes each head's partial (max m, sum l, unnormalized
+// acc[D]) for attention_combine, or, with one split, the output y itself (no combine launch:
+// short contexts). Each head's arithmetic is the same whatever G is (G = 1 is the per-head
+// kernel), so every G gives the same bits.
+//
+// The chunk of token t is a function of its own context length alone (attn_decode_chunk:
+// ceil(len / min_split) splits, at most max_splits, each a multiple of DEC_GRAN positions), so
+// a token's result does not depend on the other tokens of the step; the launch's split count
+// (gridDim.z) is the largest any token needs (src/backend/cuda/ops.rs computes the same), and
+// the last split takes whatever is left of the context, should it need more.
+// Grid: (H / G, T, n_splits); block: 128 (DEC_NW warps). G divides H / Hkv. D a multiple of 32,
+// at most MAX_D; K and V rows 16-byte aligned. part_m, part_l: [T, H, n_splits];
+// part_acc: [T, H, n_splits, D]; y: [T, H * D].
+#define DEC_NW 4      // warps a block
 #define DEC_NP 4      // positions per lane group in flight per iteration
-#define DEC_PAGES 64  // page numbers of a chunk staged in shared memory (else read per position)
+#define DEC_PAGES 256 // page numbers of a chunk staged in shared memory (else read per position)
+#define DEC_GRAN 32   // a chunk is a multiple of this many positions
+
+// Positions of each split of a context of `len` positions (src/backend/cuda/ops.rs mirrors it).
+__device__ __forceinline__ int attn_decode_chunk(int len, int min_split, int max_splits) {
+    i64 n = len > 0 ? len : 1, ms = min_split > 0 ? min_split : 1;
+    i64 s = (n + ms - 1) / ms;
+    if (s > max_splits) s = max_splits;
+    if (s < 1) s = 1;
+    i64 c = (n + s - 1) / s;
+    return (int)((c + DEC_GRAN - 1) / DEC_GRAN * DEC_GRAN);
+}
+
 __device__ __forceinline__ void widen8(uint4 w, float* f) {
     u32 v[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
@@ -37,22 +63,48 @@ __device__ __forceinline__ void widen8(uint4 w, float* f) {
     }
 }
 
-extern "C" __global__ void attention_decode_f16(
-    const float* q, const u16* kc, const u16* vc, const int* pos, const int* slots,
-    const int* tables, int table_stride, int page_size, int H, int Hkv, int D, float scale,
-    int window, int chunk, float* part_m, float* part_l, float* part_acc, float* y) {
-    const int NW = 4;
-    __shared__ float sm_m[NW], sm_l[NW];
-    __shared__ float sm_acc[NW][MAX_D];
+// The K and V loads of one iteration: DEC_NP positions p0 + pi + i * step (zero past stop).
+__device__ __forceinline__ void dec_fetch(const u16* kc, const u16* vc, const int* sm_pages,
+                                          bool staged, const int* tables, int table_stride,
+                                          int slot, int page_size, int page0, i64 col, int row,
+                                          int p0, int step, int stop, bool on, uint4* kr,
+                                          uint4* vr) {
+#pragma unroll
+    for (int i = 0; i < DEC_NP; i++) {
+        int p = p0 + i * step;
+        kr[i] = make_uint4(0, 0, 0, 0);
+        vr[i] = kr[i];
+        if (on && p < stop) {
+            i64 cell = staged ? (i64)sm_pages[p / page_size - page0] * page_size + p % page_size
+                              : attn_cell(tables, table_stride, slot, p, page_size);
+            i64 c = cell * row + col;
+            kr[i] = *(const uint4*)(kc + c);
+            vr[i] = *(const uint4*)(vc + c);
+        }
+    }
+}
+
+template <int G, bool PF>
+__device__ __forceinline__ void attn_decode(const float* q, const u16* kc, const u16* vc,
+                                            const int* pos, const int* slots, const int* tables,
+                                            int table_stride, int page_size, int H, int Hkv, int D,
+                                            float scale, int window, int min_split, int max_splits,
+                                            float* part_m, float* part_l, float* part_acc,
+                                            float* y) {
+    const int NW = DEC_NW;
+    __shared__ float sm_m[G][NW], sm_l[G][NW], sm_M[G], sm_L[G];
+    __shared__ float sm_acc[G][NW][MAX_D];
     __shared__ int sm_pages[DEC_PAGES];
-    int h = blockIdx.x, t = blockIdx.y, s = blockIdx.z, S = gridDim.z;
+    int h0 = blockIdx.x * G, t = blockIdx.y, s = blockIdx.z, S = gridDim.z;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    int g = h / (H / Hkv);
+    int g = h0 / (H / Hkv);
     int row = Hkv * D;
     int p_end = pos[t];
     int lo = attn_lo(p_end, window);
-    int start = lo + s * chunk;
-    int stop = min(start + chunk, p_end + 1);
+    int len = p_end + 1 - lo;
+    int chunk = attn_decode_chunk(len, min_split, max_splits);
+    int start = (i64)s * chunk >= len ? p_end + 1 : lo + s * chunk;
+    int stop = s == S - 1 ? p_end + 1 : min(start + chunk, p_end + 1);
     int slot = slots[t];
     int lp = 4;
     while (lp * 8 < D) lp <<= 1;
@@ -60,12 +112,17 @@ extern "C" __global__ void attention_decode_f16(
     int li = lane & (lp - 1), pi = lane / lp;
     bool on = li * 8 < D;
 
-    float qr[8], acc[8];
-    const float* qh = q + (i64)t * H * D + (i64)h * D + li * 8;
+    float qr[G][8], acc[G][8], m[G], l[G];
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-        qr[j] = on ? qh[j] * scale : 0.0f;
-        acc[j] = 0.0f;
+    for (int j = 0; j < G; j++) {
+        const float* qh = q + (i64)t * H * D + (i64)(h0 + j) * D + li * 8;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            qr[j][k] = on ? qh[k] * scale : 0.0f;
+            acc[j][k] = 0.0f;
+        }
+        m[j] = -INFINITY;
+        l[j] = 0.0f;
     }
     // The chunk's page numbers, once, in shared memory: the loop's K/V loads then depend on no
     // other global load (a table read before every position doubled the latency chain).
@@ -76,136 +133,229 @@ extern "C" __global__ void attention_decode_f16(
         for (int i = threadIdx.x; i < n_pages; i += blockDim.x)
             sm_pages[i] = tables[(i64)slot * table_stride + page0 + i];
     __syncthreads();
-    float m = -INFINITY, l = 0.0f;
     int step = NW * pw;
-    for (int p0 = start + warp * pw; p0 < stop; p0 += DEC_NP * step) {
-        uint4 kr[DEC_NP], vr[DEC_NP];
-        float sc[DEC_NP];
+    i64 col = (i64)g * D + li * 8;
+    uint4 kr[DEC_NP], vr[DEC_NP];
+    int first = start + warp * pw;
+    if (PF)
+        dec_fetch(kc, vc, sm_pages, staged, tables, table_stride, slot, page_size, page0, col,
+                  row, first + pi, step, stop, on, kr, vr);
+    for (int p0 = first; p0 < stop; p0 += DEC_NP * step) {
+        if (!PF)
+            dec_fetch(kc, vc, sm_pages, staged, tables, table_stride, slot, page_size, page0, col,
+                      row, p0 + pi, step, stop, on, kr, vr);
+        uint4 kn[DEC_NP], vn[DEC_NP];
+        if (PF)  // the next iteration's loads fly while this one is computed
+            dec_fetch(kc, vc, sm_pages, staged, tables, table_stride, slot, page_size, page0, col,
+                      row, p0 + DEC_NP * step + pi, step, stop, on, kn, vn);
+        float sc[G][DEC_NP];
 #pragma unroll
         for (int i = 0; i < DEC_NP; i++) {
-            int p = p0 + pi + i * step;
-            kr[i] = make_uint4(0, 0, 0, 0);
-            vr[i] = kr[i];
-            if (on && p < stop) {
-                i64 cell = staged ? (i64)sm_pages[p / page_size - page0] * page_size + p % page_size
-                                  : attn_cell(tables, table_stride, slot, p, page_size);
-                i64 c = cell * row + g * D + li * 8;
-                kr[i] = *(const uint4*)(kc + c);
-                vr[i] = *(const uint4*)(vc + c);
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < DEC_NP; i++) {
-            float kf[8], d = 0.0f;
+            float kf[8];
             widen8(kr[i], kf);
 #pragma unroll
-            for (int j = 0; j < 8; j++) d += qr[j] * kf[j];
-            sc[i] = d;
+            for (int j = 0; j < G; j++) {
+                float d = 0.0f;
+#pragma unroll
+                for (int k = 0; k < 8; k++) d += qr[j][k] * kf[k];
+                sc[j][i] = d;
+            }
         }
         for (int o = lp >> 1; o > 0; o >>= 1)
 #pragma unroll
-            for (int i = 0; i < DEC_NP; i++) sc[i] += __shfl_xor_sync(FULL_MASK, sc[i], o);
-        float m_new = m;
+            for (int j = 0; j < G; j++)
 #pragma unroll
-        for (int i = 0; i < DEC_NP; i++) {
-            if (p0 + pi + i * step >= stop) sc[i] = -INFINITY;
-            m_new = fmaxf(m_new, sc[i]);
-        }
-        if (m_new != -INFINITY) {
-            float c = expf(m - m_new);
-            l *= c;
+                for (int i = 0; i < DEC_NP; i++)
+                    sc[j][i] += __shfl_xor_sync(FULL_MASK, sc[j][i], o);
+        float m_new[G];
 #pragma unroll
-            for (int j = 0; j < 8; j++) acc[j] *= c;
+        for (int j = 0; j < G; j++) {
+            m_new[j] = m[j];
 #pragma unroll
             for (int i = 0; i < DEC_NP; i++) {
-                float e = expf(sc[i] - m_new), vf[8];
-                l += e;
-                widen8(vr[i], vf);
-#pragma unroll
-                for (int j = 0; j < 8; j++) acc[j] = fmaf(e, vf[j], acc[j]);
+                if (p0 + pi + i * step >= stop) sc[j][i] = -INFINITY;
+                m_new[j] = fmaxf(m_new[j], sc[j][i]);
             }
-            m = m_new;
+            if (m_new[j] != -INFINITY) {
+                float c = expf(m[j] - m_new[j]);
+                l[j] *= c;
+#pragma unroll
+                for (int k = 0; k < 8; k++) acc[j][k] *= c;
+            }
         }
+#pragma unroll
+        for (int i = 0; i < DEC_NP; i++) {
+            float vf[8];
+            widen8(vr[i], vf);
+#pragma unroll
+            for (int j = 0; j < G; j++)
+                if (m_new[j] != -INFINITY) {
+                    float e = expf(sc[j][i] - m_new[j]);
+                    l[j] += e;
+#pragma unroll
+                    for (int k = 0; k < 8; k++) acc[j][k] = fmaf(e, vf[k], acc[j][k]);
+                }
+        }
+#pragma unroll
+        for (int j = 0; j < G; j++)
+            if (m_new[j] != -INFINITY) m[j] = m_new[j];
+        if (PF)
+#pragma unroll
+            for (int i = 0; i < DEC_NP; i++) {
+                kr[i] = kn[i];
+                vr[i] = vn[i];
+            }
     }
     // Merge the warp's position groups (lanes li, li + lp, ...): every lane ends with the total.
-    for (int o = lp; o < 32; o <<= 1) {
-        float m_o = __shfl_xor_sync(FULL_MASK, m, o);
-        float l_o = __shfl_xor_sync(FULL_MASK, l, o);
-        float a_o[8];
+    for (int o = lp; o < 32; o <<= 1)
 #pragma unroll
-        for (int j = 0; j < 8; j++) a_o[j] = __shfl_xor_sync(FULL_MASK, acc[j], o);
-        float M = fmaxf(m, m_o);
-        if (M != -INFINITY) {
-            float ca = expf(m - M), cb = expf(m_o - M);
-            l = l * ca + l_o * cb;
+        for (int j = 0; j < G; j++) {
+            float m_o = __shfl_xor_sync(FULL_MASK, m[j], o);
+            float l_o = __shfl_xor_sync(FULL_MASK, l[j], o);
+            float a_o[8];
 #pragma unroll
-            for (int j = 0; j < 8; j++) acc[j] = acc[j] * ca + a_o[j] * cb;
-            m = M;
+            for (int k = 0; k < 8; k++) a_o[k] = __shfl_xor_sync(FULL_MASK, acc[j][k], o);
+            float M = fmaxf(m[j], m_o);
+            if (M != -INFINITY) {
+                float ca = expf(m[j] - M), cb = expf(m_o - M);
+                l[j] = l[j] * ca + l_o * cb;
+#pragma unroll
+                for (int k = 0; k < 8; k++) acc[j][k] = acc[j][k] * ca + a_o[k] * cb;
+                m[j] = M;
+            }
         }
-    }
-    if (lane == 0) {
-        sm_m[warp] = m;
-        sm_l[warp] = l;
-    }
-    if (pi == 0 && on) {
+    if (lane == 0)
 #pragma unroll
-        for (int j = 0; j < 8; j++) sm_acc[warp][li * 8 + j] = acc[j];
+        for (int j = 0; j < G; j++) {
+            sm_m[j][warp] = m[j];
+            sm_l[j][warp] = l[j];
+        }
+    if (pi == 0 && on)
+#pragma unroll
+        for (int j = 0; j < G; j++)
+#pragma unroll
+            for (int k = 0; k < 8; k++) sm_acc[j][warp][li * 8 + k] = acc[j][k];
+    __syncthreads();
+    if (threadIdx.x < G) {
+        int j = threadIdx.x;
+        float M = -INFINITY;
+        for (int w = 0; w < NW; w++) M = fmaxf(M, sm_m[j][w]);
+        float L = 0.0f;
+        if (M != -INFINITY)
+            for (int w = 0; w < NW; w++) L += sm_l[j][w] * expf(sm_m[j][w] - M);
+        sm_M[j] = M;
+        sm_L[j] = L;
     }
     __syncthreads();
-    float M = -INFINITY;
-    for (int w = 0; w < NW; w++) M = fmaxf(M, sm_m[w]);
-    i64 idx = ((i64)t * H + h) * S + s;
-    if (M == -INFINITY) {
-        if (threadIdx.x == 0) {
-            part_m[idx] = -INFINITY;
-            part_l[idx] = 0.0f;
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+        int j = i / D, e = i - j * D;
+        float M = sm_M[j];
+        i64 idx = ((i64)t * H + h0 + j) * S + s;
+        if (M == -INFINITY) {
+            if (e == 0) {
+                part_m[idx] = -INFINITY;
+                part_l[idx] = 0.0f;
+            }
+            part_acc[idx * D + e] = 0.0f;
+            continue;
         }
-        for (int e = threadIdx.x; e < D; e += blockDim.x) part_acc[idx * D + e] = 0.0f;
-        return;
-    }
-    float L = 0.0f;
-    for (int w = 0; w < NW; w++) L += sm_l[w] * expf(sm_m[w] - M);
-    if (S == 1) {
-        // One split: the block's result is the output, normalized exactly as attention_combine
-        // would (its merge of a single partial multiplies by e^0 = 1).
-        float inv = 1.0f / L;
-        for (int e = threadIdx.x; e < D; e += blockDim.x) {
-            float a = 0.0f;
-            for (int w = 0; w < NW; w++) a += sm_acc[w][e] * expf(sm_m[w] - M);
-            y[(i64)t * H * D + (i64)h * D + e] = a * inv;
-        }
-        return;
-    }
-    if (threadIdx.x == 0) {
-        part_m[idx] = M;
-        part_l[idx] = L;
-    }
-    for (int e = threadIdx.x; e < D; e += blockDim.x) {
         float a = 0.0f;
-        for (int w = 0; w < NW; w++) a += sm_acc[w][e] * expf(sm_m[w] - M);
+        for (int w = 0; w < NW; w++) a += sm_acc[j][w][e] * expf(sm_m[j][w] - M);
+        if (S == 1) {
+            // One split: the block's result is the output, normalized exactly as
+            // attention_combine would (its merge of a single partial multiplies by e^0 = 1).
+            float inv = 1.0f / sm_L[j];
+            y[(i64)t * H * D + (i64)(h0 + j) * D + e] = a * inv;
+            continue;
+        }
+        if (e == 0) {
+            part_m[idx] = M;
+            part_l[idx] = sm_L[j];
+        }
         part_acc[idx * D + e] = a;
     }
 }
 
+#define ATTN_DECODE(NAME, G, PF)                                                                 \
+    extern "C" __global__ void NAME(const float* q, const u16* kc, const u16* vc, const int* pos, \
+                                    const int* slots, const int* tables, int table_stride,       \
+                                    int page_size, int H, int Hkv, int D, float scale,           \
+                                    int window, int min_split, int max_splits, float* part_m,    \
+                                    float* part_l, float* part_acc, float* y) {                  \
+        attn_decode<G, PF>(q, kc, vc, pos, slots, tables, table_stride, page_size, H, Hkv, D,    \
+                           scale, window, min_split, max_splits, part_m, part_l, part_acc, y);   \
+    }
+// The per-head kernel (one query head a block, no prefetch): the fallback, and the A/B
+// baseline (M40LLM_ATTN_GROUPED=0).
+ATTN_DECODE(attention_decode_f16, 1, false)
+// G query heads of one KV head a block (G the largest of 1..8 dividing H / Hkv).
+ATTN_DECODE(attention_decode_g1_f16, 1, true)
+ATTN_DECODE(attention_decode_g2_f16, 2, true)
+ATTN_DECODE(attention_decode_g3_f16, 3, true)
+ATTN_DECODE(attention_decode_g4_f16, 4, true)
+ATTN_DECODE(attention_decode_g5_f16, 5, false)
+ATTN_DECODE(attention_decode_g6_f16, 6, false)
+ATTN_DECODE(attention_decode_g7_f16, 7, false)
+ATTN_DECODE(attention_decode_g8_f16, 8, false)
+
 // Merges the n_splits partials of each (token, head): y[t, h*D + e] = sum_s acc_s[e] e^(m_s - M)
-// / sum_s l_s e^(m_s - M). Grid: (H, T); block: any multiple of 32.
+// / sum_s l_s e^(m_s - M), every sum in split order. Up to COMB_MAX splits the partials' m and l
+// are staged in shared memory, each split's weight e^(m_s - M) is computed once, and a thread
+// issues the acc loads of COMB_NP splits before it adds them (one dependent load a split was
+// latency-bound at the tens of splits a long context takes); the arithmetic is the per-element
+// loop's below (more splits take that loop), so both give the same bits.
+// Grid: (H, T); block: any multiple of 32.
+#define COMB_MAX 128
+#define COMB_NP 8
 extern "C" __global__ void attention_combine(const float* part_m, const float* part_l,
                                              const float* part_acc, float* y, int H, int D,
                                              int S) {
+    __shared__ float sm_pm[COMB_MAX], sm_pl[COMB_MAX], sm_w[COMB_MAX];
     int h = blockIdx.x, t = blockIdx.y;
     i64 base = ((i64)t * H + h) * S;
+    float* out = y + (i64)t * H * D + (i64)h * D;
+    if (S > COMB_MAX) {
+        float M = -INFINITY;
+        for (int s = 0; s < S; s++) M = fmaxf(M, part_m[base + s]);
+        float L = 0.0f;
+        for (int s = 0; s < S; s++)
+            if (part_m[base + s] != -INFINITY) L += part_l[base + s] * expf(part_m[base + s] - M);
+        float inv = 1.0f / L;
+        for (int e = threadIdx.x; e < D; e += blockDim.x) {
+            float a = 0.0f;
+            for (int s = 0; s < S; s++)
+                if (part_m[base + s] != -INFINITY)
+                    a += part_acc[(base + s) * D + e] * expf(part_m[base + s] - M);
+            out[e] = a * inv;
+        }
+        return;
+    }
+    for (int s = threadIdx.x; s < S; s += blockDim.x) {
+        sm_pm[s] = part_m[base + s];
+        sm_pl[s] = part_l[base + s];
+    }
+    __syncthreads();
     float M = -INFINITY;
-    for (int s = 0; s < S; s++) M = fmaxf(M, part_m[base + s]);
+    for (int s = 0; s < S; s++) M = fmaxf(M, sm_pm[s]);
+    for (int s = threadIdx.x; s < S; s += blockDim.x)
+        sm_w[s] = sm_pm[s] != -INFINITY ? expf(sm_pm[s] - M) : 0.0f;
+    __syncthreads();
     float L = 0.0f;
     for (int s = 0; s < S; s++)
-        if (part_m[base + s] != -INFINITY) L += part_l[base + s] * expf(part_m[base + s] - M);
+        if (sm_pm[s] != -INFINITY) L += sm_pl[s] * sm_w[s];
     float inv = 1.0f / L;
     for (int e = threadIdx.x; e < D; e += blockDim.x) {
         float a = 0.0f;
-        for (int s = 0; s < S; s++)
-            if (part_m[base + s] != -INFINITY)
-                a += part_acc[(base + s) * D + e] * expf(part_m[base + s] - M);
-        y[(i64)t * H * D + (i64)h * D + e] = a * inv;
+        for (int s0 = 0; s0 < S; s0 += COMB_NP) {
+            float v[COMB_NP];
+#pragma unroll
+            for (int k = 0; k < COMB_NP; k++)
+                v[k] = s0 + k < S ? part_acc[(base + s0 + k) * D + e] : 0.0f;
+#pragma unroll
+            for (int k = 0; k < COMB_NP; k++)
+                if (s0 + k < S && sm_pm[s0 + k] != -INFINITY) a += v[k] * sm_w[s0 + k];
+        }
+        out[e] = a * inv;
     }
 }
 

@@ -254,7 +254,9 @@ use gpu::*;
 use half::f16;
 use m40_llm::backend::cpu::kernels as cpu;
 use m40_llm::backend::cuda::mem::Span;
-use m40_llm::backend::cuda::ops::{AttnPath, AttnShape, Ops, PREFILL_MAX_HEAD_DIM, PagedKv};
+use m40_llm::backend::cuda::ops::{
+    AttnPath, AttnShape, DecodeSplits, Ops, PREFILL_MAX_HEAD_DIM, PagedKv,
+};
 use m40_llm::backend::cuda::weight_kernel_suffix;
 use m40_llm::gguf::GgmlType;
 use m40_llm::gguf::quants::{DEQUANTIZE_TYPES, dequantize_row_f32, quantize_row};
@@ -1004,21 +1006,71 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         window: c.window,
     };
     let positions: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
-    let mut part = g.out(Ops::attention_scratch_len(&positions, shape), NAN);
+    // The device's split policy, and one that gives every kernel the same splits (64-position
+    // chunks, up to the cap), for the per-head and the grouped kernels to agree bit for bit.
+    let decode = DecodeSplits::for_kernels(&g.ks).unwrap();
+    let fixed = DecodeSplits {
+        blocks_per_sm: 1 << 16,
+        min_split: 64,
+        grouped: true,
+        resident: [0; 9],
+        ..decode
+    };
+    let per_head = DecodeSplits {
+        grouped: false,
+        ..fixed
+    };
+    let scratch = [decode, fixed, per_head]
+        .iter()
+        .map(|p| p.scratch_len(&positions, shape))
+        .max()
+        .unwrap();
+    let mut part = g.out(scratch, NAN);
 
     // Decode: every row on its own, split over the context, then combined.
     let mut y_d = g.out(t * h * d, NAN);
-    let splits = ops
+    let path = ops
         .attention_decode(
-            &q_d, &kv, &pos_d, &slots_d, &positions, shape, &mut y_d, &mut part,
+            &q_d, &kv, &pos_d, &slots_d, &positions, shape, &decode, &mut y_d, &mut part,
         )
         .unwrap();
-    assert_eq!(splits, Ops::decode_splits(&positions, c.window));
+    let splits = decode.splits(&positions, shape);
+    assert_eq!(
+        path,
+        AttnPath::Decode {
+            splits,
+            group: decode.group(shape)
+        }
+    );
     assert_close(
         &format!("attention decode {what}"),
         &g.down(&y_d),
         &want,
         1e-3,
+    );
+    // The grouped kernel (G query heads of one KV head a block) gives the per-head kernel's
+    // bits over the same splits.
+    let mut bits = Vec::new();
+    for policy in [per_head, fixed] {
+        let mut y_d = g.out(t * h * d, NAN);
+        ops.attention_decode(
+            &q_d, &kv, &pos_d, &slots_d, &positions, shape, &policy, &mut y_d, &mut part,
+        )
+        .unwrap();
+        let y = g.down(&y_d);
+        assert_close(
+            &format!("attention decode {what}, group {}", policy.group(shape)),
+            &y,
+            &want,
+            1e-3,
+        );
+        bits.push(y.iter().map(|v| v.to_bits()).collect::<Vec<u32>>());
+    }
+    assert!(
+        bits[0] == bits[1],
+        "attention decode {what}: group {} differs from one head a block over {} splits",
+        fixed.group(shape),
+        fixed.splits(&positions, shape)
     );
 
     // Prefill: blocks of (token, head) rows share tiles of K and V.
@@ -1048,6 +1100,7 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
             &positions,
             &host_slots,
             shape,
+            &decode,
             &mut y_d,
             &mut part,
         )
@@ -1055,7 +1108,10 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
     let want_path = if Ops::prefill_attention_pays(&host_slots) && d <= PREFILL_MAX_HEAD_DIM {
         AttnPath::Prefill
     } else {
-        AttnPath::Decode { splits }
+        AttnPath::Decode {
+            splits,
+            group: decode.group(shape),
+        }
     };
     assert_eq!(path, want_path);
     assert_close(
@@ -1074,6 +1130,7 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
             &positions[..1],
             &host_slots[..1],
             shape,
+            &decode,
             &mut y_d,
             &mut part,
         )
@@ -1081,7 +1138,8 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
     assert_eq!(
         path,
         AttnPath::Decode {
-            splits: Ops::decode_splits(&positions[..1], c.window)
+            splits: decode.splits(&positions[..1], shape),
+            group: decode.group(shape)
         }
     );
     assert_close(
@@ -1438,7 +1496,9 @@ fn kernel_timings_for_the_record() {
     // Attention of an 8B shape (32 heads over 8 KV heads of 128) through the executor's launcher:
     // decode (one token) at depths 512, 4096 and 16384, and prefill (512 tokens of one sequence
     // at depth 0 and at 4096). GB/s counts the K and V bytes each launch must read once (prefill
-    // reads them per query token, which is what makes it slow at depth).
+    // reads them per query token, which is what makes it slow at depth). Decode runs the
+    // device's split policy with grouped query heads, the same splits one head a block, and
+    // the kernel as it was before the grouping (one head a block, chunks of 256 positions).
     let (h, hkv, d, page) = (32usize, 8usize, 128usize, 16usize);
     let row = hkv * d;
     let ops = Ops {
@@ -1452,6 +1512,27 @@ fn kernel_timings_for_the_record() {
         scale: 1.0 / (d as f32).sqrt(),
         window: 0,
     };
+    let decode = DecodeSplits::for_kernels(&g.ks).unwrap();
+    let policies = [
+        ("", decode),
+        (
+            " per-head",
+            DecodeSplits {
+                grouped: false,
+                ..decode
+            },
+        ),
+        (
+            " chunks of 256, per-head",
+            DecodeSplits {
+                grouped: false,
+                min_split: 256,
+                blocks_per_sm: 1 << 16,
+                resident: [0; 9],
+                ..decode
+            },
+        ),
+    ];
     for (depth, t) in [
         (512usize, 1usize),
         (4096, 1),
@@ -1476,41 +1557,48 @@ fn kernel_timings_for_the_record() {
             table_stride: pages,
             page_size: page,
         };
-        let mut part = g.out(Ops::attention_scratch_len(&positions, shape).max(1), NAN);
-        let mut y_d = g.out(t * h * d, NAN);
-        let kv_bytes = (2 * depth * row * 2) as f64;
-        let mut path = None;
-        let ms = time(&mut || {
-            path = Some(
-                ops.attention(
-                    &q_d,
-                    &kv,
-                    &pos_d,
-                    &slots_d,
-                    &positions,
-                    &vec![0; t],
-                    shape,
-                    &mut y_d,
-                    &mut part,
-                )
-                .unwrap(),
+        let n_policies = if t == 1 { policies.len() } else { 1 };
+        for (label, policy) in &policies[..n_policies] {
+            let mut part = g.out(policy.scratch_len(&positions, shape).max(1), NAN);
+            let mut y_d = g.out(t * h * d, NAN);
+            let kv_bytes = (2 * depth * row * 2) as f64;
+            let mut path = None;
+            let ms = time(&mut || {
+                path = Some(
+                    ops.attention(
+                        &q_d,
+                        &kv,
+                        &pos_d,
+                        &slots_d,
+                        &positions,
+                        &vec![0; t],
+                        shape,
+                        policy,
+                        &mut y_d,
+                        &mut part,
+                    )
+                    .unwrap(),
+                );
+            });
+            let kind = match path {
+                Some(AttnPath::Prefill) => "prefill".to_string(),
+                Some(AttnPath::Decode { splits, group }) => {
+                    format!("decode (group {group}, {splits} splits{label})")
+                }
+                None => "none".to_string(),
+            };
+            let y = g.down(&y_d);
+            assert!(
+                y.iter().all(|v| v.is_finite()),
+                "attention {kind} depth {depth}"
             );
-        });
-        let kind = match path {
-            Some(AttnPath::Prefill) => "prefill",
-            _ => "decode",
-        };
-        let y = g.down(&y_d);
-        assert!(
-            y.iter().all(|v| v.is_finite()),
-            "attention {kind} depth {depth}"
-        );
-        eprintln!(
-            "TIMING attention_{kind} H32/8 D128 depth={depth} tokens={t}: {ms:.3} ms, {:.0} GB/s \
-             of K and V read once, {:.0} tokens/s",
-            kv_bytes / ms / 1e6,
-            t as f64 / ms * 1e3
-        );
+            eprintln!(
+                "TIMING attention_{kind} H32/8 D128 depth={depth} tokens={t}: {ms:.3} ms, \
+                 {:.0} GB/s of K and V read once, {:.0} tokens/s",
+                kv_bytes / ms / 1e6,
+                t as f64 / ms * 1e3
+            );
+        }
     }
 }
 
@@ -2538,7 +2626,7 @@ fn decode_graphs_replay_exactly_what_launching_each_kernel_computes() {
         exec::logits(&mut graphs, &step),
         exec::logits(&mut each, &step)
     );
-    // Decode slot 0 past position 256 (a second graph: one more flash-decoding split), with
+    // Decode slot 0 past positions 128 and 256 (new graphs: more flash-decoding splits), with
     // slot 1 decoding beside it every third step (graphs of two tokens).
     let mut p1 = 5;
     for p in 20u32..270 {

@@ -3,10 +3,11 @@
 //! kernels' decoders (`U::unit`, their element layout included) against the CPU backend's
 //! dequantization of the same quantized rows, for every weight type the CUDA kernels read;
 //! tests/host/kernels.cpp runs whole kernels (the unit matvecs, the tiled matmuls, attention)
-//! thread by thread (`host_launch`: real barriers and shuffles) against f64 references, and the
-//! fused rope + q/k/v write against the two kernels it replaces, bit for bit, and the FP16
-//! dequantization and activation conversion of the FP16 GEMM bit for bit against `T::at` rounded
-//! to the nearest FP16. The GPU tests
+//! thread by thread (`host_launch`: real barriers and shuffles) against f64 references, the
+//! grouped decode attention kernels against the per-head one and the fused rope + q/k/v write
+//! against the two kernels it replaces, bit for bit, and the FP16 dequantization and activation
+//! conversion of the FP16 GEMM bit for bit against `T::at` rounded to the nearest FP16. The GPU
+//! tests
 //! (tests/gpu_kernels.rs) check the kernels on the device and their speed is the bench's.
 //!
 //! Needs a C++ compiler (`$CXX`, else `c++`): without one the test skips, saying so, and fails
@@ -150,6 +151,20 @@ fn whole_kernels_run_thread_by_thread_on_the_host_match_f64_math() {
         "same bits q5_k K 5120 block 128 (r1, r1 c1, r2 row 0; matvec and gate/up): ok",
         "mmv3 q4_1 cols 1 of 2 matrix 1",
         "attention decode H16/1 D256",
+        "attn_decode_chunk: ok",
+        "attention combine H3 D96 2 tokens 13 splits: bit for bit ok",
+        "attention combine H3 D96 2 tokens 131 splits: bit for bit ok",
+        "attention decode G8 H16/1 D256 window 0, 2 tokens to 600, 5 splits: bit for bit ok",
+        "attention decode G4 H8/2 D128 window 33, 9 tokens to 108, 1 splits: bit for bit ok",
+        "attention decode G3 H6/2 D128 window 0, 15 tokens to 300, 3 splits: bit for bit ok",
+        "attention decode G1 H2/2 D64 window 33, 15 tokens to 300, 1 splits: bit for bit ok",
+        "attention decode G5 H40/2 D32",
+        "attention decode G7 H14/2 D128 window 0, 3 tokens to 200, 7 splits: bit for bit ok",
+        "attention decode G2 H12/2 D64 window 0, 3 tokens to 200, 4 splits: bit for bit ok",
+        "attention decode G6 H12/2 D64 window 0, 3 tokens to 200, 4 splits: bit for bit ok",
+        "attention decode G8 H16/2 D64 window 50, 3 tokens to 200, 4 splits: bit for bit ok",
+        "attention decode one launch split H8/1 D64 window 0, 2 tokens to 1000, 3 splits: ok",
+        "attention decode G4 H4/1 D32 window 0, 1 tokens to 600, 1 splits: bit for bit ok",
         "attention prefill H8/2 D128 window 33",
         "mmq q4_k rows 33 tile 64 splits 3",
         "gate_up_mmq q8_0 rows 17 tile 32 splits 2",

@@ -280,10 +280,118 @@ static void check_mmq(const char* ty, int n, int k, int block_bytes, int block_e
 struct Case {
     int h, hkv, d, window;
     std::vector<std::pair<int, int> > tokens;  // (slot, position)
+    // Flash-decoding's split policy (attn_decode_chunk): ceil(len / min_split) splits of a
+    // context, at most max_splits.
+    int min_split = 128, max_splits = 64;
+    int page = 16;
+    bool short_launch = false;  // also launch one split where the tokens need more
+    bool all_groups = false;    // every G that divides H / Hkv, not only the launcher's
 };
 
+// The decode kernels by query heads a block (index G; 0: the per-head attention_decode_f16).
+typedef void (*DecodeKernel)(const float*, const u16*, const u16*, const int*, const int*,
+                             const int*, int, int, int, int, int, float, int, int, int, float*,
+                             float*, float*, float*);
+static const DecodeKernel decode_kernels[9] = {
+    attention_decode_f16,    attention_decode_g1_f16, attention_decode_g2_f16,
+    attention_decode_g3_f16, attention_decode_g4_f16, attention_decode_g5_f16,
+    attention_decode_g6_f16, attention_decode_g7_f16, attention_decode_g8_f16};
+
+// The split count the launcher gives a step (Ops::attention_decode): the most any token needs.
+static int decode_splits(const std::vector<int>& pos, int window, int min_split, int max_splits) {
+    int splits = 1;
+    for (int p : pos) {
+        int len = window > 0 ? std::min(p + 1, window) : p + 1;
+        int s = std::max(1, std::min((len + min_split - 1) / min_split, max_splits));
+        int chunk = attn_decode_chunk(len, min_split, max_splits);
+        if ((long)chunk * s < len) {
+            std::printf("attn_decode_chunk(%d, %d, %d) = %d does not cover %d splits: FAILED\n",
+                        len, min_split, max_splits, chunk, s);
+            failures++;
+        }
+        splits = std::max(splits, s);
+    }
+    return splits;
+}
+
+// attn_decode_chunk at the values src/backend/cuda/ops.rs's unit test checks DecodeSplits at.
+static void check_decode_chunks() {
+    const int v[][4] = {{4096, 128, 66, 128}, {4097, 128, 66, 128}, {16384, 128, 66, 256},
+                        {300, 128, 64, 128},  {1000, 128, 3, 352},  {1, 128, 64, 32},
+                        {600, 128, 1, 608}};
+    int bad = 0;
+    for (auto& c : v) bad += attn_decode_chunk(c[0], c[1], c[2]) != c[3];
+    failures += bad != 0;
+    std::printf("attn_decode_chunk: %s\n", bad ? "FAILED" : "ok");
+}
+
+// attention_combine as it was before its loads were staged (one dependent load a split): the
+// kernel must give its bits, on partials with empty splits, up to COMB_MAX splits and past.
+static void combine_reference(const float* part_m, const float* part_l, const float* part_acc,
+                              float* y, int H, int T, int D, int S) {
+    for (int t = 0; t < T; t++)
+        for (int h = 0; h < H; h++) {
+            long base = ((long)t * H + h) * S;
+            float M = -INFINITY;
+            for (int s = 0; s < S; s++) M = fmaxf(M, part_m[base + s]);
+            float L = 0.0f;
+            for (int s = 0; s < S; s++)
+                if (part_m[base + s] != -INFINITY) L += part_l[base + s] * expf(part_m[base + s] - M);
+            float inv = 1.0f / L;
+            for (int e = 0; e < D; e++) {
+                float a = 0.0f;
+                for (int s = 0; s < S; s++)
+                    if (part_m[base + s] != -INFINITY)
+                        a += part_acc[(base + s) * D + e] * expf(part_m[base + s] - M);
+                y[(long)t * H * D + (long)h * D + e] = a * inv;
+            }
+        }
+}
+
+static void check_combine(int h, int t, int d, int splits) {
+    int parts = t * h * splits;
+    std::vector<float> pm(parts), pl(parts), pa((size_t)parts * d);
+    for (int i = 0; i < parts; i++) {
+        bool empty = nx() % 5 == 0 && i % splits != 0;
+        pm[i] = empty ? -INFINITY : 3.0f * unif();
+        pl[i] = empty ? 0.0f : 1.0f + 40.0f * std::fabs(unif());
+        for (int e = 0; e < d; e++) pa[(size_t)i * d + e] = empty ? 0.0f : 10.0f * unif();
+    }
+    std::vector<float> y((size_t)t * h * d, NAN), want(y.size(), NAN);
+    host_launch({(unsigned)h, (unsigned)t, 1}, 64, [&] {
+        attention_combine(pm.data(), pl.data(), pa.data(), y.data(), h, d, splits);
+    });
+    combine_reference(pm.data(), pl.data(), pa.data(), want.data(), h, t, d, splits);
+    bool same = std::memcmp(y.data(), want.data(), y.size() * sizeof(float)) == 0;
+    failures += !same;
+    std::printf("attention combine H%d D%d %d tokens %d splits: bit for bit %s\n", h, d, t, splits,
+                same ? "ok" : "FAILED");
+}
+
+// Flash-decoding with kernel `g` (query heads a block; 0 the per-head kernel) over `splits`
+// splits, then the combine unless there is one.
+static std::vector<float> run_decode(int g, const Case& c, int splits, const std::vector<float>& q,
+                                     const std::vector<u16>& kc, const std::vector<u16>& vc,
+                                     const std::vector<int>& pos, const std::vector<int>& slots,
+                                     const std::vector<int>& tables, int per_slot, int page,
+                                     float scale) {
+    int t = (int)pos.size(), parts = t * c.h * splits;
+    std::vector<float> pm(parts, NAN), pl(parts, NAN), pa((size_t)parts * c.d, NAN), y(q.size(), NAN);
+    unsigned gx = (unsigned)(g == 0 ? c.h : c.h / g);
+    host_launch({gx, (unsigned)t, (unsigned)splits}, 128, [&] {
+        decode_kernels[g](q.data(), kc.data(), vc.data(), pos.data(), slots.data(), tables.data(),
+                          per_slot, page, c.h, c.hkv, c.d, scale, c.window, c.min_split,
+                          c.max_splits, pm.data(), pl.data(), pa.data(), y.data());
+    });
+    if (splits > 1)
+        host_launch({(unsigned)c.h, (unsigned)t, 1}, 64, [&] {
+            attention_combine(pm.data(), pl.data(), pa.data(), y.data(), c.h, c.d, splits);
+        });
+    return y;
+}
+
 static void check_attention(const Case& c) {
-    const int page = 16, t = (int)c.tokens.size(), row = c.hkv * c.d;
+    const int page = c.page, t = (int)c.tokens.size(), row = c.hkv * c.d;
     int max_pos = 0, n_slots = 0;
     for (auto& tk : c.tokens) max_pos = std::max(max_pos, tk.second), n_slots = std::max(n_slots, tk.first + 1);
     int per_slot = (max_pos + 1 + page - 1) / page, pool = n_slots * per_slot + 3;
@@ -324,24 +432,32 @@ static void check_attention(const Case& c) {
             }
         }
     }
-    char what[96];
+    char what[128];
     std::snprintf(what, sizeof what, "H%d/%d D%d window %d, %d tokens to %d", c.h, c.hkv, c.d,
                   c.window, t, max_pos);
-    // Decode: splits of 256, then the combine unless there is one split.
-    int longest = 0;
-    for (int p : pos) longest = std::max(longest, c.window > 0 ? std::min(p + 1, c.window) : p + 1);
-    int splits = (longest + 255) / 256, parts = t * c.h * splits;
-    std::vector<float> pm(parts, NAN), pl(parts, NAN), pa((size_t)parts * c.d, NAN), y(q.size(), NAN);
-    host_launch({(unsigned)c.h, (unsigned)t, (unsigned)splits}, 128, [&] {
-        attention_decode_f16(q.data(), kc.data(), vc.data(), pos.data(), slots.data(),
-                             tables.data(), per_slot, page, c.h, c.hkv, c.d, scale, c.window,
-                             256, pm.data(), pl.data(), pa.data(), y.data());
-    });
-    if (splits > 1)
-        host_launch({(unsigned)c.h, (unsigned)t, 1}, 64, [&] {
-            attention_combine(pm.data(), pl.data(), pa.data(), y.data(), c.h, c.d, splits);
-        });
+    // Decode: the per-head kernel against f64 math, then the grouped kernel the launcher picks
+    // (the largest G of 1..8 that divides H / Hkv; with all_groups every such G) against the
+    // per-head kernel's bits.
+    int splits = decode_splits(pos, c.window, c.min_split, c.max_splits);
+    std::snprintf(what, sizeof what, "H%d/%d D%d window %d, %d tokens to %d, %d splits", c.h,
+                  c.hkv, c.d, c.window, t, max_pos, splits);
+    std::vector<float> y = run_decode(0, c, splits, q, kc, vc, pos, slots, tables, per_slot, page, scale);
     report(std::string("attention decode ") + what, y, want, 1e-4);
+    int ratio = c.h / c.hkv, largest = 1;
+    for (int g = 1; g <= 8; g++)
+        if (ratio % g == 0) largest = g;
+    for (int g = 1; g <= 8; g++) {
+        if (ratio % g || (g != largest && !(c.all_groups && g > 1))) continue;
+        std::vector<float> yg = run_decode(g, c, splits, q, kc, vc, pos, slots, tables, per_slot, page, scale);
+        bool same = std::memcmp(yg.data(), y.data(), y.size() * sizeof(float)) == 0;
+        failures += !same;
+        std::printf("attention decode G%d %s: bit for bit %s\n", g, what, same ? "ok" : "FAILED");
+    }
+    // Fewer splits than the tokens need: the last split takes the rest of each context.
+    if (c.short_launch && splits > 1) {
+        std::vector<float> y1 = run_decode(largest, c, 1, q, kc, vc, pos, slots, tables, per_slot, page, scale);
+        report(std::string("attention decode one launch split ") + what, y1, want, 1e-4);
+    }
     if (c.d <= PF_MAX_D) {
         int ratio = c.h / c.hkv, nt = PF_R / std::min(ratio, PF_R);
         unsigned gx = (unsigned)(c.hkv * ((ratio + PF_R - 1) / PF_R)), gy = (unsigned)((t + nt - 1) / nt);
@@ -594,6 +710,18 @@ int main() {
     cases.push_back({16, 1, 256, 0, {{0, 600}, {1, 3}}});
     cases.push_back({8, 2, 128, 33, run(0, 100, 9)});
     cases.push_back({40, 2, 32, 0, run(0, 0, 5)});
+    // Every group size 1..8 (G 5 and 7 alone, 6 with 2 and 3, 8 with 2 and 4), many short
+    // splits, a window, too few splits allowed (longer chunks), and a chunk of more pages (of
+    // 2 positions) than are staged (read from the table per position).
+    std::vector<std::pair<int, int> > three = {{0, 200}, {1, 5}, {0, 63}};
+    cases.push_back({14, 2, 128, 0, three, 32, 64});
+    cases.push_back({12, 2, 64, 0, three, 32, 4, 16, false, true});
+    cases.push_back({16, 2, 64, 50, three, 16, 64, 16, false, true});
+    cases.push_back({10, 2, 128, 0, three, 64, 64});
+    cases.push_back({8, 1, 64, 0, {{0, 1000}, {1, 130}}, 128, 3, 16, true});
+    cases.push_back({4, 1, 32, 0, {{0, 600}}, 128, 1, 2});
+    check_decode_chunks();
+    for (int splits : {2, 13, 128, 131}) check_combine(3, 2, 96, splits);
     for (auto& c : cases) check_attention(c);
 
     // Fused rope + KV write: GQA (H = 3 Hkv), two slots with scattered pages, a window of

@@ -19,10 +19,11 @@
 //! positions, slots, page tables) from device buffers at fixed addresses, so the same launches
 //! serve every step of a shape, and one graph launch replaces a few hundred kernel launches
 //! (SmolLM2 has about 300 a token), the non-finite check and argmax / top-k included. The shape
-//! is the token and output counts, the context length in chunks of [`DECODE_CHUNK`]
-//! (flash-decoding's split count), so a sequence needs a new graph every 256 positions, the
-//! attention kernel the step's slots pick and the step's top-k width; a shape is captured when
-//! it comes a second time. `M40LLM_CUDA_GRAPHS=0` launches every kernel every step instead.
+//! is the token and output counts, the context length in units of flash-decoding's smallest
+//! split ([`DecodeSplits::context_units`]: every split count is a function of it), so a
+//! sequence needs a new graph every 128 positions up to 128 splits' worth, the attention kernel
+//! the step's slots pick and the step's top-k width; a shape is captured when it comes a second
+//! time. `M40LLM_CUDA_GRAPHS=0` launches every kernel every step instead.
 //!
 //! Errors name the kernel and the sizes. A failed launch or a failed step leaves the page
 //! tables as they were (the host's view is rolled back and the device's rows restored); if the
@@ -31,7 +32,7 @@
 
 use super::matmul::{DeviceWeight, Matmul, TILED_MAX_ROWS, cublas_enabled_by_env};
 use super::mem::{self, Span};
-use super::ops::{AttnShape, DECODE_CHUNK, Ops, PagedKv, Rope};
+use super::ops::{AttnShape, DecodeSplits, Ops, PagedKv, Rope};
 use super::stepio::{IoLayout, StepIo, TopLayout, row_results};
 use super::{KernelSet, kernels};
 use crate::backend::device::GpuInfo;
@@ -72,8 +73,9 @@ const GRAPH_FAILURES: u32 = 3;
 struct GraphKey {
     tokens: usize,
     outputs: usize,
-    /// The longest context in chunks of `DECODE_CHUNK` (the decode attention's split count).
-    context_chunks: usize,
+    /// The longest context in units of the smallest decode split, capped
+    /// ([`DecodeSplits::context_units`]: the decode attention's split counts follow from it).
+    context_units: usize,
     /// Whether attention takes the prefill kernel (`Ops::prefill_attention_pays`).
     prefill_attention: bool,
     /// The top-k width of the step's results (`TopLayout::k`: 0 none, 1 argmax): the check
@@ -84,7 +86,7 @@ struct GraphKey {
 impl GraphKey {
     /// The key of a decode step; `None` for steps that are not replayed (prefill: more than
     /// `TILED_MAX_ROWS` tokens, where cuBLAS runs).
-    fn of(step: &Step, n_vocab: usize) -> Option<GraphKey> {
+    fn of(step: &Step, n_vocab: usize, decode: &DecodeSplits) -> Option<GraphKey> {
         let tokens = step.n_tokens();
         if tokens == 0 || tokens > TILED_MAX_ROWS {
             return None;
@@ -93,7 +95,7 @@ impl GraphKey {
         Some(GraphKey {
             tokens,
             outputs: step.outputs.len(),
-            context_chunks: longest.div_ceil(DECODE_CHUNK),
+            context_units: decode.context_units(longest),
             prefill_attention: Ops::prefill_attention_pays(&step.slots),
             top_k: TopLayout::of(&step.outputs, n_vocab).k,
         })
@@ -164,6 +166,8 @@ pub struct CudaBackend {
     up_rows: CudaSlice<f32>,
     /// Flash-decoding partials, grown on demand.
     attn_part: CudaSlice<f32>,
+    /// How flash-decoding splits contexts on this device.
+    decode: DecodeSplits,
     names: HashMap<String, ValueRef>,
     intact: Vec<Vec<bool>>,
     /// Host scratch.
@@ -317,8 +321,10 @@ impl CudaBackend {
         // token decoding at the longest context, and the largest multi-row FFN.
         let table_len = geometry.max_slots as usize * geometry.max_pages_per_slot as usize;
         let io_layout = IoLayout::for_limits(max_tokens, max_outputs, n_vocab(&plan).unwrap_or(0))?;
+        let decode = DecodeSplits::for_kernels(&ks)?;
         let (part_floats, up_floats) = scratch_needs(
             &plan,
+            &decode,
             &[geometry.max_positions().saturating_sub(1)],
             max_tokens,
         );
@@ -478,6 +484,7 @@ impl CudaBackend {
             tiles,
             up_rows,
             attn_part,
+            decode,
             names,
             host_row: Vec::new(),
             host_top: Vec::new(),
@@ -663,7 +670,8 @@ impl CudaBackend {
     /// it the first time its shape is seen), else each kernel.
     fn launch_steps(&mut self, step: &Step, sizes: StepSizes) -> Result<(), BackendError> {
         let n_vocab = self.n_vocab().unwrap_or(0);
-        let Some(key) = GraphKey::of(step, n_vocab).filter(|_| self.graphs.enabled) else {
+        let Some(key) = GraphKey::of(step, n_vocab, &self.decode).filter(|_| self.graphs.enabled)
+        else {
             return self.launch_each(step, sizes);
         };
         if let Some(i) = self.graphs.cached.iter().position(|(k, _)| *k == key) {
@@ -801,7 +809,7 @@ impl CudaBackend {
     /// Grows the scratch buffers this step needs, if the ones allocated at load are too small
     /// (only multi-token decode-kernel attention, `head_dim > 128`, can need more).
     fn prepare_scratch(&mut self, step: &Step) -> Result<(), BackendError> {
-        let (part, up) = scratch_needs(&self.plan, &step.positions, step.n_tokens());
+        let (part, up) = scratch_needs(&self.plan, &self.decode, &step.positions, step.n_tokens());
         ensure(&self.stream, &mut self.attn_part, part, "attention scratch")?;
         ensure(
             &self.stream,
@@ -978,6 +986,7 @@ impl CudaBackend {
                     &step.positions,
                     &step.slots,
                     attn_shape(p),
+                    &self.decode,
                     &mut out(0)?,
                     &mut part,
                 )?;
@@ -1165,13 +1174,18 @@ impl Drop for CudaBackend {
 
 /// Floats of attention partials (flash-decoding) and of the multi-row fused FFN's up
 /// projection a step of `t` tokens at `positions` needs.
-fn scratch_needs(plan: &Plan, positions: &[u32], t: usize) -> (usize, usize) {
+fn scratch_needs(
+    plan: &Plan,
+    decode: &DecodeSplits,
+    positions: &[u32],
+    t: usize,
+) -> (usize, usize) {
     let mut part = 0;
     let mut up = 0;
     for s in &plan.steps {
         match &s.op {
             Op::Attention(p) => {
-                part = part.max(Ops::attention_scratch_len(positions, attn_shape(p)));
+                part = part.max(decode.scratch_len(positions, attn_shape(p)));
             }
             Op::GateUpSwiGlu => {
                 let n = s

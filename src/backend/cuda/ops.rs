@@ -6,11 +6,22 @@
 
 use super::mem::{DeviceSpan, Span};
 use super::{CudaError, KernelSet};
+use cudarc::driver::sys::CUdevice_attribute;
 use cudarc::driver::{CudaStream, LaunchConfig, PushKernelArg};
 use std::sync::Arc;
 
-/// Positions per split of the flash-decoding kernel.
-pub const DECODE_CHUNK: usize = 256;
+/// Flash-decoding splits a context of `len` positions into `ceil(len / min_split)` chunks (at
+/// most [`DecodeSplits::max_splits`]): this many positions by default.
+pub const DECODE_MIN_SPLIT: usize = 128;
+/// Blocks per multiprocessor that one token's decode attention aims at by default (its split
+/// count's ceiling is this times the multiprocessors over the blocks of one split).
+pub const DECODE_BLOCKS_PER_SM: usize = 4;
+/// The most splits of one context on any device (bounds the scratch and the graph key).
+pub const DECODE_MAX_SPLITS: usize = 128;
+/// A chunk is a multiple of this many positions (`DEC_GRAN` in kernels/attention.cu).
+const DECODE_GRAN: usize = 32;
+/// The largest group of query heads one decode block takes (`attention_decode_g<G>_f16`).
+pub const DECODE_MAX_GROUP: usize = 8;
 /// Largest head_dim of the prefill kernel (`PF_MAX_D`) and of the decode kernel (`MAX_D`).
 pub const PREFILL_MAX_HEAD_DIM: usize = 128;
 /// (token, head) query rows per block of the prefill kernel (`PF_R`).
@@ -50,8 +61,174 @@ pub struct AttnShape {
 /// Which attention kernel ran.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnPath {
-    Decode { splits: usize },
+    /// Flash-decoding over `splits` chunks, `group` query heads a block (0: the per-head
+    /// kernel `attention_decode_f16`).
+    Decode {
+        splits: usize,
+        group: usize,
+    },
     Prefill,
+}
+
+/// How flash-decoding splits a context and groups query heads: a function of the device and
+/// the head layout only, so a token's chunks (and its bits) are the same in every step and
+/// batch (kernels/attention.cu, `attn_decode_chunk`). A token of `len` positions takes
+/// `min(ceil(len / min_split), max_splits)` chunks, each `ceil(len / chunks)` rounded up to 32
+/// positions; `max_splits` aims at `blocks_per_sm` blocks on each multiprocessor for one token
+/// alone, no more than fit at once (one wave). A launch runs the most chunks any of its tokens
+/// needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DecodeSplits {
+    /// The device's multiprocessors.
+    pub sms: usize,
+    pub blocks_per_sm: usize,
+    pub min_split: usize,
+    /// A block takes the query heads of one KV head together (`attention_decode_g<G>_f16`,
+    /// each K/V row read once for them all); `false`: one head a block (`attention_decode_f16`).
+    pub grouped: bool,
+    /// Blocks of each decode kernel (index G, 0 the per-head kernel) a multiprocessor holds at
+    /// once, from the driver (their registers decide it: 3 at G 4, 2 at G 6-8); 0: not known
+    /// (no cap).
+    pub resident: [usize; DECODE_MAX_GROUP + 1],
+}
+
+impl DecodeSplits {
+    /// The defaults for a device of `sms` multiprocessors.
+    pub fn new(sms: usize) -> DecodeSplits {
+        DecodeSplits {
+            sms: sms.max(1),
+            blocks_per_sm: DECODE_BLOCKS_PER_SM,
+            min_split: DECODE_MIN_SPLIT,
+            grouped: true,
+            resident: [0; DECODE_MAX_GROUP + 1],
+        }
+    }
+
+    /// The decode kernel of a group (`Self::group`).
+    fn kernel_name(group: usize) -> String {
+        match group {
+            0 => "attention_decode_f16".to_string(),
+            g => format!("attention_decode_g{g}_f16"),
+        }
+    }
+
+    /// The defaults for the kernels' device (its multiprocessors, each decode kernel's resident
+    /// blocks), with the A/B switches `M40LLM_ATTN_GROUPED=0` (one query head a block),
+    /// `M40LLM_ATTN_MIN_SPLIT=N` and `M40LLM_ATTN_BLOCKS_PER_SM=N`.
+    pub fn for_kernels(ks: &KernelSet) -> Result<DecodeSplits, CudaError> {
+        let driver = |what: &str, e: cudarc::driver::DriverError| CudaError::Launch {
+            kernel: "attention".into(),
+            reason: format!("cannot read {what}: {e}"),
+        };
+        let sms = ks
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(|e| driver("the multiprocessor count", e))?;
+        let mut d = DecodeSplits::new(usize::try_from(sms).unwrap_or(1));
+        for (g, resident) in d.resident.iter_mut().enumerate() {
+            let name = Self::kernel_name(g);
+            let f = ks.function("attention", &name)?;
+            let n = f
+                .occupancy_max_active_blocks_per_multiprocessor(128, 0, None)
+                .map_err(|e| driver(&format!("the occupancy of {name}"), e))?;
+            *resident = n as usize;
+        }
+        let var = |name: &str| std::env::var(name).ok();
+        d.grouped = var("M40LLM_ATTN_GROUPED").is_none_or(|v| v.trim() != "0");
+        let count = |name: &str, default: usize| match var(name) {
+            None => default,
+            Some(v) => match v.trim().parse::<usize>() {
+                Ok(n) if (1..=1 << 20).contains(&n) => n,
+                _ => {
+                    tracing::warn!("{name}={v} ignored (a count from 1 to 1048576 is expected)");
+                    default
+                }
+            },
+        };
+        d.min_split = count("M40LLM_ATTN_MIN_SPLIT", d.min_split);
+        d.blocks_per_sm = count("M40LLM_ATTN_BLOCKS_PER_SM", d.blocks_per_sm);
+        Ok(d)
+    }
+
+    /// Query heads a block takes (0: the per-head kernel): the largest G of 1..=8 that divides
+    /// `n_heads / n_kv_heads`, so that a block's heads share one KV head.
+    pub fn group(&self, shape: AttnShape) -> usize {
+        if !self.grouped || shape.n_kv_heads == 0 {
+            return 0;
+        }
+        let ratio = shape.n_heads / shape.n_kv_heads;
+        (1..=DECODE_MAX_GROUP)
+            .rev()
+            .find(|g| ratio.is_multiple_of(*g))
+            .unwrap_or(1)
+    }
+
+    /// Blocks of one split of one token.
+    fn blocks_per_split(&self, shape: AttnShape) -> usize {
+        match self.group(shape) {
+            0 => shape.n_heads,
+            g => shape.n_heads / g,
+        }
+        .max(1)
+    }
+
+    /// The most chunks one context of this shape is split into on this device: one token's
+    /// blocks fill `blocks_per_sm` on every multiprocessor, or as many as fit at once.
+    pub fn max_splits(&self, shape: AttnShape) -> usize {
+        let fit = self
+            .resident
+            .get(self.group(shape))
+            .copied()
+            .filter(|&n| n > 0)
+            .unwrap_or(usize::MAX);
+        (self.sms * self.blocks_per_sm.min(fit) / self.blocks_per_split(shape))
+            .clamp(1, DECODE_MAX_SPLITS)
+    }
+
+    /// The positions a context attends: `pos + 1`, or the window.
+    fn context_len(p: u32, window: usize) -> usize {
+        let len = p as usize + 1;
+        if window > 0 { len.min(window) } else { len }
+    }
+
+    /// Chunks of a context of `len` positions.
+    pub fn splits_of(&self, len: usize, shape: AttnShape) -> usize {
+        len.max(1)
+            .div_ceil(self.min_split.max(1))
+            .clamp(1, self.max_splits(shape))
+    }
+
+    /// Positions of each chunk of a context of `len` positions (`attn_decode_chunk`).
+    pub fn chunk_of(&self, len: usize, shape: AttnShape) -> usize {
+        let len = len.max(1);
+        len.div_ceil(self.splits_of(len, shape))
+            .next_multiple_of(DECODE_GRAN)
+    }
+
+    /// Splits of a launch for these positions: the most any token needs (the split count grows
+    /// with the context, so that is the longest context's).
+    pub fn splits(&self, positions: &[u32], shape: AttnShape) -> usize {
+        let longest = positions
+            .iter()
+            .map(|&p| Self::context_len(p, shape.window))
+            .max()
+            .unwrap_or(1);
+        self.splits_of(longest, shape)
+    }
+
+    /// Floats of decode scratch for these positions: `(m, l, acc[D])` per token, head, split.
+    pub fn scratch_len(&self, positions: &[u32], shape: AttnShape) -> usize {
+        positions.len() * shape.n_heads * self.splits(positions, shape) * (shape.head_dim + 2)
+    }
+
+    /// What of a step's longest context (`max(pos) + 1`) its launches depend on: every split
+    /// count of every attention (any shape, any window) is a function of
+    /// `min(ceil(longest / min_split), DECODE_MAX_SPLITS)` (the decode graphs' key).
+    pub fn context_units(&self, longest: usize) -> usize {
+        longest
+            .div_ceil(self.min_split.max(1))
+            .min(DECODE_MAX_SPLITS)
+    }
 }
 
 /// Launches on one stream with one kernel set.
@@ -128,9 +305,9 @@ impl Ops<'_> {
     /// Attention of `t` query rows over the paged cache. `positions` and `host_slots` (host
     /// copies of the step's positions and slots) size the decode splits and pick the kernel:
     /// prefill's tiled kernel where tokens come in runs of one sequence
-    /// ([`Ops::prefill_attention_pays`]) and `head_dim <= 128`, flash-decoding otherwise (a
-    /// batch of sequences decoding one token each). `part` is scratch of at least
-    /// [`Ops::attention_scratch_len`] floats (only decode uses it).
+    /// ([`Ops::prefill_attention_pays`]) and `head_dim <= 128`, flash-decoding split as `decode`
+    /// says otherwise (a batch of sequences decoding one token each). `part` is scratch of at
+    /// least [`DecodeSplits::scratch_len`] floats (only decode uses it).
     #[allow(clippy::too_many_arguments)]
     pub fn attention(
         &self,
@@ -141,6 +318,7 @@ impl Ops<'_> {
         positions: &[u32],
         host_slots: &[u32],
         shape: AttnShape,
+        decode: &DecodeSplits,
         y: &mut impl DeviceSpan<f32>,
         part: &mut impl DeviceSpan<f32>,
     ) -> Result<AttnPath, CudaError> {
@@ -155,8 +333,7 @@ impl Ops<'_> {
             self.attention_prefill(q, kv, pos, slots, positions.len(), shape, y)?;
             return Ok(AttnPath::Prefill);
         }
-        let splits = self.attention_decode(q, kv, pos, slots, positions, shape, y, part)?;
-        Ok(AttnPath::Decode { splits })
+        self.attention_decode(q, kv, pos, slots, positions, shape, decode, y, part)
     }
 
     /// The checks and the kernels' common integer arguments (table stride, page size, heads,
@@ -260,10 +437,11 @@ impl Ops<'_> {
         )
     }
 
-    /// Flash-decoding (`attention_decode_f16` over [`DECODE_CHUNK`]-position splits, then
-    /// `attention_combine` when there are several) of every query row on its own; returns the
-    /// split count. `part` is
-    /// scratch of at least [`Ops::attention_scratch_len`] floats.
+    /// Flash-decoding of every query row on its own: `attention_decode_g<G>_f16` (G query heads
+    /// of one KV head a block, [`DecodeSplits::group`]) or `attention_decode_f16` (one head a
+    /// block) over the splits `decode` gives, then `attention_combine` when there are several.
+    /// Returns the path (split count and group). `part` is scratch of at least
+    /// [`DecodeSplits::scratch_len`] floats.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode(
         &self,
@@ -273,29 +451,32 @@ impl Ops<'_> {
         slots: &impl DeviceSpan<i32>,
         positions: &[u32],
         shape: AttnShape,
+        decode: &DecodeSplits,
         y: &mut impl DeviceSpan<f32>,
         part: &mut impl DeviceSpan<f32>,
-    ) -> Result<usize, CudaError> {
+    ) -> Result<AttnPath, CudaError> {
         let (q, pos, slots, y, part) = (q.span(), pos.span(), slots.span(), y.span(), part.span());
         let t = positions.len();
         let k = "attention";
         let [stride, page, hi, hkvi, di, win] =
             Self::attention_args(k, q, kv, pos, slots, t, shape, y, DECODE_MAX_HEAD_DIM)?;
         let (h, d) = (shape.n_heads, shape.head_dim);
-        let splits = Self::decode_splits(positions, shape.window);
-        let need = Self::attention_scratch_len(positions, shape);
+        let splits = decode.splits(positions, shape);
+        let need = decode.scratch_len(positions, shape);
         check(k, part.len() >= need, || {
             format!("scratch of {} floats, {need} needed", part.len())
         })?;
         let parts = t * h * splits;
-        let chunk = DECODE_CHUNK as i32;
+        let min_split = i32_of(k, "min split", decode.min_split)?;
+        let max_splits = i32_of(k, "max splits", decode.max_splits(shape))?;
         let s_i = i32_of(k, "splits", splits)?;
         let pm = part.sub(0, parts, k)?;
         let pl = part.sub(parts, parts, k)?;
         let pa = part.sub(2 * parts, parts * d, k)?;
+        let group = decode.group(shape);
         {
-            let name = "attention_decode_f16";
-            let f = self.ks.function("attention", name)?;
+            let name = DecodeSplits::kernel_name(group);
+            let f = self.ks.function("attention", &name)?;
             let mut b = self.stream.launch_builder(&f);
             b.arg(q.ptr())
                 .arg(kv.k.ptr())
@@ -310,13 +491,15 @@ impl Ops<'_> {
                 .arg(&di)
                 .arg(&shape.scale)
                 .arg(&win)
-                .arg(&chunk);
+                .arg(&min_split)
+                .arg(&max_splits);
             b.arg(pm.ptr()).arg(pl.ptr()).arg(pa.ptr()).arg(y.ptr());
-            launch(name, b, grid(h, t, splits, 128))?;
+            launch(&name, b, grid(h / group.max(1), t, splits, 128))?;
         }
+        let path = AttnPath::Decode { splits, group };
         if splits == 1 {
             // The decode kernel wrote y itself.
-            return Ok(splits);
+            return Ok(path);
         }
         let name = "attention_combine";
         let f = self.ks.function("attention", name)?;
@@ -328,8 +511,9 @@ impl Ops<'_> {
             .arg(&hi)
             .arg(&di)
             .arg(&s_i);
-        launch(name, b, grid(h, t, 1, 64))?;
-        Ok(splits)
+        // A thread an element (D is a multiple of 32, at most 256).
+        launch(name, b, grid(h, t, 1, d as u32))?;
+        Ok(path)
     }
 
     /// Whether the prefill kernel pays for a step whose tokens belong to `slots`: its blocks
@@ -339,27 +523,6 @@ impl Ops<'_> {
     pub fn prefill_attention_pays(slots: &[u32]) -> bool {
         let continued = slots.windows(2).filter(|w| w[0] == w[1]).count();
         slots.len() > 1 && 2 * continued >= slots.len()
-    }
-
-    /// Splits of the longest context among `positions`.
-    pub fn decode_splits(positions: &[u32], window: usize) -> usize {
-        let longest = positions
-            .iter()
-            .map(|&p| {
-                let len = p as usize + 1;
-                if window > 0 { len.min(window) } else { len }
-            })
-            .max()
-            .unwrap_or(1);
-        longest.div_ceil(DECODE_CHUNK).max(1)
-    }
-
-    /// Floats of decode scratch for these positions: `(m, l, acc[D])` per token, head, split.
-    pub fn attention_scratch_len(positions: &[u32], shape: AttnShape) -> usize {
-        positions.len()
-            * shape.n_heads
-            * Self::decode_splits(positions, shape.window)
-            * (shape.head_dim + 2)
     }
 
     /// Per row of `x` (`rows` rows of `n`): the argmax (`ids[r]`, `vals[r]`) or, with `k > 0`,
@@ -883,7 +1046,142 @@ impl Rope {
 
 #[cfg(test)]
 mod tests {
-    use super::Ops;
+    use super::{AttnShape, DECODE_MAX_SPLITS, DecodeSplits, Ops};
+
+    fn shape(n_heads: usize, n_kv_heads: usize, window: usize) -> AttnShape {
+        AttnShape {
+            n_heads,
+            n_kv_heads,
+            head_dim: 128,
+            scale: 1.0,
+            window,
+        }
+    }
+
+    #[test]
+    fn decode_blocks_group_the_query_heads_of_a_kv_head() {
+        let d = DecodeSplits::new(132);
+        // llama3-8b 32/8, SmolLM2 9/3, qwen2.5-7b 28/4, MHA, 16/1 (8 of 16), 12/1 (6), 11/1.
+        for (h, hkv, g) in [(32, 8, 4), (9, 3, 3), (28, 4, 7), (8, 8, 1), (16, 1, 8)] {
+            assert_eq!(d.group(shape(h, hkv, 0)), g, "{h}/{hkv}");
+        }
+        assert_eq!(d.group(shape(12, 1, 0)), 6);
+        assert_eq!(d.group(shape(11, 1, 0)), 1);
+        let off = DecodeSplits {
+            grouped: false,
+            ..d
+        };
+        assert_eq!(off.group(shape(32, 8, 0)), 0);
+    }
+
+    #[test]
+    fn decode_splits_aim_at_blocks_per_sm_and_keep_short_contexts_whole() {
+        let s8b = shape(32, 8, 0);
+        let h200 = DecodeSplits::new(132);
+        // 4 blocks on each of 132 SMs over 8 blocks a split (4 heads a block).
+        assert_eq!(h200.max_splits(s8b), 66);
+        // Short contexts: one split (no combine launch).
+        for len in [1, 7, 128] {
+            assert_eq!(h200.splits_of(len, s8b), 1, "{len}");
+        }
+        assert_eq!(h200.splits_of(129, s8b), 2);
+        // Depth 4096: 32 splits of 128 (256 blocks); 16384: 66 of 256 (the last two empty).
+        assert_eq!(h200.splits(&[4095], s8b), 32);
+        assert_eq!(h200.chunk_of(4096, s8b), 128);
+        assert_eq!(h200.splits(&[16383], s8b), 66);
+        assert_eq!(h200.chunk_of(16384, s8b), 256);
+        // One head a block: four times the blocks a split, a quarter of the splits.
+        let per_head = DecodeSplits {
+            grouped: false,
+            ..h200
+        };
+        assert_eq!(per_head.max_splits(s8b), 16);
+        // No more than fit at once: 3 blocks of the G 4 kernel a multiprocessor.
+        let mut resident = [0; 9];
+        resident[4] = 3;
+        let fit = DecodeSplits { resident, ..h200 };
+        assert_eq!(fit.max_splits(s8b), 49);
+        // Unknown residency (G 3 here): 4 a multiprocessor, 176 splits, capped at 128.
+        assert_eq!(fit.max_splits(shape(9, 3, 0)), DECODE_MAX_SPLITS);
+        // The M40's 24 SMs: 12 splits at most for the 8B shape.
+        let m40 = DecodeSplits::new(24);
+        assert_eq!(m40.splits(&[4095], s8b), 12);
+        assert_eq!(m40.chunk_of(4096, s8b), 352);
+        // A launch runs the longest context's splits; a window caps the context.
+        assert_eq!(h200.splits(&[3, 4095, 700], s8b), 32);
+        assert_eq!(h200.splits(&[3, 4095, 700], shape(32, 8, 300)), 3);
+        // Scratch: (m, l, acc[128]) per token, head and split.
+        assert_eq!(h200.scratch_len(&[4095, 3], s8b), 2 * 32 * 32 * 130);
+        assert!(h200.max_splits(shape(64, 1, 0)) <= DECODE_MAX_SPLITS);
+    }
+
+    #[test]
+    fn decode_chunks_cover_the_context_and_match_the_kernels_formula() {
+        // The values tests/host/kernels.cpp checks attn_decode_chunk against.
+        let chunk = |len, min_split, max_splits| {
+            let d = DecodeSplits {
+                sms: 1,
+                blocks_per_sm: max_splits,
+                min_split,
+                grouped: false,
+                resident: [0; 9],
+            };
+            d.chunk_of(len, shape(1, 1, 0))
+        };
+        for (len, min_split, max_splits, want) in [
+            (4096, 128, 66, 128),
+            (4097, 128, 66, 128),
+            (16384, 128, 66, 256),
+            (300, 128, 64, 128),
+            (1000, 128, 3, 352),
+            (1, 128, 64, 32),
+            (600, 128, 1, 608),
+        ] {
+            assert_eq!(chunk(len, min_split, max_splits), want, "{len}");
+        }
+        for d in [
+            DecodeSplits::new(132),
+            DecodeSplits::new(24),
+            DecodeSplits::new(1),
+        ] {
+            for sh in [
+                shape(32, 8, 0),
+                shape(9, 3, 0),
+                shape(28, 4, 0),
+                shape(11, 1, 0),
+            ] {
+                let mut last = 1;
+                for len in 1..20_000 {
+                    let (s, c) = (d.splits_of(len, sh), d.chunk_of(len, sh));
+                    assert!(s * c >= len && c % 32 == 0, "{len}: {s} x {c}");
+                    // Monotone: the longest context's splits are the most any token needs.
+                    assert!(s >= last, "{len}: {s} after {last}");
+                    last = s;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_context_units_determine_every_split_count() {
+        // The graph key: two steps of the same units launch the same splits at every shape
+        // and window (so a replayed graph is the right one).
+        for d in [DecodeSplits::new(132), DecodeSplits::new(24)] {
+            let mut by_units = std::collections::HashMap::new();
+            for longest in 1..20_000usize {
+                let u = d.context_units(longest);
+                let got: Vec<usize> = [shape(32, 8, 0), shape(9, 3, 0), shape(4, 4, 0)]
+                    .into_iter()
+                    .flat_map(|sh| {
+                        [0, 1, 100, 129, 4096]
+                            .map(|w| d.splits(&[longest as u32 - 1], AttnShape { window: w, ..sh }))
+                    })
+                    .collect();
+                let want = by_units.entry(u).or_insert_with(|| got.clone());
+                assert_eq!(*want, got, "longest {longest}, units {u}");
+            }
+        }
+    }
 
     #[test]
     fn the_prefill_kernel_takes_runs_of_one_sequence_and_decode_batches_do_not() {
