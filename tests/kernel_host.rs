@@ -145,7 +145,7 @@ fn whole_kernels_run_thread_by_thread_on_the_host_match_f64_math() {
         "mmv q6_k c1 rows 1",
         "mmv q6_k rows 8 cols 2 9x1280",
         "gate_up q5_k rows 8",
-        "mmv3 q4_k cols 2 of 3 matrix 2",
+        "mmv3 q4_k cols 4 of 3 matrix 2",
         "same bits q4_k K 4096 block 32 (r1, r1 c1, r2 row 0; matvec and gate/up): ok",
         "same bits q6_k K 5120 block 32 (r1, r1 c1, r2 row 0; matvec and gate/up): ok",
         "same bits q5_k K 5120 block 128 (r1, r1 c1, r2 row 0; matvec and gate/up): ok",
