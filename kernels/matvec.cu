@@ -11,9 +11,8 @@
 // goes through the read-only cache. Each row's arithmetic is the same whatever R is (the same
 // FMA chain per unit, the same reduction), so a sequence gets bit-identical results alone and
 // in a batch (the columns a block computes change nothing in a column's arithmetic). Grid:
-// (ceil(N / C)), C = 4 output columns a block (2 for gate/up; the K-quants at one and eight
-// rows 2 and 1; `_r1_c1`: 1); block: 32 to 128 threads, a multiple of 32 (the host picks by K,
-// the same for every R).
+// (ceil(N / C)), C = 4 output columns a block (2 for gate/up; `_r1_c1`: 1); block: 32 to 128
+// threads, a multiple of 32 (the host picks by K).
 //
 // matvec_<ty>: the plain reference kernel, a warp per output element reading the row with
 // T::at. The host uses it only for shapes the unit kernels do not take (K not a multiple of 32,
@@ -541,7 +540,7 @@ struct UGen : PerUnit<UGen<T> > {
 // the others keep 4). matmul.rs `unit_cols` says the same to the host.
 template <typename U, int M, int R>
 struct Cols {
-    static const int N = (IsScaled<U>::value && (R == 1 || R == 8) ? 2 : 4) / M;
+    static const int N = (IsScaled<U>::value && R == 8 ? 2 : 4) / M;
 };
 
 // The unit loop of mmv_impl for the decoders of one scale a unit: this thread's units of the
@@ -674,28 +673,12 @@ __device__ __forceinline__ void scaled_steps(const u8* const* rows, const typena
         }
 }
 
-// Unit steps a pass of mmv_loop_scaled: at one row 4 (2 for Q = 4: up to eight weight rows'
-// walks a pass), at two rows 2 (Q <= 2), else 1. Passes of P / 2, ... 1 take what is left.
+// Unit steps a pass of mmv_loop_scaled: at one or two rows, 4 and 2 (Q <= 2; the four-column
+// variants, at one row only in mmv3's four-column form, keep Q loads a step as it is).
 template <int R, int Q>
 struct ScaledSteps {
-    static const int P = R == 1 ? (Q <= 2 ? 4 : Q == 4 ? 2 : 1) : R == 2 && Q <= 2 ? 2 : 1;
+    static const int P = Q > 2 ? 1 : R == 1 ? 4 : R == 2 ? 2 : 1;
 };
-
-// This thread's unit steps from u on in passes of P steps while P fit, then of P / 2, ... 1.
-template <typename U, int R, int Q, int P, bool SH>
-__device__ __forceinline__ void scaled_passes(const u8* const* rows, typename U::Walk (&wk)[Q],
-                                              int& u, int units, int st, const float*& xw,
-                                              int xs, int K, float (&acc)[Q][R]) {
-    int bd = blockDim.x;
-    for (; u + (P - 1) * bd < units; u += P * bd, xw += P * xs) {
-        scaled_steps<U, R, Q, P, SH>(rows, wk, u, st, xw, xs, K, acc);
-        if (SH) {
-#pragma unroll
-            for (int q = 0; q < Q; q++) U::advance(wk[q], P * st);
-        }
-    }
-    if (P > 1) scaled_passes<U, R, Q, (P > 1 ? P / 2 : 1), SH>(rows, wk, u, units, st, xw, xs, K, acc);
-}
 
 // The unit loop of the sub-block-scaled decoders (IsScaled): this thread's units of the rows,
 // accumulated into acc, ScaledSteps::P steps a pass and the rest one at a time. SH: the walk
@@ -710,7 +693,22 @@ __device__ __forceinline__ void mmv_loop_scaled(const u8* const* rows, const flo
     for (int q = 0; q < Q; q++) wk[q] = U::walk(rows[q], threadIdx.x);
     const float* xw = x + U::xoff(threadIdx.x, 0);
     int u = threadIdx.x;
-    scaled_passes<U, R, Q, P, SH>(rows, wk, u, units, st, xw, xs, K, acc);
+    if (P > 1) {
+        for (; u + (P - 1) * bd < units; u += P * bd, xw += P * xs) {
+            scaled_steps<U, R, Q, P, SH>(rows, wk, u, st, xw, xs, K, acc);
+            if (SH) {
+#pragma unroll
+                for (int q = 0; q < Q; q++) U::advance(wk[q], P * st);
+            }
+        }
+    }
+    for (; u < units; u += bd, xw += xs) {
+        scaled_steps<U, R, Q, 1, SH>(rows, wk, u, st, xw, xs, K, acc);
+        if (SH) {
+#pragma unroll
+            for (int q = 0; q < Q; q++) U::advance(wk[q], st);
+        }
+    }
 }
 
 // The unit loop a decoder takes: mmv_loop_scaled for the K-quants, else mmv_loop (walking when
@@ -801,7 +799,7 @@ __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __
     }
 // The plan's multi_matmul at one row (Q, K and V: up to three matrices of one type and K) in
 // one launch: blocks [0, b0) compute y0 = x W0ᵀ, the next b1 y1, the rest y2 (bi = ceil(ni /
-// C); n2 = 0 for two matrices). Each block computes what mmv_<ty>_r1 (C = Cols) or _r1_c1 (C = 1)
+// C); n2 = 0 for two matrices). Each block computes what mmv_<ty>_r1 (C = 4) or _r1_c1 (C = 1)
 // computes for its columns, so every output is bit for bit the same as from the separate
 // launches, with two launches fewer per layer in the decode step.
 template <typename U, int C>
@@ -826,7 +824,7 @@ __device__ __forceinline__ void mmv3_impl(const u8* w0, const u8* w1, const u8* 
     }
 #define MMV(name, U)                                                                         \
     MMV_R(name, U, 1) MMV_R(name, U, 2) MMV_R(name, U, 4) MMV_R(name, U, 8) MMV_C1(name, U) \
-    MMV3(name, U, (Cols<U, 1, 1>::N), ) MMV3(name, U, 1, _c1)
+    MMV3(name, U, 4, ) MMV3(name, U, 1, _c1)
 
 MMV(f32, UGen<TF32>)
 MMV(f16, UF16)

@@ -193,16 +193,11 @@ fn units_take(k: usize, x: u64) -> bool {
 
 /// Output columns per block of `mmv_<ty>_r<rows>` and `gate_up_swiglu_<ty>_r<rows>`
 /// (kernels/matvec.cu `Cols`): 4 (2 for gate/up, whose two matrices share the x loads too),
-/// but 2 (1) for the K-quants at one and 8 rows: at 8 rows their scale shuffles and
-/// accumulators at 4 columns held 168 registers a thread, at one row 2 columns take their unit
-/// steps four a pass (`ScaledSteps`), 4 columns one. The `_r1_c1` variants compute one.
+/// but 2 (1) for the K-quants at 8 rows, whose scale shuffles and accumulators at 4 columns
+/// held 168 registers a thread. The `_r1_c1` variants compute one.
 pub fn unit_cols(ty: GgmlType, gate_up: bool, rows: usize) -> usize {
     let k_quant = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
-    let cols = if k_quant && (rows == 1 || rows == 8) {
-        2
-    } else {
-        4
-    };
+    let cols = if k_quant && rows == 8 { 2 } else { 4 };
     if gate_up { cols / 2 } else { cols }
 }
 
@@ -213,9 +208,9 @@ const COLS_MIN_ROWS: usize = 4096;
 /// columns per block. At one row, several columns only for the 32-element-block quantized
 /// types with at least `COLS_MIN_ROWS` rows (measured on the H200: 7% faster for an 8B's Q4_0
 /// and Q8_0; for F16, and for matrices as narrow as SmolLM2's, one column is 10-16% faster, as
-/// 4x the blocks stay in flight). The K-quants take two columns there (one for gate/up, the
-/// same kernel as `_c1`): four columns, one unit step a pass, left an 8B's Q4_K_M decode at
-/// 129 tokens/s.
+/// 4x the blocks stay in flight). The K-quants take one column at one row: four columns left an
+/// 8B's 4096-row Q4_K matrices at a quarter of the blocks (1024), and its Q4_K_M decode at 129
+/// tokens/s.
 pub fn unit_kernel(
     prefix: &str,
     sfx: &str,
@@ -226,7 +221,8 @@ pub fn unit_kernel(
 ) -> (String, usize) {
     let cols = unit_cols(ty, gate_up, rows);
     let float = matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
-    if rows == 1 && cols > 1 && (float || n < COLS_MIN_ROWS) {
+    let k_quant = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
+    if rows == 1 && cols > 1 && (float || k_quant || n < COLS_MIN_ROWS) {
         (format!("{prefix}_{sfx}_r1_c1"), 1)
     } else {
         (format!("{prefix}_{sfx}_r{rows}"), cols)
@@ -234,9 +230,6 @@ pub fn unit_kernel(
 }
 
 /// The unit kernels' block: a warp per 32 units of 8 weights (the narrowest units), at most 4.
-/// The same for every row count, so a sequence's sums are the same alone and in a batch
-/// (measured on the H200, the K-quants at one row would gain 6-10% at 32 threads and lose 24%
-/// at 8 rows at 64: `unit_block_sweep_for_the_record`).
 fn unit_block(k: usize) -> u32 {
     ((k / 8).div_ceil(32) * 32).clamp(32, 128) as u32
 }
