@@ -1013,6 +1013,7 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         blocks_per_sm: 1 << 16,
         min_split: 64,
         grouped: true,
+        grouped_from: 0,
         resident: [0; 9],
         ..decode
     };
@@ -1039,7 +1040,7 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         path,
         AttnPath::Decode {
             splits,
-            group: decode.group(shape)
+            group: decode.kernel_group(&positions, shape)
         }
     );
     assert_close(
@@ -1059,7 +1060,10 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         .unwrap();
         let y = g.down(&y_d);
         assert_close(
-            &format!("attention decode {what}, group {}", policy.group(shape)),
+            &format!(
+                "attention decode {what}, group {}",
+                policy.kernel_group(&positions, shape)
+            ),
             &y,
             &want,
             1e-3,
@@ -1110,7 +1114,7 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
     } else {
         AttnPath::Decode {
             splits,
-            group: decode.group(shape),
+            group: decode.kernel_group(&positions, shape),
         }
     };
     assert_eq!(path, want_path);
@@ -1139,7 +1143,7 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         path,
         AttnPath::Decode {
             splits: decode.splits(&positions[..1], shape),
-            group: decode.group(shape)
+            group: decode.kernel_group(&positions[..1], shape)
         }
     );
     assert_close(
@@ -1515,6 +1519,13 @@ fn kernel_timings_for_the_record() {
     let decode = DecodeSplits::for_kernels(&g.ks).unwrap();
     let policies = [
         ("", decode),
+        (
+            " grouped",
+            DecodeSplits {
+                grouped_from: 0,
+                ..decode
+            },
+        ),
         (
             " per-head",
             DecodeSplits {

@@ -22,6 +22,13 @@ pub const DECODE_MAX_SPLITS: usize = 128;
 const DECODE_GRAN: usize = 32;
 /// The largest group of query heads one decode block takes (`attention_decode_g<G>_f16`).
 pub const DECODE_MAX_GROUP: usize = 8;
+/// Contexts of at least this many positions take the grouped decode kernel by default, shorter
+/// ones the per-head kernel over the same splits (the same bits). Measured on the H200 (8B
+/// shape, `kernel_timings_for_the_record`): at depth 512 the per-head kernel takes 0.019 ms and
+/// the grouped one 0.024, at 4 096 both 0.029, at 16 384 0.077 and 0.058; and with one split
+/// (SmolLM2's first 128 positions: 3 blocks a token instead of 9) the grouped kernel cost its
+/// decode 11% (1 589 to 1 408 tokens/s).
+pub const DECODE_GROUPED_FROM: usize = 8192;
 /// Largest head_dim of the prefill kernel (`PF_MAX_D`) and of the decode kernel (`MAX_D`).
 pub const PREFILL_MAX_HEAD_DIM: usize = 128;
 /// (token, head) query rows per block of the prefill kernel (`PF_R`).
@@ -86,6 +93,9 @@ pub struct DecodeSplits {
     /// A block takes the query heads of one KV head together (`attention_decode_g<G>_f16`,
     /// each K/V row read once for them all); `false`: one head a block (`attention_decode_f16`).
     pub grouped: bool,
+    /// With `grouped`, the contexts (in positions, as [`Self::context_units`] counts them) that
+    /// take the grouped kernel: at least this long ([`DECODE_GROUPED_FROM`]; 0: every one).
+    pub grouped_from: usize,
     /// Blocks of each decode kernel (index G, 0 the per-head kernel) a multiprocessor holds at
     /// once, from the driver (their registers decide it: 3 at G 4, 2 at G 6-8); 0: not known
     /// (no cap).
@@ -100,6 +110,7 @@ impl DecodeSplits {
             blocks_per_sm: DECODE_BLOCKS_PER_SM,
             min_split: DECODE_MIN_SPLIT,
             grouped: true,
+            grouped_from: DECODE_GROUPED_FROM,
             resident: [0; DECODE_MAX_GROUP + 1],
         }
     }
@@ -161,6 +172,23 @@ impl DecodeSplits {
             .rev()
             .find(|g| ratio.is_multiple_of(*g))
             .unwrap_or(1)
+    }
+
+    /// The kernel a launch over these positions takes (0: the per-head kernel): the grouped
+    /// one ([`Self::group`]) for contexts of at least `grouped_from` positions. The splits are
+    /// the grouped policy's either way, so the choice changes no result; it is a function of
+    /// the graph key's [`Self::context_units`].
+    pub fn kernel_group(&self, positions: &[u32], shape: AttnShape) -> usize {
+        let longest = positions
+            .iter()
+            .map(|&p| Self::context_len(p, shape.window))
+            .max()
+            .unwrap_or(1);
+        if self.context_units(longest) >= self.context_units(self.grouped_from) {
+            self.group(shape)
+        } else {
+            0
+        }
     }
 
     /// Blocks of one split of one token.
@@ -473,7 +501,7 @@ impl Ops<'_> {
         let pm = part.sub(0, parts, k)?;
         let pl = part.sub(parts, parts, k)?;
         let pa = part.sub(2 * parts, parts * d, k)?;
-        let group = decode.group(shape);
+        let group = decode.kernel_group(positions, shape);
         {
             let name = DecodeSplits::kernel_name(group);
             let f = self.ks.function("attention", &name)?;
@@ -1046,7 +1074,9 @@ impl Rope {
 
 #[cfg(test)]
 mod tests {
-    use super::{AttnShape, DECODE_MAX_SPLITS, DecodeSplits, Ops};
+    use super::{
+        AttnShape, DECODE_GROUPED_FROM, DECODE_MAX_SPLITS, DECODE_MIN_SPLIT, DecodeSplits, Ops,
+    };
 
     fn shape(n_heads: usize, n_kv_heads: usize, window: usize) -> AttnShape {
         AttnShape {
@@ -1072,6 +1102,37 @@ mod tests {
             ..d
         };
         assert_eq!(off.group(shape(32, 8, 0)), 0);
+    }
+
+    #[test]
+    fn long_contexts_take_the_grouped_kernel_over_the_same_splits() {
+        let d = DecodeSplits::new(132);
+        let s8b = shape(32, 8, 0);
+        // Positions are 0-based: a context of len positions ends at len - 1.
+        let at = |len: usize| [len as u32 - 1];
+        for len in [1, 128, 4096, DECODE_GROUPED_FROM - DECODE_MIN_SPLIT] {
+            assert_eq!(d.kernel_group(&at(len), s8b), 0, "{len}");
+        }
+        for len in [DECODE_GROUPED_FROM, DECODE_GROUPED_FROM + 1, 100_000] {
+            assert_eq!(d.kernel_group(&at(len), s8b), 4, "{len}");
+        }
+        // The longest context of a batch decides; a window caps it.
+        assert_eq!(d.kernel_group(&[3, 9000, 5], s8b), 4);
+        assert_eq!(d.kernel_group(&[9000], shape(32, 8, 4096)), 0);
+        // A function of the graph key: contexts with one key take one kernel.
+        for len in (1..20_000).step_by(97) {
+            let same = d.context_units(len) == d.context_units(DECODE_GROUPED_FROM);
+            if same {
+                assert_eq!(d.kernel_group(&at(len), s8b), 4, "{len}");
+            }
+        }
+        let always = DecodeSplits {
+            grouped_from: 0,
+            ..d
+        };
+        assert_eq!(always.kernel_group(&at(1), s8b), 4);
+        // The splits do not depend on the kernel taken.
+        assert_eq!(d.splits(&at(4096), s8b), always.splits(&at(4096), s8b));
     }
 
     #[test]
@@ -1124,6 +1185,7 @@ mod tests {
                 blocks_per_sm: max_splits,
                 min_split,
                 grouped: false,
+                grouped_from: 0,
                 resident: [0; 9],
             };
             d.chunk_of(len, shape(1, 1, 0))
