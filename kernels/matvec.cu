@@ -673,11 +673,12 @@ __device__ __forceinline__ void scaled_steps(const u8* const* rows, const typena
         }
 }
 
-// Unit steps a pass of mmv_loop_scaled: at one or two rows, 4 and 2 (Q <= 2; the four-column
-// variants, at one row only in mmv3's four-column form, keep Q loads a step as it is).
+// Unit steps a pass of mmv_loop_scaled: 4 at one row for one or two weight rows a thread (the
+// one-column kernels: matvec, gate/up, mmv3), else 1 (the several-column kernels have Q loads
+// a step already; at 8 rows the 4-step pass would hold too many registers).
 template <int R, int Q>
 struct ScaledSteps {
-    static const int P = Q > 2 ? 1 : R == 1 ? 4 : R == 2 ? 2 : 1;
+    static const int P = R == 1 && Q <= 2 ? 4 : 1;
 };
 
 // The unit loop of the sub-block-scaled decoders (IsScaled): this thread's units of the rows,

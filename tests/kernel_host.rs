@@ -7,8 +7,7 @@
 //! grouped decode attention kernels against the per-head one and the fused rope + q/k/v write
 //! against the two kernels it replaces, bit for bit, and the FP16 dequantization and activation
 //! conversion of the FP16 GEMM bit for bit against `T::at` rounded to the nearest FP16. The GPU
-//! tests
-//! (tests/gpu_kernels.rs) check the kernels on the device and their speed is the bench's.
+//! tests (tests/gpu_kernels.rs) check the kernels on the device and their speed is the bench's.
 //!
 //! Needs a C++ compiler (`$CXX`, else `c++`): without one the test skips, saying so, and fails
 //! under M40LLM_REQUIRE_TESTDATA=1 (CI installs one).
