@@ -6,25 +6,18 @@
 // arithmetic, FP16 only as storage.
 #include "common.cuh"
 
-template <typename T>
-__device__ void dequantize_impl(const u8* w, float* out, i64 n_rows, int K, i64 row_bytes) {
-    i64 total = n_rows * (i64)K;
-    for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total;
-         e += (i64)gridDim.x * blockDim.x) {
-        i64 n = e / K;
-        int k = (int)(e - n * K);
-        out[e] = T::at(w + n * row_bytes, k);
-    }
-}
+// An element as the output type stores it: FP32 as is, FP16 rounded to nearest even.
+__device__ __forceinline__ void store_elem(float* out, float v) { *out = v; }
+__device__ __forceinline__ void store_elem(u16* out, float v) { *out = f2h(v); }
 
-template <typename T>
-__device__ void dequantize_to_f16_impl(const u8* w, u16* out, i64 n_rows, int K, i64 row_bytes) {
+template <typename T, typename O>
+__device__ void dequantize_impl(const u8* w, O* out, i64 n_rows, int K, i64 row_bytes) {
     i64 total = n_rows * (i64)K;
     for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total;
          e += (i64)gridDim.x * blockDim.x) {
         i64 n = e / K;
         int k = (int)(e - n * K);
-        out[e] = f2h(T::at(w + n * row_bytes, k));
+        store_elem(out + e, T::at(w + n * row_bytes, k));
     }
 }
 
@@ -35,6 +28,6 @@ __device__ void dequantize_to_f16_impl(const u8* w, u16* out, i64 n_rows, int K,
     }                                                                                         \
     extern "C" __global__ void dequantize_to_f16_##name(const u8* w, u16* out, i64 n_rows,   \
                                                         int K, i64 row_bytes) {               \
-        dequantize_to_f16_impl<T>(w, out, n_rows, K, row_bytes);                              \
+        dequantize_impl<T>(w, out, n_rows, K, row_bytes);                                     \
     }
 FOR_EACH_WEIGHT_TYPE(DEQUANTIZE)

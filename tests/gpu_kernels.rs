@@ -166,6 +166,27 @@ mod gpu {
     }
 
     impl Gpu {
+        /// The median of 20 timed runs of `f` (CUDA events on the stream, after one untimed
+        /// run), in milliseconds: the record tests' timer.
+        pub fn median_ms(&self, f: &mut dyn FnMut()) -> f64 {
+            let ctx = self.ks.context();
+            let event = || {
+                ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .unwrap()
+            };
+            f();
+            let mut ms = Vec::new();
+            for _ in 0..20 {
+                let (a, b) = (event(), event());
+                a.record(&self.stream).unwrap();
+                f();
+                b.record(&self.stream).unwrap();
+                self.stream.synchronize().unwrap();
+                ms.push(f64::from(a.elapsed_ms(&b).unwrap()));
+            }
+            ms.sort_by(f64::total_cmp);
+            ms[ms.len() / 2]
+        }
         pub fn f(&self, family: &str, name: &str) -> CudaFunction {
             self.ks.function(family, name).unwrap()
         }
@@ -1314,26 +1335,7 @@ fn argmax_and_top_k_order_by_value_then_lowest_index() {
 #[ignore]
 fn kernel_timings_for_the_record() {
     let Some(g) = gpu() else { return };
-    let ctx = g.ks.context().clone();
-    let time = |f: &mut dyn FnMut()| -> f64 {
-        f();
-        let mut ms = Vec::new();
-        for _ in 0..20 {
-            let a = ctx
-                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .unwrap();
-            let b = ctx
-                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .unwrap();
-            a.record(&g.stream).unwrap();
-            f();
-            b.record(&g.stream).unwrap();
-            g.stream.synchronize().unwrap();
-            ms.push(f64::from(a.elapsed_ms(&b).unwrap()));
-        }
-        ms.sort_by(f64::total_cmp);
-        ms[ms.len() / 2]
-    };
+    let time = |f: &mut dyn FnMut()| g.median_ms(f);
     // A 16384 x 4096 weight (larger than the H200's L2 in F16): the matvec of one decode token.
     let (n, k) = (16384usize, 4096usize);
     for ty in [
@@ -2781,25 +2783,28 @@ fn device_argmax_and_top_k_agree_with_the_host_on_the_same_logits() {
     }
 }
 
-#[test]
-fn non_finite_logits_and_invalid_steps_are_errors_and_the_backend_goes_on() {
-    use m40_llm::backend::step::StepOutputs;
-    let Some(g) = exec::device() else { return };
+/// The tiny llama with row `row` of its F32 tensor `tensor` set to NaN bits, as file `name`.
+fn tiny_with_nan_row(tensor: &str, row: usize, name: &str) -> Arc<GgufFile> {
     let model = TinyModel::llama32();
     let mut tensors = model.tensors().unwrap();
-    let out = tensors
-        .iter_mut()
-        .find(|t| t.name == "output.weight")
-        .unwrap();
-    let k = out.ne[0] as usize;
-    // Row 7 of the output projection is NaN: logit 7 of every row is NaN.
-    for b in &mut out.data[7 * k * 4..8 * k * 4] {
+    let t = tensors.iter_mut().find(|t| t.name == tensor).unwrap();
+    assert_eq!(t.ty, GgmlType::F32, "{tensor}");
+    let k = t.ne[0] as usize;
+    for b in &mut t.data[row * k * 4..(row + 1) * k * 4] {
         *b = 0xff;
     }
     let writer = tensors.into_iter().fold(model.metadata(), |w, t| {
         w.tensor(t.name, t.ty, &t.ne, t.data)
     });
-    let file = Arc::new(GgufFile::from_bytes("tiny/nan.gguf", writer.to_bytes()).unwrap());
+    Arc::new(GgufFile::from_bytes(name, writer.to_bytes()).unwrap())
+}
+
+#[test]
+fn non_finite_logits_and_invalid_steps_are_errors_and_the_backend_goes_on() {
+    use m40_llm::backend::step::StepOutputs;
+    let Some(g) = exec::device() else { return };
+    // Row 7 of the output projection is NaN: logit 7 of every row is NaN.
+    let file = tiny_with_nan_row("output.weight", 7, "tiny/nan.gguf");
     let plan = exec::plan(&file, &g, 16, m40_llm::plan::Reuse::Liveness);
     let mut b = exec::cuda(&plan, &file, exec::geometry(16, 1), &g);
     let step = exec::Batch::new().seq(0, 0, &[1, 2, 3], 0).step;
@@ -2828,23 +2833,9 @@ fn non_finite_logits_and_invalid_steps_are_errors_and_the_backend_goes_on() {
 fn a_non_finite_step_in_a_replayed_graph_is_reported_and_the_next_replay_is_clean() {
     use m40_llm::backend::step::{OutputKind, StepOutputs};
     let Some(g) = exec::device() else { return };
-    let model = TinyModel::llama32();
-    let mut tensors = model.tensors().unwrap();
-    let emb = tensors
-        .iter_mut()
-        .find(|t| t.name == "token_embd.weight")
-        .unwrap();
-    assert_eq!(emb.ty, GgmlType::F32);
-    let k = emb.ne[0] as usize;
     // Token 9's embedding is NaN: a step decoding it has NaN logits, the others are finite.
     const BAD: usize = 9;
-    for b in &mut emb.data[BAD * k * 4..(BAD + 1) * k * 4] {
-        *b = 0xff;
-    }
-    let writer = tensors.into_iter().fold(model.metadata(), |w, t| {
-        w.tensor(t.name, t.ty, &t.ne, t.data)
-    });
-    let file = Arc::new(GgufFile::from_bytes("tiny/nan9.gguf", writer.to_bytes()).unwrap());
+    let file = tiny_with_nan_row("token_embd.weight", BAD, "tiny/nan9.gguf");
     let plan = exec::plan(&file, &g, 16, m40_llm::plan::Reuse::Liveness);
     let mut graphs = exec::cuda(&plan, &file, exec::geometry(64, 1), &g);
     let mut each = exec::cuda(&plan, &file, exec::geometry(64, 1), &g);
@@ -3010,25 +3001,7 @@ fn a_prefill_chunk_without_outputs_then_the_rest_gives_the_whole_prompts_logits(
 #[ignore]
 fn unit_block_sweep_for_the_record() {
     let Some(g) = gpu() else { return };
-    let ctx = g.ks.context().clone();
-    let time = |f: &mut dyn FnMut()| -> f64 {
-        f();
-        let mut ms = Vec::new();
-        for _ in 0..20 {
-            let ev = || {
-                ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                    .unwrap()
-            };
-            let (a, b) = (ev(), ev());
-            a.record(&g.stream).unwrap();
-            f();
-            b.record(&g.stream).unwrap();
-            g.stream.synchronize().unwrap();
-            ms.push(f64::from(a.elapsed_ms(&b).unwrap()));
-        }
-        ms.sort_by(f64::total_cmp);
-        ms[ms.len() / 2]
-    };
+    let time = |f: &mut dyn FnMut()| g.median_ms(f);
     let elems = 14336 * 4096;
     for ty in [
         GgmlType::Q4_0,
