@@ -63,23 +63,29 @@ __device__ __forceinline__ void widen8(uint4 w, float* f) {
     }
 }
 
-// The K and V loads of one iteration: DEC_NP positions p0 + pi + i * step (zero past stop).
+// The K and V loads of one iteration: DEC_NP positions p0 + i * step, each at most `last` (a
+// position of the window whose pages are staged in sm_pages from page page0): a position past
+// the context loads the last one's row, finite, and its score is masked, so no load is
+// predicated and no register zeroed. Pages are a power of two cells (src/backend/step.rs), so
+// a position's page is a shift and its cell a shift and a mask; a cell's first element is one
+// 32 x 32 -> 64-bit multiply (cells fit in 32 bits, their elements need not). A division by the
+// page size and a table read for unstaged chunks were most of the loop's integer work.
 __device__ __forceinline__ void dec_fetch(const u16* kc, const u16* vc, const int* sm_pages,
-                                          bool staged, const int* tables, int table_stride,
-                                          int slot, int page_size, int page0, i64 col, int row,
-                                          int p0, int step, int stop, bool on, uint4* kr,
-                                          uint4* vr) {
+                                          int page_shift, int page0, u32 col, u32 row, int p0,
+                                          int step, int last, bool on, uint4* kr, uint4* vr) {
+    u32 in_page = (1u << page_shift) - 1;
 #pragma unroll
     for (int i = 0; i < DEC_NP; i++) {
-        int p = p0 + i * step;
-        kr[i] = make_uint4(0, 0, 0, 0);
-        vr[i] = kr[i];
-        if (on && p < stop) {
-            i64 cell = staged ? (i64)sm_pages[p / page_size - page0] * page_size + p % page_size
-                              : attn_cell(tables, table_stride, slot, p, page_size);
-            i64 c = cell * row + col;
+        int p = min(p0 + i * step, last);
+        u32 page = (u32)sm_pages[(p >> page_shift) - page0];
+        u32 cell = (page << page_shift) | ((u32)p & in_page);
+        unsigned long long c = (unsigned long long)cell * row + col;
+        if (on) {
             kr[i] = *(const uint4*)(kc + c);
             vr[i] = *(const uint4*)(vc + c);
+        } else {
+            kr[i] = make_uint4(0, 0, 0, 0);
+            vr[i] = kr[i];
         }
     }
 }
@@ -98,7 +104,7 @@ __device__ __forceinline__ void attn_decode(const float* q, const u16* kc, const
     int h0 = blockIdx.x * G, t = blockIdx.y, s = blockIdx.z, S = gridDim.z;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int g = h0 / (H / Hkv);
-    int row = Hkv * D;
+    u32 row = (u32)(Hkv * D);
     int p_end = pos[t];
     int lo = attn_lo(p_end, window);
     int len = p_end + 1 - lo;
@@ -124,87 +130,96 @@ __device__ __forceinline__ void attn_decode(const float* q, const u16* kc, const
         m[j] = -INFINITY;
         l[j] = 0.0f;
     }
-    // The chunk's page numbers, once, in shared memory: the loop's K/V loads then depend on no
-    // other global load (a table read before every position doubled the latency chain).
-    int page0 = start / page_size;
-    int n_pages = stop > start ? (stop - 1) / page_size - page0 + 1 : 0;
-    bool staged = n_pages <= DEC_PAGES;
-    if (staged)
+    // The chunk is walked in windows of whole iterations whose page numbers are staged in
+    // shared memory first (one window for chunks up to about DEC_PAGES pages): the loop's K/V
+    // loads then depend on no other global load (a table read before every position doubled
+    // the latency chain). A window is a multiple of an iteration's positions, so the
+    // iterations, and with them every sum, are the same whatever the window.
+    int page_shift = __ffs(page_size) - 1;  // a power of two (src/backend/step.rs)
+    i64 table_row = (i64)slot * table_stride;
+    int step = NW * pw, iter = DEC_NP * step;
+    i64 span = (i64)(DEC_PAGES - 1) << page_shift;  // positions a window's pages surely hold
+    int win = (int)(span < (1 << 30) ? span : (1 << 30)) / iter * iter;
+    u32 col = (u32)(g * D + li * 8);
+    for (int ws = start; ws < stop; ws += win) {
+        int we = min(ws + win, stop);
+        int page0 = ws >> page_shift;
+        int n_pages = ((we - 1) >> page_shift) - page0 + 1;
+        __syncthreads();  // the previous window's page reads are done
         for (int i = threadIdx.x; i < n_pages; i += blockDim.x)
-            sm_pages[i] = tables[(i64)slot * table_stride + page0 + i];
-    __syncthreads();
-    int step = NW * pw;
-    i64 col = (i64)g * D + li * 8;
-    uint4 kr[DEC_NP], vr[DEC_NP];
-    int first = start + warp * pw;
-    if (PF)
-        dec_fetch(kc, vc, sm_pages, staged, tables, table_stride, slot, page_size, page0, col,
-                  row, first + pi, step, stop, on, kr, vr);
-    for (int p0 = first; p0 < stop; p0 += DEC_NP * step) {
-        if (!PF)
-            dec_fetch(kc, vc, sm_pages, staged, tables, table_stride, slot, page_size, page0, col,
-                      row, p0 + pi, step, stop, on, kr, vr);
-        uint4 kn[DEC_NP], vn[DEC_NP];
-        if (PF)  // the next iteration's loads fly while this one is computed
-            dec_fetch(kc, vc, sm_pages, staged, tables, table_stride, slot, page_size, page0, col,
-                      row, p0 + DEC_NP * step + pi, step, stop, on, kn, vn);
-        float sc[G][DEC_NP];
+            sm_pages[i] = tables[table_row + page0 + i];
+        __syncthreads();
+        uint4 kr[DEC_NP], vr[DEC_NP];
+        int first = ws + warp * pw;
+        if (PF)
+            dec_fetch(kc, vc, sm_pages, page_shift, page0, col, row, first + pi, step, we - 1, on,
+                      kr, vr);
+        for (int p0 = first; p0 < we; p0 += iter) {
+            if (!PF)
+                dec_fetch(kc, vc, sm_pages, page_shift, page0, col, row, p0 + pi, step, we - 1,
+                          on, kr, vr);
+            uint4 kn[DEC_NP], vn[DEC_NP];
+            if (PF)  // the next iteration's loads fly while this one is computed
+                dec_fetch(kc, vc, sm_pages, page_shift, page0, col, row, p0 + iter + pi, step,
+                          we - 1, on, kn, vn);
+            float sc[G][DEC_NP];
 #pragma unroll
-        for (int i = 0; i < DEC_NP; i++) {
-            float kf[8];
-            widen8(kr[i], kf);
+            for (int i = 0; i < DEC_NP; i++) {
+                float kf[8];
+                widen8(kr[i], kf);
+#pragma unroll
+                for (int j = 0; j < G; j++) {
+                    float d = 0.0f;
+#pragma unroll
+                    for (int k = 0; k < 8; k++) d += qr[j][k] * kf[k];
+                    sc[j][i] = d;
+                }
+            }
+            for (int o = lp >> 1; o > 0; o >>= 1)
+#pragma unroll
+                for (int j = 0; j < G; j++)
+#pragma unroll
+                    for (int i = 0; i < DEC_NP; i++)
+                        sc[j][i] += __shfl_xor_sync(FULL_MASK, sc[j][i], o);
+            float m_new[G];
 #pragma unroll
             for (int j = 0; j < G; j++) {
-                float d = 0.0f;
+                m_new[j] = m[j];
 #pragma unroll
-                for (int k = 0; k < 8; k++) d += qr[j][k] * kf[k];
-                sc[j][i] = d;
+                for (int i = 0; i < DEC_NP; i++) {
+                    if (p0 + pi + i * step >= stop) sc[j][i] = -INFINITY;
+                    m_new[j] = fmaxf(m_new[j], sc[j][i]);
+                }
+                if (m_new[j] != -INFINITY) {
+                    float c = expf(m[j] - m_new[j]);
+                    l[j] *= c;
+#pragma unroll
+                    for (int k = 0; k < 8; k++) acc[j][k] *= c;
+                }
             }
-        }
-        for (int o = lp >> 1; o > 0; o >>= 1)
-#pragma unroll
-            for (int j = 0; j < G; j++)
-#pragma unroll
-                for (int i = 0; i < DEC_NP; i++)
-                    sc[j][i] += __shfl_xor_sync(FULL_MASK, sc[j][i], o);
-        float m_new[G];
-#pragma unroll
-        for (int j = 0; j < G; j++) {
-            m_new[j] = m[j];
 #pragma unroll
             for (int i = 0; i < DEC_NP; i++) {
-                if (p0 + pi + i * step >= stop) sc[j][i] = -INFINITY;
-                m_new[j] = fmaxf(m_new[j], sc[j][i]);
-            }
-            if (m_new[j] != -INFINITY) {
-                float c = expf(m[j] - m_new[j]);
-                l[j] *= c;
+                float vf[8];
+                widen8(vr[i], vf);
 #pragma unroll
-                for (int k = 0; k < 8; k++) acc[j][k] *= c;
-            }
-        }
+                for (int j = 0; j < G; j++)
+                    if (m_new[j] != -INFINITY) {
+                        float e = expf(sc[j][i] - m_new[j]);
+                        l[j] += e;
 #pragma unroll
-        for (int i = 0; i < DEC_NP; i++) {
-            float vf[8];
-            widen8(vr[i], vf);
+                        for (int k = 0; k < 8; k++) acc[j][k] = fmaf(e, vf[k], acc[j][k]);
+                    }
+            }
 #pragma unroll
             for (int j = 0; j < G; j++)
-                if (m_new[j] != -INFINITY) {
-                    float e = expf(sc[j][i] - m_new[j]);
-                    l[j] += e;
+                if (m_new[j] != -INFINITY) m[j] = m_new[j];
+            if (PF)
 #pragma unroll
-                    for (int k = 0; k < 8; k++) acc[j][k] = fmaf(e, vf[k], acc[j][k]);
+                for (int i = 0; i < DEC_NP; i++) {
+                    kr[i] = kn[i];
+                    vr[i] = vn[i];
                 }
         }
-#pragma unroll
-        for (int j = 0; j < G; j++)
-            if (m_new[j] != -INFINITY) m[j] = m_new[j];
-        if (PF)
-#pragma unroll
-            for (int i = 0; i < DEC_NP; i++) {
-                kr[i] = kn[i];
-                vr[i] = vn[i];
-            }
     }
     // Merge the warp's position groups (lanes li, li + lp, ...): every lane ends with the total.
     for (int o = lp; o < 32; o <<= 1)
@@ -301,12 +316,21 @@ ATTN_DECODE(attention_decode_g8_f16, 8, false)
 // Merges the n_splits partials of each (token, head): y[t, h*D + e] = sum_s acc_s[e] e^(m_s - M)
 // / sum_s l_s e^(m_s - M), every sum in split order. Up to COMB_MAX splits the partials' m and l
 // are staged in shared memory, each split's weight e^(m_s - M) is computed once, and a thread
-// issues the acc loads of COMB_NP splits before it adds them (one dependent load a split was
-// latency-bound at the tens of splits a long context takes); the arithmetic is the per-element
-// loop's below (more splits take that loop), so both give the same bits.
-// Grid: (H, T); block: any multiple of 32.
+// issues the acc loads of COMB_NP splits before it adds them; the first COMB_NP of them go out
+// before the m and l loads, so that up to COMB_NP splits the kernel waits on one round trip to
+// memory, not two (at 33 splits and 8 loads a round it was latency-bound: 8.7 µs for 17 KB a
+// head under ncu on the H200). The arithmetic is the per-element loop's below (more splits take
+// that loop), so both give the same bits.
+// Grid: (H, T); block: any multiple of 32 (the host launches D threads, one an element).
 #define COMB_MAX 128
-#define COMB_NP 8
+#define COMB_NP 32
+__device__ __forceinline__ void comb_fetch(const float* part_acc, i64 base, int D, int e, int s0,
+                                           int S, float* v) {
+#pragma unroll
+    for (int k = 0; k < COMB_NP; k++)
+        v[k] = s0 + k < S ? part_acc[(base + s0 + k) * D + e] : 0.0f;
+}
+
 extern "C" __global__ void attention_combine(const float* part_m, const float* part_l,
                                              const float* part_acc, float* y, int H, int D,
                                              int S) {
@@ -330,6 +354,10 @@ extern "C" __global__ void attention_combine(const float* part_m, const float* p
         }
         return;
     }
+    // This thread's first element's first COMB_NP splits, in flight with the m and l loads.
+    float first[COMB_NP];
+    int e0 = threadIdx.x;
+    if (e0 < D) comb_fetch(part_acc, base, D, e0, 0, S, first);
     for (int s = threadIdx.x; s < S; s += blockDim.x) {
         sm_pm[s] = part_m[base + s];
         sm_pl[s] = part_l[base + s];
@@ -344,13 +372,16 @@ extern "C" __global__ void attention_combine(const float* part_m, const float* p
     for (int s = 0; s < S; s++)
         if (sm_pm[s] != -INFINITY) L += sm_pl[s] * sm_w[s];
     float inv = 1.0f / L;
-    for (int e = threadIdx.x; e < D; e += blockDim.x) {
+    for (int e = e0; e < D; e += blockDim.x) {
         float a = 0.0f;
         for (int s0 = 0; s0 < S; s0 += COMB_NP) {
             float v[COMB_NP];
+            if (e == e0 && s0 == 0) {
 #pragma unroll
-            for (int k = 0; k < COMB_NP; k++)
-                v[k] = s0 + k < S ? part_acc[(base + s0 + k) * D + e] : 0.0f;
+                for (int k = 0; k < COMB_NP; k++) v[k] = first[k];
+            } else {
+                comb_fetch(part_acc, base, D, e, s0, S, v);
+            }
 #pragma unroll
             for (int k = 0; k < COMB_NP; k++)
                 if (s0 + k < S && sm_pm[s0 + k] != -INFINITY) a += v[k] * sm_w[s0 + k];

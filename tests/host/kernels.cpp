@@ -696,8 +696,8 @@ int main() {
     cases.push_back({8, 2, 128, 33, run(0, 100, 9)});
     cases.push_back({40, 2, 32, 0, run(0, 0, 5)});
     // Every group size 1..8 (G 5 and 7 alone, 6 with 2 and 3, 8 with 2 and 4), many short
-    // splits, a window, too few splits allowed (longer chunks), and a chunk of more pages (of
-    // 2 positions) than are staged (read from the table per position).
+    // splits, a window, too few splits allowed (longer chunks), and chunks of more pages (of 2
+    // positions, and of 1) than one window stages (walked in windows of staged pages).
     std::vector<std::pair<int, int> > three = {{0, 200}, {1, 5}, {0, 63}};
     cases.push_back({14, 2, 128, 0, three, 32, 64});
     cases.push_back({12, 2, 64, 0, three, 32, 4, 16, false, true});
@@ -705,6 +705,7 @@ int main() {
     cases.push_back({10, 2, 128, 0, three, 64, 64});
     cases.push_back({8, 1, 64, 0, {{0, 1000}, {1, 130}}, 128, 3, 16, true});
     cases.push_back({4, 1, 32, 0, {{0, 600}}, 128, 1, 2});
+    cases.push_back({4, 2, 64, 0, {{0, 700}, {1, 300}}, 128, 1, 1, false, true});
     check_decode_chunks();
     for (int splits : {2, 13, 128, 131}) check_combine(3, 2, 96, splits);
     for (auto& c : cases) check_attention(c);
