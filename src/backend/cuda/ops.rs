@@ -24,11 +24,12 @@ const DECODE_GRAN: usize = 32;
 pub const DECODE_MAX_GROUP: usize = 8;
 /// Contexts of at least this many positions take the grouped decode kernel by default, shorter
 /// ones the per-head kernel over the same splits (the same bits). Measured on the H200 (8B
-/// shape, `kernel_timings_for_the_record`): at depth 512 the per-head kernel takes 0.019 ms and
-/// the grouped one 0.024, at 4 096 both 0.029, at 16 384 0.077 and 0.058; and with one split
-/// (SmolLM2's first 128 positions: 3 blocks a token instead of 9) the grouped kernel cost its
-/// decode 11% (1 589 to 1 408 tokens/s).
-pub const DECODE_GROUPED_FROM: usize = 8192;
+/// shape, `kernel_timings_for_the_record`, decode plus combine, after the lean page walk):
+/// at depth 512 the per-head kernel takes 0.015 ms and the grouped one 0.020, at 4 096 0.026
+/// and 0.024, at 16 384 0.062 and 0.045; 8B Q4_0 tg128 at depth 4 096 ran 285.0 tokens/s
+/// per-head and 294.4 grouped. With one split (SmolLM2's first 128 positions: 3 blocks a token
+/// instead of 9) the grouped kernel cost its decode 11% (1 589 to 1 408 tokens/s).
+pub const DECODE_GROUPED_FROM: usize = 4096;
 /// Largest head_dim of the prefill kernel (`PF_MAX_D`) and of the decode kernel (`MAX_D`).
 pub const PREFILL_MAX_HEAD_DIM: usize = 128;
 /// (token, head) query rows per block of the prefill kernel (`PF_R`).
@@ -125,6 +126,7 @@ impl DecodeSplits {
 
     /// The defaults for the kernels' device (its multiprocessors, each decode kernel's resident
     /// blocks), with the A/B switches `M40LLM_ATTN_GROUPED=0` (one query head a block),
+    /// `M40LLM_ATTN_GROUPED_FROM=N` (the grouped kernel from N positions on),
     /// `M40LLM_ATTN_MIN_SPLIT=N` and `M40LLM_ATTN_BLOCKS_PER_SM=N`.
     pub fn for_kernels(ks: &KernelSet) -> Result<DecodeSplits, CudaError> {
         let driver = |what: &str, e: cudarc::driver::DriverError| CudaError::Launch {
@@ -158,6 +160,7 @@ impl DecodeSplits {
         };
         d.min_split = count("M40LLM_ATTN_MIN_SPLIT", d.min_split);
         d.blocks_per_sm = count("M40LLM_ATTN_BLOCKS_PER_SM", d.blocks_per_sm);
+        d.grouped_from = count("M40LLM_ATTN_GROUPED_FROM", d.grouped_from);
         Ok(d)
     }
 
@@ -1110,15 +1113,15 @@ mod tests {
         let s8b = shape(32, 8, 0);
         // Positions are 0-based: a context of len positions ends at len - 1.
         let at = |len: usize| [len as u32 - 1];
-        for len in [1, 128, 4096, DECODE_GROUPED_FROM - DECODE_MIN_SPLIT] {
+        for len in [1, 128, 2048, DECODE_GROUPED_FROM - DECODE_MIN_SPLIT] {
             assert_eq!(d.kernel_group(&at(len), s8b), 0, "{len}");
         }
-        for len in [DECODE_GROUPED_FROM, DECODE_GROUPED_FROM + 1, 100_000] {
+        for len in [DECODE_GROUPED_FROM, DECODE_GROUPED_FROM + 1, 8192, 100_000] {
             assert_eq!(d.kernel_group(&at(len), s8b), 4, "{len}");
         }
         // The longest context of a batch decides; a window caps it.
         assert_eq!(d.kernel_group(&[3, 9000, 5], s8b), 4);
-        assert_eq!(d.kernel_group(&[9000], shape(32, 8, 4096)), 0);
+        assert_eq!(d.kernel_group(&[9000], shape(32, 8, 2048)), 0);
         // A function of the graph key: contexts with one key take one kernel.
         for len in (1..20_000).step_by(97) {
             let same = d.context_units(len) == d.context_units(DECODE_GROUPED_FROM);
