@@ -7,6 +7,7 @@ mod common;
 use m40_llm::backend::parity::ops::{self, Case, Outcome};
 use m40_llm::backend::parity::{BACKENDS, BackendEntry, KvNeeds, open_cpu};
 use m40_llm::backend::step::{KvGeometry, PageTables, Step, StepLimits, StepOutputs};
+use m40_llm::backend::target::GemmPrecision;
 use m40_llm::backend::{Backend, BackendError, DeviceInfo, HostTensor};
 use m40_llm::gguf::GgufFile;
 use m40_llm::ir::op::OpKind;
@@ -172,7 +173,8 @@ fn open_forgetful(
 }
 
 /// A CPU backend whose every value read back is 1 % too large.
-struct Skewed(Box<dyn Backend>);
+/// The CPU backend with every value read back scaled by `.1` (step inputs too, unless `.2`).
+struct Skewed(Box<dyn Backend>, f32, bool);
 
 impl Backend for Skewed {
     fn device(&self) -> &DeviceInfo {
@@ -197,7 +199,9 @@ impl Backend for Skewed {
         self.0.step(step, out)
     }
     fn read_value(&self, name: &str) -> Result<HostTensor, BackendError> {
-        Ok(self.0.read_value(name)? * 1.01)
+        let input = matches!(name, "token_ids" | "positions" | "output_rows");
+        let v = self.0.read_value(name)?;
+        Ok(if self.2 && input { v } else { v * self.1 })
     }
 }
 
@@ -206,7 +210,47 @@ fn open_skewed(
     file: Arc<GgufFile>,
     kv: KvNeeds,
 ) -> Result<Box<dyn Backend>, BackendError> {
-    Ok(Box::new(Skewed(open_cpu(plan, file, kv)?)))
+    Ok(Box::new(Skewed(open_cpu(plan, file, kv)?, 1.01, false)))
+}
+
+/// Computed values off by 5e-4 (between the FP32 and the rounded-operand matmul tolerance).
+fn open_nudged(
+    plan: Plan,
+    file: Arc<GgufFile>,
+    kv: KvNeeds,
+) -> Result<Box<dyn Backend>, BackendError> {
+    Ok(Box::new(Skewed(open_cpu(plan, file, kv)?, 1.0005, true)))
+}
+
+#[test]
+fn a_backend_that_rounds_matmul_operands_gets_their_tolerance_for_matmuls_only() {
+    let fp32 = BackendEntry {
+        name: "nudged",
+        unavailable: || None,
+        open: open_nudged,
+        matmul_tolerance: || ops::matmul_tolerance(None),
+    };
+    let rounding = BackendEntry {
+        matmul_tolerance: || ops::matmul_tolerance(Some(GemmPrecision::F16)),
+        ..fp32
+    };
+    assert_eq!(
+        ops::matmul_tolerance(Some(GemmPrecision::Tf32)),
+        ops::ROUNDED_OPERANDS_TOLERANCE
+    );
+    assert_eq!(
+        ops::matmul_tolerance(Some(GemmPrecision::F32)),
+        ops::tolerance(OpKind::MatMul)
+    );
+    let first = |k: OpKind| ops::cases_for(k).into_iter().next().unwrap();
+    let matmul = first(OpKind::MatMul);
+    assert_eq!(ops::run_case(&fp32, &matmul).outcome, Outcome::Fail);
+    let r = ops::run_case(&rounding, &matmul);
+    assert_eq!(r.outcome, Outcome::Pass, "{r:?}");
+    assert_eq!(r.tolerance, ops::ROUNDED_OPERANDS_TOLERANCE);
+    // A norm keeps its own tolerance on that backend.
+    let norm = first(OpKind::RmsNorm);
+    assert_eq!(ops::run_case(&rounding, &norm).outcome, Outcome::Fail);
 }
 
 /// The first case of every kind of op.
@@ -223,6 +267,7 @@ fn unwritten_elements_keep_the_poison_and_fail() {
         name: "forgetful",
         unavailable: || None,
         open: open_forgetful,
+        matmul_tolerance: || ops::matmul_tolerance(None),
     };
     for case in one_case_per_op() {
         let r = ops::run_case(&entry, &case);
@@ -243,6 +288,7 @@ fn values_off_by_one_percent_fail() {
         name: "skewed",
         unavailable: || None,
         open: open_skewed,
+        matmul_tolerance: || ops::matmul_tolerance(None),
     };
     for case in one_case_per_op() {
         let r = ops::run_case(&entry, &case);
@@ -257,6 +303,7 @@ fn a_backend_that_cannot_open_reports_an_error_not_a_pass() {
         name: "broken",
         unavailable: || None,
         open: |_, _, _| Err(BackendError::Kernel("no device".into())),
+        matmul_tolerance: || ops::matmul_tolerance(None),
     };
     let case = &one_case_per_op()[0];
     let r = ops::run_case(&entry, case);
@@ -354,6 +401,7 @@ fn compare_measures_normwise_error_and_flags_non_finite_and_misshapen_values() {
         value: "y".into(),
         want: ndarray::array![[1.0, -4.0], [2.0, 0.5]],
         tolerance: 1e-3,
+        matmul: false,
     };
     let got = ndarray::array![[1.0f32, -4.0], [2.002, 0.5]];
     let e = ops::compare(&check, &got).unwrap();

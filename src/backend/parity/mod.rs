@@ -41,6 +41,9 @@ pub struct BackendEntry {
     /// `None` when it can run on this machine, else why not (no GPU, no driver).
     pub unavailable: fn() -> Option<String>,
     pub open: OpenBackend,
+    /// The relative error its matmuls may have ([`ops::tolerance`]'s, or wider where the
+    /// backend rounds their operands: [`ops::matmul_tolerance`]), asked when a case runs.
+    pub matmul_tolerance: fn() -> f64,
 }
 
 impl std::fmt::Debug for BackendEntry {
@@ -61,6 +64,7 @@ const CPU: BackendEntry = BackendEntry {
     name: "cpu",
     unavailable: || None,
     open: open_cpu,
+    matmul_tolerance: || ops::matmul_tolerance(None),
 };
 
 #[cfg(feature = "cuda")]
@@ -68,7 +72,15 @@ const CUDA: BackendEntry = BackendEntry {
     name: "cuda",
     unavailable: cuda_unavailable,
     open: open_cuda,
+    matmul_tolerance: cuda_matmul_tolerance,
 };
+
+/// The CUDA backend's matmul tolerance: that of the prefill GEMM precision `M40LLM_GEMM` asks
+/// for (a request the GPU cannot run fails the case when the backend opens).
+#[cfg(feature = "cuda")]
+fn cuda_matmul_tolerance() -> f64 {
+    ops::matmul_tolerance(super::target::gemm_request_from_env().ok().flatten())
+}
 
 /// Why the CUDA backend cannot run here: no driver or GPU, no supported GPU, or no NVRTC that
 /// compiles for it.
