@@ -14,6 +14,10 @@
 // (ceil(N / C)), C = 4 output columns a block (2 for gate/up; `_r1_c1`: 1); block: 32 to 128
 // threads, a multiple of 32 (the host picks by K).
 //
+// mmv_<ty>_r1_wc (and gate_up_swiglu_, mmv3_; the K-quants only): one output column a warp, 4
+// a block of 128 threads, each warp computing what `_r1_c1`'s whole block of 128 threads
+// computes, bit for bit (wc_impl); the host takes them where that is its block (K >= 1024).
+//
 // matvec_<ty>: the plain reference kernel, a warp per output element reading the row with
 // T::at. The host uses it only for shapes the unit kernels do not take (K not a multiple of 32,
 // or an activation pointer not 16-byte aligned). Grid: (ceil(N / 4), R); block: 128.
