@@ -14,6 +14,10 @@
 // (ceil(N / C)), C = 4 output columns a block (2 for gate/up; `_r1_c1`: 1); block: 32 to 128
 // threads, a multiple of 32 (the host picks by K).
 //
+// mmv_<ty>_r1_wc (and gate_up_swiglu_, mmv3_; the K-quants only): one output column a warp, 4
+// a block of 128 threads, each warp computing what `_r1_c1`'s whole block of 128 threads
+// computes, bit for bit (wc_impl); the host takes them where that is its block (K >= 1024).
+//
 // matvec_<ty>: the plain reference kernel, a warp per output element reading the row with
 // T::at. The host uses it only for shapes the unit kernels do not take (K not a multiple of 32,
 // or an activation pointer not 16-byte aligned). Grid: (ceil(N / 4), R); block: 128.
@@ -357,11 +361,13 @@ __device__ __forceinline__ void k4_scales(const KWalk (&wk)[Q], HalfScales (&sc)
 }
 
 // What the sub-block-scaled decoders share: their walk (D::BYTES-byte super-blocks, one a warp
-// a unit step; every pointer advances by the same bytes) and, by default, that it may advance.
+// a unit step; every pointer advances by the same bytes), which may advance over a multiple of
+// D::ALIGN super-blocks (the walk's words keep their alignment; the shift is set once).
 template <typename D>
 struct SubScaled : PerUnit<D> {
     typedef KWalk Walk;
-    static __device__ __forceinline__ bool walks(int) { return true; }
+    static const int ALIGN = 1;
+    static __device__ __forceinline__ bool walks(int bd) { return (bd >> 5) % D::ALIGN == 0; }
     static __device__ __forceinline__ int step(int bd) { return (bd >> 5) * D::BYTES; }
     static __device__ __forceinline__ void advance(Walk& k, int st) {
         k.b += st;
@@ -436,11 +442,12 @@ struct UQ5_K : K4Scaled<UQ5_K> {
 // times d * scale[8 g + 2 k + l / 16]. Unit i = 16 g + 8 h + m is ql bytes 4i..4i + 4: weights
 // 128 g + 32 h + 4 m + 0..3 (low nibbles, k = h) and 64 further on (high, k = h + 2), with the
 // qh bytes 32 g + 4 m.. and scales 8 g + 2 h + m / 4 and 4 further on. A 210-byte stride keeps
-// the alignment only over an even number of super-blocks: with bd / 32 odd the walk is rebuilt
-// each unit.
+// the alignment only over an even number of super-blocks (ALIGN): with bd / 32 odd the walk is
+// rebuilt each unit.
 struct UQ6_K : SubScaled<UQ6_K> {
     static const int W = 8;
     static const int BYTES = 210;
+    static const int ALIGN = 2;
     static __device__ __forceinline__ Walk walk(const u8* row, int u) {
         Walk k;
         int i = u & 31;
@@ -451,7 +458,6 @@ struct UQ6_K : SubScaled<UQ6_K> {
         k.sh = (u32)(a & 3) * 8;
         return k;
     }
-    static __device__ __forceinline__ bool walks(int bd) { return ((bd >> 5) & 1) == 0; }
     // Lane l (of a row pair) decodes d * scale[l & 15].
     template <int Q>
     static __device__ __forceinline__ void scales(const Walk (&wk)[Q], HalfScales (&sc)[Q]) {
@@ -612,18 +618,12 @@ __device__ __forceinline__ void mmv_loop(const u8* const* rows, const float* __r
     }
 }
 
-// P unit steps of the sub-block-scaled decoders from unit u (this thread's units u, u + bd, ...,
-// u + (P - 1) bd of the Q weight rows; xw the x of unit u, xs the x stride of a step), walks wk
-// at unit u. All P steps' scales and quants are loaded before the first FMA: at one row a
-// thread has little else in flight (4 bytes of quants a step), and a step's shuffled scales
-// would otherwise wait on its own loads before the next step's are issued. The P steps'
-// walks are decoded as P * Q weight rows, so the row pairs of `scales` pair step p with p + 1
-// when Q = 1. The accumulation order is the steps' order, so every P gives the same bits.
-template <typename U, int R, int Q, int P, bool SH>
-__device__ __forceinline__ void scaled_steps(const u8* const* rows, const typename U::Walk (&wk)[Q],
-                                             int u, int st, const float* xw, int xs, int K,
-                                             float (&acc)[Q][R]) {
-    typename U::Walk w[P * Q];
+// The walks of a pass of P unit steps from unit u (this thread's units u, u + bd, ...,
+// u + (P - 1) bd of the Q weight rows; wk at unit u): step p of row q at w[p * Q + q]. SH: wk
+// advanced p steps of st bytes, else rebuilt for the unit.
+template <typename U, int Q, int P, bool SH>
+__device__ __forceinline__ void pass_walks(const u8* const* rows, const typename U::Walk (&wk)[Q],
+                                           int u, int st, typename U::Walk (&w)[P * Q]) {
 #pragma unroll
     for (int p = 0; p < P; p++)
 #pragma unroll
@@ -635,6 +635,21 @@ __device__ __forceinline__ void scaled_steps(const u8* const* rows, const typena
                 w[p * Q + q] = U::walk(rows[q], u + p * (int)blockDim.x);
             }
         }
+}
+
+// P unit steps of the sub-block-scaled decoders over the Q weight rows: step p of row q at walk
+// w[p * Q + q], xw the x of step 0, xs the x stride of a step. All P steps' scales and quants
+// are loaded before the first FMA: at one row a thread has little else in flight (4 bytes of
+// quants a step), and a step's shuffled scales would otherwise wait on its own loads before
+// the next step's are issued. The P steps' walks are decoded as P * Q weight rows, so the row
+// pairs of `scales` pair step p with p + 1 when Q = 1 (a lane's scale value is the same
+// whatever the pairing). Row q's steps accumulate into acc[q] in the steps' order, so every P
+// gives the same bits; SPREAD: step p into acc[p * Q + q] instead (the one-column-a-warp
+// kernels: a step per virtual warp).
+template <typename U, int R, int Q, int P, bool SPREAD, int N>
+__device__ __forceinline__ void scaled_steps(const typename U::Walk (&w)[P * Q], const float* xw,
+                                             int xs, int K, float (&acc)[N][R]) {
+    static_assert(SPREAD ? N >= P * Q : N == Q, "an accumulator for every step's row");
     HalfScales sc[P * Q];
     U::template scales<P * Q>(w, sc);
     float v[P * Q][8];
@@ -655,6 +670,7 @@ __device__ __forceinline__ void scaled_steps(const u8* const* rows, const typena
             for (int q = 0; q < Q; q++) {
                 const float* vq = v[p * Q + q];
                 const HalfScales& s = sc[p * Q + q];
+                float& out = acc[SPREAD ? p * Q + q : q][r];
                 float d0 = vq[0] * x0.x, d1 = vq[4] * x1.x;
                 d0 = fmaf(vq[1], x0.y, d0);
                 d1 = fmaf(vq[5], x1.y, d1);
@@ -662,13 +678,13 @@ __device__ __forceinline__ void scaled_steps(const u8* const* rows, const typena
                 d1 = fmaf(vq[6], x1.z, d1);
                 d0 = fmaf(vq[3], x0.w, d0);
                 d1 = fmaf(vq[7], x1.w, d1);
-                float a = fmaf(s.s0, d0, acc[q][r]);
+                float a = fmaf(s.s0, d0, out);
                 a = fmaf(s.s1, d1, a);
                 if (U::MINS) {
                     a = fmaf(s.m0, sx0, a);
                     a = fmaf(s.m1, sx1, a);
                 }
-                acc[q][r] = a;
+                out = a;
             }
         }
 }
@@ -696,7 +712,9 @@ __device__ __forceinline__ void mmv_loop_scaled(const u8* const* rows, const flo
     int u = threadIdx.x;
     if (P > 1) {
         for (; u + (P - 1) * bd < units; u += P * bd, xw += P * xs) {
-            scaled_steps<U, R, Q, P, SH>(rows, wk, u, st, xw, xs, K, acc);
+            typename U::Walk w[P * Q];
+            pass_walks<U, Q, P, SH>(rows, wk, u, st, w);
+            scaled_steps<U, R, Q, P, false>(w, xw, xs, K, acc);
             if (SH) {
 #pragma unroll
                 for (int q = 0; q < Q; q++) U::advance(wk[q], P * st);
@@ -704,7 +722,9 @@ __device__ __forceinline__ void mmv_loop_scaled(const u8* const* rows, const flo
         }
     }
     for (; u < units; u += bd, xw += xs) {
-        scaled_steps<U, R, Q, 1, SH>(rows, wk, u, st, xw, xs, K, acc);
+        typename U::Walk w[Q];
+        pass_walks<U, Q, 1, SH>(rows, wk, u, st, w);
+        scaled_steps<U, R, Q, 1, false>(w, xw, xs, K, acc);
         if (SH) {
 #pragma unroll
             for (int q = 0; q < Q; q++) U::advance(wk[q], st);
@@ -778,6 +798,102 @@ __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __
     }
 }
 
+// ---- One output column a warp (`_wc`): the K-quants at one row, when the host's block for
+// the one-column kernel would be V = 4 warps (K >= 1024). There, at K = 4096, each of the
+// block's threads decodes 4 units a weight row, so its fixed costs (the walk setup, the warp
+// sum, the block's shared-memory reduction and barrier) weigh on every weight.
+//
+// Logical thread (v, l) of that V-warp block walks units l + 32 v + 32 V k, k = 0, 1, ...: lane
+// l's unit of super-blocks v, v + V, v + 2 V, ..., accumulated in that order (four steps a pass
+// or one: the same FMA chain). The block then sums warp v's warp_sum into a = 0 + t_0 + ... +
+// t_{V-1}, in that order. A wc warp is that whole block: its lane l keeps the V logical threads'
+// accumulators (acc[v], row m's at acc[v * M + m]) and walks consecutive super-blocks in passes
+// of V, step p of a pass (super-block s + p, logical warp p's next step) into acc[p]; a last,
+// shorter pass takes the super-blocks left when K / 256 is not a multiple of V (logical warps
+// p and up one step fewer). Then the same V warp sums, added in the same order. So the column's
+// bits are the one-column kernel's at V warps (and at the fewer warps the host gives shorter K:
+// warps without units add zeros), and with them the batch invariance of the unit kernels;
+// there is no shared memory and no barrier, and a warp whose column is past N leaves as a whole.
+// Grid: ceil(N / (blockDim.x / 32)), block: 128 (4 columns a block).
+
+// A pass of P steps (P <= V) over super-blocks s..s + P of the M rows: wk[a][m] is row m's walk
+// at super-block s + a (a < ALIGN, the super-blocks over which a walk keeps its alignment), xw
+// the x of super-block s. Step p accumulates into acc[p * M + m].
+template <typename U, int M, int P, int N>
+__device__ __forceinline__ void wc_pass(const KWalk (&wk)[U::ALIGN][M], const float* xw, int K,
+                                        float (&acc)[N][1]) {
+    KWalk w[P * M];
+#pragma unroll
+    for (int p = 0; p < P; p++)
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+            w[p * M + m] = wk[p % U::ALIGN][m];
+            if (p >= U::ALIGN) U::advance(w[p * M + m], (p - p % U::ALIGN) * U::BYTES);
+        }
+    scaled_steps<U, 1, M, P, true>(w, xw, 256, K, acc);
+}
+
+// The last pass: `left` (< P) super-blocks, a pass of that many steps.
+template <typename U, int M, int P>
+struct WcTail {
+    template <int N>
+    static __device__ __forceinline__ void run(int left, const KWalk (&wk)[U::ALIGN][M],
+                                               const float* xw, int K, float (&acc)[N][1]) {
+        if (left == P)
+            wc_pass<U, M, P>(wk, xw, K, acc);
+        else
+            WcTail<U, M, P - 1>::run(left, wk, xw, K, acc);
+    }
+};
+template <typename U, int M>
+struct WcTail<U, M, 0> {
+    template <int N>
+    static __device__ __forceinline__ void run(int, const KWalk (&)[U::ALIGN][M], const float*,
+                                               int, float (&)[N][1]) {}
+};
+
+// Column n of the launch over one matrix (pair), by this warp.
+template <typename U, int M, int V>
+__device__ __forceinline__ void wc_impl(const u8* __restrict__ w0, const u8* __restrict__ w1,
+                                        const float* __restrict__ x, float* __restrict__ y, int N,
+                                        int K, i64 row_bytes, int n) {
+    static_assert(IsScaled<U>::value, "a warp per column emulates mmv_loop_scaled's block");
+    static_assert(V % U::ALIGN == 0, "a pass keeps the walks' alignment");
+    if (n >= N) return;  // the whole warp
+    int lane = threadIdx.x & 31;
+    KWalk wk[U::ALIGN][M];
+#pragma unroll
+    for (int a = 0; a < U::ALIGN; a++)
+#pragma unroll
+        for (int m = 0; m < M; m++)
+            wk[a][m] = U::walk((m == 0 ? w0 : w1) + (i64)n * row_bytes, 32 * a + lane);
+    const float* xw = x + U::xoff(lane, 0);
+    float acc[V * M][1];
+#pragma unroll
+    for (int i = 0; i < V * M; i++) acc[i][0] = 0.0f;
+    int sbs = K / 256, s = 0;
+    for (; s + V <= sbs; s += V, xw += 256 * V) {
+        wc_pass<U, M, V>(wk, xw, K, acc);
+#pragma unroll
+        for (int a = 0; a < U::ALIGN; a++)
+#pragma unroll
+            for (int m = 0; m < M; m++) U::advance(wk[a][m], V * U::BYTES);
+    }
+    WcTail<U, M, V - 1>::run(sbs - s, wk, xw, K, acc);
+    float a = 0.0f, b = 0.0f;
+#pragma unroll
+    for (int v = 0; v < V; v++) {
+        a += warp_sum(acc[v * M][0]);
+        if (M > 1) b += warp_sum(acc[v * M + 1][0]);
+    }
+    if (lane == 0) y[n] = M > 1 ? silu1(a) * b : a;
+}
+
+// The column of this warp: blockDim.x / 32 columns a block.
+__device__ __forceinline__ int wc_column() {
+    return blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+}
+
 // No __launch_bounds__: with it ptxas trades registers for occupancy and the R = 8 kernels spill.
 #define MMV_R(name, U, R)                                                                        \
     extern "C" __global__ void mmv_##name##_r##R(const u8* w, const float* x, float* y, int N,  \
@@ -798,30 +914,53 @@ __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __
         const u8* wg, const u8* wu, const float* x, float* y, int N, int K, i64 row_bytes) {     \
         mmv_impl<U, 1, 2, 1>(wg, wu, x, y, N, K, row_bytes, blockIdx.x);                         \
     }
+// One row, one output column per warp, emulating the one-column kernel's block of
+// MMV_THREADS threads (see wc_impl).
+#define MMV_WC(name, U)                                                                          \
+    extern "C" __global__ void mmv_##name##_r1_wc(const u8* w, const float* x, float* y, int N, \
+                                                  int K, i64 row_bytes) {                       \
+        wc_impl<U, 1, MMV_THREADS / 32>(w, w, x, y, N, K, row_bytes, wc_column());               \
+    }                                                                                            \
+    extern "C" __global__ void gate_up_swiglu_##name##_r1_wc(                                    \
+        const u8* wg, const u8* wu, const float* x, float* y, int N, int K, i64 row_bytes) {     \
+        wc_impl<U, 2, MMV_THREADS / 32>(wg, wu, x, y, N, K, row_bytes, wc_column());             \
+    }
 // The plan's multi_matmul at one row (Q, K and V: up to three matrices of one type and K) in
 // one launch: blocks [0, b0) compute y0 = x W0ᵀ, the next b1 y1, the rest y2 (bi = ceil(ni /
-// C); n2 = 0 for two matrices). Each block computes what mmv_<ty>_r1 (C = 4) or _r1_c1 (C = 1)
-// computes for its columns, so every output is bit for bit the same as from the separate
-// launches, with two launches fewer per layer in the decode step.
-template <typename U, int C>
-__device__ __forceinline__ void mmv3_impl(const u8* w0, const u8* w1, const u8* w2,
-                                          const float* x, float* y0, float* y1, float* y2, int n0,
-                                          int n1, int n2, int K, i64 row_bytes) {
-    int b = blockIdx.x, b0 = (n0 + C - 1) / C, b1 = (n1 + C - 1) / C;
-    const u8* w = w0;
-    float* y = y0;
-    int n = n0;
-    if (b >= b0) {
-        b -= b0, w = w1, y = y1, n = n1;
-        if (b >= b1) b -= b1, w = w2, y = y2, n = n2;
+// C), C the columns a block; n2 = 0 for two matrices). Each block computes what mmv_<ty>_r1
+// (C = 4), _r1_c1 (C = 1) or _r1_wc (C = blockDim.x / 32) computes for its columns, so every
+// output is bit for bit the same as from the separate launches, with two launches fewer per
+// layer in the decode step.
+struct Mmv3Block {
+    const u8* w;
+    float* y;
+    int n, b;  // the matrix's columns, the block's index among its blocks
+};
+__device__ __forceinline__ Mmv3Block mmv3_block(const u8* w0, const u8* w1, const u8* w2,
+                                                float* y0, float* y1, float* y2, int n0, int n1,
+                                                int n2, int C) {
+    Mmv3Block k = {w0, y0, n0, (int)blockIdx.x};
+    int b0 = (n0 + C - 1) / C, b1 = (n1 + C - 1) / C;
+    if (k.b >= b0) {
+        k.b -= b0, k.w = w1, k.y = y1, k.n = n1;
+        if (k.b >= b1) k.b -= b1, k.w = w2, k.y = y2, k.n = n2;
     }
-    mmv_impl<U, 1, 1, C>(w, w, x, y, n, K, row_bytes, b);
+    return k;
 }
-#define MMV3(name, U, C, SFX)                                                                    \
-    extern "C" __global__ void mmv3_##name##_r1##SFX(                                            \
-        const u8* w0, const u8* w1, const u8* w2, const float* x, float* y0, float* y1,          \
-        float* y2, int n0, int n1, int n2, int K, i64 row_bytes) {                               \
-        mmv3_impl<U, C>(w0, w1, w2, x, y0, y1, y2, n0, n1, n2, K, row_bytes);                    \
+#define MMV3_ARGS                                                                         \
+    const u8 *w0, const u8 *w1, const u8 *w2, const float *x, float *y0, float *y1,       \
+        float *y2, int n0, int n1, int n2, int K, i64 row_bytes
+#define MMV3(name, U, C, SFX)                                                             \
+    extern "C" __global__ void mmv3_##name##_r1##SFX(MMV3_ARGS) {                         \
+        Mmv3Block k = mmv3_block(w0, w1, w2, y0, y1, y2, n0, n1, n2, C);                  \
+        mmv_impl<U, 1, 1, C>(k.w, k.w, x, k.y, k.n, K, row_bytes, k.b);                   \
+    }
+#define MMV3_WC(name, U)                                                                  \
+    extern "C" __global__ void mmv3_##name##_r1_wc(MMV3_ARGS) {                           \
+        int cols = blockDim.x >> 5;                                                       \
+        Mmv3Block k = mmv3_block(w0, w1, w2, y0, y1, y2, n0, n1, n2, cols);               \
+        wc_impl<U, 1, MMV_THREADS / 32>(k.w, k.w, x, k.y, k.n, K, row_bytes,              \
+                                        k.b * cols + (threadIdx.x >> 5));                 \
     }
 #define MMV(name, U)                                                                         \
     MMV_R(name, U, 1) MMV_R(name, U, 2) MMV_R(name, U, 4) MMV_R(name, U, 8) MMV_C1(name, U) \
@@ -838,6 +977,10 @@ MMV(q8_0, UQ8_0)
 MMV(q4_k, UQ4_K)
 MMV(q5_k, UQ5_K)
 MMV(q6_k, UQ6_K)
+// The K-quants' one-column-a-warp kernels (wc_impl).
+MMV_WC(q4_k, UQ4_K) MMV3_WC(q4_k, UQ4_K)
+MMV_WC(q5_k, UQ5_K) MMV3_WC(q5_k, UQ5_K)
+MMV_WC(q6_k, UQ6_K) MMV3_WC(q6_k, UQ6_K)
 
 // ---- The plain reference kernel ----
 

@@ -1355,7 +1355,7 @@ fn kernel_timings_for_the_record() {
         // columns per block, 128 threads: K = 4096 is at least 128 units).
         let blocks = |cols: usize| n.div_ceil(cols) as u32;
         let cols = |rows| m40_llm::backend::cuda::matmul::unit_cols(ty, false, rows);
-        for (kernel, rows, grid, block) in [
+        let mut kernels = vec![
             (
                 format!("matvec_{sfx}"),
                 1usize,
@@ -1365,7 +1365,12 @@ fn kernel_timings_for_the_record() {
             (format!("mmv_{sfx}_r1"), 1, (blocks(cols(1)), 1, 1), 128),
             (format!("mmv_{sfx}_r1_c1"), 1, (blocks(1), 1, 1), 128),
             (format!("mmv_{sfx}_r8"), 8, (blocks(cols(8)), 1, 1), 128),
-        ] {
+        ];
+        // The K-quants' warp per column (4 a block).
+        if matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K) {
+            kernels.push((format!("mmv_{sfx}_r1_wc"), 1, (blocks(4), 1, 1), 128));
+        }
+        for (kernel, rows, grid, block) in kernels {
             let f = g.f("matvec", &kernel);
             let xr = g.up(&randn(&mut rng(2), rows * k));
             let mut y_d = g.out(rows * n, NAN);
@@ -1721,6 +1726,76 @@ fn matmul_agrees_on_the_unit_cublas_and_plain_kernel_paths() {
 }
 
 #[test]
+fn the_k_quants_warp_per_column_kernels_give_the_one_column_kernels_bits() {
+    use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul};
+    let Some(g) = gpu() else { return };
+    let mm = Matmul::new(g.stream.clone(), false).unwrap();
+    // K / 256 = 4, 5, 14, 16, 20 super-blocks (passes of four, and a last one of 1 or 2); N not
+    // a multiple of 4 (the last block's warps past N write nothing).
+    for (i, (ty, n, k)) in [
+        (GgmlType::Q4_K, 67usize, 1024usize),
+        (GgmlType::Q4_K, 4099, 3584),
+        (GgmlType::Q5_K, 130, 1280),
+        (GgmlType::Q5_K, 67, 4096),
+        (GgmlType::Q6_K, 4099, 4096),
+        (GgmlType::Q6_K, 67, 5120),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let sfx = weight_kernel_suffix(ty).unwrap();
+        let (wb, _, row_bytes) = weight(1100 + i as u64, ty, n, k);
+        let (ub, _, _) = weight(1200 + i as u64, ty, n, k);
+        let x = randn(&mut rng(1300 + i as u64), 2 * k);
+        let (w_d, u_d, x_d) = (g.up(&wb), g.up(&ub), g.up(&x));
+        let (nn, kk, rb) = (n as i32, k as i32, row_bytes as i64);
+        let what = format!("{ty:?} [{n}, {k}]");
+        for gate_up in [false, true] {
+            let prefix = if gate_up { "gate_up_swiglu" } else { "mmv" };
+            let mut ys = Vec::new();
+            // The one-column kernel's block of 128 threads, then a warp per column, 4 a block.
+            for (kernel, grid) in [("r1_c1", n as u32), ("r1_wc", n.div_ceil(4) as u32)] {
+                let f = g.f("matvec", &format!("{prefix}_{sfx}_{kernel}"));
+                let mut y_d = g.out(n, NAN);
+                launch(&f, g, cfg((grid, 1, 1), 128), |b| {
+                    b.arg(&w_d);
+                    if gate_up {
+                        b.arg(&u_d);
+                    }
+                    b.arg(&x_d).arg(&mut y_d).arg(&nn).arg(&kk).arg(&rb);
+                });
+                ys.push(g.down(&y_d));
+            }
+            assert!(ys[0].iter().all(|v| v.is_finite()), "{what} {prefix}");
+            if let Some(c) = ys[0]
+                .iter()
+                .zip(&ys[1])
+                .position(|(a, b)| a.to_bits() != b.to_bits())
+            {
+                panic!(
+                    "{what} {prefix}: column {c} is {} from r1_c1 and {} from r1_wc",
+                    ys[0][c], ys[1][c]
+                );
+            }
+        }
+        // Through the host's choice: row 0 of two rows (mmv_<ty>_r2) is the one-row result
+        // (r1_wc), bit for bit.
+        let w = DeviceWeight::upload(&g.stream, "w", ty, n, k, &wb).unwrap();
+        let mut scratch = g.out(k, NAN);
+        let (mut y1, mut y2) = (g.out(n, NAN), g.out(2 * n, NAN));
+        mm.run(&g.ks, &x_d, 1, &w, &mut y1, &mut scratch).unwrap();
+        mm.run(&g.ks, &x_d, 2, &w, &mut y2, &mut scratch).unwrap();
+        let (one, two) = (g.down(&y1), g.down(&y2));
+        assert!(
+            one.iter()
+                .zip(&two)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{what}: row 0 of two rows differs from the row alone"
+        );
+    }
+}
+
+#[test]
 fn multi_matmul_is_one_launch_at_one_row_with_the_bits_of_separate_launches() {
     use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul, MatmulPath};
     let Some(g) = gpu() else { return };
@@ -1731,6 +1806,8 @@ fn multi_matmul_is_one_launch_at_one_row_with_the_bits_of_separate_launches() {
         (GgmlType::Q4_1, 576usize, vec![576usize, 192, 192]),
         (GgmlType::Q4_K, 768, vec![640, 128, 128]),
         (GgmlType::Q6_K, 512, vec![96, 32]),
+        // K = 1280: the one-column-a-warp kernel (`mmv3_q5_k_r1_wc`), 67 rows a partial block.
+        (GgmlType::Q5_K, 1280, vec![256, 67, 67]),
         (GgmlType::Q8_0, 4096, vec![4096, 1024, 1024]),
         (GgmlType::F16, 256, vec![64, 64, 64]),
     ]

@@ -68,10 +68,15 @@ static std::vector<u8> random_rows(int n, int k, int block_bytes, int block_elem
 typedef void (*Mmv)(const u8*, const float*, float*, int, int, i64);
 typedef void (*GateUp)(const u8*, const u8*, const float*, float*, int, int, i64);
 
+// The host's block for K (matmul.rs `unit_block`): a warp per 32 units of 8, 32 to 128 threads.
+static unsigned unit_block(int k) { return (unsigned)std::min(128, std::max(32, (k / 8 + 31) / 32 * 32)); }
+
+// `cols` output columns a block (`gate_cols` for gate/up, 0: cols / 2), blocks of `block`
+// threads (0: unit_block(k)).
 template <typename T>
 static void check_mmv(const char* ty, int n, int k, int block_bytes, int block_elems,
                       std::vector<int> halves, int rows, int cols, Mmv kernel,
-                      GateUp gate_up) {
+                      GateUp gate_up, int gate_cols = 0, unsigned block = 0) {
     int rb = k / block_elems * block_bytes;
     std::vector<u8> w = random_rows(n, k, block_bytes, block_elems, halves);
     std::vector<u8> w2 = random_rows(n, k, block_bytes, block_elems, halves);
@@ -88,7 +93,7 @@ static void check_mmv(const char* ty, int n, int k, int block_bytes, int block_e
             want[(size_t)r * n + c] = a;
             want_gu[(size_t)r * n + c] = a / (1.0 + std::exp(-a)) * b;
         }
-    unsigned threads = (unsigned)std::min(128, std::max(32, (k / 8 + 31) / 32 * 32));
+    unsigned threads = block ? block : unit_block(k);
     unsigned grid = (unsigned)((n + cols - 1) / cols);
     std::vector<float> y((size_t)rows * n, NAN);
     host_launch({grid, 1, 1}, threads, [&] { kernel(w.data(), x.data(), y.data(), n, k, rb); });
@@ -97,7 +102,8 @@ static void check_mmv(const char* ty, int n, int k, int block_bytes, int block_e
            y, want, 1e-5);
     if (gate_up) {
         std::vector<float> g((size_t)rows * n, NAN);
-        unsigned ggrid = (unsigned)((n + std::max(1, cols / 2) - 1) / std::max(1, cols / 2));
+        int gc = gate_cols ? gate_cols : std::max(1, cols / 2);
+        unsigned ggrid = (unsigned)((n + gc - 1) / gc);
         host_launch({ggrid, 1, 1}, threads,
                     [&] { gate_up(w.data(), w2.data(), x.data(), g.data(), n, k, rb); });
         report(std::string("gate_up ") + ty + " rows " + std::to_string(rows), g, want_gu, 1e-5);
@@ -107,18 +113,20 @@ static void check_mmv(const char* ty, int n, int k, int block_bytes, int block_e
 // ---- One sequence's bits whatever the launch: the one-column kernel at one row (the K-quants
 // take their unit steps four a pass there, see ScaledSteps), the four-column one (one a pass)
 // and row 0 of the two-row kernel must give the same bits for every column, the matvec and the
-// fused gate/up alike. ----
+// fused gate/up alike; and for the K-quants the one-column-a-warp kernel (`wc`, 128 threads:
+// four columns a block, whatever K) the one-column kernel's, at the host's block for K and at
+// 128 threads. ----
 template <typename T>
 static void check_same_bits(const char* ty, int k, int block_bytes, int block_elems,
                             std::vector<int> halves, Mmv r1, Mmv c1, Mmv r2, GateUp g_r1,
-                            GateUp g_c1, GateUp g_r2) {
+                            GateUp g_c1, GateUp g_r2, Mmv wc = nullptr, GateUp g_wc = nullptr) {
     const int n = 9;
     int rb = k / block_elems * block_bytes;
     std::vector<u8> w = random_rows(n, k, block_bytes, block_elems, halves);
     std::vector<u8> w2 = random_rows(n, k, block_bytes, block_elems, halves);
     std::vector<float> x(2 * (size_t)k);
     for (auto& v : x) v = unif();
-    unsigned threads = (unsigned)std::min(128, std::max(32, (k / 8 + 31) / 32 * 32));
+    unsigned threads = unit_block(k);
     auto grid = [](int cols) { return HostDim3{(unsigned)((n + cols - 1) / cols), 1, 1}; };
     std::vector<float> a(n, NAN), b(n, NAN), c(2 * n, NAN);
     host_launch(grid(4), threads, [&] { r1(w.data(), x.data(), a.data(), n, k, rb); });
@@ -134,15 +142,31 @@ static void check_same_bits(const char* ty, int k, int block_bytes, int block_el
               std::memcmp(a.data(), c.data(), 4 * n) == 0 &&
               std::memcmp(ga.data(), gb.data(), 4 * n) == 0 &&
               std::memcmp(ga.data(), gc.data(), 4 * n) == 0;
+    if (wc) {
+        std::vector<float> d(n, NAN), e(n, NAN), gd(n, NAN), ge(n, NAN);
+        host_launch(grid(1), 128, [&] { c1(w.data(), x.data(), d.data(), n, k, rb); });
+        host_launch(grid(4), 128, [&] { wc(w.data(), x.data(), e.data(), n, k, rb); });
+        host_launch(grid(1), 128, [&] { g_c1(w.data(), w2.data(), x.data(), gd.data(), n, k, rb); });
+        host_launch(grid(4), 128, [&] { g_wc(w.data(), w2.data(), x.data(), ge.data(), n, k, rb); });
+        ok = ok && std::memcmp(a.data(), d.data(), 4 * n) == 0 &&
+             std::memcmp(a.data(), e.data(), 4 * n) == 0 &&
+             std::memcmp(ga.data(), gd.data(), 4 * n) == 0 &&
+             std::memcmp(ga.data(), ge.data(), 4 * n) == 0;
+    }
     if (!ok) failures++;
-    std::printf("same bits %s K %d (r1, r1 c1, r2 row 0; matvec and gate/up): %s\n", ty, k,
-                ok ? "ok" : "FAILED");
+    std::printf("same bits %s K %d (r1, r1 c1, r2 row 0%s; matvec and gate/up): %s\n", ty, k,
+                wc ? ", r1 c1 at 128 threads, r1 wc" : "", ok ? "ok" : "FAILED");
 }
 
 #define SAME_BITS(ty, T, K, BB, BE, HALVES)                                                     \
     check_same_bits<T>(#ty, K, BB, BE, HALVES, mmv_##ty##_r1, mmv_##ty##_r1_c1, mmv_##ty##_r2, \
                        gate_up_swiglu_##ty##_r1, gate_up_swiglu_##ty##_r1_c1,                 \
                        gate_up_swiglu_##ty##_r2)
+// The K-quants: with their one-column-a-warp kernels too.
+#define SAME_BITS_WC(ty, T, K, BB, BE, HALVES)                                                  \
+    check_same_bits<T>(#ty, K, BB, BE, HALVES, mmv_##ty##_r1, mmv_##ty##_r1_c1, mmv_##ty##_r2, \
+                       gate_up_swiglu_##ty##_r1, gate_up_swiglu_##ty##_r1_c1,                 \
+                       gate_up_swiglu_##ty##_r2, mmv_##ty##_r1_wc, gate_up_swiglu_##ty##_r1_wc)
 
 // ---- mmv3: up to three matrices (the plan's multi_matmul) in one launch, at one row. Each
 // output must be bit for bit the single-matrix kernel's (`single`, same columns a block), and
@@ -152,7 +176,8 @@ typedef void (*Mmv3)(const u8*, const u8*, const u8*, const float*, float*, floa
 
 template <typename T>
 static void check_mmv3(const char* ty, int k, int block_bytes, int block_elems,
-                       std::vector<int> halves, int cols, Mmv3 kernel, Mmv single, bool two) {
+                       std::vector<int> halves, int cols, Mmv3 kernel, Mmv single, bool two,
+                       unsigned block = 0) {
     int rb = k / block_elems * block_bytes, m = two ? 2 : 3;
     int ns[3] = {9, 5, two ? 0 : 12};
     std::vector<u8> w[3];
@@ -165,7 +190,7 @@ static void check_mmv3(const char* ty, int k, int block_bytes, int block_elems,
         y[i].assign(std::max(ns[i], 1), NAN);
         grid += (unsigned)((ns[i] + cols - 1) / cols);
     }
-    unsigned threads = (unsigned)std::min(128, std::max(32, (k / 8 + 31) / 32 * 32));
+    unsigned threads = block ? block : unit_block(k);
     host_launch({grid, 1, 1}, threads, [&] {
         kernel(w[0].data(), w[1].data(), w[2].data(), x.data(), y[0].data(), y[1].data(),
                y[2].data(), ns[0], ns[1], ns[2], k, rb);
@@ -201,6 +226,14 @@ static void check_mmv3(const char* ty, int k, int block_bytes, int block_elems,
         check_mmv3<T>(#ty, K, BB, BE, HALVES, 1, mmv3_##ty##_r1_c1, mmv_##ty##_r1_c1,    \
                       false);                                                             \
         check_mmv3<T>(#ty, K, BB, BE, HALVES, 1, mmv3_##ty##_r1_c1, mmv_##ty##_r1_c1, true); \
+    } while (0)
+// The K-quants' one-column-a-warp mmv3 (four columns a block of 128 threads).
+#define MMV3_WC_CASES(ty, T, K, BB, BE, HALVES)                                                 \
+    do {                                                                                        \
+        check_mmv3<T>(#ty " wc", K, BB, BE, HALVES, 4, mmv3_##ty##_r1_wc, mmv_##ty##_r1_wc,     \
+                      false, 128);                                                              \
+        check_mmv3<T>(#ty " wc", K, BB, BE, HALVES, 4, mmv3_##ty##_r1_wc, mmv_##ty##_r1_wc,     \
+                      true, 128);                                                               \
     } while (0)
 
 // ---- Tiled matmuls (mmq.cu): R rows on a tile of BR, K in splits of `chunk`, then the
@@ -619,6 +652,11 @@ static void check_f32_to_f16() {
         check_mmv<T>(#ty, 9, K, BB, BE, HALVES, 4, C, mmv_##ty##_r4, gate_up_swiglu_##ty##_r4);  \
         check_mmv<T>(#ty, 9, K, BB, BE, HALVES, 8, C8, mmv_##ty##_r8, gate_up_swiglu_##ty##_r8); \
     } while (0)
+// The K-quants' one-column-a-warp kernels at one row: 4 columns a block of 128 threads (gate/up
+// too), 9 columns (the last block's warps 1-3 past N).
+#define WC_CASES(ty, T, K, BB, BE, HALVES)                                                        \
+    check_mmv<T>(#ty " wc", 9, K, BB, BE, HALVES, 1, 4, mmv_##ty##_r1_wc,                         \
+                 gate_up_swiglu_##ty##_r1_wc, 4, 128)
 
 int main() {
     // 9 columns (not a multiple of 4); K = 17 blocks (odd: every other row of the 18- and
@@ -642,10 +680,17 @@ int main() {
 
     // K = 4096: one pass of four unit steps a thread at 128 threads; K = 5120: a pass and a
     // step on its own (Q6_K's rows start 2 bytes off a word every other row).
-    for (int k : {4096, 5120}) {
-        SAME_BITS(q4_k, TQ4_K, k, 144, 256, dm);
-        SAME_BITS(q5_k, TQ5_K, k, 176, 256, dm);
-        SAME_BITS(q6_k, TQ6_K, k, 210, 256, q6);
+    // The one-column-a-warp kernels: K / 256 = 1, 3, 4, 5, 14, 16, 20 super-blocks (passes of
+    // four and a shorter last one of 1, 2 or 3; below K = 1024 the host's block has fewer warps).
+    for (int k : {256, 768, 1024, 1280, 3584, 4096, 5120}) {
+        SAME_BITS_WC(q4_k, TQ4_K, k, 144, 256, dm);
+        SAME_BITS_WC(q5_k, TQ5_K, k, 176, 256, dm);
+        SAME_BITS_WC(q6_k, TQ6_K, k, 210, 256, q6);
+    }
+    for (int k : {768, 1280, 3584}) {
+        WC_CASES(q4_k, TQ4_K, k, 144, 256, dm);
+        WC_CASES(q5_k, TQ5_K, k, 176, 256, dm);
+        WC_CASES(q6_k, TQ6_K, k, 210, 256, q6);
     }
     SAME_BITS(q4_0, TQ4_0, 4096, 18, 32, d0);
 
@@ -655,6 +700,9 @@ int main() {
     MMV3_CASES(q8_0, TQ8_0, 544, 34, 32, d0);
     MMV3_CASES(q4_k, TQ4_K, 768, 144, 256, dm);
     MMV3_CASES(q6_k, TQ6_K, 768, 210, 256, q6);
+    MMV3_WC_CASES(q4_k, TQ4_K, 1280, 144, 256, dm);
+    MMV3_WC_CASES(q5_k, TQ5_K, 1280, 176, 256, dm);
+    MMV3_WC_CASES(q6_k, TQ6_K, 1280, 210, 256, q6);
 
     // FP16 dequantization, every weight type: 7 rows (odd: the 18- and 34-byte types' rows
     // start 2 bytes off a word every other row), K of 3 super-blocks.

@@ -14,7 +14,9 @@
 //!
 //! # Batch invariance
 //! Each path computes a row the same way whatever the other rows are: the unit kernels' sum order
-//! does not depend on R, and the tiled kernels sum each output in one FMA chain over k (per
+//! does not depend on R (nor on the columns a block: the K-quants' one-column-a-warp kernels at
+//! one row emulate the one-column block, bit for bit, so row 0 of their R = 2, 4 and 8 kernels
+//! agrees with them; tests/host/kernels.cpp checks it), and the tiled kernels sum each output in one FMA chain over k (per
 //! split of K, the splits added in order) with the split count a function of N, K and the device
 //! only ([`Matmul::tiled_splits`]). So a sequence's logits are bit for bit the same in any batch
 //! of 1 to 8 rows, and in any batch of 9 to 64 (any count above 8 with cuBLAS off); between the
@@ -178,7 +180,7 @@ pub enum MatmulPath {
     /// The plain reference kernel (a shape the unit kernels do not take).
     PlainKernel,
     /// One launch of the unit kernels over `matrices` matrices of one type and K at one row
-    /// (`mmv3_<ty>_r1[_c1]`: the plan's multi_matmul, Q, K and V).
+    /// (`mmv3_<ty>_r1[_c1|_wc]`: the plan's multi_matmul, Q, K and V).
     UnitsMulti { matrices: usize },
 }
 
@@ -194,7 +196,8 @@ fn units_take(k: usize, x: u64) -> bool {
 /// Output columns per block of `mmv_<ty>_r<rows>` and `gate_up_swiglu_<ty>_r<rows>`
 /// (kernels/matvec.cu `Cols`): 4 (2 for gate/up, whose two matrices share the x loads too),
 /// but 2 (1) for the K-quants at 8 rows, whose scale shuffles and accumulators at 4 columns
-/// held 168 registers a thread. The `_r1_c1` variants compute one.
+/// held 168 registers a thread. The `_r1_c1` variants compute one, the `_r1_wc` ones one a warp
+/// ([`unit_kernel`]).
 pub fn unit_cols(ty: GgmlType, gate_up: bool, rows: usize) -> usize {
     let k_quant = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
     let cols = if k_quant && rows == 8 { 2 } else { 4 };
@@ -204,13 +207,17 @@ pub fn unit_cols(ty: GgmlType, gate_up: bool, rows: usize) -> usize {
 /// Rows at least this many take the several-column kernel at one row (blocks to spare).
 const COLS_MIN_ROWS: usize = 4096;
 
-/// The unit kernel `prefix_<sfx>_r<rows>[_c1]` for an `[n, _]` weight of `ty`, and its output
-/// columns per block. At one row, several columns only for the 32-element-block quantized
-/// types with at least `COLS_MIN_ROWS` rows (measured on the H200: 7% faster for an 8B's Q4_0
-/// and Q8_0; for F16, and for matrices as narrow as SmolLM2's, one column is 10-16% faster, as
-/// 4x the blocks stay in flight). The K-quants take one column at one row: four columns left an
-/// 8B's 4096-row Q4_K matrices at a quarter of the blocks (1024), and its Q4_K_M decode at 129
-/// tokens/s.
+/// The unit kernel `prefix_<sfx>_r<rows>[_c1|_wc]` for an `[n, k]` weight of `ty`, and its
+/// output columns per block (launched with `unit_block(k)` threads). At one row, several
+/// columns only for the 32-element-block quantized types with at least `COLS_MIN_ROWS` rows
+/// (measured on the H200: 7% faster for an 8B's Q4_0 and Q8_0; for F16, and for matrices as
+/// narrow as SmolLM2's, one column is 10-16% faster, as 4x the blocks stay in flight). The
+/// K-quants take one column at one row: four columns left an 8B's 4096-row Q4_K matrices at a
+/// quarter of the blocks (1024), and its Q4_K_M decode at 129 tokens/s. Where their block is
+/// 128 threads (K >= 1024) they take the one-column-a-warp kernel (`_wc`, 4 columns a block):
+/// a warp computes what the one-column kernel's whole block computes, bit for bit (its 4 warps
+/// emulated, kernels/matvec.cu `wc_impl`), without the block's reduction and with 4x the units
+/// a thread over which to spread the walk setup and the warp sum.
 pub fn unit_kernel(
     prefix: &str,
     sfx: &str,
@@ -218,16 +225,23 @@ pub fn unit_kernel(
     gate_up: bool,
     rows: usize,
     n: usize,
+    k: usize,
 ) -> (String, usize) {
     let cols = unit_cols(ty, gate_up, rows);
     let float = matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
     let k_quant = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
-    if rows == 1 && cols > 1 && (float || k_quant || n < COLS_MIN_ROWS) {
+    if rows == 1 && k_quant && unit_block(k) == WC_BLOCK {
+        (format!("{prefix}_{sfx}_r1_wc"), (WC_BLOCK / 32) as usize)
+    } else if rows == 1 && cols > 1 && (float || k_quant || n < COLS_MIN_ROWS) {
         (format!("{prefix}_{sfx}_r1_c1"), 1)
     } else {
         (format!("{prefix}_{sfx}_r{rows}"), cols)
     }
 }
+
+/// The block of the `_wc` kernels: a column per warp, each warp the one-column kernel's block of
+/// this many threads (kernels/matvec.cu `MMV_THREADS`).
+const WC_BLOCK: u32 = 128;
 
 /// The unit kernels' block: a warp per 32 units of 8 weights (the narrowest units), at most 4.
 fn unit_block(k: usize) -> u32 {
@@ -576,7 +590,7 @@ impl Matmul {
 
     /// `ys[i] = x wsᵀ[i]` for the plan's multi_matmul (one input, several weights). At one row
     /// with up to [`MULTI_MAX`] weights of one type and K on the unit kernels: one launch
-    /// (`mmv3_<ty>_r1[_c1]`, the same arithmetic per output column as [`Matmul::run`], so the
+    /// (`mmv3_<ty>_r1[_c1|_wc]`, the same arithmetic per output column as [`Matmul::run`], so the
     /// same bits); otherwise a [`Matmul::run`] per weight. The paths taken, a launch group each.
     pub fn multi(
         &self,
@@ -635,9 +649,9 @@ impl Matmul {
         }
         let k = i32::try_from(w0.k).map_err(|_| bad("mmv3", format!("K {} exceeds i32", w0.k)))?;
         let row_bytes = w0.row_bytes as i64;
-        // The column count `unit_kernel` would pick for one matrix of all the rows (the C
-        // changes no column's arithmetic).
-        let (single, cols) = unit_kernel("mmv", sfx, w0.ty, false, 1, total);
+        // The kernel and column count `unit_kernel` would pick for one matrix of all the rows
+        // (neither changes a column's arithmetic).
+        let (single, cols) = unit_kernel("mmv", sfx, w0.ty, false, 1, total, w0.k);
         let name = format!("mmv3_{}", single.trim_start_matches("mmv_"));
         let f = ks.function("matvec", &name)?;
         let blocks: usize = ws.iter().map(|w| w.n.div_ceil(cols)).sum();
@@ -667,7 +681,7 @@ impl Matmul {
             .arg(&ns[2])
             .arg(&k)
             .arg(&row_bytes);
-        // SAFETY: the arguments match mmv3_<ty>_r1[_c1]'s signature: one row of x (K floats,
+        // SAFETY: the arguments match mmv3_<ty>_r1[_c1|_wc]'s signature: one row of x (K floats,
         // checked), each output at least its N floats (checked), the weights of one type and K
         // (so one row_bytes), K a whole number of units (`units_take`).
         unsafe { b.launch(cfg) }.map_err(|e| bad(&name, e.to_string()))?;
@@ -892,7 +906,7 @@ impl Matmul {
         let row_bytes = w.row_bytes as i64;
         let chunks = unit_chunks(rows);
         for &(r0, r) in &chunks {
-            let (name, cols) = unit_kernel(prefix, sfx, w.ty, gate_up, r, w.n);
+            let (name, cols) = unit_kernel(prefix, sfx, w.ty, gate_up, r, w.n, w.k);
             let f = ks.function("matvec", &name)?;
             let xr = x.sub(r0 * w.k, r * w.k, "matmul rows")?;
             let yr = y.sub(r0 * w.n, r * w.n, "matmul rows")?;
@@ -1125,6 +1139,34 @@ mod tests {
         assert_eq!(tiled_splits(14336, 4096, false, 132).0, 5);
         assert_eq!(tiled_splits(14336, 4096, true, 132).0, 3);
         assert_eq!(tiled_splits(4099, 256, false, 132), (1, 256));
+    }
+
+    #[test]
+    fn the_k_quants_take_a_warp_per_column_at_one_row_where_their_block_is_128_threads() {
+        for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+            let sfx = super::super::weight_kernel_suffix(ty).unwrap();
+            for gate_up in [false, true] {
+                let p = if gate_up { "gate_up_swiglu" } else { "mmv" };
+                for k in [1024, 1280, 4096, 14336] {
+                    assert_eq!(unit_block(k), WC_BLOCK);
+                    let want = (format!("{p}_{sfx}_r1_wc"), 4);
+                    assert_eq!(unit_kernel(p, sfx, ty, gate_up, 1, 4096, k), want);
+                    assert_eq!(unit_kernel(p, sfx, ty, gate_up, 1, 100, k), want);
+                    // More rows keep their kernels (row 0's bits are the same: kernel_host).
+                    let r2 = unit_kernel(p, sfx, ty, gate_up, 2, 4096, k).0;
+                    assert_eq!(r2, format!("{p}_{sfx}_r2"));
+                }
+                // Shorter K: a block of fewer warps, the one-column kernel.
+                for k in [256, 512, 768] {
+                    assert!(unit_block(k) < WC_BLOCK);
+                    let want = (format!("{p}_{sfx}_r1_c1"), 1);
+                    assert_eq!(unit_kernel(p, sfx, ty, gate_up, 1, 4096, k), want);
+                }
+            }
+        }
+        // The other types never.
+        let (name, _) = unit_kernel("mmv", "q4_0", GgmlType::Q4_0, false, 1, 4096, 4096);
+        assert_eq!(name, "mmv_q4_0_r1");
     }
 
     #[test]
