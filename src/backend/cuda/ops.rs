@@ -178,20 +178,26 @@ impl DecodeSplits {
     }
 
     /// The kernel a launch over these positions takes (0: the per-head kernel): the grouped
-    /// one ([`Self::group`]) for contexts of at least `grouped_from` positions. The splits are
-    /// the grouped policy's either way, so the choice changes no result; it is a function of
-    /// the graph key's [`Self::context_units`].
+    /// one ([`Self::group`]) for contexts of at least `grouped_from` positions whose grouped
+    /// launch still gives every multiprocessor a block for one token (`H / G` blocks a split):
+    /// below that the per-head kernel's `G` times the blocks win (SmolLM2 at depth 4 096, 3 x 32
+    /// grouped blocks on an H200's 132 SMs: 1 109 tokens/s grouped, 1 162 per-head).
+    /// `grouped_from` 0 takes the grouped kernel at every context (the tests' and A/Bs'
+    /// override). The splits are the grouped policy's either way, so the choice changes no
+    /// result; it is a function of the graph key's [`Self::context_units`].
     pub fn kernel_group(&self, positions: &[u32], shape: AttnShape) -> usize {
         let longest = positions
             .iter()
             .map(|&p| Self::context_len(p, shape.window))
             .max()
             .unwrap_or(1);
-        if self.context_units(longest) >= self.context_units(self.grouped_from) {
-            self.group(shape)
-        } else {
-            0
+        let group = self.group(shape);
+        if self.grouped_from == 0 {
+            return group;
         }
+        let long = self.context_units(longest) >= self.context_units(self.grouped_from);
+        let blocks = self.blocks_per_split(shape) * self.splits_of(longest, shape);
+        if long && blocks >= self.sms { group } else { 0 }
     }
 
     /// Blocks of one split of one token.
@@ -1136,6 +1142,17 @@ mod tests {
         assert_eq!(always.kernel_group(&at(1), s8b), 4);
         // The splits do not depend on the kernel taken.
         assert_eq!(d.splits(&at(4096), s8b), always.splits(&at(4096), s8b));
+        // A grouped launch that would leave multiprocessors without a block for one token
+        // takes the per-head kernel: SmolLM2's shape (9 heads over 3) splits 4 096 positions
+        // in 32, 3 x 32 grouped blocks < 132; 16 384 in 128, 3 x 128 >= 132.
+        let smol = shape(9, 3, 0);
+        assert_eq!(d.splits(&at(4096), smol), 32);
+        assert_eq!(d.kernel_group(&at(4096), smol), 0);
+        assert_eq!(d.kernel_group(&at(16384), smol), 3);
+        assert_eq!(always.kernel_group(&at(4096), smol), 3);
+        // On an M40 (24 SMs) the 8B shape goes grouped at 4 096 (8 x its splits >= 24).
+        let m40 = DecodeSplits::new(24);
+        assert_eq!(m40.kernel_group(&at(4096), s8b), 4);
     }
 
     #[test]
