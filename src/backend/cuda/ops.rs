@@ -186,11 +186,7 @@ impl DecodeSplits {
     /// override). The splits are the grouped policy's either way, so the choice changes no
     /// result; it is a function of the graph key's [`Self::context_units`].
     pub fn kernel_group(&self, positions: &[u32], shape: AttnShape) -> usize {
-        let longest = positions
-            .iter()
-            .map(|&p| Self::context_len(p, shape.window))
-            .max()
-            .unwrap_or(1);
+        let longest = Self::longest(positions, shape);
         let group = self.group(shape);
         if self.grouped_from == 0 {
             return group;
@@ -228,6 +224,15 @@ impl DecodeSplits {
         if window > 0 { len.min(window) } else { len }
     }
 
+    /// The longest context a launch over these positions attends (1 for none).
+    fn longest(positions: &[u32], shape: AttnShape) -> usize {
+        positions
+            .iter()
+            .map(|&p| Self::context_len(p, shape.window))
+            .max()
+            .unwrap_or(1)
+    }
+
     /// Chunks of a context of `len` positions.
     pub fn splits_of(&self, len: usize, shape: AttnShape) -> usize {
         len.max(1)
@@ -245,12 +250,7 @@ impl DecodeSplits {
     /// Splits of a launch for these positions: the most any token needs (the split count grows
     /// with the context, so that is the longest context's).
     pub fn splits(&self, positions: &[u32], shape: AttnShape) -> usize {
-        let longest = positions
-            .iter()
-            .map(|&p| Self::context_len(p, shape.window))
-            .max()
-            .unwrap_or(1);
-        self.splits_of(longest, shape)
+        self.splits_of(Self::longest(positions, shape), shape)
     }
 
     /// Floats of decode scratch for these positions: `(m, l, acc[D])` per token, head, split.
