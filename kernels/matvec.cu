@@ -99,6 +99,18 @@ __device__ __forceinline__ void bytes4(u32 v, float off, float* out) {
     for (int i = 0; i < 4; i++) out[i] = mbyte(v, i) - (MAGIC + off);
 }
 
+// OFF + q for the four quants q < OFF of a word (OFF = 16 or 32, a power of two): `m` holds in
+// byte i the mantissa bits of q, q << (7 - log2 OFF), which one PRMT puts under the top byte of
+// OFF's float (0x41 for 16 with the exponent's low bit 0x80 in m's bytes, 0x42 for 32). No
+// subtraction: the decoder's scales carry -OFF s into the min (k4_scales).
+template <int OFF>
+__device__ __forceinline__ void k4_floats(u32 m, float* out) {
+    static_assert(OFF == 16 || OFF == 32, "2^4 or 2^5");
+    const u32 top = OFF == 16 ? 0x41000000u : 0x42000000u;
+#pragma unroll
+    for (int i = 0; i < 4; i++) out[i] = __int_as_float(__byte_perm(m, top, 0x7054u | (u32)i << 8));
+}
+
 // ---- Unit decoders: unit u of a row gives v[8] and a scale (the weights are v[i] * scale;
 // the K-quants', below, have a scale per half); element i of the unit sits at x index
 // xoff(u, i / 4) + i % 4. The lanes of a warp take consecutive units, so the layout decides how
@@ -347,13 +359,18 @@ __device__ __forceinline__ float k4_scale(uint4 h, int lane) {
 
 // The scale and min shuffles of Q4_K / Q5_K for Q weight rows: unit i of a super-block covers
 // sub-blocks 2 (i >> 3) and 2 (i >> 3) + 1.
-template <int Q>
+// The decoders give the quants as OFF + q (k4_floats), so a weight s q + m is s (OFF + q) +
+// (m - OFF s): a min lane (lane & 8) adds -OFF times its sub-block's scale, which lane ^ 8
+// holds; a scale lane adds 0 times the min (branch-free, one shuffle a row pair).
+template <int Q, int OFF>
 __device__ __forceinline__ void k4_scales(const KWalk (&wk)[Q], HalfScales (&sc)[Q]) {
     int lane = threadIdx.x & 31, s = 2 * (lane >> 3);
+    float off = (lane & 8) ? -(float)OFF : 0.0f;
 #pragma unroll
     for (int p = 0; p < Q; p += 2) {
         const u8* b = pair_row<Q>(wk, p, lane);
         float val = k4_scale(ldg128(b), lane);
+        val = fmaf(off, __shfl_xor_sync(FULL_MASK, val, 8), val);
 #pragma unroll
         for (int o = 0; o < 2 && p + o < Q; o++)
             sc[p + o] = shuffle_scales(val, o, s, s + 1, 8 + s, 9 + s);
@@ -376,12 +393,13 @@ struct SubScaled : PerUnit<D> {
     }
 };
 
-// Q4_K and Q5_K: their scales and mins (k4_scales) and their layout of a unit's weights.
+// Q4_K and Q5_K: their scales and mins (k4_scales, with the offset D::OFF of the quants'
+// floats folded into the mins) and their layout of a unit's weights.
 template <typename D>
 struct K4Scaled : SubScaled<D> {
     template <int Q>
     static __device__ __forceinline__ void scales(const KWalk (&wk)[Q], HalfScales (&sc)[Q]) {
-        k4_scales<Q>(wk, sc);
+        k4_scales<Q, D::OFF>(wk, sc);
     }
     static const bool MINS = true;
     static const int XJ = 32;
@@ -394,10 +412,12 @@ struct K4Scaled : SubScaled<D> {
 // Q4_K (144-byte super-blocks of 256: 16 bytes of d, dmin, scales and mins, then four groups of
 // 32 bytes whose low nibbles are sub-block 2g and high nibbles sub-block 2g + 1): unit i is
 // bytes 4i..4i + 4 of the nibbles, group g = i / 8: weights 64 g + 4 (i & 7) + 0..3 (low
-// nibbles) and 32 further on (high). w = d sc q - dmin m.
+// nibbles) and 32 further on (high). w = d sc q - dmin m, the quants as 16 + q (nibble q as
+// bits 6..3 of a byte, 0x80 the exponent's low bit: k4_floats<16>).
 struct UQ4_K : K4Scaled<UQ4_K> {
     static const int W = 8;
     static const int BYTES = 144;
+    static const int OFF = 16;
     static __device__ __forceinline__ Walk walk(const u8* row, int u) {
         Walk k;
         k.b = row + (i64)(u >> 5) * BYTES;
@@ -408,17 +428,19 @@ struct UQ4_K : K4Scaled<UQ4_K> {
     }
     static __device__ __forceinline__ void quants(const Walk& k, float* v) {
         u32 q = ldg32(k.q);
-        bytes4(q & 0x0F0F0F0Fu, 0.0f, v);
-        bytes4((q >> 4) & 0x0F0F0F0Fu, 0.0f, v + 4);
+        k4_floats<16>(((q << 3) & 0x78787878u) | 0x80808080u, v);
+        k4_floats<16>(((q >> 1) & 0x78787878u) | 0x80808080u, v + 4);
     }
 };
 
 // Q5_K (176-byte super-blocks of 256: 16 bytes of d, dmin, scales and mins as Q4_K, 32 bytes of
 // high bits qh, then nibbles as Q4_K): weight l of sub-block s has bit s of qh[l] as its fifth
 // bit. Unit i as Q4_K's: its high bits are bits 2g and 2g + 1 of qh[4 (i & 7)..4 (i & 7) + 4].
+// The quants as 32 + q (q as bits 6..2 of a byte: k4_floats<32>).
 struct UQ5_K : K4Scaled<UQ5_K> {
     static const int W = 8;
     static const int BYTES = 176;
+    static const int OFF = 32;
     static __device__ __forceinline__ Walk walk(const u8* row, int u) {
         Walk k;
         int i = u & 31;
@@ -431,8 +453,8 @@ struct UQ5_K : K4Scaled<UQ5_K> {
     static __device__ __forceinline__ void quants(const Walk& k, float* v) {
         // Bit 2g of qh is the low half's fifth bit, 2g + 1 the high half's.
         u32 q = ldg32(k.q), t = ldg32(k.h) >> (2 * ((threadIdx.x & 31) >> 3));
-        bytes4((q & 0x0F0F0F0Fu) | ((t << 4) & 0x10101010u), 0.0f, v);
-        bytes4(((q >> 4) & 0x0F0F0F0Fu) | ((t << 3) & 0x10101010u), 0.0f, v + 4);
+        k4_floats<32>(((q << 2) & 0x3C3C3C3Cu) | ((t << 6) & 0x40404040u), v);
+        k4_floats<32>(((q >> 2) & 0x3C3C3C3Cu) | ((t << 5) & 0x40404040u), v + 4);
     }
 };
 
@@ -852,6 +874,31 @@ struct WcTail<U, M, 0> {
                                                int, float (&)[N][1]) {}
 };
 
+// warp_sum of N values at once (N a power of two, at most 32), in N - 1 + 5 - log2 N shuffles
+// instead of 5 N: a transposed butterfly. At the step of distance o a lane keeps the half of
+// its values its bit o selects and gets the other half's partner lane's sums; each sum is
+// warp_sum's, bit for bit (its tree, each add of two lanes' partials the same either way
+// round). Returns the total of value i = (lane >> (5 - log2 N)) on that lane (value i's total
+// sits on lanes (32 / N) i ...); the values are clobbered.
+template <int N>
+__device__ __forceinline__ float warp_sums(float (&v)[N]) {
+    static_assert(N >= 1 && N <= 32 && (N & (N - 1)) == 0, "a power of two up to 32");
+    int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int h = N / 2, o = 16; h >= 1; h /= 2, o /= 2) {
+        bool hi = (lane & o) != 0;
+#pragma unroll
+        for (int i = 0; i < h; i++) {
+            float keep = hi ? v[i + h] : v[i], send = hi ? v[i] : v[i + h];
+            v[i] = keep + __shfl_xor_sync(FULL_MASK, send, o);
+        }
+    }
+    float t = v[0];
+#pragma unroll
+    for (int o = 16 / N; o > 0; o >>= 1) t += __shfl_xor_sync(FULL_MASK, t, o);
+    return t;
+}
+
 // Column n of the launch over one matrix (pair), by this warp.
 template <typename U, int M, int V>
 __device__ __forceinline__ void wc_impl(const u8* __restrict__ w0, const u8* __restrict__ w1,
@@ -880,11 +927,15 @@ __device__ __forceinline__ void wc_impl(const u8* __restrict__ w0, const u8* __r
             for (int m = 0; m < M; m++) U::advance(wk[a][m], V * U::BYTES);
     }
     WcTail<U, M, V - 1>::run(sbs - s, wk, xw, K, acc);
-    float a = 0.0f, b = 0.0f;
+    float t[V * M];
+#pragma unroll
+    for (int i = 0; i < V * M; i++) t[i] = acc[i][0];
+    float tot = warp_sums<V * M>(t), a = 0.0f, b = 0.0f;
+    const int gap = 32 / (V * M);  // value i's total on lane gap * i (value 0's on lane 0)
 #pragma unroll
     for (int v = 0; v < V; v++) {
-        a += warp_sum(acc[v * M][0]);
-        if (M > 1) b += warp_sum(acc[v * M + 1][0]);
+        a += v == 0 ? tot : __shfl_sync(FULL_MASK, tot, gap * v * M);
+        if (M > 1) b += __shfl_sync(FULL_MASK, tot, gap * (v * M + 1));
     }
     if (lane == 0) y[n] = M > 1 ? silu1(a) * b : a;
 }
