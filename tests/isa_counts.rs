@@ -44,7 +44,7 @@ fn counts() -> Option<&'static [isa::TypeCount]> {
             assert!(ptx.contains(".target sm_52"), "not PTX for compute_52");
             let counts = isa::m40_counts(&ptx);
             for t in &counts {
-                for k in &t.kernels {
+                for k in t.kernels.iter().chain(&t.wc) {
                     match &k.count {
                         Some(c) => eprintln!(
                             "{:<14} {:>7.2} instr/w (budget {:>5.1}) {:>4} instructions, {:>2} x loads, {:?}",
@@ -69,6 +69,24 @@ fn every_unit_kernel_has_a_unit_loop_with_its_activation_loads() {
     let Some(counts) = counts() else { return };
     assert_eq!(counts.len(), 11, "one entry per weight type");
     for t in counts {
+        // The K-quants' one-column-a-warp decode kernel: a pass of 4 unit steps (the 4 warps
+        // of the block it emulates), two x loads a step, each feeding its one column.
+        let k_quant = ["q4_k", "q5_k", "q6_k"].contains(&t.ty.as_str());
+        assert_eq!(t.wc.is_some(), k_quant, "{}: r1_wc kernel", t.ty);
+        if let Some(k) = &t.wc {
+            let c = k
+                .count
+                .as_ref()
+                .unwrap_or_else(|| panic!("{}: {:?}", k.kernel, k.error));
+            assert_eq!(k.kernel, format!("mmv_{}_r1_wc", t.ty));
+            assert_eq!((c.cols, c.unit_weights), (1, 8), "{c:?}");
+            assert_eq!(c.unit_loop.x_loads, 8, "{c:?}");
+            assert_eq!(c.units_per_iteration, 4, "{c:?}");
+            assert!(
+                c.unit_loop.classes.float >= c.weights_per_iteration,
+                "{c:?}"
+            );
+        }
         for k in &t.kernels {
             let c = k
                 .count
@@ -79,7 +97,6 @@ fn every_unit_kernel_has_a_unit_loop_with_its_activation_loads() {
             // besides the loads.
             assert!(c.unit_weights == 8 || c.unit_weights == 32, "{c:?}");
             // 4 columns a block; the K-quants 2 at eight rows (matvec.cu `Cols`).
-            let k_quant = ["q4_k", "q5_k", "q6_k"].contains(&t.ty.as_str());
             let want = match (c.unit_weights, k_quant && k.rows == 8) {
                 (8, true) => 2,
                 (8, false) => 4,

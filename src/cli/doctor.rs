@@ -293,15 +293,19 @@ fn m40_table(counts: &[m40_llm::backend::cuda::isa::TypeCount]) -> Vec<String> {
     for rows in isa::REPORTED_ROWS {
         header.push_str(&format!("  {:>14}", format!("r{rows} instr/w")));
     }
+    header.push_str(&format!("  {:>14}", "r1 wc instr/w"));
     lines.push(header);
     let mut over = Vec::new();
+    let mut wc_over = Vec::new();
     for t in counts {
         let mut line = format!(
             "  {:<6} {:<12} {:>7.3} {:>7.1}",
             t.ty, t.decoder, t.bytes_per_weight, t.budget
         );
         let mut errors = Vec::new();
-        for k in &t.kernels {
+        let rows = t.kernels.iter().map(|k| (k, false));
+        for (k, is_wc) in rows.chain(t.wc.iter().map(|k| (k, true))) {
+            let over = if is_wc { &mut wc_over } else { &mut over };
             match &k.count {
                 Some(c) => {
                     let verdict = if c.under_budget { "under" } else { "OVER" };
@@ -320,8 +324,17 @@ fn m40_table(counts: &[m40_llm::backend::cuda::isa::TypeCount]) -> Vec<String> {
                 }
             }
         }
+        if t.wc.is_none() {
+            line.push_str(&format!("  {:>8}", "-"));
+        }
         lines.push(line.trim_end().to_string());
         lines.extend(errors);
+    }
+    if !wc_over.is_empty() {
+        lines.push(format!(
+            "  OVER the M40 budget at decode with K >= 1024 (r1 wc, what real models run): {}",
+            wc_over.join(", ")
+        ));
     }
     lines.push(if over.is_empty() {
         "  every decode (r1) matvec is under the M40 budget".into()
@@ -413,6 +426,11 @@ mod tests {
                     },
                 },
             ],
+            wc: (name == "q4_k").then(|| {
+                let mut k = kernel(name, 1, 7.2, budget);
+                k.kernel = format!("mmv_{name}_r1_wc");
+                k
+            }),
         };
         let lines = super::m40_table(&[
             ty("q4_0", 6.6, 5.97, Some(16.7)),
@@ -425,8 +443,18 @@ mod tests {
         );
         let q4_k = lines.iter().find(|l| l.contains("q4_k ")).unwrap();
         assert!(
-            q4_k.contains("8.81 OVER") && q4_k.contains("not counted"),
+            q4_k.contains("8.81 OVER")
+                && q4_k.contains("not counted")
+                && q4_k.ends_with("7.20 OVER"),
             "{q4_k}"
+        );
+        assert!(q4_0.ends_with(" -"), "no wc kernel: {q4_0}");
+        assert!(
+            lines.iter().any(
+                |l| l.contains("OVER the M40 budget at decode with K >= 1024 (r1 wc")
+                    && l.ends_with(": q4_k")
+            ),
+            "{lines:?}"
         );
         assert!(
             lines.iter().any(|l| l.contains("mmv_q4_k_r8: no loop")),

@@ -424,6 +424,11 @@ pub struct TypeCount {
     pub budget: f64,
     /// One per [`REPORTED_ROWS`], in order.
     pub kernels: Vec<KernelResult>,
+    /// The one-column-a-warp decode kernel `mmv_<ty>_r1_wc`, for the types that have one (the
+    /// K-quants): what decode runs for a matrix of K >= 1024 (`matmul::unit_kernel`), so on
+    /// every real model's shapes, where `mmv_<ty>_r1` runs only below that.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wc: Option<KernelResult>,
 }
 
 /// A [`KernelCount`], or why there is none.
@@ -448,7 +453,8 @@ impl TypeCount {
 }
 
 /// Counts `mmv_<ty>_r<R>` for every weight type the kernels read and every [`REPORTED_ROWS`]
-/// against the M40 budget; a kernel that cannot be counted carries its error.
+/// against the M40 budget, and `mmv_<ty>_r1_wc` where `ptx` has it (one column a warp: one
+/// column shares each x load); a kernel that cannot be counted carries its error.
 pub fn m40_counts(ptx: &str) -> Vec<TypeCount> {
     crate::gguf::quants::DEQUANTIZE_TYPES
         .iter()
@@ -457,24 +463,26 @@ pub fn m40_counts(ptx: &str) -> Vec<TypeCount> {
             let budget = m40_budget_per_weight(ty);
             let decoder = unit_decoder(suffix).unwrap_or("?");
             let unit = unit_weights(decoder);
+            let result = |kernel: String, rows: u32, cols: u32| {
+                let r = unit
+                    .ok_or_else(|| IsaError::NoUnitWidth(decoder.to_string()))
+                    .and_then(|w| count_kernel(ptx, &kernel, rows, w, cols, budget));
+                KernelResult {
+                    kernel,
+                    rows,
+                    error: r.as_ref().err().map(ToString::to_string),
+                    count: r.ok(),
+                }
+            };
             let kernels = REPORTED_ROWS
                 .iter()
                 .map(|&rows| {
-                    let kernel = format!("mmv_{suffix}_r{rows}");
-                    let r = unit
-                        .ok_or_else(|| IsaError::NoUnitWidth(decoder.to_string()))
-                        .and_then(|w| {
-                            let cols = super::matmul::unit_cols(ty, false, rows as usize) as u32;
-                            count_kernel(ptx, &kernel, rows, w, cols, budget)
-                        });
-                    KernelResult {
-                        kernel,
-                        rows,
-                        error: r.as_ref().err().map(ToString::to_string),
-                        count: r.ok(),
-                    }
+                    let cols = super::matmul::unit_cols(ty, false, rows as usize) as u32;
+                    result(format!("mmv_{suffix}_r{rows}"), rows, cols)
                 })
                 .collect();
+            let wc_kernel = format!("mmv_{suffix}_r1_wc");
+            let wc = entry_body(ptx, &wc_kernel).map(|_| result(wc_kernel, 1, 1));
             TypeCount {
                 ty: suffix.to_string(),
                 decoder: decoder.to_string(),
@@ -482,6 +490,7 @@ pub fn m40_counts(ptx: &str) -> Vec<TypeCount> {
                 bytes_per_weight: bytes_per_weight(ty),
                 budget,
                 kernels,
+                wc,
             }
         })
         .collect()
