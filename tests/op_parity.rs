@@ -172,54 +172,61 @@ fn open_forgetful(
     }))
 }
 
-/// A CPU backend whose every value read back is 1 % too large.
-/// The CPU backend with every value read back scaled by `.1` (step inputs too, unless `.2`).
-struct Skewed(Box<dyn Backend>, f32, bool);
+/// The CPU backend with every value read back scaled by `scale` (the step's inputs too, unless
+/// `keep_inputs`).
+struct Skewed {
+    inner: Box<dyn Backend>,
+    scale: f32,
+    keep_inputs: bool,
+}
 
 impl Backend for Skewed {
     fn device(&self) -> &DeviceInfo {
-        self.0.device()
+        self.inner.device()
     }
     fn plan(&self) -> &Plan {
-        self.0.plan()
+        self.inner.plan()
     }
     fn kv_geometry(&self) -> KvGeometry {
-        self.0.kv_geometry()
+        self.inner.kv_geometry()
     }
     fn page_tables(&self) -> &PageTables {
-        self.0.page_tables()
+        self.inner.page_tables()
     }
     fn step_limits(&self) -> StepLimits {
-        self.0.step_limits()
+        self.inner.step_limits()
     }
     fn validate(&mut self, step: &Step) -> Result<(), BackendError> {
-        self.0.validate(step)
+        self.inner.validate(step)
     }
     fn step(&mut self, step: &Step, out: &mut StepOutputs) -> Result<(), BackendError> {
-        self.0.step(step, out)
+        self.inner.step(step, out)
     }
     fn read_value(&self, name: &str) -> Result<HostTensor, BackendError> {
         let input = matches!(name, "token_ids" | "positions" | "output_rows");
-        let v = self.0.read_value(name)?;
-        Ok(if self.2 && input { v } else { v * self.1 })
+        let v = self.inner.read_value(name)?;
+        Ok(if self.keep_inputs && input {
+            v
+        } else {
+            v * self.scale
+        })
     }
 }
 
-fn open_skewed(
+/// A CPU backend skewed by `scale` (see [`Skewed`]).
+fn skewed(
     plan: Plan,
     file: Arc<GgufFile>,
     kv: KvNeeds,
+    scale: f32,
+    keep_inputs: bool,
 ) -> Result<Box<dyn Backend>, BackendError> {
-    Ok(Box::new(Skewed(open_cpu(plan, file, kv)?, 1.01, false)))
-}
-
-/// Computed values off by 5e-4 (between the FP32 and the rounded-operand matmul tolerance).
-fn open_nudged(
-    plan: Plan,
-    file: Arc<GgufFile>,
-    kv: KvNeeds,
-) -> Result<Box<dyn Backend>, BackendError> {
-    Ok(Box::new(Skewed(open_cpu(plan, file, kv)?, 1.0005, true)))
+    let inner = open_cpu(plan, file, kv)?;
+    Ok(Box::new(Skewed {
+        inner,
+        scale,
+        keep_inputs,
+    }))
 }
 
 #[test]
@@ -227,7 +234,9 @@ fn a_backend_that_rounds_matmul_operands_gets_their_tolerance_for_matmuls_only()
     let fp32 = BackendEntry {
         name: "nudged",
         unavailable: || None,
-        open: open_nudged,
+        // Computed values off by 5e-4 (between the FP32 and the rounded-operand matmul
+        // tolerance).
+        open: |plan, file, kv| skewed(plan, file, kv, 1.0005, true),
         matmul_tolerance: || ops::matmul_tolerance(None),
     };
     let rounding = BackendEntry {
@@ -287,7 +296,8 @@ fn values_off_by_one_percent_fail() {
     let entry = BackendEntry {
         name: "skewed",
         unavailable: || None,
-        open: open_skewed,
+        // Every value read back 1 % too large.
+        open: |plan, file, kv| skewed(plan, file, kv, 1.01, false),
         matmul_tolerance: || ops::matmul_tolerance(None),
     };
     for case in one_case_per_op() {

@@ -199,9 +199,14 @@ fn units_take(k: usize, x: u64) -> bool {
 /// held 168 registers a thread. The `_r1_c1` variants compute one, the `_r1_wc` ones one a warp
 /// ([`unit_kernel`]).
 pub fn unit_cols(ty: GgmlType, gate_up: bool, rows: usize) -> usize {
-    let k_quant = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
-    let cols = if k_quant && rows == 8 { 2 } else { 4 };
+    let cols = if is_k_quant(ty) && rows == 8 { 2 } else { 4 };
     if gate_up { cols / 2 } else { cols }
+}
+
+/// The types whose unit kernels are sub-block scaled (kernels/matvec.cu `IsScaled`: super-blocks
+/// of 256, a scale a half unit), with their own column counts and `_r1_wc` kernels.
+fn is_k_quant(ty: GgmlType) -> bool {
+    matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K)
 }
 
 /// Rows at least this many take the several-column kernel at one row (blocks to spare).
@@ -229,7 +234,7 @@ pub fn unit_kernel(
 ) -> (String, usize) {
     let cols = unit_cols(ty, gate_up, rows);
     let float = matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
-    let k_quant = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
+    let k_quant = is_k_quant(ty);
     if rows == 1 && k_quant && unit_block(k) == WC_BLOCK {
         (format!("{prefix}_{sfx}_r1_wc"), (WC_BLOCK / 32) as usize)
     } else if rows == 1 && cols > 1 && (float || k_quant || n < COLS_MIN_ROWS) {
