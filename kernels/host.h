@@ -1,21 +1,20 @@
 // Host definitions of the CUDA built-ins the kernels use, so that kernels/*.cu compile as C++
 // with -DM40LLM_HOST: the decoders' logic (block layouts, magic-number conversions, unaligned
 // word handling) is then checked on any machine by tests/kernel_host.rs, bit for bit against the
-// reference decoders (T::at), and whole kernels run by host_launch (a std::thread per CUDA
-// thread, barriers for __syncthreads and the warps' shuffles) against f64 references. NVRTC never sees this file (common.cuh includes
-// it under #ifdef M40LLM_HOST only).
+// reference decoders (T::at), and whole kernels run by host_launch (a fiber per CUDA thread,
+// barriers for __syncthreads and the warps' shuffles) against f64 references. NVRTC never sees
+// this file (common.cuh includes it under #ifdef M40LLM_HOST only).
 #pragma once
 #include <algorithm>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <vector>
+
+#include <ucontext.h>
 
 #define __device__
 #define __forceinline__ inline
@@ -39,26 +38,45 @@ struct HostDim3 {
     unsigned x, y, z;
 };
 // Outside host_launch a lone thread: __syncthreads is a no-op and a shuffle returns its value.
-__attribute__((unused)) static thread_local HostDim3 threadIdx = {0, 0, 0};
-__attribute__((unused)) static thread_local HostDim3 blockIdx = {0, 0, 0};
+// Inside, the running fiber's (host_yield keeps each fiber's own across switches).
+__attribute__((unused)) static HostDim3 threadIdx = {0, 0, 0};
+__attribute__((unused)) static HostDim3 blockIdx = {0, 0, 0};
 __attribute__((unused)) static HostDim3 blockDim = {32, 1, 1}, gridDim = {1, 1, 1};
 
-// A reusable barrier (C++14: no std::barrier).
+// host_launch's CUDA threads are fibers (ucontext: a stack each) on the calling thread, run in
+// turn, each until it waits at a barrier: deterministic, and a barrier costs a context switch
+// where OS threads cost a futex wake-up of every waiter (most of the harness's time on two
+// cores). `cur` is the running fiber, `main` the scheduler's context.
+struct HostFibers {
+    ucontext_t main;
+    std::vector<ucontext_t> ctx;
+    std::vector<void*> stacks;
+    std::vector<char> done;
+    unsigned cur = 0;
+};
+__attribute__((unused)) static HostFibers* host_fibers = nullptr;
+
+// Back to the scheduler, which resumes the other fibers in turn; then this one's thread and block
+// indices again.
+inline void host_yield() {
+    HostDim3 t = threadIdx, b = blockIdx;
+    swapcontext(&host_fibers->ctx[host_fibers->cur], &host_fibers->main);
+    threadIdx = t;
+    blockIdx = b;
+}
+
+// A reusable barrier of n fibers: the last to arrive releases the others and runs on.
 struct HostBarrier {
-    std::mutex m;
-    std::condition_variable cv;
     int n, count = 0, gen = 0;
     explicit HostBarrier(int n_) : n(n_) {}
     void wait() {
-        std::unique_lock<std::mutex> l(m);
         int g = gen;
         if (++count == n) {
             count = 0;
             gen++;
-            cv.notify_all();
-        } else {
-            cv.wait(l, [&] { return g != gen; });
+            return;
         }
+        while (gen == g) host_yield();
     }
 };
 
@@ -74,6 +92,12 @@ struct HostBlock {
     }
 };
 __attribute__((unused)) static HostBlock* host_block = nullptr;
+// The barriers' releases so far (the scheduler's progress check).
+inline long long host_barrier_gens(HostBlock& b) {
+    long long g = b.block.gen;
+    for (auto& w : b.warps) g += w->gen;
+    return g;
+}
 
 // A shuffle: every thread of the warp offers its v and gets thread `partner`'s (an index in the
 // block: its own warp's lanes are what the device allows).
@@ -97,32 +121,85 @@ inline T host_shfl_xor(T v, int o) {
     return host_shfl(v, threadIdx.x ^ (unsigned)o);
 }
 
+// What a fiber of host_launch runs: its thread of every block in turn, the blocks one at a
+// time (a barrier between them).
+template <typename F>
+struct HostLaunch {
+    F* kernel;
+    HostDim3 grid;
+    HostBlock* block;
+};
+__attribute__((unused)) static void* host_launch_now = nullptr;
+template <typename F>
+void host_fiber_main() {
+    const HostLaunch<F>& l = *(const HostLaunch<F>*)host_launch_now;
+    unsigned t = host_fibers->cur;
+    for (unsigned z = 0; z < l.grid.z; z++)
+        for (unsigned y = 0; y < l.grid.y; y++)
+            for (unsigned x = 0; x < l.grid.x; x++) {
+                threadIdx = {t, 0, 0};
+                blockIdx = {x, y, z};
+                (*l.kernel)();
+                l.block->block.wait();  // the block is done before the next one starts
+            }
+    host_fibers->done[t] = 1;
+}  // to uc_link: the scheduler
+
 // Runs `kernel()` (a lambda calling the kernel with its arguments) over `grid` blocks of
-// `threads` threads: a std::thread per CUDA thread, which runs its thread of every block in
-// turn, the blocks one at a time (a barrier between them). Shared memory is the kernels'
-// `static` arrays (shared by the block's threads, left over from the previous block, as
-// uninitialized as on a GPU). Every thread must reach every __syncthreads and shuffle, as the
-// device requires.
+// `threads` threads: a fiber per CUDA thread, which runs its thread of every block in turn.
+// Shared memory is the kernels' `static` arrays (shared by the block's threads, left over from
+// the previous block, as uninitialized as on a GPU). Every thread must reach every
+// __syncthreads and shuffle, as the device requires (a fiber waiting at a barrier the others
+// never reach stops the harness: reported, not a hang).
 template <typename F>
 inline void host_launch(HostDim3 grid, unsigned threads, F kernel) {
+    const size_t stack = 1 << 20;
     gridDim = grid;
     blockDim = {threads, 1, 1};
     HostBlock b(threads);
+    HostLaunch<F> l = {&kernel, grid, &b};
+    HostFibers f;
+    f.ctx.resize(threads);
+    f.stacks.assign(threads, nullptr);
+    f.done.assign(threads, 0);
     host_block = &b;
-    std::vector<std::thread> ts;
-    for (unsigned t = 0; t < threads; t++)
-        ts.emplace_back([t, grid, &kernel, &b] {
-            threadIdx = {t, 0, 0};
-            for (unsigned z = 0; z < grid.z; z++)
-                for (unsigned y = 0; y < grid.y; y++)
-                    for (unsigned x = 0; x < grid.x; x++) {
-                        blockIdx = {x, y, z};
-                        kernel();
-                        b.block.wait();  // the block is done before the next one starts
-                    }
-        });
-    for (auto& t : ts) t.join();
+    host_fibers = &f;
+    host_launch_now = &l;
+    for (unsigned t = 0; t < threads; t++) {
+        f.stacks[t] = std::malloc(stack);
+        if (!f.stacks[t] || getcontext(&f.ctx[t]) != 0) {
+            std::fprintf(stderr, "host_launch: no fiber for thread %u\n", t);
+            std::abort();
+        }
+        f.ctx[t].uc_stack.ss_sp = f.stacks[t];
+        f.ctx[t].uc_stack.ss_size = stack;
+        f.ctx[t].uc_link = &f.main;
+        makecontext(&f.ctx[t], host_fiber_main<F>, 0);
+    }
+    // Round robin: each pass resumes every live fiber once, so it runs to its next barrier. A
+    // pass in which no fiber finishes or releases a barrier (every one still waiting) is a
+    // deadlock: a barrier some thread never reaches.
+    for (unsigned left = threads; left > 0;) {
+        unsigned before = left;
+        long long gens = host_barrier_gens(b);
+        for (unsigned t = 0; t < threads; t++) {
+            if (f.done[t]) continue;
+            f.cur = t;
+            swapcontext(&f.main, &f.ctx[t]);
+            if (f.done[t]) left--;
+        }
+        if (left == before && host_barrier_gens(b) == gens) {
+            std::fprintf(stderr, "host_launch: %u threads wait at barriers no other reaches\n",
+                         left);
+            std::abort();
+        }
+    }
+    for (void* s : f.stacks) std::free(s);
     host_block = nullptr;
+    host_fibers = nullptr;
+    host_launch_now = nullptr;
+    threadIdx = {0, 0, 0};
+    blockIdx = {0, 0, 0};
 }
 
 // A device load of `bytes` (2, 4, 8 or 16) must be naturally aligned: a misaligned one faults

@@ -3,10 +3,11 @@
 //! kernels' decoders (`U::unit`, their element layout included) against the CPU backend's
 //! dequantization of the same quantized rows, for every weight type the CUDA kernels read;
 //! tests/host/kernels.cpp runs whole kernels (the unit matvecs, the tiled matmuls, attention)
-//! thread by thread (`host_launch`: real barriers and shuffles) against f64 references, the
-//! grouped decode attention kernels against the per-head one and the fused rope + q/k/v write
-//! against the two kernels it replaces, bit for bit, and the FP16 dequantization and activation
-//! conversion of the FP16 GEMM bit for bit against `T::at` rounded to the nearest FP16. The GPU
+//! thread by thread (`host_launch`: a fiber a CUDA thread, real barriers and shuffles) against
+//! f64 references, the grouped decode attention kernels against the per-head one and the fused
+//! rope + q/k/v write against the two kernels it replaces, bit for bit, and the FP16
+//! dequantization and activation conversion of the FP16 GEMM bit for bit against `T::at`
+//! rounded to the nearest FP16. The GPU
 //! tests (tests/gpu_kernels.rs) check the kernels on the device and their speed is the bench's.
 //!
 //! Needs a C++ compiler (`$CXX`, else `c++`): without one the test skips, saying so, and fails
@@ -104,7 +105,6 @@ fn build(src: &str, dir: &str) -> Option<(PathBuf, PathBuf)> {
         .args(["-fsanitize=alignment", "-fno-sanitize-recover=alignment"])
         .args(["-Werror", "-I", "kernels", src, "-o"])
         .arg(&exe)
-        .arg("-lpthread")
         .output();
     let built = match built {
         Ok(b) => b,

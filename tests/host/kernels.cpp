@@ -1,5 +1,5 @@
 // Whole kernels on the host: host_launch (kernels/host.h) runs a kernel's every thread as a
-// std::thread, with real barriers for __syncthreads and the warps' shuffles, so a kernel's index
+// fiber, with real barriers for __syncthreads and the warps' shuffles, so a kernel's index
 // math, shared-memory tiling, reductions and edge handling are checked with no GPU, against f64
 // references built on the reference decoders (T::at, themselves checked against the CPU by
 // units.cpp). Run by tests/kernel_host.rs; prints a line per case, exits non-zero on a failure.
