@@ -23,12 +23,21 @@ pub fn data(rel: &str) -> PathBuf {
     Path::new("tests/data").join(rel)
 }
 
-/// The `m40-llm` binary under test: `$M40LLM_BIN` (staged binaries on the GPU machine, see
-/// ../shared/gpu), else the one cargo built for this test run.
+/// The `m40-llm` binary under test: `$M40LLM_BIN`, else the one cargo built for this test run,
+/// else (where the build's path does not exist: the staged binaries on the GPU machine, see
+/// ../shared/gpu) the `m40-llm` beside the test executable.
 pub fn bin() -> PathBuf {
-    std::env::var_os("M40LLM_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_m40-llm")))
+    if let Some(b) = std::env::var_os("M40LLM_BIN") {
+        return PathBuf::from(b);
+    }
+    let built = PathBuf::from(env!("CARGO_BIN_EXE_m40-llm"));
+    let beside = std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.join("m40-llm")));
+    match beside {
+        Some(b) if !built.exists() && b.exists() => b,
+        _ => built,
+    }
 }
 
 /// The default model: `$M40LLM_TEST_MODEL`, else where `m40-llm fetch` puts it
