@@ -190,6 +190,40 @@ fn whole_kernels_run_thread_by_thread_on_the_host_match_f64_math() {
 }
 
 #[test]
+fn a_barrier_no_thread_reaches_stops_the_harness_with_a_message() {
+    let Some((_, exe)) = build("tests/host/barriers.cpp", "kernel_host_barriers") else {
+        return;
+    };
+    let good = Command::new(&exe).output().unwrap();
+    let out = String::from_utf8_lossy(&good.stdout);
+    assert!(good.status.success(), "{out}");
+    assert!(out.contains("sums 2016 2016"), "{out}");
+    // Without the check the run would hang: give it 60 s, then fail.
+    let mut child = Command::new(&exe)
+        .arg("skip")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > std::time::Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("a barrier no thread reaches hung the harness");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let stuck = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&stuck.stderr);
+    assert!(!stuck.status.success(), "{err}");
+    assert!(
+        err.contains("host_launch: 64 threads wait at barriers no other reaches"),
+        "{err}"
+    );
+    assert!(!String::from_utf8_lossy(&stuck.stdout).contains("skips finished"));
+}
+
+#[test]
 fn the_harness_fails_a_decoder_that_disagrees() {
     // The same harness on rows whose values were changed after dequantization: it must say so.
     let Some((dir, exe)) = build("tests/host/units.cpp", "kernel_host_bad") else {
