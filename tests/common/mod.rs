@@ -31,13 +31,14 @@ pub fn bin() -> PathBuf {
         return PathBuf::from(b);
     }
     let built = PathBuf::from(env!("CARGO_BIN_EXE_m40-llm"));
-    let beside = std::env::current_exe()
-        .ok()
-        .and_then(|e| Some(e.parent()?.join("m40-llm")));
-    match beside {
-        Some(b) if !built.exists() && b.exists() => b,
-        _ => built,
+    if built.exists() {
+        return built;
     }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| Some(e.parent()?.join("m40-llm")))
+        .filter(|b| b.exists())
+        .unwrap_or(built)
 }
 
 /// The default model: `$M40LLM_TEST_MODEL`, else where `m40-llm fetch` puts it
