@@ -17,6 +17,8 @@
 // mmv_<ty>_r1_wc (and gate_up_swiglu_, mmv3_; the K-quants only): one output column a warp, 4
 // a block of 128 threads, each warp computing what `_r1_c1`'s whole block of 128 threads
 // computes, bit for bit (wc_impl); the host takes them where that is its block (K >= 1024).
+// `_r1_wc2` and `_r1_wc4`: the same with a column's work split over 2 or 4 warps (2 and 1
+// columns a block), the same bits, for matrices too narrow to fill the device at 4 a block.
 //
 // matvec_<ty>: the plain reference kernel, a warp per output element reading the row with
 // T::at. The host uses it only for shapes the unit kernels do not take (K not a multiple of 32,
@@ -837,6 +839,13 @@ __device__ __forceinline__ void mmv_impl(const u8* __restrict__ w0, const u8* __
 // warps without units add zeros), and with them the batch invariance of the unit kernels;
 // there is no shared memory and no barrier, and a warp whose column is past N leaves as a whole.
 // Grid: ceil(N / (blockDim.x / 32)), block: 128 (4 columns a block).
+//
+// With W warps a column (`_wc2`, `_wc4`), warp j of the column keeps logical warps j S .. j S +
+// S - 1 (S = V / W): passes of S steps over super-blocks s + j S.., s advancing by V as before,
+// so each logical warp's chain is unchanged; the W warps' sums meet in shared memory and the
+// column's first warp adds them in logical-warp order. The same bits; the host takes them where
+// 4 columns a block would leave too few blocks to fill the device (an 8B's 4096 columns on an
+// H200's 132 SMs: one partial wave of warps that walk K = 14 336 with little else in flight).
 
 // A pass of P steps (P <= V) over super-blocks s..s + P of the M rows: wk[a][m] is row m's walk
 // at super-block s + a (a < ALIGN, the super-blocks over which a walk keeps its alignment), xw
@@ -899,50 +908,97 @@ __device__ __forceinline__ float warp_sums(float (&v)[N]) {
     return t;
 }
 
-// Column n of the launch over one matrix (pair), by this warp.
-template <typename U, int M, int V>
-__device__ __forceinline__ void wc_impl(const u8* __restrict__ w0, const u8* __restrict__ w1,
-                                        const float* __restrict__ x, float* __restrict__ y, int N,
-                                        int K, i64 row_bytes, int n) {
-    static_assert(IsScaled<U>::value, "a warp per column emulates mmv_loop_scaled's block");
-    static_assert(V % U::ALIGN == 0, "a pass keeps the walks' alignment");
-    if (n >= N) return;  // the whole warp
+// Part j of column n (W parts, S = V / W of the V logical warps each: j S .. j S + S - 1), by
+// this warp: the walk of its logical warps' super-blocks (j S + p + V i, pass i, step p), then
+// their S (S M) sums at once (warp_sums). Returns logical warp j S + v's row-m total on lane
+// (32 / (S M)) (v M + m).
+template <typename U, int M, int V, int W>
+__device__ __forceinline__ float wc_part(const u8* __restrict__ w0, const u8* __restrict__ w1,
+                                         const float* __restrict__ x, int K, i64 row_bytes, int n,
+                                         int j) {
+    const int S = V / W;
     int lane = threadIdx.x & 31;
     KWalk wk[U::ALIGN][M];
 #pragma unroll
     for (int a = 0; a < U::ALIGN; a++)
 #pragma unroll
         for (int m = 0; m < M; m++)
-            wk[a][m] = U::walk((m == 0 ? w0 : w1) + (i64)n * row_bytes, 32 * a + lane);
-    const float* xw = x + U::xoff(lane, 0);
-    float acc[V * M][1];
+            wk[a][m] = U::walk((m == 0 ? w0 : w1) + (i64)n * row_bytes, 32 * (j * S + a) + lane);
+    const float* xw = x + U::xoff(lane, 0) + 256 * j * S;
+    float acc[S * M][1];
 #pragma unroll
-    for (int i = 0; i < V * M; i++) acc[i][0] = 0.0f;
+    for (int i = 0; i < S * M; i++) acc[i][0] = 0.0f;
     int sbs = K / 256, s = 0;
     for (; s + V <= sbs; s += V, xw += 256 * V) {
-        wc_pass<U, M, V>(wk, xw, K, acc);
+        wc_pass<U, M, S>(wk, xw, K, acc);
 #pragma unroll
         for (int a = 0; a < U::ALIGN; a++)
 #pragma unroll
             for (int m = 0; m < M; m++) U::advance(wk[a][m], V * U::BYTES);
     }
-    WcTail<U, M, V - 1>::run(sbs - s, wk, xw, K, acc);
-    float t[V * M];
+    // Fewer than V super-blocks left: logical warp p takes one if p < left.
+    int left = min(max(sbs - s - j * S, 0), S);
+    WcTail<U, M, W == 1 ? S - 1 : S>::run(left, wk, xw, K, acc);
+    float t[S * M];
 #pragma unroll
-    for (int i = 0; i < V * M; i++) t[i] = acc[i][0];
-    float tot = warp_sums<V * M>(t), a = 0.0f, b = 0.0f;
-    const int gap = 32 / (V * M);  // value i's total on lane gap * i (value 0's on lane 0)
-#pragma unroll
-    for (int v = 0; v < V; v++) {
-        a += v == 0 ? tot : __shfl_sync(FULL_MASK, tot, gap * v * M);
-        if (M > 1) b += __shfl_sync(FULL_MASK, tot, gap * (v * M + 1));
-    }
-    if (lane == 0) y[n] = M > 1 ? silu1(a) * b : a;
+    for (int i = 0; i < S * M; i++) t[i] = acc[i][0];
+    return warp_sums<S * M>(t);
 }
 
-// The column of this warp: blockDim.x / 32 columns a block.
+// Column n of the launch over one matrix (pair), by W warps of the block (this one its part j;
+// the block's warps w..w + W - 1 with w = W (warp / W)). W = 1: the V sums are in this warp;
+// else the parts' sums meet in shared memory after a barrier every warp of the block reaches
+// (a column past N computes nothing). Either way a = 0 + t_0 + ... + t_{V-1}, in that order.
+template <typename U, int M, int V, int W>
+__device__ __forceinline__ void wc_impl(const u8* __restrict__ w0, const u8* __restrict__ w1,
+                                        const float* __restrict__ x, float* __restrict__ y, int N,
+                                        int K, i64 row_bytes, int n, int j) {
+    static_assert(IsScaled<U>::value, "a warp per column emulates mmv_loop_scaled's block");
+    static_assert(V % U::ALIGN == 0, "a pass keeps the walks' alignment");
+    static_assert(V % W == 0 && W * (MMV_THREADS / 32 / W) == MMV_THREADS / 32,
+                  "whole parts of logical warps, whole columns a block");
+    const int S = V / W, gap = 32 / (S * M);  // value i's total on lane gap * i
+    int lane = threadIdx.x & 31;
+    if (W == 1) {
+        if (n >= N) return;  // the whole warp
+        float tot = wc_part<U, M, V, 1>(w0, w1, x, K, row_bytes, n, 0), a = 0.0f, b = 0.0f;
+#pragma unroll
+        for (int v = 0; v < V; v++) {
+            a += v == 0 ? tot : __shfl_sync(FULL_MASK, tot, gap * v * M);
+            if (M > 1) b += __shfl_sync(FULL_MASK, tot, gap * (v * M + 1));
+        }
+        if (lane == 0) y[n] = M > 1 ? silu1(a) * b : a;
+        return;
+    }
+    __shared__ float part[MMV_THREADS / 32][S * M];
+    int warp = threadIdx.x >> 5;
+    bool live = n < N;  // the same for the column's W warps
+    if (live) {
+        float tot = wc_part<U, M, V, W>(w0, w1, x, K, row_bytes, n, j);
+        if (lane % gap == 0) part[warp][lane / gap] = tot;
+    }
+    __syncthreads();
+    if (live && j == 0 && lane == 0) {
+        float a = 0.0f, b = 0.0f;
+#pragma unroll
+        for (int p = 0; p < W; p++)
+#pragma unroll
+            for (int v = 0; v < S; v++) {
+                a += part[warp + p][v * M];
+                if (M > 1) b += part[warp + p][v * M + 1];
+            }
+        y[n] = M > 1 ? silu1(a) * b : a;
+    }
+}
+
+// The column of this warp and its part: blockDim.x / 32 / W columns a block, W warps each.
+template <int W>
 __device__ __forceinline__ int wc_column() {
-    return blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    return blockIdx.x * ((blockDim.x >> 5) / W) + (threadIdx.x >> 5) / W;
+}
+template <int W>
+__device__ __forceinline__ int wc_part_index() {
+    return (threadIdx.x >> 5) % W;
 }
 
 // No __launch_bounds__: with it ptxas trades registers for occupancy and the R = 8 kernels spill.
@@ -965,21 +1021,23 @@ __device__ __forceinline__ int wc_column() {
         const u8* wg, const u8* wu, const float* x, float* y, int N, int K, i64 row_bytes) {     \
         mmv_impl<U, 1, 2, 1>(wg, wu, x, y, N, K, row_bytes, blockIdx.x);                         \
     }
-// One row, one output column per warp, emulating the one-column kernel's block of
-// MMV_THREADS threads (see wc_impl).
-#define MMV_WC(name, U)                                                                          \
-    extern "C" __global__ void mmv_##name##_r1_wc(const u8* w, const float* x, float* y, int N, \
-                                                  int K, i64 row_bytes) {                       \
-        wc_impl<U, 1, MMV_THREADS / 32>(w, w, x, y, N, K, row_bytes, wc_column());               \
+// One row, one output column per W warps (SFX: _wc for W = 1, _wc2, _wc4), emulating the
+// one-column kernel's block of MMV_THREADS threads (see wc_impl).
+#define MMV_WC(name, U, W, SFX)                                                                  \
+    extern "C" __global__ void mmv_##name##_r1##SFX(const u8* w, const float* x, float* y,      \
+                                                    int N, int K, i64 row_bytes) {              \
+        wc_impl<U, 1, MMV_THREADS / 32, W>(w, w, x, y, N, K, row_bytes, wc_column<W>(),          \
+                                           wc_part_index<W>());                                 \
     }                                                                                            \
-    extern "C" __global__ void gate_up_swiglu_##name##_r1_wc(                                    \
+    extern "C" __global__ void gate_up_swiglu_##name##_r1##SFX(                                  \
         const u8* wg, const u8* wu, const float* x, float* y, int N, int K, i64 row_bytes) {     \
-        wc_impl<U, 2, MMV_THREADS / 32>(wg, wu, x, y, N, K, row_bytes, wc_column());             \
+        wc_impl<U, 2, MMV_THREADS / 32, W>(wg, wu, x, y, N, K, row_bytes, wc_column<W>(),        \
+                                           wc_part_index<W>());                                 \
     }
 // The plan's multi_matmul at one row (Q, K and V: up to three matrices of one type and K) in
 // one launch: blocks [0, b0) compute y0 = x W0ᵀ, the next b1 y1, the rest y2 (bi = ceil(ni /
 // C), C the columns a block; n2 = 0 for two matrices). Each block computes what mmv_<ty>_r1
-// (C = 4), _r1_c1 (C = 1) or _r1_wc (C = blockDim.x / 32) computes for its columns, so every
+// (C = 4), _r1_c1 (C = 1) or _r1_wc<W> (C = blockDim.x / 32 / W) computes for its columns, so every
 // output is bit for bit the same as from the separate launches, with two launches fewer per
 // layer in the decode step.
 struct Mmv3Block {
@@ -1006,12 +1064,13 @@ __device__ __forceinline__ Mmv3Block mmv3_block(const u8* w0, const u8* w1, cons
         Mmv3Block k = mmv3_block(w0, w1, w2, y0, y1, y2, n0, n1, n2, C);                  \
         mmv_impl<U, 1, 1, C>(k.w, k.w, x, k.y, k.n, K, row_bytes, k.b);                   \
     }
-#define MMV3_WC(name, U)                                                                  \
-    extern "C" __global__ void mmv3_##name##_r1_wc(MMV3_ARGS) {                           \
-        int cols = blockDim.x >> 5;                                                       \
+#define MMV3_WC(name, U, W, SFX)                                                          \
+    extern "C" __global__ void mmv3_##name##_r1##SFX(MMV3_ARGS) {                         \
+        int cols = (blockDim.x >> 5) / W;                                                 \
         Mmv3Block k = mmv3_block(w0, w1, w2, y0, y1, y2, n0, n1, n2, cols);               \
-        wc_impl<U, 1, MMV_THREADS / 32>(k.w, k.w, x, k.y, k.n, K, row_bytes,              \
-                                        k.b * cols + (threadIdx.x >> 5));                 \
+        wc_impl<U, 1, MMV_THREADS / 32, W>(k.w, k.w, x, k.y, k.n, K, row_bytes,           \
+                                           k.b * cols + (threadIdx.x >> 5) / W,           \
+                                           wc_part_index<W>());                           \
     }
 #define MMV(name, U)                                                                         \
     MMV_R(name, U, 1) MMV_R(name, U, 2) MMV_R(name, U, 4) MMV_R(name, U, 8) MMV_C1(name, U) \
@@ -1028,10 +1087,14 @@ MMV(q8_0, UQ8_0)
 MMV(q4_k, UQ4_K)
 MMV(q5_k, UQ5_K)
 MMV(q6_k, UQ6_K)
-// The K-quants' one-column-a-warp kernels (wc_impl).
-MMV_WC(q4_k, UQ4_K) MMV3_WC(q4_k, UQ4_K)
-MMV_WC(q5_k, UQ5_K) MMV3_WC(q5_k, UQ5_K)
-MMV_WC(q6_k, UQ6_K) MMV3_WC(q6_k, UQ6_K)
+// The K-quants' one-column-a-warp kernels (wc_impl), and two and four warps a column.
+#define WCS(name, U)                                                     \
+    MMV_WC(name, U, 1, _wc) MMV3_WC(name, U, 1, _wc)                     \
+    MMV_WC(name, U, 2, _wc2) MMV3_WC(name, U, 2, _wc2)                   \
+    MMV_WC(name, U, 4, _wc4) MMV3_WC(name, U, 4, _wc4)
+WCS(q4_k, UQ4_K)
+WCS(q5_k, UQ5_K)
+WCS(q6_k, UQ6_K)
 
 // ---- The plain reference kernel ----
 

@@ -1392,6 +1392,57 @@ fn kernel_timings_for_the_record() {
             );
         }
     }
+    // The K-quants' decode kernels at an 8B's shapes (V 1024 x 4096, q/o 4096 x 4096, QKV 6144 x
+    // 4096, down 4096 x 14336, gate/up 14336 x 4096) with 1, 2 and 4 warps a column: which the
+    // host should take where (`matmul::wc_warps`). Each timed call walks copies of the weight whose bytes
+    // exceed the H200's 50 MB L2 four times, so no launch finds its weight cached.
+    for ty in [GgmlType::Q4_K, GgmlType::Q6_K] {
+        let sfx = weight_kernel_suffix(ty).unwrap();
+        let shapes = [
+            (1024usize, 4096usize),
+            (4096, 4096),
+            (6144, 4096),
+            (4096, 14336),
+            (14336, 4096),
+        ];
+        for (n, k) in shapes {
+            let (wb, _, row_bytes) = weight(43, ty, n, k);
+            let copies = (200usize << 20).div_ceil(wb.len());
+            let ws: Vec<_> = (0..copies).map(|_| g.up(&wb)).collect();
+            let (nn, kk, rb) = (n as i32, k as i32, row_bytes as i64);
+            let xr = g.up(&randn(&mut rng(3), k));
+            let mut first: Option<Vec<f32>> = None;
+            for (sfx_w, warps) in [("wc", 1usize), ("wc2", 2), ("wc4", 4)] {
+                let kernel = format!("mmv_{sfx}_r1_{sfx_w}");
+                let f = g.f("matvec", &kernel);
+                let grid = (n.div_ceil(4 / warps) as u32, 1, 1);
+                let mut y_d = g.out(n, NAN);
+                let ms = time(&mut || {
+                    for w_d in &ws {
+                        launch(&f, g, cfg(grid, 128), |b| {
+                            b.arg(w_d).arg(&xr).arg(&mut y_d).arg(&nn).arg(&kk).arg(&rb);
+                        });
+                    }
+                }) / copies as f64;
+                let y = g.down(&y_d);
+                assert!(y.iter().all(|v| v.is_finite()), "{kernel}");
+                // Every warp count gives the same bits (kernel_host checks it too).
+                match &first {
+                    None => first = Some(y),
+                    Some(y1) => assert!(
+                        y1.iter().zip(&y).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{kernel} {n}x{k}: not the bits of one warp a column"
+                    ),
+                }
+                eprintln!(
+                    "TIMING {kernel} {n}x{k} rows=1 ({warps} warps a column, {copies} copies): \
+                     {:.1} us, {:.0} GB/s of weights",
+                    ms * 1e3,
+                    wb.len() as f64 / ms / 1e6
+                );
+            }
+        }
+    }
     // Batched decode of an 8B shape through the tiled kernels (what the executor runs for 9..64
     // tokens): q/o (4096 x 4096) and gate/up (14336 x 4096) at 16, 32 and 64 rows, 65 and 128
     // rows on cuBLAS and on the tiled kernels (where the threshold should be), the fused gate/up
@@ -1726,7 +1777,7 @@ fn matmul_agrees_on_the_unit_cublas_and_plain_kernel_paths() {
 }
 
 #[test]
-fn the_k_quants_warp_per_column_kernels_give_the_one_column_kernels_bits() {
+fn the_k_quants_warps_per_column_kernels_give_the_one_column_kernels_bits() {
     use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul};
     let Some(g) = gpu() else { return };
     let mm = Matmul::new(g.stream.clone(), false).unwrap();
@@ -1753,8 +1804,15 @@ fn the_k_quants_warp_per_column_kernels_give_the_one_column_kernels_bits() {
         for gate_up in [false, true] {
             let prefix = if gate_up { "gate_up_swiglu" } else { "mmv" };
             let mut ys = Vec::new();
-            // The one-column kernel's block of 128 threads, then a warp per column, 4 a block.
-            for (kernel, grid) in [("r1_c1", n as u32), ("r1_wc", n.div_ceil(4) as u32)] {
+            // The one-column kernel's block of 128 threads, then 1, 2 and 4 warps a column (4,
+            // 2 and 1 columns a block).
+            let kernels = [
+                ("r1_c1", n as u32),
+                ("r1_wc", n.div_ceil(4) as u32),
+                ("r1_wc2", n.div_ceil(2) as u32),
+                ("r1_wc4", n as u32),
+            ];
+            for (kernel, grid) in kernels {
                 let f = g.f("matvec", &format!("{prefix}_{sfx}_{kernel}"));
                 let mut y_d = g.out(n, NAN);
                 launch(&f, g, cfg((grid, 1, 1), 128), |b| {
@@ -1767,15 +1825,17 @@ fn the_k_quants_warp_per_column_kernels_give_the_one_column_kernels_bits() {
                 ys.push(g.down(&y_d));
             }
             assert!(ys[0].iter().all(|v| v.is_finite()), "{what} {prefix}");
-            if let Some(c) = ys[0]
-                .iter()
-                .zip(&ys[1])
-                .position(|(a, b)| a.to_bits() != b.to_bits())
-            {
-                panic!(
-                    "{what} {prefix}: column {c} is {} from r1_c1 and {} from r1_wc",
-                    ys[0][c], ys[1][c]
-                );
+            for (i, (kernel, _)) in kernels.iter().enumerate().skip(1) {
+                if let Some(c) = ys[0]
+                    .iter()
+                    .zip(&ys[i])
+                    .position(|(a, b)| a.to_bits() != b.to_bits())
+                {
+                    panic!(
+                        "{what} {prefix}: column {c} is {} from r1_c1 and {} from {kernel}",
+                        ys[0][c], ys[i][c]
+                    );
+                }
             }
         }
         // Through the host's choice: row 0 of two rows (mmv_<ty>_r2) is the one-row result

@@ -113,13 +113,19 @@ static void check_mmv(const char* ty, int n, int k, int block_bytes, int block_e
 // ---- One sequence's bits whatever the launch: the one-column kernel at one row (the K-quants
 // take their unit steps four a pass there, see ScaledSteps), the four-column one (one a pass)
 // and row 0 of the two-row kernel must give the same bits for every column, the matvec and the
-// fused gate/up alike; and for the K-quants the one-column-a-warp kernel (`wc`, 128 threads:
-// four columns a block, whatever K) the one-column kernel's, at the host's block for K and at
-// 128 threads. ----
+// fused gate/up alike; and for the K-quants the one-column-a-warp kernels (`wc`, 128 threads:
+// four columns a block, whatever K; `wc2`, `wc4`: two and four warps a column, two and one
+// columns a block) the one-column kernel's, at the host's block for K and at 128 threads. ----
+struct WcKernels {
+    Mmv mmv;
+    GateUp gate_up;
+    int cols;  // a block of 128 threads
+};
+
 template <typename T>
 static void check_same_bits(const char* ty, int k, int block_bytes, int block_elems,
                             std::vector<int> halves, Mmv r1, Mmv c1, Mmv r2, GateUp g_r1,
-                            GateUp g_c1, GateUp g_r2, Mmv wc = nullptr, GateUp g_wc = nullptr) {
+                            GateUp g_c1, GateUp g_r2, std::vector<WcKernels> wcs = {}) {
     const int n = 9;
     int rb = k / block_elems * block_bytes;
     std::vector<u8> w = random_rows(n, k, block_bytes, block_elems, halves);
@@ -142,20 +148,24 @@ static void check_same_bits(const char* ty, int k, int block_bytes, int block_el
               std::memcmp(a.data(), c.data(), 4 * n) == 0 &&
               std::memcmp(ga.data(), gb.data(), 4 * n) == 0 &&
               std::memcmp(ga.data(), gc.data(), 4 * n) == 0;
-    if (wc) {
-        std::vector<float> d(n, NAN), e(n, NAN), gd(n, NAN), ge(n, NAN);
+    if (!wcs.empty()) {
+        std::vector<float> d(n, NAN), gd(n, NAN);
         host_launch(grid(1), 128, [&] { c1(w.data(), x.data(), d.data(), n, k, rb); });
-        host_launch(grid(4), 128, [&] { wc(w.data(), x.data(), e.data(), n, k, rb); });
         host_launch(grid(1), 128, [&] { g_c1(w.data(), w2.data(), x.data(), gd.data(), n, k, rb); });
-        host_launch(grid(4), 128, [&] { g_wc(w.data(), w2.data(), x.data(), ge.data(), n, k, rb); });
         ok = ok && std::memcmp(a.data(), d.data(), 4 * n) == 0 &&
-             std::memcmp(a.data(), e.data(), 4 * n) == 0 &&
-             std::memcmp(ga.data(), gd.data(), 4 * n) == 0 &&
+             std::memcmp(ga.data(), gd.data(), 4 * n) == 0;
+    }
+    for (const WcKernels& wc : wcs) {
+        std::vector<float> e(n, NAN), ge(n, NAN);
+        host_launch(grid(wc.cols), 128, [&] { wc.mmv(w.data(), x.data(), e.data(), n, k, rb); });
+        host_launch(grid(wc.cols), 128,
+                    [&] { wc.gate_up(w.data(), w2.data(), x.data(), ge.data(), n, k, rb); });
+        ok = ok && std::memcmp(a.data(), e.data(), 4 * n) == 0 &&
              std::memcmp(ga.data(), ge.data(), 4 * n) == 0;
     }
     if (!ok) failures++;
     std::printf("same bits %s K %d (r1, r1 c1, r2 row 0%s; matvec and gate/up): %s\n", ty, k,
-                wc ? ", r1 c1 at 128 threads, r1 wc" : "", ok ? "ok" : "FAILED");
+                wcs.empty() ? "" : ", r1 c1 at 128 threads, r1 wc, wc2, wc4", ok ? "ok" : "FAILED");
 }
 
 #define SAME_BITS(ty, T, K, BB, BE, HALVES)                                                     \
@@ -166,7 +176,10 @@ static void check_same_bits(const char* ty, int k, int block_bytes, int block_el
 #define SAME_BITS_WC(ty, T, K, BB, BE, HALVES)                                                  \
     check_same_bits<T>(#ty, K, BB, BE, HALVES, mmv_##ty##_r1, mmv_##ty##_r1_c1, mmv_##ty##_r2, \
                        gate_up_swiglu_##ty##_r1, gate_up_swiglu_##ty##_r1_c1,                 \
-                       gate_up_swiglu_##ty##_r2, mmv_##ty##_r1_wc, gate_up_swiglu_##ty##_r1_wc)
+                       gate_up_swiglu_##ty##_r2,                                               \
+                       {{mmv_##ty##_r1_wc, gate_up_swiglu_##ty##_r1_wc, 4},                   \
+                        {mmv_##ty##_r1_wc2, gate_up_swiglu_##ty##_r1_wc2, 2},                 \
+                        {mmv_##ty##_r1_wc4, gate_up_swiglu_##ty##_r1_wc4, 1}})
 
 // ---- mmv3: up to three matrices (the plan's multi_matmul) in one launch, at one row. Each
 // output must be bit for bit the single-matrix kernel's (`single`, same columns a block), and
@@ -227,12 +240,17 @@ static void check_mmv3(const char* ty, int k, int block_bytes, int block_elems,
                       false);                                                             \
         check_mmv3<T>(#ty, K, BB, BE, HALVES, 1, mmv3_##ty##_r1_c1, mmv_##ty##_r1_c1, true); \
     } while (0)
-// The K-quants' one-column-a-warp mmv3 (four columns a block of 128 threads).
+// The K-quants' one-column-a-warp mmv3 (four columns a block of 128 threads; wc2 and wc4: two
+// and one).
 #define MMV3_WC_CASES(ty, T, K, BB, BE, HALVES)                                                 \
     do {                                                                                        \
         check_mmv3<T>(#ty " wc", K, BB, BE, HALVES, 4, mmv3_##ty##_r1_wc, mmv_##ty##_r1_wc,     \
                       false, 128);                                                              \
         check_mmv3<T>(#ty " wc", K, BB, BE, HALVES, 4, mmv3_##ty##_r1_wc, mmv_##ty##_r1_wc,     \
+                      true, 128);                                                               \
+        check_mmv3<T>(#ty " wc2", K, BB, BE, HALVES, 2, mmv3_##ty##_r1_wc2, mmv_##ty##_r1_wc2,  \
+                      false, 128);                                                              \
+        check_mmv3<T>(#ty " wc4", K, BB, BE, HALVES, 1, mmv3_##ty##_r1_wc4, mmv_##ty##_r1_wc4,  \
                       true, 128);                                                               \
     } while (0)
 
@@ -655,8 +673,14 @@ static void check_f32_to_f16() {
 // The K-quants' one-column-a-warp kernels at one row: 4 columns a block of 128 threads (gate/up
 // too), 9 columns (the last block's warps 1-3 past N).
 #define WC_CASES(ty, T, K, BB, BE, HALVES)                                                        \
-    check_mmv<T>(#ty " wc", 9, K, BB, BE, HALVES, 1, 4, mmv_##ty##_r1_wc,                         \
-                 gate_up_swiglu_##ty##_r1_wc, 4, 128)
+    do {                                                                                          \
+        check_mmv<T>(#ty " wc", 9, K, BB, BE, HALVES, 1, 4, mmv_##ty##_r1_wc,                     \
+                     gate_up_swiglu_##ty##_r1_wc, 4, 128);                                        \
+        check_mmv<T>(#ty " wc2", 9, K, BB, BE, HALVES, 1, 2, mmv_##ty##_r1_wc2,                   \
+                     gate_up_swiglu_##ty##_r1_wc2, 2, 128);                                       \
+        check_mmv<T>(#ty " wc4", 9, K, BB, BE, HALVES, 1, 1, mmv_##ty##_r1_wc4,                   \
+                     gate_up_swiglu_##ty##_r1_wc4, 1, 128);                                       \
+    } while (0)
 
 int main() {
     // 9 columns (not a multiple of 4); K = 17 blocks (odd: every other row of the 18- and

@@ -212,31 +212,40 @@ fn is_k_quant(ty: GgmlType) -> bool {
 /// Rows at least this many take the several-column kernel at one row (blocks to spare).
 const COLS_MIN_ROWS: usize = 4096;
 
-/// The unit kernel `prefix_<sfx>_r<rows>[_c1|_wc]` for an `[n, k]` weight of `ty`, and its
-/// output columns per block (launched with `unit_block(k)` threads). At one row, several
-/// columns only for the 32-element-block quantized types with at least `COLS_MIN_ROWS` rows
-/// (measured on the H200: 7% faster for an 8B's Q4_0 and Q8_0; for F16, and for matrices as
-/// narrow as SmolLM2's, one column is 10-16% faster, as 4x the blocks stay in flight). The
-/// K-quants take one column at one row: four columns left an 8B's 4096-row Q4_K matrices at a
-/// quarter of the blocks (1024), and its Q4_K_M decode at 129 tokens/s. Where their block is
-/// 128 threads (K >= 1024) they take the one-column-a-warp kernel (`_wc`, 4 columns a block):
-/// a warp computes what the one-column kernel's whole block computes, bit for bit (its 4 warps
-/// emulated, kernels/matvec.cu `wc_impl`), without the block's reduction and with 4x the units
-/// a thread over which to spread the walk setup and the warp sum.
+/// The unit kernel `prefix_<sfx>_r<rows>[_c1|_wc<W>]` for an `[n, k]` weight of `ty` on a
+/// device of `sms` multiprocessors, and its output columns per block (launched with
+/// `unit_block(k)` threads). At one row, several columns only for the 32-element-block quantized
+/// types with at least `COLS_MIN_ROWS` rows (measured on the H200: 7% faster for an 8B's Q4_0
+/// and Q8_0; for F16, and for matrices as narrow as SmolLM2's, one column is 10-16% faster, as
+/// 4x the blocks stay in flight). The K-quants take one column at one row: four columns left an
+/// 8B's 4096-row Q4_K matrices at a quarter of the blocks (1024), and its Q4_K_M decode at 129
+/// tokens/s. Where their block is 128 threads (K >= 1024) they take the one-column-a-warp
+/// kernels (`_wc`, 4 columns a block): a warp computes what the one-column kernel's whole block
+/// computes, bit for bit (its 4 warps emulated, kernels/matvec.cu `wc_impl`), without the
+/// block's reduction and with 4x the units a thread over which to spread the walk setup and the
+/// warp sum; and with two or four warps a column (`_wc2`, `_wc4`: the same bits) where one
+/// would leave the device short of blocks ([`wc_warps`]).
 pub fn unit_kernel(
     prefix: &str,
-    sfx: &str,
     ty: GgmlType,
     gate_up: bool,
     rows: usize,
     n: usize,
     k: usize,
+    wc: WcWarps,
 ) -> (String, usize) {
+    let sfx = weight_kernel_suffix(ty).unwrap_or("unsupported");
     let cols = unit_cols(ty, gate_up, rows);
     let float = matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
     let k_quant = is_k_quant(ty);
     if rows == 1 && k_quant && unit_block(k) == WC_BLOCK {
-        (format!("{prefix}_{sfx}_r1_wc"), (WC_BLOCK / 32) as usize)
+        let warps = wc.warps(ty, n, k);
+        let tag = if warps == 1 {
+            String::new()
+        } else {
+            warps.to_string()
+        };
+        (format!("{prefix}_{sfx}_r1_wc{tag}"), WC_COLUMNS / warps)
     } else if rows == 1 && cols > 1 && (float || k_quant || n < COLS_MIN_ROWS) {
         (format!("{prefix}_{sfx}_r1_c1"), 1)
     } else {
@@ -244,9 +253,74 @@ pub fn unit_kernel(
     }
 }
 
+/// How many warps the `_wc` kernels give a column: chosen per launch from the device's
+/// multiprocessors ([`wc_warps`]), or one count for every launch (`M40LLM_WC_WARPS`, for
+/// measuring; every count gives the same bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WcWarps {
+    /// [`wc_warps`] on a device of this many multiprocessors.
+    Auto { sms: usize },
+    /// This many (1, 2 or 4).
+    Fixed(usize),
+}
+
+impl WcWarps {
+    /// From `M40LLM_WC_WARPS` (unset or empty: [`WcWarps::Auto`]); anything but 1, 2 or 4 is
+    /// an error naming the value.
+    pub fn from_env(value: Option<&str>, sms: usize) -> Result<WcWarps, String> {
+        match value.map(str::trim) {
+            None | Some("") => Ok(WcWarps::Auto { sms }),
+            Some(v) => match v.parse::<usize>() {
+                Ok(w @ (1 | 2 | 4)) => Ok(WcWarps::Fixed(w)),
+                _ => Err(format!(
+                    "M40LLM_WC_WARPS=`{v}`: the K-quant decode kernels take 1, 2 or 4 warps a \
+                     column (unset: chosen per matrix)"
+                )),
+            },
+        }
+    }
+
+    /// The warps a column for an `[n, k]` weight of `ty`.
+    pub fn warps(self, ty: GgmlType, n: usize, k: usize) -> usize {
+        match self {
+            WcWarps::Auto { sms } => wc_warps(ty, n, k, sms),
+            WcWarps::Fixed(w) => w,
+        }
+    }
+}
+
+/// Blocks an SM under which (at one warp a column) any K-quant's column takes 4 warps.
+const WC_FEW_BLOCKS_PER_SM: usize = 4;
+/// Blocks an SM under which a Q6_K column of at least [`WC_LONG_K`] takes 4 warps.
+const WC_BLOCKS_PER_SM: usize = 16;
+/// See [`WC_BLOCKS_PER_SM`].
+const WC_LONG_K: usize = 8192;
+
+/// The warps a column of the `_wc` kernels for an `[n, k]` weight of `ty` on `sms`
+/// multiprocessors: 4 where one warp a column (4 columns a block) gives fewer than
+/// [`WC_FEW_BLOCKS_PER_SM`] blocks an SM, or a Q6_K matrix of K >= [`WC_LONG_K`] fewer than
+/// [`WC_BLOCKS_PER_SM`]; else 1. Measured on the H200 (132 SMs; docs/perf.md): an 8B's
+/// 1024-column V (256 blocks) and its Q6_K `ffn_down` (4096 x 14336, 1024 blocks) ran
+/// (ncu) 42% and (kernel timings) 24% shorter at more warps a column, where every 4096- and
+/// 6144-column Q4_K matrix, and Q6_K at K = 4096, ran 10-30% longer: fewer loads in flight a
+/// warp (a pass of 4 / W unit steps) costs more there than the longer single wave gains. A Tesla
+/// M40 (24 SMs) keeps one warp a column for every matrix of an 8B.
+pub fn wc_warps(ty: GgmlType, n: usize, k: usize, sms: usize) -> usize {
+    let blocks = n.div_ceil(WC_COLUMNS);
+    let long_q6 = ty == GgmlType::Q6_K && k >= WC_LONG_K && blocks < WC_BLOCKS_PER_SM * sms;
+    if blocks < WC_FEW_BLOCKS_PER_SM * sms || long_q6 {
+        4
+    } else {
+        1
+    }
+}
+
 /// The block of the `_wc` kernels: a column per warp, each warp the one-column kernel's block of
 /// this many threads (kernels/matvec.cu `MMV_THREADS`).
 const WC_BLOCK: u32 = 128;
+
+/// Columns a block of the `_wc` kernels at one warp a column (`WC_BLOCK / 32`).
+const WC_COLUMNS: usize = (WC_BLOCK / 32) as usize;
 
 /// The unit kernels' block: a warp per 32 units of 8 weights (the narrowest units), at most 4.
 fn unit_block(k: usize) -> u32 {
@@ -312,6 +386,8 @@ pub struct Matmul {
     sm: u32,
     /// The device's multiprocessors (the tiled kernels' split of K aims at blocks per SM).
     sms: usize,
+    /// The K-quant decode kernels' warps a column.
+    wc: WcWarps,
 }
 
 impl Matmul {
@@ -356,12 +432,20 @@ impl Matmul {
             CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR,
             "compute capability",
         )?;
+        let sms = usize::try_from(sms).unwrap_or(1).max(1);
+        let wc = WcWarps::from_env(std::env::var("M40LLM_WC_WARPS").ok().as_deref(), sms).map_err(
+            |reason| CudaError::Launch {
+                kernel: "matmul".into(),
+                reason,
+            },
+        )?;
         Ok(Matmul {
             stream,
             blas,
             gemm: GemmPrecision::F32,
             sm: u32::try_from(major * 10 + minor).unwrap_or(0),
-            sms: usize::try_from(sms).unwrap_or(1).max(1),
+            sms,
+            wc,
         })
     }
 
@@ -625,7 +709,6 @@ impl Matmul {
             return Ok(paths);
         }
         let w0 = ws[0];
-        let sfx = weight_kernel_suffix(w0.ty).unwrap_or("unsupported");
         let shapes = ws
             .iter()
             .map(|w| format!("[{}, {}]", w.n, w.k))
@@ -656,7 +739,7 @@ impl Matmul {
         let row_bytes = w0.row_bytes as i64;
         // The kernel and column count `unit_kernel` would pick for one matrix of all the rows
         // (neither changes a column's arithmetic).
-        let (single, cols) = unit_kernel("mmv", sfx, w0.ty, false, 1, total, w0.k);
+        let (single, cols) = unit_kernel("mmv", w0.ty, false, 1, total, w0.k, self.wc);
         let name = format!("mmv3_{}", single.trim_start_matches("mmv_"));
         let f = ks.function("matvec", &name)?;
         let blocks: usize = ws.iter().map(|w| w.n.div_ceil(cols)).sum();
@@ -911,7 +994,7 @@ impl Matmul {
         let row_bytes = w.row_bytes as i64;
         let chunks = unit_chunks(rows);
         for &(r0, r) in &chunks {
-            let (name, cols) = unit_kernel(prefix, sfx, w.ty, gate_up, r, w.n, w.k);
+            let (name, cols) = unit_kernel(prefix, w.ty, gate_up, r, w.n, w.k, self.wc);
             let f = ks.function("matvec", &name)?;
             let xr = x.sub(r0 * w.k, r * w.k, "matmul rows")?;
             let yr = y.sub(r0 * w.n, r * w.n, "matmul rows")?;
@@ -1148,6 +1231,8 @@ mod tests {
 
     #[test]
     fn the_k_quants_take_a_warp_per_column_at_one_row_where_their_block_is_128_threads() {
+        // An M40 (24 SMs): every matrix of an 8B has blocks to spare at a warp a column.
+        let m40 = WcWarps::Auto { sms: 24 };
         for ty in [GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
             let sfx = super::super::weight_kernel_suffix(ty).unwrap();
             for gate_up in [false, true] {
@@ -1155,23 +1240,96 @@ mod tests {
                 for k in [1024, 1280, 4096, 14336] {
                     assert_eq!(unit_block(k), WC_BLOCK);
                     let want = (format!("{p}_{sfx}_r1_wc"), 4);
-                    assert_eq!(unit_kernel(p, sfx, ty, gate_up, 1, 4096, k), want);
-                    assert_eq!(unit_kernel(p, sfx, ty, gate_up, 1, 100, k), want);
+                    assert_eq!(unit_kernel(p, ty, gate_up, 1, 4096, k, m40), want);
+                    assert_eq!(unit_kernel(p, ty, gate_up, 1, 14336, k, m40), want);
+                    // Fixed counts: two and one columns a block.
+                    let two = unit_kernel(p, ty, gate_up, 1, 4096, k, WcWarps::Fixed(2));
+                    assert_eq!(two, (format!("{p}_{sfx}_r1_wc2"), 2));
+                    let four = unit_kernel(p, ty, gate_up, 1, 4096, k, WcWarps::Fixed(4));
+                    assert_eq!(four, (format!("{p}_{sfx}_r1_wc4"), 1));
                     // More rows keep their kernels (row 0's bits are the same: kernel_host).
-                    let r2 = unit_kernel(p, sfx, ty, gate_up, 2, 4096, k).0;
+                    let r2 = unit_kernel(p, ty, gate_up, 2, 4096, k, m40).0;
                     assert_eq!(r2, format!("{p}_{sfx}_r2"));
                 }
                 // Shorter K: a block of fewer warps, the one-column kernel.
                 for k in [256, 512, 768] {
                     assert!(unit_block(k) < WC_BLOCK);
                     let want = (format!("{p}_{sfx}_r1_c1"), 1);
-                    assert_eq!(unit_kernel(p, sfx, ty, gate_up, 1, 4096, k), want);
+                    assert_eq!(unit_kernel(p, ty, gate_up, 1, 4096, k, m40), want);
+                    assert_eq!(
+                        unit_kernel(p, ty, gate_up, 1, 4096, k, WcWarps::Fixed(4)),
+                        want
+                    );
                 }
             }
         }
         // The other types never.
-        let (name, _) = unit_kernel("mmv", "q4_0", GgmlType::Q4_0, false, 1, 4096, 4096);
+        let (name, _) = unit_kernel("mmv", GgmlType::Q4_0, false, 1, 4096, 4096, m40);
         assert_eq!(name, "mmv_q4_0_r1");
+    }
+
+    #[test]
+    fn a_column_takes_more_warps_only_where_one_each_leaves_the_device_short_of_blocks() {
+        use GgmlType::*;
+        for sms in [1usize, 24, 80, 132] {
+            for ty in [Q4_K, Q5_K, Q6_K] {
+                for k in [1024usize, 4096, 8192, 14336] {
+                    for n in [1usize, 67, 576, 1024, 4096, 6144, 14336, 128256] {
+                        let w = wc_warps(ty, n, k, sms);
+                        let blocks = n.div_ceil(WC_COLUMNS);
+                        let what = format!("{ty:?} [{n}, {k}] on {sms} SMs: {w}");
+                        assert!([1, 4].contains(&w), "{what}");
+                        // Few blocks: always more warps; many: never.
+                        if blocks < WC_FEW_BLOCKS_PER_SM * sms {
+                            assert_eq!(w, 4, "{what}");
+                        }
+                        if blocks >= WC_BLOCKS_PER_SM * sms {
+                            assert_eq!(w, 1, "{what}");
+                        }
+                        // More columns never take more warps.
+                        assert!(wc_warps(ty, 2 * n, k, sms) <= w, "{what}");
+                    }
+                }
+            }
+        }
+        // An H200 (132 SMs), an 8B Q4_K_M: the Q6_K V (1024 columns) and down (K = 14336) take
+        // 4 warps a column; q/o, QKV, down in Q4_K, gate/up and the output head one.
+        assert_eq!(wc_warps(Q6_K, 1024, 4096, 132), 4);
+        assert_eq!(wc_warps(Q4_K, 1024, 4096, 132), 4);
+        assert_eq!(wc_warps(Q6_K, 4096, 14336, 132), 4);
+        for (ty, n, k) in [
+            (Q4_K, 4096, 4096),
+            (Q6_K, 4096, 4096),
+            (Q4_K, 6144, 4096),
+            (Q4_K, 4096, 14336),
+            (Q4_K, 14336, 4096),
+            (Q6_K, 128256, 4096),
+        ] {
+            assert_eq!(wc_warps(ty, n, k, 132), 1, "{ty:?} [{n}, {k}]");
+        }
+        // A Tesla M40 (24 SMs): one warp a column for every matrix of an 8B.
+        for (ty, n, k) in [(Q6_K, 1024, 4096), (Q6_K, 4096, 14336), (Q4_K, 4096, 4096)] {
+            assert_eq!(wc_warps(ty, n, k, 24), 1, "{ty:?} [{n}, {k}]");
+        }
+    }
+
+    #[test]
+    fn m40llm_wc_warps_fixes_the_count_or_is_refused_naming_the_value() {
+        assert_eq!(WcWarps::from_env(None, 132), Ok(WcWarps::Auto { sms: 132 }));
+        assert_eq!(
+            WcWarps::from_env(Some(" "), 24),
+            Ok(WcWarps::Auto { sms: 24 })
+        );
+        for w in [1, 2, 4] {
+            let v = format!(" {w}");
+            assert_eq!(WcWarps::from_env(Some(&v), 132), Ok(WcWarps::Fixed(w)));
+            assert_eq!(WcWarps::Fixed(w).warps(GgmlType::Q4_K, 14336, 4096), w);
+        }
+        for bad in ["0", "3", "8", "two", "-1"] {
+            let e = WcWarps::from_env(Some(bad), 132).unwrap_err();
+            assert!(e.contains(&format!("M40LLM_WC_WARPS=`{bad}`")), "{e}");
+            assert!(e.contains("1, 2 or 4"), "{e}");
+        }
     }
 
     #[test]
