@@ -1861,23 +1861,58 @@ fn multi_matmul_is_one_launch_at_one_row_with_the_bits_of_separate_launches() {
     let Some(g) = gpu() else { return };
     let mm = Matmul::new(g.stream.clone(), true).unwrap();
     // Q, K and V shapes of a small GQA model (and of an 8B's, whose 6144 rows take 4 columns a
-    // block), and a pair.
-    for (i, (ty, k, ns)) in [
-        (GgmlType::Q4_1, 576usize, vec![576usize, 192, 192]),
-        (GgmlType::Q4_K, 768, vec![640, 128, 128]),
-        (GgmlType::Q6_K, 512, vec![96, 32]),
+    // block), a pair, and a Q4_K_M layer's Q4_K Q and K with a Q6_K V (Q and K in one launch, V
+    // on its own: a unit launch); with the paths at one row.
+    use GgmlType::*;
+    let multi = |matrices| MatmulPath::UnitsMulti { matrices };
+    let one = MatmulPath::Units { launches: 1 };
+    for (i, (k, mats, want)) in [
+        (
+            576usize,
+            vec![(Q4_1, 576usize), (Q4_1, 192), (Q4_1, 192)],
+            vec![multi(3)],
+        ),
+        (
+            768,
+            vec![(Q4_K, 640), (Q4_K, 128), (Q4_K, 128)],
+            vec![multi(3)],
+        ),
+        (512, vec![(Q6_K, 96), (Q6_K, 32)], vec![multi(2)]),
         // K = 1280: the one-column-a-warp kernel (`mmv3_q5_k_r1_wc`), 67 rows a partial block.
-        (GgmlType::Q5_K, 1280, vec![256, 67, 67]),
-        (GgmlType::Q8_0, 4096, vec![4096, 1024, 1024]),
-        (GgmlType::F16, 256, vec![64, 64, 64]),
+        (
+            1280,
+            vec![(Q5_K, 256), (Q5_K, 67), (Q5_K, 67)],
+            vec![multi(3)],
+        ),
+        (
+            4096,
+            vec![(Q8_0, 4096), (Q8_0, 1024), (Q8_0, 1024)],
+            vec![multi(3)],
+        ),
+        (256, vec![(F16, 64), (F16, 64), (F16, 64)], vec![multi(3)]),
+        (
+            1024,
+            vec![(Q4_K, 512), (Q4_K, 128), (Q6_K, 128)],
+            vec![multi(2), one],
+        ),
+        (
+            1024,
+            vec![(Q6_K, 128), (Q4_K, 512), (Q6_K, 128)],
+            vec![multi(2), one],
+        ),
+        (
+            1024,
+            vec![(Q4_K, 512), (Q6_K, 128), (Q8_0, 128)],
+            vec![one, one, one],
+        ),
     ]
     .into_iter()
     .enumerate()
     {
-        let ws: Vec<DeviceWeight> = ns
+        let ws: Vec<DeviceWeight> = mats
             .iter()
             .enumerate()
-            .map(|(j, &n)| {
+            .map(|(j, &(ty, n))| {
                 let (wb, _, _) = weight(800 + 10 * i as u64 + j as u64, ty, n, k);
                 DeviceWeight::upload(&g.stream, "w", ty, n, k, &wb).unwrap()
             })
@@ -1887,22 +1922,18 @@ fn multi_matmul_is_one_launch_at_one_row_with_the_bits_of_separate_launches() {
         let x_d = g.up(&x);
         let mut scratch = g.out(64 * k, NAN);
         for rows in [1usize, 2] {
-            let outs: Vec<_> = ns.iter().map(|&n| g.out(rows * n, NAN)).collect();
+            let outs: Vec<_> = mats.iter().map(|&(_, n)| g.out(rows * n, NAN)).collect();
             let mut ys: Vec<Span<f32>> = outs.iter().map(Span::of).collect();
             let paths = mm
                 .multi(&g.ks, &x_d, rows, &refs, &mut ys, &mut scratch)
                 .unwrap();
-            let what = format!("{ty:?} k={k} {ns:?} rows={rows}");
+            let what = format!("k={k} {mats:?} rows={rows}");
             if rows == 1 {
-                assert_eq!(
-                    paths,
-                    vec![MatmulPath::UnitsMulti { matrices: ns.len() }],
-                    "{what}"
-                );
+                assert_eq!(paths, want, "{what}");
             } else {
                 assert_eq!(
                     paths.len(),
-                    ns.len(),
+                    mats.len(),
                     "{what}: one run per weight past one row"
                 );
             }

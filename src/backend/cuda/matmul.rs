@@ -193,6 +193,21 @@ fn units_take(k: usize, x: u64) -> bool {
     k.is_multiple_of(32) && x.is_multiple_of(16)
 }
 
+/// The weights of a one-row multi_matmul grouped by type and K (indices into `ws`, a group at
+/// most [`MULTI_MAX`]), in the order of each group's first weight.
+fn multi_groups(ws: &[&DeviceWeight]) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, w) in ws.iter().enumerate() {
+        let same =
+            |g: &&mut Vec<usize>| g.len() < MULTI_MAX && ws[g[0]].ty == w.ty && ws[g[0]].k == w.k;
+        match groups.iter_mut().find(same) {
+            Some(g) => g.push(i),
+            None => groups.push(vec![i]),
+        }
+    }
+    groups
+}
+
 /// Output columns per block of `mmv_<ty>_r<rows>` and `gate_up_swiglu_<ty>_r<rows>`
 /// (kernels/matvec.cu `Cols`): 4 (2 for gate/up, whose two matrices share the x loads too),
 /// but 2 (1) for the K-quants at 8 rows, whose scale shuffles and accumulators at 4 columns
@@ -678,9 +693,11 @@ impl Matmul {
     }
 
     /// `ys[i] = x wsᵀ[i]` for the plan's multi_matmul (one input, several weights). At one row
-    /// with up to [`MULTI_MAX`] weights of one type and K on the unit kernels: one launch
-    /// (`mmv3_<ty>_r1[_c1|_wc]`, the same arithmetic per output column as [`Matmul::run`], so the
-    /// same bits); otherwise a [`Matmul::run`] per weight. The paths taken, a launch group each.
+    /// the weights of one type and K (up to [`MULTI_MAX`]) on the unit kernels share a launch
+    /// (`mmv3_<ty>_r1[_c1|_wc<W>]`, the same arithmetic per output column as [`Matmul::run`], so
+    /// the same bits), in the order of their first weight: a Q4_K_M layer's Q4_K Q and K in one,
+    /// its Q6_K V alone; every other weight (and every weight past one row) is a
+    /// [`Matmul::run`]. The paths taken, a launch group each.
     pub fn multi(
         &self,
         ks: &KernelSet,
@@ -697,17 +714,37 @@ impl Matmul {
                 reason: format!("{} weights and {} outputs", ws.len(), ys.len()),
             });
         }
-        let one_launch = rows == 1
-            && (2..=MULTI_MAX).contains(&ws.len())
-            && ws.iter().all(|w| w.ty == ws[0].ty && w.k == ws[0].k)
-            && units_take(ws[0].k, *x.ptr());
-        if !one_launch {
+        if rows != 1 {
             let mut paths = Vec::with_capacity(ws.len());
             for (w, y) in ws.iter().zip(ys.iter_mut()) {
                 paths.push(self.run(ks, &x, rows, w, y, scratch)?);
             }
             return Ok(paths);
         }
+        let mut paths = Vec::with_capacity(ws.len());
+        for group in multi_groups(ws) {
+            if group.len() >= 2 && units_take(ws[group[0]].k, *x.ptr()) {
+                let gw: Vec<&DeviceWeight> = group.iter().map(|&i| ws[i]).collect();
+                let gy: Vec<super::mem::Span<f32>> = group.iter().map(|&i| ys[i]).collect();
+                paths.push(self.multi_launch(ks, x, &gw, &gy)?);
+            } else {
+                for &i in &group {
+                    paths.push(self.run(ks, &x, rows, ws[i], &mut ys[i], scratch)?);
+                }
+            }
+        }
+        Ok(paths)
+    }
+
+    /// One `mmv3_<ty>_r1*` launch at one row over 2 to [`MULTI_MAX`] weights of one type and K
+    /// (the caller's grouping, [`multi_groups`]).
+    fn multi_launch(
+        &self,
+        ks: &KernelSet,
+        x: super::mem::Span<f32>,
+        ws: &[&DeviceWeight],
+        ys: &[super::mem::Span<f32>],
+    ) -> Result<MatmulPath, CudaError> {
         let w0 = ws[0];
         let shapes = ws
             .iter()
@@ -773,7 +810,7 @@ impl Matmul {
         // checked), each output at least its N floats (checked), the weights of one type and K
         // (so one row_bytes), K a whole number of units (`units_take`).
         unsafe { b.launch(cfg) }.map_err(|e| bad(&name, e.to_string()))?;
-        Ok(vec![MatmulPath::UnitsMulti { matrices: ws.len() }])
+        Ok(MatmulPath::UnitsMulti { matrices: ws.len() })
     }
 
     /// `y[r, n] = silu(x[r] · gate[n]) * (x[r] · up[n])` in one kernel that reads both weights
