@@ -146,17 +146,21 @@ fn whole_kernels_run_thread_by_thread_on_the_host_match_f64_math() {
         "gate_up q5_k rows 8",
         "mmv3 q4_k cols 4 of 3 matrix 2",
         "same bits q4_0 K 4096 (r1, r1 c1, r2 row 0; matvec and gate/up): ok",
-        "same bits q4_k K 4096 (r1, r1 c1, r2 row 0, r1 c1 at 128 threads, r1 wc; matvec and \
-         gate/up): ok",
-        "same bits q6_k K 5120 (r1, r1 c1, r2 row 0, r1 c1 at 128 threads, r1 wc; matvec and \
-         gate/up): ok",
-        "same bits q5_k K 256 (r1, r1 c1, r2 row 0, r1 c1 at 128 threads, r1 wc; matvec and \
-         gate/up): ok",
-        "same bits q6_k K 3584 (r1, r1 c1, r2 row 0, r1 c1 at 128 threads, r1 wc; matvec and \
-         gate/up): ok",
+        "same bits q4_k K 4096 (r1, r1 c1, r2 row 0, r1 c1 at 128 threads, r1 wc, wc2, wc4; \
+         matvec and gate/up): ok",
+        "same bits q6_k K 5120 (r1, r1 c1, r2 row 0, r1 c1 at 128 threads, r1 wc, wc2, wc4; \
+         matvec and gate/up): ok",
+        "same bits q5_k K 256 (r1, r1 c1, r2 row 0, r1 c1 at 128 threads, r1 wc, wc2, wc4; \
+         matvec and gate/up): ok",
+        "same bits q6_k K 3584 (r1, r1 c1, r2 row 0, r1 c1 at 128 threads, r1 wc, wc2, wc4; \
+         matvec and gate/up): ok",
         "mmv q5_k wc rows 1 cols 4 9x3584",
         "gate_up q6_k wc rows 1",
+        "mmv q6_k wc2 rows 1 cols 2 9x1280",
+        "gate_up q4_k wc4 rows 1",
         "mmv3 q6_k wc cols 4 of 2 matrix 1",
+        "mmv3 q5_k wc2 cols 2 of 3 matrix 2",
+        "mmv3 q4_k wc4 cols 1 of 2 matrix 1",
         "mmv3 q4_1 cols 1 of 2 matrix 1",
         "attention decode H16/1 D256",
         "attn_decode_chunk: ok",
