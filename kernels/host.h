@@ -21,7 +21,7 @@
 #define __global__
 #define __shared__ static
 #define __restrict__
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 
 // 16-byte aligned, as CUDA's: -fsanitize=alignment then flags a dereference the GPU would fault.
