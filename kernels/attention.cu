@@ -63,6 +63,24 @@ __device__ __forceinline__ void widen8(uint4 w, float* f) {
     }
 }
 
+// DL consecutive FP16 of a V row (lpd: a lane's elements), widened: one 4-, 8- or 16-byte load.
+template <int DL>
+__device__ __forceinline__ void lpd_load(const u16* p, float* f);
+template <>
+__device__ __forceinline__ void lpd_load<2>(const u16* p, float* f) {
+    u32 w = __ldg((const u32*)p);
+    f[0] = h2f((u16)(w & 0xffff));
+    f[1] = h2f((u16)(w >> 16));
+}
+template <>
+__device__ __forceinline__ void lpd_load<4>(const u16* p, float* f) {
+    uint2 w = __ldg((const uint2*)p);
+    f[0] = h2f((u16)(w.x & 0xffff));
+    f[1] = h2f((u16)(w.x >> 16));
+    f[2] = h2f((u16)(w.y & 0xffff));
+    f[3] = h2f((u16)(w.y >> 16));
+}
+
 // The K and V loads of one iteration: DEC_NP positions p0 + i * step, each at most `last` (a
 // position of the window whose pages are staged in sm_pages from page page0): a position past
 // the context loads the last one's row, finite, and its score is masked, so no load is
@@ -312,6 +330,226 @@ ATTN_DECODE(attention_decode_g5_f16, 5, false)
 ATTN_DECODE(attention_decode_g6_f16, 6, false)
 ATTN_DECODE(attention_decode_g7_f16, 7, false)
 ATTN_DECODE(attention_decode_g8_f16, 8, false)
+
+// ---- Decode, a lane a position (head_dim 64 and 128: attention_decode_lanes_d<D>_g<G>_f16).
+// The same flash-decoding blocks, splits and partials as attn_decode above, laid out so that no
+// lane repeats another's work. A warp takes 32 positions of its chunk at a time (the block's 4
+// warps 128): first each lane computes the G scores of its own position, K row against the G
+// query heads staged in shared memory (a K element widened once for G FMAs, its 16-byte loads
+// in flight for half a row at a time); the warp's maximum (shuffles) updates its running max
+// and one exp a (position, head) its weight; then the warp walks the 32 positions with lanes
+// over the head's elements (lane e of D / 32 consecutive ones), the position's cell and weights
+// broadcast by shuffles, each V row one coalesced read for the G heads. attn_decode's lanes
+// instead split a position's dot over D / 8 lanes, whose reduction shuffles and softmax every
+// lane of the group repeated: about 140 instructions a position a lane at depth 4 096 on the
+// 8B shape, the integer and shuffle work most of them (ncu). Per head the arithmetic is the
+// same whatever G is (dot over e in order, per-lane sums of weights, the warps merged as
+// attn_decode merges them), so every G gives the same bits, and a token's bits depend on its
+// own chunks alone.
+#define LPD_NW 4  // warps a block
+template <int G, int DL>
+__device__ __forceinline__ void attn_decode_lanes(const float* q, const u16* kc, const u16* vc,
+                                                  const int* pos, const int* slots,
+                                                  const int* tables, int table_stride,
+                                                  int page_size, int H, int Hkv, float scale,
+                                                  int window, int min_split, int max_splits,
+                                                  float* part_m, float* part_l, float* part_acc,
+                                                  float* y) {
+    const int NW = LPD_NW, D = 32 * DL, KP = G <= 4 ? 8 : 4;  // K pieces of 8 in flight a lane
+    __shared__ float4 sm_q[G * D / 4];
+    __shared__ float sm_m[G][NW], sm_l[G][NW], sm_M[G], sm_L[G];
+    __shared__ float sm_acc[G][NW][D];
+    __shared__ int sm_pages[DEC_PAGES];
+    int h0 = blockIdx.x * G, t = blockIdx.y, s = blockIdx.z, S = gridDim.z;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int g = h0 / (H / Hkv);
+    u32 row = (u32)(Hkv * D);
+    int p_end = pos[t];
+    int lo = attn_lo(p_end, window);
+    int len = p_end + 1 - lo;
+    int chunk = attn_decode_chunk(len, min_split, max_splits);
+    int start = (i64)s * chunk >= len ? p_end + 1 : lo + s * chunk;
+    int stop = s == S - 1 ? p_end + 1 : min(start + chunk, p_end + 1);
+    int slot = slots[t];
+    {
+        float* qs = (float*)sm_q;
+        const float* qh = q + (i64)t * H * D + (i64)h0 * D;
+        for (int i = threadIdx.x; i < G * D; i += blockDim.x) qs[i] = qh[i] * scale;
+    }
+    float acc[G][DL], m[G], l[G];
+#pragma unroll
+    for (int j = 0; j < G; j++) {
+#pragma unroll
+        for (int k = 0; k < DL; k++) acc[j][k] = 0.0f;
+        m[j] = -INFINITY;
+        l[j] = 0.0f;
+    }
+    int page_shift = __ffs(page_size) - 1;  // a power of two (src/backend/step.rs)
+    u32 in_page = (1u << page_shift) - 1;
+    i64 table_row = (i64)slot * table_stride;
+    const int iter = NW * 32;
+    i64 span = (i64)(DEC_PAGES - 1) << page_shift;
+    int win = (int)(span < (1 << 30) ? span : (1 << 30)) / iter * iter;
+    u32 col = (u32)(g * D);
+    for (int ws = start; ws < stop; ws += win) {
+        int we = min(ws + win, stop);
+        int page0 = ws >> page_shift;
+        int n_pages = ((we - 1) >> page_shift) - page0 + 1;
+        __syncthreads();  // the previous window's page reads (and the q stores) are done
+        for (int i = threadIdx.x; i < n_pages; i += blockDim.x)
+            sm_pages[i] = tables[table_row + page0 + i];
+        __syncthreads();
+        for (int p0 = ws + warp * 32; p0 < we; p0 += iter) {
+            // Scores: this lane's position (past the window: the last one's row, masked).
+            int p = min(p0 + lane, we - 1);
+            u32 cell = ((u32)sm_pages[(p >> page_shift) - page0] << page_shift) | ((u32)p & in_page);
+            const uint4* kp = (const uint4*)(kc + ((unsigned long long)cell * row + col));
+            float sc[G];
+#pragma unroll
+            for (int j = 0; j < G; j++) sc[j] = 0.0f;
+#pragma unroll
+            for (int c0 = 0; c0 < D / 8; c0 += KP) {
+                uint4 kw[KP];
+#pragma unroll
+                for (int i = 0; i < KP; i++) kw[i] = __ldg(kp + c0 + i);
+#pragma unroll
+                for (int i = 0; i < KP; i++) {
+                    float kf[8];
+                    widen8(kw[i], kf);
+#pragma unroll
+                    for (int j = 0; j < G; j++) {
+                        float4 a = sm_q[(j * D) / 4 + (c0 + i) * 2];
+                        float4 b = sm_q[(j * D) / 4 + (c0 + i) * 2 + 1];
+                        sc[j] = fmaf(a.x, kf[0], sc[j]);
+                        sc[j] = fmaf(a.y, kf[1], sc[j]);
+                        sc[j] = fmaf(a.z, kf[2], sc[j]);
+                        sc[j] = fmaf(a.w, kf[3], sc[j]);
+                        sc[j] = fmaf(b.x, kf[4], sc[j]);
+                        sc[j] = fmaf(b.y, kf[5], sc[j]);
+                        sc[j] = fmaf(b.z, kf[6], sc[j]);
+                        sc[j] = fmaf(b.w, kf[7], sc[j]);
+                    }
+                }
+            }
+            // The running max (p0 itself is in the window: the tile's max is finite) and this
+            // lane's weights.
+            bool in = p0 + lane < we;
+            float e[G];
+#pragma unroll
+            for (int j = 0; j < G; j++) {
+                float v = in ? sc[j] : -INFINITY;
+                float m_new = fmaxf(m[j], warp_max(v));
+                float c = expf(m[j] - m_new);
+                l[j] *= c;
+#pragma unroll
+                for (int k = 0; k < DL; k++) acc[j][k] *= c;
+                e[j] = in ? expf(v - m_new) : 0.0f;
+                l[j] += e[j];
+                m[j] = m_new;
+            }
+            // Values: the tile's positions in eights (the last eights past the window skipped;
+            // within one, a position past it weighs 0 on the last position's row).
+            int n = min(32, we - p0);
+            const u16* vl = vc + col + lane * DL;
+#pragma unroll
+            for (int i0 = 0; i0 < 32; i0 += 8) {
+                if (i0 >= n) break;
+                float vf[8][DL];
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    u32 ck = __shfl_sync(FULL_MASK, cell, i0 + k);
+                    lpd_load<DL>(vl + (unsigned long long)ck * row, vf[k]);
+                }
+#pragma unroll
+                for (int k = 0; k < 8; k++)
+#pragma unroll
+                    for (int j = 0; j < G; j++) {
+                        float ek = __shfl_sync(FULL_MASK, e[j], i0 + k);
+#pragma unroll
+                        for (int d = 0; d < DL; d++) acc[j][d] = fmaf(ek, vf[k][d], acc[j][d]);
+                    }
+            }
+        }
+    }
+    // Each warp's sum of weights, then the warps merged as attn_decode merges them.
+#pragma unroll
+    for (int j = 0; j < G; j++) l[j] = warp_sum(l[j]);
+    if (lane == 0)
+#pragma unroll
+        for (int j = 0; j < G; j++) {
+            sm_m[j][warp] = m[j];
+            sm_l[j][warp] = l[j];
+        }
+#pragma unroll
+    for (int j = 0; j < G; j++)
+#pragma unroll
+        for (int k = 0; k < DL; k++) sm_acc[j][warp][lane * DL + k] = acc[j][k];
+    __syncthreads();
+    if (threadIdx.x < G) {
+        int j = threadIdx.x;
+        float M = -INFINITY;
+        for (int w = 0; w < NW; w++) M = fmaxf(M, sm_m[j][w]);
+        float L = 0.0f;
+        if (M != -INFINITY)
+            for (int w = 0; w < NW; w++) L += sm_l[j][w] * expf(sm_m[j][w] - M);
+        sm_M[j] = M;
+        sm_L[j] = L;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+        int j = i / D, e = i - j * D;
+        float M = sm_M[j];
+        i64 idx = ((i64)t * H + h0 + j) * S + s;
+        if (M == -INFINITY) {
+            if (e == 0) {
+                part_m[idx] = -INFINITY;
+                part_l[idx] = 0.0f;
+            }
+            part_acc[idx * D + e] = 0.0f;
+            continue;
+        }
+        float a = 0.0f;
+        for (int w = 0; w < NW; w++) a += sm_acc[j][w][e] * expf(sm_m[j][w] - M);
+        if (S == 1) {
+            float inv = 1.0f / sm_L[j];
+            y[(i64)t * H * D + (i64)(h0 + j) * D + e] = a * inv;
+            continue;
+        }
+        if (e == 0) {
+            part_m[idx] = M;
+            part_l[idx] = sm_L[j];
+        }
+        part_acc[idx * D + e] = a;
+    }
+}
+
+#define ATTN_DECODE_LANES(D, G)                                                                \
+    extern "C" __global__ void attention_decode_lanes_d##D##_g##G##_f16(                       \
+        const float* q, const u16* kc, const u16* vc, const int* pos, const int* slots,         \
+        const int* tables, int table_stride, int page_size, int H, int Hkv, int D_,             \
+        float scale, int window, int min_split, int max_splits, float* part_m, float* part_l,   \
+        float* part_acc, float* y) {                                                            \
+        (void)D_;                                                                               \
+        attn_decode_lanes<G, D / 32>(q, kc, vc, pos, slots, tables, table_stride, page_size, H, \
+                                     Hkv, scale, window, min_split, max_splits, part_m, part_l, \
+                                     part_acc, y);                                              \
+    }
+ATTN_DECODE_LANES(64, 1)
+ATTN_DECODE_LANES(64, 2)
+ATTN_DECODE_LANES(64, 3)
+ATTN_DECODE_LANES(64, 4)
+ATTN_DECODE_LANES(64, 5)
+ATTN_DECODE_LANES(64, 6)
+ATTN_DECODE_LANES(64, 7)
+ATTN_DECODE_LANES(64, 8)
+ATTN_DECODE_LANES(128, 1)
+ATTN_DECODE_LANES(128, 2)
+ATTN_DECODE_LANES(128, 3)
+ATTN_DECODE_LANES(128, 4)
+ATTN_DECODE_LANES(128, 5)
+ATTN_DECODE_LANES(128, 6)
+ATTN_DECODE_LANES(128, 7)
+ATTN_DECODE_LANES(128, 8)
 
 // Merges the n_splits partials of each (token, head): y[t, h*D + e] = sum_s acc_s[e] e^(m_s - M)
 // / sum_s l_s e^(m_s - M), every sum in split order. Up to COMB_MAX splits the partials' m and l

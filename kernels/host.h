@@ -28,6 +28,9 @@
 struct alignas(16) uint4 {
     unsigned x, y, z, w;
 };
+struct alignas(8) uint2 {
+    unsigned x, y;
+};
 struct alignas(16) float4 {
     float x, y, z, w;
 };
@@ -255,6 +258,9 @@ inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __shfl_xor_sync(unsigned, float v, int o) { return host_shfl_xor(v, o); }
 inline int __shfl_xor_sync(unsigned, int v, int o) { return host_shfl_xor(v, o); }
 inline float __shfl_sync(unsigned, float v, int src) {
+    return host_shfl(v, (threadIdx.x & ~31u) | ((unsigned)src & 31));
+}
+inline unsigned __shfl_sync(unsigned, unsigned v, int src) {
     return host_shfl(v, (threadIdx.x & ~31u) | ((unsigned)src & 31));
 }
 inline void __syncthreads() {

@@ -276,7 +276,7 @@ use half::f16;
 use m40_llm::backend::cpu::kernels as cpu;
 use m40_llm::backend::cuda::mem::Span;
 use m40_llm::backend::cuda::ops::{
-    AttnPath, AttnShape, DecodeSplits, Ops, PREFILL_MAX_HEAD_DIM, PagedKv,
+    AttnPath, AttnShape, DECODE_FAMILIES, DecodeSplits, Ops, PREFILL_MAX_HEAD_DIM, PagedKv,
 };
 use m40_llm::backend::cuda::weight_kernel_suffix;
 use m40_llm::gguf::GgmlType;
@@ -1035,7 +1035,7 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         min_split: 64,
         grouped: true,
         grouped_from: 0,
-        resident: [0; 9],
+        resident: [[0; 9]; DECODE_FAMILIES],
         ..decode
     };
     let per_head = DecodeSplits {
@@ -1070,33 +1070,39 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         &want,
         1e-3,
     );
-    // The grouped kernel (G query heads of one KV head a block) gives the per-head kernel's
-    // bits over the same splits.
-    let mut bits = Vec::new();
-    for policy in [per_head, fixed] {
-        let mut y_d = g.out(t * h * d, NAN);
-        ops.attention_decode(
-            &q_d, &kv, &pos_d, &slots_d, &positions, shape, &policy, &mut y_d, &mut part,
-        )
-        .unwrap();
-        let y = g.down(&y_d);
-        assert_close(
-            &format!(
-                "attention decode {what}, group {}",
-                policy.kernel_group(&positions, shape)
-            ),
-            &y,
-            &want,
-            1e-3,
+    // In each kernel family (the lane-a-position kernels where head_dim is 64 or 128, and the
+    // general ones) the grouped kernel (G query heads of one KV head a block) gives the
+    // per-head kernel's bits over the same splits.
+    for lanes in [true, false] {
+        let mut bits = Vec::new();
+        for policy in [per_head, fixed] {
+            let policy = DecodeSplits { lanes, ..policy };
+            let mut y_d = g.out(t * h * d, NAN);
+            ops.attention_decode(
+                &q_d, &kv, &pos_d, &slots_d, &positions, shape, &policy, &mut y_d, &mut part,
+            )
+            .unwrap();
+            let y = g.down(&y_d);
+            assert_close(
+                &format!(
+                    "attention decode {what}, {}, group {}",
+                    DecodeSplits::kernel_name(policy.family(d), 0),
+                    policy.kernel_group(&positions, shape)
+                ),
+                &y,
+                &want,
+                1e-3,
+            );
+            bits.push(y.iter().map(|v| v.to_bits()).collect::<Vec<u32>>());
+        }
+        assert!(
+            bits[0] == bits[1],
+            "attention decode {what} (lanes {lanes}): group {} differs from one head a block \
+             over {} splits",
+            fixed.group(shape),
+            fixed.splits(&positions, shape)
         );
-        bits.push(y.iter().map(|v| v.to_bits()).collect::<Vec<u32>>());
     }
-    assert!(
-        bits[0] == bits[1],
-        "attention decode {what}: group {} differs from one head a block over {} splits",
-        fixed.group(shape),
-        fixed.splits(&positions, shape)
-    );
 
     // Prefill: blocks of (token, head) rows share tiles of K and V.
     if d <= PREFILL_MAX_HEAD_DIM {
@@ -1559,8 +1565,8 @@ fn kernel_timings_for_the_record() {
     // decode (one token) at depths 512, 4096 and 16384, and prefill (512 tokens of one sequence
     // at depth 0 and at 4096). GB/s counts the K and V bytes each launch must read once (prefill
     // reads them per query token, which is what makes it slow at depth). Decode runs the
-    // device's split policy with grouped query heads, the same splits one head a block, and
-    // the kernel as it was before the grouping (one head a block, chunks of 256 positions).
+    // device's split policy, grouped query heads at every depth and one head a block, each in
+    // the lane-a-position kernels and in the general ones (`lanes: false`).
     let (h, hkv, d, page) = (32usize, 8usize, 128usize, 16usize);
     let row = hkv * d;
     let ops = Ops {
@@ -1592,12 +1598,25 @@ fn kernel_timings_for_the_record() {
             },
         ),
         (
-            " chunks of 256, per-head",
+            " general",
             DecodeSplits {
+                lanes: false,
+                ..decode
+            },
+        ),
+        (
+            " general grouped",
+            DecodeSplits {
+                lanes: false,
+                grouped_from: 0,
+                ..decode
+            },
+        ),
+        (
+            " general per-head",
+            DecodeSplits {
+                lanes: false,
                 grouped: false,
-                min_split: 256,
-                blocks_per_sm: 1 << 16,
-                resident: [0; 9],
                 ..decode
             },
         ),

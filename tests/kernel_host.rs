@@ -4,7 +4,8 @@
 //! dequantization of the same quantized rows, for every weight type the CUDA kernels read;
 //! tests/host/kernels.cpp runs whole kernels (the unit matvecs, the tiled matmuls, attention)
 //! thread by thread (`host_launch`: a fiber a CUDA thread, real barriers and shuffles) against
-//! f64 references, the grouped decode attention kernels against the per-head one and the fused
+//! f64 references, the grouped decode attention kernels against the per-head one (and the
+//! lane-a-position ones against their G = 1) and the fused
 //! rope + q/k/v write against the two kernels it replaces, bit for bit, and the FP16
 //! dequantization and activation conversion of the FP16 GEMM bit for bit against `T::at`
 //! rounded to the nearest FP16. The GPU
@@ -177,6 +178,13 @@ fn whole_kernels_run_thread_by_thread_on_the_host_match_f64_math() {
         "attention decode G8 H16/2 D64 window 50, 3 tokens to 200, 4 splits: bit for bit ok",
         "attention decode one launch split H8/1 D64 window 0, 2 tokens to 1000, 3 splits: ok",
         "attention decode G4 H4/1 D32 window 0, 1 tokens to 600, 1 splits: bit for bit ok",
+        "attention decode lanes H2/2 D64 window 0, 15 tokens to 300, 3 splits: ok",
+        "attention decode lanes G4 H8/2 D128 window 33, 9 tokens to 108, 1 splits: bit for bit ok",
+        "attention decode lanes G7 H14/2 D128 window 0, 3 tokens to 200, 7 splits: bit for bit ok",
+        "attention decode lanes G8 H16/2 D64 window 50, 3 tokens to 200, 4 splits: bit for bit ok",
+        "attention decode lanes G5 H10/2 D128 window 0, 3 tokens to 200, 4 splits: bit for bit ok",
+        "attention decode lanes one launch split H8/1 D64 window 0, 2 tokens to 1000, 3 splits: ok",
+        "attention decode lanes G2 H4/2 D64 window 0, 2 tokens to 700, 1 splits: bit for bit ok",
         "attention prefill H8/2 D128 window 33",
         "mmq q4_k rows 33 tile 64 splits 3",
         "gate_up_mmq q8_0 rows 17 tile 32 splits 2",

@@ -336,6 +336,17 @@ static const DecodeKernel decode_kernels[9] = {
     attention_decode_g3_f16, attention_decode_g4_f16, attention_decode_g5_f16,
     attention_decode_g6_f16, attention_decode_g7_f16, attention_decode_g8_f16};
 
+// The lane-a-position decode kernels (head_dim 64 and 128) by query heads a block (index G).
+static const DecodeKernel lanes_kernels[2][9] = {
+    {nullptr, attention_decode_lanes_d64_g1_f16, attention_decode_lanes_d64_g2_f16,
+     attention_decode_lanes_d64_g3_f16, attention_decode_lanes_d64_g4_f16,
+     attention_decode_lanes_d64_g5_f16, attention_decode_lanes_d64_g6_f16,
+     attention_decode_lanes_d64_g7_f16, attention_decode_lanes_d64_g8_f16},
+    {nullptr, attention_decode_lanes_d128_g1_f16, attention_decode_lanes_d128_g2_f16,
+     attention_decode_lanes_d128_g3_f16, attention_decode_lanes_d128_g4_f16,
+     attention_decode_lanes_d128_g5_f16, attention_decode_lanes_d128_g6_f16,
+     attention_decode_lanes_d128_g7_f16, attention_decode_lanes_d128_g8_f16}};
+
 // The split count the launcher gives a step (Ops::attention_decode): the most any token needs.
 static int decode_splits(const std::vector<int>& pos, int window, int min_split, int max_splits) {
     int splits = 1;
@@ -407,18 +418,19 @@ static void check_combine(int h, int t, int d, int splits) {
                 same ? "ok" : "FAILED");
 }
 
-// Flash-decoding with kernel `g` (query heads a block; 0 the per-head kernel) over `splits`
-// splits, then the combine unless there is one.
+// Flash-decoding with kernel `g` (query heads a block; 0 the per-head kernel; with `lanes` the
+// lane-a-position kernel of G = g) over `splits` splits, then the combine unless there is one.
 static std::vector<float> run_decode(int g, const Case& c, int splits, const std::vector<float>& q,
                                      const std::vector<u16>& kc, const std::vector<u16>& vc,
                                      const std::vector<int>& pos, const std::vector<int>& slots,
                                      const std::vector<int>& tables, int per_slot, int page,
-                                     float scale) {
+                                     float scale, bool lanes = false) {
     int t = (int)pos.size(), parts = t * c.h * splits;
+    DecodeKernel kernel = lanes ? lanes_kernels[c.d == 128][g] : decode_kernels[g];
     std::vector<float> pm(parts, NAN), pl(parts, NAN), pa((size_t)parts * c.d, NAN), y(q.size(), NAN);
     unsigned gx = (unsigned)(g == 0 ? c.h : c.h / g);
     host_launch({gx, (unsigned)t, (unsigned)splits}, 128, [&] {
-        decode_kernels[g](q.data(), kc.data(), vc.data(), pos.data(), slots.data(), tables.data(),
+        kernel(q.data(), kc.data(), vc.data(), pos.data(), slots.data(), tables.data(),
                           per_slot, page, c.h, c.hkv, c.d, scale, c.window, c.min_split,
                           c.max_splits, pm.data(), pl.data(), pa.data(), y.data());
     });
@@ -496,6 +508,23 @@ static void check_attention(const Case& c) {
     if (c.short_launch && splits > 1) {
         std::vector<float> y1 = run_decode(largest, c, 1, q, kc, vc, pos, slots, tables, per_slot, page, scale);
         report(std::string("attention decode one launch split ") + what, y1, want, 1e-4);
+    }
+    // The lane-a-position kernels (head_dim 64 and 128), the same way: G = 1 against f64 math,
+    // the other G against its bits.
+    if (c.d == 64 || c.d == 128) {
+        std::vector<float> yl = run_decode(1, c, splits, q, kc, vc, pos, slots, tables, per_slot, page, scale, true);
+        report(std::string("attention decode lanes ") + what, yl, want, 1e-4);
+        for (int g = 2; g <= 8; g++) {
+            if (ratio % g || (g != largest && !c.all_groups)) continue;
+            std::vector<float> yg = run_decode(g, c, splits, q, kc, vc, pos, slots, tables, per_slot, page, scale, true);
+            bool same = std::memcmp(yg.data(), yl.data(), yl.size() * sizeof(float)) == 0;
+            failures += !same;
+            std::printf("attention decode lanes G%d %s: bit for bit %s\n", g, what, same ? "ok" : "FAILED");
+        }
+        if (c.short_launch && splits > 1) {
+            std::vector<float> y1 = run_decode(largest, c, 1, q, kc, vc, pos, slots, tables, per_slot, page, scale, true);
+            report(std::string("attention decode lanes one launch split ") + what, y1, want, 1e-4);
+        }
     }
     if (c.d <= PF_MAX_D) {
         int ratio = c.h / c.hkv, nt = PF_R / std::min(ratio, PF_R);

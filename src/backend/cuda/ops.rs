@@ -22,6 +22,13 @@ pub const DECODE_MAX_SPLITS: usize = 128;
 const DECODE_GRAN: usize = 32;
 /// The largest group of query heads one decode block takes (`attention_decode_g<G>_f16`).
 pub const DECODE_MAX_GROUP: usize = 8;
+/// The head dimensions the lane-a-position decode kernels are compiled for
+/// (`attention_decode_lanes_d<D>_g<G>_f16`, kernels/attention.cu): a lane computes one
+/// position's scores, then the warp's lanes split the head's elements for V. Other head
+/// dimensions take `attention_decode[_g<G>]_f16`, whose lanes split each position's dot.
+pub const DECODE_LANES_HEAD_DIMS: [usize; 2] = [64, 128];
+/// Decode kernel families: the general one, then one per [`DECODE_LANES_HEAD_DIMS`].
+pub const DECODE_FAMILIES: usize = 1 + DECODE_LANES_HEAD_DIMS.len();
 /// Contexts of at least this many positions take the grouped decode kernel by default, shorter
 /// ones the per-head kernel over the same splits (the same bits). Measured on the H200 (8B
 /// shape, `kernel_timings_for_the_record`, decode plus combine, after the lean page walk):
@@ -97,10 +104,14 @@ pub struct DecodeSplits {
     /// With `grouped`, the contexts (in positions, as [`Self::context_units`] counts them) that
     /// take the grouped kernel: at least this long ([`DECODE_GROUPED_FROM`]; 0: every one).
     pub grouped_from: usize,
-    /// Blocks of each decode kernel (index G, 0 the per-head kernel) a multiprocessor holds at
-    /// once, from the driver (their registers decide it: 3 at G 4, 2 at G 6-8); 0: not known
-    /// (no cap).
-    pub resident: [usize; DECODE_MAX_GROUP + 1],
+    /// Head dimensions in [`DECODE_LANES_HEAD_DIMS`] take the lane-a-position kernels
+    /// (`false`: the general ones, the A/B baseline `M40LLM_ATTN_LANES=0`). Either family gives
+    /// the same bits for every G, so all of a shape's launches take one family.
+    pub lanes: bool,
+    /// Blocks of each decode kernel (index [family](Self::family), then G, 0 the per-head
+    /// kernel) a multiprocessor holds at once, from the driver (their registers decide it: 3 at
+    /// G 4, 2 at G 6-8 in the general family); 0: not known (no cap).
+    pub resident: [[usize; DECODE_MAX_GROUP + 1]; DECODE_FAMILIES],
 }
 
 impl DecodeSplits {
@@ -112,20 +123,37 @@ impl DecodeSplits {
             min_split: DECODE_MIN_SPLIT,
             grouped: true,
             grouped_from: DECODE_GROUPED_FROM,
-            resident: [0; DECODE_MAX_GROUP + 1],
+            lanes: true,
+            resident: [[0; DECODE_MAX_GROUP + 1]; DECODE_FAMILIES],
         }
     }
 
-    /// The decode kernel of a group (`Self::group`).
-    fn kernel_name(group: usize) -> String {
-        match group {
-            0 => "attention_decode_f16".to_string(),
-            g => format!("attention_decode_g{g}_f16"),
+    /// The kernel family of a head dimension: 0 the general kernels, `1 + i` the
+    /// lane-a-position kernels of `DECODE_LANES_HEAD_DIMS[i]` (with [`Self::lanes`]).
+    pub fn family(&self, head_dim: usize) -> usize {
+        match DECODE_LANES_HEAD_DIMS.iter().position(|&d| d == head_dim) {
+            Some(i) if self.lanes => 1 + i,
+            _ => 0,
+        }
+    }
+
+    /// The decode kernel of a family and group (`Self::group`; 0 one query head a block, which
+    /// in a lanes family is its G = 1 kernel).
+    pub fn kernel_name(family: usize, group: usize) -> String {
+        match (family, group) {
+            (0, 0) => "attention_decode_f16".to_string(),
+            (0, g) => format!("attention_decode_g{g}_f16"),
+            (f, g) => format!(
+                "attention_decode_lanes_d{}_g{}_f16",
+                DECODE_LANES_HEAD_DIMS[f - 1],
+                g.max(1)
+            ),
         }
     }
 
     /// The defaults for the kernels' device (its multiprocessors, each decode kernel's resident
-    /// blocks), with the A/B switches `M40LLM_ATTN_GROUPED=0` (one query head a block),
+    /// blocks), with the A/B switches `M40LLM_ATTN_LANES=0` (the general kernels at every head
+    /// dimension), `M40LLM_ATTN_GROUPED=0` (one query head a block),
     /// `M40LLM_ATTN_GROUPED_FROM=N` (the grouped kernel from N positions on),
     /// `M40LLM_ATTN_MIN_SPLIT=N` and `M40LLM_ATTN_BLOCKS_PER_SM=N`.
     pub fn for_kernels(ks: &KernelSet) -> Result<DecodeSplits, CudaError> {
@@ -138,16 +166,19 @@ impl DecodeSplits {
             .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| driver("the multiprocessor count", e))?;
         let mut d = DecodeSplits::new(usize::try_from(sms).unwrap_or(1));
-        for (g, resident) in d.resident.iter_mut().enumerate() {
-            let name = Self::kernel_name(g);
-            let f = ks.function("attention", &name)?;
-            let n = f
-                .occupancy_max_active_blocks_per_multiprocessor(128, 0, None)
-                .map_err(|e| driver(&format!("the occupancy of {name}"), e))?;
-            *resident = n as usize;
+        for (family, row) in d.resident.iter_mut().enumerate() {
+            for (g, resident) in row.iter_mut().enumerate() {
+                let name = Self::kernel_name(family, g);
+                let f = ks.function("attention", &name)?;
+                let n = f
+                    .occupancy_max_active_blocks_per_multiprocessor(128, 0, None)
+                    .map_err(|e| driver(&format!("the occupancy of {name}"), e))?;
+                *resident = n as usize;
+            }
         }
         let var = |name: &str| std::env::var(name).ok();
         d.grouped = var("M40LLM_ATTN_GROUPED").is_none_or(|v| v.trim() != "0");
+        d.lanes = var("M40LLM_ATTN_LANES").is_none_or(|v| v.trim() != "0");
         let count = |name: &str, default: usize| match var(name) {
             None => default,
             Some(v) => match v.trim().parse::<usize>() {
@@ -208,8 +239,7 @@ impl DecodeSplits {
     /// The most chunks one context of this shape is split into on this device: one token's
     /// blocks fill `blocks_per_sm` on every multiprocessor, or as many as fit at once.
     pub fn max_splits(&self, shape: AttnShape) -> usize {
-        let fit = self
-            .resident
+        let fit = self.resident[self.family(shape.head_dim)]
             .get(self.group(shape))
             .copied()
             .filter(|&n| n > 0)
@@ -476,7 +506,9 @@ impl Ops<'_> {
 
     /// Flash-decoding of every query row on its own: `attention_decode_g<G>_f16` (G query heads
     /// of one KV head a block, [`DecodeSplits::group`]) or `attention_decode_f16` (one head a
-    /// block) over the splits `decode` gives, then `attention_combine` when there are several.
+    /// block), at head dimensions 64 and 128 their lane-a-position counterparts
+    /// (`attention_decode_lanes_d<D>_g<G>_f16`, [`DecodeSplits::family`]), over the splits
+    /// `decode` gives, then `attention_combine` when there are several.
     /// Returns the path (split count and group). `part` is scratch of at least
     /// [`DecodeSplits::scratch_len`] floats.
     #[allow(clippy::too_many_arguments)]
@@ -512,7 +544,7 @@ impl Ops<'_> {
         let pa = part.sub(2 * parts, parts * d, k)?;
         let group = decode.kernel_group(positions, shape);
         {
-            let name = DecodeSplits::kernel_name(group);
+            let name = DecodeSplits::kernel_name(decode.family(d), group);
             let f = self.ks.function("attention", &name)?;
             let mut b = self.stream.launch_builder(&f);
             b.arg(q.ptr())
@@ -1084,7 +1116,8 @@ impl Rope {
 #[cfg(test)]
 mod tests {
     use super::{
-        AttnShape, DECODE_GROUPED_FROM, DECODE_MAX_SPLITS, DECODE_MIN_SPLIT, DecodeSplits, Ops,
+        AttnShape, DECODE_FAMILIES, DECODE_GROUPED_FROM, DECODE_MAX_SPLITS, DECODE_MIN_SPLIT,
+        DecodeSplits, Ops,
     };
 
     fn shape(n_heads: usize, n_kv_heads: usize, window: usize) -> AttnShape {
@@ -1111,6 +1144,31 @@ mod tests {
             ..d
         };
         assert_eq!(off.group(shape(32, 8, 0)), 0);
+    }
+
+    #[test]
+    fn head_dims_64_and_128_take_the_lane_a_position_kernels_unless_switched_off() {
+        let d = DecodeSplits::new(132);
+        assert_eq!(d.family(64), 1);
+        assert_eq!(d.family(128), 2);
+        for other in [32, 96, 160, 256] {
+            assert_eq!(d.family(other), 0, "{other}");
+        }
+        let off = DecodeSplits { lanes: false, ..d };
+        assert_eq!(off.family(128), 0);
+        // One query head a block is a lanes family's G = 1 kernel.
+        let names =
+            [(0, 0), (0, 4), (1, 0), (2, 1), (2, 7)].map(|(f, g)| DecodeSplits::kernel_name(f, g));
+        assert_eq!(
+            names,
+            [
+                "attention_decode_f16",
+                "attention_decode_g4_f16",
+                "attention_decode_lanes_d64_g1_f16",
+                "attention_decode_lanes_d128_g1_f16",
+                "attention_decode_lanes_d128_g7_f16",
+            ]
+        );
     }
 
     #[test]
@@ -1177,11 +1235,17 @@ mod tests {
             ..h200
         };
         assert_eq!(per_head.max_splits(s8b), 16);
-        // No more than fit at once: 3 blocks of the G 4 kernel a multiprocessor.
-        let mut resident = [0; 9];
-        resident[4] = 3;
+        // No more than fit at once: 3 blocks of the G 4 kernel a multiprocessor (head_dim 128:
+        // the lane-a-position family; the general family's residency does not apply to it).
+        let mut resident = [[0; 9]; DECODE_FAMILIES];
+        resident[h200.family(128)][4] = 3;
         let fit = DecodeSplits { resident, ..h200 };
         assert_eq!(fit.max_splits(s8b), 49);
+        let general = DecodeSplits {
+            lanes: false,
+            ..fit
+        };
+        assert_eq!(general.max_splits(s8b), 66);
         // Unknown residency (G 3 here): 4 a multiprocessor, 176 splits, capped at 128.
         assert_eq!(fit.max_splits(shape(9, 3, 0)), DECODE_MAX_SPLITS);
         // The M40's 24 SMs: 12 splits at most for the 8B shape.
@@ -1206,7 +1270,8 @@ mod tests {
                 min_split,
                 grouped: false,
                 grouped_from: 0,
-                resident: [0; 9],
+                lanes: true,
+                resident: [[0; 9]; DECODE_FAMILIES],
             };
             d.chunk_of(len, shape(1, 1, 0))
         };
