@@ -63,22 +63,19 @@ __device__ __forceinline__ void widen8(uint4 w, float* f) {
     }
 }
 
-// DL consecutive FP16 of a V row (lpd: a lane's elements), widened: one 4-, 8- or 16-byte load.
+// DL consecutive FP16 of a V row (a lane's elements in attn_decode_lanes) as DL / 2 words: one
+// 4- or 8-byte load.
 template <int DL>
-__device__ __forceinline__ void lpd_load(const u16* p, float* f);
+__device__ __forceinline__ void lpd_words(const u16* p, u32* w);
 template <>
-__device__ __forceinline__ void lpd_load<2>(const u16* p, float* f) {
-    u32 w = __ldg((const u32*)p);
-    f[0] = h2f((u16)(w & 0xffff));
-    f[1] = h2f((u16)(w >> 16));
+__device__ __forceinline__ void lpd_words<2>(const u16* p, u32* w) {
+    w[0] = __ldg((const u32*)p);
 }
 template <>
-__device__ __forceinline__ void lpd_load<4>(const u16* p, float* f) {
-    uint2 w = __ldg((const uint2*)p);
-    f[0] = h2f((u16)(w.x & 0xffff));
-    f[1] = h2f((u16)(w.x >> 16));
-    f[2] = h2f((u16)(w.y & 0xffff));
-    f[3] = h2f((u16)(w.y >> 16));
+__device__ __forceinline__ void lpd_words<4>(const u16* p, u32* w) {
+    uint2 v = __ldg((const uint2*)p);
+    w[0] = v.x;
+    w[1] = v.y;
 }
 
 // The K and V loads of one iteration: DEC_NP positions p0 + i * step, each at most `last` (a
@@ -335,11 +332,13 @@ ATTN_DECODE(attention_decode_g8_f16, 8, false)
 // The same flash-decoding blocks, splits and partials as attn_decode above, laid out so that no
 // lane repeats another's work. A warp takes 32 positions of its chunk at a time (the block's 4
 // warps 128): first each lane computes the G scores of its own position, K row against the G
-// query heads staged in shared memory (a K element widened once for G FMAs, its 16-byte loads
-// in flight for half a row at a time); the warp's maximum (shuffles) updates its running max
-// and one exp a (position, head) its weight; then the warp walks the 32 positions with lanes
-// over the head's elements (lane e of D / 32 consecutive ones), the position's cell and weights
-// broadcast by shuffles, each V row one coalesced read for the G heads. attn_decode's lanes
+// query heads staged in shared memory (a K element widened once for G FMAs); the warp's maximum
+// (shuffles) updates its running max and one exp a (position, head) its weight; then the warp
+// walks the 32 positions with lanes over the head's elements (lane e of D / 32 consecutive
+// ones), the weights broadcast by shuffles, each V row one coalesced read for the G heads. Every
+// load of a tile (the lane's K row, its elements of the 32 V rows) is issued before the first
+// FMA, so a tile waits on one round trip to memory (a first version that loaded V after the
+// scores, in eights, lost 5% of 8B Q4_0 decode at short contexts to the waits). attn_decode's lanes
 // instead split a position's dot over D / 8 lanes, whose reduction shuffles and softmax every
 // lane of the group repeated: about 140 instructions a position a lane at depth 4 096 on the
 // 8B shape, the integer and shuffle work most of them (ncu). Per head the arithmetic is the
@@ -355,7 +354,7 @@ __device__ __forceinline__ void attn_decode_lanes(const float* q, const u16* kc,
                                                   int window, int min_split, int max_splits,
                                                   float* part_m, float* part_l, float* part_acc,
                                                   float* y) {
-    const int NW = LPD_NW, D = 32 * DL, KP = G <= 4 ? 8 : 4;  // K pieces of 8 in flight a lane
+    const int NW = LPD_NW, D = 32 * DL;
     __shared__ float4 sm_q[G * D / 4];
     __shared__ float sm_m[G][NW], sm_l[G][NW], sm_M[G], sm_L[G];
     __shared__ float sm_acc[G][NW][D];
@@ -403,32 +402,38 @@ __device__ __forceinline__ void attn_decode_lanes(const float* q, const u16* kc,
             // Scores: this lane's position (past the window: the last one's row, masked).
             int p = min(p0 + lane, we - 1);
             u32 cell = ((u32)sm_pages[(p >> page_shift) - page0] << page_shift) | ((u32)p & in_page);
+            // Every load of the tile: this lane's K row, then its elements of the tile's 32 V
+            // rows (cells broadcast; a position past the window loads the last one's row).
             const uint4* kp = (const uint4*)(kc + ((unsigned long long)cell * row + col));
+            uint4 kw[D / 8];
+#pragma unroll
+            for (int i = 0; i < D / 8; i++) kw[i] = __ldg(kp + i);
+            const u16* vl = vc + col + lane * DL;
+            u32 vw[32][DL / 2];
+#pragma unroll
+            for (int k = 0; k < 32; k++) {
+                u32 ck = __shfl_sync(FULL_MASK, cell, k);
+                lpd_words<DL>(vl + (unsigned long long)ck * row, vw[k]);
+            }
             float sc[G];
 #pragma unroll
             for (int j = 0; j < G; j++) sc[j] = 0.0f;
 #pragma unroll
-            for (int c0 = 0; c0 < D / 8; c0 += KP) {
-                uint4 kw[KP];
+            for (int i = 0; i < D / 8; i++) {
+                float kf[8];
+                widen8(kw[i], kf);
 #pragma unroll
-                for (int i = 0; i < KP; i++) kw[i] = __ldg(kp + c0 + i);
-#pragma unroll
-                for (int i = 0; i < KP; i++) {
-                    float kf[8];
-                    widen8(kw[i], kf);
-#pragma unroll
-                    for (int j = 0; j < G; j++) {
-                        float4 a = sm_q[(j * D) / 4 + (c0 + i) * 2];
-                        float4 b = sm_q[(j * D) / 4 + (c0 + i) * 2 + 1];
-                        sc[j] = fmaf(a.x, kf[0], sc[j]);
-                        sc[j] = fmaf(a.y, kf[1], sc[j]);
-                        sc[j] = fmaf(a.z, kf[2], sc[j]);
-                        sc[j] = fmaf(a.w, kf[3], sc[j]);
-                        sc[j] = fmaf(b.x, kf[4], sc[j]);
-                        sc[j] = fmaf(b.y, kf[5], sc[j]);
-                        sc[j] = fmaf(b.z, kf[6], sc[j]);
-                        sc[j] = fmaf(b.w, kf[7], sc[j]);
-                    }
+                for (int j = 0; j < G; j++) {
+                    float4 a = sm_q[(j * D) / 4 + i * 2];
+                    float4 b = sm_q[(j * D) / 4 + i * 2 + 1];
+                    sc[j] = fmaf(a.x, kf[0], sc[j]);
+                    sc[j] = fmaf(a.y, kf[1], sc[j]);
+                    sc[j] = fmaf(a.z, kf[2], sc[j]);
+                    sc[j] = fmaf(a.w, kf[3], sc[j]);
+                    sc[j] = fmaf(b.x, kf[4], sc[j]);
+                    sc[j] = fmaf(b.y, kf[5], sc[j]);
+                    sc[j] = fmaf(b.z, kf[6], sc[j]);
+                    sc[j] = fmaf(b.w, kf[7], sc[j]);
                 }
             }
             // The running max (p0 itself is in the window: the tile's max is finite) and this
@@ -447,27 +452,21 @@ __device__ __forceinline__ void attn_decode_lanes(const float* q, const u16* kc,
                 l[j] += e[j];
                 m[j] = m_new;
             }
-            // Values: the tile's positions in eights (the last eights past the window skipped;
-            // within one, a position past it weighs 0 on the last position's row).
-            int n = min(32, we - p0);
-            const u16* vl = vc + col + lane * DL;
+            // Values: a position past the window weighs 0.
 #pragma unroll
-            for (int i0 = 0; i0 < 32; i0 += 8) {
-                if (i0 >= n) break;
-                float vf[8][DL];
+            for (int k = 0; k < 32; k++) {
+                float vf[DL];
 #pragma unroll
-                for (int k = 0; k < 8; k++) {
-                    u32 ck = __shfl_sync(FULL_MASK, cell, i0 + k);
-                    lpd_load<DL>(vl + (unsigned long long)ck * row, vf[k]);
+                for (int w = 0; w < DL / 2; w++) {
+                    vf[2 * w] = h2f((u16)(vw[k][w] & 0xffff));
+                    vf[2 * w + 1] = h2f((u16)(vw[k][w] >> 16));
                 }
 #pragma unroll
-                for (int k = 0; k < 8; k++)
+                for (int j = 0; j < G; j++) {
+                    float ek = __shfl_sync(FULL_MASK, e[j], k);
 #pragma unroll
-                    for (int j = 0; j < G; j++) {
-                        float ek = __shfl_sync(FULL_MASK, e[j], i0 + k);
-#pragma unroll
-                        for (int d = 0; d < DL; d++) acc[j][d] = fmaf(ek, vf[k][d], acc[j][d]);
-                    }
+                    for (int d = 0; d < DL; d++) acc[j][d] = fmaf(ek, vf[d], acc[j][d]);
+                }
             }
         }
     }
