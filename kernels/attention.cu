@@ -328,6 +328,105 @@ ATTN_DECODE(attention_decode_g6_f16, 6, false)
 ATTN_DECODE(attention_decode_g7_f16, 7, false)
 ATTN_DECODE(attention_decode_g8_f16, 8, false)
 
+// Merges the n_splits partials of each (token, head): y[t, h*D + e] = sum_s acc_s[e] e^(m_s - M)
+// / sum_s l_s e^(m_s - M), every sum in split order (FMAs). comb_heads merges G heads h0.. of
+// token t with the block's threads, an element a thread at a time: attention_combine runs it
+// for one head a block, the lane-a-position decode kernels in their last block of a group (the
+// same function, so the same bits). Up to COMB_MAX splits the partials' m and l are staged in
+// shared memory, each split's weight e^(m_s - M) is computed once, and a thread issues the acc
+// loads of COMB_NP splits before it adds them; the first COMB_NP of them go out before the m and
+// l loads, so that up to COMB_NP splits the merge waits on one round trip to memory, not two (at
+// 33 splits and 8 loads a round it was latency-bound: 8.7 µs for 17 KB a head under ncu on the
+// H200). More splits take the per-element loop, the same arithmetic. The partials are read
+// through L2 (__ldcg): in the decode kernels other blocks wrote them during this launch.
+#define COMB_MAX 128
+#define COMB_NP 32
+__device__ __forceinline__ void comb_fetch(const float* part_acc, i64 base, int D, int e, int s0,
+                                           int S, float* v) {
+#pragma unroll
+    for (int k = 0; k < COMB_NP; k++)
+        v[k] = s0 + k < S ? __ldcg(part_acc + (base + s0 + k) * D + e) : 0.0f;
+}
+
+// sm_pm, sm_pl, sm_w: G * COMB_MAX floats of shared memory each.
+template <int G>
+__device__ __forceinline__ void comb_heads(const float* part_m, const float* part_l,
+                                           const float* part_acc, float* y, int H, int D, int S,
+                                           int t, int h0, float* sm_pm, float* sm_pl,
+                                           float* sm_w) {
+    i64 base0 = ((i64)t * H + h0) * S;  // head h0 + j's partials from base0 + j * S
+    float* out = y + (i64)t * H * D + (i64)h0 * D;
+    if (S > COMB_MAX) {
+        for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+            int j = i / D, e = i - j * D;
+            i64 base = base0 + (i64)j * S;
+            float M = -INFINITY;
+            for (int s = 0; s < S; s++) M = fmaxf(M, __ldcg(part_m + base + s));
+            float L = 0.0f;
+            for (int s = 0; s < S; s++) {
+                float ms = __ldcg(part_m + base + s);
+                if (ms != -INFINITY) L = fmaf(__ldcg(part_l + base + s), expf(ms - M), L);
+            }
+            float inv = 1.0f / L, a = 0.0f;
+            for (int s = 0; s < S; s++) {
+                float ms = __ldcg(part_m + base + s);
+                if (ms != -INFINITY) a = fmaf(__ldcg(part_acc + (base + s) * D + e), expf(ms - M), a);
+            }
+            out[i] = a * inv;
+        }
+        return;
+    }
+    // This thread's first element's first COMB_NP splits, in flight with the m and l loads.
+    float first[COMB_NP];
+    int i0 = threadIdx.x;
+    if (i0 < G * D) comb_fetch(part_acc, base0 + (i64)(i0 / D) * S, D, i0 % D, 0, S, first);
+    for (int i = threadIdx.x; i < G * S; i += blockDim.x) {
+        int j = i / S, s = i - j * S;
+        sm_pm[j * COMB_MAX + s] = __ldcg(part_m + base0 + i);
+        sm_pl[j * COMB_MAX + s] = __ldcg(part_l + base0 + i);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * S; i += blockDim.x) {
+        int j = i / S, s = i - j * S;
+        const float* pm = sm_pm + j * COMB_MAX;
+        float M = -INFINITY;
+        for (int r = 0; r < S; r++) M = fmaxf(M, pm[r]);
+        sm_w[j * COMB_MAX + s] = pm[s] != -INFINITY ? expf(pm[s] - M) : 0.0f;
+    }
+    __syncthreads();
+    for (int i = i0; i < G * D; i += blockDim.x) {
+        int j = i / D, e = i - j * D;
+        const float *pm = sm_pm + j * COMB_MAX, *pl = sm_pl + j * COMB_MAX, *w = sm_w + j * COMB_MAX;
+        i64 base = base0 + (i64)j * S;
+        float L = 0.0f;
+        for (int s = 0; s < S; s++)
+            if (pm[s] != -INFINITY) L = fmaf(pl[s], w[s], L);
+        float inv = 1.0f / L, a = 0.0f;
+        for (int s0 = 0; s0 < S; s0 += COMB_NP) {
+            float v[COMB_NP];
+            if (i == i0 && s0 == 0) {
+#pragma unroll
+                for (int k = 0; k < COMB_NP; k++) v[k] = first[k];
+            } else {
+                comb_fetch(part_acc, base, D, e, s0, S, v);
+            }
+#pragma unroll
+            for (int k = 0; k < COMB_NP; k++)
+                if (s0 + k < S && pm[s0 + k] != -INFINITY) a = fmaf(v[k], w[s0 + k], a);
+        }
+        out[i] = a * inv;
+    }
+}
+
+// Grid: (H, T); block: any multiple of 32 (the host launches D threads, one an element).
+extern "C" __global__ void attention_combine(const float* part_m, const float* part_l,
+                                             const float* part_acc, float* y, int H, int D,
+                                             int S) {
+    __shared__ float sm_pm[COMB_MAX], sm_pl[COMB_MAX], sm_w[COMB_MAX];
+    comb_heads<1>(part_m, part_l, part_acc, y, H, D, S, blockIdx.y, blockIdx.x, sm_pm, sm_pl,
+                  sm_w);
+}
+
 // ---- Decode, a lane a position (head_dim 64 and 128: attention_decode_lanes_d<D>_g<G>_f16).
 // The same flash-decoding blocks, splits and partials as attn_decode above, laid out so that no
 // lane repeats another's work. A warp takes 32 positions of its chunk at a time (the block's 4
@@ -353,7 +452,7 @@ __device__ __forceinline__ void attn_decode_lanes(const float* q, const u16* kc,
                                                   int page_size, int H, int Hkv, float scale,
                                                   int window, int min_split, int max_splits,
                                                   float* part_m, float* part_l, float* part_acc,
-                                                  float* y) {
+                                                  float* y, u32* counters) {
     const int NW = LPD_NW, D = 32 * DL;
     __shared__ float4 sm_q[G * D / 4];
     __shared__ float sm_m[G][NW], sm_l[G][NW], sm_M[G], sm_L[G];
@@ -520,6 +619,23 @@ __device__ __forceinline__ void attn_decode_lanes(const float* q, const u16* kc,
         }
         part_acc[idx * D + e] = a;
     }
+    if (S == 1 || counters == nullptr) return;
+    // With counters (zero between launches), the last block of the (token, group) to write its
+    // partials merges the group's heads: no attention_combine launch. Its count is reset for the
+    // next launch once every block has counted.
+    __shared__ int sm_last;
+    __shared__ float sm_cm[G * COMB_MAX], sm_cl[G * COMB_MAX], sm_cw[G * COMB_MAX];
+    __threadfence();  // this block's partials, before its count
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32* c = counters + (i64)t * gridDim.x + blockIdx.x;
+        sm_last = atomicAdd(c, 1u) == (u32)(S - 1);
+        if (sm_last) *c = 0;
+    }
+    __syncthreads();
+    if (!sm_last) return;
+    __threadfence();  // the other blocks' partials, after their counts
+    comb_heads<G>(part_m, part_l, part_acc, y, H, D, S, t, h0, sm_cm, sm_cl, sm_cw);
 }
 
 #define ATTN_DECODE_LANES(D, G)                                                                \
@@ -527,11 +643,11 @@ __device__ __forceinline__ void attn_decode_lanes(const float* q, const u16* kc,
         const float* q, const u16* kc, const u16* vc, const int* pos, const int* slots,         \
         const int* tables, int table_stride, int page_size, int H, int Hkv, int D_,             \
         float scale, int window, int min_split, int max_splits, float* part_m, float* part_l,   \
-        float* part_acc, float* y) {                                                            \
+        float* part_acc, float* y, u32* counters) {                                             \
         (void)D_;                                                                               \
         attn_decode_lanes<G, D / 32>(q, kc, vc, pos, slots, tables, table_stride, page_size, H, \
                                      Hkv, scale, window, min_split, max_splits, part_m, part_l, \
-                                     part_acc, y);                                              \
+                                     part_acc, y, counters);                                    \
     }
 ATTN_DECODE_LANES(64, 1)
 ATTN_DECODE_LANES(64, 2)
@@ -549,83 +665,6 @@ ATTN_DECODE_LANES(128, 5)
 ATTN_DECODE_LANES(128, 6)
 ATTN_DECODE_LANES(128, 7)
 ATTN_DECODE_LANES(128, 8)
-
-// Merges the n_splits partials of each (token, head): y[t, h*D + e] = sum_s acc_s[e] e^(m_s - M)
-// / sum_s l_s e^(m_s - M), every sum in split order. Up to COMB_MAX splits the partials' m and l
-// are staged in shared memory, each split's weight e^(m_s - M) is computed once, and a thread
-// issues the acc loads of COMB_NP splits before it adds them; the first COMB_NP of them go out
-// before the m and l loads, so that up to COMB_NP splits the kernel waits on one round trip to
-// memory, not two (at 33 splits and 8 loads a round it was latency-bound: 8.7 µs for 17 KB a
-// head under ncu on the H200). The arithmetic is the per-element loop's below (more splits take
-// that loop), so both give the same bits.
-// Grid: (H, T); block: any multiple of 32 (the host launches D threads, one an element).
-#define COMB_MAX 128
-#define COMB_NP 32
-__device__ __forceinline__ void comb_fetch(const float* part_acc, i64 base, int D, int e, int s0,
-                                           int S, float* v) {
-#pragma unroll
-    for (int k = 0; k < COMB_NP; k++)
-        v[k] = s0 + k < S ? part_acc[(base + s0 + k) * D + e] : 0.0f;
-}
-
-extern "C" __global__ void attention_combine(const float* part_m, const float* part_l,
-                                             const float* part_acc, float* y, int H, int D,
-                                             int S) {
-    __shared__ float sm_pm[COMB_MAX], sm_pl[COMB_MAX], sm_w[COMB_MAX];
-    int h = blockIdx.x, t = blockIdx.y;
-    i64 base = ((i64)t * H + h) * S;
-    float* out = y + (i64)t * H * D + (i64)h * D;
-    if (S > COMB_MAX) {
-        float M = -INFINITY;
-        for (int s = 0; s < S; s++) M = fmaxf(M, part_m[base + s]);
-        float L = 0.0f;
-        for (int s = 0; s < S; s++)
-            if (part_m[base + s] != -INFINITY) L += part_l[base + s] * expf(part_m[base + s] - M);
-        float inv = 1.0f / L;
-        for (int e = threadIdx.x; e < D; e += blockDim.x) {
-            float a = 0.0f;
-            for (int s = 0; s < S; s++)
-                if (part_m[base + s] != -INFINITY)
-                    a += part_acc[(base + s) * D + e] * expf(part_m[base + s] - M);
-            out[e] = a * inv;
-        }
-        return;
-    }
-    // This thread's first element's first COMB_NP splits, in flight with the m and l loads.
-    float first[COMB_NP];
-    int e0 = threadIdx.x;
-    if (e0 < D) comb_fetch(part_acc, base, D, e0, 0, S, first);
-    for (int s = threadIdx.x; s < S; s += blockDim.x) {
-        sm_pm[s] = part_m[base + s];
-        sm_pl[s] = part_l[base + s];
-    }
-    __syncthreads();
-    float M = -INFINITY;
-    for (int s = 0; s < S; s++) M = fmaxf(M, sm_pm[s]);
-    for (int s = threadIdx.x; s < S; s += blockDim.x)
-        sm_w[s] = sm_pm[s] != -INFINITY ? expf(sm_pm[s] - M) : 0.0f;
-    __syncthreads();
-    float L = 0.0f;
-    for (int s = 0; s < S; s++)
-        if (sm_pm[s] != -INFINITY) L += sm_pl[s] * sm_w[s];
-    float inv = 1.0f / L;
-    for (int e = e0; e < D; e += blockDim.x) {
-        float a = 0.0f;
-        for (int s0 = 0; s0 < S; s0 += COMB_NP) {
-            float v[COMB_NP];
-            if (e == e0 && s0 == 0) {
-#pragma unroll
-                for (int k = 0; k < COMB_NP; k++) v[k] = first[k];
-            } else {
-                comb_fetch(part_acc, base, D, e, s0, S, v);
-            }
-#pragma unroll
-            for (int k = 0; k < COMB_NP; k++)
-                if (s0 + k < S && sm_pm[s0 + k] != -INFINITY) a += v[k] * sm_w[s0 + k];
-        }
-        out[e] = a * inv;
-    }
-}
 
 // ---- Prefill: tiled over query rows and positions (FP32 flash attention without tensor
 // cores). A block takes PF_R query rows: nt consecutive tokens of the step times nh query heads

@@ -263,6 +263,17 @@ inline float __shfl_sync(unsigned, float v, int src) {
 inline unsigned __shfl_sync(unsigned, unsigned v, int src) {
     return host_shfl(v, (threadIdx.x & ~31u) | ((unsigned)src & 31));
 }
+// The fibers run one at a time: an atomic is a plain read-modify-write, a fence a no-op.
+inline unsigned atomicAdd(unsigned* p, unsigned v) {
+    unsigned old = *p;
+    *p = old + v;
+    return old;
+}
+inline void __threadfence() {}
+template <typename T>
+inline T __ldcg(const T* p) {
+    return __ldg(p);
+}
 inline void __syncthreads() {
     if (host_block) host_block->block.wait();
 }

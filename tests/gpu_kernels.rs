@@ -276,7 +276,8 @@ use half::f16;
 use m40_llm::backend::cpu::kernels as cpu;
 use m40_llm::backend::cuda::mem::Span;
 use m40_llm::backend::cuda::ops::{
-    AttnPath, AttnShape, DECODE_FAMILIES, DecodeSplits, Ops, PREFILL_MAX_HEAD_DIM, PagedKv,
+    AttnPath, AttnShape, DECODE_COUNTERS, DECODE_FAMILIES, DecodeSplits, Ops, PREFILL_MAX_HEAD_DIM,
+    PagedKv,
 };
 use m40_llm::backend::cuda::weight_kernel_suffix;
 use m40_llm::gguf::GgmlType;
@@ -1034,7 +1035,7 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         blocks_per_sm: 1 << 16,
         min_split: 64,
         grouped: true,
-        grouped_from: 0,
+        grouped_from: [0; DECODE_FAMILIES],
         resident: [[0; 9]; DECODE_FAMILIES],
         ..decode
     };
@@ -1047,7 +1048,7 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         .map(|p| p.scratch_len(&positions, shape))
         .max()
         .unwrap();
-    let mut part = g.out(scratch, NAN);
+    let mut part = decode_scratch(g, scratch);
 
     // Decode: every row on its own, split over the context, then combined.
     let mut y_d = g.out(t * h * d, NAN);
@@ -1070,13 +1071,18 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         &want,
         1e-3,
     );
-    // In each kernel family (the lane-a-position kernels where head_dim is 64 or 128, and the
-    // general ones) the grouped kernel (G query heads of one KV head a block) gives the
+    let mut lane_bits = Vec::new();
+    // In each kernel family (the lane-a-position kernels where head_dim is 64 or 128, merging in
+    // their last blocks or not, and the general ones) the grouped kernel (G query heads of one KV head a block) gives the
     // per-head kernel's bits over the same splits.
-    for lanes in [true, false] {
+    for (lanes, merge) in [(true, true), (true, false), (false, false)] {
         let mut bits = Vec::new();
         for policy in [per_head, fixed] {
-            let policy = DecodeSplits { lanes, ..policy };
+            let policy = DecodeSplits {
+                lanes,
+                merge,
+                ..policy
+            };
             let mut y_d = g.out(t * h * d, NAN);
             ops.attention_decode(
                 &q_d, &kv, &pos_d, &slots_d, &positions, shape, &policy, &mut y_d, &mut part,
@@ -1097,12 +1103,28 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         }
         assert!(
             bits[0] == bits[1],
-            "attention decode {what} (lanes {lanes}): group {} differs from one head a block \
-             over {} splits",
+            "attention decode {what} (lanes {lanes}, merge {merge}): group {} differs from one \
+             head a block over {} splits",
             fixed.group(shape),
             fixed.splits(&positions, shape)
         );
+        if lanes {
+            lane_bits.push(bits.swap_remove(0));
+        }
     }
+    // Merged in the lanes kernels' last blocks or by attention_combine: the same bits; and
+    // every merge reset its counter.
+    assert!(
+        lane_bits[0] == lane_bits[1],
+        "attention decode {what}: the lanes kernels' merge differs from attention_combine's"
+    );
+    let counters = g.down(&part);
+    assert!(
+        counters[..DECODE_COUNTERS]
+            .iter()
+            .all(|&c| c.to_bits() == 0),
+        "attention decode {what}: merge counters left non-zero"
+    );
 
     // Prefill: blocks of (token, head) rows share tiles of K and V.
     if d <= PREFILL_MAX_HEAD_DIM {
@@ -1179,6 +1201,14 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         &want[..h * d],
         1e-3,
     );
+}
+
+/// Decode attention scratch of `n` floats: the merge counters zero (as the executor allocates
+/// them), the partials NaN (a partial never written shows).
+fn decode_scratch(g: &Gpu, n: usize) -> cudarc::driver::CudaSlice<f32> {
+    let mut v = vec![NAN; n.max(DECODE_COUNTERS)];
+    v[..DECODE_COUNTERS].fill(0.0);
+    g.up(&v)
 }
 
 #[test]
@@ -1586,7 +1616,14 @@ fn kernel_timings_for_the_record() {
         (
             " grouped",
             DecodeSplits {
-                grouped_from: 0,
+                grouped_from: [0; DECODE_FAMILIES],
+                ..decode
+            },
+        ),
+        (
+            " unmerged",
+            DecodeSplits {
+                merge: false,
                 ..decode
             },
         ),
@@ -1608,7 +1645,7 @@ fn kernel_timings_for_the_record() {
             " general grouped",
             DecodeSplits {
                 lanes: false,
-                grouped_from: 0,
+                grouped_from: [0; DECODE_FAMILIES],
                 ..decode
             },
         ),
@@ -1647,7 +1684,7 @@ fn kernel_timings_for_the_record() {
         };
         let n_policies = if t == 1 { policies.len() } else { 1 };
         for (label, policy) in &policies[..n_policies] {
-            let mut part = g.out(policy.scratch_len(&positions, shape).max(1), NAN);
+            let mut part = decode_scratch(g, policy.scratch_len(&positions, shape));
             let mut y_d = g.out(t * h * d, NAN);
             let kv_bytes = (2 * depth * row * 2) as f64;
             let mut path = None;

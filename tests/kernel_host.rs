@@ -5,7 +5,8 @@
 //! tests/host/kernels.cpp runs whole kernels (the unit matvecs, the tiled matmuls, attention)
 //! thread by thread (`host_launch`: a fiber a CUDA thread, real barriers and shuffles) against
 //! f64 references, the grouped decode attention kernels against the per-head one (and the
-//! lane-a-position ones against their G = 1) and the fused
+//! lane-a-position ones against their G = 1, merging in their last blocks against
+//! attention_combine) and the fused
 //! rope + q/k/v write against the two kernels it replaces, bit for bit, and the FP16
 //! dequantization and activation conversion of the FP16 GEMM bit for bit against `T::at`
 //! rounded to the nearest FP16. The GPU
@@ -185,6 +186,9 @@ fn whole_kernels_run_thread_by_thread_on_the_host_match_f64_math() {
         "attention decode lanes G5 H10/2 D128 window 0, 3 tokens to 200, 4 splits: bit for bit ok",
         "attention decode lanes one launch split H8/1 D64 window 0, 2 tokens to 1000, 3 splits: ok",
         "attention decode lanes G2 H4/2 D64 window 0, 2 tokens to 700, 1 splits: bit for bit ok",
+        "attention decode lanes merged G1 H8/1 D64 window 0, 2 tokens to 1000, 3 splits: bit for bit ok",
+        "attention decode lanes merged G7 H14/2 D128 window 0, 3 tokens to 200, 7 splits: bit for bit ok",
+        "attention decode lanes merged G4 H16/2 D64 window 50, 3 tokens to 200, 4 splits: bit for bit ok",
         "attention prefill H8/2 D128 window 33",
         "mmq q4_k rows 33 tile 64 splits 3",
         "gate_up_mmq q8_0 rows 17 tile 32 splits 2",

@@ -336,8 +336,12 @@ static const DecodeKernel decode_kernels[9] = {
     attention_decode_g3_f16, attention_decode_g4_f16, attention_decode_g5_f16,
     attention_decode_g6_f16, attention_decode_g7_f16, attention_decode_g8_f16};
 
-// The lane-a-position decode kernels (head_dim 64 and 128) by query heads a block (index G).
-static const DecodeKernel lanes_kernels[2][9] = {
+// The lane-a-position decode kernels (head_dim 64 and 128) by query heads a block (index G):
+// the general kernels' arguments, then the merge's counters (null: attention_combine merges).
+typedef void (*LanesKernel)(const float*, const u16*, const u16*, const int*, const int*,
+                            const int*, int, int, int, int, int, float, int, int, int, float*,
+                            float*, float*, float*, unsigned*);
+static const LanesKernel lanes_kernels[2][9] = {
     {nullptr, attention_decode_lanes_d64_g1_f16, attention_decode_lanes_d64_g2_f16,
      attention_decode_lanes_d64_g3_f16, attention_decode_lanes_d64_g4_f16,
      attention_decode_lanes_d64_g5_f16, attention_decode_lanes_d64_g6_f16,
@@ -375,8 +379,9 @@ static void check_decode_chunks() {
     std::printf("attn_decode_chunk: %s\n", bad ? "FAILED" : "ok");
 }
 
-// attention_combine as it was before its loads were staged (one dependent load a split): the
-// kernel must give its bits, on partials with empty splits, up to COMB_MAX splits and past.
+// attention_combine as it was before its loads were staged (one dependent load a split; its sums
+// FMAs): the kernel must give its bits, on partials with empty splits, up to COMB_MAX splits and
+// past.
 static void combine_reference(const float* part_m, const float* part_l, const float* part_acc,
                               float* y, int H, int T, int D, int S) {
     for (int t = 0; t < T; t++)
@@ -386,13 +391,13 @@ static void combine_reference(const float* part_m, const float* part_l, const fl
             for (int s = 0; s < S; s++) M = fmaxf(M, part_m[base + s]);
             float L = 0.0f;
             for (int s = 0; s < S; s++)
-                if (part_m[base + s] != -INFINITY) L += part_l[base + s] * expf(part_m[base + s] - M);
+                if (part_m[base + s] != -INFINITY) L = fmaf(part_l[base + s], expf(part_m[base + s] - M), L);
             float inv = 1.0f / L;
             for (int e = 0; e < D; e++) {
                 float a = 0.0f;
                 for (int s = 0; s < S; s++)
                     if (part_m[base + s] != -INFINITY)
-                        a += part_acc[(base + s) * D + e] * expf(part_m[base + s] - M);
+                        a = fmaf(part_acc[(base + s) * D + e], expf(part_m[base + s] - M), a);
                 y[(long)t * H * D + (long)h * D + e] = a * inv;
             }
         }
@@ -419,18 +424,32 @@ static void check_combine(int h, int t, int d, int splits) {
 }
 
 // Flash-decoding with kernel `g` (query heads a block; 0 the per-head kernel; with `lanes` the
-// lane-a-position kernel of G = g) over `splits` splits, then the combine unless there is one.
+// lane-a-position kernel of G = g, with `fused` merging in its last blocks) over `splits`
+// splits, then the combine unless there is one (or the kernel merged).
 static std::vector<float> run_decode(int g, const Case& c, int splits, const std::vector<float>& q,
                                      const std::vector<u16>& kc, const std::vector<u16>& vc,
                                      const std::vector<int>& pos, const std::vector<int>& slots,
                                      const std::vector<int>& tables, int per_slot, int page,
-                                     float scale, bool lanes = false) {
+                                     float scale, bool lanes = false, bool fused = false) {
     int t = (int)pos.size(), parts = t * c.h * splits;
-    DecodeKernel kernel = lanes ? lanes_kernels[c.d == 128][g] : decode_kernels[g];
     std::vector<float> pm(parts, NAN), pl(parts, NAN), pa((size_t)parts * c.d, NAN), y(q.size(), NAN);
     unsigned gx = (unsigned)(g == 0 ? c.h : c.h / g);
-    host_launch({gx, (unsigned)t, (unsigned)splits}, 128, [&] {
-        kernel(q.data(), kc.data(), vc.data(), pos.data(), slots.data(), tables.data(),
+    std::vector<unsigned> counters(gx * t, 0);
+    if (lanes) {
+        host_launch({gx, (unsigned)t, (unsigned)splits}, 128, [&] {
+            lanes_kernels[c.d == 128][g](q.data(), kc.data(), vc.data(), pos.data(), slots.data(),
+                                         tables.data(), per_slot, page, c.h, c.hkv, c.d, scale,
+                                         c.window, c.min_split, c.max_splits, pm.data(), pl.data(),
+                                         pa.data(), y.data(), fused ? counters.data() : nullptr);
+        });
+        bool reset = std::all_of(counters.begin(), counters.end(), [](unsigned v) { return v == 0; });
+        if (!reset) {
+            std::printf("attention decode lanes G%d: merge counters not reset: FAILED\n", g);
+            failures++;
+        }
+        if (fused) return y;
+    } else host_launch({gx, (unsigned)t, (unsigned)splits}, 128, [&] {
+        decode_kernels[g](q.data(), kc.data(), vc.data(), pos.data(), slots.data(), tables.data(),
                           per_slot, page, c.h, c.hkv, c.d, scale, c.window, c.min_split,
                           c.max_splits, pm.data(), pl.data(), pa.data(), y.data());
     });
@@ -514,6 +533,14 @@ static void check_attention(const Case& c) {
     if (c.d == 64 || c.d == 128) {
         std::vector<float> yl = run_decode(1, c, splits, q, kc, vc, pos, slots, tables, per_slot, page, scale, true);
         report(std::string("attention decode lanes ") + what, yl, want, 1e-4);
+        // Merged in the decode kernel's last blocks: attention_combine's bits, at every G.
+        for (int g = 1; g <= 8; g++) {
+            if (ratio % g || (g != 1 && g != largest && !c.all_groups)) continue;
+            std::vector<float> yf = run_decode(g, c, splits, q, kc, vc, pos, slots, tables, per_slot, page, scale, true, true);
+            bool same = std::memcmp(yf.data(), yl.data(), yl.size() * sizeof(float)) == 0;
+            failures += !same;
+            std::printf("attention decode lanes merged G%d %s: bit for bit %s\n", g, what, same ? "ok" : "FAILED");
+        }
         for (int g = 2; g <= 8; g++) {
             if (ratio % g || (g != largest && !c.all_groups)) continue;
             std::vector<float> yg = run_decode(g, c, splits, q, kc, vc, pos, slots, tables, per_slot, page, scale, true);

@@ -37,6 +37,13 @@ pub const DECODE_FAMILIES: usize = 1 + DECODE_LANES_HEAD_DIMS.len();
 /// per-head and 294.4 grouped. With one split (SmolLM2's first 128 positions: 3 blocks a token
 /// instead of 9) the grouped kernel cost its decode 11% (1 589 to 1 408 tokens/s).
 pub const DECODE_GROUPED_FROM: usize = 4096;
+/// [`DECODE_GROUPED_FROM`] for the lane-a-position kernels: on the H200 (8B Q4_0 tg128 from
+/// depth 2 048) grouped 316.9 tokens/s, per-head 304.6 (the general kernels per-head 314.7);
+/// at short contexts per-head (346.6 against 343.7 grouped from depth 0).
+pub const DECODE_LANES_GROUPED_FROM: usize = 2048;
+/// Merge counters at the front of the decode scratch (see [`DecodeSplits::scratch_len`]): a
+/// launch whose tokens times blocks a split exceed it merges in `attention_combine` instead.
+pub const DECODE_COUNTERS: usize = 1 << 14;
 /// Largest head_dim of the prefill kernel (`PF_MAX_D`) and of the decode kernel (`MAX_D`).
 pub const PREFILL_MAX_HEAD_DIM: usize = 128;
 /// (token, head) query rows per block of the prefill kernel (`PF_R`).
@@ -102,12 +109,17 @@ pub struct DecodeSplits {
     /// each K/V row read once for them all); `false`: one head a block (`attention_decode_f16`).
     pub grouped: bool,
     /// With `grouped`, the contexts (in positions, as [`Self::context_units`] counts them) that
-    /// take the grouped kernel: at least this long ([`DECODE_GROUPED_FROM`]; 0: every one).
-    pub grouped_from: usize,
+    /// take the grouped kernel, by [family](Self::family): at least this long
+    /// ([`DECODE_GROUPED_FROM`], [`DECODE_LANES_GROUPED_FROM`]; 0: every one).
+    pub grouped_from: [usize; DECODE_FAMILIES],
     /// Head dimensions in [`DECODE_LANES_HEAD_DIMS`] take the lane-a-position kernels
     /// (`false`: the general ones, the A/B baseline `M40LLM_ATTN_LANES=0`). Either family gives
     /// the same bits for every G, so all of a shape's launches take one family.
     pub lanes: bool,
+    /// The lane-a-position kernels merge a split context's partials in each group's last block
+    /// (the counters at the front of the scratch), with `attention_combine`'s arithmetic and
+    /// bits; `false` (`M40LLM_ATTN_MERGE=0`): an `attention_combine` launch after them.
+    pub merge: bool,
     /// Blocks of each decode kernel (index [family](Self::family), then G, 0 the per-head
     /// kernel) a multiprocessor holds at once, from the driver (their registers decide it: 3 at
     /// G 4, 2 at G 6-8 in the general family); 0: not known (no cap).
@@ -122,8 +134,13 @@ impl DecodeSplits {
             blocks_per_sm: DECODE_BLOCKS_PER_SM,
             min_split: DECODE_MIN_SPLIT,
             grouped: true,
-            grouped_from: DECODE_GROUPED_FROM,
+            grouped_from: [
+                DECODE_GROUPED_FROM,
+                DECODE_LANES_GROUPED_FROM,
+                DECODE_LANES_GROUPED_FROM,
+            ],
             lanes: true,
+            merge: true,
             resident: [[0; DECODE_MAX_GROUP + 1]; DECODE_FAMILIES],
         }
     }
@@ -153,7 +170,8 @@ impl DecodeSplits {
 
     /// The defaults for the kernels' device (its multiprocessors, each decode kernel's resident
     /// blocks), with the A/B switches `M40LLM_ATTN_LANES=0` (the general kernels at every head
-    /// dimension), `M40LLM_ATTN_GROUPED=0` (one query head a block),
+    /// dimension), `M40LLM_ATTN_MERGE=0` (an `attention_combine` launch after the lanes
+    /// kernels), `M40LLM_ATTN_GROUPED=0` (one query head a block),
     /// `M40LLM_ATTN_GROUPED_FROM=N` (the grouped kernel from N positions on),
     /// `M40LLM_ATTN_MIN_SPLIT=N` and `M40LLM_ATTN_BLOCKS_PER_SM=N`.
     pub fn for_kernels(ks: &KernelSet) -> Result<DecodeSplits, CudaError> {
@@ -179,6 +197,7 @@ impl DecodeSplits {
         let var = |name: &str| std::env::var(name).ok();
         d.grouped = var("M40LLM_ATTN_GROUPED").is_none_or(|v| v.trim() != "0");
         d.lanes = var("M40LLM_ATTN_LANES").is_none_or(|v| v.trim() != "0");
+
         let count = |name: &str, default: usize| match var(name) {
             None => default,
             Some(v) => match v.trim().parse::<usize>() {
@@ -191,7 +210,11 @@ impl DecodeSplits {
         };
         d.min_split = count("M40LLM_ATTN_MIN_SPLIT", d.min_split);
         d.blocks_per_sm = count("M40LLM_ATTN_BLOCKS_PER_SM", d.blocks_per_sm);
-        d.grouped_from = count("M40LLM_ATTN_GROUPED_FROM", d.grouped_from);
+        if var("M40LLM_ATTN_GROUPED_FROM").is_some() {
+            d.grouped_from =
+                [count("M40LLM_ATTN_GROUPED_FROM", d.grouped_from[0]); DECODE_FAMILIES];
+        }
+        d.merge = var("M40LLM_ATTN_MERGE").is_none_or(|v| v.trim() != "0");
         Ok(d)
     }
 
@@ -209,7 +232,8 @@ impl DecodeSplits {
     }
 
     /// The kernel a launch over these positions takes (0: the per-head kernel): the grouped
-    /// one ([`Self::group`]) for contexts of at least `grouped_from` positions whose grouped
+    /// one ([`Self::group`]) for contexts of at least `grouped_from` (of the shape's family)
+    /// positions whose grouped
     /// launch still gives every multiprocessor a block for one token (`H / G` blocks a split):
     /// below that the per-head kernel's `G` times the blocks win (SmolLM2 at depth 4 096, 3 x 32
     /// grouped blocks on an H200's 132 SMs: 1 109 tokens/s grouped, 1 162 per-head).
@@ -219,10 +243,11 @@ impl DecodeSplits {
     pub fn kernel_group(&self, positions: &[u32], shape: AttnShape) -> usize {
         let longest = Self::longest(positions, shape);
         let group = self.group(shape);
-        if self.grouped_from == 0 {
+        let from = self.grouped_from[self.family(shape.head_dim)];
+        if from == 0 {
             return group;
         }
-        let long = self.context_units(longest) >= self.context_units(self.grouped_from);
+        let long = self.context_units(longest) >= self.context_units(from);
         let blocks = self.blocks_per_split(shape) * self.splits_of(longest, shape);
         if long && blocks >= self.sms { group } else { 0 }
     }
@@ -283,9 +308,29 @@ impl DecodeSplits {
         self.splits_of(Self::longest(positions, shape), shape)
     }
 
-    /// Floats of decode scratch for these positions: `(m, l, acc[D])` per token, head, split.
+    /// Floats of decode scratch for these positions: [`DECODE_COUNTERS`] merge counters (zero
+    /// between launches: allocate the scratch zeroed; each merge resets its counter), then
+    /// `(m, l, acc[D])` per token, head and split.
     pub fn scratch_len(&self, positions: &[u32], shape: AttnShape) -> usize {
-        positions.len() * shape.n_heads * self.splits(positions, shape) * (shape.head_dim + 2)
+        DECODE_COUNTERS
+            + positions.len() * shape.n_heads * self.splits(positions, shape) * (shape.head_dim + 2)
+    }
+
+    /// Whether a launch of `tokens` tokens over `splits` splits with kernel `group`
+    /// ([`Self::kernel_group`]) merges in the decode kernel (else in `attention_combine`): a
+    /// lanes family with [`Self::merge`], one query head a block, several splits, and a
+    /// counter for each (token, block of a split). A grouped block's merge takes its G heads'
+    /// elements with its 128 threads, G elements a thread one after another (each a chain of
+    /// loads over the splits): on the H200 the 8B shape at depth 4 096 (G 4, 33 splits) ran
+    /// 278 tokens/s merged against 304 with `attention_combine`'s 32 blocks, while one head a
+    /// block (an element a thread, as the combine has) saves the launch: SmolLM2 at 4 096
+    /// 1 177 against 1 153.
+    pub fn merges(&self, tokens: usize, splits: usize, shape: AttnShape, group: usize) -> bool {
+        self.merge
+            && self.family(shape.head_dim) > 0
+            && group <= 1
+            && splits > 1
+            && tokens * shape.n_heads <= DECODE_COUNTERS
     }
 
     /// What of a step's longest context (`max(pos) + 1`) its launches depend on: every split
@@ -539,12 +584,17 @@ impl Ops<'_> {
         let min_split = i32_of(k, "min split", decode.min_split)?;
         let max_splits = i32_of(k, "max splits", decode.max_splits(shape))?;
         let s_i = i32_of(k, "splits", splits)?;
-        let pm = part.sub(0, parts, k)?;
-        let pl = part.sub(parts, parts, k)?;
-        let pa = part.sub(2 * parts, parts * d, k)?;
+        let counters = part.sub(0, DECODE_COUNTERS, k)?;
+        let pm = part.sub(DECODE_COUNTERS, parts, k)?;
+        let pl = part.sub(DECODE_COUNTERS + parts, parts, k)?;
+        let pa = part.sub(DECODE_COUNTERS + 2 * parts, parts * d, k)?;
         let group = decode.kernel_group(positions, shape);
+        let family = decode.family(d);
+        let merges = decode.merges(t, splits, shape, group);
+        // The lanes kernels take the counters (0: no merge in the kernel).
+        let no_counters: u64 = 0;
         {
-            let name = DecodeSplits::kernel_name(decode.family(d), group);
+            let name = DecodeSplits::kernel_name(family, group);
             let f = self.ks.function("attention", &name)?;
             let mut b = self.stream.launch_builder(&f);
             b.arg(q.ptr())
@@ -563,10 +613,13 @@ impl Ops<'_> {
                 .arg(&min_split)
                 .arg(&max_splits);
             b.arg(pm.ptr()).arg(pl.ptr()).arg(pa.ptr()).arg(y.ptr());
+            if family > 0 {
+                b.arg(if merges { counters.ptr() } else { &no_counters });
+            }
             launch(&name, b, grid(h / group.max(1), t, splits, 128))?;
         }
         let path = AttnPath::Decode { splits, group };
-        if splits == 1 {
+        if splits == 1 || merges {
             // The decode kernel wrote y itself.
             return Ok(path);
         }
@@ -1116,8 +1169,8 @@ impl Rope {
 #[cfg(test)]
 mod tests {
     use super::{
-        AttnShape, DECODE_FAMILIES, DECODE_GROUPED_FROM, DECODE_MAX_SPLITS, DECODE_MIN_SPLIT,
-        DecodeSplits, Ops,
+        AttnShape, DECODE_COUNTERS, DECODE_FAMILIES, DECODE_GROUPED_FROM,
+        DECODE_LANES_GROUPED_FROM, DECODE_MAX_SPLITS, DECODE_MIN_SPLIT, DecodeSplits, Ops,
     };
 
     fn shape(n_heads: usize, n_kv_heads: usize, window: usize) -> AttnShape {
@@ -1173,7 +1226,11 @@ mod tests {
 
     #[test]
     fn long_contexts_take_the_grouped_kernel_over_the_same_splits() {
-        let d = DecodeSplits::new(132);
+        // The general kernels first.
+        let d = DecodeSplits {
+            lanes: false,
+            ..DecodeSplits::new(132)
+        };
         let s8b = shape(32, 8, 0);
         // Positions are 0-based: a context of len positions ends at len - 1.
         let at = |len: usize| [len as u32 - 1];
@@ -1194,7 +1251,7 @@ mod tests {
             }
         }
         let always = DecodeSplits {
-            grouped_from: 0,
+            grouped_from: [0; DECODE_FAMILIES],
             ..d
         };
         assert_eq!(always.kernel_group(&at(1), s8b), 4);
@@ -1211,6 +1268,38 @@ mod tests {
         // On an M40 (24 SMs) the 8B shape goes grouped at 4 096 (8 x its splits >= 24).
         let m40 = DecodeSplits::new(24);
         assert_eq!(m40.kernel_group(&at(4096), s8b), 4);
+        // The lane-a-position kernels (head_dim 128) group from DECODE_LANES_GROUPED_FROM on,
+        // where the grouped launch fills the device: 2 048 positions are 16 splits, 8 x 16 =
+        // 128 blocks < 132; 2 176 are 17.
+        let lanes = DecodeSplits::new(132);
+        assert_eq!(lanes.family(128), 2);
+        for len in [1, 128, DECODE_LANES_GROUPED_FROM - DECODE_MIN_SPLIT, 2048] {
+            assert_eq!(lanes.kernel_group(&at(len), s8b), 0, "{len}");
+        }
+        for len in [2176, DECODE_GROUPED_FROM, 100_000] {
+            assert_eq!(lanes.kernel_group(&at(len), s8b), 4, "{len}");
+        }
+        assert_eq!(m40.kernel_group(&at(DECODE_LANES_GROUPED_FROM), s8b), 4);
+    }
+
+    #[test]
+    fn the_lanes_kernels_merge_split_contexts_that_have_counters() {
+        let d = DecodeSplits::new(132);
+        let s8b = shape(32, 8, 0);
+        // One split: the kernel writes y; several: the last block of a head merges (G = 1 is
+        // one head a block too); grouped launches leave it to attention_combine.
+        assert!(!d.merges(1, 1, s8b, 0));
+        assert!(d.merges(1, 32, s8b, 0));
+        assert!(d.merges(1, 32, s8b, 1));
+        assert!(!d.merges(1, 32, s8b, 4));
+        // A counter for each (token, block of a split), else attention_combine.
+        assert!(d.merges(DECODE_COUNTERS / 32, 2, s8b, 0));
+        assert!(!d.merges(DECODE_COUNTERS / 32 + 1, 2, s8b, 0));
+        // Not in the general kernels, nor with the switch off.
+        assert!(!DecodeSplits { lanes: false, ..d }.merges(1, 32, s8b, 0));
+        assert!(!DecodeSplits { merge: false, ..d }.merges(1, 32, s8b, 0));
+        // The counters come first in the scratch.
+        assert_eq!(d.scratch_len(&[4095], s8b), DECODE_COUNTERS + 32 * 32 * 130);
     }
 
     #[test]
@@ -1256,7 +1345,10 @@ mod tests {
         assert_eq!(h200.splits(&[3, 4095, 700], s8b), 32);
         assert_eq!(h200.splits(&[3, 4095, 700], shape(32, 8, 300)), 3);
         // Scratch: (m, l, acc[128]) per token, head and split.
-        assert_eq!(h200.scratch_len(&[4095, 3], s8b), 2 * 32 * 32 * 130);
+        assert_eq!(
+            h200.scratch_len(&[4095, 3], s8b),
+            DECODE_COUNTERS + 2 * 32 * 32 * 130
+        );
         assert!(h200.max_splits(shape(64, 1, 0)) <= DECODE_MAX_SPLITS);
     }
 
@@ -1269,8 +1361,9 @@ mod tests {
                 blocks_per_sm: max_splits,
                 min_split,
                 grouped: false,
-                grouped_from: 0,
+                grouped_from: [0; DECODE_FAMILIES],
                 lanes: true,
+                merge: true,
                 resident: [[0; 9]; DECODE_FAMILIES],
             };
             d.chunk_of(len, shape(1, 1, 0))
