@@ -622,7 +622,9 @@ __device__ __forceinline__ void attn_decode_lanes(const float* q, const u16* kc,
     if (S == 1 || counters == nullptr) return;
     // With counters (zero between launches), the last block of the (token, group) to write its
     // partials merges the group's heads: no attention_combine launch. Its count is reset for the
-    // next launch once every block has counted.
+    // next launch once every block has counted. (The host passes counters to one-head-a-block
+    // launches only, DecodeSplits::merges: G heads' merge in one block measured slower than
+    // attention_combine's block a head.)
     __shared__ int sm_last;
     __shared__ float sm_cm[G * COMB_MAX], sm_cl[G * COMB_MAX], sm_cw[G * COMB_MAX];
     __threadfence();  // this block's partials, before its count

@@ -42,7 +42,8 @@ pub const DECODE_GROUPED_FROM: usize = 4096;
 /// at short contexts per-head (346.6 against 343.7 grouped from depth 0).
 pub const DECODE_LANES_GROUPED_FROM: usize = 2048;
 /// Merge counters at the front of the decode scratch (see [`DecodeSplits::scratch_len`]): a
-/// launch whose tokens times blocks a split exceed it merges in `attention_combine` instead.
+/// launch whose tokens times blocks a split exceed it merges in `attention_combine` instead
+/// (the same bits).
 pub const DECODE_COUNTERS: usize = 1 << 14;
 /// Largest head_dim of the prefill kernel (`PF_MAX_D`) and of the decode kernel (`MAX_D`).
 pub const PREFILL_MAX_HEAD_DIM: usize = 128;
@@ -116,9 +117,10 @@ pub struct DecodeSplits {
     /// (`false`: the general ones, the A/B baseline `M40LLM_ATTN_LANES=0`). Either family gives
     /// the same bits for every G, so all of a shape's launches take one family.
     pub lanes: bool,
-    /// The lane-a-position kernels merge a split context's partials in each group's last block
-    /// (the counters at the front of the scratch), with `attention_combine`'s arithmetic and
-    /// bits; `false` (`M40LLM_ATTN_MERGE=0`): an `attention_combine` launch after them.
+    /// The lane-a-position kernels, one head a block, merge a split context's partials in each
+    /// head's last block ([`Self::merges`]; the counters at the front of the scratch), with
+    /// `attention_combine`'s arithmetic and bits; `false` (`M40LLM_ATTN_MERGE=0`): an
+    /// `attention_combine` launch after every split launch.
     pub merge: bool,
     /// Blocks of each decode kernel (index [family](Self::family), then G, 0 the per-head
     /// kernel) a multiprocessor holds at once, from the driver (their registers decide it: 3 at
@@ -197,7 +199,6 @@ impl DecodeSplits {
         let var = |name: &str| std::env::var(name).ok();
         d.grouped = var("M40LLM_ATTN_GROUPED").is_none_or(|v| v.trim() != "0");
         d.lanes = var("M40LLM_ATTN_LANES").is_none_or(|v| v.trim() != "0");
-
         let count = |name: &str, default: usize| match var(name) {
             None => default,
             Some(v) => match v.trim().parse::<usize>() {
