@@ -38,8 +38,8 @@ pub const DECODE_FAMILIES: usize = 1 + DECODE_LANES_HEAD_DIMS.len();
 /// instead of 9) the grouped kernel cost its decode 11% (1 589 to 1 408 tokens/s).
 pub const DECODE_GROUPED_FROM: usize = 4096;
 /// [`DECODE_GROUPED_FROM`] for the lane-a-position kernels: on the H200 (8B Q4_0 tg128 from
-/// depth 2 048) grouped 316.9 tokens/s, per-head 304.6 (the general kernels per-head 314.7);
-/// at short contexts per-head (346.6 against 343.7 grouped from depth 0).
+/// depth 2 048) grouped 316.9 tokens/s, per-head 304.6 (the general kernels per-head 314.7).
+/// Shorter contexts are not measured grouped.
 pub const DECODE_LANES_GROUPED_FROM: usize = 2048;
 /// Merge counters at the front of the decode scratch (see [`DecodeSplits::scratch_len`]): a
 /// launch whose tokens times blocks a split exceed it merges in `attention_combine` instead
@@ -199,21 +199,25 @@ impl DecodeSplits {
         let var = |name: &str| std::env::var(name).ok();
         d.grouped = var("M40LLM_ATTN_GROUPED").is_none_or(|v| v.trim() != "0");
         d.lanes = var("M40LLM_ATTN_LANES").is_none_or(|v| v.trim() != "0");
-        let count = |name: &str, default: usize| match var(name) {
+        let count_from = |name: &str, least: usize, default: usize| match var(name) {
             None => default,
             Some(v) => match v.trim().parse::<usize>() {
-                Ok(n) if (1..=1 << 20).contains(&n) => n,
+                Ok(n) if (least..=1 << 20).contains(&n) => n,
                 _ => {
-                    tracing::warn!("{name}={v} ignored (a count from 1 to 1048576 is expected)");
+                    tracing::warn!(
+                        "{name}={v} ignored (a count from {least} to 1048576 is expected)"
+                    );
                     default
                 }
             },
         };
+        let count = |name: &str, default: usize| count_from(name, 1, default);
         d.min_split = count("M40LLM_ATTN_MIN_SPLIT", d.min_split);
         d.blocks_per_sm = count("M40LLM_ATTN_BLOCKS_PER_SM", d.blocks_per_sm);
+        // 0: the grouped kernel at every context.
         if var("M40LLM_ATTN_GROUPED_FROM").is_some() {
             d.grouped_from =
-                [count("M40LLM_ATTN_GROUPED_FROM", d.grouped_from[0]); DECODE_FAMILIES];
+                [count_from("M40LLM_ATTN_GROUPED_FROM", 0, d.grouped_from[0]); DECODE_FAMILIES];
         }
         d.merge = var("M40LLM_ATTN_MERGE").is_none_or(|v| v.trim() != "0");
         Ok(d)
