@@ -370,7 +370,8 @@ __device__ __forceinline__ void comb_heads(const float* part_m, const float* par
             float inv = 1.0f / L, a = 0.0f;
             for (int s = 0; s < S; s++) {
                 float ms = __ldcg(part_m + base + s);
-                if (ms != -INFINITY) a = fmaf(__ldcg(part_acc + (base + s) * D + e), expf(ms - M), a);
+                if (ms != -INFINITY)
+                    a = fmaf(__ldcg(part_acc + (base + s) * D + e), expf(ms - M), a);
             }
             out[i] = a * inv;
         }
@@ -396,7 +397,8 @@ __device__ __forceinline__ void comb_heads(const float* part_m, const float* par
     __syncthreads();
     for (int i = i0; i < G * D; i += blockDim.x) {
         int j = i / D, e = i - j * D;
-        const float *pm = sm_pm + j * COMB_MAX, *pl = sm_pl + j * COMB_MAX, *w = sm_w + j * COMB_MAX;
+        const float* pm = sm_pm + j * COMB_MAX;
+        const float *pl = sm_pl + j * COMB_MAX, *w = sm_w + j * COMB_MAX;
         i64 base = base0 + (i64)j * S;
         float L = 0.0f;
         for (int s = 0; s < S; s++)
@@ -500,7 +502,8 @@ __device__ __forceinline__ void attn_decode_lanes(const float* q, const u16* kc,
         for (int p0 = ws + warp * 32; p0 < we; p0 += iter) {
             // Scores: this lane's position (past the window: the last one's row, masked).
             int p = min(p0 + lane, we - 1);
-            u32 cell = ((u32)sm_pages[(p >> page_shift) - page0] << page_shift) | ((u32)p & in_page);
+            u32 page = (u32)sm_pages[(p >> page_shift) - page0];
+            u32 cell = (page << page_shift) | ((u32)p & in_page);
             // Every load of the tile: this lane's K row, then its elements of the tile's 32 V
             // rows (cells broadcast; a position past the window loads the last one's row).
             const uint4* kp = (const uint4*)(kc + ((unsigned long long)cell * row + col));

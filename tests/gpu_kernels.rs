@@ -1072,9 +1072,9 @@ fn attention_case(g: &Gpu, c: &AttnCase, seed: u64) {
         1e-3,
     );
     let mut lane_bits = Vec::new();
-    // In each kernel family (the lane-a-position kernels where head_dim is 64 or 128, merging in
-    // their last blocks or not, and the general ones) the grouped kernel (G query heads of one KV head a block) gives the
-    // per-head kernel's bits over the same splits.
+    // In each kernel family (the lane-a-position kernels where head_dim is 64 or 128, merging
+    // in their last blocks or not, and the general ones) the grouped kernel (G query heads of
+    // one KV head a block) gives the per-head kernel's bits over the same splits.
     for (lanes, merge) in [(true, true), (true, false), (false, false)] {
         let mut bits = Vec::new();
         for policy in [per_head, fixed] {
