@@ -54,6 +54,18 @@ __device__ __forceinline__ int attn_decode_chunk(int len, int min_split, int max
     return (int)((c + DEC_GRAN - 1) / DEC_GRAN * DEC_GRAN);
 }
 
+// The positions [start, stop) that split s of S takes of a context ending at p_end: its chunk,
+// empty past the context, and for the last split whatever is left.
+__device__ __forceinline__ void attn_decode_span(int p_end, int window, int min_split,
+                                                 int max_splits, int s, int S, int* start,
+                                                 int* stop) {
+    int lo = attn_lo(p_end, window);
+    int len = p_end + 1 - lo;
+    int chunk = attn_decode_chunk(len, min_split, max_splits);
+    *start = (i64)s * chunk >= len ? p_end + 1 : lo + s * chunk;
+    *stop = s == S - 1 ? p_end + 1 : min(*start + chunk, p_end + 1);
+}
+
 __device__ __forceinline__ void widen8(uint4 w, float* f) {
     u32 v[4] = {w.x, w.y, w.z, w.w};
 #pragma unroll
@@ -105,6 +117,57 @@ __device__ __forceinline__ void dec_fetch(const u16* kc, const u16* vc, const in
     }
 }
 
+// The end of a decode block (attn_decode, attn_decode_lanes): its warps' (m, l, acc) merged,
+// warps in order, into each head's partial of split s, or with one split into the output itself.
+// sm_m, sm_l: [G][NW] of the warps' maxima and sums; sm_acc: [G][NW][ws] of their accumulators
+// (stored before the call, whose first step is the barrier); sm_M, sm_L: [G] of scratch.
+template <int G, int NW>
+__device__ __forceinline__ void dec_write(const float* sm_m, const float* sm_l,
+                                          const float* sm_acc, int ws, float* sm_M, float* sm_L,
+                                          int t, int H, int h0, int D, int s, int S, float* part_m,
+                                          float* part_l, float* part_acc, float* y) {
+    __syncthreads();
+    if (threadIdx.x < G) {
+        int j = threadIdx.x;
+        float M = -INFINITY;
+        for (int w = 0; w < NW; w++) M = fmaxf(M, sm_m[j * NW + w]);
+        float L = 0.0f;
+        if (M != -INFINITY)
+            for (int w = 0; w < NW; w++) L += sm_l[j * NW + w] * expf(sm_m[j * NW + w] - M);
+        sm_M[j] = M;
+        sm_L[j] = L;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+        int j = i / D, e = i - j * D;
+        float M = sm_M[j];
+        i64 idx = ((i64)t * H + h0 + j) * S + s;
+        if (M == -INFINITY) {
+            if (e == 0) {
+                part_m[idx] = -INFINITY;
+                part_l[idx] = 0.0f;
+            }
+            part_acc[idx * D + e] = 0.0f;
+            continue;
+        }
+        float a = 0.0f;
+        for (int w = 0; w < NW; w++)
+            a += sm_acc[(j * NW + w) * ws + e] * expf(sm_m[j * NW + w] - M);
+        if (S == 1) {
+            // One split: the block's result is the output, normalized exactly as
+            // attention_combine would (its merge of a single partial multiplies by e^0 = 1).
+            float inv = 1.0f / sm_L[j];
+            y[(i64)t * H * D + (i64)(h0 + j) * D + e] = a * inv;
+            continue;
+        }
+        if (e == 0) {
+            part_m[idx] = M;
+            part_l[idx] = sm_L[j];
+        }
+        part_acc[idx * D + e] = a;
+    }
+}
+
 template <int G, bool PF>
 __device__ __forceinline__ void attn_decode(const float* q, const u16* kc, const u16* vc,
                                             const int* pos, const int* slots, const int* tables,
@@ -120,12 +183,8 @@ __device__ __forceinline__ void attn_decode(const float* q, const u16* kc, const
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int g = h0 / (H / Hkv);
     u32 row = (u32)(Hkv * D);
-    int p_end = pos[t];
-    int lo = attn_lo(p_end, window);
-    int len = p_end + 1 - lo;
-    int chunk = attn_decode_chunk(len, min_split, max_splits);
-    int start = (i64)s * chunk >= len ? p_end + 1 : lo + s * chunk;
-    int stop = s == S - 1 ? p_end + 1 : min(start + chunk, p_end + 1);
+    int start, stop;
+    attn_decode_span(pos[t], window, min_split, max_splits, s, S, &start, &stop);
     int slot = slots[t];
     int lp = 4;
     while (lp * 8 < D) lp <<= 1;
@@ -265,45 +324,8 @@ __device__ __forceinline__ void attn_decode(const float* q, const u16* kc, const
         for (int j = 0; j < G; j++)
 #pragma unroll
             for (int k = 0; k < 8; k++) sm_acc[j][warp][li * 8 + k] = acc[j][k];
-    __syncthreads();
-    if (threadIdx.x < G) {
-        int j = threadIdx.x;
-        float M = -INFINITY;
-        for (int w = 0; w < NW; w++) M = fmaxf(M, sm_m[j][w]);
-        float L = 0.0f;
-        if (M != -INFINITY)
-            for (int w = 0; w < NW; w++) L += sm_l[j][w] * expf(sm_m[j][w] - M);
-        sm_M[j] = M;
-        sm_L[j] = L;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-        int j = i / D, e = i - j * D;
-        float M = sm_M[j];
-        i64 idx = ((i64)t * H + h0 + j) * S + s;
-        if (M == -INFINITY) {
-            if (e == 0) {
-                part_m[idx] = -INFINITY;
-                part_l[idx] = 0.0f;
-            }
-            part_acc[idx * D + e] = 0.0f;
-            continue;
-        }
-        float a = 0.0f;
-        for (int w = 0; w < NW; w++) a += sm_acc[j][w][e] * expf(sm_m[j][w] - M);
-        if (S == 1) {
-            // One split: the block's result is the output, normalized exactly as
-            // attention_combine would (its merge of a single partial multiplies by e^0 = 1).
-            float inv = 1.0f / sm_L[j];
-            y[(i64)t * H * D + (i64)(h0 + j) * D + e] = a * inv;
-            continue;
-        }
-        if (e == 0) {
-            part_m[idx] = M;
-            part_l[idx] = sm_L[j];
-        }
-        part_acc[idx * D + e] = a;
-    }
+    dec_write<G, NW>(&sm_m[0][0], &sm_l[0][0], &sm_acc[0][0][0], MAX_D, sm_M, sm_L, t, H, h0, D,
+                     s, S, part_m, part_l, part_acc, y);
 }
 
 #define ATTN_DECODE(NAME, G, PF)                                                                 \
@@ -464,12 +486,8 @@ __device__ __forceinline__ void attn_decode_lanes(const float* q, const u16* kc,
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int g = h0 / (H / Hkv);
     u32 row = (u32)(Hkv * D);
-    int p_end = pos[t];
-    int lo = attn_lo(p_end, window);
-    int len = p_end + 1 - lo;
-    int chunk = attn_decode_chunk(len, min_split, max_splits);
-    int start = (i64)s * chunk >= len ? p_end + 1 : lo + s * chunk;
-    int stop = s == S - 1 ? p_end + 1 : min(start + chunk, p_end + 1);
+    int start, stop;
+    attn_decode_span(pos[t], window, min_split, max_splits, s, S, &start, &stop);
     int slot = slots[t];
     {
         float* qs = (float*)sm_q;
@@ -585,43 +603,8 @@ __device__ __forceinline__ void attn_decode_lanes(const float* q, const u16* kc,
     for (int j = 0; j < G; j++)
 #pragma unroll
         for (int k = 0; k < DL; k++) sm_acc[j][warp][lane * DL + k] = acc[j][k];
-    __syncthreads();
-    if (threadIdx.x < G) {
-        int j = threadIdx.x;
-        float M = -INFINITY;
-        for (int w = 0; w < NW; w++) M = fmaxf(M, sm_m[j][w]);
-        float L = 0.0f;
-        if (M != -INFINITY)
-            for (int w = 0; w < NW; w++) L += sm_l[j][w] * expf(sm_m[j][w] - M);
-        sm_M[j] = M;
-        sm_L[j] = L;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-        int j = i / D, e = i - j * D;
-        float M = sm_M[j];
-        i64 idx = ((i64)t * H + h0 + j) * S + s;
-        if (M == -INFINITY) {
-            if (e == 0) {
-                part_m[idx] = -INFINITY;
-                part_l[idx] = 0.0f;
-            }
-            part_acc[idx * D + e] = 0.0f;
-            continue;
-        }
-        float a = 0.0f;
-        for (int w = 0; w < NW; w++) a += sm_acc[j][w][e] * expf(sm_m[j][w] - M);
-        if (S == 1) {
-            float inv = 1.0f / sm_L[j];
-            y[(i64)t * H * D + (i64)(h0 + j) * D + e] = a * inv;
-            continue;
-        }
-        if (e == 0) {
-            part_m[idx] = M;
-            part_l[idx] = sm_L[j];
-        }
-        part_acc[idx * D + e] = a;
-    }
+    dec_write<G, NW>(&sm_m[0][0], &sm_l[0][0], &sm_acc[0][0][0], D, sm_M, sm_L, t, H, h0, D,
+                     s, S, part_m, part_l, part_acc, y);
     if (S == 1 || counters == nullptr) return;
     // With counters (zero between launches), the last block of the (token, group) to write its
     // partials merges the group's heads: no attention_combine launch. Its count is reset for the
