@@ -2,26 +2,30 @@
 // of 9 to 64 sequences): y[r, n] = sum_k x[r, k] w[n, k] (y = x Wᵀ), x [R, K] and y [R, N]
 // row-major FP32, W [N, K] in the block layout of its type.
 //
-// mmq_<ty>_r<BR> (R <= BR rows, BR = 16, 32 or 64): a block computes all R rows of 64 output
-// columns over one K-range (`chunk` elements, split `blockIdx.y`). It walks the range in slabs
-// of 32: the block's threads decode the 64 weight rows' 32 elements ONCE into shared memory as
-// FP32 (scale applied; pieces of 8 consecutive elements, 4 threads to a row's 32), copy the
-// slab of x beside them, and each thread then runs a register tile of 4 rows x 4 columns: per
-// 4 k, 4 float4 loads of x (its rows), 4 of W (its columns), 64 FMAs. So the decode is paid once
-// per weight per launch (amortized over the rows) and the inner loop is FMAs fed by two float4
-// shared loads per 16 FMAs. FP32 arithmetic only (legal for sm_52).
+// mmq_<ty>_r<BR> (R <= BR rows, BR = 16, 32 or 64; 4 BR threads): a block computes all R rows
+// of 128 output columns over one K-range (`chunk` elements, split `blockIdx.y`). It walks the
+// range in slabs of 32 k: the threads decode the 128 weight rows' 32 elements ONCE into shared
+// memory as FP32 (scale applied; pieces of 8 consecutive elements, four threads to a row's 32)
+// and copy the slab of x beside them, both transposed (k-major: ws[k][n], xs[k][r]); then each
+// thread runs an outer product: per k one float4 of x (its 4 rows) and two float4 of W (its 8
+// columns) feed 32 FMAs. So the decode is paid once per weight per launch (amortized over the
+// rows), and the inner loop is 32 FMAs to 3 shared loads. The next slab's global loads (the raw
+// block bytes: each decoder is split into `load` and `decode`, and x) are issued before the
+// current slab's FMAs and decoded after them, so their latency hides behind the arithmetic.
+// FP32 arithmetic only (legal for sm_52).
 //
-// Layouts (floats; MMQ_LD = 36 = 32 + 4, so consecutive rows fall 4 banks apart): ws [64][36]
-// (weight row n of the tile, its slab elements), xs [BR][36] (x row r, its slab elements). A
-// thread (column group tn < 16, row group tr < BR / 4) owns columns tn + 16c (c < 4) and rows
-// tr + (BR/4) i (i < 4); a warp holds 8 consecutive column groups and 4 consecutive row groups,
-// so its W loads are 8 distinct float4 in 8 distinct bank quads and its x loads 4: one wavefront
-// each, every float4 shared by 4 or 8 lanes. The decode's and the x copy's float4 stores spread
-// evenly over the bank quads (4 wavefronts a warp, the minimum).
+// Layout and banks. A thread (column group cg < 16, row group rg < BR / 4) owns rows 4 rg .. +4
+// and columns 4 cg .. +4 and 64 + 4 cg .. +4; a warp holds 8 consecutive column groups and 4
+// consecutive row groups, so each shared load of the inner loop reads 4 or 8 distinct float4
+// in distinct banks (one wavefront). Both tiles are swizzled so that the transposed stores are
+// conflict-free too: element (k, n) of W lives at ws[k][n ^ 8 ((k / 8) % 4)] (the four threads
+// decoding a row's 32 k write their 8 rows into four different 8-column groups), element (k, r)
+// of x at xs[k][r ^ 4 ((k / 4) & SW)] (SW = min(7, BR / 4 - 1)). The swizzles flip bits 2 and
+// up, so a thread's float4 stays contiguous.
 //
-// gate_up_mmq_<ty>_r<BR>: the same with two matrices, 32 columns of each per block (tile rows
-// 0..32 the gate's columns n0.., 32..64 the up's same columns), so a thread holds the gate and
-// the up sum of its 2 columns and applies silu(g) * u itself.
+// gate_up_mmq_<ty>_r<BR>: the same with two matrices, 64 columns of each per block (tile columns
+// 0..64 the gate's columns n0.., 64..128 the up's same columns), so a thread holds the gate and
+// the up sum of its 4 columns and applies silu(g) * u itself.
 //
 // Split K: grid (ceil(N / columns), S). With S = 1 a block writes y; with S > 1 it writes its
 // partial sums to part [S][M][R][N] (M = 1, or 2 for gate/up) and mmq_reduce_m<M> sums the S
@@ -32,28 +36,30 @@
 // (kernels/matvec.cu) sum order, so 8 rows and 9 rows differ in the last bits.
 #include "common.cuh"
 
-#define MMQ_BN 64
+#define MMQ_BN 128
 #define MMQ_BK 32
-#define MMQ_LD 36
 
 __device__ __forceinline__ u32 qldg32(const u8* p) { return __ldg((const unsigned int*)p); }
 __device__ __forceinline__ u16 qldg16(const u8* p) { return __ldg((const unsigned short*)p); }
 __device__ __forceinline__ uint4 qldg128(const u8* p) { return __ldg((const uint4*)p); }
 
-// The `WORDS` little-endian words starting at byte `p` (any alignment), as aligned word loads
-// (the last one is the word holding the last byte: nothing past the field is read).
+// `WORDS` little-endian words starting at byte `p` (any alignment), loaded as aligned words
+// (the last one is the word holding the last byte: nothing past the field is read): `load`
+// issues the loads, `get` funnels them into place once they are needed.
 template <int WORDS>
-__device__ __forceinline__ void q_words(const u8* p, u32* out) {
-    size_t a = (size_t)p;
-    const u8* base = (const u8*)(a & ~(size_t)3);
-    u32 sh = (u32)(a & 3) * 8;
+struct QWords {
     u32 w[WORDS + 1];
+    u32 sh;
+    __device__ __forceinline__ void load(const u8* p) {
+        size_t a = (size_t)p;
+        const u8* base = (const u8*)(a & ~(size_t)3);
+        sh = (u32)(a & 3) * 8;
 #pragma unroll
-    for (int i = 0; i < WORDS; i++) w[i] = qldg32(base + 4 * i);
-    w[WORDS] = qldg32((const u8*)((a + 4 * WORDS - 1) & ~(size_t)3));
-#pragma unroll
-    for (int i = 0; i < WORDS; i++) out[i] = __funnelshift_r(w[i], w[i + 1], sh);
-}
+        for (int i = 0; i < WORDS; i++) w[i] = qldg32(base + 4 * i);
+        w[WORDS] = qldg32((const u8*)((a + 4 * WORDS - 1) & ~(size_t)3));
+    }
+    __device__ __forceinline__ u32 get(int i) const { return __funnelshift_r(w[i], w[i + 1], sh); }
+};
 
 // 2^23 + byte i of v (one PRMT); minus 2^23 (plus an offset) it is the byte's value, exactly.
 #define QMAGIC 8388608.0f
@@ -82,29 +88,38 @@ __device__ __forceinline__ void q8bytes_dm(u32 lo, u32 hi, float d, float m, flo
 // Bits 0..3 of b as bit 0 of bytes 0..3 (the four shifted copies of b do not overlap).
 __device__ __forceinline__ u32 spread4(u32 b) { return ((b & 15u) * 0x00204081u) & 0x01010101u; }
 
-// ---- Piece decoders: piece p of a row is its elements 8p..8p + 8, scaled: v[i] = w[8p + i]. ----
+// ---- Piece decoders: piece p of a row is its elements 8p..8p + 8, scaled: v[i] = w[8p + i].
+// `load(row, p)` issues the piece's global loads into the struct's registers and nothing else;
+// `decode(p, v)` turns them into the 8 floats (the tiled kernel puts a slab of FMAs between the
+// two). ----
 
 // Q4_0 (18-byte blocks: f16 d, 16 bytes of nibbles; element j < 16 the low nibble of byte j,
 // 16 + j its high nibble): piece 4b + j is the low (j < 2) or high nibbles of bytes 8 (j & 1)...
 struct PQ4_0 {
-    static __device__ __forceinline__ void piece(const u8* row, int p, float* v) {
+    QWords<2> q;
+    u16 d;
+    __device__ __forceinline__ void load(const u8* row, int p) {
         const u8* b = row + (i64)(p >> 2) * 18;
-        int j = p & 3;
-        u32 q[2];
-        q_words<2>(b + 2 + 8 * (j & 1), q);
-        int sh = 4 * (j >> 1);
-        q8bytes((q[0] >> sh) & 0x0F0F0F0Fu, (q[1] >> sh) & 0x0F0F0F0Fu, 8.0f, h2f(qldg16(b)), v);
+        q.load(b + 2 + 8 * (p & 1));
+        d = qldg16(b);
+    }
+    __device__ __forceinline__ void decode(int p, float* v) const {
+        int sh = 4 * ((p & 3) >> 1);
+        q8bytes((q.get(0) >> sh) & 0x0F0F0F0Fu, (q.get(1) >> sh) & 0x0F0F0F0Fu, 8.0f, h2f(d), v);
     }
 };
 
 // Q4_1 (20-byte blocks: f16 d, f16 m, nibbles as Q4_0): w = d q + m.
 struct PQ4_1 {
-    static __device__ __forceinline__ void piece(const u8* row, int p, float* v) {
+    u32 dm, q0, q1;
+    __device__ __forceinline__ void load(const u8* row, int p) {
         const u8* b = row + (i64)(p >> 2) * 20;
-        int j = p & 3;
-        u32 dm = qldg32(b);
-        u32 q0 = qldg32(b + 4 + 8 * (j & 1)), q1 = qldg32(b + 8 + 8 * (j & 1));
-        int sh = 4 * (j >> 1);
+        dm = qldg32(b);
+        q0 = qldg32(b + 4 + 8 * (p & 1));
+        q1 = qldg32(b + 8 + 8 * (p & 1));
+    }
+    __device__ __forceinline__ void decode(int p, float* v) const {
+        int sh = 4 * ((p & 3) >> 1);
         q8bytes_dm((q0 >> sh) & 0x0F0F0F0Fu, (q1 >> sh) & 0x0F0F0F0Fu, h2f((u16)(dm & 0xffff)),
                    h2f((u16)(dm >> 16)), v);
     }
@@ -113,28 +128,36 @@ struct PQ4_1 {
 // Q5_0 (22-byte blocks: f16 d, u32 qh (bit e: element e's fifth bit), nibbles as Q4_0): w = d
 // (q - 16).
 struct PQ5_0 {
-    static __device__ __forceinline__ void piece(const u8* row, int p, float* v) {
+    QWords<1> qh;
+    QWords<2> q;
+    u16 d;
+    __device__ __forceinline__ void load(const u8* row, int p) {
         const u8* b = row + (i64)(p >> 2) * 22;
-        int j = p & 3;
-        u32 qh, q[2];
-        q_words<1>(b + 2, &qh);
-        q_words<2>(b + 6 + 8 * (j & 1), q);
-        int sh = 4 * (j >> 1);
-        u32 hb = qh >> (8 * j);
-        u32 lo = ((q[0] >> sh) & 0x0F0F0F0Fu) | (spread4(hb) << 4);
-        u32 hi = ((q[1] >> sh) & 0x0F0F0F0Fu) | (spread4(hb >> 4) << 4);
-        q8bytes(lo, hi, 16.0f, h2f(qldg16(b)), v);
+        qh.load(b + 2);
+        q.load(b + 6 + 8 * (p & 1));
+        d = qldg16(b);
+    }
+    __device__ __forceinline__ void decode(int p, float* v) const {
+        int j = p & 3, sh = 4 * (j >> 1);
+        u32 hb = qh.get(0) >> (8 * j);
+        u32 lo = ((q.get(0) >> sh) & 0x0F0F0F0Fu) | (spread4(hb) << 4);
+        u32 hi = ((q.get(1) >> sh) & 0x0F0F0F0Fu) | (spread4(hb >> 4) << 4);
+        q8bytes(lo, hi, 16.0f, h2f(d), v);
     }
 };
 
 // Q5_1 (24-byte blocks: f16 d, f16 m, u32 qh, nibbles): w = d q + m.
 struct PQ5_1 {
-    static __device__ __forceinline__ void piece(const u8* row, int p, float* v) {
+    u32 dm, qh, q0, q1;
+    __device__ __forceinline__ void load(const u8* row, int p) {
         const u8* b = row + (i64)(p >> 2) * 24;
-        int j = p & 3;
-        u32 dm = qldg32(b), qh = qldg32(b + 4);
-        u32 q0 = qldg32(b + 8 + 8 * (j & 1)), q1 = qldg32(b + 12 + 8 * (j & 1));
-        int sh = 4 * (j >> 1);
+        dm = qldg32(b);
+        qh = qldg32(b + 4);
+        q0 = qldg32(b + 8 + 8 * (p & 1));
+        q1 = qldg32(b + 12 + 8 * (p & 1));
+    }
+    __device__ __forceinline__ void decode(int p, float* v) const {
+        int j = p & 3, sh = 4 * (j >> 1);
         u32 hb = qh >> (8 * j);
         u32 lo = ((q0 >> sh) & 0x0F0F0F0Fu) | (spread4(hb) << 4);
         u32 hi = ((q1 >> sh) & 0x0F0F0F0Fu) | (spread4(hb >> 4) << 4);
@@ -144,11 +167,15 @@ struct PQ5_1 {
 
 // Q8_0 (34-byte blocks: f16 d, 32 int8): the bytes flipped to unsigned (x ^ 0x80 = x + 128).
 struct PQ8_0 {
-    static __device__ __forceinline__ void piece(const u8* row, int p, float* v) {
+    QWords<2> q;
+    u16 d;
+    __device__ __forceinline__ void load(const u8* row, int p) {
         const u8* b = row + (i64)(p >> 2) * 34;
-        u32 q[2];
-        q_words<2>(b + 2 + 8 * (p & 3), q);
-        q8bytes(q[0] ^ 0x80808080u, q[1] ^ 0x80808080u, 128.0f, h2f(qldg16(b)), v);
+        q.load(b + 2 + 8 * (p & 3));
+        d = qldg16(b);
+    }
+    __device__ __forceinline__ void decode(int, float* v) const {
+        q8bytes(q.get(0) ^ 0x80808080u, q.get(1) ^ 0x80808080u, 128.0f, h2f(d), v);
     }
 };
 
@@ -168,13 +195,19 @@ __device__ __forceinline__ void q_scale_min(uint4 h, int j, float* dsc, float* d
 // of 32 bytes, low nibbles sub-block 2g, high nibbles 2g + 1): element 64 g + 32 h + l is nibble
 // h of byte 32 g + l; piece 32 s + 8 g + 4 h + l / 8. w = d sc q - dmin m.
 struct PQ4_K {
-    static __device__ __forceinline__ void piece(const u8* row, int p, float* v) {
+    uint4 hd;
+    u32 q0, q1;
+    __device__ __forceinline__ void load(const u8* row, int p) {
         const u8* s = row + (i64)(p >> 5) * 144;
-        int q = p & 31, g = q >> 3, h = (q >> 2) & 1, l0 = 8 * (q & 3);
-        uint4 hd = qldg128(s);
+        int q = p & 31, g = q >> 3, l0 = 8 * (q & 3);
+        hd = qldg128(s);
+        q0 = qldg32(s + 16 + 32 * g + l0);
+        q1 = qldg32(s + 20 + 32 * g + l0);
+    }
+    __device__ __forceinline__ void decode(int p, float* v) const {
+        int q = p & 31, g = q >> 3, h = (q >> 2) & 1;
         float dsc, dm;
         q_scale_min(hd, 2 * g + h, &dsc, &dm);
-        u32 q0 = qldg32(s + 16 + 32 * g + l0), q1 = qldg32(s + 20 + 32 * g + l0);
         int sh = 4 * h;
         q8bytes_dm((q0 >> sh) & 0x0F0F0F0Fu, (q1 >> sh) & 0x0F0F0F0Fu, dsc, -dm, v);
     }
@@ -183,14 +216,21 @@ struct PQ4_K {
 // Q5_K (176-byte super-blocks: f16 d, f16 dmin, 12 bytes of scales, 32 bytes qh, 128 of nibbles
 // as Q4_K): element 64 g + 32 h + l has bit 2 g + h of qh[l] as its fifth bit.
 struct PQ5_K {
-    static __device__ __forceinline__ void piece(const u8* row, int p, float* v) {
+    uint4 hd;
+    u32 h0, h1, q0, q1;
+    __device__ __forceinline__ void load(const u8* row, int p) {
         const u8* s = row + (i64)(p >> 5) * 176;
-        int q = p & 31, g = q >> 3, h = (q >> 2) & 1, l0 = 8 * (q & 3), sub = 2 * g + h;
-        uint4 hd = qldg128(s);
+        int q = p & 31, g = q >> 3, l0 = 8 * (q & 3);
+        hd = qldg128(s);
+        h0 = qldg32(s + 16 + l0);
+        h1 = qldg32(s + 20 + l0);
+        q0 = qldg32(s + 48 + 32 * g + l0);
+        q1 = qldg32(s + 52 + 32 * g + l0);
+    }
+    __device__ __forceinline__ void decode(int p, float* v) const {
+        int q = p & 31, g = q >> 3, h = (q >> 2) & 1, sub = 2 * g + h;
         float dsc, dm;
         q_scale_min(hd, sub, &dsc, &dm);
-        u32 h0 = qldg32(s + 16 + l0), h1 = qldg32(s + 20 + l0);
-        u32 q0 = qldg32(s + 48 + 32 * g + l0), q1 = qldg32(s + 52 + 32 * g + l0);
         int sh = 4 * h;
         u32 lo = ((q0 >> sh) & 0x0F0F0F0Fu) | (((h0 >> sub) & 0x01010101u) << 4);
         u32 hi = ((q1 >> sh) & 0x0F0F0F0Fu) | (((h1 >> sub) & 0x01010101u) << 4);
@@ -202,25 +242,34 @@ struct PQ5_K {
 // 128 g + 32 k + e is nibble k >> 1 of ql[64 g + 32 (k & 1) + e] with bits 2k..2k+1 of qh[32 g +
 // e] above it, minus 32, times d scale[8 g + 2 k + e / 16]; piece 32 s + 16 g + 4 k + e / 8.
 struct PQ6_K {
-    static __device__ __forceinline__ void piece(const u8* row, int p, float* v) {
+    QWords<2> ql, qh;
+    u8 sc;
+    u16 d;
+    __device__ __forceinline__ void load(const u8* row, int p) {
         const u8* s = row + (i64)(p >> 5) * 210;
         int q = p & 31, g = q >> 4, k = (q >> 2) & 3, e0 = 8 * (q & 3);
-        u32 ql[2], qh[2];
-        q_words<2>(s + 64 * g + 32 * (k & 1) + e0, ql);
-        q_words<2>(s + 128 + 32 * g + e0, qh);
-        float sc = (float)(int)(i8)__ldg(s + 192 + 8 * g + 2 * k + (e0 >> 4));
-        float d = h2f(qldg16(s + 208)) * sc;
-        int sh = 4 * (k >> 1);
-        u32 lo = ((ql[0] >> sh) & 0x0F0F0F0Fu) | (((qh[0] >> (2 * k)) & 0x03030303u) << 4);
-        u32 hi = ((ql[1] >> sh) & 0x0F0F0F0Fu) | (((qh[1] >> (2 * k)) & 0x03030303u) << 4);
-        q8bytes(lo, hi, 32.0f, d, v);
+        ql.load(s + 64 * g + 32 * (k & 1) + e0);
+        qh.load(s + 128 + 32 * g + e0);
+        sc = __ldg(s + 192 + 8 * g + 2 * k + (e0 >> 4));
+        d = qldg16(s + 208);
+    }
+    __device__ __forceinline__ void decode(int p, float* v) const {
+        int k = (p >> 2) & 3, sh = 4 * (k >> 1);
+        float dd = h2f(d) * (float)(int)(i8)sc;
+        u32 lo = ((ql.get(0) >> sh) & 0x0F0F0F0Fu) | (((qh.get(0) >> (2 * k)) & 0x03030303u) << 4);
+        u32 hi = ((ql.get(1) >> sh) & 0x0F0F0F0Fu) | (((qh.get(1) >> (2 * k)) & 0x03030303u) << 4);
+        q8bytes(lo, hi, 32.0f, dd, v);
     }
 };
 
 // F32: two 16-byte loads (rows are 16-byte aligned when K is a multiple of 32).
 struct PF32 {
-    static __device__ __forceinline__ void piece(const u8* row, int p, float* v) {
-        uint4 a = qldg128(row + (i64)p * 32), b = qldg128(row + (i64)p * 32 + 16);
+    uint4 a, b;
+    __device__ __forceinline__ void load(const u8* row, int p) {
+        a = qldg128(row + (i64)p * 32);
+        b = qldg128(row + (i64)p * 32 + 16);
+    }
+    __device__ __forceinline__ void decode(int, float* v) const {
         u32 w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
         for (int i = 0; i < 8; i++) v[i] = __int_as_float(w[i]);
@@ -229,8 +278,9 @@ struct PF32 {
 
 // F16 and BF16: 8 halves, one 16-byte load.
 struct PF16 {
-    static __device__ __forceinline__ void piece(const u8* row, int p, float* v) {
-        uint4 h = qldg128(row + (i64)p * 16);
+    uint4 h;
+    __device__ __forceinline__ void load(const u8* row, int p) { h = qldg128(row + (i64)p * 16); }
+    __device__ __forceinline__ void decode(int, float* v) const {
         u32 q[4] = {h.x, h.y, h.z, h.w};
 #pragma unroll
         for (int i = 0; i < 4; i++) {
@@ -240,8 +290,9 @@ struct PF16 {
     }
 };
 struct PBF16 {
-    static __device__ __forceinline__ void piece(const u8* row, int p, float* v) {
-        uint4 h = qldg128(row + (i64)p * 16);
+    uint4 h;
+    __device__ __forceinline__ void load(const u8* row, int p) { h = qldg128(row + (i64)p * 16); }
+    __device__ __forceinline__ void decode(int, float* v) const {
         u32 q[4] = {h.x, h.y, h.z, h.w};
 #pragma unroll
         for (int i = 0; i < 4; i++) {
@@ -253,122 +304,147 @@ struct PBF16 {
 
 // ---- The tiled kernel ----
 
-// M weight matrices (1: y = x Wᵀ; 2: y = silu(x Gᵀ) * (x Uᵀ)), up to BR rows, TR rows a thread:
-// (BR / TR) * 16 threads (the host's `TILED_TILES` must agree). `part` null: write y; else the
-// partial sums of split blockIdx.y.
-template <typename P, int BR, int TR, int M>
+// Stores 4 consecutive floats of y (or a split's partials) at row offset `at`, columns n..n+4:
+// one float4 where all four exist and the address is 16-byte aligned (N a multiple of 4), else
+// one by one up to N.
+__device__ __forceinline__ void mmq_store4(float* out, i64 at, int n, int N, float4 v) {
+    if (n + 3 < N && (N & 3) == 0) {
+        *(float4*)(out + at + n) = v;
+        return;
+    }
+    float e[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int c = 0; c < 4; c++)
+        if (n + c < N) out[at + n + c] = e[c];
+}
+
+// M weight matrices (1: y = x Wᵀ; 2: y = silu(x Gᵀ) * (x Uᵀ)), up to BR rows, 4 BR threads (the
+// host's `TILED_TILES` must agree). `part` null: write y; else the partial sums of split
+// blockIdx.y.
+template <typename P, int BR, int M>
 __device__ __forceinline__ void mmq_impl(const u8* __restrict__ w0, const u8* __restrict__ w1,
                                          const float* __restrict__ x, float* __restrict__ y,
                                          float* __restrict__ part, int R, int N, int K,
                                          i64 row_bytes, int chunk) {
-    const int G = BR / TR, T = G * 16, PIECES = MMQ_BN * MMQ_BK / 8 / T;
-    static_assert(G % 4 == 0 && BR % TR == 0, "a warp covers 4 row groups");
-    __shared__ __align__(16) float ws[MMQ_BN * MMQ_LD];
-    __shared__ __align__(16) float xs[BR * MMQ_LD];
-    // A warp covers 8 column groups x 4 row groups (see the header: one wavefront per load).
+    const int T = 4 * BR, PIECES = MMQ_BN * MMQ_BK / 8 / T, XLOADS = BR * MMQ_BK / 4 / T;
+    const int SW = BR / 4 - 1 < 7 ? BR / 4 - 1 : 7;
+    static_assert(PIECES * T * 8 == MMQ_BN * MMQ_BK && XLOADS == 2, "the block's load shares");
+    __shared__ __align__(16) float ws[MMQ_BK * MMQ_BN];
+    __shared__ __align__(16) float xs[MMQ_BK * BR];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int tn = (lane & 7) + 8 * (warp & 1), tr = (lane >> 3) + 4 * (warp >> 1);
+    // A warp covers 8 column groups x 4 row groups (see the header: one wavefront a load).
+    const int cg = (lane & 7) + 8 * (warp & 1), rg = (lane >> 3) + 4 * (warp >> 1);
     const int n0 = blockIdx.x * (MMQ_BN / M);
     const int k_begin = blockIdx.y * chunk;
     const int k_end = min(K, k_begin + chunk);
-    // The weight rows this thread decodes pieces of: tile row pi / 4 (past N: row N - 1,
-    // decoded but never written out), piece pi % 4 of each slab.
+    // This thread decodes piece kp (of 4 in a slab) of tile rows tid / 4 + (T / 4) i (past N:
+    // row N - 1, decoded but never written out), and copies x row tid / 8 + (T / 8) i's float4
+    // xj of each slab.
+    const int kp = tid & 3, xj = tid & 7;
     const u8* wrow[PIECES];
 #pragma unroll
     for (int i = 0; i < PIECES; i++) {
-        int n = (tid + i * T) >> 2;
-        int col = n0 + (M == 1 ? n : (n & 31));
+        int n = (tid >> 2) + i * (T / 4);
+        int col = n0 + (M == 1 ? n : (n & 63));
         col = col < N ? col : N - 1;
-        wrow[i] = (M == 1 || n < 32 ? w0 : w1) + (i64)col * row_bytes;
+        wrow[i] = (M == 1 || n < 64 ? w0 : w1) + (i64)col * row_bytes;
     }
-    float acc[TR][4];
+    P raw[PIECES];
+    float4 xv[XLOADS];
+    // Issues slab k0's global loads into raw and xv.
+    auto stage = [&](int k0) {
 #pragma unroll
-    for (int i = 0; i < TR; i++)
+        for (int i = 0; i < PIECES; i++) raw[i].load(wrow[i], (k0 >> 3) + kp);
 #pragma unroll
-        for (int c = 0; c < 4; c++) acc[i][c] = 0.0f;
-    for (int k0 = k_begin; k0 < k_end; k0 += MMQ_BK) {
-        // The slab of x (rows past R as zeros), then the decoded weights.
-#pragma unroll
-        for (int it = 0; it < BR * 8 / T; it++) {
-            int idx = tid + it * T, r = idx >> 3, j = idx & 7;
-            float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (r < R) v = __ldg((const float4*)(x + (i64)r * K + k0 + 4 * j));
-            *(float4*)&xs[r * MMQ_LD + 4 * j] = v;
+        for (int i = 0; i < XLOADS; i++) {
+            int r = (tid >> 3) + i * (T / 8);
+            xv[i] = r < R ? __ldg((const float4*)(x + (i64)r * K + k0 + 4 * xj))
+                          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
+    };
+    float acc[4][8];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+        for (int c = 0; c < 8; c++) acc[i][c] = 0.0f;
+    if (k_begin < k_end) stage(k_begin);
+    for (int k0 = k_begin; k0 < k_end; k0 += MMQ_BK) {
+        __syncthreads();  // the previous slab's FMAs are done with the tiles
 #pragma unroll
         for (int i = 0; i < PIECES; i++) {
-            int pi = tid + i * T, n = pi >> 2, kp = pi & 3;
+            int n = ((tid >> 2) + i * (T / 4)) ^ (kp << 3);
             float v[8];
-            P::piece(wrow[i], (k0 >> 3) + kp, v);
-            *(float4*)&ws[n * MMQ_LD + 8 * kp] = make_float4(v[0], v[1], v[2], v[3]);
-            *(float4*)&ws[n * MMQ_LD + 8 * kp + 4] = make_float4(v[4], v[5], v[6], v[7]);
+            raw[i].decode((k0 >> 3) + kp, v);
+#pragma unroll
+            for (int e = 0; e < 8; e++) ws[(8 * kp + e) * MMQ_BN + n] = v[e];
+        }
+#pragma unroll
+        for (int i = 0; i < XLOADS; i++) {
+            int r = ((tid >> 3) + i * (T / 8)) ^ ((xj & SW) << 2);
+            xs[(4 * xj + 0) * BR + r] = xv[i].x;
+            xs[(4 * xj + 1) * BR + r] = xv[i].y;
+            xs[(4 * xj + 2) * BR + r] = xv[i].z;
+            xs[(4 * xj + 3) * BR + r] = xv[i].w;
         }
         __syncthreads();
+        // The next slab's loads fly while this one's FMAs run.
+        if (k0 + MMQ_BK < k_end) stage(k0 + MMQ_BK);
 #pragma unroll
-        for (int kk = 0; kk < MMQ_BK; kk += 4) {
-            float4 a[TR];
+        for (int k = 0; k < MMQ_BK; k++) {
+            float4 a = *(const float4*)&xs[k * BR + 4 * (rg ^ ((k >> 2) & SW))];
+            int wc = (4 * cg) ^ (((k >> 3) & 3) << 3);
+            float4 b0 = *(const float4*)&ws[k * MMQ_BN + wc];
+            float4 b1 = *(const float4*)&ws[k * MMQ_BN + 64 + wc];
+            float av[4] = {a.x, a.y, a.z, a.w};
+            float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
 #pragma unroll
-            for (int i = 0; i < TR; i++) a[i] = *(const float4*)&xs[(tr + G * i) * MMQ_LD + kk];
+            for (int i = 0; i < 4; i++)
 #pragma unroll
-            for (int c = 0; c < 4; c++) {
-                float4 b = *(const float4*)&ws[(tn + 16 * c) * MMQ_LD + kk];
-#pragma unroll
-                for (int i = 0; i < TR; i++) {
-                    acc[i][c] = fmaf(a[i].x, b.x, acc[i][c]);
-                    acc[i][c] = fmaf(a[i].y, b.y, acc[i][c]);
-                    acc[i][c] = fmaf(a[i].z, b.z, acc[i][c]);
-                    acc[i][c] = fmaf(a[i].w, b.w, acc[i][c]);
-                }
-            }
+                for (int c = 0; c < 8; c++) acc[i][c] = fmaf(av[i], bv[c], acc[i][c]);
         }
-        __syncthreads();
     }
     const i64 RN = (i64)R * N;
+    const int n = n0 + 4 * cg;
 #pragma unroll
-    for (int i = 0; i < TR; i++) {
-        int r = tr + G * i;
+    for (int i = 0; i < 4; i++) {
+        int r = 4 * rg + i;
         if (r >= R) continue;
+        const float* a = acc[i];
         if (M == 1) {
 #pragma unroll
-            for (int c = 0; c < 4; c++) {
-                int n = n0 + tn + 16 * c;
-                if (n >= N) continue;
+            for (int h = 0; h < 2; h++) {
+                float4 v = make_float4(a[4 * h], a[4 * h + 1], a[4 * h + 2], a[4 * h + 3]);
                 if (part)
-                    part[blockIdx.y * RN + (i64)r * N + n] = acc[i][c];
+                    mmq_store4(part, blockIdx.y * RN + (i64)r * N, n + 64 * h, N, v);
                 else
-                    y[(i64)r * N + n] = acc[i][c];
+                    mmq_store4(y, (i64)r * N, n + 64 * h, N, v);
             }
+        } else if (part) {
+            mmq_store4(part, 2 * blockIdx.y * RN + (i64)r * N, n, N,
+                       make_float4(a[0], a[1], a[2], a[3]));
+            mmq_store4(part, (2 * blockIdx.y + 1) * RN + (i64)r * N, n, N,
+                       make_float4(a[4], a[5], a[6], a[7]));
         } else {
-#pragma unroll
-            for (int c = 0; c < 2; c++) {
-                int n = n0 + tn + 16 * c;
-                if (n >= N) continue;
-                if (part) {
-                    part[2 * blockIdx.y * RN + (i64)r * N + n] = acc[i][c];
-                    part[(2 * blockIdx.y + 1) * RN + (i64)r * N + n] = acc[i][c + 2];
-                } else {
-                    y[(i64)r * N + n] = silu1(acc[i][c]) * acc[i][c + 2];
-                }
-            }
+            mmq_store4(y, (i64)r * N, n, N,
+                       make_float4(silu1(a[0]) * a[4], silu1(a[1]) * a[5], silu1(a[2]) * a[6],
+                                   silu1(a[3]) * a[7]));
         }
     }
 }
 
 // No __launch_bounds__ (ptxas would trade registers for occupancy).
-#define MMQ_R(name, P, BR, TR)                                                                \
+#define MMQ_R(name, P, BR)                                                                    \
     extern "C" __global__ void mmq_##name##_r##BR(const u8* w, const float* x, float* y,      \
                                                   float* part, int R, int N, int K,           \
                                                   i64 row_bytes, int chunk) {                 \
-        mmq_impl<P, BR, TR, 1>(w, w, x, y, part, R, N, K, row_bytes, chunk);                  \
+        mmq_impl<P, BR, 1>(w, w, x, y, part, R, N, K, row_bytes, chunk);                      \
     }                                                                                         \
     extern "C" __global__ void gate_up_mmq_##name##_r##BR(                                    \
         const u8* wg, const u8* wu, const float* x, float* y, float* part, int R, int N,      \
         int K, i64 row_bytes, int chunk) {                                                    \
-        mmq_impl<P, BR, TR, 2>(wg, wu, x, y, part, R, N, K, row_bytes, chunk);                \
+        mmq_impl<P, BR, 2>(wg, wu, x, y, part, R, N, K, row_bytes, chunk);                    \
     }
-// Rows a thread per row tile: 4 (4 x 4 outputs, 4 BR threads a block); 8 halves the x loads
-// per FMA at half the threads (BR = 32 or 64 only; change `TILED_TILES` in matmul.rs with it).
-#define MMQ(name, P) MMQ_R(name, P, 16, 4) MMQ_R(name, P, 32, 4) MMQ_R(name, P, 64, 4)
+#define MMQ(name, P) MMQ_R(name, P, 16) MMQ_R(name, P, 32) MMQ_R(name, P, 64)
 
 MMQ(f32, PF32)
 MMQ(f16, PF16)

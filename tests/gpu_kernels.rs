@@ -2284,10 +2284,10 @@ fn tiled_kernels_match_dequantized_f64_math_and_are_batch_invariant_for_every_ty
     // the largest first: every other count's rows must be its rows bit for bit.
     let row_counts = [100usize, 9, 16, 17, 31, 32, 33, 64];
     let most = row_counts[0];
-    // K = 1024 (four K-quant super-blocks) splits into 4 on any GPU (N = 67: two column tiles,
-    // the second partial); K = 256 is one split (the kernel writes y itself) and N = 4099 ends
-    // in a partial tile of 3 columns; K = 512 at N = 4099 splits in 2 on a GPU of 9 SMs or more
-    // (gate/up: 17), partial sums over a partial tile.
+    // K = 1024 (four K-quant super-blocks) splits into 4 on any GPU (N = 67: one partial column
+    // tile of 128; gate/up two of 64, the second partial); K = 256 is one split (the kernel
+    // writes y itself) and N = 4099 ends in a partial tile of 3 columns; K = 512 at N = 4099
+    // splits in 2 on a GPU of 9 SMs or more, partial sums over a partial tile.
     let shapes = DEQUANTIZE_TYPES
         .into_iter()
         .map(|ty| (ty, 67usize, 1024usize))

@@ -284,7 +284,7 @@ static void check_mmq(const char* ty, int n, int k, int block_bytes, int block_e
     for (int m = 1; m <= 2; m++) {
         std::vector<float> y(rn, NAN), part(splits > 1 ? (size_t)splits * m * rn : 1, NAN);
         float* pp = splits > 1 ? part.data() : nullptr;
-        unsigned gx = (unsigned)((n + 64 / m - 1) / (64 / m));
+        unsigned gx = (unsigned)((n + 128 / m - 1) / (128 / m));
         host_launch({gx, (unsigned)splits, 1}, 4 * br, [&] {
             if (m == 1)
                 kernel(w.data(), x.data(), y.data(), pp, rows, n, k, rb, chunk);
@@ -308,7 +308,7 @@ static void check_mmq(const char* ty, int n, int k, int block_bytes, int block_e
 #define MMQ_CASES(ty, T, K, BB, BE, HALVES)                                                       \
     do {                                                                                         \
         check_mmq<T>(#ty, 67, K, BB, BE, HALVES, 9, 16, K, mmq_##ty##_r16, gate_up_mmq_##ty##_r16); \
-        check_mmq<T>(#ty, 67, K, BB, BE, HALVES, 17, 32, K / 2, mmq_##ty##_r32,                  \
+        check_mmq<T>(#ty, 131, K, BB, BE, HALVES, 17, 32, K / 2, mmq_##ty##_r32,                 \
                      gate_up_mmq_##ty##_r32);                                                    \
         check_mmq<T>(#ty, 67, K, BB, BE, HALVES, 33, 64, 256, mmq_##ty##_r64,                    \
                      gate_up_mmq_##ty##_r64);                                                    \

@@ -143,20 +143,39 @@ pub const TILED_MAX_ROWS: usize = 64;
 const UNIT_ROWS: [usize; 4] = [8, 4, 2, 1];
 
 /// The row tiles the tiled kernels are compiled for (`mmq_<ty>_r<BR>`) and their threads a
-/// block (`BR / TR * 16`, TR the rows a thread: kernels/mmq.cu `MMQ`), smallest first: a launch
-/// of R rows takes the smallest tile of at least R (rows past R are zeros in shared memory and
-/// cost FMAs, not loads), so 9..16 rows run 64 threads a block, 17..32 128, 33..64 256.
+/// block (`4 BR`: a thread computes 4 rows x 8 columns of the block's BR x 128, kernels/mmq.cu),
+/// smallest first: a launch of R rows takes the smallest tile of at least R (rows past R are
+/// zeros in shared memory and cost FMAs, not loads), so 9..16 rows run 64 threads a block,
+/// 17..32 128, 33..64 256.
 const TILED_TILES: [(usize, u32); 3] = [(16, 64), (32, 128), (64, 256)];
 
-/// Output columns a tiled block computes (64 weight rows: for gate/up 32 of each matrix).
-const TILED_COLS: usize = 64;
+/// Output columns a tiled block computes (128 weight rows: for gate/up 64 of each matrix).
+const TILED_COLS: usize = 128;
 
 /// The K-slab a tiled block decodes at a time: the split of K is in whole slabs.
 const TILED_SLAB: usize = 32;
 
 /// The tiled kernels split K until the grid has about this many blocks per SM (so N = 4096 on
-/// an H200's 132 SMs, 64 column tiles, runs in 16 splits; an 8B's FFN, 224 tiles, in 5).
+/// an H200's 132 SMs, 32 column tiles, runs in 16 splits; an 8B's FFN, 112 tiles, in 10):
+/// smaller blocks of work even out the SMs' shares, more splits cost partial sums. Measuring:
+/// `M40LLM_TILED_BLOCKS` ([`tiled_blocks_from_env`]).
 const TILED_BLOCKS_PER_SM: usize = 8;
+
+/// `M40LLM_TILED_BLOCKS`: the tiled kernels' target blocks per SM (1 to 64; unset or empty:
+/// [`TILED_BLOCKS_PER_SM`]). Another value changes the split of K, hence the last bits of a
+/// batch's results, for the whole process (batch invariance holds for any one value).
+pub fn tiled_blocks_from_env(value: Option<&str>) -> Result<usize, String> {
+    match value.map(str::trim) {
+        None | Some("") => Ok(TILED_BLOCKS_PER_SM),
+        Some(v) => match v.parse::<usize>() {
+            Ok(b @ 1..=64) => Ok(b),
+            _ => Err(format!(
+                "M40LLM_TILED_BLOCKS=`{v}`: the tiled kernels' blocks per SM are 1 to 64 \
+                 (unset: {TILED_BLOCKS_PER_SM})"
+            )),
+        },
+    }
+}
 
 /// ...but no split shorter than this many elements (a super-block of the K-quants): the
 /// partial sums each split writes and the reduction reads stay small beside the weights.
@@ -355,12 +374,18 @@ fn unit_chunks(rows: usize) -> Vec<(usize, usize)> {
     out
 }
 
-/// [`Matmul::tiled_splits`] on a device of `sms` multiprocessors.
-fn tiled_splits(n: usize, k: usize, gate_up: bool, sms: usize) -> (usize, usize) {
+/// [`Matmul::tiled_splits`] on a device of `sms` multiprocessors, aiming at `blocks_per_sm`.
+fn tiled_splits(
+    n: usize,
+    k: usize,
+    gate_up: bool,
+    sms: usize,
+    blocks_per_sm: usize,
+) -> (usize, usize) {
     let cols = if gate_up { TILED_COLS / 2 } else { TILED_COLS };
     let tiles = n.div_ceil(cols).max(1);
     let slabs = k.div_ceil(TILED_SLAB).max(1);
-    let want = (TILED_BLOCKS_PER_SM * sms).div_ceil(tiles);
+    let want = (blocks_per_sm * sms).div_ceil(tiles);
     let splits = want.clamp(1, (k / TILED_MIN_SPLIT).max(1));
     let per = slabs.div_ceil(splits);
     (slabs.div_ceil(per), per * TILED_SLAB)
@@ -403,6 +428,9 @@ pub struct Matmul {
     sms: usize,
     /// The K-quant decode kernels' warps a column.
     wc: WcWarps,
+    /// The tiled kernels' target blocks per SM ([`TILED_BLOCKS_PER_SM`] unless
+    /// `M40LLM_TILED_BLOCKS`).
+    tiled_blocks: usize,
 }
 
 impl Matmul {
@@ -454,6 +482,13 @@ impl Matmul {
                 reason,
             },
         )?;
+        let tiled_blocks = tiled_blocks_from_env(
+            std::env::var("M40LLM_TILED_BLOCKS").ok().as_deref(),
+        )
+        .map_err(|reason| CudaError::Launch {
+            kernel: "matmul".into(),
+            reason,
+        })?;
         Ok(Matmul {
             stream,
             blas,
@@ -461,6 +496,7 @@ impl Matmul {
             sm: u32::try_from(major * 10 + minor).unwrap_or(0),
             sms,
             wc,
+            tiled_blocks,
         })
     }
 
@@ -470,7 +506,7 @@ impl Matmul {
     /// enough splits for [`TILED_BLOCKS_PER_SM`] blocks per SM, none shorter than
     /// [`TILED_MIN_SPLIT`], each a whole number of 32-element slabs.
     pub fn tiled_splits(&self, n: usize, k: usize, gate_up: bool) -> (usize, usize) {
-        tiled_splits(n, k, gate_up, self.sms)
+        tiled_splits(n, k, gate_up, self.sms, self.tiled_blocks)
     }
 
     /// FP32 elements of scratch the tiled kernels need for an `[n, k]` weight (`gate_up`: a
@@ -1244,7 +1280,7 @@ mod tests {
                 (1024, 576),
             ] {
                 for gate_up in [false, true] {
-                    let (s, chunk) = tiled_splits(n, k, gate_up, sms);
+                    let (s, chunk) = tiled_splits(n, k, gate_up, sms, TILED_BLOCKS_PER_SM);
                     let what = format!("[{n}, {k}] gate_up={gate_up} on {sms} SMs: {s} x {chunk}");
                     assert!(s >= 1 && chunk.is_multiple_of(TILED_SLAB), "{what}");
                     // Every split has work and together they cover K.
@@ -1259,11 +1295,21 @@ mod tests {
                 }
             }
         }
-        // An H200 (132 SMs): q/o of an 8B in 16 splits, its FFN in 5 (gate/up: 3), K = 256 in 1.
-        assert_eq!(tiled_splits(4096, 4096, false, 132), (16, 256));
-        assert_eq!(tiled_splits(14336, 4096, false, 132).0, 5);
-        assert_eq!(tiled_splits(14336, 4096, true, 132).0, 3);
-        assert_eq!(tiled_splits(4099, 256, false, 132), (1, 256));
+        // An H200 (132 SMs): q/o of an 8B in 16 splits, its FFN in 10 (gate/up: 5), K = 256 in
+        // 1; at 4 blocks an SM the FFN in 5 (gate/up: 3).
+        let b = TILED_BLOCKS_PER_SM;
+        assert_eq!(tiled_splits(4096, 4096, false, 132, b), (16, 256));
+        assert_eq!(tiled_splits(14336, 4096, false, 132, b).0, 10);
+        assert_eq!(tiled_splits(14336, 4096, true, 132, b).0, 5);
+        assert_eq!(tiled_splits(4099, 256, false, 132, b), (1, 256));
+        assert_eq!(tiled_splits(14336, 4096, false, 132, 4).0, 5);
+        assert_eq!(tiled_splits(14336, 4096, true, 132, 4).0, 3);
+        assert_eq!(tiled_blocks_from_env(None), Ok(TILED_BLOCKS_PER_SM));
+        assert_eq!(tiled_blocks_from_env(Some(" 16 ")), Ok(16));
+        for bad in ["0", "65", "x", "-1"] {
+            let e = tiled_blocks_from_env(Some(bad)).unwrap_err();
+            assert!(e.contains("M40LLM_TILED_BLOCKS") && e.contains(bad), "{e}");
+        }
     }
 
     #[test]
@@ -1370,17 +1416,29 @@ mod tests {
     }
 
     #[test]
-    fn the_tiles_threads_are_what_the_kernels_are_compiled_for() {
+    fn the_tiles_threads_and_columns_are_what_the_kernels_are_compiled_for() {
         let src = super::super::kernels::family_source("mmq").unwrap();
-        let line = src
-            .lines()
-            .find(|l| l.starts_with("#define MMQ(name, P)"))
-            .unwrap();
+        let line = |start: &str| {
+            src.lines()
+                .find(|l| l.trim_start().starts_with(start))
+                .unwrap_or_else(|| panic!("no line `{start}` in mmq.cu"))
+                .trim()
+                .to_string()
+        };
+        assert_eq!(
+            line("#define MMQ_BN"),
+            format!("#define MMQ_BN {TILED_COLS}")
+        );
+        assert_eq!(
+            line("#define MMQ_BK"),
+            format!("#define MMQ_BK {TILED_SLAB}")
+        );
+        // The kernel's block is 4 BR threads (a thread's 4 rows x 8 columns of BR x 128).
+        assert!(line("const int T = ").starts_with("const int T = 4 * BR,"));
+        let tiles = line("#define MMQ(name, P)");
         for (br, threads) in TILED_TILES {
-            let at = format!("MMQ_R(name, P, {br}, ");
-            let rest = &line[line.find(&at).unwrap() + at.len()..];
-            let tr: usize = rest[..rest.find(')').unwrap()].trim().parse().unwrap();
-            assert_eq!(threads as usize, br / tr * 16, "BR {br}, TR {tr}");
+            assert!(tiles.contains(&format!("MMQ_R(name, P, {br})")), "{tiles}");
+            assert_eq!(threads as usize, 4 * br, "BR {br}");
         }
     }
 
