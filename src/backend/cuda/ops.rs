@@ -242,9 +242,15 @@ impl DecodeSplits {
     /// launch still gives every multiprocessor a block for one token (`H / G` blocks a split):
     /// below that the per-head kernel's `G` times the blocks win (SmolLM2 at depth 4 096, 3 x 32
     /// grouped blocks on an H200's 132 SMs: 1 109 tokens/s grouped, 1 162 per-head).
+    /// A launch of several tokens takes the grouped kernel once its longest context has more
+    /// than one split, whatever `grouped_from`: its tokens multiply the blocks, so the per-head
+    /// kernel's `G` times more buy nothing and its `G` reads of each K/V row cost (H200, 8B
+    /// Q4_0, i12-tiled: 8 sequences at depth 1 024 895 tokens/s per-head, 961 grouped; at 512
+    /// 953 and 997; 2 at 1 024 388 and 402; 32 at 256 1 638 and 1 708; at depth 0, one split,
+    /// 8 sequences 1 048 per-head against 1 037).
     /// `grouped_from` 0 takes the grouped kernel at every context (the tests' and A/Bs'
     /// override). The splits are the grouped policy's either way, so the choice changes no
-    /// result; it is a function of the graph key's [`Self::context_units`].
+    /// result; it is a function of the graph key's token count and [`Self::context_units`].
     pub fn kernel_group(&self, positions: &[u32], shape: AttnShape) -> usize {
         let longest = Self::longest(positions, shape);
         let group = self.group(shape);
@@ -252,8 +258,12 @@ impl DecodeSplits {
         if from == 0 {
             return group;
         }
+        let splits = self.splits_of(longest, shape);
+        if positions.len() > 1 && splits > 1 {
+            return group;
+        }
         let long = self.context_units(longest) >= self.context_units(from);
-        let blocks = self.blocks_per_split(shape) * self.splits_of(longest, shape);
+        let blocks = self.blocks_per_split(shape) * splits;
         if long && blocks >= self.sms { group } else { 0 }
     }
 
@@ -1285,6 +1295,28 @@ mod tests {
             assert_eq!(lanes.kernel_group(&at(len), s8b), 4, "{len}");
         }
         assert_eq!(m40.kernel_group(&at(DECODE_LANES_GROUPED_FROM), s8b), 4);
+        // Several tokens go grouped once a context splits (more than DECODE_MIN_SPLIT
+        // positions), in both families; one split keeps one head a block.
+        for d in [
+            lanes,
+            DecodeSplits {
+                lanes: false,
+                ..lanes
+            },
+        ] {
+            let len = DECODE_MIN_SPLIT as u32;
+            assert_eq!(d.kernel_group(&[len - 1, 3], s8b), 0);
+            assert_eq!(d.kernel_group(&[len, 3], s8b), 4);
+            assert_eq!(d.kernel_group(&[1023; 8], s8b), 4);
+            assert_eq!(d.kernel_group(&[1023], s8b), 0);
+            assert_eq!(d.kernel_group(&[1023, 1023], smol), 3);
+        }
+        // Without grouping there is nothing to take.
+        let per_head = DecodeSplits {
+            grouped: false,
+            ..lanes
+        };
+        assert_eq!(per_head.kernel_group(&[1023; 8], s8b), 0);
     }
 
     #[test]
