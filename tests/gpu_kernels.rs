@@ -2283,15 +2283,24 @@ fn tiled_kernels_match_dequantized_f64_math_and_are_batch_invariant_for_every_ty
     // Row counts across the tiles (16, 32, 64 rows) and past them (cuBLAS off: 100 = 64 + 36),
     // the largest first: every other count's rows must be its rows bit for bit.
     let row_counts = [100usize, 9, 16, 17, 31, 32, 33, 64];
+    let sms = g
+        .stream
+        .context()
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .unwrap() as usize;
     let most = row_counts[0];
-    // K = 1024 (four K-quant super-blocks) splits into 4 on any GPU (N = 67: one partial column
-    // tile of 128; gate/up two of 64, the second partial); K = 256 is one split (the kernel
-    // writes y itself) and N = 4099 ends in a partial tile of 3 columns; K = 512 at N = 4099
-    // splits in 2 on a GPU of 9 SMs or more, partial sums over a partial tile.
+    // K = 1024 (four K-quant super-blocks) splits into 4 or more on any GPU (N = 67: one
+    // partial column tile of 128, so on an H200 32 splits of one slab to give SMs a block;
+    // gate/up two tiles of 64, the second partial); K = 256 at N = 16899 (133 tiles, the
+    // last of 3 columns) is one split on a GPU of up to 133 SMs (the kernel writes y itself);
+    // K = 512 at N = 4099 splits in 2 or more on a GPU of 9 SMs or more, partial sums over a
+    // partial tile.
     let shapes = DEQUANTIZE_TYPES
         .into_iter()
         .map(|ty| (ty, 67usize, 1024usize))
-        .chain(DEQUANTIZE_TYPES.into_iter().map(|ty| (ty, 4099, 256)))
+        .chain(DEQUANTIZE_TYPES.into_iter().map(|ty| (ty, 16899, 256)))
         .chain(DEQUANTIZE_TYPES.into_iter().map(|ty| (ty, 4099, 512)));
     for (i, (ty, n, k)) in shapes.enumerate() {
         let (wb, wd, _) = weight(1500 + i as u64, ty, n, k);
@@ -2310,12 +2319,12 @@ fn tiled_kernels_match_dequantized_f64_math_and_are_batch_invariant_for_every_ty
         let (splits, _) = without.tiled_splits(n, k, false);
         let (gu_splits, _) = without.tiled_splits(n, k, true);
         if k == 1024 {
-            assert_eq!(splits, 4, "{ty:?} [{n}, {k}]: K splits in 4");
+            assert!(splits >= 4, "{ty:?} [{n}, {k}]: K in {splits} splits");
             assert!(
                 gu_splits > 1,
                 "{ty:?} [{n}, {k}]: gate/up in {gu_splits} splits"
             );
-        } else if k == 256 {
+        } else if k == 256 && n.div_ceil(128) >= sms {
             assert_eq!((splits, gu_splits), (1, 1), "{ty:?} [{n}, {k}]: one split");
         }
         let floats = without

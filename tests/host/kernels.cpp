@@ -285,7 +285,7 @@ static void check_mmq(const char* ty, int n, int k, int block_bytes, int block_e
         std::vector<float> y(rn, NAN), part(splits > 1 ? (size_t)splits * m * rn : 1, NAN);
         float* pp = splits > 1 ? part.data() : nullptr;
         unsigned gx = (unsigned)((n + 128 / m - 1) / (128 / m));
-        host_launch({gx, (unsigned)splits, 1}, 4 * br, [&] {
+        host_launch({gx, (unsigned)splits, 1}, br / 4 * 16, [&] {
             if (m == 1)
                 kernel(w.data(), x.data(), y.data(), pp, rows, n, k, rb, chunk);
             else
@@ -808,6 +808,9 @@ int main() {
     MMQ_CASES(q4_k, TQ4_K, 768, 144, 256, dm);
     MMQ_CASES(q5_k, TQ5_K, 768, 176, 256, dm);
     MMQ_CASES(q6_k, TQ6_K, 768, 210, 256, q6);
+    // A slab a split (what a matrix of few column tiles takes on a GPU of many SMs).
+    check_mmq<TQ4_0>("q4_0", 67, 768, 18, 32, d0, 17, 32, 32, mmq_q4_0_r32, gate_up_mmq_q4_0_r32);
+    check_mmq<TQ6_K>("q6_k", 67, 768, 210, 256, q6, 33, 64, 32, mmq_q6_k_r64, gate_up_mmq_q6_k_r64);
 
     // Attention: head dims, GQA ratios, windows, one slot's prompt runs, interleaved sequences.
     std::vector<Case> cases;

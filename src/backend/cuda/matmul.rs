@@ -143,10 +143,10 @@ pub const TILED_MAX_ROWS: usize = 64;
 const UNIT_ROWS: [usize; 4] = [8, 4, 2, 1];
 
 /// The row tiles the tiled kernels are compiled for (`mmq_<ty>_r<BR>`) and their threads a
-/// block (`4 BR`: a thread computes 4 rows x 8 columns of the block's BR x 128, kernels/mmq.cu),
-/// smallest first: a launch of R rows takes the smallest tile of at least R (rows past R are
-/// zeros in shared memory and cost FMAs, not loads), so 9..16 rows run 64 threads a block,
-/// 17..32 128, 33..64 256.
+/// block (`BR / TR * 16`: a thread computes TR rows x 8 columns of the block's BR x 128, TR = 4
+/// for every tile, kernels/mmq.cu `MMQ`), smallest first: a launch of R rows takes the smallest
+/// tile of at least R (rows past R are zeros in shared memory and cost FMAs, not loads), so
+/// 9..16 rows run 64 threads a block, 17..32 128, 33..64 256.
 const TILED_TILES: [(usize, u32); 3] = [(16, 64), (32, 128), (64, 256)];
 
 /// Output columns a tiled block computes (128 weight rows: for gate/up 64 of each matrix).
@@ -178,7 +178,9 @@ pub fn tiled_blocks_from_env(value: Option<&str>) -> Result<usize, String> {
 }
 
 /// ...but no split shorter than this many elements (a super-block of the K-quants): the
-/// partial sums each split writes and the reduction reads stay small beside the weights.
+/// partial sums each split writes and the reduction reads stay small beside the weights. A
+/// matrix whose splits of this length would leave SMs without a block splits further, until
+/// each has one (SmolLM2's 576 x 576 on an H200: 5 column tiles, 18 splits of a slab).
 const TILED_MIN_SPLIT: usize = 256;
 
 /// Which path a matmul took.
@@ -386,7 +388,10 @@ fn tiled_splits(
     let tiles = n.div_ceil(cols).max(1);
     let slabs = k.div_ceil(TILED_SLAB).max(1);
     let want = (blocks_per_sm * sms).div_ceil(tiles);
-    let splits = want.clamp(1, (k / TILED_MIN_SPLIT).max(1));
+    // Splits of at least TILED_MIN_SPLIT, unless that leaves an SM without a block: then as
+    // many as give every SM one (down to a slab a split).
+    let most = (k / TILED_MIN_SPLIT).max(sms.div_ceil(tiles)).min(slabs);
+    let splits = want.clamp(1, most.max(1));
     let per = slabs.div_ceil(splits);
     (slabs.div_ceil(per), per * TILED_SLAB)
 }
@@ -1132,7 +1137,7 @@ impl Matmul {
             let (br, threads) = TILED_TILES
                 .into_iter()
                 .find(|&(b, _)| b >= r)
-                .unwrap_or((TILED_MAX_ROWS, 256));
+                .unwrap_or(TILED_TILES[TILED_TILES.len() - 1]);
             let name = format!("{prefix}_{sfx}_r{br}");
             let f = ks.function("mmq", &name)?;
             let xr = x.sub(r0 * w.k, r * w.k, "matmul rows")?;
@@ -1272,6 +1277,9 @@ mod tests {
     #[test]
     fn the_tiled_split_of_k_covers_k_in_whole_slabs_and_fills_the_device() {
         for sms in [1usize, 24, 132] {
+            let want_of = |n: usize, cols: usize| {
+                (TILED_BLOCKS_PER_SM * sms).div_ceil(n.div_ceil(cols).max(1))
+            };
             for (n, k) in [
                 (67, 1024),
                 (4096, 4096),
@@ -1285,9 +1293,21 @@ mod tests {
                     assert!(s >= 1 && chunk.is_multiple_of(TILED_SLAB), "{what}");
                     // Every split has work and together they cover K.
                     assert!(s * chunk >= k && (s - 1) * chunk < k, "{what}");
-                    assert!(s == 1 || chunk >= TILED_MIN_SPLIT, "{what}");
                     let cols = if gate_up { TILED_COLS / 2 } else { TILED_COLS };
                     let blocks = n.div_ceil(cols) * s;
+                    // Short splits only where long ones would leave SMs without a block, and
+                    // then about as many as give each one (whole slabs a split round down to
+                    // at worst half).
+                    assert!(
+                        s == 1
+                            || chunk >= TILED_MIN_SPLIT
+                            || n.div_ceil(cols) * (k / TILED_MIN_SPLIT) < sms,
+                        "{what}"
+                    );
+                    assert!(
+                        2 * blocks >= sms || s == k.div_ceil(TILED_SLAB) || s == want_of(n, cols),
+                        "{what}: {blocks} blocks"
+                    );
                     assert!(
                         blocks >= TILED_BLOCKS_PER_SM * sms || chunk <= 2 * TILED_MIN_SPLIT,
                         "{what}: {blocks} blocks"
@@ -1296,14 +1316,25 @@ mod tests {
             }
         }
         // An H200 (132 SMs): q/o of an 8B in 16 splits, its FFN in 10 (gate/up: 5), K = 256 in
-        // 1; at 4 blocks an SM the FFN in 5 (gate/up: 3).
+        // 1 where the 133 tiles fill the SMs, in 4 where 33 would not; at 4 blocks an SM the
+        // FFN in 5 (gate/up: 3).
         let b = TILED_BLOCKS_PER_SM;
         assert_eq!(tiled_splits(4096, 4096, false, 132, b), (16, 256));
         assert_eq!(tiled_splits(14336, 4096, false, 132, b).0, 10);
         assert_eq!(tiled_splits(14336, 4096, true, 132, b).0, 5);
-        assert_eq!(tiled_splits(4099, 256, false, 132, b), (1, 256));
+        assert_eq!(tiled_splits(16899, 256, false, 132, b), (1, 256));
+        assert_eq!(tiled_splits(4099, 256, false, 132, b), (4, 64));
         assert_eq!(tiled_splits(14336, 4096, false, 132, 4).0, 5);
         assert_eq!(tiled_splits(14336, 4096, true, 132, 4).0, 3);
+        // SmolLM2 (hidden 576, FFN 1536): 5 tiles of 576 columns in 18 splits of one slab
+        // (576 / 256 = 2 would be 10 blocks), its gate/up (24 tiles) in 6; an 8B's K and V
+        // (8 tiles of 1024) stay at 16 (17 wanted, whole slabs of 4096 round it down).
+        assert_eq!(tiled_splits(576, 576, false, 132, b), (18, 32));
+        assert_eq!(tiled_splits(1536, 576, true, 132, b).0, 6);
+        assert_eq!(tiled_splits(576, 1536, false, 132, b), (24, 64));
+        assert_eq!(tiled_splits(1024, 4096, false, 132, b).0, 16);
+        // An M40 keeps the long splits for the 8B's K and V (8 x 16 blocks on 24 SMs).
+        assert_eq!(tiled_splits(1024, 4096, false, 24, b).0, 16);
         assert_eq!(tiled_blocks_from_env(None), Ok(TILED_BLOCKS_PER_SM));
         assert_eq!(tiled_blocks_from_env(Some(" 16 ")), Ok(16));
         for bad in ["0", "65", "x", "-1"] {
@@ -1433,12 +1464,14 @@ mod tests {
             line("#define MMQ_BK"),
             format!("#define MMQ_BK {TILED_SLAB}")
         );
-        // The kernel's block is 4 BR threads (a thread's 4 rows x 8 columns of BR x 128).
-        assert!(line("const int T = ").starts_with("const int T = 4 * BR,"));
+        // The kernel's block is BR / TR row groups x 16 column groups of 8.
+        assert!(line("const int RG = ").starts_with("const int RG = BR / TR, T = RG * 16,"));
         let tiles = line("#define MMQ(name, P)");
         for (br, threads) in TILED_TILES {
-            assert!(tiles.contains(&format!("MMQ_R(name, P, {br})")), "{tiles}");
-            assert_eq!(threads as usize, 4 * br, "BR {br}");
+            let at = format!("MMQ_R(name, P, {br}, ");
+            let rest = &tiles[tiles.find(&at).unwrap_or_else(|| panic!("{tiles}")) + at.len()..];
+            let tr: usize = rest[..rest.find(')').unwrap()].trim().parse().unwrap();
+            assert_eq!(threads as usize, br / tr * 16, "BR {br}, TR {tr}");
         }
     }
 
