@@ -318,24 +318,23 @@ __device__ __forceinline__ void mmq_store4(float* out, i64 at, int n, int N, flo
         if (n + c < N) out[at + n + c] = e[c];
 }
 
-// M weight matrices (1: y = x Wᵀ; 2: y = silu(x Gᵀ) * (x Uᵀ)), up to BR rows, TR rows a thread
-// (4 or 8): (BR / TR) * 16 threads (the host's `TILED_TILES` must agree). `part` null: write y;
-// else the partial sums of split blockIdx.y.
-template <typename P, int BR, int TR, int M>
+// M weight matrices (1: y = x Wᵀ; 2: y = silu(x Gᵀ) * (x Uᵀ)), up to BR rows, 4 BR threads
+// (the host's `TILED_TILES` must agree). `part` null: write y; else the partial sums of split
+// blockIdx.y.
+template <typename P, int BR, int M>
 __device__ __forceinline__ void mmq_impl(const u8* __restrict__ w0, const u8* __restrict__ w1,
                                          const float* __restrict__ x, float* __restrict__ y,
                                          float* __restrict__ part, int R, int N, int K,
                                          i64 row_bytes, int chunk) {
-    const int RG = BR / TR, T = RG * 16, PIECES = MMQ_BN * MMQ_BK / 8 / T,
-              XLOADS = BR * MMQ_BK / 4 / T, Q = TR / 4;
+    const int T = 4 * BR, PIECES = MMQ_BN * MMQ_BK / 8 / T, XLOADS = BR * MMQ_BK / 4 / T;
     const int SW = BR / 4 - 1 < 7 ? BR / 4 - 1 : 7;
-    static_assert((TR == 4 || TR == 8) && RG % 4 == 0, "a warp covers 4 row groups");
+    static_assert(BR % 16 == 0, "a warp covers 4 row groups");
     static_assert(PIECES * T * 8 == MMQ_BN * MMQ_BK && XLOADS * T * 4 == BR * MMQ_BK,
                   "the block's load shares");
     __shared__ __align__(16) float ws[MMQ_BK * MMQ_BN];
     __shared__ __align__(16) float xs[MMQ_BK * BR];
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    // A warp covers 8 column groups x 4 row groups (see the header: one wavefront a load).
+    // A warp covers 8 column groups x 4 row groups (see the header: distinct banks a load).
     const int cg = (lane & 7) + 8 * (warp & 1), rg = (lane >> 3) + 4 * (warp >> 1);
     const int n0 = blockIdx.x * (MMQ_BN / M);
     const int k_begin = blockIdx.y * chunk;
@@ -365,14 +364,12 @@ __device__ __forceinline__ void mmq_impl(const u8* __restrict__ w0, const u8* __
                           : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
         }
     };
-    // acc[j][e][c]: row 4 (rg + RG j) + e, column c < 4: 4 cg + c, else 64 + 4 cg + c - 4.
-    float acc[Q][4][8];
+    // acc[i][c]: row 4 rg + i, column c < 4: 4 cg + c, else 64 + 4 cg + c - 4.
+    float acc[4][8];
 #pragma unroll
-    for (int j = 0; j < Q; j++)
+    for (int i = 0; i < 4; i++)
 #pragma unroll
-        for (int i = 0; i < 4; i++)
-#pragma unroll
-            for (int c = 0; c < 8; c++) acc[j][i][c] = 0.0f;
+        for (int c = 0; c < 8; c++) acc[i][c] = 0.0f;
     if (k_begin < k_end) stage(k_begin);
     for (int k0 = k_begin; k0 < k_end; k0 += MMQ_BK) {
         __syncthreads();  // the previous slab's FMAs are done with the tiles
@@ -401,66 +398,59 @@ __device__ __forceinline__ void mmq_impl(const u8* __restrict__ w0, const u8* __
             float4 b0 = *(const float4*)&ws[k * MMQ_BN + wc];
             float4 b1 = *(const float4*)&ws[k * MMQ_BN + 64 + wc];
             float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+            float4 a = *(const float4*)&xs[k * BR + 4 * (rg ^ ((k >> 2) & SW))];
+            float av[4] = {a.x, a.y, a.z, a.w};
 #pragma unroll
-            for (int j = 0; j < Q; j++) {
-                float4 a = *(const float4*)&xs[k * BR + 4 * ((rg + RG * j) ^ ((k >> 2) & SW))];
-                float av[4] = {a.x, a.y, a.z, a.w};
+            for (int i = 0; i < 4; i++)
 #pragma unroll
-                for (int i = 0; i < 4; i++)
-#pragma unroll
-                    for (int c = 0; c < 8; c++)
-                        acc[j][i][c] = fmaf(av[i], bv[c], acc[j][i][c]);
-            }
+                for (int c = 0; c < 8; c++) acc[i][c] = fmaf(av[i], bv[c], acc[i][c]);
         }
     }
     const i64 RN = (i64)R * N;
     const int n = n0 + 4 * cg;
 #pragma unroll
-    for (int j = 0; j < Q; j++)
+    for (int i = 0; i < 4; i++) {
+        int r = 4 * rg + i;
+        if (r >= R) continue;
+        const float* a = acc[i];
+        if (M == 1) {
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            int r = 4 * (rg + RG * j) + i;
-            if (r >= R) continue;
-            const float* a = acc[j][i];
-            if (M == 1) {
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    float4 v = make_float4(a[4 * h], a[4 * h + 1], a[4 * h + 2], a[4 * h + 3]);
-                    if (part)
-                        mmq_store4(part, blockIdx.y * RN + (i64)r * N, n + 64 * h, N, v);
-                    else
-                        mmq_store4(y, (i64)r * N, n + 64 * h, N, v);
-                }
-            } else if (part) {
-                mmq_store4(part, 2 * blockIdx.y * RN + (i64)r * N, n, N,
-                           make_float4(a[0], a[1], a[2], a[3]));
-                mmq_store4(part, (2 * blockIdx.y + 1) * RN + (i64)r * N, n, N,
-                           make_float4(a[4], a[5], a[6], a[7]));
-            } else {
-                mmq_store4(y, (i64)r * N, n, N,
-                           make_float4(silu1(a[0]) * a[4], silu1(a[1]) * a[5],
-                                       silu1(a[2]) * a[6], silu1(a[3]) * a[7]));
+            for (int h = 0; h < 2; h++) {
+                float4 v = make_float4(a[4 * h], a[4 * h + 1], a[4 * h + 2], a[4 * h + 3]);
+                if (part)
+                    mmq_store4(part, blockIdx.y * RN + (i64)r * N, n + 64 * h, N, v);
+                else
+                    mmq_store4(y, (i64)r * N, n + 64 * h, N, v);
             }
+        } else if (part) {
+            mmq_store4(part, 2 * blockIdx.y * RN + (i64)r * N, n, N,
+                       make_float4(a[0], a[1], a[2], a[3]));
+            mmq_store4(part, (2 * blockIdx.y + 1) * RN + (i64)r * N, n, N,
+                       make_float4(a[4], a[5], a[6], a[7]));
+        } else {
+            mmq_store4(y, (i64)r * N, n, N,
+                       make_float4(silu1(a[0]) * a[4], silu1(a[1]) * a[5], silu1(a[2]) * a[6],
+                                   silu1(a[3]) * a[7]));
         }
+    }
 }
 
 // No __launch_bounds__ (ptxas would trade registers for occupancy).
-#define MMQ_R(name, P, BR, TR)                                                                \
+#define MMQ_R(name, P, BR)                                                                    \
     extern "C" __global__ void mmq_##name##_r##BR(const u8* w, const float* x, float* y,      \
                                                   float* part, int R, int N, int K,           \
                                                   i64 row_bytes, int chunk) {                 \
-        mmq_impl<P, BR, TR, 1>(w, w, x, y, part, R, N, K, row_bytes, chunk);                  \
+        mmq_impl<P, BR, 1>(w, w, x, y, part, R, N, K, row_bytes, chunk);                      \
     }                                                                                         \
     extern "C" __global__ void gate_up_mmq_##name##_r##BR(                                    \
         const u8* wg, const u8* wu, const float* x, float* y, float* part, int R, int N,      \
         int K, i64 row_bytes, int chunk) {                                                    \
-        mmq_impl<P, BR, TR, 2>(wg, wu, x, y, part, R, N, K, row_bytes, chunk);                \
+        mmq_impl<P, BR, 2>(wg, wu, x, y, part, R, N, K, row_bytes, chunk);                    \
     }
-// Rows a thread per row tile (4 or 8; change `TILED_TILES` in matmul.rs with it). 8 rows x 8
-// columns take 4 shared loads per 64 FMAs where 4 x 8 take 3 per 32, but measured slower on
-// the H200 (4096 x 4096 Q4_0 at 32 rows 0.050 ms against 0.047, at 64 0.088 against 0.074:
-// 160-250 registers, half the threads a block): 4 everywhere.
-#define MMQ(name, P) MMQ_R(name, P, 16, 4) MMQ_R(name, P, 32, 4) MMQ_R(name, P, 64, 4)
+// 4 rows x 8 columns a thread. 8 x 8 (4 shared loads per 64 FMAs where 4 x 8 take 3 per 32)
+// measured slower on the H200 (4096 x 4096 Q4_0 at 32 rows 0.050 ms against 0.047, at 64 0.088
+// against 0.074: 160-250 registers, half the threads a block).
+#define MMQ(name, P) MMQ_R(name, P, 16) MMQ_R(name, P, 32) MMQ_R(name, P, 64)
 
 MMQ(f32, PF32)
 MMQ(f16, PF16)

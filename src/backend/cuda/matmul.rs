@@ -143,8 +143,8 @@ pub const TILED_MAX_ROWS: usize = 64;
 const UNIT_ROWS: [usize; 4] = [8, 4, 2, 1];
 
 /// The row tiles the tiled kernels are compiled for (`mmq_<ty>_r<BR>`) and their threads a
-/// block (`BR / TR * 16`: a thread computes TR rows x 8 columns of the block's BR x 128, TR = 4
-/// for every tile, kernels/mmq.cu `MMQ`), smallest first: a launch of R rows takes the smallest
+/// block (`4 BR`: a thread computes 4 rows x 8 columns of the block's BR x 128, kernels/mmq.cu
+/// `MMQ`), smallest first: a launch of R rows takes the smallest
 /// tile of at least R (rows past R are zeros in shared memory and cost FMAs, not loads), so
 /// 9..16 rows run 64 threads a block, 17..32 128, 33..64 256.
 const TILED_TILES: [(usize, u32); 3] = [(16, 64), (32, 128), (64, 256)];
@@ -391,7 +391,7 @@ fn tiled_splits(
     // Splits of at least TILED_MIN_SPLIT, unless that leaves an SM without a block: then as
     // many as give every SM one (down to a slab a split).
     let most = (k / TILED_MIN_SPLIT).max(sms.div_ceil(tiles)).min(slabs);
-    let splits = want.clamp(1, most.max(1));
+    let splits = want.clamp(1, most);
     let per = slabs.div_ceil(splits);
     (slabs.div_ceil(per), per * TILED_SLAB)
 }
@@ -508,8 +508,9 @@ impl Matmul {
     /// The tiled kernels' split of K for an `[n, k]` weight (`gate_up`: a gate/up pair of that
     /// shape): `(splits, elements a split)`. A function of the shape and the device alone, never
     /// of the row count, so a row's sum order is the same in every batch (see the module docs):
-    /// enough splits for [`TILED_BLOCKS_PER_SM`] blocks per SM, none shorter than
-    /// [`TILED_MIN_SPLIT`], each a whole number of 32-element slabs.
+    /// enough splits for [`TILED_BLOCKS_PER_SM`] blocks per SM (`M40LLM_TILED_BLOCKS`), none
+    /// shorter than [`TILED_MIN_SPLIT`] unless that leaves an SM without a block, each a whole
+    /// number of 32-element slabs.
     pub fn tiled_splits(&self, n: usize, k: usize, gate_up: bool) -> (usize, usize) {
         tiled_splits(n, k, gate_up, self.sms, self.tiled_blocks)
     }
@@ -1464,14 +1465,12 @@ mod tests {
             line("#define MMQ_BK"),
             format!("#define MMQ_BK {TILED_SLAB}")
         );
-        // The kernel's block is BR / TR row groups x 16 column groups of 8.
-        assert!(line("const int RG = ").starts_with("const int RG = BR / TR, T = RG * 16,"));
+        // The kernel's block is 4 BR threads (a thread's 4 rows x 8 columns of BR x 128).
+        assert!(line("const int T = ").starts_with("const int T = 4 * BR,"));
         let tiles = line("#define MMQ(name, P)");
         for (br, threads) in TILED_TILES {
-            let at = format!("MMQ_R(name, P, {br}, ");
-            let rest = &tiles[tiles.find(&at).unwrap_or_else(|| panic!("{tiles}")) + at.len()..];
-            let tr: usize = rest[..rest.find(')').unwrap()].trim().parse().unwrap();
-            assert_eq!(threads as usize, br / tr * 16, "BR {br}, TR {tr}");
+            assert!(tiles.contains(&format!("MMQ_R(name, P, {br})")), "{tiles}");
+            assert_eq!(threads as usize, 4 * br, "BR {br}");
         }
     }
 
