@@ -1488,6 +1488,11 @@ fn kernel_timings_for_the_record() {
         use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul};
         let mm = Matmul::new(g.stream.clone(), false).unwrap();
         let blas = Matmul::new(g.stream.clone(), true).unwrap();
+        let tc = (blas.compute_capability() >= 80).then(|| {
+            let mut tc = Matmul::new(g.stream.clone(), true).unwrap();
+            tc.set_tf32(true).unwrap();
+            tc
+        });
         for ty in [
             GgmlType::Q4_0,
             GgmlType::Q8_0,
@@ -1531,6 +1536,21 @@ fn kernel_timings_for_the_record() {
                         &y[..rows * n],
                     );
                 }
+                // The tensor-core tiled kernels (TF32, sm_80+) at 2 to 64 rows.
+                if let Some(tc) = &tc {
+                    for rows in [2usize, 8, 16, 32, 64] {
+                        let mut path = None;
+                        let ms = time(&mut || {
+                            path = Some(
+                                tc.run(&g.ks, &x_d, rows, &w, &mut y_d, &mut scratch)
+                                    .unwrap(),
+                            );
+                        });
+                        let y = g.down(&y_d);
+                        let what = format!("mmqt_{sfx} ({path:?})");
+                        report(&what, rows, wb.len(), ms, &y[..rows * n]);
+                    }
+                }
                 // Past TILED_MAX_ROWS: cuBLAS on dequantized tiles (64 MiB of scratch, as the
                 // executor has) against the tiled kernels in launches of 64 (cuBLAS off).
                 let mut tiles = g.out((n * k).min(16 << 20).max(floats), NAN);
@@ -1568,6 +1588,22 @@ fn kernel_timings_for_the_record() {
                         ms,
                         &y[..32 * n],
                     );
+                    if let Some(tc) = &tc {
+                        let ms = time(&mut || {
+                            path = Some(
+                                tc.gate_up_swiglu(&g.ks, &x_d, 32, &w, &u, &mut y_d, &mut scratch)
+                                    .unwrap(),
+                            );
+                        });
+                        let y = g.down(&y_d);
+                        report(
+                            &format!("gate_up_mmqt_{sfx} ({path:?})"),
+                            32,
+                            2 * wb.len(),
+                            ms,
+                            &y[..32 * n],
+                        );
+                    }
                 }
                 let f = g.f("matvec", &format!("mmv_{sfx}_r8"));
                 let cols = m40_llm::backend::cuda::matmul::unit_cols(ty, false, 8);
@@ -1752,9 +1788,15 @@ fn matmul_agrees_on_the_unit_cublas_and_plain_kernel_paths() {
             let x = randn(&mut rng(700 + rows as u64), rows * k);
             let x_d = g.up(&x);
             let want = matmul_ref(&x, &wd, rows, n, k);
-            // Scratch for 30 weight rows: the cuBLAS path runs in 4 tiles.
-            let mut scratch = g.out(30 * k, NAN);
             for (mm, name) in [(&with, "cublas"), (&without, "plain")] {
+                // Scratch for 30 weight rows, so the cuBLAS path runs in 4 tiles; the tiled
+                // kernels' partial sums (16 splits of one column tile on an H200) where they run.
+                let floats = if mm.uses_cublas() && rows > 64 {
+                    30 * k
+                } else {
+                    (30 * k).max(mm.tiled_scratch_floats(n, k, false))
+                };
+                let mut scratch = g.out(floats, NAN);
                 let mut y_d = g.out(rows * n, NAN);
                 let path = mm
                     .run(&g.ks, &x_d, rows, &w, &mut y_d, &mut scratch)
@@ -2411,6 +2453,123 @@ fn tiled_kernels_match_dequantized_f64_math_and_are_batch_invariant_for_every_ty
                 .unwrap()
                 .to_string();
             assert!(e.contains("too small") && e.contains("mmq_"), "{e}");
+        }
+    }
+}
+
+#[test]
+fn tensor_core_tiled_kernels_stay_within_tf32_rounding_and_are_batch_invariant_on_sm80() {
+    use m40_llm::backend::cuda::matmul::{DeviceWeight, Matmul, MatmulPath};
+    let Some(g) = gpu() else { return };
+    let fp32 = Matmul::new(g.stream.clone(), true).unwrap();
+    if fp32.compute_capability() < 80 {
+        eprintln!(
+            "SKIPPED the tensor-core tiled kernels: sm_{} predates sm_80",
+            fp32.compute_capability()
+        );
+        return;
+    }
+    let mut tc = Matmul::new(g.stream.clone(), true).unwrap();
+    tc.set_tf32(true).unwrap();
+    // Every tile (8, 16, 32, 64 rows) full and partial past 8, the largest first: every other
+    // count's rows must be its rows bit for bit.
+    let row_counts = [64usize, 8, 9, 16, 17, 32, 33];
+    let most = row_counts[0];
+    // N = 67: a partial block of 128 columns (and of a warp's 32), K = 1024 split; N = 4099:
+    // 33 blocks, the last of 3 columns.
+    let shapes = DEQUANTIZE_TYPES
+        .into_iter()
+        .map(|ty| (ty, 67usize, 1024usize))
+        .chain(DEQUANTIZE_TYPES.into_iter().map(|ty| (ty, 4099, 512)));
+    for (i, (ty, n, k)) in shapes.enumerate() {
+        let (wb, wd, _) = weight(2500 + i as u64, ty, n, k);
+        let (ub, ud, _) = weight(2600 + i as u64, ty, n, k);
+        let w = DeviceWeight::upload(&g.stream, "w", ty, n, k, &wb).unwrap();
+        let u = DeviceWeight::upload(&g.stream, "u", ty, n, k, &ub).unwrap();
+        let x = randn(&mut rng(2700 + i as u64), most * k);
+        let x_d = g.up(&x);
+        let gate = matmul_ref(&x, &wd, most, n, k);
+        let up = matmul_ref(&x, &ud, most, n, k);
+        let swiglu: Vec<f64> = gate
+            .iter()
+            .zip(&up)
+            .map(|(&a, &u)| a / (1.0 + (-a).exp()) * u)
+            .collect();
+        let (splits, _) = tc.tiled_splits(n, k, false);
+        let (gu_splits, _) = tc.tiled_splits(n, k, true);
+        let floats = tc
+            .tiled_scratch_floats(n, k, false)
+            .max(tc.tiled_scratch_floats(n, k, true));
+        let mut scratch = g.out(floats.max(n * k), NAN);
+        let (mut first_y, mut first_z) = (Vec::new(), Vec::new());
+        for rows in row_counts {
+            let what = format!("TF32 tiled {ty:?} [{n}, {k}] rows={rows}");
+            let mut y_d = g.out(rows * n, NAN);
+            let path = tc
+                .run(&g.ks, &x_d, rows, &w, &mut y_d, &mut scratch)
+                .unwrap();
+            assert_eq!(
+                path,
+                MatmulPath::TiledTf32 {
+                    launches: 1,
+                    splits
+                },
+                "{what}"
+            );
+            let y = g.down(&y_d);
+            // TF32 keeps 10 of FP32's 23 mantissa bits of each operand: ~1e-3 of each product.
+            assert_close(&what, &y, &gate[..rows * n], 5e-3);
+            let mut z_d = g.out(rows * n, NAN);
+            let path = tc
+                .gate_up_swiglu(&g.ks, &x_d, rows, &w, &u, &mut z_d, &mut scratch)
+                .unwrap();
+            let want = MatmulPath::TiledTf32 {
+                launches: 1,
+                splits: gu_splits,
+            };
+            assert_eq!(path, want, "{what} gate/up");
+            let z = g.down(&z_d);
+            assert_close(&format!("{what} gate/up"), &z, &swiglu[..rows * n], 5e-3);
+            if rows == 16 {
+                // The FP32 tiled kernels' results differ: the tensor cores did the sums.
+                let mut e_d = g.out(rows * n, NAN);
+                let path = fp32
+                    .run(&g.ks, &x_d, rows, &w, &mut e_d, &mut scratch)
+                    .unwrap();
+                assert!(matches!(path, MatmulPath::Tiled { .. }), "{what}: {path:?}");
+                assert!(
+                    g.down(&e_d) != y,
+                    "{what}: the same bits as the FP32 tiled kernels"
+                );
+            }
+            if first_y.is_empty() {
+                (first_y, first_z) = (y, z);
+                continue;
+            }
+            for (got, first, kind) in [(&y, &first_y, "matmul"), (&z, &first_z, "gate/up")] {
+                if let Some(e) = got
+                    .iter()
+                    .zip(first.iter())
+                    .position(|(a, b)| a.to_bits() != b.to_bits())
+                {
+                    panic!(
+                        "{what} {kind}: row {}, column {} is {} in this batch and {} in the \
+                         batch of {most}",
+                        e / n,
+                        e % n,
+                        got[e],
+                        first[e]
+                    );
+                }
+            }
+        }
+        // Fewer than TC_MIN_ROWS rows stay on the unit kernels (7 = 4 + 2 + 1).
+        let mut y_d = g.out(most * n, NAN);
+        for (rows, launches) in [(1usize, 1usize), (7, 3)] {
+            let path = tc
+                .run(&g.ks, &x_d, rows, &w, &mut y_d, &mut scratch)
+                .unwrap();
+            assert_eq!(path, MatmulPath::Units { launches }, "{ty:?} {rows} rows");
         }
     }
 }

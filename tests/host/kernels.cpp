@@ -8,6 +8,7 @@
 #include "../../kernels/elementwise.cu"
 #include "../../kernels/matvec.cu"
 #include "../../kernels/mmq.cu"
+#include "../../kernels/mmqt.cu"
 #include "../../kernels/rope.cu"
 
 #include <cstdio>
@@ -260,10 +261,14 @@ typedef void (*Mmq)(const u8*, const float*, float*, float*, int, int, int, i64,
 typedef void (*GateUpMmq)(const u8*, const u8*, const float*, float*, float*, int, int, int, i64,
                           int);
 
+// `kind` "mmq" (FP32 FMAs, 4 BR threads) or "mmqt" (TF32 MMAs, 128 threads: the host emulates
+// the MMA with shuffles, FP32 sums of TF32-rounded operands, so it checks the fragments' index
+// math and the k permutation, not the hardware's sum order).
 template <typename T>
 static void check_mmq(const char* ty, int n, int k, int block_bytes, int block_elems,
                       std::vector<int> halves, int rows, int br, int chunk, Mmq kernel,
-                      GateUpMmq gate_up) {
+                      GateUpMmq gate_up, const char* kind = "mmq") {
+    const bool tc = std::string(kind) == "mmqt";
     int rb = k / block_elems * block_bytes, splits = (k + chunk - 1) / chunk;
     std::vector<u8> w = random_rows(n, k, block_bytes, block_elems, halves);
     std::vector<u8> w2 = random_rows(n, k, block_bytes, block_elems, halves);
@@ -285,7 +290,7 @@ static void check_mmq(const char* ty, int n, int k, int block_bytes, int block_e
         std::vector<float> y(rn, NAN), part(splits > 1 ? (size_t)splits * m * rn : 1, NAN);
         float* pp = splits > 1 ? part.data() : nullptr;
         unsigned gx = (unsigned)((n + 128 / m - 1) / (128 / m));
-        host_launch({gx, (unsigned)splits, 1}, br / 4 * 16, [&] {
+        host_launch({gx, (unsigned)splits, 1}, tc ? 128 : br / 4 * 16, [&] {
             if (m == 1)
                 kernel(w.data(), x.data(), y.data(), pp, rows, n, k, rb, chunk);
             else
@@ -298,10 +303,11 @@ static void check_mmq(const char* ty, int n, int k, int block_bytes, int block_e
                 else
                     mmq_reduce_m2(part.data(), y.data(), rn, splits);
             });
-        report(std::string(m == 1 ? "mmq " : "gate_up_mmq ") + ty + " rows " +
+        // TF32 keeps 10 mantissa bits of each operand (2^-11 of each, relative).
+        report(std::string(m == 1 ? "" : "gate_up_") + kind + " " + ty + " rows " +
                    std::to_string(rows) + " tile " + std::to_string(br) + " splits " +
                    std::to_string(splits) + " " + std::to_string(n) + "x" + std::to_string(k),
-               y, m == 1 ? want : want_gu, 1e-5);
+               y, m == 1 ? want : want_gu, tc ? 3e-3 : 1e-5);
     }
 }
 
@@ -312,6 +318,20 @@ static void check_mmq(const char* ty, int n, int k, int block_bytes, int block_e
                      gate_up_mmq_##ty##_r32);                                                    \
         check_mmq<T>(#ty, 67, K, BB, BE, HALVES, 33, 64, 256, mmq_##ty##_r64,                    \
                      gate_up_mmq_##ty##_r64);                                                    \
+    } while (0)
+
+// The tensor-core tiles: 8 rows (one n-tile) whole, 9 of 16, 17 of 32, 33 of 64; 67 and 131
+// columns end inside a warp's m-tiles; one split, two, three and a slab a split.
+#define MMQT_CASES(ty, T, K, BB, BE, HALVES)                                                      \
+    do {                                                                                         \
+        check_mmq<T>(#ty, 67, K, BB, BE, HALVES, 8, 8, K, mmqt_##ty##_r8, gate_up_mmqt_##ty##_r8, \
+                     "mmqt");                                                                    \
+        check_mmq<T>(#ty, 131, K, BB, BE, HALVES, 9, 16, K / 2, mmqt_##ty##_r16,                 \
+                     gate_up_mmqt_##ty##_r16, "mmqt");                                           \
+        check_mmq<T>(#ty, 67, K, BB, BE, HALVES, 17, 32, 256, mmqt_##ty##_r32,                   \
+                     gate_up_mmqt_##ty##_r32, "mmqt");                                           \
+        check_mmq<T>(#ty, 67, K, BB, BE, HALVES, 33, 64, 32, mmqt_##ty##_r64,                    \
+                     gate_up_mmqt_##ty##_r64, "mmqt");                                           \
     } while (0)
 
 // ---- Attention over a paged FP16 cache against f64 softmax attention. ----
@@ -811,6 +831,13 @@ int main() {
     // A slab a split (what a matrix of few column tiles takes on a GPU of many SMs).
     check_mmq<TQ4_0>("q4_0", 67, 768, 18, 32, d0, 17, 32, 32, mmq_q4_0_r32, gate_up_mmq_q4_0_r32);
     check_mmq<TQ6_K>("q6_k", 67, 768, 210, 256, q6, 33, 64, 32, mmq_q6_k_r64, gate_up_mmq_q6_k_r64);
+    // Tensor-core tiled matmuls (mmqt.cu), emulated.
+    MMQT_CASES(f16, TF16, 768, 2, 1, none);
+    MMQT_CASES(q4_0, TQ4_0, 768, 18, 32, d0);
+    MMQT_CASES(q4_1, TQ4_1, 768, 20, 32, dm);
+    MMQT_CASES(q5_1, TQ5_1, 768, 24, 32, dm);
+    MMQT_CASES(q4_k, TQ4_K, 768, 144, 256, dm);
+    MMQT_CASES(q6_k, TQ6_K, 768, 210, 256, q6);
 
     // Attention: head dims, GQA ratios, windows, one slot's prompt runs, interleaved sequences.
     std::vector<Case> cases;

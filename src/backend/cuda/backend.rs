@@ -431,10 +431,10 @@ impl CudaBackend {
             (true, GemmPrecision::F32) => {
                 format!("{units}, cuBLAS SGEMM on dequantized tiles for prefill (GEMM f32)")
             }
-            (true, GemmPrecision::Tf32) => format!(
-                "{units}, cuBLAS SGEMM on dequantized tiles for prefill with TF32 tensor cores \
-                 (GEMM tf32: operands rounded to TF32)"
-            ),
+            (true, GemmPrecision::Tf32) => "unit kernels on the stored blocks for up to 7 rows, \
+                 tensor-core tiled kernels (TF32 MMAs) for 8 to 64, cuBLAS SGEMM on dequantized \
+                 tiles for prefill with TF32 tensor cores (GEMM tf32: operands rounded to TF32)"
+                .to_string(),
             (true, GemmPrecision::F16) => format!(
                 "{units}, cuBLAS GemmEx on FP16 tensor cores for prefill (GEMM f16: weights \
                  dequantized to FP16, F16 weights in place, activations rounded to FP16, FP32 \
@@ -448,7 +448,7 @@ impl CudaBackend {
             "every kernel launched every step (M40LLM_CUDA_GRAPHS=0)"
         };
         let compute = match (mm.uses_cublas(), mm.gemm()) {
-            (true, GemmPrecision::Tf32) => "FP32 compute but TF32 prefill GEMMs",
+            (true, GemmPrecision::Tf32) => "FP32 compute but TF32 matmuls past one row",
             (true, GemmPrecision::F16) => "FP32 compute but FP16-operand prefill GEMMs",
             _ => "FP32 compute",
         };

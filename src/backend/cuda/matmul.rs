@@ -149,6 +149,19 @@ const UNIT_ROWS: [usize; 4] = [8, 4, 2, 1];
 /// 9..16 rows run 64 threads a block, 17..32 128, 33..64 256.
 const TILED_TILES: [(usize, u32); 3] = [(16, 64), (32, 128), (64, 256)];
 
+/// With [`GemmPrecision::Tf32`] (sm_80+), launches of this many rows up to [`TILED_MAX_ROWS`]
+/// run the tensor-core tiled kernels (`mmqt_<ty>_r<8 NT>`, kernels/mmqt.cu): TF32 MMAs, so
+/// each weight is decoded once a launch and the rows cost tensor-core steps, not FP32 FMAs.
+/// Fewer rows stay on the unit kernels: on the H200 (8B Q4_0, tg32xB) the tensor-core kernels
+/// lost at 2 and 4 rows (290 / 572 tokens/s against 422 / 690: too few weight loads in flight
+/// a warp to keep the memory busy) and won at 8 (1 091 against 1 050), 16 (1 995 / 1 124) and
+/// past.
+pub const TC_MIN_ROWS: usize = 8;
+
+/// The row tiles the tensor-core tiled kernels are compiled for (128 threads each: 4 warps of
+/// 32 columns, `8 NT` rows as NT MMA n-tiles), smallest first.
+const TC_TILES: [(usize, u32); 4] = [(8, 128), (16, 128), (32, 128), (64, 128)];
+
 /// Output columns a tiled block computes (128 weight rows: for gate/up 64 of each matrix).
 const TILED_COLS: usize = 128;
 
@@ -191,6 +204,10 @@ pub enum MatmulPath {
     /// The tiled kernels on the stored blocks, in `launches` launches of up to 64 rows, K split
     /// in `splits` (more than one: partial sums in scratch, then a reduction launch per launch).
     Tiled { launches: usize, splits: usize },
+    /// The tensor-core tiled kernels (kernels/mmqt.cu: TF32 MMAs, FP32 accumulation; sm_80+
+    /// with [`GemmPrecision::Tf32`]) for [`TC_MIN_ROWS`] to [`TILED_MAX_ROWS`] rows a launch,
+    /// K split as [`MatmulPath::Tiled`]'s.
+    TiledTf32 { launches: usize, splits: usize },
     /// Dequantize tiles of `W` into scratch, cuBLAS SGEMM per tile (TF32 math with
     /// [`GemmPrecision::Tf32`]).
     CublasSgemm { tiles: usize },
@@ -525,12 +542,21 @@ impl Matmul {
         }
     }
 
+    /// Whether a matmul of `rows` rows (within the tiled kernels' reach) runs the tensor-core
+    /// tiled kernels: TF32 asked for ([`Matmul::set_gemm`] checked the arch) and at least
+    /// [`TC_MIN_ROWS`] rows.
+    pub fn tensor_core_rows(&self, rows: usize) -> bool {
+        self.gemm == GemmPrecision::Tf32 && (TC_MIN_ROWS..=TILED_MAX_ROWS).contains(&rows)
+    }
+
     pub fn uses_cublas(&self) -> bool {
         self.blas.is_some()
     }
 
     /// Sets the operand precision of the cuBLAS path's GEMMs (prefill): FP32 SGEMM (the default),
-    /// TF32 tensor-core math in SGEMM, or FP16 operands in `cublasGemmEx`. A tensor-core
+    /// TF32 tensor-core math in SGEMM, or FP16 operands in `cublasGemmEx`. TF32 also moves
+    /// matmuls of [`TC_MIN_ROWS`] to [`TILED_MAX_ROWS`] rows (batched decode) onto the
+    /// tensor-core tiled kernels ([`MatmulPath::TiledTf32`]). A tensor-core
     /// precision is refused, naming the device's arch, on a GPU older than its
     /// [`GemmPrecision::min_sm`], and without cuBLAS; nothing falls back silently.
     pub fn set_gemm(&mut self, gemm: GemmPrecision) -> Result<(), CudaError> {
@@ -654,7 +680,7 @@ impl Matmul {
         let row_bytes = w.row_bytes as i64;
         let blas = self.blas.as_ref().filter(|_| rows > TILED_MAX_ROWS);
         if blas.is_none() && units_take(w.k, *x.ptr()) {
-            if rows > UNIT_MAX_ROWS {
+            if rows > UNIT_MAX_ROWS || self.tensor_core_rows(rows) {
                 return self.launch_tiled(ks, &[w], x, y, rows, scratch, &shape);
             }
             let launches = self.launch_units(ks, &[w], x, y, rows, &shape)?;
@@ -902,7 +928,7 @@ impl Matmul {
         let row_bytes = gate.row_bytes as i64;
         if units_take(gate.k, *x.ptr()) {
             let shape = format!("x [{rows}, {}] · gate, up [{}, {}]", gate.k, gate.n, gate.k);
-            if rows > UNIT_MAX_ROWS {
+            if rows > UNIT_MAX_ROWS || self.tensor_core_rows(rows) {
                 return self.launch_tiled(ks, &[gate, up], x, y, rows, scratch, &shape);
             }
             let launches = self.launch_units(ks, &[gate, up], x, y, rows, &shape)?;
@@ -1100,7 +1126,8 @@ impl Matmul {
     /// The tiled kernels over `rows` rows in launches of up to [`TILED_MAX_ROWS`]:
     /// `mmq_<ty>_r<BR>` for one weight, `gate_up_mmq_<ty>_r<BR>` for two (gate, up: one type and
     /// shape, checked by the caller, as are the sizes of `x` and `y`), each followed by
-    /// `mmq_reduce_m<M>` when K is split.
+    /// `mmq_reduce_m<M>` when K is split; with [`GemmPrecision::Tf32`] the tensor-core
+    /// `mmqt_` / `gate_up_mmqt_` kernels (same arguments, grid and split) instead.
     #[allow(clippy::too_many_arguments)]
     fn launch_tiled(
         &self,
@@ -1114,10 +1141,17 @@ impl Matmul {
     ) -> Result<MatmulPath, CudaError> {
         let w = weights[0];
         let gate_up = weights.len() > 1;
-        let (prefix, m) = if gate_up {
-            ("gate_up_mmq", 2)
+        let tc = self.gemm == GemmPrecision::Tf32;
+        let (family, tiles) = if tc {
+            ("mmqt", &TC_TILES[..])
         } else {
-            ("mmq", 1)
+            ("mmq", &TILED_TILES[..])
+        };
+        let (prefix, m) = match (gate_up, tc) {
+            (true, false) => ("gate_up_mmq", 2),
+            (false, false) => ("mmq", 1),
+            (true, true) => ("gate_up_mmqt", 2),
+            (false, true) => ("mmqt", 1),
         };
         let sfx = weight_kernel_suffix(w.ty).unwrap_or("unsupported");
         let bad = |kernel: &str, reason: String| CudaError::Launch {
@@ -1135,12 +1169,13 @@ impl Matmul {
         let mut launches = 0;
         for r0 in (0..rows).step_by(TILED_MAX_ROWS) {
             let r = (rows - r0).min(TILED_MAX_ROWS);
-            let (br, threads) = TILED_TILES
-                .into_iter()
+            let (br, threads) = tiles
+                .iter()
+                .copied()
                 .find(|&(b, _)| b >= r)
-                .unwrap_or(TILED_TILES[TILED_TILES.len() - 1]);
+                .unwrap_or(tiles[tiles.len() - 1]);
             let name = format!("{prefix}_{sfx}_r{br}");
-            let f = ks.function("mmq", &name)?;
+            let f = ks.function(family, &name)?;
             let xr = x.sub(r0 * w.k, r * w.k, "matmul rows")?;
             let yr = y.sub(r0 * w.n, r * w.n, "matmul rows")?;
             let rn = r * w.n;
@@ -1178,8 +1213,8 @@ impl Matmul {
                 block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            // SAFETY: the arguments match mmq_<ty>_r<BR>'s (one weight) or
-            // gate_up_mmq_<ty>_r<BR>'s (two) signature: r <= BR rows of x and y (checked by
+            // SAFETY: the arguments match mmq[t]_<ty>_r<BR>'s (one weight) or
+            // gate_up_mmq[t]_<ty>_r<BR>'s (two) signature: r <= BR rows of x and y (checked by
             // `sub`), K a whole number of 32-element slabs (`units_take`), `part` null or
             // `splits * m * r * N` floats of scratch (checked above).
             unsafe { b.launch(cfg) }.map_err(|e| bad(&name, e.to_string()))?;
@@ -1204,7 +1239,11 @@ impl Matmul {
             }
             launches += 1;
         }
-        Ok(MatmulPath::Tiled { launches, splits })
+        Ok(if tc {
+            MatmulPath::TiledTf32 { launches, splits }
+        } else {
+            MatmulPath::Tiled { launches, splits }
+        })
     }
 }
 
