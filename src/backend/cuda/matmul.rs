@@ -21,7 +21,9 @@
 //! only ([`Matmul::tiled_splits`]). So a sequence's logits are bit for bit the same in any batch
 //! of 1 to 8 rows, and in any batch of 9 to 64 (any count above 8 with cuBLAS off); between the
 //! two ranges (and past 64 with cuBLAS) the sum order changes and the results differ in the last
-//! bits.
+//! bits. With [`GemmPrecision::Tf32`] the ranges are 1 to 7 rows (the unit kernels) and
+//! [`TC_MIN_ROWS`] to 64 (the tensor-core tiled kernels, kernels/mmqt.cu: each output's MMAs
+//! depend on its own weight row and x row only, over the same split of K).
 //!
 //! # The cuBLAS contract (row-major activations, column-major cuBLAS)
 //! m40-llm's activations and dequantized weights are row-major: `x` is `[R, K]`, `W` is
