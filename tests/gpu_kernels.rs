@@ -364,6 +364,32 @@ fn matmul_ref(x: &[f32], w: &[f32], r: usize, n: usize, k: usize) -> Vec<f64> {
     y
 }
 
+/// silu(gate) * up, elementwise, in f64.
+fn swiglu_ref(gate: &[f64], up: &[f64]) -> Vec<f64> {
+    gate.iter()
+        .zip(up)
+        .map(|(&a, &u)| a / (1.0 + (-a).exp()) * u)
+        .collect()
+}
+
+/// Batch invariance: `got` (rows of `n`) is bit for bit the first rows of `first`, the same
+/// matmul over a batch of `most` rows; else a panic naming the first differing element.
+fn assert_rows_as_in_batch(what: &str, got: &[f32], first: &[f32], n: usize, most: usize) {
+    if let Some(e) = got
+        .iter()
+        .zip(first)
+        .position(|(a, b)| a.to_bits() != b.to_bits())
+    {
+        panic!(
+            "{what}: row {}, column {} is {} in this batch and {} in the batch of {most}",
+            e / n,
+            e % n,
+            got[e],
+            first[e]
+        );
+    }
+}
+
 #[test]
 fn matvec_and_gate_up_swiglu_match_dequantized_f64_math_for_every_type() {
     let Some(g) = gpu() else { return };
@@ -415,11 +441,7 @@ fn matvec_and_gate_up_swiglu_match_dequantized_f64_math_for_every_type() {
                 },
             );
             let up = matmul_ref(&x, &ud, rows, n, k);
-            let want: Vec<f64> = want
-                .iter()
-                .zip(&up)
-                .map(|(&a, &u)| a / (1.0 + (-a).exp()) * u)
-                .collect();
+            let want = swiglu_ref(&want, &up);
             assert_close(
                 &format!("gate_up_swiglu {ty:?} rows={rows}"),
                 &g.down(&z_d),
@@ -469,11 +491,7 @@ fn unit_kernels_match_dequantized_f64_math_for_every_type_and_row_count() {
                 .unwrap();
             assert!(matches!(path, MatmulPath::Units { .. }), "{ty:?}: {path:?}");
             let up = matmul_ref(&x, &ud, rows, n, k);
-            let want: Vec<f64> = want
-                .iter()
-                .zip(&up)
-                .map(|(&a, &u)| a / (1.0 + (-a).exp()) * u)
-                .collect();
+            let want = swiglu_ref(&want, &up);
             let what = format!("unit gate_up_swiglu {ty:?} rows={rows}");
             assert_close(&what, &g.down(&z_d), &want, 1e-3);
         }
@@ -2353,11 +2371,7 @@ fn tiled_kernels_match_dequantized_f64_math_and_are_batch_invariant_for_every_ty
         let x_d = g.up(&x);
         let gate = matmul_ref(&x, &wd, most, n, k);
         let up = matmul_ref(&x, &ud, most, n, k);
-        let swiglu: Vec<f64> = gate
-            .iter()
-            .zip(&up)
-            .map(|(&a, &u)| a / (1.0 + (-a).exp()) * u)
-            .collect();
+        let swiglu = swiglu_ref(&gate, &up);
         let (splits, _) = without.tiled_splits(n, k, false);
         let (gu_splits, _) = without.tiled_splits(n, k, true);
         if k == 1024 {
@@ -2400,22 +2414,8 @@ fn tiled_kernels_match_dequantized_f64_math_and_are_batch_invariant_for_every_ty
                 (first_y, first_z) = (y, z);
                 continue;
             }
-            for (got, first, kind) in [(&y, &first_y, "matmul"), (&z, &first_z, "gate/up")] {
-                if let Some(e) = got
-                    .iter()
-                    .zip(first.iter())
-                    .position(|(a, b)| a.to_bits() != b.to_bits())
-                {
-                    panic!(
-                        "{what} {kind}: row {}, column {} is {} in this batch and {} in the \
-                         batch of {most}",
-                        e / n,
-                        e % n,
-                        got[e],
-                        first[e]
-                    );
-                }
-            }
+            assert_rows_as_in_batch(&format!("{what} matmul"), &y, &first_y, n, most);
+            assert_rows_as_in_batch(&format!("{what} gate/up"), &z, &first_z, n, most);
         }
         // With cuBLAS: the tiled kernels up to 64 rows, cuBLAS past them; 8 rows are units.
         let mut y_d = g.out(most * n, NAN);
@@ -2490,11 +2490,7 @@ fn tensor_core_tiled_kernels_stay_within_tf32_rounding_and_are_batch_invariant_o
         let x_d = g.up(&x);
         let gate = matmul_ref(&x, &wd, most, n, k);
         let up = matmul_ref(&x, &ud, most, n, k);
-        let swiglu: Vec<f64> = gate
-            .iter()
-            .zip(&up)
-            .map(|(&a, &u)| a / (1.0 + (-a).exp()) * u)
-            .collect();
+        let swiglu = swiglu_ref(&gate, &up);
         let (splits, _) = tc.tiled_splits(n, k, false);
         let (gu_splits, _) = tc.tiled_splits(n, k, true);
         let floats = tc
@@ -2546,22 +2542,8 @@ fn tensor_core_tiled_kernels_stay_within_tf32_rounding_and_are_batch_invariant_o
                 (first_y, first_z) = (y, z);
                 continue;
             }
-            for (got, first, kind) in [(&y, &first_y, "matmul"), (&z, &first_z, "gate/up")] {
-                if let Some(e) = got
-                    .iter()
-                    .zip(first.iter())
-                    .position(|(a, b)| a.to_bits() != b.to_bits())
-                {
-                    panic!(
-                        "{what} {kind}: row {}, column {} is {} in this batch and {} in the \
-                         batch of {most}",
-                        e / n,
-                        e % n,
-                        got[e],
-                        first[e]
-                    );
-                }
-            }
+            assert_rows_as_in_batch(&format!("{what} matmul"), &y, &first_y, n, most);
+            assert_rows_as_in_batch(&format!("{what} gate/up"), &z, &first_z, n, most);
         }
         // Fewer than TC_MIN_ROWS rows stay on the unit kernels (7 = 4 + 2 + 1).
         let mut y_d = g.out(most * n, NAN);
