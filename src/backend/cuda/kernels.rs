@@ -149,15 +149,51 @@ fn write_cache(dir: &Path, stem: &str, cubin: &[u8], log: &str) -> std::io::Resu
     std::fs::rename(tmp("cubin"), dir.join(format!("{stem}.cubin")))
 }
 
-/// Compiles every family for `sm_{arch}`; each result on its own, so one failure does not hide
-/// the others.
+/// Compiles every family for `sm_{arch}`, in file order; each result on its own, so one failure
+/// does not hide the others. The families compile side by side on up to
+/// `available_parallelism` threads (NVRTC's calls are thread-safe on distinct programs), the
+/// longest sources first: a first run on a device compiles them all, which took 150 s one after
+/// another on the H200's host and is bounded now by the longest family.
 pub fn compile_all(
     nvrtc: &Nvrtc,
     arch: u32,
     cache: Option<&Path>,
 ) -> Vec<(&'static str, Result<CompiledFamily, NvrtcError>)> {
-    family_names()
-        .map(|n| (n, compile_family(nvrtc, n, arch, cache)))
+    let names: Vec<&'static str> = family_names().collect();
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(family_source(names[i]).map_or(0, str::len)));
+    let threads = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZeroUsize::get)
+        .clamp(1, names.len().max(1));
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let mut results: Vec<Option<Result<CompiledFamily, NvrtcError>>> =
+        (0..names.len()).map(|_| None).collect();
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let k = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&i) = order.get(k) else { break };
+                        done.push((i, compile_family(nvrtc, names[i], arch, cache)));
+                    }
+                    done
+                })
+            })
+            .collect();
+        for w in workers {
+            // A panic in a worker is a bug in this crate: pass it on as it is.
+            let done = w.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+            for (i, r) in done {
+                results[i] = Some(r);
+            }
+        }
+    });
+    names
+        .into_iter()
+        .zip(results)
+        .map(|(n, r)| (n, r.expect("every family is taken by a worker")))
         .collect()
 }
 

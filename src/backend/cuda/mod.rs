@@ -121,8 +121,8 @@ impl KernelSet {
         let nvrtc = nvrtc::find_for_arch(arch)?;
         let mut modules = HashMap::new();
         let mut compiled = Vec::new();
-        for name in kernels::family_names() {
-            let fam = kernels::compile_family(&nvrtc, name, arch, cache)?;
+        for (name, fam) in kernels::compile_all(&nvrtc, arch, cache) {
+            let fam = fam?;
             let module = ctx
                 .load_module(cudarc::nvrtc::Ptx::from_binary(fam.cubin.clone()))
                 .map_err(CudaError::driver(format!("loading kernels/{name}.cu")))?;
