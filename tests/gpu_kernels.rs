@@ -576,11 +576,19 @@ fn elementwise_ops_and_select_rows_match_the_cpu_kernels() {
 fn rms_norm_and_add_rms_norm_match_the_cpu_kernels_per_row_and_per_head() {
     let Some(g) = gpu() else { return };
     let mut r = rng(11);
-    let (rows, n) = (4usize, 576usize);
-    for group in [n, 64] {
-        let x = randn(&mut r, rows * n);
-        let b = randn(&mut r, rows * n);
-        let w = randn(&mut r, group);
+    // Through Ops: one element a thread (576), four in registers (4 096: the _e4 kernels), and
+    // the loop kernels past 8 a thread (9 216); launched directly, the loop kernels at 32 and
+    // 128 threads.
+    for (rows, n) in [(4usize, 576usize), (2, 4096), (1, 9216)] {
+        rms_norm_cases(g, &mut r, rows, n);
+    }
+}
+
+fn rms_norm_cases(g: &Gpu, r: &mut impl rand::Rng, rows: usize, n: usize) {
+    for (group, block) in [(n, 128), (64, 128), (n, 32)] {
+        let x = randn(r, rows * n);
+        let b = randn(r, rows * n);
+        let w = randn(r, group);
         let eps = 1e-5f32;
         let (x_d, b_d, w_d) = (g.up(&x), g.up(&b), g.up(&w));
         let groups = (rows * n / group) as u32;
@@ -589,7 +597,7 @@ fn rms_norm_and_add_rms_norm_match_the_cpu_kernels_per_row_and_per_head() {
         launch(
             &g.f("norm", "rms_norm_f32"),
             g,
-            cfg((groups, 1, 1), 128),
+            cfg((groups, 1, 1), block),
             |bb| {
                 bb.arg(&x_d).arg(&w_d).arg(&mut y_d).arg(&gg).arg(&eps);
             },
@@ -597,7 +605,7 @@ fn rms_norm_and_add_rms_norm_match_the_cpu_kernels_per_row_and_per_head() {
         let mut want = vec![0f32; rows * n];
         cpu::rms_norm(&x, &w, eps, &mut want).unwrap();
         assert_close(
-            &format!("rms_norm G={group}"),
+            &format!("rms_norm G={group}, {block} threads"),
             &g.down(&y_d),
             &f64s(&want),
             1e-5,
@@ -620,7 +628,7 @@ fn rms_norm_and_add_rms_norm_match_the_cpu_kernels_per_row_and_per_head() {
         launch(
             &g.f("norm", "add_rms_norm_f32"),
             g,
-            cfg((groups, 1, 1), 256),
+            cfg((groups, 1, 1), 2 * block),
             |bb| {
                 bb.arg(&x_d)
                     .arg(&b_d)
@@ -634,13 +642,13 @@ fn rms_norm_and_add_rms_norm_match_the_cpu_kernels_per_row_and_per_head() {
         let (mut sum, mut normed) = (vec![0f32; rows * n], vec![0f32; rows * n]);
         cpu::add_rms_norm(&x, &b, &w, eps, &mut sum, &mut normed).unwrap();
         assert_close(
-            &format!("add_rms_norm sum G={group}"),
+            &format!("add_rms_norm sum G={group}, {} threads", 2 * block),
             &g.down(&s_d),
             &f64s(&sum),
             1e-6,
         );
         assert_close(
-            &format!("add_rms_norm G={group}"),
+            &format!("add_rms_norm G={group}, {} threads", 2 * block),
             &g.down(&y_d),
             &f64s(&normed),
             1e-5,

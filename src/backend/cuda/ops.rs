@@ -339,7 +339,9 @@ impl DecodeSplits {
     /// loads over the splits): on the H200 the 8B shape at depth 4 096 (G 4, 33 splits) ran
     /// 278 tokens/s merged against 304 with `attention_combine`'s 32 blocks, while one head a
     /// block (an element a thread, as the combine has) saves the launch: SmolLM2 at 4 096
-    /// 1 177 against 1 153.
+    /// 1 177 against 1 153. A grouped merge with four consecutive elements a thread (one float4
+    /// load a split, 16 splits in flight) lost too: 292.8 against 307.0 (2026-12-04), so a merge
+    /// that waits on the group's last block costs more than the combine launch it saves.
     pub fn merges(&self, tokens: usize, splits: usize, shape: AttnShape, group: usize) -> bool {
         self.merge
             && self.family(shape.head_dim) > 0
@@ -403,6 +405,20 @@ fn launch(
     Ok(())
 }
 
+/// The norm kernel (`rms_norm_f32` or `add_rms_norm_f32`, as `base`) for groups of `g` elements
+/// and its block: a thread an element up to 1 024, then the `_e<E>` kernel that keeps a
+/// thread's E (2, 4 or 8) elements in registers, and past 8 192 the loop kernel again
+/// (kernels/norm.cu). The same bits whichever runs at a given block.
+pub fn norm_kernel(base: &str, g: usize) -> (String, u32) {
+    let block = (g.div_ceil(32) * 32).clamp(32, 1024);
+    let per_thread = g.div_ceil(block);
+    let name = match per_thread {
+        2..=8 => format!("{base}_e{}", per_thread.next_power_of_two()),
+        _ => base.to_string(),
+    };
+    (name, block as u32)
+}
+
 impl Ops<'_> {
     /// `y = rms_norm(x, w)` over groups of `w.len()` elements of the first `n` of `x`.
     pub fn rms_norm(
@@ -422,11 +438,11 @@ impl Ops<'_> {
             || format!("{n} values in groups of {g}, x {} y {}", x.len(), y.len()),
         )?;
         let gi = i32_of(k, "group", g)?;
-        let block = (g.div_ceil(32) * 32).clamp(32, 1024) as u32;
-        let f = self.ks.function("norm", k)?;
+        let (name, block) = norm_kernel(k, g);
+        let f = self.ks.function("norm", &name)?;
         let mut b = self.stream.launch_builder(&f);
         b.arg(x.ptr()).arg(w.ptr()).arg(y.ptr()).arg(&gi).arg(&eps);
-        launch(k, b, grid(n / g, 1, 1, block))
+        launch(&name, b, grid(n / g, 1, 1, block))
     }
 
     /// Attention of `t` query rows over the paged cache. `positions` and `host_slots` (host
@@ -849,8 +865,8 @@ impl Ops<'_> {
             || format!("{n} values in groups of {g}"),
         )?;
         let gi = i32_of(k, "group", g)?;
-        let block = (g.div_ceil(32) * 32).clamp(32, 1024) as u32;
-        let f = self.ks.function("norm", k)?;
+        let (name, block) = norm_kernel(k, g);
+        let f = self.ks.function("norm", &name)?;
         let mut l = self.stream.launch_builder(&f);
         l.arg(a.ptr())
             .arg(bb.ptr())
@@ -859,7 +875,7 @@ impl Ops<'_> {
             .arg(y.ptr())
             .arg(&gi)
             .arg(&eps);
-        launch(k, l, grid(n / g, 1, 1, block))
+        launch(&name, l, grid(n / g, 1, 1, block))
     }
 
     /// Rotates `t` rows of heads of `rope.head_dim` in `x` into `y` by each row's position.
@@ -1186,6 +1202,7 @@ mod tests {
     use super::{
         AttnShape, DECODE_COUNTERS, DECODE_FAMILIES, DECODE_GROUPED_FROM,
         DECODE_LANES_GROUPED_FROM, DECODE_MAX_SPLITS, DECODE_MIN_SPLIT, DecodeSplits, Ops,
+        norm_kernel,
     };
 
     fn shape(n_heads: usize, n_kv_heads: usize, window: usize) -> AttnShape {
@@ -1317,6 +1334,21 @@ mod tests {
             ..lanes
         };
         assert_eq!(per_head.kernel_group(&[1023; 8], s8b), 0);
+    }
+
+    #[test]
+    fn norms_keep_several_elements_a_thread_in_registers() {
+        let k = |g| norm_kernel("rms_norm_f32", g);
+        assert_eq!(k(64), ("rms_norm_f32".to_string(), 64));
+        assert_eq!(k(576), ("rms_norm_f32".to_string(), 576));
+        assert_eq!(k(1024), ("rms_norm_f32".to_string(), 1024));
+        assert_eq!(k(1025), ("rms_norm_f32_e2".to_string(), 1024));
+        assert_eq!(k(2048), ("rms_norm_f32_e2".to_string(), 1024));
+        assert_eq!(k(3072), ("rms_norm_f32_e4".to_string(), 1024));
+        assert_eq!(k(4096), ("rms_norm_f32_e4".to_string(), 1024));
+        assert_eq!(k(5120), ("rms_norm_f32_e8".to_string(), 1024));
+        assert_eq!(k(8192), ("rms_norm_f32_e8".to_string(), 1024));
+        assert_eq!(k(8193), ("rms_norm_f32".to_string(), 1024));
     }
 
     #[test]
