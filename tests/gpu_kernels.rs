@@ -277,7 +277,7 @@ use m40_llm::backend::cpu::kernels as cpu;
 use m40_llm::backend::cuda::mem::Span;
 use m40_llm::backend::cuda::ops::{
     AttnPath, AttnShape, DECODE_COUNTERS, DECODE_FAMILIES, DecodeSplits, Ops, PREFILL_MAX_HEAD_DIM,
-    PagedKv,
+    PagedKv, norm_kernel,
 };
 use m40_llm::backend::cuda::weight_kernel_suffix;
 use m40_llm::gguf::GgmlType;
@@ -585,6 +585,7 @@ fn rms_norm_and_add_rms_norm_match_the_cpu_kernels_per_row_and_per_head() {
 }
 
 fn rms_norm_cases(g: &Gpu, r: &mut impl rand::Rng, rows: usize, n: usize) {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
     for (group, block) in [(n, 128), (64, 128), (n, 32)] {
         let x = randn(r, rows * n);
         let b = randn(r, rows * n);
@@ -616,11 +617,27 @@ fn rms_norm_cases(g: &Gpu, r: &mut impl rand::Rng, rows: usize, n: usize) {
         };
         let mut y_d = g.out(rows * n, NAN);
         ops.rms_norm(&x_d, &w_d, &mut y_d, rows * n, eps).unwrap();
+        let (name, ops_block) = norm_kernel("rms_norm_f32", group);
+        let y_ops = g.down(&y_d);
         assert_close(
-            &format!("Ops::rms_norm G={group}"),
-            &g.down(&y_d),
+            &format!("Ops::rms_norm ({name}) G={group}"),
+            &y_ops,
             &f64s(&want),
             1e-5,
+        );
+        // The kernel Ops took gives the loop kernel's bits at its block.
+        let mut y_d = g.out(rows * n, NAN);
+        launch(
+            &g.f("norm", "rms_norm_f32"),
+            g,
+            cfg((groups, 1, 1), ops_block),
+            |bb| {
+                bb.arg(&x_d).arg(&w_d).arg(&mut y_d).arg(&gg).arg(&eps);
+            },
+        );
+        assert!(
+            bits(&y_ops) == bits(&g.down(&y_d)),
+            "{name} G={group}: not rms_norm_f32's bits at {ops_block} threads"
         );
 
         let mut s_d = g.out(rows * n, NAN);
@@ -652,6 +669,43 @@ fn rms_norm_cases(g: &Gpu, r: &mut impl rand::Rng, rows: usize, n: usize) {
             &g.down(&y_d),
             &f64s(&normed),
             1e-5,
+        );
+        // Through Ops: the CPU's values, and the loop kernel's bits at the block Ops took.
+        let (name, ops_block) = norm_kernel("add_rms_norm_f32", group);
+        let (mut s_o, mut y_o) = (g.out(rows * n, NAN), g.out(rows * n, NAN));
+        ops.add_rms_norm(&x_d, &b_d, &w_d, &mut s_o, &mut y_o, rows * n, eps)
+            .unwrap();
+        let (s_ops, y_ops) = (g.down(&s_o), g.down(&y_o));
+        assert_close(
+            &format!("Ops::add_rms_norm ({name}) sum G={group}"),
+            &s_ops,
+            &f64s(&sum),
+            1e-6,
+        );
+        assert_close(
+            &format!("Ops::add_rms_norm ({name}) G={group}"),
+            &y_ops,
+            &f64s(&normed),
+            1e-5,
+        );
+        let (mut s_d, mut y_d) = (g.out(rows * n, NAN), g.out(rows * n, NAN));
+        launch(
+            &g.f("norm", "add_rms_norm_f32"),
+            g,
+            cfg((groups, 1, 1), ops_block),
+            |bb| {
+                bb.arg(&x_d)
+                    .arg(&b_d)
+                    .arg(&w_d)
+                    .arg(&mut s_d)
+                    .arg(&mut y_d)
+                    .arg(&gg)
+                    .arg(&eps);
+            },
+        );
+        assert!(
+            bits(&s_ops) == bits(&g.down(&s_d)) && bits(&y_ops) == bits(&g.down(&y_d)),
+            "{name} G={group}: not add_rms_norm_f32's bits at {ops_block} threads"
         );
     }
 }
