@@ -586,6 +586,10 @@ fn rms_norm_and_add_rms_norm_match_the_cpu_kernels_per_row_and_per_head() {
 
 fn rms_norm_cases(g: &Gpu, r: &mut impl rand::Rng, rows: usize, n: usize) {
     let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let ops = Ops {
+        ks: &g.ks,
+        stream: &g.stream,
+    };
     for (group, block) in [(n, 128), (64, 128), (n, 32)] {
         let x = randn(r, rows * n);
         let b = randn(r, rows * n);
@@ -594,27 +598,46 @@ fn rms_norm_cases(g: &Gpu, r: &mut impl rand::Rng, rows: usize, n: usize) {
         let (x_d, b_d, w_d) = (g.up(&x), g.up(&b), g.up(&w));
         let groups = (rows * n / group) as u32;
         let gg = group as i32;
-        let mut y_d = g.out(rows * n, NAN);
-        launch(
-            &g.f("norm", "rms_norm_f32"),
-            g,
-            cfg((groups, 1, 1), block),
-            |bb| {
-                bb.arg(&x_d).arg(&w_d).arg(&mut y_d).arg(&gg).arg(&eps);
-            },
-        );
+        // The loop kernels launched by name at `threads`: normed, and (sum, normed).
+        let rms_norm = |threads: u32| {
+            let mut y_d = g.out(rows * n, NAN);
+            launch(
+                &g.f("norm", "rms_norm_f32"),
+                g,
+                cfg((groups, 1, 1), threads),
+                |bb| {
+                    bb.arg(&x_d).arg(&w_d).arg(&mut y_d).arg(&gg).arg(&eps);
+                },
+            );
+            g.down(&y_d)
+        };
+        let add_rms_norm = |threads: u32| {
+            let (mut s_d, mut y_d) = (g.out(rows * n, NAN), g.out(rows * n, NAN));
+            launch(
+                &g.f("norm", "add_rms_norm_f32"),
+                g,
+                cfg((groups, 1, 1), threads),
+                |bb| {
+                    bb.arg(&x_d)
+                        .arg(&b_d)
+                        .arg(&w_d)
+                        .arg(&mut s_d)
+                        .arg(&mut y_d)
+                        .arg(&gg)
+                        .arg(&eps);
+                },
+            );
+            (g.down(&s_d), g.down(&y_d))
+        };
+
         let mut want = vec![0f32; rows * n];
         cpu::rms_norm(&x, &w, eps, &mut want).unwrap();
         assert_close(
             &format!("rms_norm G={group}, {block} threads"),
-            &g.down(&y_d),
+            &rms_norm(block),
             &f64s(&want),
             1e-5,
         );
-        let ops = Ops {
-            ks: &g.ks,
-            stream: &g.stream,
-        };
         let mut y_d = g.out(rows * n, NAN);
         ops.rms_norm(&x_d, &w_d, &mut y_d, rows * n, eps).unwrap();
         let (name, ops_block) = norm_kernel("rms_norm_f32", group);
@@ -626,47 +649,23 @@ fn rms_norm_cases(g: &Gpu, r: &mut impl rand::Rng, rows: usize, n: usize) {
             1e-5,
         );
         // The kernel Ops took gives the loop kernel's bits at its block.
-        let mut y_d = g.out(rows * n, NAN);
-        launch(
-            &g.f("norm", "rms_norm_f32"),
-            g,
-            cfg((groups, 1, 1), ops_block),
-            |bb| {
-                bb.arg(&x_d).arg(&w_d).arg(&mut y_d).arg(&gg).arg(&eps);
-            },
-        );
         assert!(
-            bits(&y_ops) == bits(&g.down(&y_d)),
+            bits(&y_ops) == bits(&rms_norm(ops_block)),
             "{name} G={group}: not rms_norm_f32's bits at {ops_block} threads"
         );
 
-        let mut s_d = g.out(rows * n, NAN);
-        let mut y_d = g.out(rows * n, NAN);
-        launch(
-            &g.f("norm", "add_rms_norm_f32"),
-            g,
-            cfg((groups, 1, 1), 2 * block),
-            |bb| {
-                bb.arg(&x_d)
-                    .arg(&b_d)
-                    .arg(&w_d)
-                    .arg(&mut s_d)
-                    .arg(&mut y_d)
-                    .arg(&gg)
-                    .arg(&eps);
-            },
-        );
         let (mut sum, mut normed) = (vec![0f32; rows * n], vec![0f32; rows * n]);
         cpu::add_rms_norm(&x, &b, &w, eps, &mut sum, &mut normed).unwrap();
+        let (s, y) = add_rms_norm(2 * block);
         assert_close(
             &format!("add_rms_norm sum G={group}, {} threads", 2 * block),
-            &g.down(&s_d),
+            &s,
             &f64s(&sum),
             1e-6,
         );
         assert_close(
             &format!("add_rms_norm G={group}, {} threads", 2 * block),
-            &g.down(&y_d),
+            &y,
             &f64s(&normed),
             1e-5,
         );
@@ -688,23 +687,9 @@ fn rms_norm_cases(g: &Gpu, r: &mut impl rand::Rng, rows: usize, n: usize) {
             &f64s(&normed),
             1e-5,
         );
-        let (mut s_d, mut y_d) = (g.out(rows * n, NAN), g.out(rows * n, NAN));
-        launch(
-            &g.f("norm", "add_rms_norm_f32"),
-            g,
-            cfg((groups, 1, 1), ops_block),
-            |bb| {
-                bb.arg(&x_d)
-                    .arg(&b_d)
-                    .arg(&w_d)
-                    .arg(&mut s_d)
-                    .arg(&mut y_d)
-                    .arg(&gg)
-                    .arg(&eps);
-            },
-        );
+        let (s, y) = add_rms_norm(ops_block);
         assert!(
-            bits(&s_ops) == bits(&g.down(&s_d)) && bits(&y_ops) == bits(&g.down(&y_d)),
+            bits(&s_ops) == bits(&s) && bits(&y_ops) == bits(&y),
             "{name} G={group}: not add_rms_norm_f32's bits at {ops_block} threads"
         );
     }
