@@ -1143,3 +1143,80 @@ __device__ void gate_up_swiglu_impl(const u8* wg, const u8* wu, const float* x, 
         gate_up_swiglu_impl<T>(wg, wu, x, y, N, K, row_bytes);                                \
     }
 FOR_EACH_WEIGHT_TYPE(MATVEC)
+
+// ---- A persistent chain of matvecs (the `persistent` feature's prototype,
+// src/backend/cuda/persistent.rs): phases y_i = x_i W_iᵀ at one row, all in one launch, the
+// grid waiting at a barrier between phases instead of ending the kernel. A block takes the
+// virtual blocks b, b + gridDim.x, ... of a phase, each the block that mmv_q4_0_r1
+// (mmv_impl, 4 columns) or mmv_q4_k_r1_wc (wc_impl, a column a warp) would be: the same bits
+// as the separate launches. The question it answers is what a launch boundary inside a CUDA
+// graph costs against a grid barrier (docs/perf.md "persistent").
+//
+// Constraints the host checks: the grid is resident at once (at most the occupancy times the
+// multiprocessors: a block that never runs would hold the others at the barrier forever), and
+// no phase writes memory an earlier phase or itself read or wrote: activations are read through
+// the non-coherent read-only cache, which a grid barrier does not invalidate. The host harness
+// runs blocks one after another, so there the chain is left out. ----
+#ifndef M40LLM_HOST
+// One phase: its weight (n rows of row_bytes), x (k floats) and y (n floats).
+struct ChainPhase {
+    const u8* w;
+    const float* x;
+    float* y;
+    i64 row_bytes;
+    int n, k;
+};
+
+// The barrier's words (the host zeroes BAR_WORDS of them once): the generation alone on the
+// first 128-byte line, which the waiting blocks poll, the count on the second, so polls and
+// arrivals do not contend for a line.
+#define BAR_GEN 0
+#define BAR_COUNT 32
+#define BAR_WORDS 64
+
+// Every block of the grid waits here until all have arrived: a block notes the generation,
+// publishes its writes (fence), then arrives at the count; the last to arrive resets it and
+// moves the generation on, which the others spin on (volatile: read from L2 each time). A
+// two-level form (32 group counts, each group's last arrival at the root) measured slower on
+// the H200 and was dropped (docs/perf.md).
+__device__ __forceinline__ void grid_sync(unsigned* bar) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        volatile unsigned* gen = bar + BAR_GEN;
+        unsigned g = *gen;
+        __threadfence();
+        if (atomicAdd(bar + BAR_COUNT, 1u) == gridDim.x - 1) {
+            atomicExch(bar + BAR_COUNT, 0u);
+            __threadfence();
+            atomicAdd(bar + BAR_GEN, 1u);
+        } else {
+            while (*gen == g) {
+            }
+        }
+        __threadfence();
+    }
+    __syncthreads();
+}
+
+// The phases of `phases` in order; `bar` BAR_WORDS zeroed words the launches of one chain share
+// (a barrier leaves the count at zero). At most 64 registers (8 blocks an SM), near the separate
+// kernels' 56 (without the bound ptxas takes 66-72: fewer blocks resident than they get).
+#define MMV_CHAIN(name, COLS, BODY)                                                          \
+    extern "C" __global__ void __launch_bounds__(MMV_THREADS, 8)                            \
+        mmv_chain_##name(const ChainPhase* phases, int n_phases, unsigned* bar) {            \
+        for (int i = 0; i < n_phases; i++) {                                                 \
+            const ChainPhase ph = phases[i];                                                 \
+            int blocks = (ph.n + COLS - 1) / COLS;                                           \
+            for (int b = blockIdx.x; b < blocks; b += gridDim.x) {                           \
+                BODY;                                                                        \
+                __syncthreads(); /* mmv_impl's shared sums are reused by the next block */   \
+            }                                                                                \
+            if (i + 1 < n_phases) grid_sync(bar);                                            \
+        }                                                                                    \
+    }
+MMV_CHAIN(q4_0_r1, 4,
+          (mmv_impl<UQ4_0, 1, 1, 4>(ph.w, ph.w, ph.x, ph.y, ph.n, ph.k, ph.row_bytes, b)))
+MMV_CHAIN(q4_k_r1_wc, 4,
+          (wc_impl<UQ4_K, 1, MMV_THREADS / 32, 1>(ph.w, ph.w, ph.x, ph.y, ph.n, ph.k,
+                                                  ph.row_bytes, b * 4 + (threadIdx.x >> 5), 0)))
+#endif

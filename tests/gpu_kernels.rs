@@ -3496,3 +3496,269 @@ fn unit_block_sweep_for_the_record() {
         }
     }
 }
+
+/// The persistent matvec chain (feature `persistent`, src/backend/cuda/persistent.rs): its bits
+/// against the separate launches it emulates, and its time against those launches, plain and
+/// replayed as a CUDA graph (the decode step's way).
+#[cfg(feature = "persistent")]
+mod persistent_chain {
+    use super::*;
+    use cudarc::driver::sys::{CUevent_flags, CUgraphInstantiate_flags, CUstreamCaptureMode};
+    use cudarc::driver::{CudaSlice, CudaStream};
+    use m40_llm::backend::cuda::matmul::DeviceWeight;
+    use m40_llm::backend::cuda::persistent::{MatvecChain, Phase};
+    use std::sync::Arc;
+
+    /// The separate kernel a chain of `ty` emulates (grid ceil(N / 4), 128 threads).
+    fn unit_kernel(ty: GgmlType) -> &'static str {
+        match ty {
+            GgmlType::Q4_0 => "mmv_q4_0_r1",
+            _ => "mmv_q4_k_r1_wc",
+        }
+    }
+
+    /// A chain's buffers on stream `s`: x, then one y a phase (NaN-poisoned), each phase's
+    /// weight `ws[i % ws.len()]`.
+    struct Bufs {
+        x: CudaSlice<f32>,
+        ys: Vec<CudaSlice<f32>>,
+    }
+
+    fn bufs(s: &Arc<CudaStream>, k0: usize, ns: &[usize]) -> Bufs {
+        Bufs {
+            x: s.clone_htod(&randn(&mut rng(5), k0)).unwrap(),
+            ys: ns
+                .iter()
+                .map(|&n| s.clone_htod(&vec![NAN; n]).unwrap())
+                .collect(),
+        }
+    }
+
+    fn phases<'a>(ws: &[&'a DeviceWeight], b: &'a Bufs) -> Vec<Phase<'a>> {
+        (0..b.ys.len())
+            .map(|i| Phase {
+                w: ws[i],
+                x: if i == 0 { &b.x } else { &b.ys[i - 1] },
+                y: &b.ys[i],
+            })
+            .collect()
+    }
+
+    /// Phase by phase, the separate kernel on `s`: phase i reads what phase i - 1 wrote.
+    fn launch_each(g: &Gpu, s: &Arc<CudaStream>, ws: &[&DeviceWeight], b: &mut Bufs) {
+        let f = g.f("matvec", unit_kernel(ws[0].ty));
+        for i in 0..b.ys.len() {
+            let w = ws[i];
+            let (n, k, rb) = (w.n as i32, w.k as i32, w.row_bytes as i64);
+            let (before, rest) = b.ys.split_at_mut(i);
+            let x = if i == 0 { &b.x } else { &before[i - 1] };
+            let mut l = s.launch_builder(&f);
+            l.arg(&w.data)
+                .arg(x)
+                .arg(&mut rest[0])
+                .arg(&n)
+                .arg(&k)
+                .arg(&rb);
+            // SAFETY: mmv_q4_0_r1 / mmv_q4_k_r1_wc's arguments; x holds K floats, y N.
+            unsafe { l.launch(cfg((w.n.div_ceil(4) as u32, 1, 1), 128)) }.unwrap();
+        }
+    }
+
+    fn bits(s: &Arc<CudaStream>, b: &Bufs) -> Vec<Vec<u32>> {
+        let v =
+            b.ys.iter()
+                .map(|y| {
+                    s.clone_dtoh(y)
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect()
+                })
+                .collect();
+        s.synchronize().unwrap();
+        v
+    }
+
+    fn upload(s: &Arc<CudaStream>, seed: u64, ty: GgmlType, n: usize, k: usize) -> DeviceWeight {
+        let (wb, _, _) = weight(seed, ty, n, k);
+        DeviceWeight::upload(s, "w", ty, n, k, &wb).unwrap()
+    }
+
+    #[test]
+    fn a_chain_gives_the_separate_launches_bits() {
+        let Some(g) = gpu() else { return };
+        let s = g.ks.context().new_stream().unwrap();
+        // Phases wider than the resident grid (8192 columns: 2 048 blocks) make blocks take
+        // several virtual blocks; the last phase's N is no multiple of 4.
+        for (ty, dims) in [
+            (
+                GgmlType::Q4_0,
+                vec![(1536usize, 576usize), (576, 1536), (8192, 576), (101, 8192)],
+            ),
+            (
+                GgmlType::Q4_K,
+                vec![(1024, 512), (512, 1024), (8192, 512), (1001, 8192)],
+            ),
+        ] {
+            let owned: Vec<DeviceWeight> = dims
+                .iter()
+                .enumerate()
+                .map(|(i, &(n, k))| upload(&s, 60 + i as u64, ty, n, k))
+                .collect();
+            let ws: Vec<&DeviceWeight> = owned.iter().collect();
+            let ns: Vec<usize> = dims.iter().map(|d| d.0).collect();
+            let mut sep = bufs(&s, dims[0].1, &ns);
+            launch_each(g, &s, &ws, &mut sep);
+            let want = bits(&s, &sep);
+            let chained = bufs(&s, dims[0].1, &ns);
+            let mut chain = MatvecChain::new(&g.ks, &s, &phases(&ws, &chained)).unwrap();
+            eprintln!(
+                "{}: grid {} ({} a multiprocessor)",
+                chain.kernel(),
+                chain.grid(),
+                chain.resident_per_sm()
+            );
+            // Three runs: a launch starts from the barrier words the last one left; the last
+            // on 5 blocks, each taking many virtual blocks of every phase.
+            for run in 0..3 {
+                if run == 2 {
+                    chain.set_grid(5);
+                }
+                chain.launch(&s).unwrap();
+                let got = bits(&s, &chained);
+                for (i, (a, b)) in want.iter().zip(&got).enumerate() {
+                    assert!(
+                        a.iter().all(|v| f32::from_bits(*v).is_finite()),
+                        "{ty:?} phase {i}: the separate kernel left non-finite outputs"
+                    );
+                    let diff = a.iter().zip(b).filter(|(x, y)| x != y).count();
+                    assert_eq!(diff, 0, "{ty:?} run {run} phase {i}: {diff} outputs differ");
+                }
+            }
+        }
+    }
+
+    /// The median of 20 runs of `f` on `s` (after one untimed run), in milliseconds.
+    fn median_ms(g: &Gpu, s: &Arc<CudaStream>, f: &mut dyn FnMut()) -> f64 {
+        let ctx = g.ks.context();
+        let event = || {
+            ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .unwrap()
+        };
+        f();
+        let mut ms = Vec::new();
+        for _ in 0..20 {
+            let (a, b) = (event(), event());
+            a.record(s).unwrap();
+            f();
+            b.record(s).unwrap();
+            s.synchronize().unwrap();
+            ms.push(f64::from(a.elapsed_ms(&b).unwrap()));
+        }
+        ms.sort_by(f64::total_cmp);
+        ms[ms.len() / 2]
+    }
+
+    /// Decode-step matvec chains three ways: the separate kernels launched one by one, the same
+    /// launches replayed as one CUDA graph (the executor's decode step), and one persistent
+    /// launch. Shapes: SmolLM2's FFN (Q4_0, 30 layers of up 1536 x 576 then down 576 x 1536,
+    /// 30 MB: L2-resident on an H200, as SmolLM2's decode mostly is), an 8B's FFN (Q4_K, 32
+    /// layers of 14336 x 4096 then 4096 x 14336, rotating over 4 copies of each so nothing is
+    /// L2-resident) and an 8B's 4096 x 4096 projections (Q4_K, 64 phases over 8 copies).
+    #[test]
+    fn chain_timings_for_the_record() {
+        let Some(g) = gpu() else { return };
+        let s = g.ks.context().new_stream().unwrap();
+        // A capture must not wait on events cudarc recorded before it (the buffers' uploads):
+        // as in the executor, the test's buffers are made and used on `s` alone, untracked.
+        // SAFETY: every allocation, copy and launch below is on `s`, which is synchronized
+        // before tracking is turned back on; other tests' buffers made meanwhile are used on
+        // the default stream only.
+        unsafe { g.ks.context().disable_event_tracking() };
+        type Chain = (&'static str, GgmlType, Vec<(usize, usize)>, usize);
+        let chains: Vec<Chain> = vec![
+            (
+                "SmolLM2 FFN",
+                GgmlType::Q4_0,
+                [(1536, 576), (576, 1536)].repeat(30),
+                60,
+            ),
+            (
+                "8B FFN",
+                GgmlType::Q4_K,
+                [(14336, 4096), (4096, 14336)].repeat(32),
+                8,
+            ),
+            ("8B 4096x4096", GgmlType::Q4_K, vec![(4096, 4096); 64], 8),
+        ];
+        for (what, ty, dims, distinct) in chains {
+            // `distinct` weights (copies of one per shape), phase i taking weight i % distinct
+            // (the same shape: the shapes alternate, `distinct` is even).
+            let host: Vec<(usize, usize, Vec<u8>)> = dims[..2]
+                .iter()
+                .map(|&(n, k)| (n, k, weight(70, ty, n, k).0))
+                .collect();
+            let owned: Vec<DeviceWeight> = (0..distinct)
+                .map(|i| {
+                    let (n, k, wb) = &host[i % 2];
+                    DeviceWeight::upload(&s, "w", ty, *n, *k, wb).unwrap()
+                })
+                .collect();
+            let ws: Vec<&DeviceWeight> = (0..dims.len()).map(|i| &owned[i % distinct]).collect();
+            let ns: Vec<usize> = dims.iter().map(|d| d.0).collect();
+            let bytes: usize = ws.iter().map(|w| w.n * w.row_bytes).sum();
+            let mut each = bufs(&s, dims[0].1, &ns);
+            let t_each = median_ms(g, &s, &mut || launch_each(g, &s, &ws, &mut each));
+            let relaxed = CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED;
+            s.begin_capture(relaxed).unwrap();
+            launch_each(g, &s, &ws, &mut each);
+            let graph = s
+                .end_capture(CUgraphInstantiate_flags(0))
+                .unwrap()
+                .expect("a captured graph");
+            let t_graph = median_ms(g, &s, &mut || graph.launch().unwrap());
+            let want = bits(&s, &each);
+            let chained = bufs(&s, dims[0].1, &ns);
+            let mut chain = MatvecChain::new(&g.ks, &s, &phases(&ws, &chained)).unwrap();
+            let t_chain = median_ms(g, &s, &mut || chain.launch(&s).unwrap());
+            assert!(
+                bits(&s, &chained) == want,
+                "{what}: the chain's bits differ"
+            );
+            let p = dims.len() as f64;
+            let gbs = |ms: f64| bytes as f64 / ms / 1e6;
+            eprintln!(
+                "TIMING chain {what} ({ty:?}, {} phases, {:.1} MB): launches {:.1} us \
+                 ({:.0} GB/s), graph {:.1} us ({:.0} GB/s), {} grid {} ({} a multiprocessor) \
+                 {:.1} us ({:.0} GB/s); chain - graph a boundary {:.2} us",
+                dims.len(),
+                bytes as f64 / 1e6,
+                t_each * 1e3,
+                gbs(t_each),
+                t_graph * 1e3,
+                gbs(t_graph),
+                chain.kernel(),
+                chain.grid(),
+                chain.resident_per_sm(),
+                t_chain * 1e3,
+                gbs(t_chain),
+                (t_chain - t_graph) * 1e3 / (p - 1.0)
+            );
+            // Fewer blocks a multiprocessor: cheaper barriers, fewer loads in flight.
+            let full = chain.grid();
+            for per_sm in [4, 2, 1] {
+                chain.set_grid((full / chain.resident_per_sm() * per_sm).max(1));
+                let ms = median_ms(g, &s, &mut || chain.launch(&s).unwrap());
+                assert!(bits(&s, &chained) == want, "{what}: {per_sm} blocks an SM");
+                eprintln!(
+                    "TIMING chain {what}: grid {}: {:.1} us",
+                    chain.grid(),
+                    ms * 1e3
+                );
+            }
+        }
+        s.synchronize().unwrap();
+        // SAFETY: as above; nothing made while untracked is used on another stream.
+        unsafe { g.ks.context().enable_event_tracking() };
+    }
+}

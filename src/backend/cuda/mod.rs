@@ -16,6 +16,8 @@ pub mod matmul;
 pub mod mem;
 pub mod nvrtc;
 pub mod ops;
+#[cfg(feature = "persistent")]
+pub mod persistent;
 pub mod stepio;
 
 pub use backend::CudaBackend;
